@@ -1,0 +1,522 @@
+"""
+Rendering for UniSinger: the depth rasterizer, the orthographic camera, shaded previews, mp4 output, and
+the per-person face renderer of SPEC §5 (UNet generator, PatchGAN discriminator, VGG-19, losses).
+
+Depends on torch, numpy, imageio (+ imageio-ffmpeg for the encoder and its ffmpeg binary) and soundfile.
+Nothing of ours is imported; `render_preview` takes a Flame only for its `.faces`.
+
+Conventions (shared with the rest of the project):
+- Projected space: x, y in [-1, 1] map to the image's left/right and bottom/top edges; pixel (i, j) has
+  its centre at x = (j + 0.5) / W * 2 - 1, y = 1 - (i + 0.5) / H * 2.
+- z is the distance from the camera plane, smaller is nearer, in the same units as x and y (half image
+  widths), so the projection is a similarity and normals computed in projected space are true normals.
+- The camera is orthographic as in DECA/EMOCA, cam = [scale, tx, ty]: x = s (X + tx), y = s (Y + ty), and it
+  sits CAMERA_DISTANCE in front of the head's origin on +Z looking toward -Z: z = CAMERA_DISTANCE - s Z.
+
+Use alone:
+    verts = torch.rand(1, 100, 3) * 2 - 1; faces = torch.randint(0, 100, (50, 3))
+    depth, face_id = rasterize(verts, faces, 256)          # (1,256,256) float, (1,256,256) long
+    write_video("out.mp4", shade(verts, faces, 256))        # one shaded frame
+"""
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import soundfile
+import torch
+
+FPS = 30
+SAMPLE_RATE = 16_000
+IMAGE_SIZE = 256                 # pixels, the renderer's resolution
+CAMERA_DISTANCE = 3.0            # half image widths from the camera plane to the head's origin
+DEFAULT_CAM = (6.5, 0.0, 0.035)  # [scale, tx (m), ty (m)]: crown near the top edge, neck near the bottom
+DEPTH_NEAR = CAMERA_DISTANCE - 1.0   # depth_to_image maps this depth to 1 (nearest shown)
+DEPTH_FAR = CAMERA_DISTANCE + 1.0    # ... and this one to 0, like the background
+SKIN_RGB = (224, 172, 150)       # preview surface colour
+BACKGROUND_RGB = (40, 40, 40)    # preview background
+AMBIENT = 0.25                   # share of the surface colour lit regardless of orientation
+WINDOW_ELEMENTS = 1 << 20        # (triangle, pixel) pairs tested at once; bounds rasterizer memory
+PREVIEW_BATCH = 64               # frames shaded at once by render_preview
+
+
+def _image_size(size):
+    """size int or (H, W) -> (H, W)."""
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+def _power_of_two_class(n):
+    """Smallest e with 2**e >= n, elementwise for a LongTensor of positive ints."""
+    e = torch.zeros_like(n)
+    while bool((n > (1 << e)).any()):
+        e = torch.where(n > (1 << e), e + 1, e)
+    return e
+
+
+def rasterize(verts, faces, size):
+    """
+    Z-buffer rasterization of projected triangles.
+
+    verts (B, V, 3) projected (see module docstring), faces (F, 3) long, size int or (H, W).
+    Returns depth (B, H, W) (+inf where uncovered) and face_id (B, H, W) long (-1 where uncovered).
+    A pixel is covered when its centre lies inside a triangle or on its edges; depth is z interpolated
+    with screen-space barycentrics (exact for the orthographic camera). Among equal depths the lowest
+    face id wins, so pixels on shared edges are deterministic. No orientation culling: visibility comes
+    from depth alone, so meshes of any winding work. No near plane: every z is kept.
+    """
+    if verts.dim() != 3 or verts.shape[-1] != 3:
+        raise ValueError(f"rasterize: verts must be (B, V, 3), got {tuple(verts.shape)}")
+    if faces.dim() != 2 or faces.shape[-1] != 3:
+        raise ValueError(f"rasterize: faces must be (F, 3), got {tuple(faces.shape)}")
+    height, width = _image_size(size)
+    batch, n_faces = verts.shape[0], faces.shape[0]
+    device = verts.device
+    if not verts.is_floating_point():
+        verts = verts.float()
+    faces = faces.to(device=device, dtype=torch.long)
+
+    tri = verts[:, faces].reshape(batch * n_faces, 3, 3)  # (N, 3 corners, xyz), N = B*F
+    # pixel coordinates in which pixel (i, j) has its centre at (j, i)
+    px = (tri[..., 0] + 1) * (width / 2) - 0.5   # (N, 3)
+    py = (1 - tri[..., 1]) * (height / 2) - 0.5  # (N, 3)
+    pz = tri[..., 2]                              # (N, 3)
+    finite = torch.isfinite(tri).flatten(1).all(1)
+    px, py, pz = (torch.where(finite[:, None], t, torch.zeros_like(t)) for t in (px, py, pz))
+    x0 = px.amin(1).ceil().clamp(0, width)
+    x1 = px.amax(1).floor().clamp(-1, width - 1)
+    y0 = py.amin(1).ceil().clamp(0, height)
+    y1 = py.amax(1).floor().clamp(-1, height - 1)
+    box_w, box_h = x1 - x0 + 1, y1 - y0 + 1  # (N,) pixels in the clipped bounding box, <= 0 if none
+
+    # Each triangle gets 6 affine functions of the offset (dx, dy) from its box's first pixel
+    # (x0, y0): the 3 barycentrics, 2 box limits (>= 0 inside the clipped box) and the depth. Corner k's
+    # barycentric is the edge function of the opposite edge (a -> c) over the signed area; its constant
+    # term comes from coordinate differences so that it stays precise far from the image origin.
+    xa, xc = px.roll(-1, 1), px.roll(-2, 1)
+    ya, yc = py.roll(-1, 1), py.roll(-2, 1)
+    area = (xc[:, :1] - xa[:, :1]) * (py[:, :1] - ya[:, :1]) - (yc[:, :1] - ya[:, :1]) * (px[:, :1] - xa[:, :1])
+    bary_0 = ((xc - xa) * (y0[:, None] - ya) - (yc - ya) * (x0[:, None] - xa)) / area  # (N, 3)
+    bary_dx = (ya - yc) / area                                                         # (N, 3)
+    bary_dy = (xc - xa) / area                                                         # (N, 3)
+    coef = torch.zeros(batch * n_faces, 3, 6, dtype=px.dtype, device=device)  # (N, [1, dx, dy], 6)
+    for row, bary in enumerate((bary_0, bary_dx, bary_dy)):
+        coef[:, row, :3] = bary
+        coef[:, row, 5] = (bary * pz).sum(1)
+    coef[:, 0, 3], coef[:, 1, 3] = box_w - 1, -1
+    coef[:, 0, 4], coef[:, 2, 4] = box_h - 1, -1
+    keep = finite & (area[:, 0] != 0) & (box_w > 0) & (box_h > 0)
+
+    # group triangles by box size (a power of two per axis) so each group tests one small window shape
+    tri_id = torch.arange(batch * n_faces, device=device)
+    first_pixel = tri_id // n_faces * (height * width) + y0.long() * width + x0.long()  # into (B*H*W)
+    ints = torch.stack([first_pixel, tri_id % n_faces], 1)                              # (N, 2)
+    group = torch.where(keep, _power_of_two_class(box_w.long().clamp(min=1)) * 64
+                        + _power_of_two_class(box_h.long().clamp(min=1)), -1)
+    group, order = group.sort()
+    classes, counts = group.unique_consecutive(return_counts=True)
+    coef, ints = coef.flatten(1).index_select(0, order), ints.index_select(0, order)
+    pixels, depths, tris = [], [], []
+    start = 0
+    for g, count in zip(classes.tolist(), counts.tolist()):
+        if g >= 0:
+            win_w, win_h = 1 << (g // 64), 1 << (g % 64)
+            dx = torch.arange(win_w, device=device).repeat(win_h)             # (win,), win = win_h*win_w
+            dy = torch.arange(win_h, device=device).repeat_interleave(win_w)  # (win,)
+            offset = dy * width + dx                                          # (win,) flat pixel offset
+            grid = torch.stack([torch.ones_like(dx), dx, dy], 1).to(verts.dtype)  # (win, 3)
+            step = max(1, WINDOW_ELEMENTS // (win_w * win_h))
+            for lo in range(start, start + count, step):
+                hi = min(lo + step, start + count)
+                # one GEMM for all triangles of the chunk: (win, 3) @ (3, c*6) -> (win, c, 6)
+                values = (grid @ coef[lo:hi].view(-1, 3, 6).transpose(0, 1).reshape(3, -1)).view(len(dx), -1, 6)
+                inside = values[..., :5].amin(-1) >= 0                        # (win, c)
+                flat = inside.flatten().nonzero().squeeze(1)
+                w = flat.div(hi - lo, rounding_mode="floor")
+                t = flat - w * (hi - lo) + lo
+                pixels.append(ints[t, 0] + offset[w])
+                depths.append(values[..., 5].flatten()[flat])
+                tris.append(ints[t, 1])
+        start += count
+    if not pixels:
+        return (torch.full((batch, height, width), float("inf"), dtype=verts.dtype, device=device),
+                torch.full((batch, height, width), -1, dtype=torch.long, device=device))
+    pixel, z, face = torch.cat(pixels), torch.cat(depths), torch.cat(tris)
+
+    depth = torch.full((batch * height * width,), float("inf"), dtype=verts.dtype, device=device)
+    depth.scatter_reduce_(0, pixel, z, "amin")
+    nearest = z == depth[pixel]
+    face_id = torch.full((batch * height * width,), n_faces, dtype=torch.long, device=device)
+    face_id.scatter_reduce_(0, pixel[nearest], face[nearest], "amin")
+    face_id[torch.isinf(depth)] = -1
+    return depth.view(batch, height, width), face_id.view(batch, height, width)
+
+
+def project(verts, cam=DEFAULT_CAM):
+    """
+    Orthographic DECA/EMOCA camera. verts (..., V, 3) metres, cam (..., 3) = [scale, tx, ty] (or a
+    3-sequence) -> (..., V, 3) projected: x = s (X + tx), y = s (Y + ty), z = CAMERA_DISTANCE - s Z.
+    """
+    cam = torch.as_tensor(cam, dtype=verts.dtype, device=verts.device)
+    if cam.shape[-1] != 3:
+        raise ValueError(f"project: cam must end in 3 values [scale, tx, ty], got {tuple(cam.shape)}")
+    scale, shift = cam[..., None, :1], cam[..., None, 1:]  # (..., 1, 1), (..., 1, 2)
+    xy = scale * (verts[..., :2] + shift)
+    z = CAMERA_DISTANCE - scale * verts[..., 2:]
+    return torch.cat([xy, z], dim=-1)
+
+
+def shade(verts, faces, size):
+    """
+    Lambert-shaded render for previews. verts (B, V, 3) projected, faces (F, 3) -> uint8 (B, H, W, 3).
+    Flat shading on face normals, light from the camera, two-sided so winding does not matter.
+    """
+    _, face_id = rasterize(verts, faces, size)
+    faces = faces.to(device=verts.device, dtype=torch.long)
+    tri = verts[:, faces].float()                                     # (B, F, 3, 3)
+    normal = torch.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0], dim=-1)
+    facing = normal[..., 2].abs() / normal.norm(dim=-1).clamp_min(1e-12)  # (B, F) |cos| to the view axis
+    light = AMBIENT + (1 - AMBIENT) * facing
+    light = torch.cat([light, torch.zeros_like(light[:, :1])], dim=1)  # (B, F+1): index F is background
+    index = torch.where(face_id >= 0, face_id, faces.shape[0]).flatten(1)
+    lit = torch.gather(light, 1, index).view(face_id.shape)  # (B, H, W)
+    skin = torch.tensor(SKIN_RGB, dtype=torch.float32, device=verts.device)
+    background = torch.tensor(BACKGROUND_RGB, dtype=torch.float32, device=verts.device)
+    image = torch.where((face_id >= 0)[..., None], lit[..., None] * skin, background)  # (B, H, W, 3)
+    return image.round().clamp(0, 255).to(torch.uint8)
+
+
+def depth_to_image(depth):
+    """
+    depth (B, H, W) from rasterize -> (B, 1, H, W) float in [0, 1]: 1 at DEPTH_NEAR, 0 at DEPTH_FAR and
+    beyond and for the background. The range is fixed, so equal depths give equal values in every frame.
+    """
+    image = ((DEPTH_FAR - depth) / (DEPTH_FAR - DEPTH_NEAR)).clamp(0, 1)
+    image = torch.where(torch.isinf(depth), torch.zeros_like(image), image)
+    return image[:, None].float()
+
+
+def render_depth(verts, faces, cam=DEFAULT_CAM, size=IMAGE_SIZE):
+    """FLAME vertices (B, V, 3) metres, cam (B, 3) or (3,) -> the renderer's depth input (B, 1, H, W)."""
+    depth, _ = rasterize(project(verts, cam), faces, size)
+    return depth_to_image(depth)
+
+
+class VideoWriter:
+    """
+    Streams uint8 frames into an mp4 (libx264, yuv420p) and muxes optional mono audio as AAC on close.
+    The file appears at `path` only when complete (written beside it, then renamed).
+    """
+
+    def __init__(self, path, size, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
+        self.path = Path(path)
+        self.height, self.width = _image_size(size)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".mp4", prefix=f".{self.path.stem}.", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self.wav = None
+        if audio is not None:
+            audio = np.asarray(audio, dtype=np.float32)
+            if audio.ndim != 1:
+                raise ValueError(f"{path}: audio must be mono (N,), got shape {audio.shape}")
+            fd, wav = tempfile.mkstemp(suffix=".wav", prefix=f".{self.path.stem}.", dir=self.path.parent)
+            os.close(fd)
+            self.wav = Path(wav)
+            soundfile.write(self.wav, audio, sample_rate)
+        self.encoder = imageio_ffmpeg.write_frames(
+            str(self.tmp), (self.width, self.height), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
+            macro_block_size=1, ffmpeg_log_level="error", quality=8,
+            audio_path=None if self.wav is None else str(self.wav), audio_codec="aac",
+            output_params=["-shortest"] if self.wav is not None else None)
+        self.encoder.send(None)
+        self.frames = 0
+
+    def write(self, frames):
+        """frames uint8 (T, H, W, 3) numpy or tensor."""
+        frames = frames.cpu().numpy() if torch.is_tensor(frames) else np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
+            raise ValueError(f"{self.path}: frames must be uint8 (T, {self.height}, {self.width}, 3), "
+                             f"got {frames.dtype} {frames.shape}")
+        for frame in frames:
+            self.encoder.send(np.ascontiguousarray(frame))
+        self.frames += len(frames)
+
+    def close(self, keep=True):
+        """Finish the file and move it into place; keep=False discards it (used after an error)."""
+        try:
+            self.encoder.close()
+            if keep and self.frames == 0:
+                raise ValueError(f"{self.path}: no frames written")
+            if keep:
+                os.replace(self.tmp, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+            if self.wav is not None:
+                self.wav.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(keep=exc_type is None)
+
+
+def write_video(path, frames, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
+    """frames uint8 (T, H, W, 3) -> mp4 at path, with audio float32 (N,) at sample_rate muxed in if given."""
+    if frames.ndim != 4:
+        raise ValueError(f"{path}: frames must be (T, H, W, 3), got shape {tuple(frames.shape)}")
+    with VideoWriter(path, frames.shape[1:3], fps, audio, sample_rate) as video:
+        video.write(frames)
+
+
+def render_preview(flame, verts, path, audio=None, cam=DEFAULT_CAM, size=IMAGE_SIZE, fps=FPS,
+                   sample_rate=SAMPLE_RATE):
+    """Shaded preview mp4 of a vertex sequence verts (T, V, 3) metres, PREVIEW_BATCH frames at a time."""
+    cam = torch.as_tensor(cam, dtype=verts.dtype, device=verts.device)
+    with VideoWriter(path, size, fps, audio, sample_rate) as video:
+        for start in range(0, len(verts), PREVIEW_BATCH):
+            chunk = verts[start:start + PREVIEW_BATCH]
+            frame_cam = cam[start:start + PREVIEW_BATCH] if cam.dim() == 2 else cam
+            with torch.no_grad():
+                video.write(shade(project(chunk, frame_cam), flame.faces, size))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Face renderer (SPEC §5): depth + reference image + temporal encoding -> portrait frame
+
+TPE_CHANNELS = 8                 # temporal positional encoding channels (sin/cos pairs)
+TPE_BASE = 1000.0                # longest TPE period is ~2*pi*TPE_BASE**(3/4) frames (~37 s at 30 fps)
+RENDERER_IN_CHANNELS = 1 + 3 + TPE_CHANNELS  # depth, reference RGB, TPE
+ENCODER_CHANNELS = (64, 128, 256, 512, 512, 512, 512, 512)  # levels at 256², 128², ..., 2²
+DISCRIMINATOR_CHANNELS = (64, 128, 256, 512)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision vgg19 `features`: numbers are 3x3 conv widths (each followed by ReLU), "M" a 2x2 max pool
+VGG19_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+                512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+VGG19_TAPS = (1, 6, 11, 20, 29)  # indices in `features` of relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
+VGG_LAYER_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)  # pix2pixHD's balance of the five layers
+
+
+def temporal_encoding(frame_index, size):
+    """
+    MODA-style temporal positional encoding: frame_index (B,) -> (B, TPE_CHANNELS, H, W), sin/cos of the
+    frame index at geometric frequencies, constant over the image.
+    """
+    height, width = _image_size(size)
+    index = torch.as_tensor(frame_index, dtype=torch.float32).reshape(-1, 1)             # (B, 1)
+    freq = TPE_BASE ** (-torch.arange(TPE_CHANNELS // 2, dtype=torch.float32) / (TPE_CHANNELS // 2))
+    angle = index * freq.to(index.device)                                                # (B, C/2)
+    code = torch.cat([angle.sin(), angle.cos()], dim=1)                                  # (B, C)
+    return code[:, :, None, None].expand(-1, -1, height, width)
+
+
+def _norm(channels):
+    """GroupNorm: independent of batch size and still defined at the 2x2 level."""
+    return torch.nn.GroupNorm(min(32, channels // 4), channels)
+
+
+class ResidualBlock(torch.nn.Module):
+    """Two 3x3 convs with a projected shortcut; stride 2 halves the resolution."""
+
+    def __init__(self, in_channels, out_channels, stride=1):
+        super().__init__()
+        nn = torch.nn
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride, 1), _norm(out_channels), nn.LeakyReLU(0.2),
+            nn.Conv2d(out_channels, out_channels, 3, 1, 1), _norm(out_channels))
+        self.shortcut = nn.Sequential(nn.AvgPool2d(stride) if stride > 1 else nn.Identity(),
+                                      nn.Conv2d(in_channels, out_channels, 1))
+        self.act = nn.LeakyReLU(0.2)
+
+    def forward(self, x):
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class UpBlock(torch.nn.Module):
+    """Upsample x2, concatenate the encoder's skip of that resolution, residual block."""
+
+    def __init__(self, in_channels, skip_channels, out_channels):
+        super().__init__()
+        self.block = ResidualBlock(in_channels + skip_channels, out_channels)
+
+    def forward(self, x, skip):
+        x = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        return self.block(torch.cat([x, skip], dim=1))
+
+
+class FaceRenderer(torch.nn.Module):
+    """
+    UNet generator of SPEC §5. Encoder: 8 residual down blocks; the first keeps 256² and the other seven
+    halve it, so the levels sit at 256², 128², ..., 2² with ENCODER_CHANNELS. Decoder: 7 residual up blocks
+    mirroring the 7 halvings (the 2² level is the bottleneck), each joined by the encoder level of its
+    resolution, back to 64 channels at 256²; a 3x3 conv and tanh give RGB in [-1, 1].
+    Input sides must be multiples of 128 (256 is the trained size).
+    """
+
+    def __init__(self, channels=ENCODER_CHANNELS):
+        super().__init__()
+        ins = (RENDERER_IN_CHANNELS,) + tuple(channels[:-1])
+        self.down = torch.nn.ModuleList(
+            ResidualBlock(i, o, 1 if level == 0 else 2) for level, (i, o) in enumerate(zip(ins, channels)))
+        self.up = torch.nn.ModuleList(
+            UpBlock(channels[level + 1], channels[level], channels[level]) for level in reversed(range(len(channels) - 1)))
+        self.to_rgb = torch.nn.Conv2d(channels[0], 3, 3, 1, 1)
+
+    def forward(self, depth, reference, frame_index):
+        """depth (B,1,H,W) in [0,1], reference (B,3,H,W) in [-1,1], frame_index (B,) -> (B,3,H,W) in [-1,1]."""
+        x = renderer_input(depth, reference, frame_index)
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        for block, skip in zip(self.up, reversed(skips[:-1])):
+            x = block(x, skip)
+        return torch.tanh(self.to_rgb(x))
+
+
+def renderer_input(depth, reference, frame_index):
+    """The generator's (and discriminator's condition) channels: (B, RENDERER_IN_CHANNELS, H, W)."""
+    if depth.shape[-1] % 128 or depth.shape[-2] % 128:
+        raise ValueError(f"FaceRenderer: image sides must be multiples of 128, got {tuple(depth.shape[-2:])}")
+    tpe = temporal_encoding(frame_index, depth.shape[-2:]).to(depth)
+    return torch.cat([depth, reference.to(depth), tpe], dim=1)
+
+
+class PatchDiscriminator(torch.nn.Module):
+    """
+    pix2pix 70x70 PatchGAN, conditional: sees the renderer's input channels beside the image.
+    forward returns the four intermediate activations (for feature matching) and, last, the patch logits.
+    """
+
+    def __init__(self, in_channels=RENDERER_IN_CHANNELS + 3, channels=DISCRIMINATOR_CHANNELS):
+        super().__init__()
+        nn = torch.nn
+        layers, previous = [], in_channels
+        for k, c in enumerate(channels):
+            stride = 1 if k == len(channels) - 1 else 2
+            norm = nn.Identity() if k == 0 else nn.InstanceNorm2d(c)
+            layers.append(nn.Sequential(nn.Conv2d(previous, c, 4, stride, 1), norm, nn.LeakyReLU(0.2)))
+            previous = c
+        layers.append(nn.Conv2d(previous, 1, 4, 1, 1))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, condition, image):
+        x = torch.cat([condition, image], dim=1)
+        features = []
+        for layer in self.layers:
+            x = layer(x)
+            features.append(x)
+        return features
+
+
+class VGG19(torch.nn.Module):
+    """torchvision's vgg19 `features` (same indices), for the perceptual loss; weights from the user's file."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        layers, previous = [], 3
+        for item in VGG19_LAYOUT:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(previous, item, 3, 1, 1), nn.ReLU()]
+                previous = item
+        self.features = nn.Sequential(*layers)
+        self.requires_grad_(False)
+
+    @classmethod
+    def load(cls, path):
+        """A torchvision vgg19 state-dict file (features.N.weight/bias; classifier.* ignored) -> VGG19, eval."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: VGG-19 weights file not found")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"{path}: not a readable torch state-dict file ({error})") from error
+        vgg = cls()
+        wanted = vgg.state_dict()
+        features = {k: v for k, v in state.items() if k.startswith("features.")}
+        missing = sorted(set(wanted) - set(features), key=lambda k: int(k.split(".")[1]))
+        if missing:
+            raise ValueError(f"{path}: not a torchvision vgg19 state dict (missing {missing[0]})")
+        for key, value in wanted.items():
+            if features[key].shape != value.shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(features[key].shape)}, "
+                                 f"vgg19 needs {tuple(value.shape)}")
+        vgg.load_state_dict({k: features[k] for k in wanted})
+        return vgg.eval()
+
+    def forward(self, x):
+        """x (B,3,H,W) ImageNet-normalised RGB -> [relu1_1, relu2_1, relu3_1, relu4_1, relu5_1]."""
+        taps = []
+        for index, layer in enumerate(self.features[:VGG19_TAPS[-1] + 1]):
+            x = layer(x)
+            if index in VGG19_TAPS:
+                taps.append(x)
+        return taps
+
+
+def gan_loss(logits, real):
+    """LSGAN (pix2pixHD's choice, steadier than the log loss): mean (D - 1)^2 for real, mean D^2 for fake."""
+    return ((logits - 1) ** 2).mean() if real else (logits ** 2).mean()
+
+
+def feature_matching_loss(fake_features, real_features):
+    """pix2pixHD feature matching: mean L1 over the discriminator's intermediate activations (real detached)."""
+    pairs = list(zip(fake_features[:-1], real_features[:-1]))
+    return sum((f - r.detach()).abs().mean() for f, r in pairs) / len(pairs)
+
+
+def photometric_loss(fake, real):
+    """Pixel L1."""
+    return (fake - real).abs().mean()
+
+
+def perceptual_loss(vgg, fake, real):
+    """L1 between VGG-19 relu1_1..relu5_1 of images in [-1, 1], ImageNet-normalised, layers weighted by VGG_LAYER_WEIGHTS."""
+    mean = torch.tensor(IMAGENET_MEAN, device=fake.device, dtype=fake.dtype)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=fake.device, dtype=fake.dtype)[:, None, None]
+    fake_taps = vgg(((fake + 1) / 2 - mean) / std)
+    real_taps = vgg(((real + 1) / 2 - mean) / std)
+    return sum(w * (f - r.detach()).abs().mean() for w, f, r in zip(VGG_LAYER_WEIGHTS, fake_taps, real_taps))
+
+
+@dataclass
+class RendererLossWeights:
+    """Weights of the generator's loss terms (pix2pixHD's 10 for feature matching and VGG; L1 alike)."""
+    gan: float = 1.0
+    feature_matching: float = 10.0
+    perceptual: float = 10.0
+    photometric: float = 10.0
+
+
+def generator_loss(discriminator, condition, fake, real, vgg=None, weights=None):
+    """
+    The renderer's training objective for one batch; vgg None drops the perceptual term.
+    Returns (total, dict of the unweighted terms as floats).
+    """
+    weights = weights or RendererLossWeights()
+    fake_features = discriminator(condition, fake)
+    with torch.no_grad():
+        real_features = discriminator(condition, real)
+    terms = {"gan": gan_loss(fake_features[-1], True),
+             "feature_matching": feature_matching_loss(fake_features, real_features),
+             "photometric": photometric_loss(fake, real)}
+    if vgg is not None:
+        terms["perceptual"] = perceptual_loss(vgg, fake, real)
+    total = sum(getattr(weights, name) * value for name, value in terms.items())
+    return total, {name: value.item() for name, value in terms.items()}
+
+
+def discriminator_loss(discriminator, condition, fake, real):
+    """LSGAN discriminator objective: real patches toward 1, generated (detached) toward 0."""
+    return 0.5 * (gan_loss(discriminator(condition, real)[-1], True)
+                  + gan_loss(discriminator(condition, fake.detach())[-1], False))
