@@ -1,0 +1,721 @@
+"""
+SingingHead-format data for UniSinger: a reader for the public release's layout and a generator that writes a
+data set of its own in that layout (the built-in data everything uses by default).
+
+Depends on torch, numpy, scipy, soundfile, imageio (+ imageio-ffmpeg) and our audio.py (load_audio),
+flame.py (the procedural head, for the portrait videos) and render.py (projection, shading, mp4 output).
+
+Use alone:
+    python data.py                       # build (first use) and summarise the built-in data set
+    root = builtin_data()                # Path of data/builtin, generated on first use (~1-2 min on 2 cores)
+    clips = SingingHead(root, "train")   # torch Dataset; clips[0]["motion"] is float32 (240, 59)
+    frames = read_video(root / "video_seqs" / f"{clips[0]['id']}.mp4", size=256)   # uint8 (T, 256, 256, 3)
+
+Layout (the release's, SPEC section 2)
+    root/train.txt val.txt test.txt    one sequence id a line, e.g. id0_2_1_0; the first field is the person
+    root/flame_seqs/<id>.pkl           dict pickle: expcodes (T, 50+), posecodes (T, 9), shapecode, cam (T, 3)
+    root/audio_seqs/<id>.wav           dry singing voice, any sample rate, mono or stereo
+    root/bgm_seqs/<id>_bgm.wav         background music, same length
+    root/video_seqs/<id>.mp4           portrait video, 30 fps (read only by the render stage)
+The 59-d motion vector is [expression 50 | global 3 | neck 3 | jaw 3]: the pickle's expression columns
+followed by its 9 pose columns (global | neck | jaw axis-angle), row t = video frame t at 30 fps.
+
+Reading rules (bad input gets a one-line ValueError naming the file)
+    - Pickle keys: expression from `expcodes` or `expression` (first 50 columns), pose from `posecodes` or
+      `pose` (first 9 columns: global | neck | jaw; 15-column full poses with eyes work too), shape from
+      `shapecode` or `shape` ((N,), (1, N) or (T, N): the first row, first 100 values), camera from `cam` or
+      `camcodes` ((T, 3) or one row for all frames; optional, DEFAULT_CAM of render.py when absent).
+      A missing key, too few columns, rows that disagree, or NaN / inf is refused.
+    - Audio is read with audio.load_audio (any sample rate resampled to 16 kHz, stereo mixed to mono); it
+      refuses a wav whose header promises more samples than the file holds (truncated) when the clip is first
+      read; a wav cut by more than a frame is already refused by the length rule when the data set is made.
+    - Length rule: a sequence of T motion frames needs round(T * 16000 / 30) audio samples. Voice and music
+      may differ from that by at most one frame's worth (533 samples); they are then zero-padded or cut to
+      the exact length. A larger mismatch is refused with an error naming the wav.
+    - Clips: a sequence is cut into consecutive clips of clip_frames frames (the release's sequences are
+      exactly one 240-frame clip each). A remainder shorter than a clip, or a whole sequence shorter than a
+      clip, is dropped and the dropped frames are counted and printed.
+    - A split file that is missing, or lists no id, is refused naming that file.
+
+The generated data set (generate_dataset, builtin_data), SPEC section 7
+    People: id0 .. id<n-1>, each a procedural FLAME shape (beta ~ N(0, 1) on the first 10 coefficients, 0
+    after), a fixed camera (DEFAULT_CAM's scale times 1 +- 6 %, a small shift, a little smooth jitter per
+    frame), a voice register, a skin tint and background colour, and a motion style (the gains below).
+    Songs: each song is composed once and cut into clips_per_song consecutive sequences of clip_seconds,
+    ids id<person>_<song>_<segment>_0. A song has a tempo (90-130 bpm), a key, a chord progression
+    (I-V-vi-IV, one chord a bar of 4 beats) and a melody: phrases of 3-8 syllables, each syllable one note of
+    the major scale lasting 1/2-2 beats and one of the vowels a e i o u, rests of 1-2 beats between phrases.
+    Voice (source-filter): a band-limited sawtooth pulse train at the melody's pitch (25 ms portamento
+    between notes, ~5.5 Hz vibrato of 0.3 semitone fading in on each note, a little breath noise) through
+    the vowel's three formant resonators, vowels cross-faded over ~15 ms, times the syllable envelope
+    (40 ms attack, slow decay, 60 ms release; the voice dips between syllables), with a short noise burst
+    (a consonant) at each syllable onset. Music: kick on beats 1 and 3, snare on 2 and 4, hi-hat on every
+    half beat, a plucked bass on the chord's root each beat, a sustained chord pad.
+    Motion, a known function of the audio at frame t (frame t covers audio [t/30, (t+1)/30) s):
+        env_t    mean of the syllable envelope over the frame (0..1; the voice's RMS is proportional to it)
+        w_t[v]   mean vowel weights over the frame (sum to 1)
+        jaw x-rotation       = jaw_gain * 0.3 rad * env_t * sum_v w_t[v] * OPENNESS[v]
+        expression (mouth)   = mouth_gain * env_t * sum_v w_t[v] * VOWEL_MOUTH[v] on MOUTH_DIMS, the procedural
+                               head's open / smile / pucker / stretch / funnel expressions (/a/ wide open,
+                               /e/ and /i/ spread, /o/ and /u/ rounded)
+        expression (brows)   = brow_gain * (pitch_t - 60) / 12 * voiced_t on BROW_DIM (brows raise), pitch_t
+                               the mean note contour over the frame in MIDI numbers (vibrato left out),
+                               voiced_t = (env_t > 0.1) Gaussian-smoothed over 2 frames
+        global x-rotation    = nod_gain * sum_beats a_b * exp(-(t_centre - t_b)^2 / (2 * 0.07^2)),
+                               a_b = 1 on kick beats, 0.6 on snare beats (a nod at every beat of the music)
+        neck x-rotation      = half of that
+    plus the person's constant expression and head-pose offsets and a little smooth noise (Gaussian-filtered,
+    sigma 4 frames; std 0.03 on the first 10 expression dims, 0.005 rad on head pose, 0.003 rad on the jaw).
+    Files: flame_seqs pickles with the release's keys (expcodes (T, 50), posecodes (T, 9), shapecode (1, 100),
+    cam (T, 3), float32, pickle protocol 2); 16-bit PCM mono wavs at 16 kHz; video_seqs mp4s (libx264,
+    video_size square, 30 fps, no sound track: the voice is in audio_seqs) for the people id0 ..
+    id<video_people-1> only, and of theirs for every val and test sequence and the first train sequences by id,
+    video_clips sequences in all (built-in set: id0 only, 8 of its 20 sequences: 3 test, 1 val, 4 train).
+    Rendering is the generator's main cost and the render stage trains one person; check video_path(id).exists().
+    Splits: per person, 15 % of the sequences to test and 5 % to val (at least one each), the rest to train,
+    so every person appears in every split. generator.json records the parameters and BUILTIN_VERSION.
+"""
+import json
+import os
+import pickle
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import soundfile
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter1d, uniform_filter1d
+from scipy.signal import lfilter
+from torch.utils.data import Dataset
+
+import render
+from audio import load_audio
+from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame
+
+FPS = 30                              # motion frames per second
+CLIP_SECONDS = 8                      # the release's sequence length
+CLIP_FRAMES = CLIP_SECONDS * FPS      # 240 frames a clip
+SAMPLE_RATE = 16_000                  # audio samples per second everywhere in the project
+SPLITS = ("train", "val", "test")
+TEST_SHARE, VAL_SHARE = 0.15, 0.05    # the release's 80 / 5 / 15 % split by sequence
+
+EXPRESSION_KEYS = ("expcodes", "expression")
+POSE_KEYS = ("posecodes", "pose")
+SHAPE_KEYS = ("shapecode", "shape")
+CAM_KEYS = ("cam", "camcodes")
+N_POSE = 9                            # global 3 | neck 3 | jaw 3
+
+BUILTIN_ROOT = Path(__file__).parent / "data" / "builtin"
+BUILTIN_VERSION = 1                   # bump when the generator changes: an older built-in set is rebuilt
+                                      # (the built-in set is generate_dataset's defaults)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _pick(d, keys, path):
+    for key in keys:
+        if key in d:
+            return key, d[key]
+    raise ValueError(f"{path}: missing key '{keys[0]}' (accepted spellings: {', '.join(keys)})")
+
+
+def _finite_array(value, key, path):
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: '{key}' is not a numeric array ({e})") from None
+    if not np.isfinite(array).all():
+        raise ValueError(f"{path}: '{key}' holds NaN or inf")
+    return array
+
+
+def _columns(array, key, path, n):
+    """(T, >= n) array -> (T, n) float32; anything else is refused."""
+    if array.ndim != 2 or array.shape[1] < n:
+        raise ValueError(f"{path}: '{key}' must be (frames, {n}+), got shape {array.shape}")
+    return array[:, :n].astype(np.float32)
+
+
+def read_flame_pickle(path):
+    """
+    A flame_seqs pickle -> dict(expression (T, 50), pose (T, 9), shape (100,), cam (T, 3) or None), float32.
+    Key spellings and rules: see the module docstring.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a dict of FLAME parameters, got {type(d).__name__}")
+    key, value = _pick(d, EXPRESSION_KEYS, path)
+    expression = _columns(_finite_array(value, key, path), key, path, N_EXPR)          # (T, 50)
+    key, value = _pick(d, POSE_KEYS, path)
+    pose = _columns(_finite_array(value, key, path), key, path, N_POSE)                # (T, 9)
+    if len(pose) != len(expression):
+        raise ValueError(f"{path}: '{key}' has {len(pose)} rows but the expression has {len(expression)}")
+    key, value = _pick(d, SHAPE_KEYS, path)
+    shape = _finite_array(value, key, path)
+    shape = shape.reshape(1, -1) if shape.ndim == 1 else shape
+    if shape.ndim != 2 or shape.shape[1] < N_SHAPE:
+        raise ValueError(f"{path}: '{key}' must hold {N_SHAPE}+ values a row, got shape {shape.shape}")
+    shape = shape[0, :N_SHAPE].astype(np.float32)                                       # (100,)
+    cam = None
+    if any(k in d for k in CAM_KEYS):
+        key, value = _pick(d, CAM_KEYS, path)
+        cam = _finite_array(value, key, path)
+        cam = cam.reshape(1, 3) if cam.shape == (3,) else cam
+        if cam.ndim != 2 or cam.shape[1] != 3 or len(cam) not in (1, len(expression)):
+            raise ValueError(f"{path}: '{key}' must be ({len(expression)}, 3) or (3,), got shape {cam.shape}")
+        cam = np.broadcast_to(cam, (len(expression), 3)).astype(np.float32)            # (T, 3)
+    return dict(expression=expression, pose=pose, shape=shape, cam=cam)
+
+
+def write_flame_pickle(path, motion, shape, cam=None):
+    """motion (T, 59), shape (100,), cam (T, 3) or None -> a pickle with the release's keys (protocol 2)."""
+    motion = np.asarray(motion, dtype=np.float32)
+    d = dict(expcodes=motion[:, :N_EXPR], posecodes=motion[:, N_EXPR:],
+             shapecode=np.asarray(shape, dtype=np.float32).reshape(1, -1))
+    if cam is not None:
+        d["cam"] = np.asarray(cam, dtype=np.float32)
+    with open(path, "wb") as f:
+        pickle.dump(d, f, protocol=2)
+
+
+def audio_samples(path):
+    """Length at SAMPLE_RATE of the audio file at path, from its header (no decoding)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        info = soundfile.info(str(path))
+    except (RuntimeError, OSError) as e:      # soundfile's errors derive from RuntimeError
+        raise ValueError(f"{path}: unreadable audio ({e})") from None
+    return round(info.frames * SAMPLE_RATE / info.samplerate)
+
+
+def read_split(root, split):
+    """Sequence ids listed in root/<split>.txt (blank lines ignored)."""
+    path = Path(root) / f"{split}.txt"
+    if not path.is_file():
+        raise ValueError(f"{path}: no such split file")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"{path}: the split lists no sequence id")
+    return ids
+
+
+def _check_length(n_audio, n, path):
+    """The length rule: audio of n_audio samples for motion needing n samples, at most one frame off."""
+    if abs(n_audio - n) > SAMPLE_RATE / FPS:
+        raise ValueError(f"{path}: {n_audio / SAMPLE_RATE:.3f} s of audio for {n / SAMPLE_RATE:.3f} s of "
+                         f"motion; they may differ by one frame ({1 / FPS:.3f} s) at most")
+
+
+def _fit(audio, n, path):
+    """audio (N,) zero-padded or cut to exactly n samples, after the length rule."""
+    _check_length(len(audio), n, path)
+    return np.pad(audio[:n], (0, max(0, n - len(audio))))
+
+
+def _frame_sample(frame):
+    """First audio sample of motion frame `frame`."""
+    return round(frame * SAMPLE_RATE / FPS)
+
+
+class SingingHead(Dataset):
+    """
+    Clips of a SingingHead-layout folder (see the module docstring for the rules). Item:
+        id str (sequence id), person str (its first field), start int (first frame of the clip in the sequence),
+        audio float32 (clip_frames / 30 * 16000,), bgm float32 (same), motion float32 (clip_frames, 59),
+        shape float32 (100,), cam float32 (clip_frames, 3)
+    Pickles and wav headers are checked when the data set is made; audio is decoded on first use and, with
+    cache=True, kept in memory (about 1 MB a sequence of 8 s).
+    """
+
+    def __init__(self, root, split="train", clip_frames=CLIP_FRAMES, cache=True):
+        self.root, self.split, self.clip_frames, self.cache = Path(root), split, clip_frames, cache
+        self.sequences = read_split(self.root, split)
+        self.clips = []            # (sequence id, first frame)
+        dropped_frames, dropped_sequences = 0, 0
+        for seq in self.sequences:
+            flame = read_flame_pickle(self.flame_path(seq))
+            n_frames = len(flame["expression"])
+            n = _frame_sample(n_frames)
+            for path in (self.audio_path(seq), self.bgm_path(seq)):
+                _check_length(audio_samples(path), n, path)
+            n_clips = n_frames // clip_frames
+            self.clips += [(seq, k * clip_frames) for k in range(n_clips)]
+            dropped_frames += n_frames - n_clips * clip_frames
+            dropped_sequences += n_clips == 0
+        if dropped_frames:
+            print(f"SingingHead {self.root / f'{split}.txt'}: dropped {dropped_frames} frames "
+                  f"({dropped_frames / FPS:.1f} s) shorter than a {clip_frames}-frame clip, "
+                  f"{dropped_sequences} of {len(self.sequences)} sequences entirely")
+        if not self.clips:
+            raise ValueError(f"{self.root / f'{split}.txt'}: no sequence holds a clip of {clip_frames} frames")
+        self.people = sorted({seq.split("_")[0] for seq in self.sequences})
+        self._loaded = {}
+
+    def flame_path(self, seq):
+        return self.root / "flame_seqs" / f"{seq}.pkl"
+
+    def audio_path(self, seq):
+        return self.root / "audio_seqs" / f"{seq}.wav"
+
+    def bgm_path(self, seq):
+        return self.root / "bgm_seqs" / f"{seq}_bgm.wav"
+
+    def video_path(self, seq):
+        return self.root / "video_seqs" / f"{seq}.mp4"
+
+    def sequence(self, seq):
+        """Whole sequence: dict(motion (T, 59), shape (100,), cam (T, 3), audio (N,), bgm (N,)), N exact."""
+        if seq in self._loaded:
+            return self._loaded[seq]
+        flame = read_flame_pickle(self.flame_path(seq))
+        n_frames = len(flame["expression"])
+        n = _frame_sample(n_frames)
+        cam = flame["cam"]
+        if cam is None:
+            cam = np.broadcast_to(np.asarray(render.DEFAULT_CAM, dtype=np.float32), (n_frames, 3))
+        loaded = dict(motion=np.concatenate([flame["expression"], flame["pose"]], axis=1),  # (T, 59)
+                      shape=flame["shape"], cam=np.ascontiguousarray(cam),
+                      audio=_fit(load_audio(self.audio_path(seq), SAMPLE_RATE), n, self.audio_path(seq)),
+                      bgm=_fit(load_audio(self.bgm_path(seq), SAMPLE_RATE), n, self.bgm_path(seq)))
+        if self.cache:
+            self._loaded[seq] = loaded
+        return loaded
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        seq, start = self.clips[i]
+        s = self.sequence(seq)
+        stop = start + self.clip_frames
+        a, b = _frame_sample(start), _frame_sample(start) + _frame_sample(self.clip_frames)
+        return dict(id=seq, person=seq.split("_")[0], start=start,
+                    audio=s["audio"][a:b].astype(np.float32), bgm=s["bgm"][a:b].astype(np.float32),
+                    motion=s["motion"][start:stop].copy(), shape=s["shape"].copy(), cam=s["cam"][start:stop].copy())
+
+
+def _resize_square(frames, size):
+    """uint8 (n, H, W, 3) tensor -> centre square crop resized to size (area when shrinking) -> uint8."""
+    h, w = frames.shape[1:3]
+    side = min(h, w)
+    frames = frames[:, (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    if side == size:
+        return frames
+    x = frames.permute(0, 3, 1, 2).float()                                             # (n, 3, side, side)
+    mode = dict(mode="area") if size < side else dict(mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(size, size), **mode)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def read_video(path, size=256, batch=32):
+    """mp4 -> uint8 (T, size, size, 3) (centre-cropped to a square if needed; size=None keeps the original)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        reader = imageio.get_reader(str(path), "ffmpeg")
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable video ({e})") from None
+    out, pending = [], []
+    with reader:
+        for frame in reader:
+            pending.append(torch.from_numpy(np.asarray(frame)[..., :3]))
+            if len(pending) == batch:
+                out.append(_resize_square(torch.stack(pending), size or min(pending[0].shape[:2])))
+                pending = []
+    if pending:
+        out.append(_resize_square(torch.stack(pending), size or min(pending[0].shape[:2])))
+    if not out:
+        raise ValueError(f"{path}: the video holds no frame")
+    return torch.cat(out).numpy()
+
+
+# ----------------------------------------------------------------------------- the generated data set
+
+VOWELS = ("a", "e", "i", "o", "u")
+FORMANTS = np.array([[800, 1200, 2600],           # a   (F1, F2, F3 in Hz)
+                     [450, 2000, 2700],           # e
+                     [300, 2300, 3000],           # i
+                     [500, 850, 2500],            # o
+                     [320, 750, 2400]])           # u
+BANDWIDTHS = np.array([80, 100, 150])             # Hz, per formant
+OPENNESS = np.array([1.0, 0.75, 0.55, 0.8, 0.6])  # jaw opening per vowel, times 0.3 rad at full voice
+JAW_OPEN = 0.3                                    # rad
+MAJOR = np.array([0, 2, 4, 5, 7, 9, 11])          # semitones of the scale degrees
+PROGRESSION = ((0, 4, 7), (7, 11, 14), (9, 12, 16), (5, 9, 12))   # I V vi IV, semitones above the key
+VIBRATO_DEPTH = 0.3                               # semitones
+NOD_SIGMA = 0.07                                  # s, width of the nod at each beat
+BREATH = 0.03                                     # noise share of the glottal source
+VOICE_GAIN = 0.25                                 # voice RMS at full envelope
+CONTROL_RATE = 1000                               # Hz, rate of the envelope / note / vowel controls
+ATTACK, RELEASE = 0.04, 0.06                      # s, syllable envelope ramps
+LEVEL_WINDOW = 0.025                              # s, window of the voice's level normalisation
+HISS = 0.15                                       # consonant noise burst at each syllable onset
+MOUTH_DIMS = [0, 1, 3, 9, 15]                     # procedural head's expressions: open, smile, pucker, stretch, funnel
+VOWEL_MOUTH = np.array([[1.2, 0.0, 0.0, 0.3, 0.0],   # a: wide open
+                        [0.5, 0.3, 0.0, 1.0, 0.0],   # e: spread
+                        [0.2, 0.6, 0.0, 1.5, 0.0],   # i: spread wide, a little smile
+                        [0.6, 0.0, 1.0, 0.0, 0.8],   # o: rounded
+                        [0.2, 0.0, 1.6, 0.0, 1.2]])  # u: rounded, pursed
+BROW_DIM = 6                                      # procedural head's expression that raises the brows
+VOICED = 0.1                                      # envelope above which a frame counts as sung
+NOISE_EXPRESSION, NOISE_HEAD, NOISE_JAW = 0.03, 0.005, 0.003   # std of the smooth motion noise (-, rad, rad)
+
+
+def _vowel_expression():
+    """(5, 50) mouth expression per vowel at full voice, on the procedural head's mouth dimensions."""
+    table = np.zeros((len(VOWELS), N_EXPR))
+    table[:, MOUTH_DIMS] = VOWEL_MOUTH
+    return table
+
+
+@dataclass
+class Person:
+    name: str
+    shape: np.ndarray          # (100,)
+    cam: np.ndarray            # (3,) scale, tx, ty
+    register: int              # MIDI number of the lowest note of the person's songs' keys
+    vibrato_rate: float        # Hz
+    jaw_gain: float
+    mouth_gain: float
+    brow_gain: float
+    nod_gain: float            # rad
+    expression_offset: np.ndarray   # (50,)
+    pose_offset: np.ndarray         # (9,)
+    skin: np.ndarray           # (3,) RGB of a fully lit surface
+    background: np.ndarray     # (3,) RGB
+
+
+def make_person(index, seed):
+    """Person id<index>: shape, camera, voice and motion style, colours; depends only on (seed, index)."""
+    rng = np.random.default_rng([seed, index, 0])
+    shape = np.zeros(N_SHAPE)
+    shape[:10] = rng.normal(0, 1, 10)
+    cam = np.array(render.DEFAULT_CAM, dtype=np.float64)
+    cam[0] *= 1 + rng.uniform(-0.06, 0.06)
+    cam[1:] += rng.uniform(-0.01, 0.01, 2)                     # metres, before scaling
+    expression_offset = np.zeros(N_EXPR)
+    expression_offset[:10] = rng.normal(0, 0.1, 10)
+    pose_offset = np.zeros(N_POSE)
+    pose_offset[:6] = rng.normal(0, 0.03, 6)
+    return Person(name=f"id{index}", shape=shape, cam=cam, register=int(rng.integers(50, 62)),
+                  vibrato_rate=rng.uniform(5.0, 6.0), jaw_gain=rng.uniform(0.8, 1.2),
+                  mouth_gain=rng.uniform(0.8, 1.2), brow_gain=rng.uniform(0.6, 1.0),
+                  nod_gain=rng.uniform(0.05, 0.09), expression_offset=expression_offset, pose_offset=pose_offset,
+                  skin=rng.uniform([170, 120, 100], [240, 190, 170]), background=rng.uniform(20, 90, 3))
+
+
+@dataclass
+class Song:
+    duration: float            # s
+    key: int                   # MIDI number of the tonic
+    beats: np.ndarray          # (K,) beat times, s
+    kick: np.ndarray           # (K,) bool: kick (beats 1, 3) or snare (beats 2, 4)
+    onsets: np.ndarray         # (S,) syllable starts, s
+    offsets: np.ndarray        # (S,) syllable ends (release starts), s
+    notes: np.ndarray          # (S,) MIDI numbers
+    vowels: np.ndarray         # (S,) indices into VOWELS
+    accents: np.ndarray        # (S,) loudness 0.7-1
+
+
+def compose_song(rng, duration, register):
+    """A tempo, a key, a beat grid and a melody of sung syllables grouped in phrases."""
+    beat = 60 / rng.uniform(90, 130)
+    first = rng.uniform(0, beat)
+    beats = np.arange(first, duration, beat)
+    key = register + int(rng.integers(0, 5))
+    onsets, offsets, notes, vowels = [], [], [], []
+    t, degree = first + beat * int(rng.integers(0, 2)), int(rng.integers(0, 5))
+    while t < duration - 0.2:
+        for _ in range(int(rng.integers(3, 9))):
+            length = beat * rng.choice([0.5, 1, 1.5, 2], p=[0.3, 0.4, 0.15, 0.15])
+            degree = int(np.clip(degree + rng.integers(-2, 3), -3, 9))
+            onsets.append(t)
+            offsets.append(t + length - 0.06)                   # the release ends as the next syllable starts
+            notes.append(key + 12 * (degree // 7) + MAJOR[degree % 7])
+            vowels.append(int(rng.integers(len(VOWELS))))
+            t += length
+        t += beat * rng.choice([1, 2])
+    keep = np.array(onsets) < duration - 0.1
+    return Song(duration=duration, key=key, beats=beats, kick=np.arange(len(beats)) % 2 == 0,
+                onsets=np.array(onsets)[keep], offsets=np.array(offsets)[keep], notes=np.array(notes)[keep],
+                vowels=np.array(vowels)[keep], accents=rng.uniform(0.7, 1.0, int(keep.sum())))
+
+
+def _sawtooth(phase, step):
+    """Band-limited (PolyBLEP) sawtooth in [-1, 1] for a running phase in cycles and its per-sample step."""
+    t = phase % 1.0
+    saw = 2 * t - 1
+    x = t / step
+    saw -= np.where(t < step, 2 * x - x * x - 1, 0)
+    x = (t - 1) / step
+    saw -= np.where(t > 1 - step, x * x + 2 * x + 1, 0)
+    return saw
+
+
+def _resonate(x, freq, bandwidth):
+    """Two-pole resonator (one formant) at freq Hz with the given bandwidth."""
+    r = np.exp(-np.pi * bandwidth / SAMPLE_RATE)
+    theta = 2 * np.pi * freq / SAMPLE_RATE
+    return lfilter([1 - r], [1, -2 * r * np.cos(theta), r * r], x)
+
+
+def _raised_cosine(x):
+    """0 for x <= 0, 1 for x >= 1, a half cosine between."""
+    return 0.5 - 0.5 * np.cos(np.pi * np.clip(x, 0, 1))
+
+
+def sing(song, person, rng):
+    """
+    Source-filter singing. Returns the voice (N,) float32 and its controls at CONTROL_RATE: envelope (M,) in
+    [0, 1], vowel weights (5, M) summing to 1, note contour (M,) in MIDI numbers (without vibrato).
+    """
+    n, m = round(song.duration * SAMPLE_RATE), round(song.duration * CONTROL_RATE)
+    tc = np.arange(m) / CONTROL_RATE
+    envelope, vibrato = np.zeros(m), np.zeros(m)
+    note_step, vowel_step = np.full(m, float(song.notes[0])), np.zeros(m, dtype=int)
+    for i, (on, off) in enumerate(zip(song.onsets, song.offsets)):
+        start, stop = np.searchsorted(tc, [on, off + RELEASE])
+        local = tc[start:stop] - on
+        shape = _raised_cosine(local / ATTACK) * _raised_cosine((off + RELEASE - tc[start:stop]) / RELEASE)
+        envelope[start:stop] = np.maximum(envelope[start:stop], song.accents[i] * shape * np.exp(-0.25 * local))
+        held = slice(start, np.searchsorted(tc, song.onsets[i + 1]) if i + 1 < len(song.onsets) else m)
+        note_step[held], vowel_step[held] = song.notes[i], song.vowels[i]
+        vibrato[start:stop] = np.clip((local - 0.15) / 0.3, 0, 1)        # fades in after 150 ms of a note
+    contour = gaussian_filter1d(note_step, 0.025 * CONTROL_RATE)           # portamento between notes
+    weights = gaussian_filter1d(np.eye(len(VOWELS))[vowel_step].T, 0.015 * CONTROL_RATE, axis=1)  # (5, M)
+
+    t = np.arange(n) / SAMPLE_RATE
+    midi = np.interp(t, tc, contour) + VIBRATO_DEPTH * np.interp(t, tc, vibrato) * np.sin(
+        2 * np.pi * person.vibrato_rate * t + rng.uniform(0, 2 * np.pi))
+    step = 440.0 * 2 ** ((midi - 69) / 12) / SAMPLE_RATE                    # cycles per sample
+    source = _sawtooth(np.cumsum(step), step) + BREATH * rng.standard_normal(n)
+    voice = np.zeros(n)
+    for v in range(len(VOWELS)):
+        y = source
+        for freq, bandwidth in zip(FORMANTS[v], BANDWIDTHS):
+            y = _resonate(y, freq, bandwidth)
+        voice += np.interp(t, tc, weights[v]) * y
+    # a harmonic crossing a formant changes the loudness a lot: level-normalise so the RMS follows the envelope
+    level = np.sqrt(uniform_filter1d(voice * voice, round(LEVEL_WINDOW * SAMPLE_RATE)))
+    voice *= np.interp(t, tc, envelope) / np.maximum(level, 1e-9)
+    burst = round(0.03 * SAMPLE_RATE)
+    for on, accent in zip(np.round(song.onsets * SAMPLE_RATE).astype(int), song.accents):   # consonant hiss
+        hiss = np.diff(rng.standard_normal(burst + 1)) * np.exp(-np.arange(burst) / (0.008 * SAMPLE_RATE))
+        _place(voice, HISS * accent * hiss, on)
+    return (VOICE_GAIN * voice).clip(-1, 1).astype(np.float32), envelope, weights, contour
+
+
+def _place(track, sound, at):
+    """Add sound (M,) into track (N,) starting at sample `at`, cut at the end of the track."""
+    stop = min(len(track), at + len(sound))
+    if at < stop:
+        track[at:stop] += sound[:stop - at]
+
+
+def play_music(song, rng):
+    """Background music: drums on the beat grid, a plucked bass and a chord pad. Returns (N,) float32."""
+    n = round(song.duration * SAMPLE_RATE)
+    beat = float(np.median(np.diff(song.beats))) if len(song.beats) > 1 else 0.5
+    t = np.arange(round(0.3 * SAMPLE_RATE)) / SAMPLE_RATE
+    kick = np.sin(2 * np.pi * np.cumsum(50 + 90 * np.exp(-t / 0.04)) / SAMPLE_RATE) * np.exp(-t / 0.12)
+    noise = np.diff(rng.standard_normal(len(t) + 1))
+    snare = 0.35 * noise * np.exp(-t / 0.08) + 0.5 * np.sin(2 * np.pi * 190 * t) * np.exp(-t / 0.05)
+    hihat = 0.12 * noise * np.exp(-t / 0.015)
+    drums, bass, pad = np.zeros(n), np.zeros(n), np.zeros(n)
+    for k, (time_k, is_kick) in enumerate(zip(song.beats, song.kick)):
+        at = round(time_k * SAMPLE_RATE)
+        _place(drums, kick if is_kick else snare, at)
+        _place(drums, hihat, at)
+        _place(drums, hihat * 0.6, at + round(beat / 2 * SAMPLE_RATE))
+        root = 440.0 * 2 ** ((song.key - 24 + PROGRESSION[k // 4 % 4][0] - 69) / 12)
+        tb = np.arange(round(beat * SAMPLE_RATE)) / SAMPLE_RATE
+        _place(bass, (np.sin(2 * np.pi * root * tb) + 0.3 * np.sin(4 * np.pi * root * tb)) * np.exp(-tb / 0.25), at)
+    bar = 4 * beat
+    starts = np.concatenate([[0.0], song.beats[::4]]) if len(song.beats) else np.array([0.0])
+    for b, start in enumerate(starts):
+        chord = PROGRESSION[(b - 1) % 4]
+        tb = np.arange(round(bar * SAMPLE_RATE)) / SAMPLE_RATE
+        shape = np.minimum(1, tb / 0.1) * np.minimum(1, (bar - tb) / 0.1)
+        tone = sum(np.sin(2 * np.pi * 440.0 * 2 ** ((song.key - 12 + s - 69) / 12) * tb * h) / h
+                   for s in chord for h in (1, 2, 3))
+        _place(pad, tone * shape, round(start * SAMPLE_RATE))
+    music = 0.55 * drums + 0.25 * bass + 0.05 * pad
+    return (0.9 * music / max(1e-9, np.abs(music).max())).astype(np.float32)
+
+
+def _frame_means(x, n_frames, rate=CONTROL_RATE):
+    """(..., N) at rate Hz -> (..., n_frames): mean over each 30 fps frame's span."""
+    edges = [round(f * rate / FPS) for f in range(n_frames + 1)]
+    return np.stack([x[..., a:b].mean(-1) for a, b in zip(edges[:-1], edges[1:])], axis=-1)
+
+
+def _smooth_noise(rng, n_frames, n_dims, sigma=4.0):
+    """(n_frames, n_dims) Gaussian-filtered noise with unit standard deviation per dimension."""
+    x = gaussian_filter1d(rng.standard_normal((n_frames + 8 * int(sigma), n_dims)), sigma, axis=0)
+    x = x[4 * int(sigma):4 * int(sigma) + n_frames]
+    return x / x.std(0, keepdims=True)
+
+
+def song_motion(song, person, envelope, weights, contour, rng):
+    """The known motion function of the module docstring: (T, 59) float32, T = duration * 30."""
+    n_frames = round(song.duration * FPS)
+    env = _frame_means(envelope, n_frames)                                  # (T,)
+    w = _frame_means(weights, n_frames)                                     # (5, T)
+    pitch = _frame_means(contour, n_frames)                                 # (T,)
+    voiced = gaussian_filter1d((env > VOICED).astype(float), 2.0)
+    t = (np.arange(n_frames) + 0.5) / FPS
+    accents = np.where(song.kick, 1.0, 0.6)
+    nod = (accents[None] * np.exp(-(t[:, None] - song.beats[None]) ** 2 / (2 * NOD_SIGMA ** 2))).sum(1)
+    motion = np.zeros((n_frames, MOTION_DIM))
+    motion[:, :N_EXPR] = person.mouth_gain * env[:, None] * (w.T @ _vowel_expression())
+    motion[:, BROW_DIM] += person.brow_gain * (pitch - 60) / 12 * voiced
+    motion[:, N_EXPR] = person.nod_gain * nod                               # global x: nod down
+    motion[:, N_EXPR + 3] = 0.5 * person.nod_gain * nod                     # neck x
+    motion[:, N_EXPR + 6] = person.jaw_gain * JAW_OPEN * env * (OPENNESS @ w)   # jaw x: open
+    motion[:, :N_EXPR] += person.expression_offset
+    motion[:, N_EXPR:] += person.pose_offset
+    motion[:, :10] += NOISE_EXPRESSION * _smooth_noise(rng, n_frames, 10)
+    motion[:, N_EXPR:N_EXPR + 6] += NOISE_HEAD * _smooth_noise(rng, n_frames, 6)
+    motion[:, N_EXPR + 6] += NOISE_JAW * _smooth_noise(rng, n_frames, 1)[:, 0]
+    return motion.astype(np.float32)
+
+
+def render_portrait(flame, person, motion, cam, size, batch=60):
+    """Shaded portrait frames of the procedural head in the person's colours: uint8 (T, size, size, 3)."""
+    shape = torch.as_tensor(person.shape, dtype=torch.float32)
+    skin = torch.tensor(render.SKIN_RGB, dtype=torch.float32)
+    background = torch.tensor(render.BACKGROUND_RGB, dtype=torch.float32)
+    frames = []
+    with torch.no_grad():
+        for start in range(0, len(motion), batch):
+            m = torch.as_tensor(motion[start:start + batch])
+            verts = flame.from_motion(shape, m)                                             # (b, V, 3)
+            image = render.shade(render.project(verts, torch.as_tensor(cam[start:start + batch])),
+                                 flame.faces, size).float()                                  # (b, H, W, 3)
+            is_background = (image == background).all(-1, keepdim=True)
+            image = torch.where(is_background, torch.as_tensor(person.background, dtype=torch.float32),
+                                image / skin * torch.as_tensor(person.skin, dtype=torch.float32))
+            frames.append(image.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(frames).numpy()
+
+
+def _split(ids, rng):
+    """Per person: 15 % test, 5 % val (at least one each), the rest train."""
+    ids = list(ids)
+    rng.shuffle(ids)
+    n_test = max(1, round(TEST_SHARE * len(ids)))
+    n_val = max(1, round(VAL_SHARE * len(ids)))
+    return dict(test=ids[:n_test], val=ids[n_test:n_test + n_val], train=ids[n_test + n_val:])
+
+
+def _filmed(split, video_clips):
+    """Sequences of one person that get a video: all of val and test, then train ones up to video_clips."""
+    held_out = split["test"] + split["val"]
+    return set(held_out + sorted(split["train"])[:max(0, video_clips - len(held_out))])
+
+
+def generate_dataset(root, n_people=4, clips_per_person=20, seed=0, video_size=render.IMAGE_SIZE,
+                     with_video=True, video_people=1, video_clips=8, clip_seconds=CLIP_SECONDS, clips_per_song=4,
+                     verbose=True):
+    """
+    Write a SingingHead-layout data set of procedural singers into root (see the module docstring): n_people
+    people, clips_per_person sequences of clip_seconds each, songs of clips_per_song sequences. When with_video,
+    the first video_people people get video_size mp4s for their val and test sequences and for their first
+    train sequences, video_clips sequences in all. Returns root as a Path.
+    """
+    if clips_per_person < 3:
+        raise ValueError(f"{root}: clips_per_person must be at least 3 (one per split), got {clips_per_person}")
+    root = Path(root)
+    for folder in ("flame_seqs", "audio_seqs", "bgm_seqs", "video_seqs"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    flame = Flame.procedural() if with_video and video_people > 0 else None
+    seg_frames, seg_samples = clip_seconds * FPS, clip_seconds * SAMPLE_RATE
+    splits = {split: [] for split in SPLITS}
+    started = time.time()
+    for p in range(n_people):
+        person = make_person(p, seed)
+        songs = [(s, min(clips_per_song, clips_per_person - first))
+                 for s, first in enumerate(range(0, clips_per_person, clips_per_song))]
+        ids = [f"{person.name}_{s}_{g}_0" for s, n_segments in songs for g in range(n_segments)]
+        split = _split(ids, np.random.default_rng([seed, p, 0]))
+        filmed = _filmed(split, video_clips) if flame is not None and p < video_people else set()
+        for s, n_segments in songs:
+            rng = np.random.default_rng([seed, p, s + 1])
+            song = compose_song(rng, n_segments * clip_seconds, person.register)
+            voice, envelope, weights, contour = sing(song, person, rng)
+            music = play_music(song, rng)
+            motion = song_motion(song, person, envelope, weights, contour, rng)
+            jitter = _smooth_noise(rng, len(motion), 3, sigma=8.0) * [0.005 * person.cam[0], 0.001, 0.001]
+            cam = (person.cam + jitter).astype(np.float32)                               # (T, 3)
+            for g in range(n_segments):
+                seq = f"{person.name}_{s}_{g}_0"
+                frames = slice(g * seg_frames, (g + 1) * seg_frames)
+                samples = slice(g * seg_samples, (g + 1) * seg_samples)
+                write_flame_pickle(root / "flame_seqs" / f"{seq}.pkl", motion[frames], person.shape, cam[frames])
+                soundfile.write(root / "audio_seqs" / f"{seq}.wav", voice[samples], SAMPLE_RATE, subtype="PCM_16")
+                soundfile.write(root / "bgm_seqs" / f"{seq}_bgm.wav", music[samples], SAMPLE_RATE, subtype="PCM_16")
+                if seq in filmed:
+                    render.write_video(root / "video_seqs" / f"{seq}.mp4",
+                                       render_portrait(flame, person, motion[frames], cam[frames], video_size))
+        for name, chosen in split.items():
+            splits[name] += chosen
+        if verbose:
+            print(f"  {person.name}: {len(ids)} sequences, {len(filmed)} with video "
+                  f"({time.time() - started:.0f} s)", flush=True)
+    for name in SPLITS:
+        (root / f"{name}.txt").write_text("".join(f"{seq}\n" for seq in sorted(splits[name])))
+    (root / "generator.json").write_text(json.dumps(dict(
+        version=BUILTIN_VERSION, n_people=n_people, clips_per_person=clips_per_person, seed=seed,
+        video_size=video_size, with_video=with_video, video_people=video_people, video_clips=video_clips,
+        clip_seconds=clip_seconds, clips_per_song=clips_per_song), indent=1))
+    return root
+
+
+def _is_current(root):
+    marker = root / "generator.json"
+    return marker.is_file() and json.loads(marker.read_text()).get("version") == BUILTIN_VERSION
+
+
+def builtin_data(root=None):
+    """Path of the built-in data set (default data/builtin beside this file), generated on first use."""
+    root = Path(root) if root is not None else BUILTIN_ROOT
+    if _is_current(root):
+        return root
+    print(f"building the built-in SingingHead-format data set in {root} (once; about 1-2 minutes)", flush=True)
+    started = time.time()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    generate_dataset(tmp)
+    if _is_current(root):                        # another process finished first
+        shutil.rmtree(tmp)
+        return root
+    if root.exists():                            # an older generator's set: move it aside, then drop it
+        old = root.parent / f".{root.name}.old{os.getpid()}"
+        os.replace(root, old)
+        shutil.rmtree(old)
+    os.replace(tmp, root)
+    print(f"built-in data set ready in {time.time() - started:.0f} s: {root}", flush=True)
+    return root
+
+
+if __name__ == "__main__":
+    data_root = Path(sys.argv[1]) if len(sys.argv) > 1 else builtin_data()
+    for name in SPLITS:
+        clips = SingingHead(data_root, name)
+        print(f"{name}: {len(clips)} clips of {CLIP_FRAMES} frames, people {', '.join(clips.people)}")
