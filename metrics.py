@@ -1,0 +1,914 @@
+"""Evaluation metrics of UniSinger: the paper's Table II (3-D motion) and Table IV (2-D video), one command each.
+
+What it holds (SPEC section 6; S samples, T frames, V vertices)
+  3-D, on FLAME meshes built by `motion_meshes` (shape + expression + jaw, global and neck rotation zeroed).
+  Vertices go in as FLAME gives them, in metres; the functions convert to millimetres (x1000) inside.
+    lve(pred (S,T,V,3), gt (T,V,3), lip_idx) -> (mean, min)  mm   per frame the largest lip-vertex L2 error,
+                                                                  averaged over frames; mean / best over samples
+    fve(pred, gt, face_idx) -> (mean, min)                   mm   mean L2 error over face-region vertices
+    fdd(pred, gt, upper_idx, neutral (V,3), variant)         mm^2 upper-face dynamics deviation: per vertex the
+        std over time of the squared displacement from the neutral mesh ('displacement', CodeTalker) or of the
+        squared absolute position ('absolute', the official SingingHead code), averaged over vertices;
+        FDD = std_gt - std_pred, signed; with S samples std_pred is averaged over the samples. Table II prints
+        it x100, as the paper's "x10^-2" column.
+    ppe(pred_pose (S,T,6), gt_pose (T,6))                    rad  mean L2 distance of the 6-d head pose
+    motion_beats(x (T,P,3) points or (T,6) pose, sigma=5) -> frame ids of the local minima of the Gaussian-smoothed
+        (sigma in frames) speed: mean per-point L2 velocity for points, L2 norm of the 6-d velocity for a pose
+    music_beats(audio (N,), sr, time_correct=False) -> beats of audio.beats in motion-frame units: the onset frame
+        ids (hop 512 at 16 kHz, 31.25 per s) compared with 30 fps frames as they are (the official code, the paper's
+        numbers), or with time_correct the beat times x 30 fps
+    beat_align(motion_beats, music_beats, sigma2=9)          1    mean over music beats of exp(-d^2 / (2 sigma2)),
+        d the distance in frames to the nearest motion beat
+    diversity(samples (S,T,...))                             input unit   mean over the S(S-1)/2 pairs of the L2
+        norm of the difference of the flattened sequences. The paper's formula is the average pairwise L2
+        distance of the 68 landmarks; Table II applies this to the 68 landmarks in mm of the motion meshes.
+  2-D, on frames (N,H,W,C) uint8 or float in [0, 255]:
+    psnr(a, b, data_range=255) -> (N,) dB;  ssim(a, b) -> (N,)   equal to scikit-image's structural_similarity
+        (channel_axis=-1, 7x7 uniform window, K1 .01, K2 .03, sample covariance, border of 3 left out of the mean)
+    cpbd(gray (H,W)) -> float in [0, 1]   sharpness, Narvekar & Karam's cumulative probability of blur detection
+    lmd(pred (T,68,2), gt (T,68,2), mouth=False) -> pixels   F-LMD, or M-LMD on landmarks 48-67
+    frechet_distance(mu1, s1, mu2, s2), fid(feats_a (N,D), feats_b (M,D))
+    InceptionV3   the FID Inception network (2048-d pool3 features); InceptionV3.load(pt_inception-2015-12-05 file)
+    LPIPS         AlexNet trunk + linear heads (v0.1); LPIPS.load(torchvision alexnet file, lpips alex.pth)
+  Evaluation: RegionMeshes (the metric regions' vertices in closed form, the fast path of motion_meshes),
+  clip_motion_scores / evaluate_motion (Table II), evaluate_video (Table IV), mean_motion (the baseline),
+  the command line.
+
+Depends on torch, numpy, scipy; the evaluation parts import our flame.py, data.py, audio.py (beats) and, for the
+default run, unisinger.py.
+
+Use alone
+    python metrics.py                                   # latest motion checkpoint vs the mean-motion baseline,
+                                                        # built-in data, test split
+    python metrics.py --pred DIR --data PATH [--split test]          # Table II for generated motion files
+    python metrics.py --video --pred DIR --data PATH [--weights DIR]  # Table IV for generated videos
+
+Generated motion layout (what the inference script writes): DIR/<clip id>/sample_<k>.npz with key 'motion'
+(T, 59) = [expression 50 | global 3 | neck 3 | jaw 3] at 30 fps, k = 0..S-1, and optionally DIR/fps.json
+{"fps": frames generated per second}. Generated video layout: DIR/<clip id>.mp4; for LMD and 2-D BA also 68
+landmarks per frame (T, 68, 2) in pixels of the 256-pixel frame: DIR/<clip id>_lmk.npy and, for the truth,
+<data>/landmark_seqs/<clip id>.npy (no landmark detector ships here). Missing weights or landmarks make the
+table entry the string "needs weights: <file>" / "needs landmarks: <file>".
+"""
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import ndimage
+
+FPS = 30                    # motion frames per second
+SAMPLE_RATE = 16_000        # audio samples per second
+MM_PER_M = 1000.0           # FLAME vertices are in metres, the 3-D metrics in millimetres
+POSE = slice(50, 56)        # global + neck rotation in the 59-d motion vector
+BEAT_SIGMA_FRAMES = 5.0     # Gaussian smoothing of the motion speed before picking its minima
+BA_SIGMA2 = 9.0             # beat-align tolerance, frames^2
+N_SAMPLES = 10              # samples per clip in Table II (the paper's n)
+MOUTH = slice(48, 68)       # mouth landmarks of the 68-point layout
+VIDEO_SIZE = 256            # frames are compared at 256 x 256
+FRAME_STEP = 6              # every 6th frame enters the 2-D image metrics
+
+SSIM_WINDOW = 7
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+
+CPBD_BLOCK = 64             # pixels per block side
+CPBD_EDGE_BLOCK = 0.002     # a block counts when more than this fraction of its pixels are edges
+CPBD_JNB_LOW_CONTRAST = 5   # just-noticeable-blur width (pixels) when block contrast <= 50 grey levels
+CPBD_JNB = 3                # ... otherwise
+CPBD_LOW_CONTRAST = 50
+CPBD_BETA = 3.6
+CPBD_THRESHOLD = 0.63       # blur is "not detected" at an edge while its probability stays at or below this
+CPBD_MAX_STEP = 100         # an edge side is followed at most this many pixels
+CPBD_EDGE_FLOOR = 0.2       # edge-map gradient floor (grey levels per pixel, Sobel scale)
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+LPIPS_FILE = "alex.pth"
+MOTION_COLUMNS = ["LVE-mean", "LVE-min", "FVE-mean", "FVE-min", "FDD(x1e-2)", "BA", "PPE", "Diversity", "FPS"]
+VIDEO_COLUMNS = ["FID", "LPIPS", "SSIM", "PSNR", "CPBD", "M-LMD", "F-LMD", "BA"]
+
+
+# ----------------------------------------------------------------------------- 3-D motion metrics
+
+def motion_meshes(flame, shape, motion):
+    """FLAME meshes for the 3-D metrics: shape (100,) with motion (...,T,59) -> (...,T,V,3) metres, head pose zeroed."""
+    with torch.no_grad():
+        return flame.from_motion(shape, motion, zero_head_pose=True)
+
+
+class RegionMeshes:
+    """The vertices the 3-D metrics read (lips, face, upper face, landmark triangles), head pose zeroed, fast.
+
+    With global, neck and eye rotations zero every joint but the jaw keeps the identity transform, so linear
+    blend skinning reduces to v = w_rest * v_posed + w_jaw * (R_jaw (v_posed - J_jaw) + J_jaw), where v_posed is
+    linear in shape, expression and the jaw's 9 pose-corrective features, and J_jaw linear in shape and
+    expression; vertices the jaw does not move are just v_posed. Computing only these vertices is what makes
+    Table II on 1 829 clips x 10 samples take minutes instead of hours; it equals motion_meshes(...)[..., ids, :]
+    (test_metrics checks). Reads the bases of flame.py's Flame (template, blend_dirs, joint_template,
+    joint_dirs, weights_t, lmk_vertex_ids, lmk_bary).
+    Attributes: ids (U,) full-mesh vertex ids, jaw-moved ones first; lips, face, upper_face index into them.
+    """
+
+    JAW = 2                                                  # FLAME joints: root, neck, jaw, left eye, right eye
+
+    def __init__(self, flame):
+        if list(flame.parents) != [-1, 0, 1, 1, 1]:
+            raise ValueError(f"{flame.source}: expected FLAME's joint tree [-1, 0, 1, 1, 1], got {flame.parents}")
+        masks = flame.masks
+        lmk = flame.lmk_vertex_ids                                                         # (68, 3)
+        ids = torch.unique(torch.cat([masks["lips"], masks["face"], masks["upper_face"], lmk.reshape(-1)]))
+        w_jaw = flame.weights_t[self.JAW, ids]
+        self.ids = torch.cat([ids[w_jaw > 0], ids[w_jaw == 0]])                            # (U,)
+        self.n_jaw = int((w_jaw > 0).sum())
+        position = torch.full((flame.weights_t.shape[1],), -1, dtype=torch.long)
+        position[self.ids] = torch.arange(len(self.ids))                                   # full id -> region index
+        self.lips, self.face, self.upper_face = (position[masks[k]] for k in ("lips", "face", "upper_face"))
+        self.lmk_corners, self.lmk_bary = position[lmk], flame.lmk_bary
+        n_vert, n_shape, n_expr = flame.template.numel() // 3, flame.n_shape, flame.n_expr
+        cols = torch.cat([self.ids, self.ids + n_vert, self.ids + 2 * n_vert])             # coordinate-major (3U,)
+        jaw_rows = n_shape + n_expr + 9 * (self.JAW - 1) + torch.arange(9)                # jaw's (R - I) features
+        dirs = flame.blend_dirs[:, cols]                                                    # (n_shape+n_expr+36, 3U)
+        self.template = flame.template[cols]                                               # (3U,)
+        self.shape_dirs = dirs[:n_shape]                                                   # (100, 3U)
+        self.frame_dirs = torch.cat([dirs[n_shape:n_shape + n_expr], dirs[jaw_rows]])     # (59, 3U)
+        joint_dirs = flame.joint_dirs.unflatten(1, (-1, 3))[:, self.JAW]                   # (n_shape+n_expr, 3)
+        self.jaw_template = flame.joint_template.view(-1, 3)[self.JAW]                     # (3,)
+        self.jaw_shape_dirs, self.jaw_expr_dirs = joint_dirs[:n_shape], joint_dirs[n_shape:]
+        weights = flame.weights_t[:, self.ids[:self.n_jaw]]                                # (5, U_jaw)
+        self.w_jaw = weights[self.JAW]
+        self.w_rest = weights.sum(0) - self.w_jaw
+        self.n_expr = n_expr
+
+    def __call__(self, shape, motion):
+        """shape (100,), motion (...,59) -> region vertices (...,U,3) in metres (a view of a (...,3,U) array)."""
+        from flame import rodrigues
+        lead = motion.shape[:-1]
+        m = motion.reshape(-1, motion.shape[-1]).to(self.template)                        # (N, 59)
+        shape = shape.to(self.template)
+        expr = m[:, :self.n_expr]
+        rot = rodrigues(m[:, -3:])                                                         # (N, 3, 3) jaw
+        feats = torch.cat([expr, (rot - torch.eye(3, dtype=rot.dtype)).reshape(-1, 9)], 1)  # (N, 59)
+        base = torch.addmv(self.template, self.shape_dirs.T, shape)                       # (3U,)
+        verts = torch.addmm(base, feats, self.frame_dirs).view(len(m), 3, -1)             # (N, 3, U) v_posed
+        joint = (self.jaw_template + shape @ self.jaw_shape_dirs + expr @ self.jaw_expr_dirs)[:, :, None]  # (N,3,1)
+        moved = verts[:, :, :self.n_jaw]
+        swung = torch.baddbmm(joint, rot, moved - joint)                                   # (N, 3, U_jaw)
+        moved.mul_(self.w_rest).add_(swung.mul_(self.w_jaw))
+        return verts.view(lead + verts.shape[1:]).transpose(-1, -2)
+
+    def landmarks(self, verts):
+        """68 landmarks (...,68,3) of region vertices (...,U,3)."""
+        return (verts[..., self.lmk_corners, :] * self.lmk_bary.to(verts.dtype)[..., None]).sum(-2)
+
+
+def squared_distances(a, b, idx):
+    """Per-vertex squared L2 distance of a (...,V,3) and b (broadcastable) over the vertices idx -> (...,len(idx))."""
+    if 3 * len(idx) < a.shape[-2]:                          # a few vertices: gather them first
+        return (a[..., idx, :] - b[..., idx, :]).square_().sum(dim=-1)
+    # many: all distances, then the gather, which is the fast order on RegionMeshes' coordinate-major views
+    return (a - b).square_().sum(dim=-1)[..., idx]
+
+
+def sample_errors(pred, gt, idx):
+    """Per-vertex L2 errors in mm over the vertices idx: (S,T,V,3), (T,V,3) -> (S,T,len(idx))."""
+    return squared_distances(pred, gt, idx).sqrt_() * MM_PER_M
+
+
+def lve(pred, gt, lip_idx):
+    """Lip vertex error (mm): (mean over samples, best sample) of the per-frame max lip error averaged over frames."""
+    per_sample = sample_errors(pred, gt, lip_idx).amax(dim=-1).mean(dim=-1)            # (S,)
+    return per_sample.mean().item(), per_sample.min().item()
+
+
+def fve(pred, gt, face_idx):
+    """Face vertex error (mm): (mean over samples, best sample) of the mean face-vertex error."""
+    per_sample = sample_errors(pred, gt, face_idx).mean(dim=(-1, -2))                   # (S,)
+    return per_sample.mean().item(), per_sample.min().item()
+
+
+def fdd(pred, gt, upper_idx, neutral, variant="displacement"):
+    """Upper-face dynamics deviation (mm^2): std_gt - mean over samples of std_pred, signed."""
+    if variant not in ("displacement", "absolute"):
+        raise ValueError(f"fdd: variant must be 'displacement' or 'absolute', not {variant!r}")
+
+    origin = neutral if variant == "displacement" else torch.zeros_like(neutral)
+
+    def motion_std(verts):                                                                # (...,T,V,3) -> (...)
+        squared = squared_distances(verts, origin, upper_idx).double() * MM_PER_M ** 2    # (...,T,U) mm^2
+        return squared.std(dim=-2, correction=0).mean(dim=-1)
+
+    return (motion_std(gt) - motion_std(pred).mean()).item()
+
+
+def ppe(pred_pose, gt_pose):
+    """Pose parameter error: mean over samples and frames of the L2 distance of the 6-d head pose (radians)."""
+    return (pred_pose - gt_pose).norm(dim=-1).mean().item()
+
+
+def motion_beats(x, sigma=BEAT_SIGMA_FRAMES):
+    """Frame ids where the smoothed speed of points (T,P,3) or of a pose (T,6) has a strict local minimum."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim not in (2, 3):
+        raise ValueError(f"motion_beats: expected (T,P,3) points or (T,6) pose, got shape {x.shape}")
+    speed = np.linalg.norm(np.diff(x, axis=0), axis=-1)                                  # (T-1,) or (T-1,P)
+    if x.ndim == 3:
+        speed = speed.mean(axis=-1)
+    s = ndimage.gaussian_filter1d(speed, sigma)
+    return np.flatnonzero((s[1:-1] < s[:-2]) & (s[1:-1] < s[2:])) + 1
+
+
+def music_beats(audio, sr=SAMPLE_RATE, time_correct=False):
+    """Beats of the audio in motion-frame units: raw onset frame ids (paper) or beat times x 30 fps."""
+    from audio import beats
+    frames, times = beats(np.asarray(audio, dtype=np.float32), sr)
+    return np.asarray(times, dtype=np.float64) * FPS if time_correct else np.asarray(frames)
+
+
+def beat_align(motion_beats, music_beats, sigma2=BA_SIGMA2):
+    """Beat-align score: mean over music beats of exp(-d^2/(2 sigma2)), d = frames to the nearest motion beat.
+
+    No music beat gives nan (nothing to align to); no motion beat gives 0 (nothing is aligned).
+    """
+    music = np.asarray(music_beats, dtype=np.float64)
+    motion = np.asarray(motion_beats, dtype=np.float64)
+    if music.size == 0:
+        return float("nan")
+    if motion.size == 0:
+        return 0.0
+    d = np.abs(music[:, None] - motion[None, :]).min(axis=1)                             # (K,)
+    return float(np.exp(-d ** 2 / (2 * sigma2)).mean())
+
+
+def diversity(samples):
+    """Mean over sample pairs of the L2 norm of the difference of the flattened sequences; nan for one sample."""
+    x = torch.as_tensor(samples).reshape(len(samples), -1).double()                      # (S, T*...)
+    if len(x) < 2:
+        return float("nan")
+    i, j = torch.triu_indices(len(x), len(x), offset=1)
+    return (x[i] - x[j]).norm(dim=1).mean().item()
+
+
+# ----------------------------------------------------------------------------- 2-D frame metrics
+
+def as_batch(a):
+    """Frames (H,W,C) or (N,H,W,C) -> float64 tensor (N,C,H,W) and whether a single frame came in."""
+    t = torch.as_tensor(np.asarray(a)).double()
+    single = t.ndim == 3
+    return (t[None] if single else t).permute(0, 3, 1, 2), single
+
+
+def psnr(a, b, data_range=255.0):
+    """Peak signal-to-noise ratio in dB per frame: (N,H,W,C) pairs -> (N,) (a float for one frame)."""
+    x, single = as_batch(a)
+    y, _ = as_batch(b)
+    mse = ((x - y) ** 2).mean(dim=(1, 2, 3))
+    out = 10 * torch.log10(data_range ** 2 / mse)
+    return out[0].item() if single else out.numpy()
+
+
+def ssim_frames(x, y, data_range):
+    """SSIM of float64 frame batches (N,C,H,W) -> (N,)."""
+    def box_sum(t, dim):   # sums of SSIM_WINDOW consecutive entries along dim, from running sums
+        c = F.pad(t.cumsum(dim), (0, 0, 1, 0) if dim == -2 else (1, 0))
+        return c.narrow(dim, SSIM_WINDOW, c.shape[dim] - SSIM_WINDOW) - c.narrow(dim, 0, c.shape[dim] - SSIM_WINDOW)
+
+    n = SSIM_WINDOW ** 2
+    # the window's mean where it lies fully inside the frame: exactly the region skimage averages
+    means = box_sum(box_sum(torch.cat([x, y, x * x, y * y, x * y], 1), -2), -1) / n
+    ux, uy, uxx, uyy, uxy = means.chunk(5, dim=1)
+    cov_norm = n / (n - 1)                                   # sample (unbiased) covariance inside the window
+    vx, vy, vxy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy), cov_norm * (uxy - ux * uy)
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
+    return s.mean(dim=(2, 3)).mean(dim=1)                    # per channel, then over channels
+
+
+def ssim(a, b, data_range=255.0):
+    """Mean structural similarity per frame, as scikit-image computes it: (N,H,W,C) pairs -> (N,) (float for one)."""
+    x, single = as_batch(a)
+    y, _ = as_batch(b)
+    if min(x.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"ssim: frames of {tuple(x.shape[-2:])} pixels are smaller than the {SSIM_WINDOW}-pixel window")
+    # one frame at a time: the intermediates of a frame stay in cache, those of a batch do not
+    out = torch.cat([ssim_frames(x[i:i + 1].contiguous(), y[i:i + 1].contiguous(), data_range) for i in range(len(x))])
+    return out[0].item() if single else out.numpy()
+
+
+def to_gray(rgb):
+    """uint8/float RGB (...,H,W,3) -> float64 luma (...,H,W) in grey levels (ITU-R BT.601 weights)."""
+    return np.asarray(rgb, dtype=np.float64) @ np.array([0.299, 0.587, 0.114])
+
+
+def run_lengths(b):
+    """For each position of a bool (R,N), how many consecutive True end there (counting leftwards)."""
+    pos = np.arange(1, b.shape[1] + 1)
+    last_false = np.maximum.accumulate(np.where(b, 0, pos), axis=1)
+    return np.where(b, pos - last_false, 0)
+
+
+def cpbd_edge_widths(img):
+    """Marziliano edge widths (pixels) at vertical-Sobel edge pixels, 0 elsewhere: (H,W) -> (H,W).
+
+    As in the MATLAB original and the reference python package: edges are the thinned squared horizontal Sobel
+    response above 2 x its RMS; at an edge whose gradient points (after rounding the angle to 45 degrees) right
+    (0) or left (180), the width is the length of the monotone intensity run through the pixel, each side
+    followed at most 100 pixels; the two steps next to the pixel always count.
+    """
+    h, w = img.shape
+    response = ndimage.convolve(img, np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]]) / 8.0)
+    strength = response ** 2
+    strength[strength <= 2 * np.sqrt(strength.mean())] = 0
+    p = np.pad(strength, 1)
+    c = p[1:-1, 1:-1]
+    edges = ((c > p[1:-1, :-2]) & (c > p[1:-1, 2:])) | ((c > p[:-2, 1:-1]) & (c > p[2:, 1:-1]))
+    gy, gx = np.gradient(img)
+    # the original leaves the angle 0 wherever the horizontal gradient is exactly 0
+    angle = np.where(gx != 0, np.degrees(np.arctan2(gy, gx)), 0.0)
+    quantized = 45 * np.round(angle / 45)
+    step = np.diff(img, axis=1)                                                       # (H, W-1): column c -> c+1
+    widths = np.zeros_like(img)
+    cols = np.arange(1, w - 1)
+    for rising, direction in ((True, quantized == 0), (False, np.abs(quantized) == 180)):
+        monotone = step > 0 if rising else step < 0
+        left = np.pad(run_lengths(monotone), ((0, 0), (1, 0)))                       # index k+1 <- run ending at k
+        right = np.pad(run_lengths(monotone[:, ::-1])[:, ::-1], ((0, 0), (0, 1)))   # run starting at k
+        width = (np.minimum(left[:, cols - 1], CPBD_MAX_STEP) + np.minimum(right[:, cols + 1], CPBD_MAX_STEP) + 2)
+        mask = edges[:, 1:-1] & direction[:, 1:-1]
+        mask[[0, -1]] = False                                                         # first / last row skipped
+        widths[:, 1:-1] = np.where(mask, width, widths[:, 1:-1])
+    return widths
+
+
+def cpbd_edge_map(img):
+    """Edge pixels deciding which blocks count: non-maximum-suppressed Sobel magnitude of the sigma=1 smoothed
+    image above a tiny floor. This is Canny without hysteresis; the reference package calls scikit-image's canny
+    with its default thresholds (0.1 / 0.2), which on 0-255 images keep nearly every suppressed maximum, so the
+    two maps differ only in a few isolated weak pixels."""
+    s = ndimage.gaussian_filter(img, 1.0)
+    gx, gy = ndimage.sobel(s, axis=1), ndimage.sobel(s, axis=0)
+    mag = np.hypot(gx, gy)
+    sector = np.round(np.degrees(np.arctan2(gy, gx)) / 45).astype(int) % 4          # 0: -, 1: \, 2: |, 3: /
+    offsets = {0: (0, 1), 1: (1, 1), 2: (1, 0), 3: (1, -1)}
+    p = np.pad(mag, 1)
+    h, w = img.shape
+    keep = np.zeros_like(mag, dtype=bool)
+    for k, (dy, dx) in offsets.items():
+        ahead = p[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+        behind = p[1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
+        keep |= (sector == k) & (mag >= ahead) & (mag >= behind)
+    return keep & (mag > CPBD_EDGE_FLOOR)
+
+
+def cpbd(gray):
+    """Cumulative probability of blur detection of one grey frame (H,W) in grey levels 0-255; higher is sharper.
+
+    Blocks of 64x64 pixels with enough edges contribute the blur-detection probability 1 - exp(-(w/JNB)^3.6) of
+    each edge width w (JNB 5 for block contrast <= 50 grey levels, else 3); the score is the share of edges whose
+    probability, rounded to a percent, stays at or below 0.63. 0 when the frame has no edge.
+    """
+    img = np.asarray(gray, dtype=np.float64)
+    if img.ndim != 2:
+        raise ValueError(f"cpbd: expected one grey frame (H,W), got shape {img.shape}")
+    edges, widths = cpbd_edge_map(img), cpbd_edge_widths(img)
+    probs = []
+    for r in range(0, img.shape[0] - CPBD_BLOCK + 1, CPBD_BLOCK):
+        for c in range(0, img.shape[1] - CPBD_BLOCK + 1, CPBD_BLOCK):
+            block = (slice(r, r + CPBD_BLOCK), slice(c, c + CPBD_BLOCK))
+            if np.count_nonzero(edges[block]) <= CPBD_EDGE_BLOCK * CPBD_BLOCK ** 2:
+                continue
+            w = widths[block][widths[block] > 0]
+            contrast = int(img[block].max() - img[block].min())
+            jnb = CPBD_JNB_LOW_CONTRAST if contrast <= CPBD_LOW_CONTRAST else CPBD_JNB
+            probs.append(1 - np.exp(-(w / jnb) ** CPBD_BETA))
+    p = np.concatenate(probs) if probs else np.empty(0)
+    return float(np.mean(np.round(p * 100) <= CPBD_THRESHOLD * 100)) if p.size else 0.0
+
+
+def lmd(pred_lmk, gt_lmk, mouth=False):
+    """Landmark distance: mean L2 over landmarks and frames of (T,68,2) sets, each frame's set centred on the
+    mean of its own 68 points (so head translation drops out but the mouth's motion within the face stays);
+    mouth=True keeps landmarks 48-67 (M-LMD), else all 68 (F-LMD)."""
+    p = torch.as_tensor(np.asarray(pred_lmk)).double()
+    g = torch.as_tensor(np.asarray(gt_lmk)).double()
+    p, g = p - p.mean(dim=-2, keepdim=True), g - g.mean(dim=-2, keepdim=True)
+    if mouth:
+        p, g = p[..., MOUTH, :], g[..., MOUTH, :]
+    return (p - g).norm(dim=-1).mean().item()
+
+
+def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
+    """Frechet distance of two Gaussians: |mu1-mu2|^2 + tr(s1 + s2 - 2 sqrtm(s1 s2)).
+
+    scipy.linalg.sqrtm of the product; when that is not finite (singular covariances, fewer samples than
+    dimensions) eps is added to both diagonals first, and a numerically imaginary part is dropped.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(s1, np.float64), np.asarray(s2, np.float64)
+    root = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(root).all():
+        offset = eps * np.eye(len(s1))
+        root = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    root = root.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root))
+
+
+def fid(feats_a, feats_b):
+    """Frechet Inception distance of two feature sets (N,D), (M,D)."""
+    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+# ----------------------------------------------------------------------------- feature networks
+
+def load_state(module, path, state, skip=()):
+    """Copy a state dict into module by name; one error lists what is missing, extra or of the wrong shape."""
+    counter = "num_batches_tracked"                      # a training counter: files may or may not carry it
+    own = {k: v for k, v in module.state_dict().items() if not k.endswith(counter)}
+    state = {k: v for k, v in state.items() if not k.startswith(skip) and not k.endswith(counter)}
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or extra or wrong:
+        raise ValueError(f"{path}: not the expected weights: missing {missing[:5]} ({len(missing)}), unexpected "
+                         f"{extra[:5]} ({len(extra)}), wrong shape {wrong[:5]} ({len(wrong)})")
+    module.load_state_dict(state, strict=False)
+    return module
+
+
+def read_state(path):
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+class ConvBN(nn.Module):
+    """Convolution without bias, batch norm (eps 1e-3, as the TensorFlow graph), ReLU."""
+
+    def __init__(self, cin, cout, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def avg_pool3(x):
+    # the TensorFlow graph averages only over pixels inside the image
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+
+class MixedA(nn.Module):
+    """35x35 block: 1x1 | 5x5 | double 3x3 | pooled 1x1 branches."""
+
+    def __init__(self, cin, pool_ch):
+        super().__init__()
+        self.branch1x1 = ConvBN(cin, 64, 1)
+        self.branch5x5_1 = ConvBN(cin, 48, 1)
+        self.branch5x5_2 = ConvBN(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, padding=1)
+        self.branch_pool = ConvBN(cin, pool_ch, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(avg_pool3(x))], 1)
+
+
+class ReductionB(nn.Module):
+    """35 -> 17 grid reduction."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = ConvBN(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, 2)], 1)
+
+
+class MixedC(nn.Module):
+    """17x17 block with factorised 7x7 convolutions of c7 channels."""
+
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = ConvBN(cin, 192, 1)
+        self.branch7x7_1 = ConvBN(cin, c7, 1)
+        self.branch7x7_2 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = ConvBN(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = ConvBN(cin, c7, 1)
+        self.branch7x7dbl_2 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = ConvBN(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = ConvBN(cin, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d7 = x
+        for i in range(1, 6):
+            d7 = getattr(self, f"branch7x7dbl_{i}")(d7)
+        return torch.cat([self.branch1x1(x), b7, d7, self.branch_pool(avg_pool3(x))], 1)
+
+
+class ReductionD(nn.Module):
+    """17 -> 8 grid reduction."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = ConvBN(cin, 192, 1)
+        self.branch3x3_2 = ConvBN(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = ConvBN(cin, 192, 1)
+        self.branch7x7x3_2 = ConvBN(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = ConvBN(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
+
+
+class MixedE(nn.Module):
+    """8x8 block with split 1x3 / 3x1 outputs; the last one of the FID graph pools with max instead of mean."""
+
+    def __init__(self, cin, max_pool):
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = ConvBN(cin, 320, 1)
+        self.branch3x3_1 = ConvBN(cin, 384, 1)
+        self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = ConvBN(cin, 448, 1)
+        self.branch3x3dbl_2 = ConvBN(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = ConvBN(cin, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = F.max_pool2d(x, 3, 1, 1) if self.max_pool else avg_pool3(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3), self.branch_pool(pooled)], 1)
+
+
+class InceptionV3(nn.Module):
+    """The FID Inception-v3 (TensorFlow 2015-12-05 graph as ported to PyTorch): images -> 2048-d pool3 features.
+
+    forward(images (N,3,H,W) float in [0,1]) resizes to 299x299 (bilinear), maps to [-1,1] and returns (N,2048).
+    Module names follow the weights file, so loading maps each key to the same name; the file's 1008-way
+    classifier ('fc.*') is not part of the feature network and is skipped.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
+        self.Mixed_5b = MixedA(192, 32)
+        self.Mixed_5c = MixedA(256, 64)
+        self.Mixed_5d = MixedA(288, 64)
+        self.Mixed_6a = ReductionB(288)
+        self.Mixed_6b = MixedC(768, 128)
+        self.Mixed_6c = MixedC(768, 160)
+        self.Mixed_6d = MixedC(768, 160)
+        self.Mixed_6e = MixedC(768, 192)
+        self.Mixed_7a = ReductionD(768)
+        self.Mixed_7b = MixedE(1280, max_pool=False)
+        self.Mixed_7c = MixedE(2048, max_pool=True)
+
+    @classmethod
+    def load(cls, path):
+        """The FID weights file (pt_inception-2015-12-05-6726825d.pth) -> InceptionV3 in eval mode."""
+        return load_state(cls(), path, read_state(path), skip=("fc.",)).eval()
+
+    def forward(self, images):
+        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2)))
+        x = F.max_pool2d(x, 3, 2)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, f"Mixed_{name}")(x)
+        return x.mean(dim=(2, 3))                                                        # (N, 2048)
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 with the AlexNet trunk: distance of two image batches (N,3,H,W) in [-1,1] -> (N,).
+
+    Each of the five ReLU outputs is normalised to unit length over channels, the squared difference weighted
+    per channel by a linear head (1x1 convolution, no bias), averaged over pixels, and summed over layers.
+    """
+
+    CHANNELS = (64, 192, 384, 256, 256)
+    SHIFT = (-0.030, -0.088, -0.188)       # the input scaling the linear heads were trained with
+    SCALE = (0.458, 0.448, 0.450)
+    TAPS = (1, 4, 7, 9, 11)                # indices of the five ReLUs in `features`
+
+    def __init__(self):
+        super().__init__()
+        # names follow torchvision's alexnet ('features.<i>') and lpips ('lin<k>.model.1'), so keys map 1:1
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU())
+        for k, c in enumerate(self.CHANNELS):
+            self.add_module(f"lin{k}", nn.Module())
+            getattr(self, f"lin{k}").model = nn.Sequential(nn.Dropout(), nn.Conv2d(c, 1, 1, bias=False))
+        self.register_buffer("shift", torch.tensor(self.SHIFT).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor(self.SCALE).view(1, 3, 1, 1))
+
+    @classmethod
+    def load(cls, alexnet_path, lpips_path):
+        """torchvision's alexnet state dict (trunk; its classifier is skipped) + lpips v0.1 alex.pth (heads)."""
+        net = cls()
+        trunk = {k: v for k, v in read_state(alexnet_path).items() if k.startswith("features.")}
+        heads = read_state(lpips_path)
+        load_state(net.features, alexnet_path, {k[len("features."):]: v for k, v in trunk.items()})
+        head_net = nn.ModuleDict({f"lin{k}": getattr(net, f"lin{k}") for k in range(len(cls.CHANNELS))})
+        load_state(head_net, lpips_path, heads)
+        return net.eval()
+
+    def layer_features(self, x):
+        x = (x - self.shift) / self.scale
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.TAPS:
+                out.append(x / (x.norm(dim=1, keepdim=True) + 1e-10))
+        return out
+
+    def forward(self, a, b):
+        total = 0
+        for k, (fa, fb) in enumerate(zip(self.layer_features(a), self.layer_features(b))):
+            total = total + getattr(self, f"lin{k}").model((fa - fb) ** 2).mean(dim=(1, 2, 3))
+        return total                                                                     # (N,)
+
+
+# ----------------------------------------------------------------------------- Table II: motion
+
+def clip_motion_scores(regions, shape, gt_motion, samples, music):
+    """Every Table II number of one clip: RegionMeshes of the FLAME model, shape (100,), gt_motion (T,59),
+    samples (S,T,59), music beats (K,) in motion-frame units."""
+    shape = torch.as_tensor(shape, dtype=torch.float32)
+    gt_motion = torch.as_tensor(gt_motion, dtype=torch.float32)
+    samples = torch.as_tensor(samples, dtype=torch.float32)
+    with torch.no_grad():
+        gt = regions(shape, gt_motion)                                                   # (T,U,3) m
+        pred = regions(shape, samples)                                                   # (S,T,U,3) m
+        neutral = regions(shape, torch.zeros(1, gt_motion.shape[-1]))[0]                 # (U,3) m
+        lve_mean, lve_min = lve(pred, gt, regions.lips)
+        fve_mean, fve_min = fve(pred, gt, regions.face)
+        return {
+            "LVE-mean": lve_mean, "LVE-min": lve_min, "FVE-mean": fve_mean, "FVE-min": fve_min,
+            "FDD(x1e-2)": 100 * fdd(pred, gt, regions.upper_face, neutral),
+            "BA": float(np.mean([beat_align(motion_beats(s[:, POSE]), music) for s in samples.numpy()])),
+            "PPE": ppe(samples[..., POSE], gt_motion[..., POSE]),
+            "Diversity": diversity(regions.landmarks(pred) * MM_PER_M),                  # 68 landmarks, mm
+        }
+
+
+def average_rows(rows):
+    """Column means over clips. BA (a clip without music beats) and diversity (one sample) may be nan by
+    definition and are averaged over the clips that have them; a nan elsewhere means broken motion and stays."""
+    out = {}
+    for key in rows[0]:
+        values = np.array([r[key] for r in rows], dtype=np.float64)
+        if key in ("BA", "Diversity"):
+            out[key] = float(np.nanmean(values)) if np.isfinite(values).any() else None
+        else:
+            out[key] = float(values.mean())
+    return out
+
+
+def evaluate_motion(flame, clips, predict, time_correct=False, fps=None, beats_cache=None):
+    """Table II row: clips yields dataset items (id, start, motion, shape, bgm), predict(item) -> (S,T,59).
+
+    Music beats come from the clip's background music, once per clip: beats_cache (a dict) keeps them for the
+    next row evaluated on the same clips.
+    """
+    regions = RegionMeshes(flame)
+    beats_cache = {} if beats_cache is None else beats_cache
+    rows = []
+    for item in clips:
+        key = (item["id"], int(item.get("start", 0)), time_correct)
+        if key not in beats_cache:
+            beats_cache[key] = music_beats(item["bgm"], SAMPLE_RATE, time_correct)
+        rows.append(clip_motion_scores(regions, item["shape"], item["motion"], predict(item), beats_cache[key]))
+    if not rows:
+        raise ValueError("evaluate_motion: no clips to evaluate")
+    return dict(average_rows(rows), FPS=fps, clips=len(rows))
+
+
+def read_samples(pred_dir, item):
+    """DIR/<id>/sample_<k>.npz -> the item's clip of each sample, (S,T,59) float32, in k order."""
+    folder = Path(pred_dir) / item["id"]
+    files = sorted(folder.glob("sample_*.npz"), key=lambda p: int(p.stem.split("_")[1]))
+    if not files:
+        raise ValueError(f"{folder}: no sample_<k>.npz files")
+    start, n = int(item.get("start", 0)), len(item["motion"])
+    out = []
+    for f in files:
+        with np.load(f) as z:
+            if "motion" not in z:
+                raise ValueError(f"{f}: no 'motion' array")
+            m = z["motion"][start:start + n]
+        if m.shape != (n, item["motion"].shape[-1]):
+            raise ValueError(f"{f}: motion frames {start}..{start + n} of shape {m.shape}, expected ({n}, 59)")
+        out.append(m.astype(np.float32))
+    return np.stack(out)
+
+
+def mean_motion(root):
+    """The mean-motion baseline: the training split's mean 59-d motion vector over all its frames."""
+    import data
+    motions = []
+    for seq in data.read_split(root, "train"):
+        f = data.read_flame_pickle(Path(root) / "flame_seqs" / f"{seq}.pkl")
+        motions.append(np.concatenate([f["expression"], f["pose"]], axis=1))              # (T, 59)
+    return np.concatenate(motions).mean(0).astype(np.float32)
+
+
+def latest_checkpoint(folder=Path("out/motion")):
+    """The newest of out/motion/{best,last}.pt."""
+    found = [p for p in (folder / "best.pt", folder / "last.pt") if p.exists()]
+    if not found:
+        raise FileNotFoundError(f"{folder}: no best.pt or last.pt; train with `python train.py --stage motion`")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+# ----------------------------------------------------------------------------- Table IV: video
+
+def video_batches(pred, gt):
+    """uint8 (T,H,W,3) -> float (T,3,H,W) in [0,1]."""
+    return [torch.from_numpy(np.ascontiguousarray(v)).permute(0, 3, 1, 2).float() / 255 for v in (pred, gt)]
+
+
+def evaluate_video(pred_dir, root, ids, weights_dir, time_correct=False):
+    """Table IV row for DIR/<id>.mp4 against <data>/video_seqs/<id>.mp4, frames at 256 px, every 6th frame."""
+    import data
+    from audio import load_audio
+    pred_dir, root, weights_dir = Path(pred_dir), Path(root), Path(weights_dir)
+    inception_file = weights_dir / INCEPTION_FILE
+    alexnet_file, lpips_file = weights_dir / ALEXNET_FILE, weights_dir / LPIPS_FILE
+    inception = InceptionV3.load(inception_file) if inception_file.exists() else None
+    lpips_net = LPIPS.load(alexnet_file, lpips_file) if alexnet_file.exists() and lpips_file.exists() else None
+    scores = {k: [] for k in ("LPIPS", "SSIM", "PSNR", "CPBD", "M-LMD", "F-LMD", "BA")}
+    feats_pred, feats_gt, missing_lmk = [], [], None
+    for clip_id in ids:
+        pred = data.read_video(pred_dir / f"{clip_id}.mp4", VIDEO_SIZE)
+        gt = data.read_video(root / "video_seqs" / f"{clip_id}.mp4", VIDEO_SIZE)
+        n = min(len(pred), len(gt))
+        p, g = pred[:n:FRAME_STEP], gt[:n:FRAME_STEP]                                    # (N,256,256,3) uint8
+        scores["SSIM"] += list(ssim(p, g))
+        scores["PSNR"] += list(psnr(p, g))
+        scores["CPBD"] += [cpbd(f) for f in to_gray(p)]
+        pt, gtt = video_batches(p, g)
+        with torch.no_grad():
+            if inception is not None:
+                feats_pred.append(inception(pt).numpy())
+                feats_gt.append(inception(gtt).numpy())
+            if lpips_net is not None:
+                scores["LPIPS"] += lpips_net(pt * 2 - 1, gtt * 2 - 1).tolist()
+        lmk_files = (pred_dir / f"{clip_id}_lmk.npy", root / "landmark_seqs" / f"{clip_id}.npy")
+        absent = [f for f in lmk_files if not f.exists()]
+        if absent:
+            missing_lmk = missing_lmk or absent[0]
+            continue
+        lp, lg = (np.load(f)[:n] for f in lmk_files)
+        scores["M-LMD"].append(lmd(lp, lg, mouth=True))
+        scores["F-LMD"].append(lmd(lp, lg))
+        music = music_beats(load_audio(root / "bgm_seqs" / f"{clip_id}_bgm.wav"), SAMPLE_RATE, time_correct)
+        scores["BA"].append(beat_align(motion_beats(lp), music))
+    row = {k: float(np.nanmean(v)) if v else None for k, v in scores.items()}
+    row["FID"] = (fid(np.concatenate(feats_pred), np.concatenate(feats_gt)) if inception is not None
+                  else f"needs weights: {inception_file}")
+    if lpips_net is None:
+        row["LPIPS"] = f"needs weights: {alexnet_file if not alexnet_file.exists() else lpips_file}"
+    if missing_lmk is not None:
+        for k in ("M-LMD", "F-LMD", "BA"):
+            row[k] = f"needs landmarks: {missing_lmk}"
+    return dict(row, clips=len(ids))
+
+
+# ----------------------------------------------------------------------------- command line
+
+def format_table(rows, columns):
+    """rows: name -> dict of column values (float, None or a 'needs ...' string) -> aligned text table."""
+    def cell(v):
+        if v is None:
+            return "n/a"
+        return v if isinstance(v, str) else f"{v:.4f}"
+    widths = [max(len(c), *(len(cell(r.get(c))) for r in rows.values())) for c in columns]
+    name_w = max(len("method"), *(len(n) for n in rows))
+    lines = ["  ".join([f"{'method':{name_w}}"] + [f"{c:>{w}}" for c, w in zip(columns, widths)])]
+    for name, r in rows.items():
+        lines.append("  ".join([f"{name:{name_w}}"] + [f"{cell(r.get(c)):>{w}}" for c, w in zip(columns, widths)]))
+    return "\n".join(lines)
+
+
+def clips_of(root, split, ids):
+    """Dataset items of the split whose sequence id is in ids (dataset order)."""
+    import data
+    wanted = set(ids)
+    return (item for item in data.SingingHead(root, split) if item["id"] in wanted)
+
+
+def run_motion_table(args):
+    """Rows of Table II: the generated files (--pred) or the newest checkpoint, then the mean-motion baseline."""
+    import data
+    from flame import Flame
+    root = Path(args.data) if args.data else data.builtin_data()
+    ids = data.read_split(root, args.split)
+    rows, beats_cache = {}, {}
+    if args.pred:
+        pred_dir = Path(args.pred)
+        ids = [i for i in ids if (pred_dir / i).is_dir()]
+        if not ids:
+            raise ValueError(f"{pred_dir}: no <clip id>/ folder for any clip of the {args.split} split of {root}")
+        flame = Flame.load(args.flame) if args.flame else Flame.procedural()
+        fps_file = pred_dir / "fps.json"
+        fps = json.loads(fps_file.read_text())["fps"] if fps_file.exists() else None
+        rows[pred_dir.name] = evaluate_motion(flame, clips_of(root, args.split, ids),
+                                              lambda item: read_samples(pred_dir, item), args.time_correct, fps,
+                                              beats_cache)
+    else:
+        from unisinger import generate, load_checkpoint, load_flame
+        ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint()
+        model = load_checkpoint(ckpt)
+        flame = load_flame(args.flame or model.flame_path)
+        clock = {"seconds": 0.0, "frames": 0}
+
+        def predict(item):
+            t0 = time.perf_counter()
+            motion = generate(model, item["audio"], item["bgm"], item["shape"], args.samples)
+            clock["seconds"] += time.perf_counter() - t0
+            clock["frames"] += motion.shape[0] * motion.shape[1]
+            return motion
+
+        row = evaluate_motion(flame, clips_of(root, args.split, ids), predict, args.time_correct,
+                              beats_cache=beats_cache)
+        rows[f"UniSinger ({ckpt})"] = dict(row, FPS=clock["frames"] / clock["seconds"])
+    baseline = mean_motion(root)
+    rows["mean motion"] = evaluate_motion(flame, clips_of(root, args.split, ids),
+                                          lambda item: np.tile(baseline, (1, len(item["motion"]), 1)),
+                                          args.time_correct, beats_cache=beats_cache)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="UniSinger evaluation: Table II (motion) or Table IV (--video).")
+    p.add_argument("--pred", help="generated motion DIR/<id>/sample_<k>.npz, or with --video DIR/<id>.mp4")
+    p.add_argument("--data", help="SingingHead-layout data root (default: the built-in data)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--video", action="store_true", help="Table IV for generated videos")
+    p.add_argument("--checkpoint", help="motion checkpoint for the default run (default: newest of out/motion)")
+    p.add_argument("--samples", type=int, default=N_SAMPLES, help="samples per clip for the default run")
+    p.add_argument("--flame", help="FLAME model file (default: the procedural head)")
+    p.add_argument("--weights", default="weights", help=f"folder with {INCEPTION_FILE}, {ALEXNET_FILE}, {LPIPS_FILE}")
+    p.add_argument("--time-correct", action="store_true", help="BA with beat times x 30 fps instead of onset frames")
+    p.add_argument("--json", help="output JSON (default: DIR/metrics.json, or out/metrics/<table>.json)")
+    args = p.parse_args(argv)
+
+    if args.video:
+        import data
+        if not args.pred:
+            p.error("--video needs --pred DIR with <clip id>.mp4 files")
+        root = Path(args.data) if args.data else data.builtin_data()
+        ids = [i for i in data.read_split(root, args.split) if (Path(args.pred) / f"{i}.mp4").exists()]
+        if not ids:
+            raise ValueError(f"{args.pred}: no <clip id>.mp4 for any clip of the {args.split} split of {root}")
+        rows = {Path(args.pred).name: evaluate_video(args.pred, root, ids, args.weights, args.time_correct)}
+        columns = VIDEO_COLUMNS
+    else:
+        rows, columns = run_motion_table(args), MOTION_COLUMNS
+    print(format_table(rows, columns))
+    out = Path(args.json) if args.json else (Path(args.pred) / "metrics.json" if args.pred else
+                                             Path("out/metrics") / ("table4.json" if args.video else "table2.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    finite = {name: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+              for name, r in rows.items()}                 # JSON has no nan / inf
+    out.write_text(json.dumps(finite, indent=2))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
