@@ -1,0 +1,1017 @@
+"""Audio for UniSinger: reading sound files, wav2vec 2.0 features, MFCC and beats.
+
+Holds
+- load_audio: any sound file -> mono float32 at 16 kHz (polyphase resampling), bad files refused.
+- Wav2Vec2: the wav2vec 2.0 encoder in plain PyTorch, both checkpoint flavours ("base": group-norm feature
+  extractor + post-norm encoder, e.g. facebook/wav2vec2-base-960h; "large/lv60": layer-norm feature extractor +
+  pre-norm "stable layer norm" encoder), loading Hugging Face checkpoints (config.json + model.safetensors or
+  pytorch_model.bin) with our own safetensors reader and a hand-written key mapping.
+  resample_features brings its 50 Hz features to the motion frame rate.
+- mfcc / mfcc_at_fps: torch, batched (..., N), CPU or GPU; equal to librosa.feature.mfcc.
+- hpss, onset_strength, tempo, beat_track, beats: the music-beat pipeline of SPEC section 6 (median-filter
+  harmonic/percussive split -> onset strength of the percussive part, median over mel bands -> dynamic-
+  programming beat tracking), in numpy, following librosa 0.11's precision step by step so that beat frames
+  come out identical to librosa's, not merely close.
+
+Depends on torch, numpy, soundfile and scipy only; imports nothing else of ours, so it can be used alone:
+
+    wave = load_audio("song.wav")                                  # (N,) float32, 16 kHz
+    w2v = Wav2Vec2.from_pretrained("wav2vec2-base-960h").eval()
+    with torch.inference_mode():
+        feats = w2v(torch.from_numpy(normalize_wave(wave))[None])  # (1, frames, 768), 50 frames per second
+        at_30fps = w2v(torch.from_numpy(normalize_wave(wave))[None], n_frames=240)  # FaceFormer style
+    coeffs = mfcc(wave)                                            # (64, frames) tensor, 512-sample hop
+    frames, times = beats(wave)                                    # onset-frame indices (hop 512) and seconds
+"""
+import functools
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.signal import resample_poly
+
+SAMPLE_RATE = 16_000  # Hz, what wav2vec 2.0 was trained on
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sound files
+
+def _wav_declared_frames(path, info):
+    """Frames a WAV file's 'data' chunk header promises, or None when it is not a plain WAV we can read."""
+    if info.format != "WAV":
+        return None
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return None
+            size = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                bytes_per_frame = info.channels * _SUBTYPE_BYTES.get(info.subtype, 0)
+                return size // bytes_per_frame if bytes_per_frame else None
+            f.seek(size + (size & 1), 1)  # RIFF chunks are padded to even sizes
+
+
+_SUBTYPE_BYTES = {"PCM_U8": 1, "PCM_S8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8}
+
+
+def load_audio(path, sr=SAMPLE_RATE):
+    """Read a sound file as mono float32 at `sr` Hz: channels averaged, then polyphase resampling.
+
+    Refuses (ValueError naming the file) unreadable, empty, truncated and non-finite files. libsndfile quietly
+    shortens a WAV whose data is cut off, so for WAV the frames read are also checked against the header.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such audio file")
+    try:
+        info = sf.info(str(path))
+        wave, file_sr = sf.read(str(path), dtype="float32", always_2d=True)  # (N, channels)
+    except (RuntimeError, OSError) as e:  # soundfile's errors derive from RuntimeError
+        raise ValueError(f"{path}: unreadable audio ({' '.join(str(e).split())})") from None
+    if wave.shape[0] == 0:
+        raise ValueError(f"{path}: empty audio (no samples)")
+    declared = _wav_declared_frames(path, info)
+    if declared is not None and wave.shape[0] < declared:
+        raise ValueError(f"{path}: truncated audio ({wave.shape[0]} of {declared} frames present)")
+    if not np.isfinite(wave).all():
+        raise ValueError(f"{path}: audio holds NaN or infinite samples")
+    wave = wave.mean(axis=1)  # (N,)
+    if file_sr != sr:
+        g = math.gcd(int(sr), int(file_sr))
+        wave = resample_poly(wave, int(sr) // g, int(file_sr) // g)
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def normalize_wave(wave, eps=1e-7):
+    """Zero mean, unit variance along the last axis, as the Hugging Face processor's do_normalize does.
+
+    Checkpoints whose preprocessor_config.json says do_normalize=true (all the "base" ones, e.g.
+    wav2vec2-base-960h) expect their input like this; Wav2Vec2.forward takes the wave as given.
+    Works on numpy arrays and torch tensors.
+    """
+    mean = wave.mean(-1)[..., None]
+    var = ((wave - mean) ** 2).mean(-1)[..., None]
+    return (wave - mean) / (var + eps) ** 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# wav2vec 2.0
+
+@dataclass
+class Wav2Vec2Config:
+    """The Hugging Face config.json fields the encoder needs; defaults are the base model's."""
+    conv_dim: tuple = (512,) * 7
+    conv_kernel: tuple = (10, 3, 3, 3, 3, 2, 2)
+    conv_stride: tuple = (5, 2, 2, 2, 2, 2, 2)  # product 320 samples = 20 ms per frame at 16 kHz
+    conv_bias: bool = False
+    feat_extract_norm: str = "group"  # 'group': GroupNorm on the first conv only; 'layer': LayerNorm after each
+    feat_extract_activation: str = "gelu"
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    num_conv_pos_embeddings: int = 128
+    num_conv_pos_embedding_groups: int = 16
+    do_stable_layer_norm: bool = False  # True: pre-norm encoder ("large/lv60" checkpoints)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a config.json dict, ignoring the keys that only training or task heads use."""
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+        if cfg.feat_extract_norm not in ("group", "layer"):
+            raise ValueError(f"feat_extract_norm must be 'group' or 'layer', not {cfg.feat_extract_norm!r}")
+        return cfg
+
+
+# In place: every call site applies them to a tensor it has just made, and a second buffer the size of the
+# feature extractor's first activations (25 600 x 512 floats for 8 s) costs more in page faults than the maths.
+ACTIVATIONS = {"gelu": torch.ops.aten.gelu_, "gelu_new": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+               "relu": torch.relu_, "silu": lambda x: F.silu(x, inplace=True)}
+ACTIVATIONS["swish"] = ACTIVATIONS["silu"]
+
+
+def _activation(name):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r} (known: {sorted(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+def _windows(x, kernel, stride):
+    """(B, N, C) channels-last -> (B, T, kernel*C) view of a conv's input windows (overlapping, no copy)."""
+    B, N, C = x.shape
+    x = x.contiguous()
+    T = (N - kernel) // stride + 1
+    return x.as_strided((B, T, kernel * C), (N * C, stride * C, 1))
+
+
+class ConvLayer(nn.Module):
+    """One layer of the feature extractor: strided conv over time, optional norm, activation.
+
+    Runs channels-last (B, T, C), as matrix products, which beats conv1d's channels-first kernels here and needs
+    no transposes between layers. weight is (kernel*C_in, C_out), tap-major: the HF conv weight
+    (C_out, C_in, kernel) permuted to (kernel, C_in, C_out).
+    norm: None, 'group' (GroupNorm with one group per channel: each channel normalised over time; only ever on
+    the first layer) or 'layer' (LayerNorm over channels at each time step).
+    """
+
+    def __init__(self, c_in, c_out, kernel, stride, bias, norm, activation):
+        super().__init__()
+        self.kernel, self.stride, self.norm_kind = kernel, stride, norm
+        self.weight = nn.Parameter(torch.empty(kernel * c_in, c_out))
+        self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
+        self.norm = {"group": nn.GroupNorm(c_out, c_out), "layer": nn.LayerNorm(c_out), None: None}[norm]
+        self.act = _activation(activation)
+
+    def forward(self, x):  # x (B, N, C_in) -> (B, T, C_out)
+        if self.norm_kind == "group":
+            return self.act(self._conv_group_norm(x))
+        y = self._conv(x)
+        return self.act(self.norm(y) if self.norm_kind == "layer" else y)
+
+    def _conv(self, x):
+        B, N, c_in = x.shape
+        if c_in == 1:  # the raw wave: its window matrix is small, so copy it and do one product
+            return F.linear(_windows(x, self.kernel, self.stride), self.weight.t(), self.bias)
+        # wide inputs: sum one product per tap over strided views of x, no window copy (kernel/stride times x)
+        x = x.contiguous()
+        T = (N - self.kernel) // self.stride + 1
+        w = self.weight.view(self.kernel, c_in, -1)  # (kernel, C_in, C_out)
+        taps = [x[:, k:k + self.stride * (T - 1) + 1:self.stride] for k in range(self.kernel)]  # (B, T, C_in) each
+        w = [w_k.expand(B, -1, -1) for w_k in w]
+        y = torch.bmm(taps[0], w[0]) if self.bias is None else torch.baddbmm(self.bias, taps[0], w[0])
+        for k in range(1, self.kernel):
+            y.baddbmm_(taps[k], w[k])
+        return y  # (B, T, C_out)
+
+    def _conv_group_norm(self, x):
+        """Conv then per-channel normalisation over time, folded into a single product.
+
+        The conv is linear, so channel c's mean over time is mean(win) @ w_c and its variance w_c' cov(win) w_c:
+        the statistics come from the small (kernel*C_in)^2 window covariance (float64, no cancellation) and the
+        normalisation becomes a per-item rescaling of the weights. The conv bias cancels in the normalisation.
+        """
+        win = _windows(x, self.kernel, self.stride).contiguous()  # (B, T, D = kernel*C_in)
+        w64 = self.weight.double()  # (D, C_out)
+        mean = win.double().mean(1)  # (B, D)
+        centred = win.double() - mean[:, None]
+        cov = centred.transpose(1, 2) @ centred / win.shape[1]  # (B, D, D)
+        var = torch.einsum("dc,bde,ec->bc", w64, cov, w64)  # (B, C_out)
+        scale = self.norm.weight.double() / torch.sqrt(var + self.norm.eps)  # (B, C_out)
+        shift = self.norm.bias.double() - (mean @ w64) * scale  # (B, C_out)
+        w = (w64[None] * scale[:, None]).to(win.dtype)  # (B, D, C_out)
+        return torch.baddbmm(shift[:, None].to(win.dtype), win, w)  # (B, T, C_out)
+
+
+class FeatureExtractor(nn.Module):
+    """Raw wave (B, N) -> conv features (B, frames, conv_dim[-1]), frames = 1 + (N - receptive field) // 320."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        dims = (1,) + tuple(cfg.conv_dim)
+        norms = [cfg.feat_extract_norm if (cfg.feat_extract_norm == "layer" or i == 0) else None
+                 for i in range(len(cfg.conv_dim))]
+        self.layers = nn.ModuleList(
+            ConvLayer(dims[i], dims[i + 1], k, s, cfg.conv_bias, norms[i], cfg.feat_extract_activation)
+            for i, (k, s) in enumerate(zip(cfg.conv_kernel, cfg.conv_stride)))
+        self.receptive_field = 1 + sum((k - 1) * math.prod(cfg.conv_stride[:i]) for i, k in enumerate(cfg.conv_kernel))
+
+    def forward(self, wave):  # (B, N)
+        if wave.shape[-1] < self.receptive_field:
+            raise ValueError(f"wave of {wave.shape[-1]} samples is shorter than one frame "
+                             f"({self.receptive_field} samples)")
+        x = wave[..., None]  # (B, N, 1)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class PositionalConv(nn.Module):
+    """Relative position information: a wide grouped conv over time with 'same' length, then activation.
+
+    HF pads kernel//2 on both sides and drops the last frame for even kernels: that is left kernel//2,
+    right (kernel-1)//2. weight is the plain conv weight (C, C/groups, kernel); the checkpoint's weight norm is
+    folded into it at load time.
+    """
+
+    def __init__(self, channels, kernel, groups, activation):
+        super().__init__()
+        self.kernel, self.groups = kernel, groups
+        self.weight = nn.Parameter(torch.empty(channels, channels // groups, kernel))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.act = _activation(activation)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        x = F.pad(x.transpose(1, 2), (self.kernel // 2, (self.kernel - 1) // 2))  # (B, C, T + kernel - 1)
+        return self.act(F.conv1d(x, self.weight, self.bias, groups=self.groups)).transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, channels, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(channels, 3 * channels)  # HF's q_proj, k_proj, v_proj stacked at load time
+        self.out = nn.Linear(channels, channels)
+
+    def forward(self, x):  # (B, T, C)
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(D), as HF
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, channels, hidden, activation):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+        self.act = _activation(activation)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Transformer layer; post-norm (base checkpoints) or pre-norm (stable-layer-norm checkpoints)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.pre_norm = cfg.do_stable_layer_norm
+        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = SelfAttention(cfg.hidden_size, cfg.num_attention_heads)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn = FeedForward(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+
+    def forward(self, x):  # (B, T, C)
+        if self.pre_norm:
+            x = x + self.attn(self.attn_norm(x))
+            return x + self.ffn(self.ffn_norm(x))
+        x = self.attn_norm(x + self.attn(x))
+        return self.ffn_norm(x + self.ffn(x))
+
+
+class Wav2Vec2(nn.Module):
+    """wav2vec 2.0 encoder, inference only (no dropout, no masking), equal to transformers' Wav2Vec2Model.
+
+    forward(wave (B, N), all_layers=False, n_frames=None):
+      wave: raw samples at 16 kHz, taken as given (see normalize_wave for what base checkpoints expect).
+      returns the last hidden state (B, frames, hidden_size), frames = 50 per second of audio; or, with
+      n_frames, exactly n_frames: the conv features are linearly interpolated in time to n_frames BEFORE the
+      feature projection and the transformer, as FaceFormer does to get features at the motion frame rate.
+      all_layers=True returns instead the list of num_hidden_layers + 1 states, as transformers'
+      output_hidden_states: index 0 is the transformer's input (projected conv features + positional conv,
+      after the encoder LayerNorm for base models, before any norm for stable-layer-norm ones), index i the
+      output of layer i. For base models the last entry is the last hidden state; for stable-layer-norm models
+      it is taken before the final LayerNorm (transformers 5 does the same).
+    """
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.cfg = cfg = cfg or Wav2Vec2Config()
+        self.features = FeatureExtractor(cfg)
+        self.proj_norm = nn.LayerNorm(cfg.conv_dim[-1], eps=cfg.layer_norm_eps)
+        self.proj = nn.Linear(cfg.conv_dim[-1], cfg.hidden_size)
+        self.pos_conv = PositionalConv(cfg.hidden_size, cfg.num_conv_pos_embeddings,
+                                       cfg.num_conv_pos_embedding_groups, cfg.feat_extract_activation)
+        self.encoder_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Random initialisation for training from scratch (what transformers does): He-normal convolutions,
+        N(0, 0.02) linear layers, the positional conv scaled to its fan-in. from_pretrained overwrites it all."""
+        for module in self.modules():
+            if isinstance(module, ConvLayer):
+                nn.init.kaiming_normal_(module.weight.T)
+            elif isinstance(module, PositionalConv):
+                nn.init.normal_(module.weight, std=math.sqrt(4.0 / (module.kernel * module.weight.shape[0])))
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, wave, all_layers=False, n_frames=None):
+        x = self.features(wave)  # (B, T, conv_dim[-1])
+        if n_frames is not None:
+            x = resample_features(x, n_frames)  # (B, n_frames, conv_dim[-1])
+        x = self.proj(self.proj_norm(x))  # (B, T, C)
+        x = x + self.pos_conv(x)
+        if not self.cfg.do_stable_layer_norm:
+            x = self.encoder_norm(x)
+        states = [x]
+        for layer in self.layers:
+            x = layer(x)
+            states.append(x)
+        if self.cfg.do_stable_layer_norm:
+            x = self.encoder_norm(x)
+        return states if all_layers else x
+
+    @classmethod
+    def from_pretrained(cls, path, config=None):
+        """Load a Hugging Face wav2vec 2.0 checkpoint.
+
+        path: a directory with config.json and model.safetensors or pytorch_model.bin, or one such weights file
+        (its config from `config`, a Wav2Vec2Config or config.json dict, else config.json beside it).
+        Base-model keys with or without the 'wav2vec2.' prefix (e.g. Wav2Vec2ForCTC checkpoints); task heads
+        and pre-training parts are ignored. Anything else missing or left over raises ValueError listing it.
+        """
+        path = Path(path)
+        if path.is_dir():
+            weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()),
+                           None)
+            if weights is None:
+                raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
+        elif path.is_file():
+            weights = path
+        else:
+            raise ValueError(f"{path}: no such checkpoint file or directory")
+        if config is None:
+            config_file = weights.parent / "config.json"
+            if not config_file.is_file():
+                raise ValueError(f"{weights}: no config.json beside it and no config given")
+            try:
+                config = json.loads(config_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        cfg = config if isinstance(config, Wav2Vec2Config) else Wav2Vec2Config.from_dict(config)
+        if weights.suffix == ".safetensors":
+            state = read_safetensors(weights)
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise ValueError(f"{weights}: not a flat state dict of tensors")
+        model = cls(cfg)
+        model.load_state_dict(hf_to_ours(state, cfg, model.state_dict(), weights))
+        return model
+
+
+def resample_features(feats, n_frames):
+    """(B, T, C) -> (B, n_frames, C): linear interpolation in time, first and last frames kept (align_corners)."""
+    return F.interpolate(feats.transpose(1, 2), size=n_frames, mode="linear", align_corners=True).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+# Parts of HF checkpoints outside the base encoder: CTC / classification heads and pre-training modules.
+HF_IGNORED = ("lm_head.", "quantizer.", "project_q.", "project_hid.", "masked_spec_embed", "classifier.",
+              "projector.", "layer_weights")
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
+
+
+def read_safetensors(path):
+    """Read a .safetensors file into a dict of CPU tensors (numpy only, no safetensors package).
+
+    Layout: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
+    raw little-endian data; offsets count from the end of the header. BF16 is widened to float32 (bit shift).
+    """
+    path = Path(path)
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size < 8:
+        raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+    n = int(data[:8].view("<u8")[0])
+    if 8 + n > data.size:
+        raise ValueError(f"{path}: safetensors header length {n} runs past the end of the file")
+    try:
+        header = json.loads(data[8:8 + n].tobytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    body = data[8 + n:]
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]).newbyteorder("<")
+        begin, end = entry["data_offsets"]
+        count = math.prod(entry["shape"])
+        if end > body.size or end - begin != count * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name} data is truncated or its offsets are wrong")
+        arr = body[begin:end].view(dtype).astype(dtype.newbyteorder("="))  # a copy, native order
+        if entry["dtype"] == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        tensors[name] = torch.from_numpy(arr.reshape(entry["shape"]))
+    return tensors
+
+
+def _fold_weight_norm(g, v):
+    """torch weight_norm(dim=2), as HF applies it to the positional conv: w = g * v / ||v||, the norm taken over
+    all dims but 2 (one norm per kernel tap)."""
+    return g * v / v.norm(dim=(0, 1), keepdim=True)
+
+
+def hf_to_ours(state, cfg, expected, source):
+    """Map a Hugging Face Wav2Vec2Model state dict to ours, by name: strips 'wav2vec2.', drops HF_IGNORED parts,
+    permutes conv weights to channels-last, folds the positional conv's weight norm (either spelling) and
+    stacks q/k/v. `expected` is our state dict (for shapes); `source` names the file in errors."""
+    hf = {k.removeprefix("wav2vec2."): v for k, v in state.items()}
+    hf = {k: v for k, v in hf.items() if not k.startswith(HF_IGNORED)}
+    used, missing = set(), []
+
+    def take(key):
+        if key not in hf:
+            missing.append(key)
+            return None
+        used.add(key)
+        return hf[key]
+
+    ours = {}  # our name -> (tensor, the HF names it came from)
+
+    def put(name, tensor, *hf_names):
+        if tensor is not None:
+            ours[name] = (tensor, hf_names)
+
+    for i in range(len(cfg.conv_dim)):
+        hf_l, our_l = f"feature_extractor.conv_layers.{i}", f"features.layers.{i}"
+        w = take(f"{hf_l}.conv.weight")  # (C_out, C_in, kernel)
+        if w is not None and w.dim() == 3:
+            w = w.permute(2, 1, 0).reshape(-1, w.shape[0])  # (kernel*C_in, C_out), tap-major
+        put(f"{our_l}.weight", w, f"{hf_l}.conv.weight")
+        if cfg.conv_bias:
+            put(f"{our_l}.bias", take(f"{hf_l}.conv.bias"), f"{hf_l}.conv.bias")
+        if cfg.feat_extract_norm == "layer" or i == 0:
+            for p in ("weight", "bias"):
+                put(f"{our_l}.norm.{p}", take(f"{hf_l}.layer_norm.{p}"), f"{hf_l}.layer_norm.{p}")
+    for hf_n, our_n in (("feature_projection.layer_norm", "proj_norm"), ("feature_projection.projection", "proj"),
+                        ("encoder.layer_norm", "encoder_norm")):
+        for p in ("weight", "bias"):
+            put(f"{our_n}.{p}", take(f"{hf_n}.{p}"), f"{hf_n}.{p}")
+
+    pos = "encoder.pos_conv_embed.conv"
+    spellings = [(f"{pos}.weight_g", f"{pos}.weight_v"),
+                 (f"{pos}.parametrizations.weight.original0", f"{pos}.parametrizations.weight.original1")]
+    g_v = next((s for s in spellings if s[0] in hf and s[1] in hf), None)
+    if g_v is not None:
+        g, v = take(g_v[0]), take(g_v[1])
+        if g.shape != (1, 1, v.shape[2]):
+            raise ValueError(f"{source}: {g_v[0]} has shape {tuple(g.shape)}, expected {(1, 1, v.shape[2])}")
+        put("pos_conv.weight", _fold_weight_norm(g.float(), v.float()).to(v.dtype), *g_v)
+    else:
+        put("pos_conv.weight", take(f"{pos}.weight"), f"{pos}.weight")  # weight norm already removed
+    put("pos_conv.bias", take(f"{pos}.bias"), f"{pos}.bias")
+
+    for i in range(cfg.num_hidden_layers):
+        hf_l, our_l = f"encoder.layers.{i}", f"layers.{i}"
+        for p in ("weight", "bias"):
+            qkv = [take(f"{hf_l}.attention.{n}_proj.{p}") for n in "qkv"]
+            if all(t is not None for t in qkv):
+                put(f"{our_l}.attn.qkv.{p}", torch.cat(qkv), *(f"{hf_l}.attention.{n}_proj.{p}" for n in "qkv"))
+            for hf_n, our_n in (("attention.out_proj", "attn.out"), ("layer_norm", "attn_norm"),
+                                ("feed_forward.intermediate_dense", "ffn.fc1"),
+                                ("feed_forward.output_dense", "ffn.fc2"), ("final_layer_norm", "ffn_norm")):
+                put(f"{our_l}.{our_n}.{p}", take(f"{hf_l}.{hf_n}.{p}"), f"{hf_l}.{hf_n}.{p}")
+
+    unexpected = sorted(set(hf) - used)
+    if missing or unexpected:
+        raise ValueError(f"{source}: checkpoint does not match the config: missing {missing}; "
+                         f"unexpected {unexpected}")
+    out = {}
+    for name, (tensor, hf_names) in ours.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{source}: {' / '.join(hf_names)} has the wrong shape for the config "
+                             f"(gives {tuple(tensor.shape)} for {name}, expected {tuple(expected[name].shape)})")
+        out[name] = tensor.to(expected[name].dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MFCC, harmonic/percussive separation, onset strength and beats
+
+MOTION_FPS = 30            # motion frames per second, the rate mfcc_at_fps resamples to
+N_FFT = 2048               # samples per analysis window
+HOP_LENGTH = 512           # samples between analysis frames (31.25 frames per second at 16 kHz)
+N_MELS = 128               # mel bands
+N_MFCC = 64                # cepstral coefficients kept
+AMIN = 1e-10               # power floor before taking dB
+TOP_DB = 80.0              # dB below each signal's peak that the log-mel spectrogram keeps
+HPSS_KERNEL = 31           # median-filter length: frames for the harmonic part, bins for the percussive part
+TEMPO_WINDOW_S = 8.0       # seconds of onset envelope per autocorrelation window
+START_BPM = 120.0          # centre of the log-normal tempo prior, beats per minute
+MAX_BPM = 320.0            # tempi at or above this are never chosen
+TIGHTNESS = 100.0          # how strongly beat spacing is held to the tempo
+PRIOR_STD_OCTAVES = 1.0    # width of the tempo prior, in octaves of bpm
+AC_LOG_GAIN = 1e6          # autocorrelation is compressed as log1p(gain * ac) before the prior is added
+MEL_LINEAR_HZ = 200.0 / 3   # Hz per mel below MEL_LOG_START
+MEL_LOG_START = 1000.0      # Hz where the mel scale turns logarithmic
+MEL_LOG_STEP = np.log(6.4) / 27.0   # natural-log Hz per mel above MEL_LOG_START
+MEDIAN_BLOCK = 4            # neighbouring median windows sharing one selection network (fastest here)
+BEAT_SMOOTH = np.array([0.0, 0.5, 1.0, 0.5, 0.0])   # 5-point Hann used to judge weak edge beats
+
+
+# ----------------------------------------------------------------------------- shared spectral constants
+
+@functools.lru_cache(maxsize=None)
+def hann_window(n):
+    """Periodic Hann window of n samples, float64, rounded exactly as scipy.signal.get_window('hann')."""
+    phase = np.linspace(-np.pi, np.pi, n + 1)[:-1]
+    window = 0.5 + 0.5 * np.cos(phase)
+    window.flags.writeable = False
+    return window
+
+
+def _hz_to_mel(hz):
+    """Slaney mel scale: linear below 1 kHz, logarithmic above (librosa's rounding of the constants)."""
+    hz = np.asarray(hz, dtype=np.float64)
+    linear = hz / MEL_LINEAR_HZ
+    log_octaves = np.log(np.maximum(hz, MEL_LOG_START) / MEL_LOG_START)
+    logarithmic = MEL_LOG_START / MEL_LINEAR_HZ + log_octaves / MEL_LOG_STEP
+    return np.where(hz >= MEL_LOG_START, logarithmic, linear)
+
+
+def _mel_to_hz(mel):
+    mel = np.asarray(mel, dtype=np.float64)
+    start = MEL_LOG_START / MEL_LINEAR_HZ
+    linear = mel * MEL_LINEAR_HZ
+    logarithmic = MEL_LOG_START * np.exp(MEL_LOG_STEP * (np.maximum(mel, start) - start))
+    return np.where(mel >= start, logarithmic, linear)
+
+
+@functools.lru_cache(maxsize=None)
+def mel_filterbank(sr, n_fft, n_mels):
+    """Slaney-normalised triangular mel filters on 0..sr/2, float32 (n_mels, n_fft//2 + 1)."""
+    bin_hz = np.fft.rfftfreq(n_fft, d=1.0 / sr)                                        # (F,)
+    edges_hz = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(sr / 2.0), n_mels + 2))  # (n_mels+2,)
+    widths = np.diff(edges_hz)
+    offsets = edges_hz[:, None] - bin_hz[None, :]                                      # (n_mels+2, F)
+    rising = -offsets[:-2] / widths[:-1, None]
+    falling = offsets[2:] / widths[1:, None]
+    # librosa stores the triangles as float32 before scaling, then rounds again after; do the same
+    triangles = np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
+    area_norm = 2.0 / (edges_hz[2:] - edges_hz[:-2])
+    basis = (triangles * area_norm[:, None]).astype(np.float32)
+    basis.flags.writeable = False
+    return basis
+
+
+@functools.lru_cache(maxsize=None)
+def dct_matrix(n_out, n_in):
+    """Orthonormal DCT-II as a matrix (n_out, n_in), float64: coefficients = matrix @ signal."""
+    k = np.arange(n_out)[:, None]
+    n = np.arange(n_in)[None, :]
+    matrix = np.cos(np.pi * k * (2 * n + 1) / (2 * n_in)) * np.sqrt(2.0 / n_in)
+    matrix[0] /= np.sqrt(2.0)
+    matrix.flags.writeable = False
+    return matrix
+
+
+@functools.lru_cache(maxsize=16)
+def _mfcc_operators(sr, n_fft, n_mels, n_mfcc, device, dtype):
+    """Window and DCT (float64) and mel basis (`dtype`) on `device`, built once per setting."""
+    window = torch.from_numpy(hann_window(n_fft).copy()).to(device)
+    mel = torch.from_numpy(mel_filterbank(sr, n_fft, n_mels).copy()).to(device, dtype)
+    dct = torch.from_numpy(dct_matrix(n_mfcc, n_mels).copy()).to(device)
+    return window, mel, dct
+
+
+# ----------------------------------------------------------------------------- MFCC (torch)
+
+def mfcc(y, sr=SAMPLE_RATE, n_mfcc=N_MFCC, hop_length=HOP_LENGTH, n_fft=N_FFT, n_mels=N_MELS):
+    """MFCCs of y (..., N) (numpy or tensor) -> tensor (..., n_mfcc, 1 + N // hop_length), librosa layout.
+
+    Centred frames (zero padding), periodic Hann, power spectrum, Slaney mel filters, dB with a floor of
+    TOP_DB below each signal's own peak, orthonormal DCT-II. float64 input stays float64, anything else is
+    float32; the result lives on y's device (CPU for numpy input).
+    """
+    x = torch.as_tensor(y)
+    if not x.is_floating_point() or x.ndim == 0 or x.shape[-1] == 0:
+        raise ValueError(f"mfcc: expected a non-empty real waveform (..., N), got {tuple(x.shape)} {x.dtype}")
+    if n_mfcc > n_mels:
+        raise ValueError(f"mfcc: n_mfcc={n_mfcc} exceeds n_mels={n_mels}")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    window, mel, dct = _mfcc_operators(sr, n_fft, n_mels, n_mfcc, x.device, dtype)
+    lead = x.shape[:-1]
+    # the transform runs in float64 and is then rounded, as librosa's float64 rfft stored as complex64
+    spec = torch.stft(x.reshape(-1, x.shape[-1]).to(torch.float64), n_fft, hop_length, window=window,
+                      center=True, pad_mode="constant", return_complex=True)          # (B, F, T)
+    spec = spec.to(torch.complex128 if dtype == torch.float64 else torch.complex64)
+    power = spec.abs().square()                                                      # (B, F, T)
+    db = 10.0 * torch.log10(torch.clamp(mel @ power, min=AMIN))                      # (B, n_mels, T)
+    db = torch.maximum(db, db.amax(dim=(-2, -1), keepdim=True) - TOP_DB)
+    # a float32 product drifts ~1e-3 dB from scipy's DCT on loud frames; float64 then rounding stays ~1e-5
+    coeffs = (dct @ db.to(torch.float64)).to(dtype)                                  # (B, n_mfcc, T)
+    return coeffs.reshape(*lead, n_mfcc, coeffs.shape[-1])
+
+
+def mfcc_at_fps(y, sr=SAMPLE_RATE, n_frames=None, n_mfcc=N_MFCC):
+    """MFCCs at the motion frame rate: y (..., N) -> float32 tensor (..., n_frames, n_mfcc).
+
+    Rule: MFCCs are taken with hop round(sr / MOTION_FPS) (533 samples at 16 kHz), so frame j is centred at
+    j * hop / sr seconds; motion frame t sits at t / MOTION_FPS seconds and gets the linear interpolation of
+    the MFCC track at that time, holding the last MFCC frame past the end. n_frames defaults to
+    round(N * MOTION_FPS / sr), e.g. 240 for 8 s.
+    """
+    x = torch.as_tensor(y)
+    if n_frames is None:
+        n_frames = round(x.shape[-1] * MOTION_FPS / sr)
+    if n_frames < 1:
+        raise ValueError(f"mfcc_at_fps: n_frames must be positive, got {n_frames}")
+    hop = round(sr / MOTION_FPS)
+    track = mfcc(x, sr=sr, n_mfcc=n_mfcc, hop_length=hop).to(torch.float32)        # (..., n_mfcc, J)
+    last = track.shape[-1] - 1
+    position = torch.arange(n_frames, dtype=torch.float64, device=track.device) * (sr / (MOTION_FPS * hop))
+    position = position.clamp(max=last)                                             # (n_frames,)
+    left = position.floor().long()
+    right = (left + 1).clamp(max=last)
+    frac = (position - left).to(torch.float32)
+    resampled = track[..., left] * (1.0 - frac) + track[..., right] * frac         # (..., n_mfcc, n_frames)
+    return resampled.transpose(-1, -2).contiguous()
+
+
+# ----------------------------------------------------------------------------- STFT pair (numpy, librosa precision)
+
+def _complex_dtype(real_dtype):
+    return np.complex128 if real_dtype == np.float64 else np.complex64
+
+
+def _stft(y, n_fft, hop_length):
+    """Centred STFT of y (..., N) -> (..., n_fft//2 + 1, 1 + N // hop_length), complex64 for float32 input.
+
+    Zero padding of n_fft//2 on both sides; the window product and FFT are float64 and then rounded.
+    """
+    pad = [(0, 0)] * (y.ndim - 1) + [(n_fft // 2, n_fft // 2)]
+    frames = np.lib.stride_tricks.sliding_window_view(np.pad(y, pad), n_fft, axis=-1)[..., ::hop_length, :]
+    spec = np.fft.rfft(frames * hann_window(n_fft), axis=-1)                         # (..., T, F)
+    return np.swapaxes(spec, -1, -2).astype(_complex_dtype(y.dtype))
+
+
+@functools.lru_cache(maxsize=32)
+def _window_envelope(n_fft, hop_length, n_frames, dtype):
+    """Sum of squared analysis windows over the padded signal, accumulated frame by frame in `dtype`."""
+    square = hann_window(n_fft) ** 2
+    envelope = np.zeros(n_fft + hop_length * (n_frames - 1), dtype=dtype)
+    for t in range(n_frames):
+        envelope[t * hop_length:t * hop_length + n_fft] += square
+    envelope.flags.writeable = False
+    return envelope
+
+
+def _istft(spec, n_fft, hop_length, length, dtype):
+    """Inverse of _stft by windowed overlap-add, normalised by the summed squared window -> (..., length).
+
+    Frames are added one after another into a `dtype` buffer, the order and rounding librosa uses, so a
+    float32 result is bit-identical to librosa.istft.
+    """
+    n_frames = spec.shape[-1]
+    chunks = hann_window(n_fft) * np.fft.irfft(np.swapaxes(spec, -1, -2), n=n_fft, axis=-1)  # (..., T, n_fft)
+    signal = np.zeros(spec.shape[:-2] + (n_fft + hop_length * (n_frames - 1),), dtype=dtype)
+    for t in range(n_frames):
+        signal[..., t * hop_length:t * hop_length + n_fft] += chunks[..., t, :]
+    keep = slice(n_fft // 2, n_fft // 2 + length)
+    signal = signal[..., keep]
+    envelope = _window_envelope(n_fft, hop_length, n_frames, np.dtype(dtype))[keep]
+    covered = envelope > np.finfo(dtype).tiny
+    signal[..., covered] /= envelope[covered]
+    return signal
+
+
+def _as_waveform(y, who):
+    """numpy float32/float64 view of a waveform given as numpy or torch."""
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    y = np.asarray(y)
+    if y.dtype not in (np.float32, np.float64):
+        y = y.astype(np.float32)
+    if y.ndim == 0 or y.shape[-1] == 0:
+        raise ValueError(f"{who}: expected a non-empty waveform (..., N), got shape {y.shape}")
+    if not np.all(np.isfinite(y)):
+        raise ValueError(f"{who}: waveform holds NaN or infinite samples")
+    return y
+
+
+# ----------------------------------------------------------------------------- harmonic / percussive separation
+
+def _merge_sort_comparators(wires):
+    """Batcher's odd-even merge sort on a power-of-two number of wires: (lo, hi) pairs, min to lo."""
+    pairs = []
+    block = 1
+    while block < wires:
+        stride = block
+        while stride >= 1:
+            for start in range(stride % block, wires - stride, 2 * stride):
+                for i in range(min(stride, wires - start - stride)):
+                    lo, hi = start + i, start + i + stride
+                    if lo // (2 * block) == hi // (2 * block):
+                        pairs.append((lo, hi))
+            stride //= 2
+        block *= 2
+    return pairs
+
+
+@functools.lru_cache(maxsize=None)
+def _selection_program(n, ranks):
+    """Min/max steps that bring the given ranks (0 = smallest) of n values into known registers.
+
+    Batcher's network on the next power of two, with the padding wires (+inf) folded away and every
+    comparator that cannot reach a wanted rank dropped. Returns (steps, registers holding the ranks); a step
+    (a, b) puts min into register a and max into register b.
+    """
+    wires = 1 << (n - 1).bit_length()
+    register = list(range(n)) + [None] * (wires - n)     # None: a +inf padding wire
+    steps = []
+    for lo, hi in _merge_sort_comparators(wires):
+        a, b = register[lo], register[hi]
+        if b is None:
+            continue
+        if a is None:
+            register[lo], register[hi] = b, None
+            continue
+        steps.append((a, b))
+    outputs = tuple(register[r] for r in ranks)
+    live, kept = set(outputs), []
+    for a, b in reversed(steps):
+        if a in live or b in live:
+            kept.append((a, b))
+            live |= {a, b}
+    return tuple(reversed(kept)), outputs
+
+
+def _select(values, ranks):
+    """The given ranks of a list of equal-shape arrays, elementwise."""
+    steps, outputs = _selection_program(len(values), ranks)
+    registers = [v.copy() for v in values]
+    for a, b in steps:
+        low = np.minimum(registers[a], registers[b])
+        np.maximum(registers[a], registers[b], out=registers[b])
+        registers[a] = low
+    return [registers[r] for r in outputs]
+
+
+def median_filter(x, size, axis):
+    """Running median of odd length `size` along `axis`, edges mirrored (x[1] x[0] | x[0] x[1] ...), equal to
+    scipy.ndimage.median_filter(mode='reflect') with a 1-D kernel (axes of 3 or more samples: on 2-sample axes
+    scipy's own 1-D path departs from its mirror rule), and ~10x faster here.
+
+    Selection networks of elementwise min/max run over whole planes. Windows come in groups of MEDIAN_BLOCK
+    neighbours that share size - MEDIAN_BLOCK + 1 samples: one network finds the MEDIAN_BLOCK ranks of the
+    shared part that can still be the median, and each window's median is then the median of those and its
+    own MEDIAN_BLOCK - 1 other samples.
+    """
+    if size % 2 == 0 or size < 1:
+        raise ValueError(f"median_filter: size must be odd and positive, got {size}")
+    group = min(MEDIAN_BLOCK, size // 2 + 1)
+    x = np.moveaxis(np.asarray(x), axis, -1)
+    n, half = x.shape[-1], size // 2
+    n_groups = -(-n // group)
+    span = (n_groups + (size + group - 2) // group + 1) * group                       # padded length
+    # mirror indices, periodic with period 2n so that kernels longer than the axis reflect as scipy does
+    index = np.arange(-half, span - half) % (2 * n)
+    mirrored = np.take(x, np.where(index < n, index, 2 * n - 1 - index), axis=-1)    # (..., span)
+    # phases[q % group][..., g + q // group] is sample q of group g's windows, so every wire is contiguous
+    phases = np.moveaxis(mirrored.reshape(*x.shape[:-1], span // group, group), -1, 0).copy()
+
+    def wire(q):                                                                      # (..., n_groups)
+        return phases[q % group][..., q // group:q // group + n_groups]
+
+    middle = size // 2
+    shared = _select([wire(group - 1 + r) for r in range(size - group + 1)],
+                     tuple(range(middle - group + 1, middle + 1)))
+    medians = [_select(shared + [wire(q) for q in range(j, group - 1)] + [wire(size + q) for q in range(j)],
+                       (group - 1,))[0]
+               for j in range(group)]
+    result = np.stack(medians, axis=-1).reshape(*x.shape[:-1], n_groups * group)[..., :n]
+    return np.moveaxis(result, -1, axis)
+
+
+def _soft_mask(part, other):
+    """Wiener-style mask part² / (part² + other²), 0.5 where both vanish (librosa softmask, power 2)."""
+    top = np.maximum(part, other)
+    silent = top < np.finfo(part.dtype).tiny
+    top[silent] = 1
+    mask = (part / top) ** 2
+    rest = (other / top) ** 2
+    mask[~silent] /= mask[~silent] + rest[~silent]
+    mask[silent] = 0.5
+    return mask
+
+
+def hpss_stft(spec, kernel_size=HPSS_KERNEL):
+    """Split a complex STFT (..., F, T) into harmonic and percussive STFTs by median filtering the magnitude
+    along time (harmonic) and frequency (percussive) and applying soft masks (power 2, margin 1)."""
+    magnitude = np.abs(spec)
+    silent = magnitude == 0
+    scale = magnitude + silent
+    phase = np.empty_like(spec)
+    phase.real = spec.real / scale + silent
+    phase.imag = spec.imag / scale
+    harmonic = median_filter(magnitude, kernel_size, axis=-1)
+    percussive = median_filter(magnitude, kernel_size, axis=-2)
+    return ((magnitude * _soft_mask(harmonic, percussive)) * phase,
+            (magnitude * _soft_mask(percussive, harmonic)) * phase)
+
+
+def hpss(y, kernel_size=HPSS_KERNEL, n_fft=N_FFT, hop_length=HOP_LENGTH):
+    """Harmonic and percussive waveforms of y (..., N), each (..., N) in y's float dtype (numpy)."""
+    y = _as_waveform(y, "hpss")
+    harmonic, percussive = hpss_stft(_stft(y, n_fft, hop_length), kernel_size)
+    return (_istft(harmonic, n_fft, hop_length, y.shape[-1], y.dtype),
+            _istft(percussive, n_fft, hop_length, y.shape[-1], y.dtype))
+
+
+# ----------------------------------------------------------------------------- onsets and beats
+
+def onset_strength(y, sr=SAMPLE_RATE, aggregate=np.median, n_fft=N_FFT, hop_length=HOP_LENGTH, n_mels=N_MELS):
+    """Spectral-flux onset envelope of y (..., N) -> (..., 1 + N // hop_length) numpy.
+
+    Positive frame-to-frame rise of the log-mel power spectrogram (dB, TOP_DB floor per signal),
+    aggregated over mel bands, shifted to sit on the frame centres (lag 1 plus half a window).
+    """
+    y = _as_waveform(y, "onset_strength")
+    power = np.abs(_stft(y, n_fft, hop_length)) ** 2                                  # (..., F, T)
+    mel = np.einsum("...ft,mf->...mt", power, mel_filterbank(sr, n_fft, n_mels), optimize=True)
+    db = 10.0 * np.log10(np.maximum(AMIN, mel))                                       # (..., n_mels, T)
+    db = np.maximum(db, db.max(axis=(-2, -1), keepdims=True) - TOP_DB)
+    flux = aggregate(np.maximum(0.0, db[..., 1:] - db[..., :-1]), axis=-2)           # (..., T - 1)
+    shift = 1 + n_fft // (2 * hop_length)
+    pad = [(0, 0)] * (flux.ndim - 1) + [(shift, 0)]
+    return np.pad(flux, pad)[..., :db.shape[-1]]
+
+
+def tempo(onset_envelope, sr=SAMPLE_RATE, hop_length=HOP_LENGTH, start_bpm=START_BPM):
+    """Global tempo in bpm: mean windowed autocorrelation of the onset envelope (TEMPO_WINDOW_S windows,
+    centred, ramped to zero at the ends), compressed and weighted by a log-normal prior around start_bpm."""
+    env = np.asarray(onset_envelope)
+    n = env.shape[-1]
+    width = int(TEMPO_WINDOW_S * sr) // hop_length                                   # lags per window
+    padded = np.pad(env, (width // 2, width // 2), mode="linear_ramp", end_values=0)
+    frames = np.lib.stride_tricks.sliding_window_view(padded, width)[:n] * hann_window(width)   # (n, width)
+    n_fft = _next_fast_len(2 * width - 1)
+    spectrum = np.fft.rfft(frames, n=n_fft, axis=-1)
+    autocorr = np.fft.irfft(spectrum.real ** 2 + spectrum.imag ** 2, n=n_fft, axis=-1)[:, :width]
+    peak = np.abs(autocorr).max(axis=-1, keepdims=True)
+    peak[peak < np.finfo(np.float64).tiny] = 1.0
+    mean_ac = (autocorr / peak).mean(axis=0)                                         # (width,)
+    bpms = np.full(width, np.inf)
+    bpms[1:] = 60.0 * sr / (hop_length * np.arange(1.0, width))
+    log_prior = -0.5 * ((np.log2(bpms) - np.log2(start_bpm)) / PRIOR_STD_OCTAVES) ** 2
+    log_prior[:int(np.argmax(bpms < MAX_BPM))] = -np.inf
+    return float(bpms[np.argmax(np.log1p(AC_LOG_GAIN * mean_ac) + log_prior)])
+
+
+def _next_fast_len(n):
+    """Smallest 2^a 3^b 5^c >= n, the real-FFT size scipy.fft.next_fast_len(n, real=True) picks."""
+    size = n
+    while True:
+        rest = size
+        for prime in (2, 3, 5):
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return size
+        size += 1
+
+
+def _local_score(onsets, period):
+    """Onset envelope (normalised by its std) smoothed by a Gaussian of period/32 frames std.
+    Sums run term by term in librosa's order; like librosa, frame 0 of the envelope is left out."""
+    n = len(onsets)
+    half = int(period)
+    spread = np.arange(-period, period + 1) * 32.0 / period
+    window = [math.exp(-0.5 * (z * z)) for z in spread]
+    padded = np.zeros(n + 2 * half)
+    padded[half + 1:half + n] = onsets[1:]
+    score = np.zeros(n)
+    for k, weight in enumerate(window):
+        score += weight * padded[2 * half - k:2 * half - k + n]
+    return score
+
+
+def _beat_dp(score, period, tightness):
+    """Best predecessor of every frame: cumulative score and back-link (-1: none), by dynamic programming.
+
+    A frame may follow any frame 0.5..2 periods back, paying tightness * log(gap / period)². All frames of
+    one block shorter than the minimum gap depend only on earlier blocks, so each block is one numpy step;
+    ties go to the nearest predecessor, as in librosa's scan.
+    """
+    n = len(score)
+    nearest = int(np.round(period / 2))
+    if nearest < 1:
+        raise ValueError(f"beat_track: beat period of {period} frames is too short")
+    gaps = np.arange(nearest, int(2 * period) + 1)                                    # (G,)
+    # math.log is the C library's log, the one librosa's compiled loop calls
+    log_ratio = [math.log(g) - math.log(period) for g in gaps]
+    penalty = np.array([tightness * (r * r) for r in log_ratio])
+    cumscore = np.zeros(n)
+    backlink = np.full(n, -1, dtype=np.int64)
+    for start in range(0, n, nearest):
+        frames = np.arange(start, min(start + nearest, n))                           # (b,)
+        source = frames[:, None] - gaps[None, :]                                     # (b, G)
+        candidates = np.where(source >= 0, cumscore[np.maximum(source, 0)] - penalty, -np.inf)
+        best = candidates.argmax(axis=1)
+        reachable = source[:, 0] >= 0
+        rows = np.arange(len(frames))
+        cumscore[frames] = score[frames] + np.where(reachable, candidates[rows, best], 0.0)
+        backlink[frames] = np.where(reachable, source[rows, best], -1)
+    # beats before the first frame with 1% of the peak score start nothing
+    backlink[:int(np.argmax(score >= 0.01 * score.max()))] = -1
+    return cumscore, backlink
+
+
+def _last_beat(cumscore):
+    """Latest local maximum of the cumulative score reaching half the median local-maximum score."""
+    peaks = np.zeros(len(cumscore), dtype=bool)
+    peaks[1:-1] = (cumscore[1:-1] > cumscore[:-2]) & (cumscore[1:-1] >= cumscore[2:])
+    peaks[-1] = cumscore[-1] > cumscore[-2]
+    if not peaks.any():
+        return len(cumscore) - 1
+    good = np.flatnonzero(peaks & (cumscore >= 0.5 * np.median(cumscore[peaks])))
+    return int(good[-1]) if len(good) else len(cumscore) - 1
+
+
+def _trim_weak_edges(score, beat_frames, trim):
+    """Drop beats before the first and after the last frame scoring above a threshold: half the RMS of the
+    smoothed beat scores when trimming, else zero."""
+    threshold = 0.0
+    if trim:
+        smoothed = np.convolve(score[beat_frames], BEAT_SMOOTH)[2:len(score) + 2]
+        threshold = 0.5 * np.sqrt(np.mean(smoothed ** 2))
+    strong = np.flatnonzero(score > threshold)
+    if len(strong) == 0:
+        return beat_frames[:0]
+    return beat_frames[(beat_frames >= strong[0]) & (beat_frames <= strong[-1])]
+
+
+def beat_track(onset_envelope, sr=SAMPLE_RATE, hop_length=HOP_LENGTH, start_bpm=START_BPM,
+               tightness=TIGHTNESS, trim=True):
+    """Dynamic-programming beat tracker on a 1-D onset envelope -> (tempo bpm, beat frames int64 (K,))."""
+    env = np.asarray(onset_envelope)
+    if env.ndim != 1 or len(env) < 2:
+        raise ValueError(f"beat_track: expected a 1-D onset envelope of 2+ frames, got shape {env.shape}")
+    if not env.any():
+        return 0.0, np.zeros(0, dtype=np.int64)
+    bpm = tempo(env, sr=sr, hop_length=hop_length, start_bpm=start_bpm)
+    period = float(np.round(sr / hop_length * 60.0 / bpm))                            # frames per beat
+    normalised = env / (env.std(ddof=1) + np.finfo(env.dtype).tiny)
+    score = _local_score(normalised.astype(np.float64), period)
+    cumscore, backlink = _beat_dp(score, period, float(np.float32(tightness)))
+    chain = [_last_beat(cumscore)]
+    while backlink[chain[-1]] >= 0:
+        chain.append(int(backlink[chain[-1]]))
+    return bpm, _trim_weak_edges(score, np.array(chain[::-1], dtype=np.int64), trim)
+
+
+def beats(y, sr=SAMPLE_RATE):
+    """Music beats of a mono waveform y (N,): beat frames (hop HOP_LENGTH) int64 (K,) and times in s float64."""
+    y = _as_waveform(y, "beats")
+    if y.ndim != 1:
+        raise ValueError(f"beats: expected a mono waveform (N,), got shape {y.shape}")
+    _, percussive = hpss_stft(_stft(y, N_FFT, HOP_LENGTH))
+    drums = _istft(percussive, N_FFT, HOP_LENGTH, len(y), y.dtype)
+    _, frames = beat_track(onset_strength(drums, sr=sr, aggregate=np.median), sr=sr)
+    return frames, frames * (HOP_LENGTH / sr)
