@@ -1,0 +1,344 @@
+"""Training for both stages of UniSinger.
+
+    python train.py --stage motion      # the motion CVAE (tiny preset on the built-in data set by default)
+    python train.py --stage render      # the per-person face renderer (built-in person id0 by default)
+    torchrun --nproc_per_node=4 train.py --stage motion --preset paper --data /path/SingingHead --wav2vec w2v/
+
+Depends on torch, numpy and our unisinger.py, data.py, flame.py, render.py, metrics.py.
+
+What every run does: one progress line every few steps (step, losses, it/s, ETA), validation every epoch,
+`last.pt` and `best.pt` written atomically at the end of every epoch into --out, bf16 autocast on a GPU, DDP
+when started by torchrun. `--resume` continues from `last.pt` exactly: the model, optimiser, schedule, the
+random number generators and the epoch's data order are all restored, so on the CPU a resumed run produces
+the same losses as one that never stopped.
+"""
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+import data
+import metrics
+from audio import SAMPLE_RATE, mfcc_at_fps
+from unisinger import MotionConfig, MotionCVAE, generate, load_checkpoint, load_flame, motion_losses
+
+PROGRESS_LINES = 50        # progress lines a whole run prints
+SUMMARY_SAMPLES = 10       # samples per test clip in the closing summary (the paper's n)
+
+
+# ----------------------------------------------------------------------------- shared machinery
+
+class Run:
+    """Device, DDP rank and the helpers every stage needs: logging, progress, atomic checkpoints."""
+
+    def __init__(self, args):
+        self.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.ddp:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+        else:
+            self.rank, self.world = 0, 1
+            self.device = torch.device(args.device)
+        self.main = self.rank == 0
+        self.out = Path(args.out)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def log(self, *msg):
+        if self.main:
+            print(*msg, flush=True)
+
+    def save(self, state, name):
+        """Write atomically: a crash mid-write leaves the previous file intact."""
+        if self.main:
+            path = self.out / name
+            tmp = path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+
+    def close(self):
+        if self.ddp:
+            dist.destroy_process_group()
+
+
+class Progress:
+    """step, losses, it/s and ETA on one line, without extra packages."""
+
+    def __init__(self, run, total_steps, first_step):
+        self.run, self.total, self.first = run, total_steps, first_step
+        self.t0 = time.time()
+
+    def __call__(self, step, epoch, losses):
+        done = step - self.first
+        rate = done / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        parts = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        self.run.log(f"epoch {epoch} step {step}/{self.total} | {parts} | {rate:.2f} it/s | "
+                     f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+
+
+def rng_state():
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def loader(dataset, batch_size, run, seed, epoch, shuffle=True):
+    """Same order for the same (seed, epoch): what makes a resumed run continue exactly."""
+    if run.ddp:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size, sampler=sampler, drop_last=shuffle)
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return DataLoader(dataset, batch_size, shuffle=shuffle, generator=gen, drop_last=shuffle and len(dataset) > batch_size)
+
+
+def cosine_schedule(optimizer, warmup, total):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- stage 1: motion
+
+class MotionClips(Dataset):
+    """SingingHead clips with the background-music MFCC at 30 fps computed once and kept."""
+
+    def __init__(self, root, split, clip_frames):
+        self.clips = data.SingingHead(root, split, clip_frames=clip_frames)
+        self.music = [None] * len(self.clips)
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        item = self.clips[i]
+        if self.music[i] is None:
+            self.music[i] = mfcc_at_fps(item["bgm"], SAMPLE_RATE, len(item["motion"]))
+        return dict(voice=torch.as_tensor(item["audio"]), music=self.music[i], motion=torch.as_tensor(item["motion"]),
+                    shape=torch.as_tensor(item["shape"]), person=item["person"], index=i)
+
+
+def cache_voice_features(model, dataset, device, batch_size=8):
+    """Frozen wav2vec 2.0 features of every clip, computed once: (N, T, C) on the CPU."""
+    feats = []
+    with torch.no_grad():
+        for batch in DataLoader(dataset, batch_size):
+            feats.append(model.voice_features(batch["voice"].to(device), batch["motion"].shape[1]).float().cpu())
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def validate_motion(model, meshes, dataset, device, voice_cache=None, seed=0):
+    """LVE / FVE (mm, one sample per clip from a fixed z stream) and the training loss on a split."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    lve, fve, loss, n = 0.0, 0.0, 0.0, 0
+    for batch in DataLoader(dataset, 8):
+        motion, shape, music = (batch[k].to(device) for k in ("motion", "shape", "music"))
+        feats = (voice_cache[batch["index"]].to(device) if voice_cache is not None
+                 else model.voice_features(batch["voice"].to(device), motion.shape[1]))
+        z = torch.randn(len(motion), model.cfg.d_model, generator=gen).to(device)
+        pred = model.sample(shape, feats, music, z=z).float()
+        for s, p, t in zip(shape, pred, motion):
+            pred_v, true_v = meshes(s, p)[None], meshes(s, t)                               # (1, T, U, 3), (T, U, 3)
+            lve += metrics.lve(pred_v, true_v, meshes.lips)[0]
+            fve += metrics.fve(pred_v, true_v, meshes.face)[0]
+        rec, mu, logvar = model(motion, shape, music, voice_feats=feats)
+        loss += motion_losses(model, meshes, rec, motion, shape, mu, logvar)[0].item() * len(motion)
+        n += len(motion)
+    model.train()
+    return dict(lve=lve / n, fve=fve / n, loss=loss / n)
+
+
+def motion_stats(dataset):
+    motion = torch.stack([dataset.clips[i]["motion"] if torch.is_tensor(dataset.clips[i]["motion"])
+                          else torch.as_tensor(dataset.clips[i]["motion"]) for i in range(len(dataset))])
+    flat = motion.reshape(-1, motion.shape[-1])
+    return flat.mean(0), flat.std(0)
+
+
+def train_motion(args, run):
+    root = Path(args.data) if args.data else data.builtin_data()
+    cfg = MotionConfig.preset(args.preset)
+    seed_everything(args.seed)
+    train_set = MotionClips(root, "train", data.CLIP_FRAMES)
+    val_set = MotionClips(root, "val", data.CLIP_FRAMES)
+    meshes = metrics.RegionMeshes(load_flame(args.flame).to(run.device))
+    model = MotionCVAE(cfg).to(run.device)
+    if args.wav2vec:
+        model.wav2vec.load_state_dict(type(model.wav2vec).from_pretrained(args.wav2vec).state_dict())
+        run.log(f"wav2vec 2.0 weights from {args.wav2vec}")
+    elif args.preset == "paper":
+        run.log("no --wav2vec given: the audio encoder starts from random weights. The paper starts from a "
+                "pretrained checkpoint: download facebook/wav2vec2-base-960h (config.json + model.safetensors) "
+                "into a folder and pass --wav2vec FOLDER")
+    mean, std = motion_stats(train_set)
+    model.set_motion_stats(mean, std)
+    people = {}
+    for i in range(len(train_set)):
+        item = train_set.clips[i]
+        people.setdefault(item["person"], np.asarray(item["shape"], dtype=np.float32))
+
+    voice_cache = val_cache = None
+    if args.cache_audio:
+        model.wav2vec.requires_grad_(False)
+        voice_cache = cache_voice_features(model, train_set, run.device)
+        val_cache = cache_voice_features(model, val_set, run.device)
+        run.log(f"cached frozen wav2vec 2.0 features: {tuple(voice_cache.shape)}")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = len(loader(train_set, args.batch_size, run, args.seed, 0))
+    total_steps = steps_per_epoch * args.epochs
+    schedule = cosine_schedule(optimizer, warmup=min(100, total_steps // 10 + 1), total=total_steps)
+    start_epoch, step, best = 0, 0, float("inf")
+    if args.resume:
+        ckpt = torch.load(run.out / "last.pt", map_location=run.device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
+        set_rng_state(ckpt["rng"])
+        run.log(f"resumed from {run.out / 'last.pt'} at epoch {start_epoch}, step {step}")
+    net = DistributedDataParallel(model) if run.ddp else model
+    n_params = sum(p.numel() for p in model.parameters())
+    run.log(f"motion CVAE '{args.preset}': {n_params / 1e6:.2f} M parameters, {len(train_set)} train / "
+            f"{len(val_set)} val clips from {root}, {args.epochs} epochs of {steps_per_epoch} steps on {run.device}")
+    progress = Progress(run, total_steps, step)
+    log_every = max(1, total_steps // PROGRESS_LINES)
+    history = []
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        for batch in loader(train_set, args.batch_size, run, args.seed, epoch):
+            motion, shape, music = (batch[k].to(run.device) for k in ("motion", "shape", "music"))
+            with run.autocast():
+                if voice_cache is not None:
+                    pred, mu, logvar = net(motion, shape, music, voice_feats=voice_cache[batch["index"]].to(run.device))
+                else:
+                    pred, mu, logvar = net(motion, shape, music, voice=batch["voice"].to(run.device))
+            loss, parts = motion_losses(model, meshes, pred.float(), motion, shape, mu.float(), logvar.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step % log_every == 0 or step == total_steps:
+                progress(step, epoch, dict(loss=loss.item(), **parts))
+        val = validate_motion(model, meshes, val_set, run.device, val_cache, seed=args.seed)
+        history.append(val)
+        run.log(f"epoch {epoch} validation | LVE {val['lve']:.3f} mm | FVE {val['fve']:.3f} mm | loss {val['loss']:.4f}")
+        state = dict(model=model.state_dict(), config=asdict(cfg), optimizer=optimizer.state_dict(),
+                     schedule=schedule.state_dict(), epoch=epoch, step=step, best=min(best, val["lve"]),
+                     rng=rng_state(), people=people, flame=args.flame, val=val)
+        if val["lve"] < best:
+            best = val["lve"]
+            run.save(state, "best.pt")
+        run.save(state, "last.pt")
+    if run.main and args.summary:
+        motion_summary(load_checkpoint(run.out / "best.pt", run.device), root, args)
+    return history
+
+
+def motion_summary(model, root, args):
+    """Does the model learn? Test split: the model, the mean-motion baseline and the model deaf (silence, no
+    music), Table II columns, then the three verdicts of issue 4."""
+    flame = load_flame(args.flame)
+    test = data.SingingHead(root, "test")
+    baseline = metrics.mean_motion(root)
+    silent = lambda item: generate(model, np.zeros_like(item["audio"]), None, item["shape"], SUMMARY_SAMPLES)
+    predictors = {"UniSinger": lambda item: generate(model, item["audio"], item["bgm"], item["shape"], SUMMARY_SAMPLES),
+                  "mean motion": lambda item: np.tile(baseline, (1, len(item["motion"]), 1)),
+                  "UniSinger, silence": silent}
+    beats_cache = {}
+    rows = {name: metrics.evaluate_motion(flame, test, predict, beats_cache=beats_cache)
+            for name, predict in predictors.items()}
+    print(f"\ntest split of {root}: {len(test)} clips, {SUMMARY_SAMPLES} samples each")
+    print(metrics.format_table(rows, [c for c in metrics.MOTION_COLUMNS if c != "FPS"]))
+    ours, base, deaf = (rows[k] for k in predictors)
+    print(f"LVE-mean / mean-motion LVE = {ours['LVE-mean'] / base['LVE-mean']:.3f} (learning: <= 0.5)")
+    print(f"LVE-mean fed silence / LVE-mean = {deaf['LVE-mean'] / ours['LVE-mean']:.2f} (the audio is used: > 1)")
+    print(f"diversity {ours['Diversity']:.3f} mm, LVE-min {ours['LVE-min']:.3f} < LVE-mean {ours['LVE-mean']:.3f}")
+    return rows
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stage", choices=["motion", "render"], default="motion")
+    p.add_argument("--data", help="SingingHead folder (default: the built-in data set, made on first use)")
+    p.add_argument("--out", help="checkpoint folder (default: out/<stage>)")
+    p.add_argument("--preset", choices=["tiny", "paper"], default="tiny", help="motion model size")
+    p.add_argument("--wav2vec", help="pretrained wav2vec 2.0 folder or weights file (motion stage)")
+    p.add_argument("--flame", help="FLAME model file (default: the procedural stand-in head)")
+    p.add_argument("--cache-audio", action="store_true", help="freeze wav2vec 2.0 and cache its features")
+    p.add_argument("--person", default="id0", help="whose videos the renderer learns (render stage)")
+    p.add_argument("--vgg", help="torchvision vgg19 state-dict file for the perceptual loss (render stage)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--no-summary", dest="summary", action="store_false", help="skip the closing test-split summary")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    defaults = dict(motion=dict(epochs=60, batch_size=8, lr=1e-3 if args.preset == "tiny" else 1e-4),
+                    render=dict(epochs=10, batch_size=8, lr=2e-4))[args.stage]
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out = args.out or f"out/{args.stage}"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = Run(args)
+    try:
+        if args.stage == "motion":
+            train_motion(args, run)
+        else:
+            train_render(args, run)
+    finally:
+        run.close()
+
+
+if __name__ == "__main__":
+    main()

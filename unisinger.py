@@ -1,0 +1,380 @@
+"""UniSinger: singing voice + background music + FLAME shape -> diverse 3D FLAME facial motion.
+
+What it holds
+    MotionConfig    the model's hyper-parameters, with two presets: `paper` (wav2vec 2.0 base, full size)
+                    and `tiny` (CPU-sized, for the built-in data set).
+    MotionCVAE      the conditional VAE of the paper (section IV-A, Fig. 7), built on transformer decoders.
+    generate        inference on a song of any length: overlapping windows of the training length, blended.
+    load_checkpoint / a command line that writes motion, landmarks and a preview video (and, with a trained
+                    face renderer, the portrait video).
+
+Depends on torch, numpy and our audio.py (wav2vec 2.0, MFCC), flame.py (meshes for the mesh loss and the
+outputs), data.py (clip constants, the built-in data set) and render.py (previews, portrait video).
+
+The model in one paragraph. Every frame t gets one audio token: wav2vec 2.0 features of the singing voice
+(interpolated to 30 fps before the transformer layers, as FaceFormer does) projected to d/2, concatenated with
+the 64-d MFCC of the background music projected to d/2, then projected to d. The encoder reads the tokens
+[mu] [sigma] (linear(m_t) + shape_emb)_t and cross-attends to the audio tokens; the decoder reads
+[shape_emb] (z)_t, z repeated T times, and cross-attends to the same audio tokens. In both, motion token t sees
+only audio token t (the diagonal alignment mask); the leading tokens ([mu], [sigma], [shape_emb]) see every
+audio token, because a token that sees none would get an undefined softmax and these tokens summarise the clip.
+Periodic positional encoding (period 30 frames) is added to all tokens. The model works on motion normalised
+by the training set's per-dimension mean and standard deviation (kept as buffers, so checkpoints carry them).
+
+Use alone (needs audio.py and flame.py beside it; a checkpoint from `python train.py --stage motion`):
+    python unisinger.py --audio voice.wav --bgm music.wav --samples 3 --out out/song
+    python unisinger.py --audio voice.wav --image ref.png --renderer out/render/best.pt --out out/song
+"""
+import argparse
+import math
+import pickle
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from audio import SAMPLE_RATE, Wav2Vec2, Wav2Vec2Config, load_audio, mfcc_at_fps
+from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame
+
+FPS = 30                                    # motion frames per second
+CLIP_FRAMES = 240                           # training window: 8 s at 30 fps
+N_MFCC = 64                                 # background-music feature size
+PPE_PERIOD = 30                             # periodic positional encoding repeats every second
+DEFAULT_CHECKPOINT = Path(__file__).parent / "out" / "motion" / "best.pt"
+
+WAV2VEC2_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                     conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+                     feat_extract_norm="group", num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
+                     do_stable_layer_norm=False)
+WAV2VEC2_TINY = dict(WAV2VEC2_BASE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, conv_dim=(32,) * 7, num_conv_pos_embeddings=32,
+                     num_conv_pos_embedding_groups=4)
+
+
+@dataclass
+class MotionConfig:
+    d_model: int = 256              # the paper does not give d; 256 is FaceFormer-sized for a 59-d output
+    n_heads: int = 4
+    n_layers: int = 4               # layers in each of the encoder and decoder stacks
+    d_ff: int = 1024
+    dropout: float = 0.1
+    wav2vec: dict = field(default_factory=lambda: dict(WAV2VEC2_BASE))
+    freeze_feature_extractor: bool = True   # FaceFormer and the paper fine-tune wav2vec above its CNN
+    # loss weights (the paper gives none): chosen so that each term is O(1) early in training
+    w_kl: float = 1e-3
+    w_rec: float = 1.0
+    w_vel: float = 10.0
+    w_mesh: float = 0.05            # on squared millimetres of face-region vertices
+
+    @classmethod
+    def preset(cls, name):
+        if name == "paper":
+            return cls()
+        if name == "tiny":
+            return cls(d_model=64, n_heads=4, n_layers=2, d_ff=128, dropout=0.0, wav2vec=dict(WAV2VEC2_TINY),
+                       freeze_feature_extractor=False)
+        raise ValueError(f"unknown preset {name!r}: choose 'paper' or 'tiny'")
+
+
+class PeriodicPositionalEncoding(nn.Module):
+    """Sinusoidal encoding that repeats every `period` frames (FaceFormer's PPE)."""
+
+    def __init__(self, d_model, period=PPE_PERIOD):
+        super().__init__()
+        position = torch.arange(period, dtype=torch.float32)[:, None]                       # (P, 1)
+        div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(period, d_model)                                                   # (P, d)
+        pe[:, 0::2] = torch.sin(position * div)
+        pe[:, 1::2] = torch.cos(position * div)
+        self.register_buffer("pe", pe, persistent=False)
+
+    def forward(self, x):                                                                   # x (B, L, d)
+        index = torch.arange(x.shape[1], device=x.device) % self.pe.shape[0]
+        return x + self.pe[index]
+
+
+def alignment_mask(n_lead, n_frames, device):
+    """Cross-attention mask (n_lead + T, T), True = blocked: motion token t sees audio token t only."""
+    mask = ~torch.eye(n_frames, dtype=torch.bool, device=device)
+    lead = torch.zeros(n_lead, n_frames, dtype=torch.bool, device=device)
+    return torch.cat([lead, mask], dim=0)
+
+
+def transformer_decoder(cfg):
+    layer = nn.TransformerDecoderLayer(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout, batch_first=True)
+    return nn.TransformerDecoder(layer, cfg.n_layers)
+
+
+class MotionCVAE(nn.Module):
+    def __init__(self, cfg: MotionConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.wav2vec = Wav2Vec2(Wav2Vec2Config.from_dict(cfg.wav2vec))
+        self.voice_proj = nn.Linear(self.wav2vec.cfg.hidden_size, d // 2)
+        self.music_proj = nn.Linear(N_MFCC, d // 2)
+        self.audio_proj = nn.Linear(d, d)
+        self.shape_emb = nn.Linear(N_SHAPE, d)
+        self.motion_proj = nn.Linear(MOTION_DIM, d)
+        self.mu_token = nn.Parameter(torch.randn(d) * 0.02)
+        self.sigma_token = nn.Parameter(torch.randn(d) * 0.02)
+        self.ppe = PeriodicPositionalEncoding(d)
+        self.encoder = transformer_decoder(cfg)
+        self.decoder = transformer_decoder(cfg)
+        self.to_motion = nn.Linear(d, MOTION_DIM)
+        self.register_buffer("motion_mean", torch.zeros(MOTION_DIM))
+        self.register_buffer("motion_std", torch.ones(MOTION_DIM))
+        if cfg.freeze_feature_extractor:
+            self.wav2vec.features.requires_grad_(False)
+
+    def set_motion_stats(self, mean, std):
+        self.motion_mean.copy_(torch.as_tensor(mean))
+        self.motion_std.copy_(torch.as_tensor(std).clamp_min(1e-4))
+
+    def voice_features(self, voice, n_frames):
+        """wav2vec 2.0 features at the motion frame rate: (B, N) samples -> (B, T, C)."""
+        return self.wav2vec(voice, n_frames=n_frames)
+
+    def audio_tokens(self, voice_feats, music_mfcc):
+        """voice (B, T, C) + music MFCC (B, T, 64) -> one audio token a frame (B, T, d)."""
+        both = torch.cat([self.voice_proj(voice_feats), self.music_proj(music_mfcc)], dim=-1)
+        return self.audio_proj(both)
+
+    def encode(self, motion, shape, audio):
+        """motion (B, T, 59) normalised, shape (B, 100), audio tokens (B, T, d) -> mu, logvar (B, d)."""
+        B, T, _ = motion.shape
+        tokens = torch.cat([self.mu_token.expand(B, 1, -1), self.sigma_token.expand(B, 1, -1),
+                            self.motion_proj(motion) + self.shape_emb(shape)[:, None]], dim=1)  # (B, T+2, d)
+        out = self.encoder(self.ppe(tokens), audio, memory_mask=alignment_mask(2, T, motion.device))
+        return out[:, 0], out[:, 1]
+
+    def decode(self, z, shape, audio):
+        """z (B, d), shape (B, 100), audio tokens (B, T, d) -> normalised motion (B, T, 59)."""
+        T = audio.shape[1]
+        tokens = torch.cat([self.shape_emb(shape)[:, None], z[:, None].expand(-1, T, -1)], dim=1)  # (B, T+1, d)
+        out = self.decoder(self.ppe(tokens), audio, memory_mask=alignment_mask(1, T, z.device))
+        return self.to_motion(out[:, 1:])
+
+    def normalise(self, motion):
+        return (motion - self.motion_mean) / self.motion_std
+
+    def denormalise(self, motion):
+        return motion * self.motion_std + self.motion_mean
+
+    def forward(self, motion, shape, music_mfcc, voice=None, voice_feats=None):
+        """Training pass on raw voice (B, N) or cached wav2vec features (B, T, C), exactly one of them.
+
+        Returns predicted motion (B, T, 59) in FLAME units and the posterior (mu, logvar) (B, d) each.
+        """
+        if (voice is None) == (voice_feats is None):
+            raise ValueError("pass exactly one of voice (raw samples) and voice_feats (cached features)")
+        if voice_feats is None:
+            voice_feats = self.voice_features(voice, motion.shape[1])
+        audio = self.audio_tokens(voice_feats, music_mfcc)
+        mu, logvar = self.encode(self.normalise(motion), shape, audio)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.denormalise(self.decode(z, shape, audio)), mu, logvar
+
+    @torch.no_grad()
+    def sample(self, shape, voice_feats, music_mfcc, z=None):
+        """Inference: only the decoder; z ~ N(0, I) unless given. Returns motion (B, T, 59)."""
+        audio = self.audio_tokens(voice_feats, music_mfcc)
+        if z is None:
+            z = torch.randn(audio.shape[0], self.cfg.d_model, device=audio.device)
+        return self.denormalise(self.decode(z, shape, audio))
+
+
+def motion_losses(model, meshes, pred, target, shape, mu, logvar):
+    """The paper's four terms; the total and each term on its own (for logging).
+
+    meshes: metrics.RegionMeshes of the FLAME model. The mesh term compares face-region vertices built from
+    shape, expression and jaw with the head rotation zeroed, the same meshes the LVE / FVE metrics read; the
+    head pose itself is supervised by the reconstruction and velocity terms.
+    """
+    cfg = model.cfg
+    kl = -0.5 * torch.mean(torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1))
+    pred_n, target_n = model.normalise(pred), model.normalise(target)
+    rec = F.mse_loss(pred_n, target_n)
+    vel = F.mse_loss(pred_n[:, 1:] - pred_n[:, :-1], target_n[:, 1:] - target_n[:, :-1])
+    mm = 1000.0
+    mesh = torch.stack([(meshes(s, p)[..., meshes.face, :] - meshes(s, t)[..., meshes.face, :]).pow(2).sum(-1).mean()
+                        for s, p, t in zip(shape, pred.float(), target.float())]).mean() * mm ** 2
+    total = cfg.w_kl * kl + cfg.w_rec * rec + cfg.w_vel * vel + cfg.w_mesh * mesh
+    return total, dict(kl=kl.item(), rec=rec.item(), vel=vel.item(), mesh=mesh.item())
+
+
+# ----------------------------------------------------------------------------- inference on whole songs
+
+def clip_samples(n_frames):
+    """Audio samples that belong to n_frames motion frames."""
+    return round(n_frames * SAMPLE_RATE / FPS)
+
+
+def song_frames(n_samples):
+    return int(n_samples * FPS // SAMPLE_RATE)
+
+
+def window_starts(n_frames, window, overlap):
+    """Start frames of windows of `window` frames overlapping by `overlap`, the last one flush with the end."""
+    if n_frames <= window:
+        return [0]
+    hop = window - overlap
+    starts = list(range(0, n_frames - window, hop))
+    return starts + [n_frames - window]
+
+
+@torch.no_grad()
+def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60, batch_windows=8):
+    """Motion for a whole song: voice / bgm (N,) float32 at 16 kHz, shape (100,) -> (n_samples, T, 59) numpy.
+
+    The song is cut into windows of the training length that overlap by `overlap` frames; each sample keeps one
+    z for the whole song (one consistent take), and overlapping frames are cross-faded linearly, so the join has
+    no seam. A song shorter than a window is padded with silence and cropped back.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    voice = np.asarray(voice, dtype=np.float32)
+    n_frames = song_frames(len(voice))
+    if n_frames < 1:
+        raise ValueError(f"audio too short: {len(voice)} samples is less than one frame at {FPS} fps")
+    bgm = np.zeros_like(voice) if bgm is None else fit_length(np.asarray(bgm, dtype=np.float32), len(voice))
+    shape = torch.zeros(N_SHAPE) if shape is None else torch.as_tensor(shape, dtype=torch.float32)
+    window = CLIP_FRAMES
+    starts = window_starts(n_frames, window, overlap)
+    total = max(n_frames, window)
+    voice = fit_length(voice, clip_samples(total))
+    bgm = fit_length(bgm, clip_samples(total))
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_samples, model.cfg.d_model, generator=gen).to(device)              # (S, d)
+    out = torch.zeros(n_samples, total, MOTION_DIM)                                       # (S, T, 59)
+    weight = torch.zeros(total, 1)
+    ramp = blend_weights(window, overlap)                                                 # (window, 1)
+    for b in range(0, len(starts), batch_windows):
+        chunk = starts[b:b + batch_windows]
+        pieces = [slice(clip_samples(s), clip_samples(s) + clip_samples(window)) for s in chunk]
+        v = torch.from_numpy(np.stack([voice[p] for p in pieces])).to(device)              # (W, N)
+        m = mfcc_at_fps(torch.from_numpy(np.stack([bgm[p] for p in pieces])), SAMPLE_RATE, window).to(device)
+        feats = model.voice_features(v, window)                                           # (W, window, C)
+        W = len(chunk)
+        motion = model.sample(shape.to(device).expand(W * n_samples, -1),
+                              feats.repeat_interleave(n_samples, 0), m.repeat_interleave(n_samples, 0),
+                              z=z.repeat(W, 1)).float().cpu().view(W, n_samples, window, MOTION_DIM)
+        for i, s in enumerate(chunk):
+            w = ramp.clone()
+            if s == 0:
+                w[:overlap] = 1.0                      # nothing before the first window to blend with
+            if s + window == total:
+                w[-overlap:] = 1.0
+            out[:, s:s + window] += motion[i] * w
+            weight[s:s + window] += w
+    return (out / weight)[:, :n_frames].numpy()
+
+
+def blend_weights(window, overlap):
+    """Linear fade in over the first `overlap` frames and out over the last ones: (window, 1)."""
+    w = torch.ones(window, 1)
+    if overlap > 0:
+        fade = (torch.arange(overlap, dtype=torch.float32) + 1) / (overlap + 1)
+        w[:overlap, 0] = fade
+        w[-overlap:, 0] = fade.flip(0)
+    return w
+
+
+def fit_length(x, n):
+    """Crop or zero-pad a 1-D signal to n samples."""
+    return x[:n] if len(x) >= n else np.pad(x, (0, n - len(x)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def load_checkpoint(path, device="cpu"):
+    """A motion checkpoint written by train.py -> MotionCVAE in eval mode (with `.people`: name -> shape)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no motion checkpoint here; train one with `python train.py --stage "
+                                f"motion` (writes out/motion/best.pt) or pass --checkpoint PATH")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    for key in ("model", "config"):
+        if key not in ckpt:
+            raise ValueError(f"{path}: not a motion checkpoint (missing key {key!r})")
+    model = MotionCVAE(MotionConfig(**ckpt["config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.people = {k: np.asarray(v, dtype=np.float32) for k, v in ckpt.get("people", {}).items()}
+    model.flame_path = ckpt.get("flame")
+    return model.eval()
+
+
+def load_flame(path=None):
+    """The real FLAME when a path is given, else the procedural stand-in head."""
+    return Flame.load(path) if path else Flame.procedural()
+
+
+# ----------------------------------------------------------------------------- command line
+
+def write_motion(out_dir, motion, flame, shape, voice):
+    """Each sample: motion .npz (+ landmarks), a pickle with the SingingHead keys, and a preview mp4 with sound."""
+    from render import render_preview
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shape_t = torch.as_tensor(shape, dtype=torch.float32)
+    for k, m in enumerate(motion):
+        m_t = torch.from_numpy(m)
+        landmarks = torch.cat([flame.landmarks(flame.from_motion(shape_t, m_t[i:i + FPS]))
+                               for i in range(0, len(m_t), FPS)]).numpy()                   # (T, 68, 3)
+        np.savez(out_dir / f"sample_{k}.npz", motion=m, shape=shape, landmarks=landmarks, fps=FPS)
+        with open(out_dir / f"sample_{k}.pkl", "wb") as f:
+            pickle.dump(dict(expcodes=m[:, :N_EXPR], posecodes=m[:, N_EXPR:], shapecode=np.asarray(shape)[None]),
+                        f, protocol=2)
+        render_preview(flame, shape_t, m_t, out_dir / f"sample_{k}.mp4", audio=voice)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Singing audio -> FLAME motion (and portrait video).")
+    p.add_argument("--audio", required=True, help="singing voice wav (any sample rate; stereo is mixed down)")
+    p.add_argument("--bgm", help="background music wav (default: silence)")
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="motion checkpoint from train.py")
+    p.add_argument("--person", help="use the shape of this person from the checkpoint's training data")
+    p.add_argument("--shape", help=".npy file with a 100-d FLAME shape")
+    p.add_argument("--flame", help="FLAME model file (default: the one the checkpoint was trained with)")
+    p.add_argument("--samples", type=int, default=1, help="number of diverse takes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image", help="reference portrait (with --renderer: writes the portrait video)")
+    p.add_argument("--renderer", help="face renderer checkpoint from `train.py --stage render`")
+    p.add_argument("--out", default="out/generated")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    model = load_checkpoint(args.checkpoint, args.device)
+    flame = load_flame(args.flame or model.flame_path)
+    if args.shape:
+        shape = np.load(args.shape).astype(np.float32).reshape(-1)[:N_SHAPE]
+    elif args.person:
+        if args.person not in model.people:
+            sys.exit(f"{args.checkpoint}: no person {args.person!r}; known: {', '.join(sorted(model.people))}")
+        shape = model.people[args.person]
+    else:
+        shape = next(iter(model.people.values()), np.zeros(N_SHAPE, np.float32))
+    voice = load_audio(args.audio)
+    bgm = load_audio(args.bgm) if args.bgm else None
+    t0 = time.time()
+    motion = generate(model, voice, bgm, shape, args.samples, args.seed)
+    seconds = time.time() - t0
+    out = Path(args.out)
+    write_motion(out, motion, flame, shape, voice)
+    print(f"{motion.shape[0]} sample(s) of {motion.shape[1]} frames in {seconds:.2f} s "
+          f"({motion.shape[0] * motion.shape[1] / seconds:.0f} frames/s) -> {out}")
+    if args.image or args.renderer:
+        if not (args.image and args.renderer):
+            sys.exit("--image and --renderer go together: the portrait video needs both")
+        from render import portrait_video
+        video = portrait_video(args.renderer, args.image, flame, shape, motion[0], out / "portrait.mp4",
+                               audio=voice, device=args.device)
+        print(f"portrait video -> {video}")
+
+
+if __name__ == "__main__":
+    main()
