@@ -1,6 +1,7 @@
 """
 Rendering for UniSinger: the depth rasterizer, the orthographic camera, shaded previews, mp4 output, and
-the per-person face renderer of SPEC §5 (UNet generator, PatchGAN discriminator, VGG-19, losses).
+the per-person face renderer of SPEC §5 (UNet generator, PatchGAN discriminator, VGG-19, losses), its
+size presets (RendererConfig) and checkpoint loading (load_renderer).
 
 Depends on torch, numpy, imageio (+ imageio-ffmpeg for the encoder and its ffmpeg binary) and soundfile.
 Nothing of ours is imported; `render_preview` takes a Flame only for its `.faces`.
@@ -23,6 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import imageio.v2 as imageio
 import imageio_ffmpeg
 import numpy as np
 import soundfile
@@ -520,3 +522,89 @@ def discriminator_loss(discriminator, condition, fake, real):
     """LSGAN discriminator objective: real patches toward 1, generated (detached) toward 0."""
     return 0.5 * (gan_loss(discriminator(condition, real)[-1], True)
                   + gan_loss(discriminator(condition, fake.detach())[-1], False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Renderer sizes, checkpoints and image conversions
+
+TINY_DIVISOR = 8        # the tiny preset's widths are the paper's divided by this (0.92 M generator parameters)
+
+
+@dataclass
+class RendererConfig:
+    """
+    Widths of the face renderer and its discriminator. Presets: 'paper' is SPEC §5 (58.6 M generator
+    parameters, for GPUs); 'tiny' keeps the same 8 levels and layout at 1/TINY_DIVISOR of the widths, which
+    trains on two CPU cores in minutes.
+    """
+    channels: tuple = ENCODER_CHANNELS
+    discriminator_channels: tuple = DISCRIMINATOR_CHANNELS
+    image_size: int = IMAGE_SIZE          # pixels a side; a multiple of 128 (the 8 levels halve it 7 times)
+
+    @classmethod
+    def preset(cls, name):
+        if name not in RENDERER_PRESETS:
+            raise ValueError(f"unknown renderer preset {name!r} ({', '.join(RENDERER_PRESETS)})")
+        return RENDERER_PRESETS[name]
+
+
+RENDERER_PRESETS = dict(
+    paper=RendererConfig(),
+    tiny=RendererConfig(tuple(c // TINY_DIVISOR for c in ENCODER_CHANNELS),
+                        tuple(c // TINY_DIVISOR for c in DISCRIMINATOR_CHANNELS)))
+
+
+def image_tensor(image, size=IMAGE_SIZE):
+    """uint8 (H, W, 3|4) or (H, W) image -> float (3, size, size) in [-1, 1], centre square crop, resized."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    x = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float()   # (3, H, W)
+    height, width = x.shape[1:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    x = x[:, top:top + side, left:left + side]
+    if side != size:
+        x = torch.nn.functional.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return x.clamp(0, 255) / 127.5 - 1
+
+
+def load_reference(path, size=IMAGE_SIZE):
+    """Reference portrait file (png/jpg, any size) -> float (3, size, size) in [-1, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such reference image")
+    try:
+        image = imageio.imread(path)
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable image ({error})") from None
+    if image.dtype != np.uint8 or image.ndim not in (2, 3):
+        raise ValueError(f"{path}: expected an 8-bit grey or RGB image, got {image.dtype} {image.shape}")
+    return image_tensor(image, size)
+
+
+def to_uint8(images):
+    """float (B, C, H, W) in [-1, 1] (C = 3) or [0, 1] depth (C = 1) -> uint8 (B, H, W, 3)."""
+    if images.shape[1] == 1:
+        images = images * 2 - 1
+    images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1)
+
+
+def load_renderer(path, device="cpu"):
+    """
+    Checkpoint from `train.py --stage render` -> FaceRenderer in eval mode on device, with `.cam` (the
+    person's camera [scale, tx, ty] used in training) and `.config` (RendererConfig) attached.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no renderer checkpoint; train one with `python train.py --stage render`")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(ckpt, dict) or "generator" not in ckpt or "renderer_config" not in ckpt:
+        raise ValueError(f"{path}: not a face renderer checkpoint (no 'generator' / 'renderer_config')")
+    config = RendererConfig(**ckpt["renderer_config"])
+    renderer = FaceRenderer(config.channels).to(device)
+    renderer.load_state_dict(ckpt["generator"])
+    renderer.cam = tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM))
+    renderer.config = config
+    return renderer.eval()

@@ -16,11 +16,11 @@ import argparse
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import imageio.v2 as imageio
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -30,10 +30,18 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import data
 import metrics
-from audio import SAMPLE_RATE, mfcc_at_fps
+import render
+from audio import SAMPLE_RATE, Wav2Vec2, mfcc_at_fps
 from unisinger import MotionConfig, MotionCVAE, generate, load_checkpoint, load_flame, motion_losses
 
 PROGRESS_LINES = 50        # progress lines a whole run prints
+RENDER_FRAME_STRIDE = 6      # 1 frame in 6 (5 a second): neighbours at 30 fps are near copies; SPEC §6 scores these
+DEPTH_BATCH = 32             # frames rasterized at once while precomputing the depth inputs
+EVAL_BATCH = 16              # frames rendered at once for validation and the summary
+GRID_ROWS = 4                # validation frames in each epoch's sample grid
+ADAM_BETAS = (0.5, 0.999)    # pix2pix's GAN-friendly momentum
+SSIM_BAR, PSNR_BAR = 0.85, 25.0   # issue 5's learning bars on held-out frames
+VGG_URL = "https://download.pytorch.org/models/vgg19-dcbfe0e4.pth"
 SUMMARY_SAMPLES = 10       # samples per test clip in the closing summary (the paper's n)
 
 
@@ -198,9 +206,12 @@ def train_motion(args, run):
     train_set = MotionClips(root, "train", data.CLIP_FRAMES)
     val_set = MotionClips(root, "val", data.CLIP_FRAMES)
     meshes = metrics.RegionMeshes(load_flame(args.flame).to(run.device))
+    if args.wav2vec:
+        pretrained = Wav2Vec2.from_pretrained(args.wav2vec)
+        cfg.wav2vec = asdict(pretrained.cfg)           # the checkpoint decides the audio encoder's size
     model = MotionCVAE(cfg).to(run.device)
     if args.wav2vec:
-        model.wav2vec.load_state_dict(type(model.wav2vec).from_pretrained(args.wav2vec).state_dict())
+        model.wav2vec.load_state_dict(pretrained.state_dict())
         run.log(f"wav2vec 2.0 weights from {args.wav2vec}")
     elif args.preset == "paper":
         run.log("no --wav2vec given: the audio encoder starts from random weights. The paper starts from a "
@@ -296,6 +307,223 @@ def motion_summary(model, root, args):
     return rows
 
 
+# ----------------------------------------------------------------------------- stage 2: render
+
+class PortraitFrames(Dataset):
+    """One person's frames with their depth inputs, in memory. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index."""
+
+    def __init__(self, depth, frames, index):
+        self.depth, self.frames, self.index = depth, frames, index   # (N,1,H,W) f16, (N,H,W,3) u8, (N,) long
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __getitem__(self, i):
+        return dict(depth=self.depth[i].float(), frame=self.frames[i].permute(2, 0, 1).float() / 127.5 - 1,
+                    index=self.index[i])
+
+
+def person_sequences(root, split, person):
+    """Sequence ids of `person` in root/<split>.txt that have a video."""
+    seqs = [s for s in data.read_split(root, split)
+            if s.split("_")[0] == person and (Path(root) / "video_seqs" / f"{s}.mp4").is_file()]
+    if not seqs:
+        raise ValueError(f"{Path(root) / f'{split}.txt'}: person {person!r} has no sequence with a video "
+                         f"in video_seqs/")
+    return sorted(seqs)
+
+
+@torch.no_grad()
+def portrait_frames(root, seqs, flame, device, size, stride):
+    """
+    Every stride-th frame of the sequences, decoded and with its depth input rendered.
+    Returns (PortraitFrames, cams (N, 3) float32, shape (100,) float32 of the first sequence).
+    """
+    depth, frames, index, cams, shape = [], [], [], [], None
+    for seq in seqs:
+        pkl, mp4 = Path(root) / "flame_seqs" / f"{seq}.pkl", Path(root) / "video_seqs" / f"{seq}.mp4"
+        params = data.read_flame_pickle(pkl)
+        video = data.read_video(mp4, size)                                   # (T, H, W, 3)
+        if abs(len(video) - len(params["expression"])) > 1:
+            raise ValueError(f"{mp4}: {len(video)} frames but {pkl.name} has {len(params['expression'])} rows")
+        n = min(len(video), len(params["expression"]))
+        keep = torch.arange(0, n, stride)                                                  # (n',)
+        motion = torch.from_numpy(np.concatenate([params["expression"], params["pose"]], 1))[keep]   # (n', 59)
+        cam = params["cam"] if params["cam"] is not None else np.broadcast_to(render.DEFAULT_CAM, (n, 3))
+        cam = torch.as_tensor(np.asarray(cam, dtype=np.float32))[keep]                     # (n', 3)
+        shape = params["shape"] if shape is None else shape
+        beta = torch.from_numpy(params["shape"]).to(device)
+        for lo in range(0, len(keep), DEPTH_BATCH):
+            verts = flame.from_motion(beta, motion[lo:lo + DEPTH_BATCH].to(device))
+            frame_cam = cam[lo:lo + DEPTH_BATCH].to(device)
+            depth.append(render.render_depth(verts, flame.faces, frame_cam, size).half().cpu())  # (b, 1, H, W)
+        frames.append(torch.from_numpy(video[keep.numpy()]))
+        index.append(keep)
+        cams.append(cam)
+    dataset = PortraitFrames(torch.cat(depth), torch.cat(frames), torch.cat(index))
+    return dataset, torch.cat(cams).numpy(), shape
+
+
+@torch.no_grad()
+def render_dataset(generator, dataset, reference, device, run):
+    """Generated frames for every item of a PortraitFrames: uint8 (N, H, W, 3)."""
+    generator.eval()
+    out = []
+    for lo in range(0, len(dataset), EVAL_BATCH):
+        depth = dataset.depth[lo:lo + EVAL_BATCH].float().to(device)
+        with run.autocast():
+            index = dataset.index[lo:lo + EVAL_BATCH].to(device)
+            fake = generator(depth, reference.expand(len(depth), -1, -1, -1), index)
+        out.append(render.to_uint8(fake).cpu())
+    generator.train()
+    return torch.cat(out).numpy()
+
+
+def frame_scores(generated, truth):
+    """Mean SSIM and PSNR (dB) of uint8 (N, H, W, 3) frames against the true ones."""
+    return dict(ssim=float(np.mean(metrics.ssim(generated, truth))),
+                psnr=float(np.mean(metrics.psnr(generated, truth))))
+
+
+def sample_grid(dataset, generated, rows=GRID_ROWS):
+    """uint8 image: `rows` evenly spaced frames, each a row of depth | generated | truth."""
+    pick = np.linspace(0, len(dataset) - 1, min(rows, len(dataset))).round().astype(int)
+    depth = render.to_uint8(dataset.depth[pick].float()).numpy()
+    return np.concatenate([np.concatenate([d, g, t], axis=1)
+                           for d, g, t in zip(depth, generated[pick], dataset.frames[pick].numpy())], axis=0)
+
+
+def load_vgg(args, run):
+    """The perceptual loss's VGG-19 from --vgg, or None (said once) when no file was given."""
+    if args.vgg:
+        run.log(f"perceptual loss on VGG-19 weights from {args.vgg}")
+        return render.VGG19.load(args.vgg).to(run.device)
+    run.log(f"no --vgg given: the perceptual (VGG-19) loss term is off. For it, download torchvision's vgg19 "
+            f"weights vgg19-dcbfe0e4.pth ({VGG_URL}) and pass --vgg vgg19-dcbfe0e4.pth")
+    return None
+
+
+def train_render(args, run):
+    wall0, cpu0 = time.time(), time.process_time()
+    root = Path(args.data) if args.data else data.builtin_data()
+    cfg = render.RendererConfig.preset(args.preset)
+    seed_everything(args.seed)
+    vgg = load_vgg(args, run)
+    flame = load_flame(args.flame).to(run.device)
+
+    def split_frames(split):
+        return portrait_frames(root, person_sequences(root, split, args.person), flame, run.device, cfg.image_size,
+                               RENDER_FRAME_STRIDE)
+
+    train_set, cams, shape = split_frames("train")
+    val_set, _, _ = split_frames("val")
+    cam = cams.mean(0)                                        # the person's camera, for portrait_video
+    reference_u8 = train_set.frames[0].numpy()                # first frame of the first training sequence
+    reference = render.image_tensor(reference_u8, cfg.image_size).to(run.device)   # (3, H, W)
+    if run.main:
+        imageio.imwrite(run.out / "reference.png", reference_u8)
+
+    generator = render.FaceRenderer(cfg.channels).to(run.device)
+    discriminator = render.PatchDiscriminator(channels=cfg.discriminator_channels).to(run.device)
+    weights = render.RendererLossWeights()
+    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr, betas=ADAM_BETAS)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr, betas=ADAM_BETAS)
+    steps_per_epoch = len(loader(train_set, args.batch_size, run, args.seed, 0))
+    total_steps = steps_per_epoch * args.epochs
+    warmup = min(100, total_steps // 10 + 1)
+    sched_g, sched_d = cosine_schedule(opt_g, warmup, total_steps), cosine_schedule(opt_d, warmup, total_steps)
+    start_epoch, step, best = 0, 0, -1.0
+    if args.resume:
+        ckpt = torch.load(run.out / "last.pt", map_location=run.device, weights_only=False)
+        for obj, key in ((generator, "generator"), (discriminator, "discriminator"), (opt_g, "optimizer_g"),
+                         (opt_d, "optimizer_d"), (sched_g, "schedule_g"), (sched_d, "schedule_d")):
+            obj.load_state_dict(ckpt[key])
+        start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
+        set_rng_state(ckpt["rng"])
+        run.log(f"resumed from {run.out / 'last.pt'} at epoch {start_epoch}, step {step}")
+    # D's weights get gradients in G's step too; G's step uses the bare D so those are never all-reduced
+    net_g = DistributedDataParallel(generator) if run.ddp else generator
+    net_d = DistributedDataParallel(discriminator) if run.ddp else discriminator
+    n_params = sum(p.numel() for p in generator.parameters())
+    run.log(f"face renderer '{args.preset}': {n_params / 1e6:.2f} M generator parameters, person {args.person}: "
+            f"{len(train_set)} train / {len(val_set)} val frames (1 in {RENDER_FRAME_STRIDE}) from {root}, "
+            f"{args.epochs} epochs of {steps_per_epoch} steps on {run.device}")
+    progress = Progress(run, total_steps, step)
+    log_every = max(1, total_steps // PROGRESS_LINES)
+    history = []
+    train_cpu, train_steps = 0.0, 0
+    for epoch in range(start_epoch, args.epochs):
+        sums, n_batches = {}, 0
+        epoch_cpu = time.process_time()
+        for batch in loader(train_set, args.batch_size, run, args.seed, epoch):
+            depth, real, index = (batch[k].to(run.device) for k in ("depth", "frame", "index"))
+            ref = reference.expand(len(depth), -1, -1, -1)
+            with run.autocast():
+                fake = net_g(depth, ref, index)
+                condition = render.renderer_input(depth, ref, index)
+                loss_d = render.discriminator_loss(net_d, condition, fake, real)
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+            with run.autocast():
+                loss_g, parts = render.generator_loss(discriminator, condition, fake, real, vgg, weights)
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            torch.nn.utils.clip_grad_norm_(generator.parameters(), args.grad_clip)
+            opt_g.step()
+            sched_g.step()
+            sched_d.step()
+            step += 1
+            losses = dict(g=loss_g.item(), d=loss_d.item(), **parts)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_batches += 1
+            if step % log_every == 0 or step == total_steps:
+                progress(step, epoch, losses)
+        train_cpu += time.process_time() - epoch_cpu
+        train_steps += n_batches
+        generated = render_dataset(generator, val_set, reference, run.device, run)
+        val = frame_scores(generated, val_set.frames.numpy())
+        history.append(dict(train={k: v / n_batches for k, v in sums.items()}, val=val))
+        run.log(f"epoch {epoch} validation | SSIM {val['ssim']:.4f} | PSNR {val['psnr']:.2f} dB")
+        if run.main:
+            imageio.imwrite(run.out / f"samples_{epoch:03d}.png", sample_grid(val_set, generated))
+        state = dict(generator=generator.state_dict(), discriminator=discriminator.state_dict(),
+                     renderer_config=asdict(cfg), optimizer_g=opt_g.state_dict(), optimizer_d=opt_d.state_dict(),
+                     schedule_g=sched_g.state_dict(), schedule_d=sched_d.state_dict(), epoch=epoch, step=step,
+                     best=max(best, val["ssim"]), rng=rng_state(), cam=cam.tolist(), shape=shape,
+                     person=args.person, flame=args.flame, reference=reference_u8, val=val)
+        if val["ssim"] > best:
+            best = val["ssim"]
+            run.save(state, "best.pt")
+        run.save(state, "last.pt")
+
+    summary = None
+    if run.main and (run.out / "best.pt").is_file():
+        best_state = torch.load(run.out / "best.pt", map_location=run.device, weights_only=False)
+        generator.load_state_dict(best_state["generator"])
+        test_set, _, _ = split_frames("test")
+        truth = test_set.frames.numpy()
+        summary = dict(renderer=frame_scores(render_dataset(generator, test_set, reference, run.device, run), truth),
+                       copy_reference=frame_scores(np.repeat(reference_u8[None], len(truth), 0), truth),
+                       frames=len(test_set), wall_s=time.time() - wall0, cpu_s=time.process_time() - cpu0,
+                       cpu_s_per_step=train_cpu / max(1, train_steps))
+        print_render_summary(run, args.person, summary)
+    return dict(history=history, summary=summary)
+
+
+def print_render_summary(run, person, s):
+    ours, copy = s["renderer"], s["copy_reference"]
+    met = ours["ssim"] >= SSIM_BAR and ours["psnr"] >= PSNR_BAR
+    run.log(f"render summary: person {person}, {s['frames']} held-out test frames (1 in {RENDER_FRAME_STRIDE})\n"
+            f"  face renderer   SSIM {ours['ssim']:.4f}   PSNR {ours['psnr']:.2f} dB\n"
+            f"  copy reference  SSIM {copy['ssim']:.4f}   PSNR {copy['psnr']:.2f} dB\n"
+            f"  renderer - copy SSIM {ours['ssim'] - copy['ssim']:+.4f}   PSNR {ours['psnr'] - copy['psnr']:+.2f} dB\n"
+            f"  bars SSIM >= {SSIM_BAR} and PSNR >= {PSNR_BAR} dB: {'met' if met else 'NOT met'}\n"
+            f"  wall {s['wall_s'] / 60:.1f} min, CPU {s['cpu_s']:.0f} s "
+            f"({s['cpu_s_per_step']:.2f} CPU s a training step)")
+
+
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
@@ -303,7 +531,8 @@ def parse_args(argv=None):
     p.add_argument("--stage", choices=["motion", "render"], default="motion")
     p.add_argument("--data", help="SingingHead folder (default: the built-in data set, made on first use)")
     p.add_argument("--out", help="checkpoint folder (default: out/<stage>)")
-    p.add_argument("--preset", choices=["tiny", "paper"], default="tiny", help="motion model size")
+    p.add_argument("--preset", choices=["tiny", "paper"], default="tiny",
+                   help="model size: tiny (CPU, the built-in data) or paper (the paper's, for a GPU)")
     p.add_argument("--wav2vec", help="pretrained wav2vec 2.0 folder or weights file (motion stage)")
     p.add_argument("--flame", help="FLAME model file (default: the procedural stand-in head)")
     p.add_argument("--cache-audio", action="store_true", help="freeze wav2vec 2.0 and cache its features")
@@ -320,7 +549,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     defaults = dict(motion=dict(epochs=60, batch_size=8, lr=1e-3 if args.preset == "tiny" else 1e-4),
-                    render=dict(epochs=10, batch_size=8, lr=2e-4))[args.stage]
+                    render=dict(epochs=10, batch_size=8, lr=1e-3 if args.preset == "tiny" else 2e-4))[args.stage]
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

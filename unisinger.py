@@ -38,12 +38,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from audio import SAMPLE_RATE, Wav2Vec2, Wav2Vec2Config, load_audio, mfcc_at_fps
+from audio import SAMPLE_RATE, Wav2Vec2, Wav2Vec2Config, load_audio, mfcc_at_fps, normalize_wave
 from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame
+from render import VideoWriter, load_reference, load_renderer, render_depth, render_preview, to_uint8
 
 FPS = 30                                    # motion frames per second
 CLIP_FRAMES = 240                           # training window: 8 s at 30 fps
 N_MFCC = 64                                 # background-music feature size
+RENDER_BATCH = 16                           # frames rasterized and rendered at once: memory flat for any song
 PPE_PERIOD = 30                             # periodic positional encoding repeats every second
 DEFAULT_CHECKPOINT = Path(__file__).parent / "out" / "motion" / "best.pt"
 
@@ -76,7 +78,7 @@ class MotionConfig:
         if name == "paper":
             return cls()
         if name == "tiny":
-            return cls(d_model=64, n_heads=4, n_layers=2, d_ff=128, dropout=0.0, wav2vec=dict(WAV2VEC2_TINY),
+            return cls(d_model=64, n_heads=4, n_layers=2, d_ff=128, dropout=0.1, wav2vec=dict(WAV2VEC2_TINY),
                        freeze_feature_extractor=False)
         raise ValueError(f"unknown preset {name!r}: choose 'paper' or 'tiny'")
 
@@ -137,8 +139,11 @@ class MotionCVAE(nn.Module):
         self.motion_std.copy_(torch.as_tensor(std).clamp_min(1e-4))
 
     def voice_features(self, voice, n_frames):
-        """wav2vec 2.0 features at the motion frame rate: (B, N) samples -> (B, T, C)."""
-        return self.wav2vec(voice, n_frames=n_frames)
+        """wav2vec 2.0 features at the motion frame rate: (B, N) samples -> (B, T, C).
+
+        Each clip is normalised to zero mean and unit variance first, as wav2vec 2.0 base checkpoints expect.
+        """
+        return self.wav2vec(normalize_wave(voice), n_frames=n_frames)
 
     def audio_tokens(self, voice_feats, music_mfcc):
         """voice (B, T, C) + music MFCC (B, T, 64) -> one audio token a frame (B, T, d)."""
@@ -290,6 +295,42 @@ def fit_length(x, n):
     return x[:n] if len(x) >= n else np.pad(x, (0, n - len(x)))
 
 
+# ----------------------------------------------------------------------------- portrait video
+
+@torch.no_grad()
+def portrait_video(renderer_ckpt, image_path, flame, shape, motion, out_path, audio=None, device="cpu",
+                   batch=RENDER_BATCH, fps=FPS, sample_rate=SAMPLE_RATE):
+    """
+    The singing portrait: motion (T, 59) with shape (100,) -> FLAME meshes -> depth with the renderer's
+    camera -> FaceRenderer frames, `batch` frames at a time, streamed into out_path (mp4, audio float32 (N,)
+    muxed in when given) and the depth video into depth.mp4 beside it. Memory does not grow with T.
+    Frame t gets temporal index t. Returns out_path as a Path.
+    """
+    out_path = Path(out_path)
+    device = torch.device(device)
+    renderer = load_renderer(renderer_ckpt, device)
+    size = renderer.config.image_size
+    reference = load_reference(image_path, size).to(device)                               # (3, H, W)
+    motion = torch.as_tensor(np.asarray(motion), dtype=torch.float32)
+    if motion.ndim != 2 or motion.shape[1] != 59:
+        raise ValueError(f"{out_path}: motion must be (frames, 59), got {tuple(motion.shape)}")
+    shape = torch.as_tensor(np.asarray(shape), dtype=torch.float32, device=device)
+    flame = flame.to(device)
+    cam = torch.tensor(renderer.cam, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with VideoWriter(out_path, size, fps, audio, sample_rate) as video, \
+            VideoWriter(out_path.with_name("depth.mp4"), size, fps, audio, sample_rate) as depth_video:
+        for start in range(0, len(motion), batch):
+            chunk = motion[start:start + batch].to(device)                                 # (b, 59)
+            depth = render_depth(flame.from_motion(shape, chunk), flame.faces, cam, size)  # (b, 1, H, W)
+            index = torch.arange(start, start + len(chunk), device=device)
+            with autocast:
+                frames = renderer(depth, reference.expand(len(chunk), -1, -1, -1), index)  # (b, 3, H, W)
+            video.write(to_uint8(frames))
+            depth_video.write(to_uint8(depth))
+    return out_path
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def load_checkpoint(path, device="cpu"):
@@ -318,18 +359,17 @@ def load_flame(path=None):
 
 def write_motion(out_dir, motion, flame, shape, voice):
     """Each sample: motion .npz (+ landmarks), a pickle with the SingingHead keys, and a preview mp4 with sound."""
-    from render import render_preview
     out_dir.mkdir(parents=True, exist_ok=True)
     shape_t = torch.as_tensor(shape, dtype=torch.float32)
     for k, m in enumerate(motion):
         m_t = torch.from_numpy(m)
-        landmarks = torch.cat([flame.landmarks(flame.from_motion(shape_t, m_t[i:i + FPS]))
-                               for i in range(0, len(m_t), FPS)]).numpy()                   # (T, 68, 3)
+        verts = torch.cat([flame.from_motion(shape_t, m_t[i:i + FPS]) for i in range(0, len(m_t), FPS)])  # (T,V,3)
+        landmarks = flame.landmarks(verts).numpy()                                                     # (T, 68, 3)
         np.savez(out_dir / f"sample_{k}.npz", motion=m, shape=shape, landmarks=landmarks, fps=FPS)
         with open(out_dir / f"sample_{k}.pkl", "wb") as f:
             pickle.dump(dict(expcodes=m[:, :N_EXPR], posecodes=m[:, N_EXPR:], shapecode=np.asarray(shape)[None]),
                         f, protocol=2)
-        render_preview(flame, shape_t, m_t, out_dir / f"sample_{k}.mp4", audio=voice)
+        render_preview(flame, verts, out_dir / f"sample_{k}.mp4", audio=voice)
 
 
 def main(argv=None):
@@ -370,7 +410,6 @@ def main(argv=None):
     if args.image or args.renderer:
         if not (args.image and args.renderer):
             sys.exit("--image and --renderer go together: the portrait video needs both")
-        from render import portrait_video
         video = portrait_video(args.renderer, args.image, flame, shape, motion[0], out / "portrait.mp4",
                                audio=voice, device=args.device)
         print(f"portrait video -> {video}")
