@@ -14,7 +14,7 @@ import time
 
 import torch
 
-PARTS = ["flame", "render", "audio_w2v", "audio_dsp", "motion", "metrics"]
+PARTS = ["flame", "render", "audio_w2v", "audio_dsp", "motion", "metrics", "render_stage"]
 
 
 def fmt(value, spec):

@@ -3,8 +3,8 @@
 Rows: an 8 s clip at batch 1 with the `paper` preset (wav2vec 2.0 base + the full-size CVAE, random weights:
 speed does not depend on the values) and with `tiny`; a 3-minute song end to end (features, every window,
 blending). The paper reports 50.8 frames/s for UniSinger (Table II) on an RTX 3090; that is the reference
-column, a published figure, not a measurement here. Each case runs in a fresh process so that its peak
-resident memory (ru_maxrss, which includes the model) is its own.
+column, a published figure, not a measurement here. Each case runs in a fresh process and reports its peak
+resident memory (VmHWM, which includes the model; ru_maxrss would carry the parent's peak across fork+exec).
 Run alone: python bench_motion.py [cpu|cuda]
 """
 import json
@@ -15,7 +15,7 @@ PAPER_FPS = 50.849           # UniSinger's FPS in the paper's Table II
 CASES = [("paper", 8.0, 1), ("tiny", 8.0, 1), ("paper", 180.0, 1)]
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np, torch
 from unisinger import MotionConfig, MotionCVAE, generate, SAMPLE_RATE
 preset, seconds, samples, device = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -30,8 +30,8 @@ for _ in range(3 if seconds <= 8 else 1):
     if device == "cuda":
         torch.cuda.synchronize()
     best = min(best, time.perf_counter() - t0)
-mem = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-       else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+mem = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else
+       int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024)
 print(json.dumps(dict(seconds=best, frames=int(motion.shape[0] * motion.shape[1]), mem=mem)))
 """
 

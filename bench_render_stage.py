@@ -25,7 +25,7 @@ BENCH_REPEATS = 2                # timed batches after one warm-up
 SONG_SECONDS = (3, 60)           # portrait_video lengths whose peak memory is compared
 
 PEAK_RSS_SCRIPT = """
-import resource, sys, numpy as np, torch
+import sys, numpy as np, torch
 sys.path.insert(0, {here!r})
 from flame import Flame
 from unisinger import portrait_video
@@ -35,7 +35,7 @@ motion[:, :10] = 0.5 * np.sin(np.arange(frames)[:, None] / 7.0 + np.arange(10))
 motion[:, 56] = 0.15 * (1 + np.sin(np.arange(frames) / 3.0))                       # jaw opening and closing
 voice = (0.1 * np.sin(np.arange(round(frames / 30 * 16000)) * 0.05)).astype(np.float32)
 portrait_video({ckpt!r}, {image!r}, Flame.procedural(), np.zeros(100, np.float32), motion, {out!r}, audio=voice)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)                   # MB (Linux reports KiB)
+print(int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024)  # peak RSS, MB
 """
 
 
