@@ -307,6 +307,11 @@ def motion_summary(model, root, args):
 
 
 # ----------------------------------------------------------------------------- stage 2: render
+# Data: the person's sequences that have a video, every RENDER_FRAME_STRIDE-th frame; each frame's depth input
+# is rendered once from its pickle's FLAME parameters and camera and kept in memory (float16) beside the decoded
+# frame. The reference image is the first frame of the person's first training sequence, saved as
+# reference.png for `unisinger.py --image`. best.pt is chosen by validation SSIM; at the end the best generator
+# is scored on the test split against copying the reference.
 
 class PortraitFrames(Dataset):
     """One person's frames with their depth inputs, in memory. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index."""
