@@ -192,9 +192,8 @@ def validate_motion(model, meshes, dataset, device, voice_cache=None, seed=0):
 
 
 def motion_stats(dataset):
-    motion = torch.stack([dataset.clips[i]["motion"] if torch.is_tensor(dataset.clips[i]["motion"])
-                          else torch.as_tensor(dataset.clips[i]["motion"]) for i in range(len(dataset))])
-    flat = motion.reshape(-1, motion.shape[-1])
+    """Per-dimension mean and std of the training motion, (59,) each."""
+    flat = torch.cat([torch.as_tensor(dataset.clips[i]["motion"]) for i in range(len(dataset))])  # (N*T, 59)
     return flat.mean(0), flat.std(0)
 
 
