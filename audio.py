@@ -186,12 +186,13 @@ class ConvLayer(nn.Module):
         if c_in == 1:  # the raw wave: its window matrix is small, so copy it and do one product
             return F.linear(_windows(x, self.kernel, self.stride), self.weight.t(), self.bias)
         # wide inputs: sum one product per tap over strided views of x, no window copy (kernel/stride times x)
+        # in x's dtype throughout: under bf16 autocast x arrives in bf16, and the in-place sums must not mix dtypes
         x = x.contiguous()
         T = (N - self.kernel) // self.stride + 1
-        w = self.weight.view(self.kernel, c_in, -1)  # (kernel, C_in, C_out)
+        w = self.weight.to(x.dtype).view(self.kernel, c_in, -1)  # (kernel, C_in, C_out)
         taps = [x[:, k:k + self.stride * (T - 1) + 1:self.stride] for k in range(self.kernel)]  # (B, T, C_in) each
         w = [w_k.expand(B, -1, -1) for w_k in w]
-        y = torch.bmm(taps[0], w[0]) if self.bias is None else torch.baddbmm(self.bias, taps[0], w[0])
+        y = torch.bmm(taps[0], w[0]) if self.bias is None else torch.baddbmm(self.bias.to(x.dtype), taps[0], w[0])
         for k in range(1, self.kernel):
             y.baddbmm_(taps[k], w[k])
         return y  # (B, T, C_out)

@@ -468,18 +468,19 @@ class VGG19(torch.nn.Module):
 
 def gan_loss(logits, real):
     """LSGAN (pix2pixHD's choice, steadier than the log loss): mean (D - 1)^2 for real, mean D^2 for fake."""
+    logits = logits.float()  # losses in float32 even under bf16 autocast
     return ((logits - 1) ** 2).mean() if real else (logits ** 2).mean()
 
 
 def feature_matching_loss(fake_features, real_features):
     """pix2pixHD feature matching: mean L1 over the discriminator's intermediate activations (real detached)."""
     pairs = list(zip(fake_features[:-1], real_features[:-1]))
-    return sum((f - r.detach()).abs().mean() for f, r in pairs) / len(pairs)
+    return sum((f.float() - r.detach().float()).abs().mean() for f, r in pairs) / len(pairs)
 
 
 def photometric_loss(fake, real):
     """Pixel L1."""
-    return (fake - real).abs().mean()
+    return (fake.float() - real.float()).abs().mean()
 
 
 def perceptual_loss(vgg, fake, real):
@@ -488,7 +489,8 @@ def perceptual_loss(vgg, fake, real):
     std = torch.tensor(IMAGENET_STD, device=fake.device, dtype=fake.dtype)[:, None, None]
     fake_taps = vgg(((fake + 1) / 2 - mean) / std)
     real_taps = vgg(((real + 1) / 2 - mean) / std)
-    return sum(w * (f - r.detach()).abs().mean() for w, f, r in zip(VGG_LAYER_WEIGHTS, fake_taps, real_taps))
+    return sum(w * (f.float() - r.detach().float()).abs().mean()
+               for w, f, r in zip(VGG_LAYER_WEIGHTS, fake_taps, real_taps))
 
 
 @dataclass

@@ -7,12 +7,14 @@ import functools
 import inspect
 import json
 import math
+import os
 import pickle
 import re
 import shutil
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import imageio.v2 as imageio
 import imageio_ffmpeg
@@ -1815,6 +1817,46 @@ def test_resumed_run_continues_exactly(motion_set, tmp_path, monkeypatch):
 
 
 
+def test_motion_training_under_bf16_autocast_keeps_float32_weights(motion_set, tmp_path):
+    """The GPU's bf16 path, run on the CPU: forward passes in bf16, weights, optimiser and losses in float32."""
+    train.main(["--stage", "motion", "--data", str(motion_set), "--out", str(tmp_path), "--epochs", "1",
+                "--batch-size", "8", "--bf16", "--no-summary"])
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert np.isfinite(ckpt["val"]["lve"]) and np.isfinite(ckpt["val"]["loss"])
+
+
+DDP_WORKER = """
+import sys, torch, train
+real_save = train.Run.save
+def save_on_every_rank(run, state, name):   # train.py saves on rank 0 only; the test wants both ranks' weights
+    if run.main:
+        real_save(run, state, name)
+    torch.save(state["model"], run.out / f"rank{run.rank}.pt")
+train.Run.save = save_on_every_rank
+train.main(sys.argv[1:])
+"""
+
+
+def test_two_process_ddp_run_keeps_both_ranks_identical(motion_set, tmp_path):
+    """torchrun with 2 CPU processes (gloo): the data are split between the ranks, gradients all-reduced, so
+    after training both ranks hold the same weights, and rank 0's checkpoint counts the steps of half the data."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), "--stage", "motion", "--data", str(motion_set), "--out", str(out),
+                           "--epochs", "1", "--batch-size", "4", "--no-summary"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key]), key
+    n_train = len(data.SingingHead(motion_set, "train"))
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == n_train // 2 // 4
+
+
 # ==============================================================================================================
 # Tests of the render stage: training runs, checkpoints, exact resume, learning, and the portrait video.
 
@@ -1894,6 +1936,16 @@ def test_missing_vgg_file_is_refused_naming_it(person, tmp_path):
 def test_person_without_videos_is_refused_naming_the_split_file(person):
     with pytest.raises(ValueError, match=r"train\.txt: person 'id7' has no sequence with a video"):
         train.person_sequences(person, "train", "id7")
+
+
+def test_render_training_under_bf16_autocast_keeps_float32_weights(person, tmp_path):
+    result = train_render(render_args(person, tmp_path, "--epochs", "1", "--bf16"))
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    for part in ("generator", "discriminator"):
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt[part].values()
+                   if v.is_floating_point())
+    assert all(np.isfinite(v) for v in result["history"][0]["train"].values())
+    assert result["summary"]["renderer"]["ssim"] > 0
 
 
 def test_render_resume_gives_the_same_losses_as_an_uninterrupted_run(person, tmp_path, monkeypatch):

@@ -7,10 +7,10 @@
 Depends on torch, numpy and our unisinger.py, data.py, flame.py, render.py, metrics.py.
 
 What every run does: one progress line every few steps (step, losses, it/s, ETA), validation every epoch,
-`last.pt` and `best.pt` written atomically at the end of every epoch into --out, bf16 autocast on a GPU, DDP
-when started by torchrun. `--resume` continues from `last.pt` exactly: the model, optimiser, schedule, the
-random number generators and the epoch's data order are all restored, so on the CPU a resumed run produces
-the same losses as one that never stopped.
+`last.pt` and `best.pt` written atomically at the end of every epoch into --out, bf16 autocast on a GPU
+(--bf16), DDP when started by torchrun. `--resume` continues from `last.pt` exactly: the model, optimiser,
+schedule, the random number generators and the epoch's data order are all restored, so on the CPU a resumed
+run produces the same losses as one that never stopped.
 """
 import argparse
 import math
@@ -62,12 +62,13 @@ class Run:
             self.rank, self.world = 0, 1
             self.device = torch.device(args.device)
         self.main = self.rank == 0
+        self.bf16 = self.device.type == "cuda" if args.bf16 is None else args.bf16
         self.out = Path(args.out)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def log(self, *msg):
         if self.main:
@@ -502,7 +503,7 @@ def train_render(args, run):
         run.save(state, "last.pt")
 
     summary = None
-    if run.main and (run.out / "best.pt").is_file():
+    if run.main and args.summary and (run.out / "best.pt").is_file():
         best_state = torch.load(run.out / "best.pt", map_location=run.device, weights_only=False)
         generator.load_state_dict(best_state["generator"])
         test_set, _, _ = split_frames("test")
@@ -550,6 +551,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--no-summary", dest="summary", action="store_false", help="skip the closing test-split summary")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast for the forward passes (default: on a GPU, off on the CPU, where it is slow)")
     args = p.parse_args(argv)
     defaults = dict(motion=dict(epochs=60, batch_size=8, lr=1e-3 if args.preset == "tiny" else 1e-4),
                     render=dict(epochs=10, batch_size=8, lr=1e-3 if args.preset == "tiny" else 2e-4))[args.stage]
