@@ -7,6 +7,7 @@
 Each part lives in bench_<part>.py beside this file and returns rows of
     name, ours_s, ref_s, ratio (= ref_s / ours_s, > 1 means we are faster), ours_mem_mb, ref_mem_mb, note.
 Depends on the reference packages of requirements-dev.txt. Timings belong here, never in the tests.
+best_times, the timing loop every part uses, lives here.
 """
 import argparse
 import importlib
@@ -15,6 +16,26 @@ import time
 import torch
 
 PARTS = ["flame", "render", "audio_w2v", "audio_dsp", "motion", "metrics", "render_stage"]
+
+
+def best_times(fns, device, warmup, repeats):
+    """Best wall and best process-CPU seconds of each callable over `repeats` rounds, after `warmup` rounds:
+    ([wall...], [cpu...]). The callables alternate within a round, so a varying machine load hits all alike."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns:
+                fn()
+        wall, cpu = [[] for _ in fns], [[] for _ in fns]
+        for _ in range(repeats):
+            for i, fn in enumerate(fns):
+                sync()
+                start, start_cpu = time.perf_counter(), time.process_time()
+                fn()
+                sync()
+                wall[i].append(time.perf_counter() - start)
+                cpu[i].append(time.process_time() - start_cpu)
+    return [min(t) for t in wall], [min(t) for t in cpu]
 
 
 def fmt(value, spec):

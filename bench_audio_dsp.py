@@ -19,13 +19,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import audio
+from bench import best_times
 
 SECONDS = 8.0
 SR = audio.SAMPLE_RATE
@@ -77,29 +77,6 @@ def _methods(device="cpu"):
         "onset_strength+beat_track": (
             lambda: audio.beat_track(audio.onset_strength(percussive, sr=SR))[1], librosa_onset_beats),
     }
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _best_times(fns, device):
-    """Best wall and best process-CPU seconds of each callable: ([wall...], [cpu...])."""
-    with torch.no_grad():
-        for _ in range(WARMUP):
-            for fn in fns:
-                fn()
-        wall, cpu = [[] for _ in fns], [[] for _ in fns]
-        for _ in range(REPEATS):
-            for i, fn in enumerate(fns):
-                _sync(device)
-                start, start_cpu = time.perf_counter(), time.process_time()
-                fn()
-                _sync(device)
-                wall[i].append(time.perf_counter() - start)
-                cpu[i].append(time.process_time() - start_cpu)
-    return [min(t) for t in wall], [min(t) for t in cpu]
 
 
 def _status_mb(key):
@@ -162,7 +139,7 @@ def bench_rows(device="cpu"):
     rows = []
     for name, (ours, ref) in methods.items():
         on_gpu = name == "mfcc" and torch.device(device).type == "cuda"
-        (ours_s, ref_s), (ours_cpu, ref_cpu) = _best_times([ours, ref], device if on_gpu else "cpu")
+        (ours_s, ref_s), (ours_cpu, ref_cpu) = best_times([ours, ref], device if on_gpu else "cpu", WARMUP, REPEATS)
         note = f"ours on {device if on_gpu else 'cpu'} vs librosa 0.11 warm on cpu; best CPU time " \
                f"{ours_cpu * 1e3:.1f} vs {ref_cpu * 1e3:.1f} ms"
         if name == "beats":

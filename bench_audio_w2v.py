@@ -15,12 +15,12 @@ import ctypes
 import gc
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from audio import SAMPLE_RATE, Wav2Vec2, normalize_wave
+from bench import best_times
 
 CLIP_SECONDS = 8
 WARMUP, REPEATS = 2, 7
@@ -50,23 +50,6 @@ def _forward_memory_mb(fn, device):
     return _proc_status_mb("VmHWM") - before
 
 
-def _best_times(fns, device):
-    """Best wall time of each fn over REPEATS rounds, the fns interleaved within a round."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in fns:
-        for _ in range(WARMUP):
-            fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(REPEATS):
-        for i, fn in enumerate(fns):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
-
-
 def bench_rows(device="cpu"):
     import transformers
     device = torch.device(device)
@@ -80,7 +63,7 @@ def bench_rows(device="cpu"):
     with torch.inference_mode():
         run_ours, run_ref = (lambda: ours(wave)), (lambda: ref(wave).last_hidden_state)
         diff = (run_ours() - run_ref()).abs().max().item()
-        ours_s, ref_s = _best_times([run_ours, run_ref], device)
+        (ours_s, ref_s), _ = best_times([run_ours, run_ref], device, WARMUP, REPEATS)
         ours_mem, ref_mem = _forward_memory_mb(run_ours, device), _forward_memory_mb(run_ref, device)
     mem_kind = "CUDA peak allocated" if device.type == "cuda" else "peak RSS rise"
     note = (f"vs transformers.Wav2Vec2Model, base config, random weights, {CLIP_SECONDS} s audio, batch 1, "

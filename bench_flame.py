@@ -11,11 +11,11 @@ where /proc does not offer this (non-Linux).
 """
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from bench import best_times
 from flame import Flame, procedural_head
 
 FRAMES = 240          # one 8 s clip at 30 fps
@@ -39,28 +39,6 @@ def _setup(device, per_frame_shape):
     ours = lambda: model.from_motion(shape if per_frame_shape else shape[0], motion)
     ref = lambda: lbs(betas, pose, *ref_args)[0]
     return ours, ref
-
-
-def _sync(device):
-    if torch.device(device).type == 'cuda':
-        torch.cuda.synchronize()
-
-
-def _best_times(fns, device):
-    """Best time of each callable; calls alternate so a varying machine load hits all of them alike."""
-    with torch.no_grad():
-        for _ in range(WARMUP):
-            for fn in fns:
-                fn()
-        times = [[] for _ in fns]
-        for _ in range(REPEATS):
-            for fn, spent in zip(fns, times):
-                _sync(device)
-                start = time.perf_counter()
-                fn()
-                _sync(device)
-                spent.append(time.perf_counter() - start)
-    return [min(t) for t in times]
 
 
 def _cpu_peak_mb(which, per_frame_shape):
@@ -99,7 +77,7 @@ def bench_rows(device='cpu'):
     rows = []
     for per_frame_shape in (False, True):
         ours, ref = _setup(device, per_frame_shape)
-        ours_s, ref_s = _best_times((ours, ref), device)
+        (ours_s, ref_s), _ = best_times((ours, ref), device, WARMUP, REPEATS)
         if torch.device(device).type == 'cuda':
             ours_mem, ref_mem = _gpu_peak_mb(ours, device), _gpu_peak_mb(ref, device)
         else:
