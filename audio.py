@@ -185,14 +185,17 @@ class ConvLayer(nn.Module):
         B, N, c_in = x.shape
         if c_in == 1:  # the raw wave: its window matrix is small, so copy it and do one product
             return F.linear(_windows(x, self.kernel, self.stride), self.weight.t(), self.bias)
-        # wide inputs: sum one product per tap over strided views of x, no window copy (kernel/stride times x)
-        # in x's dtype throughout: under bf16 autocast x arrives in bf16, and the in-place sums must not mix dtypes
-        x = x.contiguous()
+        # wide inputs: sum one product per tap over strided views of x, no window copy (kernel/stride times x).
+        # Everything in one dtype, autocast's when it is on: the in-place sums below are not autocast, and x
+        # arrives in float32 or bf16 depending on the device's autocast policy for the layer before.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x = x.to(dtype).contiguous()
         T = (N - self.kernel) // self.stride + 1
-        w = self.weight.to(x.dtype).view(self.kernel, c_in, -1)  # (kernel, C_in, C_out)
+        w = self.weight.to(dtype).view(self.kernel, c_in, -1)  # (kernel, C_in, C_out)
         taps = [x[:, k:k + self.stride * (T - 1) + 1:self.stride] for k in range(self.kernel)]  # (B, T, C_in) each
         w = [w_k.expand(B, -1, -1) for w_k in w]
-        y = torch.bmm(taps[0], w[0]) if self.bias is None else torch.baddbmm(self.bias.to(x.dtype), taps[0], w[0])
+        y = torch.bmm(taps[0], w[0]) if self.bias is None else torch.baddbmm(self.bias.to(dtype), taps[0], w[0])
         for k in range(1, self.kernel):
             y.baddbmm_(taps[k], w[k])
         return y  # (B, T, C_out)
@@ -642,8 +645,8 @@ def mfcc(y, sr=SAMPLE_RATE, n_mfcc=N_MFCC, hop_length=HOP_LENGTH, n_fft=N_FFT, n
     spec = torch.stft(x.reshape(-1, x.shape[-1]).to(torch.float64), n_fft, hop_length, window=window,
                       center=True, pad_mode="constant", return_complex=True)          # (B, F, T)
     spec = spec.to(torch.complex128 if dtype == torch.float64 else torch.complex64)
-    power = spec.abs().square()                                                      # (B, F, T)
-    db = 10.0 * torch.log10(torch.clamp(mel @ power, min=AMIN))                      # (B, n_mels, T)
+    power = spec.abs().square_()                                                     # (B, F, T)
+    db = (mel @ power).clamp_(min=AMIN).log10_().mul_(10.0)                          # (B, n_mels, T)
     db = torch.maximum(db, db.amax(dim=(-2, -1), keepdim=True) - TOP_DB)
     # a float32 product drifts ~1e-3 dB from scipy's DCT on loud frames; float64 then rounding stays ~1e-5
     coeffs = (dct @ db.to(torch.float64)).to(dtype)                                  # (B, n_mfcc, T)

@@ -126,8 +126,8 @@ class RegionMeshes:
         w_jaw = flame.weights_t[self.JAW, ids]
         self.ids = torch.cat([ids[w_jaw > 0], ids[w_jaw == 0]])                            # (U,)
         self.n_jaw = int((w_jaw > 0).sum())
-        position = torch.full((flame.weights_t.shape[1],), -1, dtype=torch.long)
-        position[self.ids] = torch.arange(len(self.ids))                                   # full id -> region index
+        position = torch.full((flame.weights_t.shape[1],), -1, dtype=torch.long, device=ids.device)
+        position[self.ids] = torch.arange(len(self.ids), device=ids.device)                # full id -> region index
         self.lips, self.face, self.upper_face = (position[masks[k]] for k in ("lips", "face", "upper_face"))
         self.lmk_corners, self.lmk_bary = position[lmk], flame.lmk_bary
         n_vert, n_shape, n_expr = flame.template.numel() // 3, flame.n_shape, flame.n_expr
@@ -153,7 +153,8 @@ class RegionMeshes:
         shape = shape.to(self.template)
         expr = m[:, :self.n_expr]
         rot = rodrigues(m[:, -3:])                                                         # (N, 3, 3) jaw
-        feats = torch.cat([expr, (rot - torch.eye(3, dtype=rot.dtype)).reshape(-1, 9)], 1)  # (N, 59)
+        eye = torch.eye(3, dtype=rot.dtype, device=rot.device)
+        feats = torch.cat([expr, (rot - eye).reshape(-1, 9)], 1)                           # (N, 59)
         base = torch.addmv(self.template, self.shape_dirs.T, shape)                       # (3U,)
         verts = torch.addmm(base, feats, self.frame_dirs).view(len(m), 3, -1)             # (N, 3, U) v_posed
         joint = (self.jaw_template + shape @ self.jaw_shape_dirs + expr @ self.jaw_expr_dirs)[:, :, None]  # (N,3,1)
@@ -853,7 +854,7 @@ def run_motion_table(args):
     else:
         from unisinger import generate, load_checkpoint, load_flame
         ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint()
-        model = load_checkpoint(ckpt)
+        model = load_checkpoint(ckpt, args.device)
         flame = load_flame(args.flame or model.flame_path)
         clock = {"seconds": 0.0, "frames": 0}
 
@@ -886,6 +887,8 @@ def main(argv=None):
     p.add_argument("--weights", default="weights", help=f"folder with {INCEPTION_FILE}, {ALEXNET_FILE}, {LPIPS_FILE}")
     p.add_argument("--time-correct", action="store_true", help="BA with beat times x 30 fps instead of onset frames")
     p.add_argument("--json", help="output JSON (default: DIR/metrics.json, or out/metrics/<table>.json)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the default run generates motion (its FPS column is that device's)")
     args = p.parse_args(argv)
 
     if args.video:

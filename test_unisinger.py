@@ -651,6 +651,28 @@ def test_wav2vec2_matches_transformers(tmp_path, stable, fmt):
     assert _max_diff(ref, ours, [400, 1237, 2001, 3333]) <= TOL  # 400 a multiple of the total stride 20
 
 
+@pytest.mark.parametrize("stable", [False, True], ids=["base_group_norm", "stable_layer_norm"])
+def test_wav2vec2_under_bf16_autocast_stays_close_to_transformers(tmp_path, stable):
+    """Under bf16 autocast a conv layer's input arrives in bf16 or, where the device's autocast policy keeps
+    the norm before it in float32 (CUDA's layer_norm), in float32; both must run and stay near the reference."""
+    ref = _hf_model(stable)
+    ref.save_pretrained(tmp_path)
+    ours = Wav2Vec2.from_pretrained(tmp_path).eval()
+    wave = torch.randn(2, 2001)  # (B, N)
+    with torch.inference_mode():
+        expected = ref(wave).last_hidden_state
+        layer = ours.features.layers[1]
+        x = torch.randn(2, 50, layer.weight.shape[0] // layer.kernel)  # (B, N, C_in)
+        plain = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ours(wave)
+            from_float32, from_bf16 = layer(x), layer(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max().item() <= 0.1 * expected.abs().max().item()
+    assert from_float32.dtype == from_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(from_float32.float(), plain, atol=0.05, rtol=0.05)
+
+
 def test_wav2vec2_all_layers_match_transformers_hidden_states(tmp_path):
     for stable in (False, True):
         ref = _hf_model(stable)

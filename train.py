@@ -109,11 +109,11 @@ def rng_state():
 
 
 def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded with map_location=cuda moved it
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def seed_everything(seed):

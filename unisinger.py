@@ -26,6 +26,7 @@ Use alone (needs audio.py and flame.py beside it; a checkpoint from `python trai
     python unisinger.py --audio voice.wav --image ref.png --renderer out/render/best.pt --out out/song
 """
 import argparse
+import copy
 import math
 import pickle
 import sys
@@ -315,7 +316,7 @@ def portrait_video(renderer_ckpt, image_path, flame, shape, motion, out_path, au
     if motion.ndim != 2 or motion.shape[1] != 59:
         raise ValueError(f"{out_path}: motion must be (frames, 59), got {tuple(motion.shape)}")
     shape = torch.as_tensor(np.asarray(shape), dtype=torch.float32, device=device)
-    flame = flame.to(device)
+    flame = copy.deepcopy(flame).to(device)  # leave the caller's model where it was
     cam = torch.tensor(renderer.cam, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with VideoWriter(out_path, size, fps, audio, sample_rate) as video, \
