@@ -18,8 +18,9 @@ import torch
 PARTS = ["flame", "render", "audio_w2v", "audio_dsp", "motion", "metrics", "render_stage"]
 
 
-def best_times(fns, device, warmup, repeats):
-    """Best wall and best process-CPU seconds of each callable over `repeats` rounds, after `warmup` rounds:
+def best_times(fns, device, warmup, repeats, min_seconds=0.0):
+    """Best wall and best process-CPU seconds of each callable over at least `repeats` rounds (and more until
+    `min_seconds` have passed: calls of a few ms need many tries on a shared machine), after `warmup` rounds:
     ([wall...], [cpu...]). The callables alternate within a round, so a varying machine load hits all alike."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     with torch.no_grad():
@@ -27,7 +28,8 @@ def best_times(fns, device, warmup, repeats):
             for fn in fns:
                 fn()
         wall, cpu = [[] for _ in fns], [[] for _ in fns]
-        for _ in range(repeats):
+        start_all = time.perf_counter()
+        while len(wall[0]) < repeats or time.perf_counter() - start_all < min_seconds:
             for i, fn in enumerate(fns):
                 sync()
                 start, start_cpu = time.perf_counter(), time.process_time()

@@ -4,9 +4,11 @@ process), the beat pipeline (hpss -> onset strength -> beat tracking) and its tw
 Depends on numpy, torch, our audio.py and (bench only) librosa. `bench_rows(device)` returns the rows merged into
 bench.py; run alone to print them: python bench_audio.py [cpu|cuda]
 
-Time: best of REPEATS calls after WARMUP calls, ours and librosa's calls alternating so machine load hits both
-alike; the note adds the best process CPU time of each, steadier than wall time on a shared machine. The beat
-pipeline is numpy on the CPU for any device; on CUDA only the MFCC row moves to the GPU.
+Time: best of REPEATS calls after WARMUP calls, or of as many as MIN_SECONDS allow, ours and librosa's calls
+alternating so machine load hits both alike; the note adds the best process CPU time of each. On 2 cores the
+thread pools of the two sides (torch's OpenMP, numpy's OpenBLAS) keep spinning after their calls and slow the
+other side's next call: the milliseconds of MFCC move by 2-3x with it. The beat pipeline is numpy on the CPU
+for any device; on CUDA only the MFCC row moves to the GPU.
 Peak memory: on CUDA, torch.cuda.max_memory_allocated above what was allocated before the call. On CPU, the
 growth of the peak resident set (VmHWM, reset through /proc/self/clear_refs just before a warm call) in a fresh
 interpreter per method, so neither reuses pages the other freed, with malloc returning every block over 64 KiB
@@ -31,6 +33,7 @@ SECONDS = 8.0
 SR = audio.SAMPLE_RATE
 WARMUP = 2
 REPEATS = 7
+MIN_SECONDS = 3.0      # each comparison keeps alternating calls this long: the MFCC takes milliseconds
 HERE = Path(__file__).resolve().parent
 
 
@@ -139,7 +142,7 @@ def bench_rows(device="cpu"):
     rows = []
     for name, (ours, ref) in methods.items():
         on_gpu = name == "mfcc" and torch.device(device).type == "cuda"
-        (ours_s, ref_s), (ours_cpu, ref_cpu) = best_times([ours, ref], device if on_gpu else "cpu", WARMUP, REPEATS)
+        (ours_s, ref_s), (ours_cpu, ref_cpu) = best_times([ours, ref], device if on_gpu else "cpu", WARMUP, REPEATS, MIN_SECONDS)
         note = f"ours on {device if on_gpu else 'cpu'} vs librosa 0.11 warm on cpu; best CPU time " \
                f"{ours_cpu * 1e3:.1f} vs {ref_cpu * 1e3:.1f} ms"
         if name == "beats":
