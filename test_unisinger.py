@@ -1778,6 +1778,17 @@ def test_tiny_model_learns_singing_motion_and_uses_the_audio(trained_motion, mot
     assert ours["LVE-min"] < ours["LVE-mean"]
 
 
+def test_metrics_command_scores_a_checkpoint_against_the_mean_motion(trained_motion, motion_set, tmp_path):
+    """`python metrics.py --checkpoint ...`: the model's Table II row, with its generation speed, beside the
+    mean-motion baseline, written to JSON."""
+    out = tmp_path / "table2.json"
+    metrics.main(["--checkpoint", str(trained_motion / "best.pt"), "--data", str(motion_set), "--samples", "2",
+                  "--device", "cpu", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    ours = next(row for name, row in rows.items() if name.startswith("UniSinger"))
+    assert ours["FPS"] > 0 and ours["LVE-mean"] < rows["mean motion"]["LVE-mean"]
+
+
 def test_long_song_windows_join_without_a_seam(trained_motion):
     """A 20 s song is made of several overlapping windows: the frame-to-frame change at every join stays within
     the range of changes seen inside the windows."""
