@@ -1789,6 +1789,19 @@ def test_metrics_command_scores_a_checkpoint_against_the_mean_motion(trained_mot
     assert ours["FPS"] > 0 and ours["LVE-mean"] < rows["mean motion"]["LVE-mean"]
 
 
+def test_shape_file_is_cut_or_zero_padded_to_100_and_bad_ones_are_refused(tmp_path):
+    for n in (50, 100, 300):
+        np.save(tmp_path / f"s{n}.npy", np.arange(1, n + 1, dtype=np.float64))
+        shape = unisinger.read_shape(tmp_path / f"s{n}.npy")
+        assert shape.dtype == np.float32 and shape.shape == (100,)
+        np.testing.assert_array_equal(shape, np.pad(np.arange(1, min(n, 100) + 1), (0, max(0, 100 - n))))
+    np.save(tmp_path / "nan.npy", np.array([1.0, np.nan]))
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    for name in ("nan.npy", "junk.npy"):
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / name))):
+            unisinger.read_shape(tmp_path / name)
+
+
 def test_long_song_windows_join_without_a_seam(trained_motion):
     """A 20 s song is made of several overlapping windows: the frame-to-frame change at every join stays within
     the range of changes seen inside the windows."""

@@ -373,6 +373,19 @@ def write_motion(out_dir, motion, flame, shape, voice):
         render_preview(flame, verts, out_dir / f"sample_{k}.mp4", audio=voice)
 
 
+def read_shape(path):
+    """A FLAME shape from a .npy file -> float32 (100,). Rule: trackers write 50 to 300 coefficients, so longer
+    vectors are cut to the first 100 and shorter ones padded with zeros (the mean head in the missing ones);
+    an unreadable, empty or non-finite file is refused naming it."""
+    try:
+        values = np.asarray(np.load(path), dtype=np.float32).reshape(-1)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable .npy array of numbers ({err})") from None
+    if values.size == 0 or not np.isfinite(values).all():
+        raise ValueError(f"{path}: a FLAME shape must be a non-empty array of finite numbers")
+    return np.pad(values[:N_SHAPE], (0, max(0, N_SHAPE - values.size)))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Singing audio -> FLAME motion (and portrait video).")
     p.add_argument("--audio", required=True, help="singing voice wav (any sample rate; stereo is mixed down)")
@@ -392,7 +405,7 @@ def main(argv=None):
     model = load_checkpoint(args.checkpoint, args.device)
     flame = load_flame(args.flame or model.flame_path)
     if args.shape:
-        shape = np.load(args.shape).astype(np.float32).reshape(-1)[:N_SHAPE]
+        shape = read_shape(args.shape)
     elif args.person:
         if args.person not in model.people:
             sys.exit(f"{args.checkpoint}: no person {args.person!r}; known: {', '.join(sorted(model.people))}")
