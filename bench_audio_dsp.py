@@ -142,7 +142,8 @@ def bench_rows(device="cpu"):
     rows = []
     for name, (ours, ref) in methods.items():
         on_gpu = name == "mfcc" and torch.device(device).type == "cuda"
-        (ours_s, ref_s), (ours_cpu, ref_cpu) = best_times([ours, ref], device if on_gpu else "cpu", WARMUP, REPEATS, MIN_SECONDS)
+        where = device if on_gpu else "cpu"
+        (ours_s, ref_s), (ours_cpu, ref_cpu) = best_times([ours, ref], where, WARMUP, REPEATS, MIN_SECONDS)
         note = f"ours on {device if on_gpu else 'cpu'} vs librosa 0.11 warm on cpu; best CPU time " \
                f"{ours_cpu * 1e3:.1f} vs {ref_cpu * 1e3:.1f} ms"
         if name == "beats":
