@@ -144,7 +144,7 @@ def bench_rows(device="cpu"):
         on_gpu = name == "mfcc" and torch.device(device).type == "cuda"
         where = device if on_gpu else "cpu"
         (ours_s, ref_s), (ours_cpu, ref_cpu) = best_times([ours, ref], where, WARMUP, REPEATS, MIN_SECONDS)
-        note = f"ours on {device if on_gpu else 'cpu'} vs librosa 0.11 warm on cpu; best CPU time " \
+        note = f"ours on {where} vs librosa 0.11 warm on cpu; best CPU time " \
                f"{ours_cpu * 1e3:.1f} vs {ref_cpu * 1e3:.1f} ms"
         if name == "beats":
             note += "; identical beat frames" if np.array_equal(ours()[0], ref()) else "; BEAT FRAMES DIFFER"
