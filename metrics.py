@@ -53,6 +53,7 @@ table entry the string "needs weights: <file>" / "needs landmarks: <file>".
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -914,4 +915,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:  # bad input: the message names the file, no traceback
+        sys.exit(f"error: {err}")

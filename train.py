@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -576,4 +577,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:  # bad input: the message names the file, no traceback
+        sys.exit(f"error: {err}")

@@ -430,4 +430,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:  # bad input: the message names the file, no traceback
+        sys.exit(f"error: {err}")
