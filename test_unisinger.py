@@ -1803,11 +1803,12 @@ def test_shape_file_is_cut_or_zero_padded_to_100_and_bad_ones_are_refused(tmp_pa
 
 
 def test_command_line_refuses_bad_input_in_one_line_naming_the_file(tmp_path):
-    missing = tmp_path / "missing.wav"
-    proc = subprocess.run([sys.executable, "unisinger.py", "--audio", str(missing), "--out", str(tmp_path)],
-                          cwd=Path(__file__).parent, capture_output=True, text=True)
+    missing = tmp_path / "missing.pt"
+    proc = subprocess.run([sys.executable, "unisinger.py", "--audio", "voice.wav", "--checkpoint", str(missing),
+                           "--out", str(tmp_path)], cwd=Path(__file__).parent, capture_output=True, text=True)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [f"error: {missing}: no such audio file"]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {missing}: no motion checkpoint here")
 
 
 def test_long_song_windows_join_without_a_seam(trained_motion):
