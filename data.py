@@ -3,7 +3,8 @@ SingingHead-format data for UniSinger: a reader for the public release's layout 
 data set of its own in that layout (the built-in data everything uses by default).
 
 Depends on torch, numpy, scipy, soundfile, imageio (+ imageio-ffmpeg) and our audio.py (load_audio),
-flame.py (the procedural head, for the portrait videos) and render.py (projection, shading, mp4 output).
+flame.py (the procedural head, for the portrait videos), render.py (projection, shading, mp4 output) and
+progress.py (the building's progress lines).
 
 Use alone:
     python data.py                       # build (first use) and summarise the built-in data set
@@ -96,6 +97,7 @@ from torch.utils.data import Dataset
 import render
 from audio import load_audio
 from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame
+from progress import Progress
 
 FPS = 30                              # motion frames per second
 CLIP_SECONDS = 8                      # the release's sequence length
@@ -646,7 +648,8 @@ def generate_dataset(root, n_people=4, clips_per_person=20, seed=0, video_size=r
     flame = Flame.procedural() if with_video and video_people > 0 else None
     seg_frames, seg_samples = clip_seconds * FPS, clip_seconds * SAMPLE_RATE
     splits = {split: [] for split in SPLITS}
-    started = time.time()
+    songs_per_person = -(-clips_per_person // clips_per_song)
+    progress = Progress(n_people * songs_per_person, "song", lines=10)
     for p in range(n_people):
         person = make_person(p, seed)
         songs = [(s, min(clips_per_song, clips_per_person - first))
@@ -672,11 +675,10 @@ def generate_dataset(root, n_people=4, clips_per_person=20, seed=0, video_size=r
                 if seq in filmed:
                     render.write_video(root / "video_seqs" / f"{seq}.mp4",
                                        render_portrait(flame, person, motion[frames], cam[frames], video_size))
+            if progress.advance() and verbose:
+                print(f"  {progress.line('built')} (person {person.name})", flush=True)
         for name, chosen in split.items():
             splits[name] += chosen
-        if verbose:
-            print(f"  {person.name}: {len(ids)} sequences, {len(filmed)} with video "
-                  f"({time.time() - started:.0f} s)", flush=True)
     for name in SPLITS:
         (root / f"{name}.txt").write_text("".join(f"{seq}\n" for seq in sorted(splits[name])))
     (root / "generator.json").write_text(json.dumps(dict(

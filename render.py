@@ -208,6 +208,13 @@ def render_depth(verts, faces, cam=DEFAULT_CAM, size=IMAGE_SIZE):
     return depth_to_image(depth)
 
 
+def _file_mode():
+    """The mode a plainly created file gets under this process's umask (0o644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 class VideoWriter:
     """
     Streams uint8 frames into an mp4 (libx264, yuv420p) and muxes optional mono audio as AAC on close.
@@ -255,6 +262,7 @@ class VideoWriter:
             if keep and self.frames == 0:
                 raise ValueError(f"{self.path}: no frames written")
             if keep:
+                os.chmod(self.tmp, _file_mode())           # mkstemp made it owner-only; give it the usual mode
                 os.replace(self.tmp, self.path)
         finally:
             self.tmp.unlink(missing_ok=True)

@@ -33,6 +33,7 @@ import train
 import unisinger
 from audio import (SAMPLE_RATE, Wav2Vec2, beat_track, beats, hpss, load_audio, mel_filterbank, median_filter, mfcc,
                    mfcc_at_fps, normalize_wave, onset_strength, read_safetensors, resample_features)
+from progress import Progress
 from flame import Flame, procedural_head, read_flame_arrays, save_mesh_sequence, save_obj, split_motion
 from unisinger import CLIP_FRAMES, FPS, MotionConfig, MotionCVAE, alignment_mask, generate, load_checkpoint
 
@@ -444,6 +445,18 @@ def test_write_video_round_trip_with_audio(tmp_path):
     assert np.abs(back.astype(int) - frames).mean() < 4
     assert audio_streams(path) == ["aac"]
     assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_video_files_get_the_mode_the_umask_gives_any_new_file(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        render.write_video(tmp_path / "clip.mp4", np.zeros((2, 16, 16, 3), np.uint8))
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "clip.mp4").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "clip.mp4").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
 
 
 def test_render_preview_streams_batches(tmp_path, monkeypatch):
@@ -1744,6 +1757,54 @@ def test_missing_checkpoint_says_what_to_train(tmp_path):
 
 
 # ----------------------------------------------------------------------------- training
+
+class FakeClock:
+    """A clock the test moves by hand: each step's duration is chosen, not measured."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_eta_follows_the_recent_step_rate_not_the_start_up():
+    """A 10 s first step then 0.5 s steps: after 30 of 100 steps, 70 remain at 2 steps/s, 35 s; an average since
+    the start would say 70 * (10 + 29 * 0.5) / 30 = 57 s."""
+    clock = FakeClock()
+    progress = Progress(100, "step", window=20, clock=clock)
+    clock.now += 10.0
+    progress.advance()
+    assert progress.eta() is None and "first step took 10s" in progress.status()
+    for _ in range(29):
+        clock.now += 0.5
+        progress.advance()
+    assert progress.rate() == pytest.approx(2.0) and progress.eta() == pytest.approx(35.0)
+    assert progress.status() == "2.00 step/s | ETA 35s"
+
+
+def test_progress_eta_over_whole_epochs_counts_the_validation_pauses_still_to_come():
+    """Epochs of 4 steps of 1 s, each followed by a 4 s validation; a window of two epochs always holds two
+    pauses. After 5 of 10 epochs the 5 left take 5 * (4 + 4) = 40 s, and the ETA says so at every step."""
+    clock = FakeClock()
+    progress = Progress(40, "step", window=8, clock=clock)
+    for step in range(1, 41):
+        clock.now += 1.0
+        progress.advance()
+        if step >= 9:
+            left = 40 - step
+            assert progress.eta() == pytest.approx(2 * left)  # 8 s an epoch of 4 steps
+        if step % 4 == 0:
+            clock.now += 4.0                       # validation: it falls into the next step's time
+        if step == 20:
+            assert progress.eta() == pytest.approx(40.0)
+
+
+def test_progress_prints_a_bounded_number_of_lines_and_the_last_step():
+    progress = Progress(480, "step", lines=50)
+    due = [progress.done for _ in range(480) if progress.advance()]
+    assert len(due) == 48 and due[0] == 10 and due[-1] == 480          # every 10th step: ceil(480 / 50)
+
 
 @pytest.fixture(scope="module")
 def motion_set(tmp_path_factory):

@@ -32,17 +32,18 @@ import data
 import metrics
 import render
 from audio import SAMPLE_RATE, Wav2Vec2, mfcc_at_fps
+from progress import RATE_WINDOW, Progress
 from unisinger import MotionConfig, MotionCVAE, generate, load_checkpoint, load_flame, motion_losses
 
-PROGRESS_LINES = 50        # progress lines a whole run prints
 RENDER_FRAME_STRIDE = 6      # 1 frame in 6 (5 a second): neighbours at 30 fps are near copies; SPEC §6 scores these
 DEPTH_BATCH = 32             # frames rasterized at once while precomputing the depth inputs
 EVAL_BATCH = 16              # frames rendered at once for validation and the summary
 GRID_ROWS = 4                # validation frames in each epoch's sample grid
 ADAM_BETAS = (0.5, 0.999)    # pix2pix's GAN-friendly momentum
-SSIM_BAR, PSNR_BAR = 0.85, 25.0   # issue 5's learning bars on held-out frames
+SSIM_BAR, PSNR_BAR = 0.85, 25.0   # learning bars on held-out frames
 VGG_URL = "https://download.pytorch.org/models/vgg19-dcbfe0e4.pth"
 SUMMARY_SAMPLES = 10       # samples per test clip in the closing summary (the paper's n)
+LEARNT_LVE_RATIO = 0.5     # learning: test LVE-mean at most this share of the mean-motion baseline's
 
 
 # ----------------------------------------------------------------------------- shared machinery
@@ -88,20 +89,16 @@ class Run:
             dist.destroy_process_group()
 
 
-class Progress:
-    """step, losses, it/s and ETA on one line, without extra packages."""
+def epochs_window(steps_per_epoch):
+    """Steps in the ETA's rate window: whole epochs, so each window holds as many validation passes as the
+    steps it times will meet."""
+    return steps_per_epoch * math.ceil(RATE_WINDOW / steps_per_epoch)
 
-    def __init__(self, run, total_steps, first_step):
-        self.run, self.total, self.first = run, total_steps, first_step
-        self.t0 = time.time()
 
-    def __call__(self, step, epoch, losses):
-        done = step - self.first
-        rate = done / max(time.time() - self.t0, 1e-9)
-        eta = (self.total - step) / max(rate, 1e-9)
-        parts = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
-        self.run.log(f"epoch {epoch} step {step}/{self.total} | {parts} | {rate:.2f} it/s | "
-                     f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+def log_progress(run, progress, epoch, losses):
+    """'epoch 3 step 40/480 | loss 1.2 ... | 0.85 step/s | ETA 8m30s': the ETA from the recent step rate."""
+    parts = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+    run.log(f"epoch {epoch} step {progress.done}/{progress.total} | {parts} | {progress.status()}")
 
 
 def rng_state():
@@ -249,8 +246,7 @@ def train_motion(args, run):
     n_params = sum(p.numel() for p in model.parameters())
     run.log(f"motion CVAE '{args.preset}': {n_params / 1e6:.2f} M parameters, {len(train_set)} train / "
             f"{len(val_set)} val clips from {root}, {args.epochs} epochs of {steps_per_epoch} steps on {run.device}")
-    progress = Progress(run, total_steps, step)
-    log_every = max(1, total_steps // PROGRESS_LINES)
+    progress = Progress(total_steps, "step", done=step, window=epochs_window(steps_per_epoch))
     history = []
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -268,8 +264,8 @@ def train_motion(args, run):
             optimizer.step()
             schedule.step()
             step += 1
-            if step % log_every == 0 or step == total_steps:
-                progress(step, epoch, dict(loss=loss.item(), **parts))
+            if progress.advance():
+                log_progress(run, progress, epoch, dict(loss=loss.item(), **parts))
         val = validate_motion(model, meshes, val_set, run.device, val_cache, seed=args.seed)
         history.append(val)
         run.log(f"epoch {epoch} validation | LVE {val['lve']:.3f} mm | FVE {val['fve']:.3f} mm | loss {val['loss']:.4f}")
@@ -280,14 +276,17 @@ def train_motion(args, run):
             best = val["lve"]
             run.save(state, "best.pt")
         run.save(state, "last.pt")
+    run.log(f"motion stage done: wrote {run.out / 'best.pt'} (the epoch with the lowest validation LVE, "
+            f"{best:.3f} mm) and {run.out / 'last.pt'} (epoch {args.epochs - 1}); `python unisinger.py` reads best.pt")
     if run.main and args.summary:
+        print(f"\nthe summary scores {run.out / 'best.pt'}")
         motion_summary(load_checkpoint(run.out / "best.pt", run.device), root, args)
     return history
 
 
 def motion_summary(model, root, args):
     """Does the model learn? Test split: the model, the mean-motion baseline and the model deaf (silence, no
-    music), Table II columns, then the three verdicts of issue 4."""
+    music), Table II columns, then the verdict in sentences."""
     flame = load_flame(args.flame)
     test = data.SingingHead(root, "test")
     baseline = metrics.mean_motion(root)
@@ -295,16 +294,39 @@ def motion_summary(model, root, args):
     predictors = {"UniSinger": lambda item: generate(model, item["audio"], item["bgm"], item["shape"], SUMMARY_SAMPLES),
                   "mean motion": lambda item: np.tile(baseline, (1, len(item["motion"]), 1)),
                   "UniSinger, silence": silent}
+    progress = Progress(len(predictors) * len(test), "clip", lines=10)
+
+    def counted(predict):                       # one progress step per clip scored
+        def predict_and_count(item):
+            motion = predict(item)
+            if progress.advance():
+                print(progress.line("summary:"), flush=True)
+            return motion
+        return predict_and_count
+
     beats_cache = {}
-    rows = {name: metrics.evaluate_motion(flame, test, predict, beats_cache=beats_cache)
+    rows = {name: metrics.evaluate_motion(flame, test, counted(predict), beats_cache=beats_cache)
             for name, predict in predictors.items()}
     print(f"\ntest split of {root}: {len(test)} clips, {SUMMARY_SAMPLES} samples each")
     print(metrics.format_table(rows, [c for c in metrics.MOTION_COLUMNS if c != "FPS"]))
     ours, base, deaf = (rows[k] for k in predictors)
-    print(f"LVE-mean / mean-motion LVE = {ours['LVE-mean'] / base['LVE-mean']:.3f} (learning: <= 0.5)")
-    print(f"LVE-mean fed silence / LVE-mean = {deaf['LVE-mean'] / ours['LVE-mean']:.2f} (the audio is used: > 1)")
-    print(f"diversity {ours['Diversity']:.3f} mm, LVE-min {ours['LVE-min']:.3f} < LVE-mean {ours['LVE-mean']:.3f}")
+    print(verdict(ours, base, deaf))
     return rows
+
+
+def verdict(ours, base, deaf):
+    """The summary's three findings as sentences: learning, listening, diverse takes."""
+    learnt = ours["LVE-mean"] / base["LVE-mean"]
+    deafness = deaf["LVE-mean"] / ours["LVE-mean"]
+    return "\n".join([
+        f"{'It learns' if learnt <= LEARNT_LVE_RATIO else 'It has NOT learnt yet'}: its lip error (LVE-mean "
+        f"{ours['LVE-mean']:.2f} mm) is {learnt:.2f} of the mean-motion baseline's ({base['LVE-mean']:.2f} mm); "
+        f"learning means at most {LEARNT_LVE_RATIO}.",
+        f"{'It listens' if deafness > 1 else 'It does NOT use the audio'}: fed silence, its lip error is "
+        f"{deafness:.2f} times larger ({deaf['LVE-mean']:.2f} mm).",
+        f"Its {SUMMARY_SAMPLES} takes of a clip differ by {ours['Diversity']:.1f} mm on average (diversity), and "
+        f"the best take is {'closer to' if ours['LVE-min'] < ours['LVE-mean'] else 'NOT closer to'} the truth "
+        f"than the average one (LVE-min {ours['LVE-min']:.2f} mm, LVE-mean {ours['LVE-mean']:.2f} mm)."])
 
 
 # ----------------------------------------------------------------------------- stage 2: render
@@ -453,8 +475,7 @@ def train_render(args, run):
     run.log(f"face renderer '{args.preset}': {n_params / 1e6:.2f} M generator parameters, person {args.person}: "
             f"{len(train_set)} train / {len(val_set)} val frames (1 in {RENDER_FRAME_STRIDE}) from {root}, "
             f"{args.epochs} epochs of {steps_per_epoch} steps on {run.device}")
-    progress = Progress(run, total_steps, step)
-    log_every = max(1, total_steps // PROGRESS_LINES)
+    progress = Progress(total_steps, "step", done=step, window=epochs_window(steps_per_epoch))
     history = []
     train_cpu, train_steps = 0.0, 0
     for epoch in range(start_epoch, args.epochs):
@@ -483,8 +504,8 @@ def train_render(args, run):
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_batches += 1
-            if step % log_every == 0 or step == total_steps:
-                progress(step, epoch, losses)
+            if progress.advance():
+                log_progress(run, progress, epoch, losses)
         train_cpu += time.process_time() - epoch_cpu
         train_steps += n_batches
         generated = render_dataset(generator, val_set, reference, run.device, run)
@@ -502,6 +523,10 @@ def train_render(args, run):
             best = val["ssim"]
             run.save(state, "best.pt")
         run.save(state, "last.pt")
+    run.log(f"render stage done: wrote {run.out / 'best.pt'} (the epoch with the highest validation SSIM, "
+            f"{best:.4f}), {run.out / 'last.pt'} (epoch {args.epochs - 1}), the reference image "
+            f"{run.out / 'reference.png'} and a sample grid per epoch ({run.out / 'samples_<epoch>.png'}: rows of "
+            f"depth | generated | true frame)")
 
     summary = None
     if run.main and args.summary and (run.out / "best.pt").is_file():
@@ -520,7 +545,8 @@ def train_render(args, run):
 def print_render_summary(run, person, s):
     ours, copy = s["renderer"], s["copy_reference"]
     met = ours["ssim"] >= SSIM_BAR and ours["psnr"] >= PSNR_BAR
-    run.log(f"render summary: person {person}, {s['frames']} held-out test frames (1 in {RENDER_FRAME_STRIDE})\n"
+    run.log(f"render summary of best.pt: person {person}, {s['frames']} held-out test frames "
+            f"(1 in {RENDER_FRAME_STRIDE})\n"
             f"  face renderer   SSIM {ours['ssim']:.4f}   PSNR {ours['psnr']:.2f} dB\n"
             f"  copy reference  SSIM {copy['ssim']:.4f}   PSNR {copy['psnr']:.2f} dB\n"
             f"  renderer - copy SSIM {ours['ssim'] - copy['ssim']:+.4f}   PSNR {ours['psnr'] - copy['psnr']:+.2f} dB\n"
