@@ -19,6 +19,7 @@ Use alone:
     depth, face_id = rasterize(verts, faces, 256)          # (1,256,256) float, (1,256,256) long
     write_video("out.mp4", shade(verts, faces, 256))        # one shaded frame
 """
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -213,6 +214,22 @@ def _file_mode():
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """
+    A temporary path beside `path` (same suffix, so writers that go by it still do) to write the file to; it
+    is renamed onto `path` when the block ends without error and removed when it does not. Readers never see
+    a half-written file, and a crash or a full disk leaves the previous one intact.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class VideoWriter:

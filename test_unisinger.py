@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -1909,28 +1910,81 @@ def test_cli_writes_motion_pickle_landmarks_and_a_preview_with_sound(trained_mot
         assert "Video:" in probe and "Audio:" in probe
 
 
-def test_resumed_run_continues_exactly(motion_set, tmp_path, monkeypatch):
-    args = ["--stage", "motion", "--data", str(motion_set), "--epochs", "2", "--batch-size", "8", "--no-summary"]
-    train.main(args + ["--out", str(tmp_path / "straight")])
+def run_and_kill_at(cmd, pattern):
+    """Start a training command line and SIGKILL it as soon as a line of its own output matches `pattern`, or let it
+    end when pattern is None. Returns its output; the kill is asserted to have happened."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=Path(__file__).parent, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if pattern is not None and re.search(pattern, line):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.stdout.close()
+    proc.wait()
+    output = "".join(lines)
+    assert proc.returncode == (-signal.SIGKILL if pattern is not None else 0), output
+    return output
 
-    real_save = train.Run.save
 
-    def save_then_stop(run, state, name):              # the process dies right after its first checkpoint
-        real_save(run, state, name)
-        if name == "last.pt":
-            raise KeyboardInterrupt
-    monkeypatch.setattr(train.Run, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args + ["--out", str(tmp_path / "resumed")])
-    monkeypatch.setattr(train.Run, "save", real_save)
-    train.main(args + ["--out", str(tmp_path / "resumed"), "--resume"])
+def assert_identical(x, y, where):
+    """Nested checkpoint contents equal bit for bit: tensors, arrays, containers and plain values."""
+    assert type(x) is type(y), where
+    if isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for key in x:
+            assert_identical(x[key], y[key], f"{where}/{key}")
+    elif isinstance(x, (list, tuple)):
+        assert len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)):
+            assert_identical(u, v, f"{where}/{i}")
+    elif isinstance(x, torch.Tensor):
+        assert x.dtype == y.dtype and torch.equal(x, y), where
+    elif isinstance(x, np.ndarray):
+        assert x.dtype == y.dtype and np.array_equal(x, y), where
+    else:
+        assert x == y, where
 
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
-    assert a["step"] == b["step"] and a["val"] == b["val"]
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
 
+def assert_same_checkpoints(a, b):
+    """best.pt and last.pt of two runs hold the same weights, optimiser, schedule, RNG states and scores."""
+    for name in ("best.pt", "last.pt"):
+        assert_identical(*(torch.load(folder / name, weights_only=False) for folder in (a, b)), name)
+
+
+@pytest.fixture(scope="module")
+def kill_set(tmp_path_factory):
+    """One singer, 4 training clips and 1 validation clip: 2 steps an epoch at batch 2."""
+    root = tmp_path_factory.mktemp("kill_data")
+    return data.generate_dataset(root, n_people=1, clips_per_person=6, with_video=False, verbose=False)
+
+
+def test_motion_run_killed_anywhere_resumes_to_the_same_weights(kill_set, tmp_path):
+    """SIGKILL during a step before any checkpoint, right when a checkpoint is being written, and during the last
+    validation; each time `--resume` picks up and the run ends with exactly the weights of a run never killed.
+    While a run holds --out, a second one pointed there is refused in one line; a killed one does not block."""
+    args = ["train.py", "--stage", "motion", "--data", str(kill_set), "--epochs", "2", "--batch-size", "2",
+            "--no-summary", "--device", "cpu"]
+    run_and_kill_at(args + ["--out", str(tmp_path / "whole")], None)
+    cut = args + ["--out", str(tmp_path / "cut")]
+    run_and_kill_at(cut, r"epoch 0 step 1/4")                 # mid-epoch, no checkpoint yet
+    assert not (tmp_path / "cut" / "last.pt").exists()
+    run_and_kill_at(cut + ["--resume"], r"epoch 0 validation")   # the checkpoint is written right after this line
+    run_and_kill_at(cut + ["--resume"], r"epoch 1 step 4/4")     # during the last validation
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    holder = subprocess.Popen([sys.executable, *cut, "--resume"], cwd=Path(__file__).parent, env=env,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = holder.stdout.readline()                          # printed once the folder is held
+    with pytest.raises(SystemExit) as refused:
+        train.main(cut[1:] + ["--resume"])
+    rest = holder.communicate()[0]
+    assert holder.returncode == 0, first + rest
+    assert refused.value.code == (f"error: {tmp_path / 'cut'}: another training run (pid {holder.pid}) is "
+                                  f"writing into this folder; wait for it to end or pass another --out")
+    assert_same_checkpoints(tmp_path / "whole", tmp_path / "cut")
+    assert not [f.name for f in (tmp_path / "cut").iterdir() if ".tmp" in f.name]
 
 
 def test_motion_training_under_bf16_autocast_keeps_float32_weights(motion_set, tmp_path):
@@ -2064,30 +2118,28 @@ def test_render_training_under_bf16_autocast_keeps_float32_weights(person, tmp_p
     assert result["summary"]["renderer"]["ssim"] > 0
 
 
-def test_render_resume_gives_the_same_losses_as_an_uninterrupted_run(person, tmp_path, monkeypatch):
-    whole = train_render(render_args(person, tmp_path / "whole", "--epochs", "2"))
+MICRO_WORKER = """
+import sys, render, train
+render.RENDERER_PRESETS["tiny"] = render.RendererConfig(**{config!r})   # the test's micro size, for speed
+train.main(sys.argv[1:])
+"""
 
-    class Interrupted(Exception):
-        pass
 
-    save = train.Run.save
-
-    def save_then_stop(self, state, name):
-        save(self, state, name)
-        if name == "last.pt":
-            raise Interrupted
-
-    monkeypatch.setattr(train.Run, "save", save_then_stop)
-    with pytest.raises(Interrupted):
-        train_render(render_args(person, tmp_path / "cut", "--epochs", "2"))
-    monkeypatch.setattr(train.Run, "save", save)
-    resumed = train_render(render_args(person, tmp_path / "cut", "--epochs", "2", "--resume"))
-
-    assert len(resumed["history"]) == 1
-    assert resumed["history"][0] == whole["history"][1]
-    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["generator"]
-    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["generator"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def test_render_run_killed_anywhere_resumes_to_the_same_weights(person, tmp_path):
+    """The render stage killed (SIGKILL) during a step, at a checkpoint write and during validation: `--resume`
+    ends with exactly the weights, optimisers and scores of a run never killed."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(MICRO_WORKER.format(config=asdict(MICRO)))
+    args = [str(worker), "--stage", "render", "--data", str(person), "--epochs", "2", "--batch-size", "2",
+            "--seed", "3", "--no-summary", "--device", "cpu"]
+    run_and_kill_at(args + ["--out", str(tmp_path / "whole")], None)
+    cut = args + ["--out", str(tmp_path / "cut")]
+    for moment in (r"epoch 0 step 1/4", r"epoch 0 validation", r"epoch 1 step 4/4"):
+        run_and_kill_at(cut + ["--resume"], moment)
+    run_and_kill_at(cut + ["--resume"], None)
+    assert_same_checkpoints(tmp_path / "whole", tmp_path / "cut")
+    for name in ("reference.png", "samples_000.png", "samples_001.png"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
 def test_render_training_beats_copying_the_reference(person, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ schedule, the random number generators and the epoch's data order are all restor
 run produces the same losses as one that never stopped.
 """
 import argparse
+import fcntl
 import math
 import os
 import random
@@ -43,6 +44,7 @@ ADAM_BETAS = (0.5, 0.999)    # pix2pix's GAN-friendly momentum
 SSIM_BAR, PSNR_BAR = 0.85, 25.0   # learning bars on held-out frames
 VGG_URL = "https://download.pytorch.org/models/vgg19-dcbfe0e4.pth"
 SUMMARY_SAMPLES = 10       # samples per test clip in the closing summary (the paper's n)
+LOCK_FILE = "train.lock"   # in --out, flock-ed by the run writing there; the kernel drops it when that run dies
 LEARNT_LVE_RATIO = 0.5     # learning: test LVE-mean at most this share of the mean-motion baseline's
 
 
@@ -66,8 +68,10 @@ class Run:
         self.main = self.rank == 0
         self.bf16 = self.device.type == "cuda" if args.bf16 is None else args.bf16
         self.out = Path(args.out)
+        self.lock = None
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            self.lock = hold_folder(self.out)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -77,16 +81,87 @@ class Run:
             print(*msg, flush=True)
 
     def save(self, state, name):
-        """Write atomically: a crash mid-write leaves the previous file intact."""
         if self.main:
-            path = self.out / name
-            tmp = path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            save_checkpoint(state, self.out / name)
 
     def close(self):
+        if self.lock is not None:
+            self.lock.close()                       # releases the folder
+            self.lock = None
         if self.ddp:
             dist.destroy_process_group()
+
+
+def hold_folder(folder):
+    """
+    Take --out for this run: an exclusive flock on folder/train.lock, held while the returned file is open.
+    A second run pointed at the same folder is refused (ValueError naming it) rather than interleaving its
+    checkpoints with the first's. The kernel releases the lock when the holder's process ends, killed or not,
+    so a crashed run never blocks the next one.
+    """
+    lock = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise ValueError(f"{folder}: another training run (pid {holder}) is writing into this folder; wait for "
+                         f"it to end or pass another --out") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+class _KeepWriteError:
+    """File wrapper for torch.save, which reports a failed write (a full disk) only as 'unexpected pos': the
+    OSError is kept here so that the caller can raise it instead."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
+def save_checkpoint(state, path):
+    """
+    torch.save to a temporary file, flushed to the disk, then renamed onto `path`: a run killed mid-write leaves
+    the previous checkpoint intact. A failed write (a full disk, a read-only folder) raises OSError naming
+    `path`, with the previous file still in place.
+    """
+    try:
+        with render.atomic_output(path) as tmp, open(tmp, "wb") as file:
+            sink = _KeepWriteError(file)
+            try:
+                torch.save(state, sink)
+            except RuntimeError:
+                if sink.error is None:
+                    raise
+                raise sink.error from None
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as error:
+        raise OSError(error.errno, f"checkpoint not written ({error.strerror}); the previous one is kept",
+                      str(path)) from None
+
+
+def resuming(args, run):
+    """--resume with a last.pt to resume from. A run killed before its first checkpoint left none; starting
+    over is then exactly where it was."""
+    last = run.out / "last.pt"
+    if args.resume and not last.is_file():
+        run.log(f"--resume: no {last} yet (the run stopped before its first checkpoint); starting from the "
+                f"beginning")
+    return args.resume and last.is_file()
 
 
 def epochs_window(steps_per_epoch):
@@ -234,7 +309,7 @@ def train_motion(args, run):
     total_steps = steps_per_epoch * args.epochs
     schedule = cosine_schedule(optimizer, warmup=min(100, total_steps // 10 + 1), total=total_steps)
     start_epoch, step, best = 0, 0, float("inf")
-    if args.resume:
+    if resuming(args, run):
         ckpt = torch.load(run.out / "last.pt", map_location=run.device, weights_only=False)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -448,7 +523,8 @@ def train_render(args, run):
     reference_u8 = train_set.frames[0].numpy()                # first frame of the first training sequence
     reference = render.image_tensor(reference_u8, cfg.image_size).to(run.device)   # (3, H, W)
     if run.main:
-        imageio.imwrite(run.out / "reference.png", reference_u8)
+        with render.atomic_output(run.out / "reference.png") as tmp:
+            imageio.imwrite(tmp, reference_u8)
 
     generator = render.FaceRenderer(cfg.channels).to(run.device)
     discriminator = render.PatchDiscriminator(channels=cfg.discriminator_channels).to(run.device)
@@ -460,7 +536,7 @@ def train_render(args, run):
     warmup = min(100, total_steps // 10 + 1)
     sched_g, sched_d = cosine_schedule(opt_g, warmup, total_steps), cosine_schedule(opt_d, warmup, total_steps)
     start_epoch, step, best = 0, 0, -1.0
-    if args.resume:
+    if resuming(args, run):
         ckpt = torch.load(run.out / "last.pt", map_location=run.device, weights_only=False)
         for obj, key in ((generator, "generator"), (discriminator, "discriminator"), (opt_g, "optimizer_g"),
                          (opt_d, "optimizer_d"), (sched_g, "schedule_g"), (sched_d, "schedule_d")):
@@ -513,7 +589,8 @@ def train_render(args, run):
         history.append(dict(train={k: v / n_batches for k, v in sums.items()}, val=val))
         run.log(f"epoch {epoch} validation | SSIM {val['ssim']:.4f} | PSNR {val['psnr']:.2f} dB")
         if run.main:
-            imageio.imwrite(run.out / f"samples_{epoch:03d}.png", sample_grid(val_set, generated))
+            with render.atomic_output(run.out / f"samples_{epoch:03d}.png") as tmp:
+                imageio.imwrite(tmp, sample_grid(val_set, generated))
         state = dict(generator=generator.state_dict(), discriminator=discriminator.state_dict(),
                      renderer_config=asdict(cfg), optimizer_g=opt_g.state_dict(), optimizer_d=opt_d.state_dict(),
                      schedule_g=sched_g.state_dict(), schedule_d=sched_d.state_dict(), epoch=epoch, step=step,
@@ -591,19 +668,22 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    run = Run(args)
+    """The command line. Bad input or a failed write (a full disk, a read-only --out, a folder another run
+    holds) ends in one line, `error: <file>: <problem>`, and exit status 1, not a traceback."""
     try:
-        if args.stage == "motion":
-            train_motion(args, run)
-        else:
-            train_render(args, run)
-    finally:
-        run.close()
+        args = parse_args(argv)
+        run = Run(args)
+        try:
+            if args.stage == "motion":
+                train_motion(args, run)
+            else:
+                train_render(args, run)
+        finally:
+            run.close()
+    except (ValueError, OSError) as err:
+        named = isinstance(err, OSError) and err.filename
+        sys.exit("error: " + " ".join((f"{err.filename}: {err.strerror}" if named else str(err)).split()))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:  # bad input: the message names the file, no traceback
-        sys.exit(f"error: {err}")
+    main()
