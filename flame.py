@@ -10,8 +10,12 @@ Use alone:
     verts = flame.from_motion(torch.zeros(100), torch.zeros(240, MOTION_DIM))   # (240, V, 3)
     save_mesh_sequence('out.npz', verts, flame.faces)
 """
+import json
 import math
+import os
 import pickle
+import struct
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,7 @@ import torch.nn as nn
 N_SHAPE = 100
 N_EXPR = 50
 N_JOINTS = 5                      # root (global), neck, jaw, left eye, right eye
+JOINT_NAMES = ('root', 'neck', 'jaw', 'left_eye', 'right_eye')
 MOTION_DIM = N_EXPR + 9           # [expression 50 | global 3 | neck 3 | jaw 3]
 FLAME_SHAPE_COLUMNS = 300         # official shapedirs: 300 shape columns, then the expression columns
 N_POSE_FEATURES = 9 * (N_JOINTS - 1)
@@ -335,6 +340,200 @@ def save_mesh_sequence(path, verts, faces):
         path.mkdir(parents=True, exist_ok=True)
         for t, frame in enumerate(verts):
             save_obj(path / f'frame_{t:05d}.obj', frame, faces)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# glTF 2.0 export: one take as a .glb that glTF players (Blender, three.js, game engines) play back exactly
+
+GLTF_FLOAT, GLTF_UNSIGNED_BYTE, GLTF_UNSIGNED_INT = 5126, 5121, 5125   # accessor componentType codes
+GLTF_ARRAY_BUFFER, GLTF_ELEMENT_ARRAY_BUFFER = 34962, 34963           # bufferView targets (vertex data, indices)
+GLTF_TYPES = {1: 'SCALAR', 3: 'VEC3', 4: 'VEC4', 16: 'MAT4'}          # accessor type by component count
+GLB_MAGIC, GLB_VERSION, GLB_JSON, GLB_BIN = b'glTF', 2, b'JSON', b'BIN\0'
+INFLUENCES_PER_SET = 4            # joints per JOINTS_n / WEIGHTS_n attribute pair
+WAV_FULL_SCALE = 32767            # 16-bit PCM
+
+
+def _quaternions(rotvec):
+    """Axis-angle (..., 3) -> unit quaternions (..., 4) in glTF's (x, y, z, w) order."""
+    angle = np.linalg.norm(rotvec, axis=-1, keepdims=True)
+    half_sinc = np.where(angle > 0, np.sin(angle / 2) / np.where(angle > 0, angle, 1), 0.5)  # sin(θ/2)/θ
+    return np.concatenate([rotvec * half_sinc, np.cos(angle / 2)], -1)
+
+
+def _quaternion_matrices(q):
+    """Unit quaternions (..., 4), (x, y, z, w) -> rotation matrices (..., 3, 3)."""
+    x, y, z, w = np.moveaxis(q, -1, 0)
+    return np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+                     2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+                     2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1).reshape(q.shape[:-1] + (3, 3))
+
+
+def _skin_sets(weights):
+    """FLAME's skinning weights (V, 5) -> joint ids and weights (V, 4·n) for n JOINTS_n / WEIGHTS_n pairs, each
+    vertex's influences largest first; n covers the vertex with the most non-zero weights (unused slots: joint 0,
+    weight 0, as the specification asks)."""
+    order = np.argsort(-weights, axis=1, kind='stable')                        # (V, 5)
+    ranked = np.take_along_axis(weights, order, 1)
+    slots = INFLUENCES_PER_SET * -(-max(int((weights != 0).sum(1).max()), 1) // INFLUENCES_PER_SET)
+    pad = max(slots - N_JOINTS, 0)
+    order, ranked = np.pad(order, ((0, 0), (0, pad)))[:, :slots], np.pad(ranked, ((0, 0), (0, pad)))[:, :slots]
+    return np.where(ranked != 0, order, 0), ranked
+
+
+class _GlbBuffer:
+    """The binary chunk under construction, with the bufferViews and accessors that describe it."""
+
+    def __init__(self):
+        self.chunks, self.length, self.views, self.accessors = [], 0, [], []
+
+    def add(self, array, target=None):
+        """One accessor over its own bufferView; array (count, components) of float32, uint8 or uint32.
+        min / max are written for every accessor (POSITION and animation inputs must have them)."""
+        component = {np.float32: GLTF_FLOAT, np.uint8: GLTF_UNSIGNED_BYTE, np.uint32: GLTF_UNSIGNED_INT}[array.dtype.type]
+        data = np.ascontiguousarray(array).tobytes()
+        view = {'buffer': 0, 'byteOffset': self.length, 'byteLength': len(data)}
+        if target is not None:
+            view['target'] = target
+        self.chunks.append(data + bytes(-len(data) % 4))                      # keeps every view 4-byte aligned
+        self.length += len(self.chunks[-1])
+        self.views.append(view)
+        self.accessors.append({'bufferView': len(self.views) - 1, 'componentType': component, 'count': len(array),
+                               'type': GLTF_TYPES[array.shape[1]], 'min': array.min(0).tolist(),
+                               'max': array.max(0).tolist()})
+        return len(self.accessors) - 1
+
+
+def _write_atomic(path, write):
+    """write(tmp_path), then rename over path: a crash leaves no half-written file."""
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_wav(path, audio, sample_rate):
+    """Mono float audio (N,) in [-1, 1] as a 16-bit PCM wav (the standard library's wave module)."""
+    pcm = np.round(np.clip(audio, -1, 1) * WAV_FULL_SCALE).astype('<i2')
+
+    def write(tmp):
+        with wave.open(str(tmp), 'wb') as fh:
+            fh.setnchannels(1), fh.setsampwidth(2), fh.setframerate(int(sample_rate))
+            fh.writeframes(pcm.tobytes())
+    _write_atomic(path, write)
+
+
+def save_glb(path, flame, shape, motion, fps=30, audio=None, sample_rate=16000):
+    """One take as a binary glTF 2.0 file that plays back FLAME's own vertices; audio (N,) at sample_rate,
+    when given, goes to a .wav of the same name beside it. Returns the path.
+
+    shape (n_shape,) is baked into the mesh; motion (T, 59) is [expression | global | neck | jaw] per frame.
+    Inside: the person's neutral head; the expression blendshapes and the 36 pose correctives (features (R - I)
+    of neck, jaw and eyes) as morph targets; FLAME's 5 joints as a skin with FLAME's weights; one animation
+    with a key per frame for the morph weights and each joint's rotation and translation.
+
+    Every morph weight stays in [0, 1] (Blender keeps shape keys inside their slider range): coefficient k,
+    seen over the take in [lo_k, hi_k] (widened to hold 0), is stored as target span_k·d_k with weight
+    (c_k - lo_k) / span_k, span_k = hi_k - lo_k, and lo_k·d_k is folded into the base mesh. mesh.extras keeps
+    lo and span, so c_k = lo_k + span_k·weight_k. With weights -lo/span (the mesh's defaults) the file shows
+    the neutral head at rest.
+
+    The joints move with the expression (FLAME regresses them from the expression-blended mesh) while the
+    inverse bind matrices are fixed at the neutral head's joints b_j. glTF's joint matrix global_j·IBM_j
+    equals FLAME's transform G_j·translate(-J_j) when node j's local transform is rotation R_j with translation
+    J_j - b_parent + R_j·(b_j - J_j) (b_parent = 0 for the root), so that is the animated translation.
+    """
+    path = Path(path)
+    shape = _numpy(shape).astype(np.float64).reshape(-1)
+    motion = _numpy(motion).astype(np.float64)
+    if shape.shape != (flame.n_shape,) or motion.ndim != 2 or len(motion) == 0 or motion.shape[1] != flame.n_expr + 9:
+        raise ValueError(f"{path}: expected shape ({flame.n_shape},) and motion (frames, {flame.n_expr + 9}); "
+                         f"got {shape.shape} and {motion.shape}")
+    T, V = len(motion), flame.template.shape[0] // 3
+    buffer = lambda name: getattr(flame, name).detach().cpu().double().numpy()
+    expression, global_pose, neck_pose, jaw_pose = split_motion(motion, flame.n_expr)
+    rotvec = np.stack([global_pose, neck_pose, jaw_pose, np.zeros_like(jaw_pose), np.zeros_like(jaw_pose)], 1)  # (T, 5, 3)
+
+    # Morph targets: expression and pose-corrective coefficients, each mapped onto [0, 1] over the take.
+    rot = rodrigues(torch.from_numpy(rotvec)).numpy()                         # (T, 5, 3, 3) FLAME's own matrices
+    coeffs = np.concatenate([expression, (rot[:, 1:] - np.eye(3)).reshape(T, N_POSE_FEATURES)], 1)  # (T, K)
+    lo, hi = np.minimum(coeffs.min(0), 0), np.maximum(coeffs.max(0), 0)
+    span = np.where(hi > lo, hi - lo, 1.0)                                    # a constant-zero one keeps its unit target
+    morph_weights = np.clip((coeffs - lo) / span, 0, 1)                       # (T, K)
+    dirs = buffer('blend_dirs')                                               # (n_shape + K, 3·V), coordinate-major
+    neutral = buffer('template') + shape @ dirs[:flame.n_shape]
+    vertices = lambda flat: flat.reshape(-1, 3, V).swapaxes(1, 2).astype(np.float32)   # (..., 3·V) -> (..., V, 3)
+    base = vertices(neutral + lo @ dirs[flame.n_shape:])[0]                   # (V, 3)
+    targets = vertices(span[:, None] * dirs[flame.n_shape:])                  # (K, V, 3)
+
+    # Joints: bind pose at the neutral head, and per frame the local rotation and translation.
+    joint_dirs = buffer('joint_dirs')
+    bind = (buffer('joint_template') + shape @ joint_dirs[:flame.n_shape]).reshape(N_JOINTS, 3)
+    joints = bind + (expression @ joint_dirs[flame.n_shape:]).reshape(T, N_JOINTS, 3)             # (T, 5, 3)
+    quats = _quaternions(rotvec)                                              # (T, 5, 4)
+    # Keep each joint's quaternions on one hemisphere, so players that interpolate without the shortest-path
+    # test still turn the short way between keys.
+    flips = np.where((quats[1:] * quats[:-1]).sum(-1, keepdims=True) < 0, -1.0, 1.0)          # (T-1, 5, 1)
+    quats *= np.concatenate([np.ones((1, N_JOINTS, 1)), np.cumprod(flips, 0)])
+    parent_bind = np.stack([bind[p] if p >= 0 else np.zeros(3) for p in flame.parents])        # (5, 3)
+    translations = joints - parent_bind + np.einsum('tjab,tjb->tja', _quaternion_matrices(quats), bind - joints)
+
+    # Binary chunk: mesh, skin, animation.
+    buf = _GlbBuffer()
+    position = buf.add(base, GLTF_ARRAY_BUFFER)
+    indices = buf.add(_numpy(flame.faces).astype(np.uint32).reshape(-1, 1), GLTF_ELEMENT_ARRAY_BUFFER)
+    joint_ids, joint_weights = _skin_sets(_numpy(flame.weights_t).T.astype(np.float32))
+    attributes = {'POSITION': position}
+    for n in range(joint_ids.shape[1] // INFLUENCES_PER_SET):
+        cols = slice(INFLUENCES_PER_SET * n, INFLUENCES_PER_SET * (n + 1))
+        attributes[f'JOINTS_{n}'] = buf.add(joint_ids[:, cols].astype(np.uint8), GLTF_ARRAY_BUFFER)
+        attributes[f'WEIGHTS_{n}'] = buf.add(joint_weights[:, cols], GLTF_ARRAY_BUFFER)
+    morph = [{'POSITION': buf.add(t, GLTF_ARRAY_BUFFER)} for t in targets]
+    inverse_bind = np.tile(np.eye(4), (N_JOINTS, 1, 1))                       # (5, 4, 4): translate(-b_j)
+    inverse_bind[:, :3, 3] = -bind
+    skin_matrices = buf.add(inverse_bind.transpose(0, 2, 1).reshape(N_JOINTS, 16).astype(np.float32))  # column-major
+    times = buf.add((np.arange(T) / fps).astype(np.float32)[:, None])
+    samplers = [{'input': times, 'output': buf.add(morph_weights.astype(np.float32).reshape(-1, 1)),
+                 'interpolation': 'LINEAR'}]
+    channels = [{'sampler': 0, 'target': {'node': 0, 'path': 'weights'}}]
+    for j in range(N_JOINTS):
+        for prop, values in (('rotation', quats[:, j]), ('translation', translations[:, j])):
+            channels.append({'sampler': len(samplers), 'target': {'node': 1 + j, 'path': prop}})
+            samplers.append({'input': times, 'output': buf.add(values.astype(np.float32)), 'interpolation': 'LINEAR'})
+
+    names = [f'expression_{k:02d}' for k in range(flame.n_expr)] + [
+        f'{JOINT_NAMES[j]}_R{r}{c}' for j in range(1, N_JOINTS) for r in range(3) for c in range(3)]
+    nodes = [{'name': 'head', 'mesh': 0, 'skin': 0}] + [
+        {'name': JOINT_NAMES[j], 'translation': (bind[j] - parent_bind[j]).tolist(),
+         **({'children': children} if (children := [1 + c for c in range(N_JOINTS) if flame.parents[c] == j]) else {})}
+        for j in range(N_JOINTS)]
+    gltf = {
+        'asset': {'version': '2.0', 'generator': 'flame.py save_glb'},
+        'scene': 0, 'scenes': [{'nodes': [0, 1]}], 'nodes': nodes,
+        'meshes': [{'name': 'head', 'primitives': [{'attributes': attributes, 'indices': indices, 'targets': morph,
+                                                    'mode': 4}],
+                    'weights': (-lo / span).tolist(),
+                    'extras': {'targetNames': names, 'coefficientLow': lo.tolist(), 'coefficientSpan': span.tolist()}}],
+        'skins': [{'name': 'flame', 'joints': list(range(1, 1 + N_JOINTS)), 'skeleton': 1,
+                   'inverseBindMatrices': skin_matrices}],
+        'animations': [{'name': 'take', 'samplers': samplers, 'channels': channels}],
+        'buffers': [{'byteLength': buf.length}], 'bufferViews': buf.views, 'accessors': buf.accessors,
+    }
+    text = json.dumps(gltf, separators=(',', ':')).encode()
+    text += b' ' * (-len(text) % 4)                                           # JSON chunk padded with spaces
+    binary = b''.join(buf.chunks)
+    header = GLB_MAGIC + struct.pack('<II', GLB_VERSION, 12 + 8 + len(text) + 8 + len(binary))
+
+    def write(tmp):
+        with open(tmp, 'wb') as fh:
+            fh.write(header + struct.pack('<I', len(text)) + GLB_JSON + text)
+            fh.write(struct.pack('<I', len(binary)) + GLB_BIN + binary)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, write)
+    if audio is not None:
+        _write_wav(path.with_suffix('.wav'), _numpy(audio).reshape(-1), sample_rate)
     return path
 
 

@@ -249,6 +249,157 @@ def test_save_obj_round_trip(tmp_path, head):
         assert np.array_equal(z['faces'], head.faces.numpy())
 
 
+# ----------------------------------------------------------------------------- glTF export, played back by the specification
+
+GLTF_DTYPES = {5120: np.int8, 5121: np.uint8, 5122: np.int16, 5123: np.uint16, 5125: np.uint32, 5126: np.float32}
+GLTF_WIDTHS = {'SCALAR': 1, 'VEC2': 2, 'VEC3': 3, 'VEC4': 4, 'MAT2': 4, 'MAT3': 9, 'MAT4': 16}
+
+
+def gltf_read(gltf, index):
+    """Accessor `index` as an array (count, components), laid out as the specification says (byteStride honoured)."""
+    acc = gltf.accessors[index]
+    view = gltf.bufferViews[acc.bufferView]
+    dtype = np.dtype(GLTF_DTYPES[acc.componentType]).newbyteorder('<')
+    width = GLTF_WIDTHS[acc.type]
+    return np.ndarray((acc.count, width), dtype, gltf.binary_blob(), (view.byteOffset or 0) + (acc.byteOffset or 0),
+                      (view.byteStride or dtype.itemsize * width, dtype.itemsize)).astype(np.float64)
+
+
+def quaternion_matrix(q):
+    """(x, y, z, w) -> 3x3 rotation, the textbook formula for a unit quaternion."""
+    x, y, z, w = q / np.linalg.norm(q)
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+
+
+def gltf_sample(times, values, t, path):
+    """Animation sampler with LINEAR interpolation at time t (spherical for rotations, the specification's slerp)."""
+    k = int(np.searchsorted(times, t, side='right')) - 1
+    if k < 0 or k >= len(times) - 1:
+        return values[0] if k < 0 else values[-1]
+    u = (t - times[k]) / (times[k + 1] - times[k])
+    a, b = values[k], values[k + 1]
+    if path != 'rotation':
+        return a + u * (b - a)
+    d = float(np.dot(a, b))
+    angle = math.acos(min(abs(d), 1.0))
+    if angle < 1e-9:
+        return a
+    return (math.sin(angle * (1 - u)) * a + math.copysign(1, d) * math.sin(angle * u) * b) / math.sin(angle)
+
+
+def gltf_playback(path):
+    """Vertices (keyframes, V, 3) of the first mesh of a .glb at each time of its animation's first sampler:
+    morph targets base + Σ w_i·target_i, then skinning Σ weight·(global(joint)·inverseBindMatrix)·position,
+    the skinned mesh node's own transform ignored, node transforms T·R·S down the hierarchy."""
+    import pygltflib
+    gltf = pygltflib.GLTF2().load(str(path))
+    animation = gltf.animations[0]
+    times = gltf_read(gltf, animation.samplers[0].input)[:, 0]
+    parent = {c: i for i, node in enumerate(gltf.nodes) for c in node.children or []}
+    mesh_node = next(i for i, node in enumerate(gltf.nodes) if node.mesh is not None)
+    primitive = gltf.meshes[gltf.nodes[mesh_node].mesh].primitives[0]
+    skin = gltf.skins[gltf.nodes[mesh_node].skin]
+    base = gltf_read(gltf, primitive.attributes.POSITION)                               # (V, 3)
+    targets = np.stack([gltf_read(gltf, t['POSITION']) for t in primitive.targets])     # (K, V, 3)
+    attributes = {k: v for k, v in vars(primitive.attributes).items() if v is not None}
+    sets = [(gltf_read(gltf, attributes[f'JOINTS_{n}']).astype(int), gltf_read(gltf, attributes[f'WEIGHTS_{n}']))
+            for n in range(len(attributes)) if f'JOINTS_{n}' in attributes]
+    inverse_bind = gltf_read(gltf, skin.inverseBindMatrices).reshape(-1, 4, 4).transpose(0, 2, 1)  # column-major
+    frames = []
+    for t in times:
+        trs = {i: {'translation': np.array(n.translation or [0.0, 0, 0]), 'rotation': np.array(n.rotation or [0.0, 0, 0, 1]),
+                   'scale': np.array(n.scale or [1.0, 1, 1])} for i, n in enumerate(gltf.nodes)}
+        weights = np.array(gltf.meshes[gltf.nodes[mesh_node].mesh].weights or np.zeros(len(targets)))
+        for channel in animation.channels:
+            sampler = animation.samplers[channel.sampler]
+            keys = gltf_read(gltf, sampler.input)[:, 0]
+            values = gltf_read(gltf, sampler.output).reshape(len(keys), -1)
+            value = gltf_sample(keys, values, t, channel.target.path)
+            if channel.target.path == 'weights':
+                weights = value
+            else:
+                trs[channel.target.node][channel.target.path] = value
+
+        def local(i):
+            if gltf.nodes[i].matrix:
+                return np.array(gltf.nodes[i].matrix).reshape(4, 4).T
+            m = np.eye(4)
+            m[:3, :3] = quaternion_matrix(trs[i]['rotation']) * trs[i]['scale']
+            m[:3, 3] = trs[i]['translation']
+            return m
+
+        def world(i):
+            return world(parent[i]) @ local(i) if i in parent else local(i)
+
+        morphed = base + np.tensordot(weights, targets, 1)
+        joint_matrices = np.stack([world(j) for j in skin.joints]) @ inverse_bind         # (J, 4, 4)
+        homogeneous = np.concatenate([morphed, np.ones((len(morphed), 1))], 1)
+        verts = np.zeros_like(morphed)
+        for joints, w in sets:
+            for c in range(4):
+                verts += w[:, c:c + 1] * np.einsum('vab,vb->va', joint_matrices[joints[:, c]], homogeneous)[:, :3]
+        frames.append(verts)
+    return np.stack(frames)
+
+
+def big_rotation_take(seed, frames=8):
+    """A shape (100,) and motion (frames, 59) with large expressions and head, neck and jaw rotations."""
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 1, frames)[:, None]
+    motion = np.zeros((frames, 59))
+    motion[:, :50] = rng.normal(size=(frames, 50)) * 1.5
+    motion[:, 50:53] = np.sin(2 * math.pi * t + rng.uniform(0, 6, 3)) * [0.6, 0.9, 0.4]     # head: up to 52°
+    motion[:, 53:56] = np.sin(3 * math.pi * t + rng.uniform(0, 6, 3)) * [0.5, 0.6, 0.3]     # neck
+    motion[:, 56:59] = np.abs(np.sin(4 * math.pi * t)) * [0.5, 0.08, 0.05]                # jaw: open to 29°
+    return rng.normal(size=100).astype(np.float32), motion.astype(np.float32)
+
+
+def random_flame_file(tmp_path, seed=7):
+    np.savez(tmp_path / 'random_flame.npz', **random_flame_arrays(np.random.default_rng(seed)))
+    return Flame.load(tmp_path / 'random_flame.npz')
+
+
+@pytest.mark.parametrize('which', ['procedural', 'random'])
+def test_glb_plays_back_flame_vertices_at_every_frame(which, tmp_path, head):
+    model = head if which == 'procedural' else random_flame_file(tmp_path)
+    shape, motion = big_rotation_take(11)
+    path = flame.save_glb(tmp_path / 'take.glb', model, shape, motion, fps=30)
+    played = gltf_playback(path)
+    expected = model.from_motion(torch.from_numpy(shape), torch.from_numpy(motion)).numpy().astype(np.float64)
+    assert played.shape == expected.shape == (len(motion), model.template.shape[0] // 3, 3)
+    moved = np.abs(expected - expected[:1]).max()
+    assert moved > (0.03 if which == 'procedural' else 0.01)         # the take really moves the head
+    assert np.abs(played - expected).max() <= 1e-5
+    import pygltflib
+    gltf = pygltflib.GLTF2().load(str(path))
+    times = gltf_read(gltf, gltf.animations[0].samplers[0].input)[:, 0]
+    np.testing.assert_allclose(times, np.arange(len(motion)) / 30, atol=1e-6)
+    morph = gltf_read(gltf, gltf.animations[0].samplers[0].output)
+    assert morph.min() >= 0 and morph.max() <= 1 and morph.min() == 0 and morph.max() == 1   # Blender's key range
+    assert 0 <= min(gltf.meshes[0].weights) and max(gltf.meshes[0].weights) <= 1
+    # The random file gives every vertex 5 influences: a second JOINTS/WEIGHTS pair carries the fifth.
+    assert ('JOINTS_1' in vars(gltf.meshes[0].primitives[0].attributes)) == (which == 'random')
+
+
+def test_glb_playback_check_catches_swapped_joints_and_dropped_correctives(tmp_path, head):
+    import copy
+    import pygltflib
+    shape, motion = big_rotation_take(12)
+    expected = head.from_motion(torch.from_numpy(shape), torch.from_numpy(motion)).numpy()
+    path = flame.save_glb(tmp_path / 'take.glb', head, shape, motion)
+    assert np.abs(gltf_playback(path) - expected).max() <= 1e-5
+    gltf = pygltflib.GLTF2().load(str(path))
+    gltf.skins[0].joints[1], gltf.skins[0].joints[2] = gltf.skins[0].joints[2], gltf.skins[0].joints[1]  # neck <-> jaw
+    gltf.save(str(tmp_path / 'swapped.glb'))
+    assert np.abs(gltf_playback(tmp_path / 'swapped.glb') - expected).max() > 1e-3
+    uncorrected = copy.deepcopy(head)
+    uncorrected.blend_dirs[-flame.N_POSE_FEATURES:] = 0                       # an exporter that drops posedirs
+    flame.save_glb(tmp_path / 'dropped.glb', uncorrected, shape, motion)
+    assert np.abs(gltf_playback(tmp_path / 'dropped.glb') - expected).max() > 1e-4
+
+
 
 # ==============================================================================================================
 # Tests for render.py: the rasterizer against trimesh ray casting, the camera convention, shading, the
