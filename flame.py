@@ -3,12 +3,14 @@
 Holds `Flame` (an nn.Module mapping shape / expression / joint rotations to mesh vertices in metres),
 the chumpy-free reader of the official model files, the procedural head used when no FLAME file is
 available, the 59-d motion helper of SPEC §2 (`split_motion`) and mesh exports (`save_obj`,
-`save_mesh_sequence`). Depends on torch and numpy only; imports nothing else of the project.
+`save_mesh_sequence`, and `save_glb`: a take as an animated, skinned glTF 2.0 file with its song beside it).
+Depends on torch and numpy only; imports nothing else of the project.
 
 Use alone:
     flame = Flame.procedural()                         # or Flame.load('FLAME2020/generic_model.pkl')
     verts = flame.from_motion(torch.zeros(100), torch.zeros(240, MOTION_DIM))   # (240, V, 3)
     save_mesh_sequence('out.npz', verts, flame.faces)
+    save_glb('take.glb', flame, torch.zeros(100), torch.zeros(240, MOTION_DIM))    # plays in Blender, three.js
 """
 import json
 import math
@@ -351,7 +353,7 @@ GLTF_ARRAY_BUFFER, GLTF_ELEMENT_ARRAY_BUFFER = 34962, 34963           # bufferVi
 GLTF_TYPES = {1: 'SCALAR', 3: 'VEC3', 4: 'VEC4', 16: 'MAT4'}          # accessor type by component count
 GLB_MAGIC, GLB_VERSION, GLB_JSON, GLB_BIN = b'glTF', 2, b'JSON', b'BIN\0'
 INFLUENCES_PER_SET = 4            # joints per JOINTS_n / WEIGHTS_n attribute pair
-WAV_FULL_SCALE = 32767            # 16-bit PCM
+WAV_FULL_SCALE = 32768            # 16-bit PCM: readers divide by 2^15
 
 
 def _quaternions(rotvec):
@@ -364,9 +366,10 @@ def _quaternions(rotvec):
 def _quaternion_matrices(q):
     """Unit quaternions (..., 4), (x, y, z, w) -> rotation matrices (..., 3, 3)."""
     x, y, z, w = np.moveaxis(q, -1, 0)
-    return np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+    rows = np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
                      2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-                     2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1).reshape(q.shape[:-1] + (3, 3))
+                     2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1)
+    return rows.reshape(q.shape[:-1] + (3, 3))
 
 
 def _skin_sets(weights):
@@ -390,7 +393,8 @@ class _GlbBuffer:
     def add(self, array, target=None):
         """One accessor over its own bufferView; array (count, components) of float32, uint8 or uint32.
         min / max are written for every accessor (POSITION and animation inputs must have them)."""
-        component = {np.float32: GLTF_FLOAT, np.uint8: GLTF_UNSIGNED_BYTE, np.uint32: GLTF_UNSIGNED_INT}[array.dtype.type]
+        component = {np.float32: GLTF_FLOAT, np.uint8: GLTF_UNSIGNED_BYTE,
+                     np.uint32: GLTF_UNSIGNED_INT}[array.dtype.type]
         data = np.ascontiguousarray(array).tobytes()
         view = {'buffer': 0, 'byteOffset': self.length, 'byteLength': len(data)}
         if target is not None:
@@ -416,7 +420,7 @@ def _write_atomic(path, write):
 
 def _write_wav(path, audio, sample_rate):
     """Mono float audio (N,) in [-1, 1] as a 16-bit PCM wav (the standard library's wave module)."""
-    pcm = np.round(np.clip(audio, -1, 1) * WAV_FULL_SCALE).astype('<i2')
+    pcm = np.clip(np.round(audio * WAV_FULL_SCALE), -WAV_FULL_SCALE, WAV_FULL_SCALE - 1).astype('<i2')
 
     def write(tmp):
         with wave.open(str(tmp), 'wb') as fh:
@@ -451,16 +455,19 @@ def save_glb(path, flame, shape, motion, fps=30, audio=None, sample_rate=16000):
     if shape.shape != (flame.n_shape,) or motion.ndim != 2 or len(motion) == 0 or motion.shape[1] != flame.n_expr + 9:
         raise ValueError(f"{path}: expected shape ({flame.n_shape},) and motion (frames, {flame.n_expr + 9}); "
                          f"got {shape.shape} and {motion.shape}")
+    if not (np.isfinite(shape).all() and np.isfinite(motion).all()):
+        raise ValueError(f"{path}: shape and motion must be finite numbers")
     T, V = len(motion), flame.template.shape[0] // 3
     buffer = lambda name: getattr(flame, name).detach().cpu().double().numpy()
     expression, global_pose, neck_pose, jaw_pose = split_motion(motion, flame.n_expr)
-    rotvec = np.stack([global_pose, neck_pose, jaw_pose, np.zeros_like(jaw_pose), np.zeros_like(jaw_pose)], 1)  # (T, 5, 3)
+    eyes = np.zeros_like(jaw_pose)                                            # the 59-d motion keeps the eyes still
+    rotvec = np.stack([global_pose, neck_pose, jaw_pose, eyes, eyes], 1)      # (T, 5, 3)
 
     # Morph targets: expression and pose-corrective coefficients, each mapped onto [0, 1] over the take.
     rot = rodrigues(torch.from_numpy(rotvec)).numpy()                         # (T, 5, 3, 3) FLAME's own matrices
     coeffs = np.concatenate([expression, (rot[:, 1:] - np.eye(3)).reshape(T, N_POSE_FEATURES)], 1)  # (T, K)
     lo, hi = np.minimum(coeffs.min(0), 0), np.maximum(coeffs.max(0), 0)
-    span = np.where(hi > lo, hi - lo, 1.0)                                    # a constant-zero one keeps its unit target
+    span = np.where(hi > lo, hi - lo, 1.0)                                    # always 0: keeps its unit target
     morph_weights = np.clip((coeffs - lo) / span, 0, 1)                       # (T, K)
     dirs = buffer('blend_dirs')                                               # (n_shape + K, 3·V), coordinate-major
     neutral = buffer('template') + shape @ dirs[:flame.n_shape]
@@ -506,15 +513,15 @@ def save_glb(path, flame, shape, motion, fps=30, audio=None, sample_rate=16000):
     names = [f'expression_{k:02d}' for k in range(flame.n_expr)] + [
         f'{JOINT_NAMES[j]}_R{r}{c}' for j in range(1, N_JOINTS) for r in range(3) for c in range(3)]
     nodes = [{'name': 'head', 'mesh': 0, 'skin': 0}] + [
-        {'name': JOINT_NAMES[j], 'translation': (bind[j] - parent_bind[j]).tolist(),
-         **({'children': children} if (children := [1 + c for c in range(N_JOINTS) if flame.parents[c] == j]) else {})}
-        for j in range(N_JOINTS)]
+        {'name': JOINT_NAMES[j], 'translation': (bind[j] - parent_bind[j]).tolist()} for j in range(N_JOINTS)]
+    for j, p in enumerate(flame.parents[1:], 1):
+        nodes[1 + p].setdefault('children', []).append(1 + j)
     gltf = {
         'asset': {'version': '2.0', 'generator': 'flame.py save_glb'},
         'scene': 0, 'scenes': [{'nodes': [0, 1]}], 'nodes': nodes,
         'meshes': [{'name': 'head', 'primitives': [{'attributes': attributes, 'indices': indices, 'targets': morph,
                                                     'mode': 4}],
-                    'weights': (-lo / span).tolist(),
+                    'weights': ((0 - lo) / span).tolist(),                   # every coefficient 0: the neutral head
                     'extras': {'targetNames': names, 'coefficientLow': lo.tolist(), 'coefficientSpan': span.tolist()}}],
         'skins': [{'name': 'flame', 'joints': list(range(1, 1 + N_JOINTS)), 'skeleton': 1,
                    'inverseBindMatrices': skin_matrices}],

@@ -12,6 +12,7 @@ import pickle
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 from dataclasses import asdict
@@ -289,8 +290,9 @@ def gltf_sample(times, values, t, path):
     return (math.sin(angle * (1 - u)) * a + math.copysign(1, d) * math.sin(angle * u) * b) / math.sin(angle)
 
 
-def gltf_playback(path):
-    """Vertices (keyframes, V, 3) of the first mesh of a .glb at each time of its animation's first sampler:
+def gltf_playback(path, keys=None):
+    """Vertices (keys, V, 3) of the first mesh of a .glb at the given keyframes of its animation's first sampler
+    (default: all):
     morph targets base + Σ w_i·target_i, then skinning Σ weight·(global(joint)·inverseBindMatrix)·position,
     the skinned mesh node's own transform ignored, node transforms T·R·S down the hierarchy."""
     import pygltflib
@@ -308,9 +310,9 @@ def gltf_playback(path):
             for n in range(len(attributes)) if f'JOINTS_{n}' in attributes]
     inverse_bind = gltf_read(gltf, skin.inverseBindMatrices).reshape(-1, 4, 4).transpose(0, 2, 1)  # column-major
     frames = []
-    for t in times:
-        trs = {i: {'translation': np.array(n.translation or [0.0, 0, 0]), 'rotation': np.array(n.rotation or [0.0, 0, 0, 1]),
-                   'scale': np.array(n.scale or [1.0, 1, 1])} for i, n in enumerate(gltf.nodes)}
+    for t in times if keys is None else times[keys]:
+        trs = {i: {'translation': np.array(n.translation or [0.0, 0, 0]), 'scale': np.array(n.scale or [1.0, 1, 1]),
+                   'rotation': np.array(n.rotation or [0.0, 0, 0, 1])} for i, n in enumerate(gltf.nodes)}
         weights = np.array(gltf.meshes[gltf.nodes[mesh_node].mesh].weights or np.zeros(len(targets)))
         for channel in animation.channels:
             sampler = animation.samplers[channel.sampler]
@@ -398,6 +400,97 @@ def test_glb_playback_check_catches_swapped_joints_and_dropped_correctives(tmp_p
     uncorrected.blend_dirs[-flame.N_POSE_FEATURES:] = 0                       # an exporter that drops posedirs
     flame.save_glb(tmp_path / 'dropped.glb', uncorrected, shape, motion)
     assert np.abs(gltf_playback(tmp_path / 'dropped.glb') - expected).max() > 1e-4
+
+
+def test_glb_container_and_json_follow_the_gltf_spec(tmp_path, head):
+    """GLB header and 4-byte aligned chunks; the required fields and bounds of buffers, views, accessors, mesh,
+    skin, nodes and animation; and the song beside it as 16-bit PCM."""
+    shape, motion = big_rotation_take(13, frames=5)
+    song = np.sin(np.arange(16000) * 2 * math.pi * 440 / 16000) * 0.5
+    path = flame.save_glb(tmp_path / 'take.glb', head, shape, motion, 30, song, 16000)
+    raw = path.read_bytes()
+    magic, version, length = struct.unpack_from('<4sII', raw)
+    assert magic == b'glTF' and version == 2 and length == len(raw)
+    json_length, json_type = struct.unpack_from('<I4s', raw, 12)
+    bin_length, bin_type = struct.unpack_from('<I4s', raw, 20 + json_length)
+    assert json_type == b'JSON' and bin_type == b'BIN\0' and json_length % 4 == 0 and bin_length % 4 == 0
+    assert 28 + json_length + bin_length == len(raw)
+    doc = json.loads(raw[20:20 + json_length])
+    blob = raw[28 + json_length:]
+
+    assert doc['asset']['version'] == '2.0'
+    (buffer,) = doc['buffers']
+    assert 'uri' not in buffer and buffer['byteLength'] <= bin_length <= buffer['byteLength'] + 3
+    for view in doc['bufferViews']:
+        assert view['buffer'] == 0 and view['byteLength'] >= 1 and view.get('byteOffset', 0) % 4 == 0
+        assert view.get('byteOffset', 0) + view['byteLength'] <= buffer['byteLength']
+    arrays = []
+    for acc in doc['accessors']:
+        assert acc['componentType'] in GLTF_DTYPES and acc['count'] >= 1 and acc['type'] in GLTF_WIDTHS
+        view = doc['bufferViews'][acc['bufferView']]
+        size = np.dtype(GLTF_DTYPES[acc['componentType']]).itemsize
+        assert acc.get('byteOffset', 0) % size == 0
+        assert acc.get('byteOffset', 0) + acc['count'] * size * GLTF_WIDTHS[acc['type']] <= view['byteLength']
+        values = np.frombuffer(blob, GLTF_DTYPES[acc['componentType']], acc['count'] * GLTF_WIDTHS[acc['type']],
+                               view.get('byteOffset', 0) + acc.get('byteOffset', 0)).reshape(acc['count'], -1)
+        if 'min' in acc:   # bounds, where given, are the data's own
+            assert acc['min'] == values.min(0).tolist() and acc['max'] == values.max(0).tolist()
+        arrays.append(values)
+
+    (node,) = [n for n in doc['nodes'] if 'mesh' in n]
+    (primitive,) = doc['meshes'][node['mesh']]['primitives']
+    attributes = primitive['attributes']
+    n_verts = doc['accessors'][attributes['POSITION']]['count']
+    for name, index in attributes.items():
+        acc = doc['accessors'][index]
+        assert acc['count'] == n_verts and doc['bufferViews'][acc['bufferView']]['target'] == 34962
+        if name == 'POSITION':
+            assert (acc['type'], acc['componentType']) == ('VEC3', 5126) and 'min' in acc and 'max' in acc
+        elif name.startswith('JOINTS_'):
+            assert acc['type'] == 'VEC4' and acc['componentType'] in (5121, 5123)
+            assert arrays[index].max() < len(doc['skins'][node['skin']]['joints'])
+        else:
+            assert name.startswith('WEIGHTS_') and (acc['type'], acc['componentType']) == ('VEC4', 5126)
+            assert arrays[index].min() >= 0
+    weight_sum = sum(arrays[i] for n, i in attributes.items() if n.startswith('WEIGHTS_')).sum(1)
+    np.testing.assert_allclose(weight_sum, 1, atol=1e-6)
+    indices = doc['accessors'][primitive['indices']]
+    assert doc['bufferViews'][indices['bufferView']]['target'] == 34963 and indices['type'] == 'SCALAR'
+    assert indices['count'] % 3 == 0 and arrays[primitive['indices']].max() < n_verts
+    assert primitive.get('mode', 4) == 4
+    for target in primitive['targets']:
+        acc = doc['accessors'][target['POSITION']]
+        assert set(target) == {'POSITION'} and acc['count'] == n_verts and 'min' in acc and 'max' in acc
+        assert doc['bufferViews'][acc['bufferView']]['target'] == 34962
+    n_targets = len(primitive['targets'])
+    assert n_targets == 50 + 36 == len(doc['meshes'][0]['weights']) == len(doc['meshes'][0]['extras']['targetNames'])
+
+    skin = doc['skins'][node['skin']]
+    assert len(skin['joints']) == 5 and all(0 <= j < len(doc['nodes']) for j in skin['joints'])
+    ibm = doc['accessors'][skin['inverseBindMatrices']]
+    assert (ibm['type'], ibm['componentType'], ibm['count']) == ('MAT4', 5126, 5)
+    children = [c for n in doc['nodes'] for c in n.get('children', [])]
+    assert len(children) == len(set(children)) and all(0 <= c < len(doc['nodes']) for c in children)
+    assert sorted(doc['scenes'][doc['scene']]['nodes']) == sorted(set(range(len(doc['nodes']))) - set(children))
+
+    (animation,) = doc['animations']
+    for channel in animation['channels']:
+        sampler = animation['samplers'][channel['sampler']]
+        times, output = doc['accessors'][sampler['input']], doc['accessors'][sampler['output']]
+        assert (times['type'], times['componentType']) == ('SCALAR', 5126) and 'min' in times and 'max' in times
+        assert np.all(np.diff(arrays[sampler['input']][:, 0]) > 0) and sampler['interpolation'] == 'LINEAR'
+        path = channel['target']['path']
+        width, count = {'rotation': ('VEC4', 1), 'translation': ('VEC3', 1), 'weights': ('SCALAR', n_targets)}[path]
+        assert output['type'] == width and output['componentType'] == 5126 and output['count'] == times['count'] * count
+        if path == 'rotation':
+            np.testing.assert_allclose(np.linalg.norm(arrays[sampler['output']], axis=1), 1, atol=1e-6)
+    animated = {(c['target']['node'], c['target']['path']) for c in animation['channels']}
+    assert animated == {(doc['nodes'].index(node), 'weights')} | {(j, p) for j in skin['joints'] for p in ('rotation', 'translation')}
+
+    wav, rate = sf.read(tmp_path / 'take.wav', dtype='float64')
+    info = sf.info(tmp_path / 'take.wav')
+    assert rate == 16000 and info.subtype == 'PCM_16' and info.channels == 1
+    np.testing.assert_allclose(wav, song, atol=0.5 / 32768)
 
 
 
@@ -2059,6 +2152,29 @@ def test_cli_writes_motion_pickle_landmarks_and_a_preview_with_sound(trained_mot
         probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(out / f"sample_{k}.mp4")],
                                capture_output=True, text=True).stderr
         assert "Video:" in probe and "Audio:" in probe
+
+
+def test_cli_glb_takes_play_back_their_motion_with_the_song_beside_them(trained_motion, motion_set, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setattr(unisinger, "render_preview", lambda *args, **kwargs: None)  # the test above covers previews
+    item = data.SingingHead(motion_set, "test")[0]
+    sf.write(tmp_path / "voice.wav", item["audio"], data.SAMPLE_RATE)
+    sf.write(tmp_path / "bgm.wav", item["bgm"], data.SAMPLE_RATE)
+    out = tmp_path / "song"
+    unisinger.main(["--audio", str(tmp_path / "voice.wav"), "--bgm", str(tmp_path / "bgm.wav"), "--checkpoint",
+                    str(trained_motion / "best.pt"), "--samples", "2", "--glb", "--out", str(out)])
+    voice, bgm = load_audio(tmp_path / "voice.wav"), load_audio(tmp_path / "bgm.wav")
+    song = voice + np.pad(bgm, (0, max(0, len(voice) - len(bgm))))[:len(voice)]
+    head = unisinger.load_flame(None)
+    for k in range(2):
+        with np.load(out / f"sample_{k}.npz") as z:
+            motion, shape = torch.from_numpy(z["motion"]), torch.from_numpy(z["shape"])
+        keys = np.unique(np.r_[0, len(motion) // 2, len(motion) - 1, motion[:, 56].abs().argmax().item()])
+        expected = head.from_motion(shape, motion[keys]).numpy()
+        assert np.abs(gltf_playback(out / f"sample_{k}.glb", keys) - expected).max() <= 1e-5
+        wav, rate = sf.read(out / f"sample_{k}.wav")
+        assert rate == data.SAMPLE_RATE
+        np.testing.assert_allclose(wav, song / max(1, np.abs(song).max()), atol=1 / 32768)  # +1 clips to 1 - 2^-15
 
 
 def run_and_kill_at(cmd, pattern):

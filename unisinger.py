@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from audio import SAMPLE_RATE, Wav2Vec2, Wav2Vec2Config, load_audio, mfcc_at_fps, normalize_wave
-from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame
+from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame, save_glb
 from render import VideoWriter, load_reference, load_renderer, render_depth, render_preview, to_uint8
 
 FPS = 30                                    # motion frames per second
@@ -399,6 +399,8 @@ def main(argv=None):
     p.add_argument("--image", help="reference portrait (with --renderer: writes the portrait video)")
     p.add_argument("--renderer", help="face renderer checkpoint from `train.py --stage render`")
     p.add_argument("--out", default="out/generated")
+    p.add_argument("--glb", action="store_true",
+                   help="also write each take as a glTF 2.0 sample_K.glb, the song as sample_K.wav beside it")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
@@ -419,6 +421,11 @@ def main(argv=None):
     seconds = time.time() - t0
     out = Path(args.out)
     write_motion(out, motion, flame, shape, voice)
+    if args.glb:
+        song = voice if bgm is None else voice + fit_length(bgm, len(voice))
+        song = song / max(1.0, np.abs(song).max())                # the mix as heard, without clipping
+        for k, m in enumerate(motion):
+            save_glb(out / f"sample_{k}.glb", flame, shape, m, FPS, song, SAMPLE_RATE)
     print(f"{motion.shape[0]} sample(s) of {motion.shape[1]} frames in {seconds:.2f} s "
           f"({motion.shape[0] * motion.shape[1] / seconds:.0f} frames/s) -> {out}")
     if args.image or args.renderer:
