@@ -96,7 +96,7 @@ from torch.utils.data import Dataset
 
 import render
 from audio import load_audio
-from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame
+from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame, load_data_pickle
 from progress import Progress
 
 FPS = 30                              # motion frames per second
@@ -146,16 +146,13 @@ def _columns(array, key, path, n):
 def read_flame_pickle(path):
     """
     A flame_seqs pickle -> dict(expression (T, 50), pose (T, 9), shape (100,), cam (T, 3) or None), float32.
-    Key spellings and rules: see the module docstring.
+    Key spellings and rules: see the module docstring. Read as data only: a pickle naming anything but arrays,
+    numbers, strings and containers is refused before it is loaded (flame.DataUnpickler).
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+    d = load_data_pickle(path)
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a dict of FLAME parameters, got {type(d).__name__}")
     key, value = _pick(d, EXPRESSION_KEYS, path)

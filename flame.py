@@ -36,7 +36,13 @@ RODRIGUES_OFFSET = 1e-8           # smplx adds this to the rotation vector befor
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading model files without chumpy
+# Reading pickles as data: model files without chumpy, and nothing that runs code
+#
+# Unpickling calls whatever callable a file names, so a pickle from elsewhere could run any program.
+# DataUnpickler resolves only the exact (module, name) pairs below, all of which build data whatever their
+# arguments: arrays, dtypes and numpy scalars (numpy >= 2 and the numpy.core spellings of older files), sets,
+# complex numbers, the latin-1 bytes of protocol-2 pickles, and inert stand-ins for the chumpy and scipy-sparse
+# objects of FLAME 2020 (nothing of chumpy or scipy is imported). Any other name is refused before it is loaded.
 
 class _ChumpyArray:
     """Stand-in for a chumpy object inside a FLAME 2020 pickle: keeps only its value, state['x']."""
@@ -71,24 +77,94 @@ class _CsrStandIn(_CompressedSparse):
     column_major = False
 
 
-class _ModelUnpickler(pickle.Unpickler):
-    """Unpickler that maps chumpy and scipy-sparse classes to the stand-ins above."""
+def _latin1_bytes(text, encoding):
+    """_codecs.encode as protocol-2 pickles use it for bytes (ndarray data): latin-1 only, no other codec."""
+    if encoding not in ('latin1', 'latin-1') or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refused: _codecs.encode with {encoding!r}")
+    return text.encode('latin1')
+
+
+def _reconstructor(cls, base, state):
+    """copyreg._reconstructor of protocol 0/1 pickles, for the stand-ins (all the real files reconstruct)."""
+    if base is not object or cls not in (_ChumpyArray, _CscStandIn, _CsrStandIn) or state is not None:
+        raise pickle.UnpicklingError(f"refused: copyreg._reconstructor of {getattr(cls, '__name__', cls)!r}")
+    return object.__new__(cls)
+
+
+def _data_globals():
+    """(module, name) -> what DataUnpickler gives for it; exact pairs, each spelling a real file uses."""
+    core = np._core if hasattr(np, '_core') else np.core
+    table = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype, ('_codecs', 'encode'): _latin1_bytes}
+    for spelling in ('numpy.core', 'numpy._core'):             # numpy < 2 wrote numpy.core, numpy >= 2 numpy._core
+        table.update({(f'{spelling}.multiarray', '_reconstruct'): core.multiarray._reconstruct,
+                      (f'{spelling}.multiarray', 'scalar'): core.multiarray.scalar,
+                      (f'{spelling}.numeric', '_frombuffer'): core.numeric._frombuffer})
+    for builtins in ('builtins', '__builtin__'):               # Python 3 / Python 2 spellings
+        table.update({(builtins, 'set'): set, (builtins, 'frozenset'): frozenset, (builtins, 'complex'): complex,
+                      (builtins, 'object'): object})
+    for copyreg in ('copyreg', 'copy_reg'):
+        table[(copyreg, '_reconstructor')] = _reconstructor
+    for module in ('scipy.sparse', 'scipy.sparse.csc', 'scipy.sparse._csc', 'scipy.sparse.csr', 'scipy.sparse._csr'):
+        table.update({(module, 'csc_matrix'): _CscStandIn, (module, 'csc_array'): _CscStandIn,
+                      (module, 'csr_matrix'): _CsrStandIn, (module, 'csr_array'): _CsrStandIn})
+    return table
+
+
+class DataUnpickler(pickle.Unpickler):
+    """
+    Unpickler for files from elsewhere: builds data only (see above) and refuses any other class or function,
+    naming it, before it is loaded. Every chumpy class becomes the inert _ChumpyArray (chumpy is never imported).
+    """
+    GLOBALS = _data_globals()
 
     def find_class(self, module, name):
         if module.split('.')[0] in ('chumpy', 'chumpy_fork'):
             return _ChumpyArray
-        if module.startswith('scipy.sparse') and name in ('csc_matrix', 'csc_array'):
-            return _CscStandIn
-        if module.startswith('scipy.sparse') and name in ('csr_matrix', 'csr_array'):
-            return _CsrStandIn
-        if module.startswith('numpy.core') and hasattr(np, '_core'):  # pickles written by numpy < 2
-            module = 'numpy._core' + module[len('numpy.core'):]
-        return super().find_class(module, name)
+        if (module, name) in self.GLOBALS:
+            return self.GLOBALS[(module, name)]
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a data file holds only arrays, numbers, "
+                                     f"strings and containers")
 
 
-def _read_pickle(path):
+def load_data_pickle(path, file=None):
+    """
+    The object of a pickle file read with DataUnpickler (Python 2 strings as latin-1); `file` an open binary
+    file positioned at the pickle (default: path opened). Refusals and unreadable bytes -> one-line ValueError
+    naming path.
+    """
+    try:
+        if file is not None:
+            return DataUnpickler(file, encoding='latin1').load()
+        with open(path, 'rb') as fh:
+            return DataUnpickler(fh, encoding='latin1').load()
+    except pickle.UnpicklingError as error:
+        if str(error).startswith('refused'):
+            raise ValueError(f"{path}: {error}") from None
+        raise ValueError(f"{path}: not a readable pickle ({error})") from None
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable pickle ({type(error).__name__}: {error})") from None
+
+
+def load_npy_object(path):
+    """
+    The object inside a .npy file of a pickled object (np.save of a dict, e.g. DECA's landmark_embedding.npy),
+    read with DataUnpickler: the header is parsed here rather than by np.load(allow_pickle=True).
+    """
     with open(path, 'rb') as fh:
-        return _ModelUnpickler(fh, encoding='latin1').load()
+        try:
+            version = np.lib.format.read_magic(fh)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"format version {version}, not 1.0 or 2.0")
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = header(fh)
+        except ValueError as error:
+            raise ValueError(f"{path}: not a readable .npy file ({error})") from None
+        if not dtype.hasobject:
+            raise ValueError(f"{path}: expected a pickled object, found a {dtype} array of shape {shape}")
+        array = load_data_pickle(path, fh)
+    if not isinstance(array, np.ndarray) or array.shape != shape:
+        raise ValueError(f"{path}: the pickled payload is not the ({shape}) object array its header declares")
+    return array[()] if shape == () else array
 
 
 def _dense(value, path, key):
@@ -108,7 +184,7 @@ def read_flame_arrays(path):
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     else:
-        data = _read_pickle(path)
+        data = load_data_pickle(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a dict of FLAME arrays, found {type(data).__name__}")
     missing = [k for k in FLAME_KEYS if k not in data]
@@ -122,14 +198,14 @@ def _read_landmark_embedding(folder):
     flame_static_embedding.pkl (51, iBUG points 17..67, no jaw contour); None when neither exists."""
     deca = folder / 'landmark_embedding.npy'
     if deca.exists():
-        emb = np.load(deca, allow_pickle=True, encoding='latin1')[()]
-        if 'full_lmk_faces_idx' not in emb or 'full_lmk_bary_coords' not in emb:
+        emb = load_npy_object(deca)
+        if not isinstance(emb, dict) or 'full_lmk_faces_idx' not in emb or 'full_lmk_bary_coords' not in emb:
             raise ValueError(f"{deca}: missing keys full_lmk_faces_idx / full_lmk_bary_coords")
         return np.asarray(emb['full_lmk_faces_idx']).reshape(-1), np.asarray(emb['full_lmk_bary_coords']).reshape(-1, 3)
     static = folder / 'flame_static_embedding.pkl'
     if static.exists():
-        emb = _read_pickle(static)
-        if 'lmk_face_idx' not in emb or 'lmk_b_coords' not in emb:
+        emb = load_data_pickle(static)
+        if not isinstance(emb, dict) or 'lmk_face_idx' not in emb or 'lmk_b_coords' not in emb:
             raise ValueError(f"{static}: missing keys lmk_face_idx / lmk_b_coords")
         return np.asarray(emb['lmk_face_idx']).reshape(-1), np.asarray(emb['lmk_b_coords']).reshape(-1, 3)
     return None
@@ -140,7 +216,10 @@ def _read_masks(folder):
     path = folder / 'FLAME_masks.pkl'
     if not path.exists():
         return None
-    masks = {k: _dense(v, path, k).astype(np.int64).reshape(-1) for k, v in _read_pickle(path).items()}
+    masks = load_data_pickle(path)
+    if not isinstance(masks, dict):
+        raise ValueError(f"{path}: expected a dict of vertex id arrays, found {type(masks).__name__}")
+    masks = {k: _dense(v, path, k).astype(np.int64).reshape(-1) for k, v in masks.items()}
     if 'forehead' in masks and 'eye_region' in masks:
         masks['upper_face'] = np.union1d(masks['forehead'], masks['eye_region'])
     return masks

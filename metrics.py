@@ -855,8 +855,9 @@ def run_motion_table(args):
     else:
         from unisinger import generate, load_checkpoint, load_flame
         ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint()
-        model = load_checkpoint(ckpt, args.device)
-        flame = load_flame(args.flame or model.flame_path)
+        trained = load_checkpoint(ckpt, args.device)
+        model = trained.model
+        flame = load_flame(args.flame or trained.flame)
         clock = {"seconds": 0.0, "frames": 0}
 
         def predict(item):

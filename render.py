@@ -1,7 +1,7 @@
 """
 Rendering for UniSinger: the depth rasterizer, the orthographic camera, shaded previews, mp4 output, and
 the per-person face renderer of SPEC §5 (UNet generator, PatchGAN discriminator, VGG-19, losses), its
-size presets (RendererConfig) and checkpoint loading (load_renderer).
+size presets (RendererConfig) and checkpoint reading (read_checkpoint: data only; load_renderer).
 
 Depends on torch, numpy, imageio (+ imageio-ffmpeg for the encoder and its ffmpeg binary) and soundfile.
 Nothing of ours is imported; `render_preview` takes a Flame only for its `.faces`.
@@ -21,6 +21,8 @@ Use alone:
 """
 import contextlib
 import os
+import pickle
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -618,20 +620,44 @@ def to_uint8(images):
     return images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1)
 
 
+def read_checkpoint(path, device="cpu"):
+    """
+    A checkpoint file written by train.py -> its dict, read as data only (torch's weights_only reader:
+    tensors and plain containers). Unpickling may call whatever a file names, so a file that names anything
+    else is refused, naming what it would have loaded, before any of it runs.
+    """
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = found.group(1) if found else str(error).strip().splitlines()[0]
+        raise ValueError(f"{path}: refused: it would load {what}, and a checkpoint holds only tensors and "
+                         f"plain containers") from None
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: not a checkpoint (a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
+@dataclass
+class TrainedRenderer:
+    """A face renderer checkpoint read back: the generator and what it was trained with."""
+    generator: FaceRenderer       # in eval mode
+    config: RendererConfig
+    cam: tuple                    # the person's camera [scale, tx, ty] in training
+
+
 def load_renderer(path, device="cpu"):
-    """
-    Checkpoint from `train.py --stage render` -> FaceRenderer in eval mode on device, with `.cam` (the
-    person's camera [scale, tx, ty] used in training) and `.config` (RendererConfig) attached.
-    """
+    """Checkpoint from `train.py --stage render` -> TrainedRenderer, the generator on device."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no renderer checkpoint; train one with `python train.py --stage render`")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    if not isinstance(ckpt, dict) or "generator" not in ckpt or "renderer_config" not in ckpt:
+    ckpt = read_checkpoint(path, device)
+    if "generator" not in ckpt or "renderer_config" not in ckpt:
         raise ValueError(f"{path}: not a face renderer checkpoint (no 'generator' / 'renderer_config')")
     config = RendererConfig(**ckpt["renderer_config"])
-    renderer = FaceRenderer(config.channels).to(device)
-    renderer.load_state_dict(ckpt["generator"])
-    renderer.cam = tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM))
-    renderer.config = config
-    return renderer.eval()
+    generator = FaceRenderer(config.channels).to(device)
+    generator.load_state_dict(ckpt["generator"])
+    return TrainedRenderer(generator.eval(), config, tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM)))

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import shutil
 import signal
@@ -38,6 +39,57 @@ from audio import (SAMPLE_RATE, Wav2Vec2, beat_track, beats, hpss, load_audio, m
 from progress import Progress
 from flame import Flame, procedural_head, read_flame_arrays, save_mesh_sequence, save_obj, split_motion
 from unisinger import CLIP_FRAMES, FPS, MotionConfig, MotionCVAE, alignment_mask, generate, load_checkpoint
+
+
+class CodeOnLoad:
+    """Unpickling this calls call(*args): how a crafted pickle or checkpoint runs code on whoever loads it."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+def code_payloads(marker):
+    """Objects whose unpickling creates the file `marker`: by a shell command (posix.system), by Python (exec) and
+    by a function of numpy's that runs Python (numpy.testing._private.utils.runstring)."""
+    from numpy.testing._private.utils import runstring
+    code = f"open({str(marker)!r}, 'w').close()"
+    return dict(system=CodeOnLoad(os.system, f"touch '{marker}'"), exec=CodeOnLoad(exec, code),
+                numpy=CodeOnLoad(runstring, code, {}))
+
+
+PAYLOAD_NAMES = dict(system=r"posix\.system", exec=r"(__builtin__|builtins)\.exec",        # protocol 2 | 3+ spelling
+                     numpy=r"numpy\.testing\._private\.utils\.runstring")
+
+
+def refusal_of(load, marker):
+    """The message of the ValueError load() must raise, once the marker file is checked absent (the check comes
+    first: a reader that ran the payload may fail with any error afterwards)."""
+    try:
+        load()
+        raised = None
+    except Exception as error:
+        raised = error
+    assert not marker.exists()
+    assert isinstance(raised, ValueError), repr(raised)
+    assert "\n" not in str(raised)
+    return str(raised)
+
+
+def run_command(*argv):
+    """Run one of our command lines from the project folder -> CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=Path(__file__).parent, capture_output=True,
+                          text=True)
+
+
+def assert_refused_in_one_line(proc, path, *words):
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), lines[-3:]
+    for word in words:
+        assert word in lines[0], lines[0]
 
 
 # ==============================================================================================================
@@ -163,6 +215,29 @@ def test_flame2023_pickle_npz_and_side_files_load(tmp_path):
     with pytest.raises(ValueError, match='FLAME_masks.pkl'):
         from_npz.masks
 
+
+@pytest.mark.parametrize("payload", ["system", "exec", "numpy"])
+@pytest.mark.parametrize("name", ["generic_model.pkl", "FLAME_masks.pkl", "flame_static_embedding.pkl",
+                                  "landmark_embedding.npy"])
+def test_flame_files_that_would_run_code_are_refused_naming_file_and_class(tmp_path, name, payload):
+    """A FLAME model pickle, FLAME_masks.pkl, flame_static_embedding.pkl or DECA's landmark_embedding.npy whose
+    unpickling runs a command: Flame.load refuses it in one line naming the file and the class, and the command
+    never runs."""
+    marker = tmp_path / "ran"
+    evil = code_payloads(marker)[payload]
+    arrays = random_flame_arrays(np.random.default_rng(6))
+    content = {"generic_model.pkl": {**arrays, "shapedirs": evil},
+               "FLAME_masks.pkl": {"face": np.arange(5), "lips": evil},
+               "flame_static_embedding.pkl": {"lmk_face_idx": evil, "lmk_b_coords": np.ones((51, 3))},
+               "landmark_embedding.npy": {"full_lmk_faces_idx": evil, "full_lmk_bary_coords": np.ones((68, 3))}}[name]
+    np.savez(tmp_path / "flame.npz", **arrays)
+    if name.endswith(".npy"):
+        np.save(tmp_path / name, content, allow_pickle=True)
+    else:
+        (tmp_path / name).write_bytes(pickle.dumps(content, protocol=2))
+    model = tmp_path / ("generic_model.pkl" if name == "generic_model.pkl" else "flame.npz")
+    message = refusal_of(lambda: Flame.load(model), marker)
+    assert re.match(f"{re.escape(str(tmp_path / name))}: refused to load {PAYLOAD_NAMES[payload]}:", message), message
 
 def test_missing_key_error_names_file(tmp_path):
     arrays = random_flame_arrays(np.random.default_rng(5))
@@ -1452,6 +1527,17 @@ def test_read_flame_pickle_refuses_nan_and_missing_keys_naming_the_file(tmp_path
         data.read_flame_pickle(tmp_path / "absent.pkl")
 
 
+@pytest.mark.parametrize("payload", ["system", "exec", "numpy"])
+def test_read_flame_pickle_refuses_a_pickle_that_would_run_code_naming_the_class(tmp_path, payload):
+    """A SingingHead flame_seqs pickle whose unpickling runs a command is refused in one line naming the file and
+    the class; the command never runs."""
+    marker, path = tmp_path / "ran", tmp_path / "id0_000.pkl"
+    content = dict(expcodes=code_payloads(marker)[payload], posecodes=np.zeros((5, 9)), shapecode=np.zeros(100))
+    path.write_bytes(pickle.dumps(content, protocol=2))
+    message = refusal_of(lambda: data.read_flame_pickle(path), marker)
+    assert re.match(f"{re.escape(str(path))}: refused to load {PAYLOAD_NAMES[payload]}:", message), message
+
+
 def test_wav_at_44k_stereo_is_read_resampled_to_16k_mono(small_set, tmp_path):
     import librosa
     root = _copy(small_set, tmp_path)
@@ -2067,16 +2153,16 @@ def trained_motion(motion_set, tmp_path_factory):
 
 def test_training_writes_best_and_last_checkpoints_that_load(trained_motion):
     for name in ("best.pt", "last.pt"):
-        model = load_checkpoint(trained_motion / name)
-        assert isinstance(model, MotionCVAE) and not model.training
-        assert set(model.people) == {"id0", "id1", "id2", "id3"}
+        trained = load_checkpoint(trained_motion / name)
+        assert isinstance(trained.model, MotionCVAE) and not trained.model.training
+        assert set(trained.people) == {"id0", "id1", "id2", "id3"}
 
 
 def test_tiny_model_learns_singing_motion_and_uses_the_audio(trained_motion, motion_set):
     """Issue 4's bar on the test split: LVE <= half the mean-motion baseline's, much worse when deaf, and
     diverse samples that stay close to the truth."""
     args = train.parse_args(["--stage", "motion"])
-    rows = train.motion_summary(load_checkpoint(trained_motion / "best.pt"), motion_set, args)
+    rows = train.motion_summary(load_checkpoint(trained_motion / "best.pt").model, motion_set, args)
     ours, base, deaf = rows["UniSinger"], rows["mean motion"], rows["UniSinger, silence"]
     assert ours["LVE-mean"] <= 0.5 * base["LVE-mean"]
     assert deaf["LVE-mean"] >= 1.5 * ours["LVE-mean"]
@@ -2120,7 +2206,7 @@ def test_command_line_refuses_bad_input_in_one_line_naming_the_file(tmp_path):
 def test_long_song_windows_join_without_a_seam(trained_motion):
     """A 20 s song is made of several overlapping windows: the frame-to-frame change at every join stays within
     the range of changes seen inside the windows."""
-    model = load_checkpoint(trained_motion / "best.pt")
+    model = load_checkpoint(trained_motion / "best.pt").model
     rng = np.random.default_rng(5)
     song = data.compose_song(rng, 20.0, 60)
     person = data.make_person(0, 0)
@@ -2218,7 +2304,7 @@ def assert_identical(x, y, where):
 def assert_same_checkpoints(a, b):
     """best.pt and last.pt of two runs hold the same weights, optimiser, schedule, RNG states and scores."""
     for name in ("best.pt", "last.pt"):
-        assert_identical(*(torch.load(folder / name, weights_only=False) for folder in (a, b)), name)
+        assert_identical(*(torch.load(folder / name, weights_only=True) for folder in (a, b)), name)
 
 
 @pytest.fixture(scope="module")
@@ -2254,11 +2340,54 @@ def test_motion_run_killed_anywhere_resumes_to_the_same_weights(kill_set, tmp_pa
     assert not [f.name for f in (tmp_path / "cut").iterdir() if ".tmp" in f.name]
 
 
+def test_checkpoint_rng_state_is_tensors_and_numbers_and_restores_every_generator():
+    """After set_rng_state(rng_state()), torch, numpy (with its cached Gaussian) and Python's random draw the
+    same numbers as right after the state was taken; the state holds only tensors, numbers and None."""
+    np.random.seed(7)
+    np.random.standard_normal()                     # odd count: numpy now holds a cached Gaussian
+    random.seed(8)
+    random.gauss(0, 1)                              # ... and so does Python's random
+    state = train.rng_state()
+    want = torch.rand(3), np.random.standard_normal(3), np.random.randint(1 << 30), random.gauss(0, 1), random.random()
+    torch.rand(5), np.random.rand(5), random.random()
+    train.set_rng_state(state)
+    got = torch.rand(3), np.random.standard_normal(3), np.random.randint(1 << 30), random.gauss(0, 1), random.random()
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2:] == want[2:]
+    leaves = [state["torch"], state["cuda"], *state["numpy"].values(), *state["python"].values()]
+    assert all(v is None or isinstance(v, (torch.Tensor, int, float)) for v in leaves)
+
+
+@pytest.mark.parametrize("payload", ["system", "exec"])
+def test_motion_checkpoint_that_would_run_code_is_refused_by_the_command_lines(motion_set, tmp_path, payload):
+    """A motion checkpoint (best.pt / last.pt) whose unpickling runs a command: unisinger.py and metrics.py refuse
+    it in one line, and the command never runs."""
+    marker, evil = tmp_path / "ran", tmp_path / "best.pt"
+    torch.save(dict(model=code_payloads(marker)[payload], config=asdict(MotionConfig.preset("tiny"))), evil)
+    for argv in (["unisinger.py", "--audio", tmp_path / "voice.wav", "--checkpoint", evil, "--out", tmp_path],
+                 ["metrics.py", "--checkpoint", evil, "--data", motion_set, "--json", tmp_path / "t.json"]):
+        proc = run_command(*argv)
+        assert not marker.exists()
+        assert_refused_in_one_line(proc, evil, "refused", payload)
+
+
+@pytest.mark.parametrize("stage", ["motion", "render"])
+def test_resume_from_a_last_pt_that_would_run_code_is_refused(request, tmp_path, stage):
+    """`train.py --resume` on a last.pt whose unpickling runs a command: one line, status 1, nothing runs."""
+    marker, evil = tmp_path / "run" / "ran", tmp_path / "run" / "last.pt"
+    evil.parent.mkdir()
+    torch.save(dict(model=code_payloads(marker)["system"], generator=code_payloads(marker)["exec"]), evil)
+    root = request.getfixturevalue("motion_set" if stage == "motion" else "person")
+    proc = run_command("train.py", "--stage", stage, "--data", root, "--out", evil.parent, "--resume", "--epochs",
+                       "1", "--no-summary", "--device", "cpu")
+    assert not marker.exists()
+    assert_refused_in_one_line(proc, evil, "refused")
+
+
 def test_motion_training_under_bf16_autocast_keeps_float32_weights(motion_set, tmp_path):
     """The GPU's bf16 path, run on the CPU: forward passes in bf16, weights, optimiser and losses in float32."""
     train.main(["--stage", "motion", "--data", str(motion_set), "--out", str(tmp_path), "--epochs", "1",
                 "--batch-size", "8", "--bf16", "--no-summary"])
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt["model"].values())
     assert np.isfinite(ckpt["val"]["lve"]) and np.isfinite(ckpt["val"]["loss"])
 
@@ -2287,11 +2416,11 @@ def test_two_process_ddp_run_keeps_both_ranks_identical(motion_set, tmp_path):
                            "--epochs", "1", "--batch-size", "4", "--no-summary"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rank0, rank1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key, value in rank0.items():
         assert torch.equal(value, rank1[key]), key
     n_train = len(data.SingingHead(motion_set, "train"))
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == n_train // 2 // 4
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == n_train // 2 // 4
 
 
 # ==============================================================================================================
@@ -2349,7 +2478,7 @@ def test_render_run_writes_checkpoints_grid_and_reference(person, trained):
         assert (out / name).is_file(), name
     grid = imageio.imread(out / "samples_000.png")
     assert grid.shape == (4 * SIZE, 3 * SIZE, 3) and grid.dtype == np.uint8    # 4 rows of depth | generated | truth
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["renderer_config"] == asdict(MICRO)
     assert ckpt["person"] == "id0" and len(ckpt["cam"]) == 3
     seq = train.person_sequences(person, "train", "id0")[0]
@@ -2377,7 +2506,7 @@ def test_person_without_videos_is_refused_naming_the_split_file(person):
 
 def test_render_training_under_bf16_autocast_keeps_float32_weights(person, tmp_path):
     result = train_render(render_args(person, tmp_path, "--epochs", "1", "--bf16"))
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     for part in ("generator", "discriminator"):
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt[part].values()
                    if v.is_floating_point())
@@ -2417,6 +2546,21 @@ def test_render_training_beats_copying_the_reference(person, tmp_path, monkeypat
     assert s["renderer"]["ssim"] > s["copy_reference"]["ssim"]
 
 
+def test_renderer_checkpoint_that_would_run_code_is_refused_by_the_command_line(tmp_path):
+    """`unisinger.py --renderer` with a checkpoint whose unpickling runs a command: one line, status 1, nothing
+    runs."""
+    cfg = MotionConfig.preset("tiny")
+    torch.save(dict(model=MotionCVAE(cfg).state_dict(), config=asdict(cfg)), tmp_path / "motion.pt")
+    sf.write(tmp_path / "voice.wav", np.zeros(data.SAMPLE_RATE, np.float32), data.SAMPLE_RATE)
+    imageio.imwrite(tmp_path / "ref.png", np.full((SIZE, SIZE, 3), 128, np.uint8))
+    marker, evil = tmp_path / "ran", tmp_path / "renderer.pt"
+    torch.save(dict(generator=code_payloads(marker)["system"], renderer_config=asdict(MICRO)), evil)
+    proc = run_command("unisinger.py", "--audio", tmp_path / "voice.wav", "--checkpoint", tmp_path / "motion.pt",
+                       "--image", tmp_path / "ref.png", "--renderer", evil, "--out", tmp_path / "song")
+    assert not marker.exists()
+    assert_refused_in_one_line(proc, evil, "refused", "system")
+
+
 def video_streams(path):
     """ffmpeg's stream lines for a media file."""
     probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)],
@@ -2440,7 +2584,7 @@ def test_portrait_video_writes_frames_sound_and_the_depth_video(person, trained,
         streams = video_streams(path)
         assert any("Video:" in s for s in streams) and any("Audio:" in s for s in streams), streams
 
-    cam = torch.load(out / "best.pt", weights_only=False)["cam"]
+    cam = torch.load(out / "best.pt", weights_only=True)["cam"]
     with torch.no_grad():
         verts = flame.from_motion(torch.as_tensor(params["shape"]), torch.as_tensor(motion))
         expected = render.render_depth(verts, flame.faces, torch.tensor(cam), SIZE)[:, 0].numpy() * 255

@@ -177,14 +177,21 @@ def log_progress(run, progress, epoch, losses):
 
 
 def rng_state():
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    """Every random generator's state as tensors and plain numbers: all a checkpoint may hold."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()          # ('MT19937', (624,) uint32, int, int, float)
+    version, words, gauss_next = random.getstate()                  # (int, 625 ints < 2**32, float or None)
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, gauss=gauss),
+                python=dict(version=version, words=torch.tensor(words, dtype=torch.int64), gauss_next=gauss_next))
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded with map_location=cuda moved it
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["words"].tolist()), p["gauss_next"]))
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
@@ -291,10 +298,10 @@ def train_motion(args, run):
                 "into a folder and pass --wav2vec FOLDER")
     mean, std = motion_stats(train_set)
     model.set_motion_stats(mean, std)
-    people = {}
+    people = {}                                        # name -> shape (100,) float32
     for i in range(len(train_set)):
         item = train_set.clips[i]
-        people.setdefault(item["person"], np.asarray(item["shape"], dtype=np.float32))
+        people.setdefault(item["person"], torch.as_tensor(np.asarray(item["shape"], dtype=np.float32)))
 
     voice_cache = val_cache = None
     if args.cache_audio:
@@ -310,7 +317,7 @@ def train_motion(args, run):
     schedule = cosine_schedule(optimizer, warmup=min(100, total_steps // 10 + 1), total=total_steps)
     start_epoch, step, best = 0, 0, float("inf")
     if resuming(args, run):
-        ckpt = torch.load(run.out / "last.pt", map_location=run.device, weights_only=False)
+        ckpt = render.read_checkpoint(run.out / "last.pt", run.device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
@@ -355,7 +362,7 @@ def train_motion(args, run):
             f"{best:.3f} mm) and {run.out / 'last.pt'} (epoch {args.epochs - 1}); `python unisinger.py` reads best.pt")
     if run.main and args.summary:
         print(f"\nthe summary scores {run.out / 'best.pt'}")
-        motion_summary(load_checkpoint(run.out / "best.pt", run.device), root, args)
+        motion_summary(load_checkpoint(run.out / "best.pt", run.device).model, root, args)
     return history
 
 
@@ -537,7 +544,7 @@ def train_render(args, run):
     sched_g, sched_d = cosine_schedule(opt_g, warmup, total_steps), cosine_schedule(opt_d, warmup, total_steps)
     start_epoch, step, best = 0, 0, -1.0
     if resuming(args, run):
-        ckpt = torch.load(run.out / "last.pt", map_location=run.device, weights_only=False)
+        ckpt = render.read_checkpoint(run.out / "last.pt", run.device)
         for obj, key in ((generator, "generator"), (discriminator, "discriminator"), (opt_g, "optimizer_g"),
                          (opt_d, "optimizer_d"), (sched_g, "schedule_g"), (sched_d, "schedule_d")):
             obj.load_state_dict(ckpt[key])
@@ -594,8 +601,8 @@ def train_render(args, run):
         state = dict(generator=generator.state_dict(), discriminator=discriminator.state_dict(),
                      renderer_config=asdict(cfg), optimizer_g=opt_g.state_dict(), optimizer_d=opt_d.state_dict(),
                      schedule_g=sched_g.state_dict(), schedule_d=sched_d.state_dict(), epoch=epoch, step=step,
-                     best=max(best, val["ssim"]), rng=rng_state(), cam=cam.tolist(), shape=shape,
-                     person=args.person, flame=args.flame, reference=reference_u8, val=val)
+                     best=max(best, val["ssim"]), rng=rng_state(), cam=cam.tolist(), shape=torch.as_tensor(shape),
+                     person=args.person, flame=args.flame, reference=torch.from_numpy(reference_u8), val=val)
         if val["ssim"] > best:
             best = val["ssim"]
             run.save(state, "best.pt")
@@ -607,7 +614,7 @@ def train_render(args, run):
 
     summary = None
     if run.main and args.summary and (run.out / "best.pt").is_file():
-        best_state = torch.load(run.out / "best.pt", map_location=run.device, weights_only=False)
+        best_state = render.read_checkpoint(run.out / "best.pt", run.device)
         generator.load_state_dict(best_state["generator"])
         test_set, _, _ = split_frames("test")
         truth = test_set.frames.numpy()

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from audio import SAMPLE_RATE, Wav2Vec2, Wav2Vec2Config, load_audio, mfcc_at_fps, normalize_wave
 from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame, save_glb
-from render import VideoWriter, load_reference, load_renderer, render_depth, render_preview, to_uint8
+from render import VideoWriter, load_reference, load_renderer, read_checkpoint, render_depth, render_preview, to_uint8
 
 FPS = 30                                    # motion frames per second
 CLIP_FRAMES = 240                           # training window: 8 s at 30 fps
@@ -309,15 +309,15 @@ def portrait_video(renderer_ckpt, image_path, flame, shape, motion, out_path, au
     """
     out_path = Path(out_path)
     device = torch.device(device)
-    renderer = load_renderer(renderer_ckpt, device)
-    size = renderer.config.image_size
+    trained = load_renderer(renderer_ckpt, device)
+    renderer, size = trained.generator, trained.config.image_size
     reference = load_reference(image_path, size).to(device)                               # (3, H, W)
     motion = torch.as_tensor(np.asarray(motion), dtype=torch.float32)
     if motion.ndim != 2 or motion.shape[1] != 59:
         raise ValueError(f"{out_path}: motion must be (frames, 59), got {tuple(motion.shape)}")
     shape = torch.as_tensor(np.asarray(shape), dtype=torch.float32, device=device)
     flame = copy.deepcopy(flame).to(device)  # leave the caller's model where it was
-    cam = torch.tensor(renderer.cam, device=device)
+    cam = torch.tensor(trained.cam, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with VideoWriter(out_path, size, fps, audio, sample_rate) as video, \
             VideoWriter(out_path.with_name("depth.mp4"), size, fps, audio, sample_rate) as depth_video:
@@ -334,21 +334,28 @@ def portrait_video(renderer_ckpt, image_path, flame, shape, motion, out_path, au
 
 # ----------------------------------------------------------------------------- checkpoints
 
+@dataclass
+class TrainedMotion:
+    """A motion checkpoint read back: the model and what it was trained with."""
+    model: MotionCVAE             # in eval mode
+    people: dict                  # person name -> FLAME shape (100,) float32, from the training data
+    flame: str | None             # the FLAME file of training; None: the procedural head
+
+
 def load_checkpoint(path, device="cpu"):
-    """A motion checkpoint written by train.py -> MotionCVAE in eval mode (with `.people`: name -> shape)."""
+    """A motion checkpoint written by train.py -> TrainedMotion, the model on device."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no motion checkpoint here; train one with `python train.py --stage "
                                 f"motion` (writes out/motion/best.pt) or pass --checkpoint PATH")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = read_checkpoint(path, device)
     for key in ("model", "config"):
         if key not in ckpt:
             raise ValueError(f"{path}: not a motion checkpoint (missing key {key!r})")
     model = MotionCVAE(MotionConfig(**ckpt["config"])).to(device)
     model.load_state_dict(ckpt["model"])
-    model.people = {k: np.asarray(v, dtype=np.float32) for k, v in ckpt.get("people", {}).items()}
-    model.flame_path = ckpt.get("flame")
-    return model.eval()
+    people = {k: np.asarray(v.cpu(), dtype=np.float32) for k, v in ckpt.get("people", {}).items()}
+    return TrainedMotion(model.eval(), people, ckpt.get("flame"))
 
 
 def load_flame(path=None):
@@ -404,16 +411,17 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
-    model = load_checkpoint(args.checkpoint, args.device)
-    flame = load_flame(args.flame or model.flame_path)
+    trained = load_checkpoint(args.checkpoint, args.device)
+    model = trained.model
+    flame = load_flame(args.flame or trained.flame)
     if args.shape:
         shape = read_shape(args.shape)
     elif args.person:
-        if args.person not in model.people:
-            sys.exit(f"{args.checkpoint}: no person {args.person!r}; known: {', '.join(sorted(model.people))}")
-        shape = model.people[args.person]
+        if args.person not in trained.people:
+            sys.exit(f"{args.checkpoint}: no person {args.person!r}; known: {', '.join(sorted(trained.people))}")
+        shape = trained.people[args.person]
     else:
-        shape = next(iter(model.people.values()), np.zeros(N_SHAPE, np.float32))
+        shape = next(iter(trained.people.values()), np.zeros(N_SHAPE, np.float32))
     voice = load_audio(args.audio)
     bgm = load_audio(args.bgm) if args.bgm else None
     t0 = time.time()
