@@ -110,12 +110,24 @@ def _data_globals():
     return table
 
 
-class DataUnpickler(pickle.Unpickler):
+def _plain_dtype(dtype):
+    """Whether a dtype is one numpy itself makes from its type string: no record fields, no sub-array, and the
+    itemsize, alignment and flags of that type (a pickled __setstate__ can set them to values that make arrays
+    of Python objects read raw memory as pointers)."""
+    made = np.dtype(dtype.str)
+    return (dtype.names is None and dtype.subdtype is None and dtype == made and dtype.itemsize == made.itemsize
+            and dtype.alignment == made.alignment and dtype.flags == made.flags)
+
+
+class DataUnpickler(pickle._Unpickler):
     """
     Unpickler for files from elsewhere: builds data only (see above) and refuses any other class or function,
     naming it, before it is loaded. Every chumpy class becomes the inert _ChumpyArray (chumpy is never imported).
+    The pure-Python unpickler, because its BUILD step (an object's __setstate__) must be vetted too: only arrays,
+    dtypes and the stand-ins take a state, and a dtype must come out plain.
     """
     GLOBALS = _data_globals()
+    BUILDABLE = (np.ndarray, np.dtype, _ChumpyArray, _CompressedSparse)
 
     def find_class(self, module, name):
         if module.split('.')[0] in ('chumpy', 'chumpy_fork'):
@@ -124,6 +136,19 @@ class DataUnpickler(pickle.Unpickler):
             return self.GLOBALS[(module, name)]
         raise pickle.UnpicklingError(f"refused to load {module}.{name}: a data file holds only arrays, numbers, "
                                      f"strings and containers")
+
+    def load_build(self):
+        target = self.stack[-2]
+        if not isinstance(target, self.BUILDABLE):
+            what = getattr(target, '__qualname__', type(target).__name__)
+            raise pickle.UnpicklingError(f"refused to set the state of {what}: only arrays, dtypes and the FLAME "
+                                         f"stand-ins take one")
+        super().load_build()
+        if isinstance(target, np.dtype) and not _plain_dtype(target):
+            raise pickle.UnpicklingError(f"refused a dtype that numpy would not make for {target.str!r} (record "
+                                         f"fields, or altered size or flags)")
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
 
 
 def load_data_pickle(path, file=None):

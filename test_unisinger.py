@@ -42,13 +42,14 @@ from unisinger import CLIP_FRAMES, FPS, MotionConfig, MotionCVAE, alignment_mask
 
 
 class CodeOnLoad:
-    """Unpickling this calls call(*args): how a crafted pickle or checkpoint runs code on whoever loads it."""
+    """Unpickling this calls call(*args) (then sets `state` on the result, if given): how a crafted pickle or
+    checkpoint runs code on whoever loads it."""
 
-    def __init__(self, call, *args):
-        self.call, self.args = call, args
+    def __init__(self, call, *args, state=None):
+        self.call, self.args, self.state = call, args, state
 
     def __reduce__(self):
-        return self.call, self.args
+        return (self.call, self.args) if self.state is None else (self.call, self.args, self.state)
 
 
 def code_payloads(marker):
@@ -238,6 +239,26 @@ def test_flame_files_that_would_run_code_are_refused_naming_file_and_class(tmp_p
     model = tmp_path / ("generic_model.pkl" if name == "generic_model.pkl" else "flame.npz")
     message = refusal_of(lambda: Flame.load(model), marker)
     assert re.match(f"{re.escape(str(tmp_path / name))}: refused to load {PAYLOAD_NAMES[payload]}:", message), message
+
+def test_data_unpickler_refuses_dtypes_numpy_would_not_make(tmp_path):
+    """A dtype's pickled state can overlay an object field on a number, or clear the flags that make numpy count
+    references to the objects in an array: both let an array read raw memory as Python objects, so both are
+    refused, and so is setting state on anything but arrays, dtypes and the stand-ins (here the class itself)."""
+    overlay = (3, '|', None, ('a', 'b'), {'a': (np.dtype('O'), 0), 'b': (np.dtype('i8'), 0)}, 8, 8, 63)
+    unflagged = (3, '|', None, None, None, -1, -1, 0)                           # an object dtype, flags cleared
+    crafted = dict(overlay=CodeOnLoad(np.dtype, 'V8', False, True, state=overlay),
+                   unflagged=CodeOnLoad(np.dtype, 'O', False, True, state=unflagged),
+                   on_class=b'\x80\x02cchumpy.ch\nCh\nN}X\x0c\x00\x00\x00__setstate__K\x01s\x86b.')   # BUILD on a class
+    for name, content in crafted.items():
+        path = tmp_path / f"{name}.pkl"
+        path.write_bytes(content if isinstance(content, bytes) else pickle.dumps({'x': content}, protocol=2))
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: refused (a dtype|to set the state of)"):
+            flame.load_data_pickle(path)
+    plain = {'f': np.arange(6, dtype='>f4').reshape(2, 3), 'o': np.array({'k': np.ones(2)}), 's': {1, 2}}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):                       # numpy's own pickles still load
+        (tmp_path / "plain.pkl").write_bytes(pickle.dumps(plain, protocol=protocol))
+        read = flame.load_data_pickle(tmp_path / "plain.pkl")
+        assert np.array_equal(read['f'], plain['f']) and read['o'][()]['k'].sum() == 2 and read['s'] == {1, 2}
 
 def test_missing_key_error_names_file(tmp_path):
     arrays = random_flame_arrays(np.random.default_rng(5))
