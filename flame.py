@@ -1,8 +1,9 @@
 """FLAME head model: loaders, a procedural stand-in head, and fast batched linear blend skinning.
 
 Holds `Flame` (an nn.Module mapping shape / expression / joint rotations to mesh vertices in metres),
-the chumpy-free reader of the official model files, the procedural head used when no FLAME file is
-available, the 59-d motion helper of SPEC §2 (`split_motion`) and mesh exports (`save_obj`,
+the chumpy-free reader of the official model files (`DataUnpickler`, `load_data_pickle`, `load_npy_object`:
+every pickle-based file read as data only, one that names code refused), the procedural head used when no
+FLAME file is available, the 59-d motion helper of SPEC §2 (`split_motion`) and mesh exports (`save_obj`,
 `save_mesh_sequence`, and `save_glb`: a take as an animated, skinned glTF 2.0 file with its song beside it).
 Depends on torch and numpy only; imports nothing else of the project.
 
