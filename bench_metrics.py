@@ -61,6 +61,7 @@ class FullMeshes:
         self.flame = flame
         masks = flame.masks
         self.lips, self.face, self.upper_face = masks["lips"], masks["face"], masks["upper_face"]
+        self.forehead_eyes = torch.cat([masks["forehead"], masks["eye_region"]])
 
     def __call__(self, shape, motion):
         import metrics
@@ -68,6 +69,9 @@ class FullMeshes:
 
     def landmarks(self, verts):
         return self.flame.landmarks(verts)
+
+    def posed_landmarks(self, shape, motion):
+        return self.flame.landmarks(self.flame.from_motion(shape, motion))
 
 
 def time_table2(route, n_clips, queue):
@@ -82,7 +86,7 @@ def time_table2(route, n_clips, queue):
     find_beats = (lambda y: beats(y, SAMPLE_RATE)[0]) if route == "ours" else librosa_beats
     rng = np.random.default_rng(0)
     clips = [fake_clip(rng) for _ in range(n_clips)]
-    metrics.clip_motion_scores(regions, *clips[0][:3], find_beats(clips[0][3]))        # warm-up
+    metrics.clip_motion_scores(regions, *clips[0][:3], {"BA": find_beats(clips[0][3])})        # warm-up
     base = peak_rss_mb()
     t_beats = t_metrics = 0.0
     cpu = time.process_time()
@@ -90,7 +94,7 @@ def time_table2(route, n_clips, queue):
         t0 = time.perf_counter()
         music_frames = find_beats(music)
         t1 = time.perf_counter()
-        metrics.clip_motion_scores(regions, shape, gt, samples, music_frames)
+        metrics.clip_motion_scores(regions, shape, gt, samples, {"BA": music_frames})
         t_beats += t1 - t0
         t_metrics += time.perf_counter() - t1
     queue.put((t_metrics, t_beats, time.process_time() - cpu, peak_rss_mb() - base))

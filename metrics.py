@@ -1,27 +1,28 @@
 """Evaluation metrics of UniSinger: the paper's Table II (3-D motion) and Table IV (2-D video), one command each.
 
-What it holds (SPEC section 6; S samples, T frames, V vertices)
+What it holds (S samples, T frames, V vertices). Table II follows the SingingHead release's metric code: its
+`metric_dict` (lve_mean, lve_min, ve_mean, ve_min, fdd, meandist_pose, ba_pose, diversity_lmk) per clip, then the
+mean over clips; PAPER_COLUMNS says how each prints in the paper's units, VARIANT_COLUMNS are our own variants.
   3-D, on FLAME meshes built by `motion_meshes` (shape + expression + jaw, global and neck rotation zeroed).
-  Vertices go in as FLAME gives them, in metres; the functions convert to millimetres (x1000) inside.
+  Vertices go in as FLAME gives them, in metres.
     lve(pred (S,T,V,3), gt (T,V,3), lip_idx) -> (mean, min)  mm   per frame the largest lip-vertex L2 error,
                                                                   averaged over frames; mean / best over samples
-    fve(pred, gt, face_idx) -> (mean, min)                   mm   mean L2 error over face-region vertices
-    fdd(pred, gt, upper_idx, neutral (V,3), variant)         mm^2 upper-face dynamics deviation: per vertex the
-        std over time of the squared displacement from the neutral mesh ('displacement', CodeTalker) or of the
-        squared absolute position ('absolute', the official SingingHead code), averaged over vertices;
-        FDD = std_gt - std_pred, signed; with S samples std_pred is averaged over the samples. Table II prints
-        it x100, as the paper's "x10^-2" column.
+    fve(pred, gt, face_idx) -> (mean, min)                   mm   L2 error per face vertex and frame, averaged;
+                                                                  min: the smallest over samples per vertex and frame
+    fdd(pred, gt, upper_idx, origin=None)                    m^2  per vertex the unbiased std over time of the
+        squared norm of the absolute position (or of the displacement from origin, CodeTalker's variant),
+        averaged over vertices; std_gt - mean over samples of std_pred, signed
     ppe(pred_pose (S,T,6), gt_pose (T,6))                    rad  mean L2 distance of the 6-d head pose
-    motion_beats(x (T,P,3) points or (T,6) pose, sigma=5) -> frame ids of the local minima of the Gaussian-smoothed
-        (sigma in frames) speed: mean per-point L2 velocity for points, L2 norm of the 6-d velocity for a pose
+    motion_beats(x (T,P,3) points or (T,6) pose, sigma=5) -> ids of the strict local minima of the Gaussian-
+        smoothed (sigma in frames) speed, the mean per-point L2 step (a pose is one 6-d point)
     music_beats(audio (N,), sr, time_correct=False) -> beats of audio.beats in motion-frame units: the onset frame
-        ids (hop 512 at 16 kHz, 31.25 per s) compared with 30 fps frames as they are (the official code, the paper's
-        numbers), or with time_correct the beat times x 30 fps
-    beat_align(motion_beats, music_beats, sigma2=9)          1    mean over music beats of exp(-d^2 / (2 sigma2)),
-        d the distance in frames to the nearest motion beat
+        ids (hop 512 at 16 kHz, 31.25 per s) taken as 30 fps frames as they are (the release), or with
+        time_correct the beat times x 30 fps
+    beat_align(motion_beats, music_beats, n_speed, sigma2=9) 1    mean over music beats (those < n_speed) of
+        exp(-d^2 / (2 sigma2)), d the distance in frames to the nearest motion beat; an empty set is frame 0
     diversity(samples (S,T,...))                             input unit   mean over the S(S-1)/2 pairs of the L2
-        norm of the difference of the flattened sequences. The paper's formula is the average pairwise L2
-        distance of the 68 landmarks; Table II applies this to the 68 landmarks in mm of the motion meshes.
+        norm of the difference of the flattened sequences; 0 for one sample. Official: the 68 landmarks of
+        meshes WITH global, neck and jaw rotation, in metres; ours (Div(mm)): head-pose-free landmarks in mm
   2-D, on frames (N,H,W,C) uint8 or float in [0, 255]:
     psnr(a, b, data_range=255) -> (N,) dB;  ssim(a, b) -> (N,)   equal to scikit-image's structural_similarity
         (channel_axis=-1, 7x7 uniform window, K1 .01, K2 .03, sample covariance, border of 3 left out of the mean)
@@ -31,15 +32,16 @@ What it holds (SPEC section 6; S samples, T frames, V vertices)
     InceptionV3   the FID Inception network (2048-d pool3 features); InceptionV3.load(pt_inception-2015-12-05 file)
     LPIPS         AlexNet trunk + linear heads (v0.1); LPIPS.load(torchvision alexnet file, lpips alex.pth)
   Evaluation: RegionMeshes (the metric regions' vertices in closed form, the fast path of motion_meshes),
-  clip_motion_scores / evaluate_motion (Table II), evaluate_video (Table IV), mean_motion (the baseline),
-  the command line.
+  clip_beats / clip_motion_scores / evaluate_motion (Table II: per clip, then the mean over clips),
+  model_predictor (samples drawn with a seed per clip, derived from a base seed and the clip id; one more take
+  timed for FPS), evaluate_video (Table IV), mean_motion (the baseline), the command line.
 
 Depends on torch, numpy, scipy; the evaluation parts import our flame.py, data.py, audio.py (beats) and, for the
 default run, unisinger.py.
 
 Use alone
-    python metrics.py                                   # latest motion checkpoint vs the mean-motion baseline,
-                                                        # built-in data, test split
+    python metrics.py                                   # out/motion/best.pt (what train.py's summary scores) vs
+                                                        # the mean-motion baseline, built-in data, test split
     python metrics.py --pred DIR --data PATH [--split test]          # Table II for generated motion files
     python metrics.py --video --pred DIR --data PATH [--weights DIR]  # Table IV for generated videos
 
@@ -51,10 +53,12 @@ landmarks per frame (T, 68, 2) in pixels of the 256-pixel frame: DIR/<clip id>_l
 table entry the string "needs weights: <file>" / "needs landmarks: <file>".
 """
 import argparse
+import copy
 import json
 import math
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +95,18 @@ CPBD_EDGE_FLOOR = 0.2       # edge-map gradient floor (grey levels per pixel, So
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 LPIPS_FILE = "alex.pth"
-MOTION_COLUMNS = ["LVE-mean", "LVE-min", "FVE-mean", "FVE-min", "FDD(x1e-2)", "BA", "PPE", "Diversity", "FPS"]
+# Table II: the paper's columns, each the release's metric_dict value (metres, m^2, radians) times a factor.
+# LVE / FVE print in mm; FDD is printed "x10^-2 mm" in the paper: the m^2 value x 1000 like the others, in
+# units of 10^-2; BA, PPE (rad) and diversity (m) print as they are.
+PAPER_COLUMNS = {"LVE-mean": ("lve_mean", 1e3), "LVE-min": ("lve_min", 1e3), "FVE-mean": ("ve_mean", 1e3),
+                 "FVE-min": ("ve_min", 1e3), "FDD(x1e-2)": ("fdd", 1e5), "BA": ("ba_pose", 1.0),
+                 "PPE": ("meandist_pose", 1.0), "Diversity": ("diversity_lmk", 1.0)}
+MOTION_COLUMNS = list(PAPER_COLUMNS) + ["FPS"]
+# Our variants, never under the paper's names: BA with beat times x 30 fps (time-correct) and BA on the
+# background music, both against the same pose beats; FDD on displacements from the neutral face (CodeTalker),
+# x1e5 like the paper's column; diversity of head-pose-free landmarks in mm.
+VARIANT_COLUMNS = ["BA(time)", "BA(music)", "FDD(disp)", "Div(mm)"]
+EVAL_SEED = 0               # base seed of the evaluation's latent draws (each clip derives its own)
 VIDEO_COLUMNS = ["FID", "LPIPS", "SSIM", "PSNR", "CPBD", "M-LMD", "F-LMD", "BA"]
 
 
@@ -113,7 +128,10 @@ class RegionMeshes:
     Table II on 1 829 clips x 10 samples take minutes instead of hours; it equals motion_meshes(...)[..., ids, :]
     (test_metrics checks). Reads the bases of flame.py's Flame (template, blend_dirs, joint_template,
     joint_dirs, weights_t, lmk_vertex_ids, lmk_bary).
-    Attributes: ids (U,) full-mesh vertex ids, jaw-moved ones first; lips, face, upper_face index into them.
+    Attributes: ids (U,) full-mesh vertex ids, jaw-moved ones first; lips, face, upper_face index into them;
+    forehead_eyes indexes forehead then eye_region, concatenated as the release does (a vertex in both counts
+    twice in FDD's mean). posed_landmarks gives the 68 landmarks of meshes WITH head pose (the release's
+    diversity), by full skinning of the landmark triangles' vertices only.
     """
 
     JAW = 2                                                  # FLAME joints: root, neck, jaw, left eye, right eye
@@ -130,6 +148,7 @@ class RegionMeshes:
         position = torch.full((flame.weights_t.shape[1],), -1, dtype=torch.long, device=ids.device)
         position[self.ids] = torch.arange(len(self.ids), device=ids.device)                # full id -> region index
         self.lips, self.face, self.upper_face = (position[masks[k]] for k in ("lips", "face", "upper_face"))
+        self.forehead_eyes = position[torch.cat([masks["forehead"], masks["eye_region"]])]
         self.lmk_corners, self.lmk_bary = position[lmk], flame.lmk_bary
         n_vert, n_shape, n_expr = flame.template.numel() // 3, flame.n_shape, flame.n_expr
         cols = torch.cat([self.ids, self.ids + n_vert, self.ids + 2 * n_vert])             # coordinate-major (3U,)
@@ -145,6 +164,18 @@ class RegionMeshes:
         self.w_jaw = weights[self.JAW]
         self.w_rest = weights.sum(0) - self.w_jaw
         self.n_expr = n_expr
+        # the same Flame restricted to the landmark triangles' vertices: Flame.forward reads only these three
+        # per-vertex buffers, the joints come from the shared shape / expression bases
+        lmk_ids, self.posed_corners = torch.unique(lmk, return_inverse=True)            # (L,), (68, 3)
+        lmk_cols = torch.cat([lmk_ids, lmk_ids + n_vert, lmk_ids + 2 * n_vert])
+        self.posed = copy.copy(flame)
+        self.posed._buffers = dict(flame._buffers, template=flame.template[lmk_cols],
+                                   blend_dirs=flame.blend_dirs[:, lmk_cols], weights_t=flame.weights_t[:, lmk_ids])
+
+    def posed_landmarks(self, shape, motion):
+        """68 landmarks (...,68,3) in metres of meshes with global, neck and jaw rotation (eyes still)."""
+        verts = self.posed.from_motion(shape.to(self.template), motion.to(self.template))   # (...,L,3)
+        return (verts[..., self.posed_corners, :] * self.lmk_bary.to(verts.dtype)[..., None]).sum(-2)
 
     def __call__(self, shape, motion):
         """shape (100,), motion (...,59) -> region vertices (...,U,3) in metres (a view of a (...,3,U) array)."""
@@ -183,75 +214,83 @@ def sample_errors(pred, gt, idx):
 
 
 def lve(pred, gt, lip_idx):
-    """Lip vertex error (mm): (mean over samples, best sample) of the per-frame max lip error averaged over frames."""
+    """Lip vertex error (mm), the release's 'lve': per sample the largest lip-vertex error of each frame averaged
+    over frames; (mean over samples, best sample)."""
     per_sample = sample_errors(pred, gt, lip_idx).amax(dim=-1).mean(dim=-1)            # (S,)
     return per_sample.mean().item(), per_sample.min().item()
 
 
 def fve(pred, gt, face_idx):
-    """Face vertex error (mm): (mean over samples, best sample) of the mean face-vertex error."""
-    per_sample = sample_errors(pred, gt, face_idx).mean(dim=(-1, -2))                   # (S,)
-    return per_sample.mean().item(), per_sample.min().item()
+    """Face vertex error (mm), the release's 've': (mean over samples, frames and face vertices; the smallest
+    error over samples of each vertex and frame, averaged), so the min may mix samples within a frame."""
+    errors = sample_errors(pred, gt, face_idx)                                           # (S,T,U)
+    return errors.mean().item(), errors.amin(dim=0).mean().item()
 
 
-def fdd(pred, gt, upper_idx, neutral, variant="displacement"):
-    """Upper-face dynamics deviation (mm^2): std_gt - mean over samples of std_pred, signed."""
-    if variant not in ("displacement", "absolute"):
-        raise ValueError(f"fdd: variant must be 'displacement' or 'absolute', not {variant!r}")
-
-    origin = neutral if variant == "displacement" else torch.zeros_like(neutral)
+def fdd(pred, gt, upper_idx, origin=None):
+    """Upper-face dynamics deviation (m^2, signed), the release's 'fdd': per vertex the standard deviation over
+    frames (unbiased, torch.std's default) of the squared norm of its absolute position, or of its displacement
+    from `origin` (V,3) (CodeTalker's variant), averaged over the vertices (and the samples of pred);
+    std_gt - std_pred. pred (S,T,V,3), gt (T,V,3) in metres."""
+    base = torch.zeros_like(gt[0]) if origin is None else origin
 
     def motion_std(verts):                                                                # (...,T,V,3) -> (...)
-        squared = squared_distances(verts, origin, upper_idx).double() * MM_PER_M ** 2    # (...,T,U) mm^2
-        return squared.std(dim=-2, correction=0).mean(dim=-1)
+        squared = squared_distances(verts, base, upper_idx).double()                      # (...,T,U) m^2
+        return squared.std(dim=-2).mean(dim=-1)
 
     return (motion_std(gt) - motion_std(pred).mean()).item()
 
 
 def ppe(pred_pose, gt_pose):
-    """Pose parameter error: mean over samples and frames of the L2 distance of the 6-d head pose (radians)."""
+    """Pose parameter error, the release's 'meandist_pose': mean over samples and frames of the L2 distance of
+    the 6-d head pose (radians)."""
     return (pred_pose - gt_pose).norm(dim=-1).mean().item()
 
 
 def motion_beats(x, sigma=BEAT_SIGMA_FRAMES):
-    """Frame ids where the smoothed speed of points (T,P,3) or of a pose (T,6) has a strict local minimum."""
-    x = np.asarray(x, dtype=np.float64)
+    """Motion beats of points (T,P,3) or a pose (T,6): the ids of the speed frames (T-1 of them, frame t to
+    t+1) where the Gaussian-smoothed speed has a strict local minimum. Speed: per point the L2 norm of the
+    frame-to-frame step, averaged over points (a pose is one 6-d point). Float32 input stays float32, as the
+    release computes it, so near-ties of the smoothed speed break the same way."""
+    x = np.asarray(x)
+    x = x.astype(np.float64) if not np.issubdtype(x.dtype, np.floating) else x
     if x.ndim not in (2, 3):
         raise ValueError(f"motion_beats: expected (T,P,3) points or (T,6) pose, got shape {x.shape}")
-    speed = np.linalg.norm(np.diff(x, axis=0), axis=-1)                                  # (T-1,) or (T-1,P)
-    if x.ndim == 3:
-        speed = speed.mean(axis=-1)
+    points = x if x.ndim == 3 else x[:, None, :]                                         # (T,P,D)
+    speed = np.sqrt(((points[1:] - points[:-1]) ** 2).sum(axis=2)).mean(axis=1)          # (T-1,)
     s = ndimage.gaussian_filter1d(speed, sigma)
     return np.flatnonzero((s[1:-1] < s[:-2]) & (s[1:-1] < s[2:])) + 1
 
 
 def music_beats(audio, sr=SAMPLE_RATE, time_correct=False):
-    """Beats of the audio in motion-frame units: raw onset frame ids (paper) or beat times x 30 fps."""
+    """Beats of the audio in motion-frame units: the beat tracker's onset-frame ids (hop 512 at 16 kHz, 31.25
+    a second) taken as 30 fps frames as they are (the release), or with time_correct the beat times x 30 fps."""
     from audio import beats
     frames, times = beats(np.asarray(audio, dtype=np.float32), sr)
     return np.asarray(times, dtype=np.float64) * FPS if time_correct else np.asarray(frames)
 
 
-def beat_align(motion_beats, music_beats, sigma2=BA_SIGMA2):
-    """Beat-align score: mean over music beats of exp(-d^2/(2 sigma2)), d = frames to the nearest motion beat.
-
-    No music beat gives nan (nothing to align to); no motion beat gives 0 (nothing is aligned).
-    """
+def beat_align(motion_beats, music_beats, n_speed=None, sigma2=BA_SIGMA2):
+    """Beat-align score, the release's: mean over music beats of exp(-d^2/(2 sigma2)), d the distance in frames
+    to the nearest motion beat. Music beats at or after n_speed (the motion's T-1 speed frames) are cut, as the
+    release cuts its one-hot onsets to the speed's length; no music beat or no motion beat counts as one beat
+    at frame 0 (the release's rule, which keeps every clip's score defined)."""
     music = np.asarray(music_beats, dtype=np.float64)
+    if n_speed is not None:
+        music = music[music < n_speed]
     motion = np.asarray(motion_beats, dtype=np.float64)
-    if music.size == 0:
-        return float("nan")
-    if motion.size == 0:
-        return 0.0
+    music = music if music.size else np.zeros(1)
+    motion = motion if motion.size else np.zeros(1)
     d = np.abs(music[:, None] - motion[None, :]).min(axis=1)                             # (K,)
     return float(np.exp(-d ** 2 / (2 * sigma2)).mean())
 
 
 def diversity(samples):
-    """Mean over sample pairs of the L2 norm of the difference of the flattened sequences; nan for one sample."""
+    """The release's diversity: mean over the S(S-1)/2 sample pairs of the L2 norm of the difference of the
+    flattened sequences (torch pdist's mean), in the input's unit; 0 for one sample, as the release returns."""
     x = torch.as_tensor(samples).reshape(len(samples), -1).double()                      # (S, T*...)
     if len(x) < 2:
-        return float("nan")
+        return 0.0
     i, j = torch.triu_indices(len(x), len(x), offset=1)
     return (x[i] - x[j]).norm(dim=1).mean().item()
 
@@ -667,9 +706,20 @@ class LPIPS(nn.Module):
 
 # ----------------------------------------------------------------------------- Table II: motion
 
-def clip_motion_scores(regions, shape, gt_motion, samples, music):
-    """Every Table II number of one clip: RegionMeshes of the FLAME model, shape (100,), gt_motion (T,59),
-    samples (S,T,59), music beats (K,) in motion-frame units."""
+def clip_beats(item):
+    """Audio beats of a dataset item in motion-frame units for each BA column: the singing voice's onset frames
+    ('BA', the release), its beat times x 30 fps ('BA(time)') and the background music's onset frames."""
+    return {"BA": music_beats(item["audio"]), "BA(time)": music_beats(item["audio"], time_correct=True),
+            "BA(music)": music_beats(item["bgm"])}
+
+
+def clip_motion_scores(regions, shape, gt_motion, samples, beats):
+    """Table II of one clip: {'official': the release's metric_dict (raw units), variant column: value}.
+
+    regions: RegionMeshes of the FLAME model; shape (100,), gt_motion (T,59), samples (S,T,59); beats: BA
+    column -> audio beats in motion-frame units (clip_beats), each column present is scored against the
+    samples' pose beats (the release averages BA over samples).
+    """
     shape = torch.as_tensor(shape, dtype=torch.float32)
     gt_motion = torch.as_tensor(gt_motion, dtype=torch.float32)
     samples = torch.as_tensor(samples, dtype=torch.float32)
@@ -679,45 +729,76 @@ def clip_motion_scores(regions, shape, gt_motion, samples, music):
         neutral = regions(shape, torch.zeros(1, gt_motion.shape[-1]))[0]                 # (U,3) m
         lve_mean, lve_min = lve(pred, gt, regions.lips)
         fve_mean, fve_min = fve(pred, gt, regions.face)
-        return {
-            "LVE-mean": lve_mean, "LVE-min": lve_min, "FVE-mean": fve_mean, "FVE-min": fve_min,
-            "FDD(x1e-2)": 100 * fdd(pred, gt, regions.upper_face, neutral),
-            "BA": float(np.mean([beat_align(motion_beats(s[:, POSE]), music) for s in samples.numpy()])),
-            "PPE": ppe(samples[..., POSE], gt_motion[..., POSE]),
-            "Diversity": diversity(regions.landmarks(pred) * MM_PER_M),                  # 68 landmarks, mm
+        pose_beats = [motion_beats(s[:, POSE]) for s in samples.numpy()]
+        ba = {k: float(np.mean([beat_align(m, b, len(gt_motion) - 1) for m in pose_beats])) for k, b in beats.items()}
+        official = {
+            "lve_mean": lve_mean / MM_PER_M, "lve_min": lve_min / MM_PER_M,
+            "ve_mean": fve_mean / MM_PER_M, "ve_min": fve_min / MM_PER_M,
+            "fdd": fdd(pred, gt, regions.forehead_eyes),
+            "meandist_pose": ppe(samples[..., POSE], gt_motion[..., POSE]),
+            "ba_pose": ba.pop("BA", None),
+            "diversity_lmk": diversity(regions.posed_landmarks(shape, samples)),          # (S,T,68,3) m
         }
+        return dict(ba, official=official, **{
+            "FDD(disp)": fdd(pred, gt, regions.upper_face, neutral) * PAPER_COLUMNS["FDD(x1e-2)"][1],
+            "Div(mm)": diversity(regions.landmarks(pred) * MM_PER_M)})
 
 
 def average_rows(rows):
-    """Column means over clips. BA (a clip without music beats) and diversity (one sample) may be nan by
-    definition and are averaged over the clips that have them; a nan elsewhere means broken motion and stays."""
-    out = {}
-    for key in rows[0]:
-        values = np.array([r[key] for r in rows], dtype=np.float64)
-        if key in ("BA", "Diversity"):
-            out[key] = float(np.nanmean(values)) if np.isfinite(values).any() else None
-        else:
-            out[key] = float(values.mean())
-    return out
+    """Per clip, then the mean over clips, of every official value and variant column; the paper's columns
+    are the official means in the paper's units. A value a clip cannot have (None) is left out of its mean."""
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
+
+    official = {k: mean([r["official"][k] for r in rows]) for k in rows[0]["official"]}
+    out = {col: None if official[key] is None else official[key] * factor
+           for col, (key, factor) in PAPER_COLUMNS.items()}
+    out.update({k: mean([r[k] for r in rows]) for k in rows[0] if k != "official"})
+    return dict(out, official=official)
 
 
-def evaluate_motion(flame, clips, predict, time_correct=False, fps=None, beats_cache=None):
-    """Table II row: clips yields dataset items (id, start, motion, shape, bgm), predict(item) -> (S,T,59).
-
-    Music beats come from the clip's background music, once per clip: beats_cache (a dict) keeps them for the
-    next row evaluated on the same clips.
-    """
+def evaluate_motion(flame, clips, predict, fps=None, beats_cache=None):
+    """Table II row: clips yields dataset items (id, start, audio, bgm, motion, shape), predict(item) ->
+    (S,T,59). Audio beats come once per clip: beats_cache (a dict) keeps them for the next row on the same
+    clips."""
     regions = RegionMeshes(flame)
     beats_cache = {} if beats_cache is None else beats_cache
     rows = []
     for item in clips:
-        key = (item["id"], int(item.get("start", 0)), time_correct)
+        key = (item["id"], int(item.get("start", 0)))
         if key not in beats_cache:
-            beats_cache[key] = music_beats(item["bgm"], SAMPLE_RATE, time_correct)
+            beats_cache[key] = clip_beats(item)
         rows.append(clip_motion_scores(regions, item["shape"], item["motion"], predict(item), beats_cache[key]))
     if not rows:
         raise ValueError("evaluate_motion: no clips to evaluate")
     return dict(average_rows(rows), FPS=fps, clips=len(rows))
+
+
+def clip_seed(base_seed, item):
+    """The latent-draw seed of one clip: a hash of the base seed, the clip's sequence id and start frame, so
+    clips draw different samples and a clip draws the same ones in every run."""
+    return zlib.crc32(f"{base_seed}:{item['id']}:{int(item.get('start', 0))}".encode())
+
+
+def model_predictor(model, n_samples, base_seed=EVAL_SEED, silent=False, clock=None):
+    """predict(item) -> (S,T,59): the model's samples of one clip, with the clip's own seed; silent feeds
+    silence and no music (does the model use its audio?). With clock (a dict), one more take of one sample is
+    generated and timed per clip, audio encoding included: clock['frames'] / clock['seconds'] is the FPS."""
+    from unisinger import generate
+
+    def predict(item):
+        voice = np.zeros_like(item["audio"]) if silent else item["audio"]
+        bgm = None if silent else item["bgm"]
+        seed = clip_seed(base_seed, item)
+        if clock is not None:
+            t0 = time.perf_counter()
+            take = generate(model, voice, bgm, item["shape"], 1, seed=seed)
+            clock["seconds"] = clock.get("seconds", 0.0) + time.perf_counter() - t0
+            clock["frames"] = clock.get("frames", 0) + take.shape[1]
+        return generate(model, voice, bgm, item["shape"], n_samples, seed=seed)
+
+    return predict
 
 
 def read_samples(pred_dir, item):
@@ -814,30 +895,44 @@ def evaluate_video(pred_dir, root, ids, weights_dir, time_correct=False):
 # ----------------------------------------------------------------------------- command line
 
 def format_table(rows, columns):
-    """rows: name -> dict of column values (float, None or a 'needs ...' string) -> aligned text table."""
-    def cell(v):
+    """rows: name -> dict of column values (float, None or a 'needs ...' string) -> aligned text table;
+    4 decimals (the paper's), FPS as a whole number."""
+    def cell(column, v):
         if v is None:
             return "n/a"
-        return v if isinstance(v, str) else f"{v:.4f}"
-    widths = [max(len(c), *(len(cell(r.get(c))) for r in rows.values())) for c in columns]
+        return v if isinstance(v, str) else f"{v:.0f}" if column == "FPS" else f"{v:.4f}"
+    widths = [max(len(c), *(len(cell(c, r.get(c))) for r in rows.values())) for c in columns]
     name_w = max(len("method"), *(len(n) for n in rows))
     lines = ["  ".join([f"{'method':{name_w}}"] + [f"{c:>{w}}" for c, w in zip(columns, widths)])]
     for name, r in rows.items():
-        lines.append("  ".join([f"{name:{name_w}}"] + [f"{cell(r.get(c)):>{w}}" for c, w in zip(columns, widths)]))
+        lines.append("  ".join([f"{name:{name_w}}"] + [f"{cell(c, r.get(c)):>{w}}" for c, w in zip(columns, widths)]))
     return "\n".join(lines)
 
 
 def clips_of(root, split, ids):
-    """Dataset items of the split whose sequence id is in ids (dataset order)."""
+    """Dataset items of the split whose sequence id is in ids (dataset order), read lazily."""
     import data
+    dataset = data.SingingHead(root, split)
     wanted = set(ids)
-    return (item for item in data.SingingHead(root, split) if item["id"] in wanted)
+    return torch.utils.data.Subset(dataset, [i for i, (seq, _) in enumerate(dataset.clips) if seq in wanted])
+
+
+def counted(predict, progress):
+    """predict, with a progress line on stderr when one is due."""
+    def predict_and_count(item):
+        motion = predict(item)
+        if progress.advance():
+            print(progress.line("  Table II:"), file=sys.stderr, flush=True)
+        return motion
+    return predict_and_count
 
 
 def run_motion_table(args):
-    """Rows of Table II: the generated files (--pred) or the newest checkpoint, then the mean-motion baseline."""
+    """Rows of Table II and the line naming what was scored: the generated files (--pred) or a checkpoint
+    (default: the one train.py's summary scores), then the mean-motion baseline."""
     import data
     from flame import Flame
+    from progress import Progress
     root = Path(args.data) if args.data else data.builtin_data()
     ids = data.read_split(root, args.split)
     rows, beats_cache = {}, {}
@@ -849,32 +944,31 @@ def run_motion_table(args):
         flame = Flame.load(args.flame) if args.flame else Flame.procedural()
         fps_file = pred_dir / "fps.json"
         fps = json.loads(fps_file.read_text())["fps"] if fps_file.exists() else None
-        rows[pred_dir.name] = evaluate_motion(flame, clips_of(root, args.split, ids),
-                                              lambda item: read_samples(pred_dir, item), args.time_correct, fps,
-                                              beats_cache)
+        clips = clips_of(root, args.split, ids)
+        progress = Progress(2 * len(clips), "clip", lines=20)
+        rows[pred_dir.name] = evaluate_motion(flame, clips, counted(lambda item: read_samples(pred_dir, item), progress),
+                                              fps, beats_cache)
+        scored = f"the motion files in {pred_dir}"
     else:
-        from unisinger import generate, load_checkpoint, load_flame
-        ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint()
+        from unisinger import DEFAULT_CHECKPOINT, load_checkpoint, load_flame
+        ckpt = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
         trained = load_checkpoint(ckpt, args.device)
         model = trained.model
         flame = load_flame(args.flame or trained.flame)
-        clock = {"seconds": 0.0, "frames": 0}
-
-        def predict(item):
-            t0 = time.perf_counter()
-            motion = generate(model, item["audio"], item["bgm"], item["shape"], args.samples)
-            clock["seconds"] += time.perf_counter() - t0
-            clock["frames"] += motion.shape[0] * motion.shape[1]
-            return motion
-
-        row = evaluate_motion(flame, clips_of(root, args.split, ids), predict, args.time_correct,
+        clock = {}
+        clips = clips_of(root, args.split, ids)
+        progress = Progress(2 * len(clips), "clip", lines=20)
+        row = evaluate_motion(flame, clips, counted(model_predictor(model, args.samples, args.seed, clock=clock), progress),
                               beats_cache=beats_cache)
-        rows[f"UniSinger ({ckpt})"] = dict(row, FPS=clock["frames"] / clock["seconds"])
+        rows["UniSinger"] = dict(row, FPS=clock["frames"] / clock["seconds"], samples=args.samples, seed=args.seed,
+                                 checkpoint=str(ckpt))
+        scored = f"checkpoint {ckpt}" + (" (the one train.py's summary scores)" if not args.checkpoint else "")
     baseline = mean_motion(root)
-    rows["mean motion"] = evaluate_motion(flame, clips_of(root, args.split, ids),
-                                          lambda item: np.tile(baseline, (1, len(item["motion"]), 1)),
-                                          args.time_correct, beats_cache=beats_cache)
-    return rows
+    constant = counted(lambda item: np.tile(baseline, (1, len(item["motion"]), 1)), progress)
+    rows["mean motion"] = dict(evaluate_motion(flame, clips, constant, beats_cache=beats_cache), samples=1)
+    samples = f"{args.samples} samples per clip, seed {args.seed}" if not args.pred else "the files' samples"
+    header = f"Table II on the {args.split} split of {root}: {len(clips)} clips, {samples}; scored: {scored}"
+    return rows, header
 
 
 def main(argv=None):
@@ -883,15 +977,18 @@ def main(argv=None):
     p.add_argument("--data", help="SingingHead-layout data root (default: the built-in data)")
     p.add_argument("--split", default="test")
     p.add_argument("--video", action="store_true", help="Table IV for generated videos")
-    p.add_argument("--checkpoint", help="motion checkpoint for the default run (default: newest of out/motion)")
+    p.add_argument("--checkpoint", help="motion checkpoint for the default run (default: out/motion/best.pt, the "
+                   "one train.py's summary scores)")
     p.add_argument("--samples", type=int, default=N_SAMPLES, help="samples per clip for the default run")
+    p.add_argument("--seed", type=int, default=EVAL_SEED, help="base seed of the samples (each clip derives its own)")
     p.add_argument("--flame", help="FLAME model file (default: the procedural head)")
     p.add_argument("--weights", default="weights", help=f"folder with {INCEPTION_FILE}, {ALEXNET_FILE}, {LPIPS_FILE}")
-    p.add_argument("--time-correct", action="store_true", help="BA with beat times x 30 fps instead of onset frames")
     p.add_argument("--json", help="output JSON (default: DIR/metrics.json, or out/metrics/<table>.json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the default run generates motion (its FPS column is that device's)")
     args = p.parse_args(argv)
+    if args.samples < 1:
+        raise ValueError(f"--samples {args.samples}: needs at least 1 sample per clip")
 
     if args.video:
         import data
@@ -901,17 +998,27 @@ def main(argv=None):
         ids = [i for i in data.read_split(root, args.split) if (Path(args.pred) / f"{i}.mp4").exists()]
         if not ids:
             raise ValueError(f"{args.pred}: no <clip id>.mp4 for any clip of the {args.split} split of {root}")
-        rows = {Path(args.pred).name: evaluate_video(args.pred, root, ids, args.weights, args.time_correct)}
-        columns = VIDEO_COLUMNS
+        rows = evaluate_video(args.pred, root, ids, args.weights)
+        print(f"Table IV on the {args.split} split of {root}: {len(ids)} videos, every {FRAME_STEP}th frame")
+        print(format_table(rows, VIDEO_COLUMNS))
     else:
-        rows, columns = run_motion_table(args), MOTION_COLUMNS
-    print(format_table(rows, columns))
+        rows, header = run_motion_table(args)
+        print(header)
+        print(format_table(rows, MOTION_COLUMNS))
+        print("our variants (not the paper's columns):")
+        print(format_table(rows, VARIANT_COLUMNS))
     out = Path(args.json) if args.json else (Path(args.pred) / "metrics.json" if args.pred else
                                              Path("out/metrics") / ("table4.json" if args.video else "table2.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    finite = {name: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-              for name, r in rows.items()}                 # JSON has no nan / inf
-    out.write_text(json.dumps(finite, indent=2))
+
+    def finite(v):                                          # JSON has no nan / inf
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(finite(rows), indent=2))
+    tmp.replace(out)
     print(f"-> {out}")
 
 

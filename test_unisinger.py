@@ -1708,25 +1708,35 @@ def test_fve_of_constant_offsets_is_the_offset_mean_and_best():
     assert mean == pytest.approx(1.0, abs=1e-9) and best == pytest.approx(0.5, abs=1e-9)
 
 
-def test_fdd_hand_value_zero_for_identical_and_signed():
-    neutral = torch.zeros(1, 3, dtype=torch.float64)
+def test_fdd_is_the_unbiased_std_of_squared_absolute_positions_and_signed():
     gt = torch.zeros(2, 1, 3, dtype=torch.float64)
-    gt[1, 0, 0] = 0.002                            # squared displacement 0 then 4 mm^2: std 2 mm^2
-    still = torch.zeros(1, 2, 1, 3, dtype=torch.float64)
+    gt[:, 0, 0] = torch.tensor([0.100, 0.110], dtype=torch.float64)  # squared norms 0.0100, 0.0121 m^2: unbiased std 0.0021 / sqrt 2
+    still = gt[:1].repeat(2, 1, 1)[None]
     idx = torch.tensor([0])
-    assert metrics.fdd(still, gt, idx, neutral) == pytest.approx(2.0)
+    assert metrics.fdd(still, gt, idx) == pytest.approx(0.0021 / np.sqrt(2), rel=1e-9)
+    # displacement from the first frame (CodeTalker): squared 0, 1e-4 m^2 -- not the release's number
+    assert metrics.fdd(still, gt, idx, origin=gt[0]) == pytest.approx(1e-4 / np.sqrt(2), rel=1e-9)
     gen = torch.Generator().manual_seed(2)
     neutral = torch.randn(30, 3, generator=gen, dtype=torch.float64) * 0.1
     gt = neutral + 0.003 * torch.randn(50, 30, 3, generator=gen, dtype=torch.float64)
     idx = torch.arange(0, 30, 2)
-    for variant in ("displacement", "absolute"):
-        assert metrics.fdd(gt[None].repeat(3, 1, 1, 1), gt, idx, neutral, variant) == pytest.approx(0, abs=1e-9)
+    for origin in (None, neutral):
+        assert metrics.fdd(gt[None].repeat(3, 1, 1, 1), gt, idx, origin) == pytest.approx(0, abs=1e-12)
     damped = neutral + 0.5 * (gt - neutral)
     lively = neutral + 2.0 * (gt - neutral)
     assert metrics.fdd(damped[None], gt, idx, neutral) > 0 > metrics.fdd(lively[None], gt, idx, neutral)
     both = torch.stack([damped, lively])           # samples average: std_gt - mean(std_damped, std_lively)
-    expected = np.mean([metrics.fdd(s[None], gt, idx, neutral) for s in both])
-    assert metrics.fdd(both, gt, idx, neutral) == pytest.approx(expected)
+    expected = np.mean([metrics.fdd(s[None], gt, idx) for s in both])
+    assert metrics.fdd(both, gt, idx) == pytest.approx(expected)
+
+
+def test_fve_min_is_the_smallest_error_per_vertex_and_frame_not_the_best_sample():
+    gt = torch.zeros(1, 2, 3, dtype=torch.float64)
+    pred = torch.zeros(2, 1, 2, 3, dtype=torch.float64)
+    pred[0, 0, :, 0] = torch.tensor([0.001, 0.003])  # sample 0: 1 mm on vertex 0, 3 mm on vertex 1
+    pred[1, 0, :, 0] = torch.tensor([0.003, 0.001])  # sample 1: the other way round; each sample averages 2 mm
+    mean, best = metrics.fve(pred, gt, torch.arange(2))
+    assert mean == pytest.approx(2.0) and best == pytest.approx(1.0)
 
 
 def test_ppe_of_known_pose_offset():
@@ -1743,7 +1753,7 @@ def test_diversity_zero_for_identical_and_exact_for_constant_shifts():
     samples = torch.stack([base, base + 0.5, base - 1.0])
     expected = (0.5 + 1.0 + 1.5) / 3 * np.sqrt(n)   # pairs (0,1), (0,2), (1,2)
     assert metrics.diversity(samples) == pytest.approx(expected, rel=1e-12)
-    assert np.isnan(metrics.diversity(base[None]))
+    assert metrics.diversity(base[None]) == 0.0    # one sample: 0, as the release returns
 
 
 def pose_with_speed_minima_at(beats, n_frames, period):
@@ -1981,25 +1991,118 @@ def test_region_meshes_equal_full_flame_meshes_with_head_pose_zeroed():
     ours = regions(shape, motion)
     torch.testing.assert_close(ours, full[..., regions.ids, :], rtol=0, atol=1e-6)
     torch.testing.assert_close(regions.landmarks(ours), flame.landmarks(full), rtol=0, atol=1e-6)
+    posed = flame.landmarks(flame.from_motion(shape, motion))                            # with head pose
+    torch.testing.assert_close(regions.posed_landmarks(shape, motion), posed, rtol=0, atol=1e-6)
     masks = flame.masks
     for name in ("lips", "face", "upper_face"):
         assert torch.equal(regions.ids[getattr(regions, name)], masks[name])
+    concatenated = torch.cat([masks["forehead"], masks["eye_region"]])
+    assert torch.equal(regions.ids[regions.forehead_eyes], concatenated)
 
 
-def test_clip_scores_zero_for_truth_and_blind_to_head_pose_except_ppe():
+def test_clip_scores_zero_for_truth_and_only_pose_metrics_see_head_pose():
     from flame import Flame
     regions = metrics.RegionMeshes(Flame.procedural())
     gen = torch.Generator().manual_seed(10)
     shape, truth = 0.5 * torch.randn(100, generator=gen), random_motion(gen, 60)
-    music = np.arange(5, 60, 15)
-    same = metrics.clip_motion_scores(regions, shape, truth, truth[None].repeat(2, 1, 1), music)
-    for key in ("LVE-mean", "LVE-min", "FVE-mean", "FVE-min", "FDD(x1e-2)", "PPE", "Diversity"):
-        assert same[key] == pytest.approx(0, abs=1e-6), key
+    beats = {"BA": np.arange(5, 60, 15)}
+    same = metrics.clip_motion_scores(regions, shape, truth, truth[None].repeat(2, 1, 1), beats)
+    for key, value in same["official"].items():
+        if key != "ba_pose":
+            assert value == pytest.approx(0, abs=1e-6), key
+    assert same["FDD(disp)"] == pytest.approx(0, abs=1e-6) and same["Div(mm)"] == pytest.approx(0, abs=1e-6)
     nodding = truth[None].repeat(2, 1, 1)
     nodding[1, :, 50:56] += torch.tensor([0.03, 0.04, 0, 0, 0, 0])                     # only the head pose moves
-    scores = metrics.clip_motion_scores(regions, shape, truth, nodding, music)
-    assert scores["LVE-mean"] == pytest.approx(0, abs=1e-6) and scores["FVE-mean"] == pytest.approx(0, abs=1e-6)
-    assert scores["PPE"] == pytest.approx(0.05 / 2)
+    scores = metrics.clip_motion_scores(regions, shape, truth, nodding, beats)
+    official = scores["official"]
+    for key in ("lve_mean", "lve_min", "ve_mean", "ve_min", "fdd"):                    # meshes without head pose
+        assert official[key] == pytest.approx(0, abs=1e-8), key
+    assert official["meandist_pose"] == pytest.approx(0.05 / 2)
+    assert official["diversity_lmk"] > 1e-3                      # the release's landmarks carry the head pose
+    assert scores["Div(mm)"] == pytest.approx(0, abs=1e-4)       # ours leave it out
+
+
+class LinearRegions:
+    """A stand-in for RegionMeshes that makes hand-made meshes: the 'vertices' of a motion are its first 57
+    numbers in cm (19 vertices), its posed landmarks the first 10 vertices moved by the global rotation's
+    numbers. Forehead and eye region overlap (vertices 10, 11), as the release's concatenation allows."""
+    lips, face, upper_face = torch.arange(0, 4), torch.arange(0, 12), torch.arange(8, 16)
+    forehead_eyes = torch.tensor([8, 9, 10, 11, 10, 11, 12, 13, 14, 15])
+
+    def __call__(self, shape, motion):
+        return motion[..., :57].unflatten(-1, (19, 3)) / 100
+
+    def landmarks(self, verts):
+        return verts[..., :10, :]
+
+    def posed_landmarks(self, shape, motion):
+        return self(shape, motion)[..., :10, :] + motion[..., None, 50:53]
+
+
+def release_table_ii(pred, gt, pose, gt_pose, posed_lmk, voice_beats, n_onset, lips, face, upper):
+    """The SingingHead release's metric_dict for one clip, transcribed into numpy: pred (S,T,V,3), gt (T,V,3)
+    vertices in metres, pose (S,T,6), gt_pose (T,6), posed_lmk (S,T,68,3), the voice's beat-tracker frames
+    and its onset-envelope length."""
+    from scipy.ndimage import gaussian_filter
+    from scipy.signal import argrelextrema
+    from scipy.spatial.distance import pdist
+    lip_err = np.linalg.norm(pred[:, :, lips] - gt[None, :, lips], axis=-1).max(-1).mean(-1)   # (S,)
+    face_err = np.linalg.norm(pred[:, :, face] - gt[None, :, face], axis=-1)                   # (S,T,F)
+    pred_sq, gt_sq = (pred[:, :, upper] ** 2).sum(-1), (gt[:, upper] ** 2).sum(-1)
+    ba = []
+    for p in pose:
+        seq = p[:, None, :]
+        velocity = np.mean(np.sqrt(np.sum((seq[1:] - seq[:-1]) ** 2, axis=2)), axis=1)
+        motion = argrelextrema(gaussian_filter(velocity, 5), np.less)
+        one_hot = np.zeros(n_onset)
+        one_hot[voice_beats] = 1
+        music = np.arange(len(velocity))[one_hot[:len(velocity)].astype(bool)]
+        music = music if len(music) else np.array([0])
+        motion = motion[0] if len(motion[0]) else np.array([0])
+        ba.append(np.mean([np.exp(-np.min((motion - b) ** 2) / 2 / 9) for b in music]))
+    return {"lve_mean": lip_err.mean(), "lve_min": lip_err.min(), "ve_mean": face_err.mean(1).mean(),
+            "ve_min": face_err.min(0).mean(), "fdd": gt_sq.std(0, ddof=1).mean() - pred_sq.std(1, ddof=1).mean(),
+            "meandist_pose": np.linalg.norm(pose - gt_pose[None], axis=-1).mean(), "ba_pose": np.mean(ba),
+            "diversity_lmk": pdist(posed_lmk.reshape(len(posed_lmk), -1)).mean()}
+
+
+def test_official_table_ii_equals_a_transcription_of_the_release_code():
+    """Every value under 'official' against the release's formulas written out above, on hand-made meshes
+    where its choices differ from the alternatives: the per-vertex FVE-min, FDD on absolute positions of the
+    concatenated forehead + eye region, BA against the singing voice's beats cut to the speed's length."""
+    gen = torch.Generator().manual_seed(12)
+    T, S = 90, 3
+    gt_motion = torch.cumsum(0.05 * torch.randn(T, 59, generator=gen, dtype=torch.float64), 0) + 1
+    samples = gt_motion + torch.cumsum(0.08 * torch.randn(S, T, 59, generator=gen, dtype=torch.float64), 1)
+    samples[1, :, 12:21] += 0.5                    # sample 1 far off on some face vertices only
+    regions = LinearRegions()
+    voice = np.array([3, 20, 41, 62, 88, 95])      # 88 is a speed frame (T-1 = 89 of them), 95 is cut
+    music = np.array([10, 30, 50, 70])
+    scores = metrics.clip_motion_scores(regions, torch.zeros(100), gt_motion, samples, {"BA": voice, "BA(music)": music})
+    samples32, gt32 = samples.float().double(), gt_motion.float().double()   # the scorer works in float32
+    pred, gt = regions(None, samples32).numpy(), regions(None, gt32).numpy()
+    expected = release_table_ii(pred, gt, samples32[..., 50:56].numpy(), gt32[:, 50:56].numpy(),
+                                regions.posed_landmarks(None, samples32).numpy(), voice, 100,
+                                regions.lips.numpy(), regions.face.numpy(), regions.forehead_eyes.numpy())
+    assert set(scores["official"]) == set(expected)
+    for key, value in expected.items():
+        assert scores["official"][key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
+    # where the release's choices differ from the alternatives, the numbers differ too
+    face_err = np.linalg.norm(pred[:, :, regions.face] - gt[None, :, regions.face], axis=-1)
+    assert expected["ve_min"] < face_err.mean((1, 2)).min() * 0.99
+    assert abs(scores["FDD(disp)"] / 1e5 - expected["fdd"]) > 0.01 * abs(expected["fdd"])
+    assert scores["BA(music)"] != pytest.approx(expected["ba_pose"])
+    # one sample: the release's diversity is 0
+    one = metrics.clip_motion_scores(regions, torch.zeros(100), gt_motion, samples[:1], {"BA": voice})
+    assert one["official"]["diversity_lmk"] == 0.0
+
+
+def test_beat_align_cuts_beats_past_the_speed_and_scores_empty_sets_as_frame_0():
+    motion = np.array([10, 40])
+    assert metrics.beat_align(motion, [10, 40, 70], n_speed=60) == pytest.approx(1.0)
+    assert metrics.beat_align(motion, [10, 40, 70]) == pytest.approx((2 + np.exp(-900 / 18)) / 3)
+    assert metrics.beat_align(motion, [70], n_speed=60) == pytest.approx(np.exp(-100 / 18))   # no beat: frame 0
+    assert metrics.beat_align([], [0, 3]) == pytest.approx((1 + np.exp(-9 / 18)) / 2)        # no motion beat: 0
 
 
 def test_music_beats_are_librosa_beats_in_both_frame_conventions():
@@ -2032,9 +2135,16 @@ def test_evaluate_command_writes_table_ii_for_sample_files(tmp_path):
     metrics.main(["--pred", str(pred), "--data", str(root), "--json", str(tmp_path / "t2.json")])
     table = json.loads((tmp_path / "t2.json").read_text())
     ours, base = table["pred"], table["mean motion"]
-    assert ours["clips"] == 1 and ours["FPS"] == 123.0 and ours["LVE-min"] == pytest.approx(0, abs=1e-5)
-    assert ours["LVE-mean"] > 0.5 and ours["PPE"] == pytest.approx(0, abs=1e-6) and ours["Diversity"] > 0
-    assert base["LVE-mean"] > 0 and base["Diversity"] is None and 0 <= base["BA"] <= 1
+    assert set(ours["official"]) == {"lve_mean", "lve_min", "ve_mean", "ve_min", "fdd", "meandist_pose", "ba_pose",
+                                     "diversity_lmk"}
+    assert ours["clips"] == 1 and ours["FPS"] == 123.0 and ours["official"]["lve_min"] == pytest.approx(0, abs=1e-8)
+    assert ours["official"]["lve_mean"] > 5e-4 and ours["official"]["meandist_pose"] == pytest.approx(0, abs=1e-6)
+    # the printed columns are the raw values in the paper's units: mm, x1e-2 "mm" for FDD, the rest as they are
+    for column, key, factor in (("LVE-mean", "lve_mean", 1e3), ("FVE-min", "ve_min", 1e3), ("FDD(x1e-2)", "fdd", 1e5),
+                                ("BA", "ba_pose", 1), ("Diversity", "diversity_lmk", 1)):
+        assert ours[column] == pytest.approx(ours["official"][key] * factor, rel=1e-12), column
+    assert ours["official"]["diversity_lmk"] > 0 and ours["Div(mm)"] > 0
+    assert base["LVE-mean"] > 0 and base["official"]["diversity_lmk"] == 0 and 0 <= base["BA"] <= 1
 
 
 
@@ -2191,15 +2301,33 @@ def test_tiny_model_learns_singing_motion_and_uses_the_audio(trained_motion, mot
     assert ours["LVE-min"] < ours["LVE-mean"]
 
 
-def test_metrics_command_scores_a_checkpoint_against_the_mean_motion(trained_motion, motion_set, tmp_path):
+def test_metrics_command_scores_a_checkpoint_against_the_mean_motion(trained_motion, motion_set, tmp_path, capsys):
     """`python metrics.py --checkpoint ...`: the model's Table II row, with its generation speed, beside the
     mean-motion baseline, written to JSON."""
     out = tmp_path / "table2.json"
     metrics.main(["--checkpoint", str(trained_motion / "best.pt"), "--data", str(motion_set), "--samples", "2",
-                  "--device", "cpu", "--json", str(out)])
+                  "--seed", "7", "--device", "cpu", "--json", str(out)])
     rows = json.loads(out.read_text())
-    ours = next(row for name, row in rows.items() if name.startswith("UniSinger"))
+    ours = rows["UniSinger"]
     assert ours["FPS"] > 0 and ours["LVE-mean"] < rows["mean motion"]["LVE-mean"]
+    assert ours["seed"] == 7 and ours["samples"] == 2 and ours["checkpoint"] == str(trained_motion / "best.pt")
+    header, table = capsys.readouterr().out.splitlines()[:3:2]
+    n_test = len(data.SingingHead(motion_set, "test"))
+    assert header.startswith(f"Table II on the test split of {motion_set}: {n_test} clips, 2 samples per clip, seed 7")
+    assert re.fullmatch(r"UniSinger .* \d+", table)                                   # FPS as a whole number
+
+
+def test_evaluation_draws_fresh_samples_per_clip_from_the_base_seed():
+    model = tiny_model()
+    voice = np.random.default_rng(6).standard_normal(CLIP_FRAMES * 16000 // 30).astype(np.float32) * 0.1
+    item = dict(id="id0_1", start=0, audio=voice, bgm=voice, shape=np.zeros(100, np.float32))
+    draw = metrics.model_predictor(model, 2)
+    same, again = draw(item), draw(dict(item))
+    other_clip = draw(dict(item, id="id0_2"))
+    other_seed = metrics.model_predictor(model, 2, base_seed=1)(item)
+    np.testing.assert_array_equal(same, again)                  # a clip draws the same samples in every run
+    assert np.abs(same - other_clip).max() > 1e-3 and np.abs(same - other_seed).max() > 1e-3
+    assert metrics.clip_seed(0, item) != metrics.clip_seed(0, dict(item, start=240))
 
 
 def test_shape_file_is_cut_or_zero_padded_to_100_and_bad_ones_are_refused(tmp_path):

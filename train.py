@@ -34,7 +34,7 @@ import metrics
 import render
 from audio import SAMPLE_RATE, Wav2Vec2, mfcc_at_fps
 from progress import RATE_WINDOW, Progress
-from unisinger import MotionConfig, MotionCVAE, generate, load_checkpoint, load_flame, motion_losses
+from unisinger import MotionConfig, MotionCVAE, load_checkpoint, load_flame, motion_losses
 
 RENDER_FRAME_STRIDE = 6      # 1 frame in 6 (5 a second): neighbours at 30 fps are near copies; SPEC §6 scores these
 DEPTH_BATCH = 32             # frames rasterized at once while precomputing the depth inputs
@@ -372,10 +372,10 @@ def motion_summary(model, root, args):
     flame = load_flame(args.flame)
     test = data.SingingHead(root, "test")
     baseline = metrics.mean_motion(root)
-    silent = lambda item: generate(model, np.zeros_like(item["audio"]), None, item["shape"], SUMMARY_SAMPLES)
-    predictors = {"UniSinger": lambda item: generate(model, item["audio"], item["bgm"], item["shape"], SUMMARY_SAMPLES),
+    # the draws python metrics.py makes: each clip its own seed from the same base seed
+    predictors = {"UniSinger": metrics.model_predictor(model, SUMMARY_SAMPLES),
                   "mean motion": lambda item: np.tile(baseline, (1, len(item["motion"]), 1)),
-                  "UniSinger, silence": silent}
+                  "UniSinger, silence": metrics.model_predictor(model, SUMMARY_SAMPLES, silent=True)}
     progress = Progress(len(predictors) * len(test), "clip", lines=10)
 
     def counted(predict):                       # one progress step per clip scored
@@ -406,7 +406,7 @@ def verdict(ours, base, deaf):
         f"learning means at most {LEARNT_LVE_RATIO}.",
         f"{'It listens' if deafness > 1 else 'It does NOT use the audio'}: fed silence, its lip error is "
         f"{deafness:.2f} times larger ({deaf['LVE-mean']:.2f} mm).",
-        f"Its {SUMMARY_SAMPLES} takes of a clip differ by {ours['Diversity']:.1f} mm on average (diversity), and "
+        f"Its {SUMMARY_SAMPLES} takes of a clip differ by {ours['Div(mm)']:.1f} mm on average (diversity), and "
         f"the best take is {'closer to' if ours['LVE-min'] < ours['LVE-mean'] else 'NOT closer to'} the truth "
         f"than the average one (LVE-min {ours['LVE-min']:.2f} mm, LVE-mean {ours['LVE-mean']:.2f} mm)."])
 
