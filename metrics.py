@@ -27,7 +27,9 @@ mean over clips; PAPER_COLUMNS says how each prints in the paper's units, VARIAN
     psnr(a, b, data_range=255) -> (N,) dB;  ssim(a, b) -> (N,)   equal to scikit-image's structural_similarity
         (channel_axis=-1, 7x7 uniform window, K1 .01, K2 .03, sample covariance, border of 3 left out of the mean)
     cpbd(gray (H,W)) -> float in [0, 1]   sharpness, Narvekar & Karam's cumulative probability of blur detection
-    lmd(pred (T,68,2), gt (T,68,2), mouth=False) -> pixels   F-LMD, or M-LMD on landmarks 48-67
+    lmd(pred (T,68,2), gt (T,68,2), mouth=False) -> pixels   F-LMD (points 0-47 centred on the 68 points' mean,
+        48-67 on their own mean: the release's in-place quirk), or M-LMD (48-67 centred on their own mean); a
+        frame without landmarks (nan) counts as 0, as in the release
     frechet_distance(mu1, s1, mu2, s2), fid(feats_a (N,D), feats_b (M,D))
     InceptionV3   the FID Inception network (2048-d pool3 features); InceptionV3.load(pt_inception-2015-12-05 file)
     LPIPS         AlexNet trunk + linear heads (v0.1); LPIPS.load(torchvision alexnet file, lpips alex.pth)
@@ -76,7 +78,8 @@ BEAT_SIGMA_FRAMES = 5.0     # Gaussian smoothing of the motion speed before pick
 BA_SIGMA2 = 9.0             # beat-align tolerance, frames^2
 N_SAMPLES = 10              # samples per clip in Table II (the paper's n)
 MOUTH = slice(48, 68)       # mouth landmarks of the 68-point layout
-VIDEO_SIZE = 256            # frames are compared at 256 x 256
+VIDEO_SIZES = (256, 512)    # Table IV is measured with frames resized to each of these squares
+LMK_SIZE = 256              # landmark files are in pixels of the 256-pixel frame
 FRAME_STEP = 6              # every 6th frame enters the 2-D image metrics
 
 SSIM_WINDOW = 7
@@ -431,16 +434,28 @@ def cpbd(gray):
     return float(np.mean(np.round(p * 100) <= CPBD_THRESHOLD * 100)) if p.size else 0.0
 
 
-def lmd(pred_lmk, gt_lmk, mouth=False):
-    """Landmark distance: mean L2 over landmarks and frames of (T,68,2) sets, each frame's set centred on the
-    mean of its own 68 points (so head translation drops out but the mouth's motion within the face stays);
-    mouth=True keeps landmarks 48-67 (M-LMD), else all 68 (F-LMD)."""
-    p = torch.as_tensor(np.asarray(pred_lmk)).double()
-    g = torch.as_tensor(np.asarray(gt_lmk)).double()
-    p, g = p - p.mean(dim=-2, keepdim=True), g - g.mean(dim=-2, keepdim=True)
+def lmd_frames(pred_lmk, gt_lmk, mouth=False):
+    """Landmark distance per frame (pixels), the release's centring included: it centres the 68 points on their
+    mean, then centres the mouth (points 48-67, a view into the same array) on its own mean in place, so the
+    mouth is centred on itself for M-LMD (mouth=True, points 48-67) AND for F-LMD (all 68: points 0-47 on the
+    face's mean, 48-67 on the mouth's). The mean L2 distance over the points: (T,68,2) pairs -> (T,); nan
+    where a set is missing (non-finite)."""
+    def centred(lmk):
+        x = torch.as_tensor(np.asarray(lmk, dtype=np.float64))
+        x = x - x.mean(dim=-2, keepdim=True)
+        return torch.cat([x[..., :MOUTH.start, :], x[..., MOUTH, :] - x[..., MOUTH, :].mean(dim=-2, keepdim=True)], -2)
+
+    p, g = centred(pred_lmk), centred(gt_lmk)
     if mouth:
         p, g = p[..., MOUTH, :], g[..., MOUTH, :]
-    return (p - g).norm(dim=-1).mean().item()
+    return (p - g).norm(dim=-1).mean(dim=-1).numpy()
+
+
+def lmd(pred_lmk, gt_lmk, mouth=False):
+    """The release's LMD over frames: the sum of lmd_frames over frames with both sets found, divided by the
+    number of ALL frames (a frame whose detection failed adds nothing but still counts)."""
+    d = lmd_frames(pred_lmk, gt_lmk, mouth)
+    return float(np.nan_to_num(d, nan=0.0).sum() / len(d))
 
 
 def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
@@ -840,56 +855,134 @@ def latest_checkpoint(folder=Path("out/motion")):
 
 # ----------------------------------------------------------------------------- Table IV: video
 
-def video_batches(pred, gt):
-    """uint8 (T,H,W,3) -> float (T,3,H,W) in [0,1]."""
-    return [torch.from_numpy(np.ascontiguousarray(v)).permute(0, 3, 1, 2).float() / 255 for v in (pred, gt)]
+def sampled_frames(n):
+    """Ids of the frames the release scores, in frame order: every FRAME_STEP-th of its frame list, which it sorts
+    by the digit lists of 3-digit zero-padded names, so from frame 1000 on '1000' sorts between '100' and '101'."""
+    order = sorted(range(n), key=lambda i: [int(d) for d in f"{i:03d}"])
+    return sorted(order[::FRAME_STEP])
 
 
-def evaluate_video(pred_dir, root, ids, weights_dir, time_correct=False):
-    """Table IV row for DIR/<id>.mp4 against <data>/video_seqs/<id>.mp4, frames at 256 px, every 6th frame."""
-    import data
-    from audio import load_audio
+def read_frames(path, ids, sizes=VIDEO_SIZES):
+    """The frames ids of an mp4, each resized (the whole frame, to a square) to every size as the release's
+    cv2.resize does (bilinear from pixel centres, no antialiasing) -> size -> uint8 (len(ids),size,size,3)."""
+    import imageio.v2 as imageio
+    wanted, out = set(ids), {size: [] for size in sizes}
+    try:
+        reader = imageio.get_reader(str(path), "ffmpeg")
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable video ({e})") from None
+    with reader:
+        for i, frame in enumerate(reader):
+            if i not in wanted:
+                continue
+            x = torch.from_numpy(np.asarray(frame)[..., :3].copy()).permute(2, 0, 1)[None].float()   # (1,3,H,W)
+            for size in sizes:
+                if x.shape[-2:] == (size, size):
+                    y = x
+                else:
+                    y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+                out[size].append(y.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy())
+    return {size: np.stack(frames) for size, frames in out.items()}
+
+
+def count_frames(path):
+    import imageio.v2 as imageio
+    try:
+        with imageio.get_reader(str(path), "ffmpeg") as reader:
+            return reader.count_frames()
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable video ({e})") from None
+
+
+def read_soundtrack(path, sr=SAMPLE_RATE):
+    """The audio track of a video, mono at sr -> float32 (N,), or None when it has none."""
+    import subprocess
+    import imageio_ffmpeg
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-vn", "-ac", "1", "-ar", str(sr),
+           "-f", "f32le", "-"]
+    proc = subprocess.run(cmd, capture_output=True)
+    if proc.returncode != 0 or not proc.stdout:
+        return None
+    return np.frombuffer(proc.stdout, dtype=np.float32).copy()
+
+
+def pil_gray(rgb):
+    """uint8 RGB (...,3) -> the grey levels PIL's 'L' mode gives (ITU-R 601 weights, fixed point, rounded)."""
+    rgb = np.asarray(rgb).astype(np.int64)
+    return ((rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16).astype(np.float64)
+
+
+def filled_landmarks(lmk):
+    """Landmarks of every frame as the release's 2-D BA tracks them: a frame without landmarks (nan) repeats the
+    previous frame's; None when the first frame has none (the release skips such a video)."""
+    lmk = np.asarray(lmk, dtype=np.float64).copy()
+    found = np.isfinite(lmk).all(axis=(1, 2))
+    if not found[0]:
+        return None
+    for t in np.flatnonzero(~found):
+        lmk[t] = lmk[t - 1]
+    return lmk
+
+
+def evaluate_video(pred_dir, root, ids, weights_dir):
+    """Table IV rows '<DIR> (256)' and '<DIR> (512)' for DIR/<id>.mp4 against <data>/video_seqs/<id>.mp4, as the
+    release scores them: every FRAME_STEP-th frame resized to each size, PSNR / SSIM / CPBD / LPIPS / LMD pooled
+    over all those frames of all videos, FID over their features, BA per video (all frames' landmarks against
+    the beats of the video's own soundtrack), then averaged over videos."""
     pred_dir, root, weights_dir = Path(pred_dir), Path(root), Path(weights_dir)
     inception_file = weights_dir / INCEPTION_FILE
     alexnet_file, lpips_file = weights_dir / ALEXNET_FILE, weights_dir / LPIPS_FILE
     inception = InceptionV3.load(inception_file) if inception_file.exists() else None
     lpips_net = LPIPS.load(alexnet_file, lpips_file) if alexnet_file.exists() and lpips_file.exists() else None
-    scores = {k: [] for k in ("LPIPS", "SSIM", "PSNR", "CPBD", "M-LMD", "F-LMD", "BA")}
-    feats_pred, feats_gt, missing_lmk = [], [], None
+    scores = {size: {k: [] for k in ("LPIPS", "SSIM", "PSNR", "CPBD", "M-LMD", "F-LMD")} for size in VIDEO_SIZES}
+    feats = {size: ([], []) for size in VIDEO_SIZES}
+    ba, missing = [], None
     for clip_id in ids:
-        pred = data.read_video(pred_dir / f"{clip_id}.mp4", VIDEO_SIZE)
-        gt = data.read_video(root / "video_seqs" / f"{clip_id}.mp4", VIDEO_SIZE)
-        n = min(len(pred), len(gt))
-        p, g = pred[:n:FRAME_STEP], gt[:n:FRAME_STEP]                                    # (N,256,256,3) uint8
-        scores["SSIM"] += list(ssim(p, g))
-        scores["PSNR"] += list(psnr(p, g))
-        scores["CPBD"] += [cpbd(f) for f in to_gray(p)]
-        pt, gtt = video_batches(p, g)
-        with torch.no_grad():
-            if inception is not None:
-                feats_pred.append(inception(pt).numpy())
-                feats_gt.append(inception(gtt).numpy())
-            if lpips_net is not None:
-                scores["LPIPS"] += lpips_net(pt * 2 - 1, gtt * 2 - 1).tolist()
+        pred_file, gt_file = pred_dir / f"{clip_id}.mp4", root / "video_seqs" / f"{clip_id}.mp4"
+        n = min(count_frames(pred_file), count_frames(gt_file))
+        picked = sampled_frames(n)
+        pred, gt = read_frames(pred_file, picked), read_frames(gt_file, picked)
         lmk_files = (pred_dir / f"{clip_id}_lmk.npy", root / "landmark_seqs" / f"{clip_id}.npy")
         absent = [f for f in lmk_files if not f.exists()]
-        if absent:
-            missing_lmk = missing_lmk or absent[0]
-            continue
-        lp, lg = (np.load(f)[:n] for f in lmk_files)
-        scores["M-LMD"].append(lmd(lp, lg, mouth=True))
-        scores["F-LMD"].append(lmd(lp, lg))
-        music = music_beats(load_audio(root / "bgm_seqs" / f"{clip_id}_bgm.wav"), SAMPLE_RATE, time_correct)
-        scores["BA"].append(beat_align(motion_beats(lp), music))
-    row = {k: float(np.nanmean(v)) if v else None for k, v in scores.items()}
-    row["FID"] = (fid(np.concatenate(feats_pred), np.concatenate(feats_gt)) if inception is not None
-                  else f"needs weights: {inception_file}")
-    if lpips_net is None:
-        row["LPIPS"] = f"needs weights: {alexnet_file if not alexnet_file.exists() else lpips_file}"
-    if missing_lmk is not None:
-        for k in ("M-LMD", "F-LMD", "BA"):
-            row[k] = f"needs landmarks: {missing_lmk}"
-    return dict(row, clips=len(ids))
+        missing = missing or (absent[0] if absent else None)
+        lp, lg = (None, None) if absent else (np.load(f)[:n] for f in lmk_files)
+        for size in VIDEO_SIZES:
+            p, g = pred[size], gt[size]                                                  # (N,size,size,3) uint8
+            row = scores[size]
+            row["SSIM"] += list(ssim(g, p))
+            row["PSNR"] += list(psnr(g, p))
+            row["CPBD"] += [cpbd(f) for f in pil_gray(p)]
+            pt, gtt = (torch.from_numpy(v).permute(0, 3, 1, 2).float() / 255 for v in (p, g))   # [0, 1]
+            with torch.no_grad():
+                if inception is not None:
+                    feats[size][0].append(inception(pt).numpy())
+                    feats[size][1].append(inception(gtt).numpy())
+                if lpips_net is not None:               # the release feeds [0, 1] to a net that expects [-1, 1]
+                    row["LPIPS"] += lpips_net(pt, gtt).tolist()
+            if lp is not None:
+                scale = size / LMK_SIZE
+                row["M-LMD"] += list(lmd_frames(lp[picked] * scale, lg[picked] * scale, mouth=True))
+                row["F-LMD"] += list(lmd_frames(lp[picked] * scale, lg[picked] * scale))
+        if lp is not None:
+            track, audio = filled_landmarks(np.load(lmk_files[0])), read_soundtrack(pred_file)
+            if audio is None:
+                raise ValueError(f"{pred_file}: no audio track for the 2-D beat-align score")
+            if track is not None:
+                ba.append(beat_align(motion_beats(track), music_beats(audio), len(track) - 1))
+    rows = {}
+    for size in VIDEO_SIZES:
+        # a frame without landmarks (nan) adds 0 to LMD but counts, as in the release
+        row = {k: float(np.mean(np.where(np.isnan(v), 0.0, v))) if v else None for k, v in scores[size].items()}
+        row["BA"] = float(np.mean(ba)) if ba else None
+        row["FID"] = (fid(np.concatenate(feats[size][0]), np.concatenate(feats[size][1])) if inception is not None
+                      else f"needs weights: {inception_file}")
+        if lpips_net is None:
+            row["LPIPS"] = f"needs weights: {alexnet_file if not alexnet_file.exists() else lpips_file}"
+        if missing is not None:
+            for k in ("M-LMD", "F-LMD", "BA"):
+                row[k] = f"needs landmarks: {missing}"
+        rows[f"{pred_dir.name} ({size})"] = dict(row, clips=len(ids))
+    return rows
 
 
 # ----------------------------------------------------------------------------- command line

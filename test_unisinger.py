@@ -1817,14 +1817,80 @@ def test_ssim_and_psnr_match_scikit_image(size):
     assert single == pytest.approx(ours_ssim[1], abs=1e-6)
 
 
-def test_lmd_hand_case_centres_each_set():
+def release_lmd(pred, gt, img_size=512):
+    """The release's compute_lmd loop, transcribed: per frame (a failed detection skipped but counted), the
+    landmarks over img_size, the mouth a view of the face's array, centred in place, the distances x img_size."""
+    flmd_sum = mlmd_sum = 0.0
+    for p, g in zip(pred, gt):
+        if not (np.isfinite(p).all() and np.isfinite(g).all()):
+            continue
+        lmk_real, lmk_gen = g / img_size, p / img_size
+        lmk_real_lip, lmk_gen_lip = lmk_real[48:], lmk_gen[48:]
+        lmk_real -= lmk_real.mean(0)
+        lmk_gen -= lmk_gen.mean(0)
+        lmk_real_lip -= lmk_real_lip.mean(0)
+        lmk_gen_lip -= lmk_gen_lip.mean(0)
+        flmd_sum += np.sqrt(((lmk_real - lmk_gen) ** 2).sum(1)).mean() * img_size
+        mlmd_sum += np.sqrt(((lmk_real_lip - lmk_gen_lip) ** 2).sum(1)).mean() * img_size
+    return flmd_sum / len(pred), mlmd_sum / len(pred)
+
+
+def test_lmd_centres_as_the_release_does_and_counts_frames_without_landmarks():
     rng = np.random.default_rng(4)
-    gt = rng.normal(size=(5, 68, 2)) * 50
-    assert metrics.lmd(gt + np.array([7.0, -3.0]), gt) == pytest.approx(0, abs=1e-9)
-    pred = gt.copy()
-    pred[:, 48:68] += np.array([3.0, 4.0])          # 5 px mouth move; the face mean moves by 5 * 20/68
-    assert metrics.lmd(pred, gt, mouth=True) == pytest.approx(5 * 48 / 68)
-    assert metrics.lmd(pred, gt) == pytest.approx((20 * 5 * 48 / 68 + 48 * 5 * 20 / 68) / 68)
+    gt = rng.normal(size=(6, 68, 2)) * 50
+    shifted = gt.copy()
+    shifted[:, 48:68] += np.array([3.0, 4.0])       # the whole mouth 5 px away
+    assert metrics.lmd(shifted, gt, mouth=True) == pytest.approx(0, abs=1e-9)   # the mouth is centred on itself
+    # F-LMD too: the other 48 points move by the face mean's shift, 5 * 20/68 px, the mouth's own centring hides it
+    assert metrics.lmd(shifted, gt) == pytest.approx(48 * 5 * 20 / 68 / 68)
+    pred = shifted + rng.normal(size=gt.shape)
+    pred[2] = np.nan                               # no face found in frame 2
+    flmd, mlmd = release_lmd(pred, gt)
+    assert metrics.lmd(pred, gt) == pytest.approx(flmd, rel=1e-9)
+    assert metrics.lmd(pred, gt, mouth=True) == pytest.approx(mlmd, rel=1e-9)
+
+
+def test_video_frames_are_sampled_in_the_release_order():
+    assert metrics.sampled_frames(100) == list(range(0, 100, 6))
+    names = sorted(f"{i:03d}" for i in range(1200))       # digit lists sort like the names as strings
+    assert metrics.sampled_frames(1200) == sorted(int(name) for name in names[::6])
+    assert metrics.sampled_frames(1200) != list(range(0, 1200, 6))
+
+
+def test_table_iv_rows_at_both_sizes_with_lpips_on_unit_range_and_ba_on_the_videos_own_sound(tmp_path):
+    """A predicted video whose soundtrack clicks on its landmarks' beats (the truth's video is silent): its 2-D
+    BA is high, so BA reads the video's own sound; LPIPS gets frames in [0, 1]; a row for 256 and for 512 px."""
+    import librosa
+    n, period, sr = 120, 16, 16000
+    beats = np.arange(8, n - 8, period)
+    pose = pose_with_speed_minima_at(beats, n, period)
+    lmk = 128 + np.repeat(pose[:, None, 1:3], 68, axis=1) + np.random.default_rng(13).normal(size=(1, 68, 2)) * 30
+    yy, xx = np.mgrid[0:64, 0:64]
+    gt = np.stack([np.stack([(xx * 4 + t) % 256, (yy * 4) % 256, (xx + yy + 3 * t) % 256], -1) for t in range(n)])
+    pred = np.clip(gt + 20, 0, 255)
+    root, out = tmp_path / "data", tmp_path / "pred"
+    for folder in (root / "video_seqs", root / "landmark_seqs", out):
+        folder.mkdir(parents=True)
+    render.write_video(root / "video_seqs" / "c0.mp4", gt.astype(np.uint8))
+    np.save(root / "landmark_seqs" / "c0.npy", lmk + 1.0)
+    clicks = librosa.clicks(times=beats * 512 / sr, sr=sr, length=n * sr // 30)  # onsets at frames (hop 512) b
+    render.write_video(out / "c0.mp4", pred.astype(np.uint8), audio=clicks.astype(np.float32), sample_rate=sr)
+    np.save(out / "c0_lmk.npy", lmk)
+    trunk, heads = alexnet_and_lpips_states(torch.Generator().manual_seed(8))
+    torch.save(trunk, tmp_path / metrics.ALEXNET_FILE)
+    torch.save(heads, tmp_path / metrics.LPIPS_FILE)
+    rows = metrics.evaluate_video(out, root, ["c0"], tmp_path)
+    assert list(rows) == ["pred (256)", "pred (512)"]
+    picked = metrics.sampled_frames(n)
+    frames = metrics.read_frames(out / "c0.mp4", picked, sizes=(256,))[256]
+    truth = metrics.read_frames(root / "video_seqs" / "c0.mp4", picked, sizes=(256,))[256]
+    net = metrics.LPIPS.load(tmp_path / metrics.ALEXNET_FILE, tmp_path / metrics.LPIPS_FILE)
+    unit = [torch.from_numpy(v).permute(0, 3, 1, 2).float() / 255 for v in (frames, truth)]
+    with torch.no_grad():
+        assert rows["pred (256)"]["LPIPS"] == pytest.approx(net(*unit).mean().item(), rel=1e-5)
+    assert rows["pred (256)"]["F-LMD"] == pytest.approx(0, abs=1e-9)              # a constant shift
+    assert rows["pred (256)"]["PSNR"] < 30 and rows["pred (512)"]["FID"].startswith("needs weights: ")
+    assert rows["pred (512)"]["BA"] == rows["pred (256)"]["BA"] > 0.9
 
 
 def test_frechet_distance_matches_direct_scipy():
