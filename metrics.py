@@ -746,12 +746,13 @@ def clip_motion_scores(regions, shape, gt_motion, samples, beats):
         fve_mean, fve_min = fve(pred, gt, regions.face)
         pose_beats = [motion_beats(s[:, POSE]) for s in samples.numpy()]
         ba = {k: float(np.mean([beat_align(m, b, len(gt_motion) - 1) for m in pose_beats])) for k, b in beats.items()}
+        ba_pose = ba.pop("BA", None)                                                     # the rest are variants
         official = {
             "lve_mean": lve_mean / MM_PER_M, "lve_min": lve_min / MM_PER_M,
             "ve_mean": fve_mean / MM_PER_M, "ve_min": fve_min / MM_PER_M,
             "fdd": fdd(pred, gt, regions.forehead_eyes),
             "meandist_pose": ppe(samples[..., POSE], gt_motion[..., POSE]),
-            "ba_pose": ba.pop("BA", None),
+            "ba_pose": ba_pose,
             "diversity_lmk": diversity(regions.posed_landmarks(shape, samples)),          # (S,T,68,3) m
         }
         return dict(ba, official=official, **{
