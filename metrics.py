@@ -724,7 +724,9 @@ class LPIPS(nn.Module):
 def clip_beats(item):
     """Audio beats of a dataset item in motion-frame units for each BA column: the singing voice's onset frames
     ('BA', the release), its beat times x 30 fps ('BA(time)') and the background music's onset frames."""
-    return {"BA": music_beats(item["audio"]), "BA(time)": music_beats(item["audio"], time_correct=True),
+    from audio import beats
+    frames, times = beats(np.asarray(item["audio"], dtype=np.float32), SAMPLE_RATE)      # the voice tracked once
+    return {"BA": np.asarray(frames), "BA(time)": np.asarray(times, dtype=np.float64) * FPS,
             "BA(music)": music_beats(item["bgm"])}
 
 

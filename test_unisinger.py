@@ -2184,6 +2184,22 @@ def test_music_beats_are_librosa_beats_in_both_frame_conventions():
     np.testing.assert_allclose(metrics.music_beats(y.astype(np.float32), sr, time_correct=True), seconds * 30)
 
 
+def test_official_ba_beats_are_the_singing_voices_as_the_release_tracks_them():
+    import librosa
+    sr = 16000
+    voice = librosa.clicks(times=np.arange(0.3, 8, 0.5), sr=sr, length=8 * sr).astype(np.float32)
+    music = librosa.clicks(times=np.arange(0.1, 8, 0.4), sr=sr, length=8 * sr).astype(np.float32)
+
+    def release_beats(audio):                   # the release's extract_audio_beat: HPSS, median onsets, tracking
+        onset_env = librosa.onset.onset_strength(y=librosa.effects.hpss(audio)[1], aggregate=np.median, sr=sr)
+        return librosa.beat.beat_track(onset_envelope=onset_env, sr=sr)[1]
+
+    beats = metrics.clip_beats({"audio": voice, "bgm": music})
+    np.testing.assert_array_equal(beats["BA"], release_beats(voice))
+    np.testing.assert_array_equal(beats["BA(music)"], release_beats(music))
+    np.testing.assert_allclose(beats["BA(time)"], librosa.frames_to_time(beats["BA"], sr=sr) * 30)
+
+
 def test_evaluate_command_writes_table_ii_for_sample_files(tmp_path):
     import json
     import data
