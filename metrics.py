@@ -38,7 +38,7 @@ mean over clips; PAPER_COLUMNS says how each prints in the paper's units, VARIAN
   model_predictor (samples drawn with a seed per clip, derived from a base seed and the clip id; one more take
   timed for FPS), evaluate_video (Table IV), mean_motion (the baseline), the command line.
 
-Depends on torch, numpy, scipy; the evaluation parts import our flame.py, data.py, audio.py (beats) and, for the
+Depends on torch, numpy, scipy; the evaluation parts import our flame.py, data.py, audio.py (beats), progress.py and, for the
 default run, unisinger.py.
 
 Use alone
@@ -932,7 +932,9 @@ def evaluate_video(pred_dir, root, ids, weights_dir):
     release scores them: every FRAME_STEP-th frame resized to each size, PSNR / SSIM / CPBD / LPIPS / LMD pooled
     over all those frames of all videos, FID over their features, BA per video (all frames' landmarks against
     the beats of the video's own soundtrack), then averaged over videos."""
+    from progress import Progress
     pred_dir, root, weights_dir = Path(pred_dir), Path(root), Path(weights_dir)
+    progress = Progress(len(ids), "video", lines=20)
     inception_file = weights_dir / INCEPTION_FILE
     alexnet_file, lpips_file = weights_dir / ALEXNET_FILE, weights_dir / LPIPS_FILE
     inception = InceptionV3.load(inception_file) if inception_file.exists() else None
@@ -972,6 +974,8 @@ def evaluate_video(pred_dir, root, ids, weights_dir):
                 raise ValueError(f"{pred_file}: no audio track for the 2-D beat-align score")
             if track is not None:
                 ba.append(beat_align(motion_beats(track), music_beats(audio), len(track) - 1))
+        if progress.advance():
+            print(progress.line("  Table IV:"), file=sys.stderr, flush=True)
     rows = {}
     for size in VIDEO_SIZES:
         # a frame without landmarks (nan) adds 0 to LMD but counts, as in the release
