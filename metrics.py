@@ -38,8 +38,8 @@ mean over clips; PAPER_COLUMNS says how each prints in the paper's units, VARIAN
   model_predictor (samples drawn with a seed per clip, derived from a base seed and the clip id; one more take
   timed for FPS), evaluate_video (Table IV), mean_motion (the baseline), the command line.
 
-Depends on torch, numpy, scipy; the evaluation parts import our flame.py, data.py, audio.py (beats), progress.py and, for the
-default run, unisinger.py.
+Depends on torch, numpy, scipy; the evaluation parts import our flame.py, data.py, audio.py (beats), progress.py
+and, for the default run, unisinger.py.
 
 Use alone
     python metrics.py                                   # out/motion/best.pt (what train.py's summary scores) vs
