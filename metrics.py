@@ -1046,8 +1046,8 @@ def run_motion_table(args):
         fps = json.loads(fps_file.read_text())["fps"] if fps_file.exists() else None
         clips = clips_of(root, args.split, ids)
         progress = Progress(2 * len(clips), "clip", lines=20)
-        rows[pred_dir.name] = evaluate_motion(flame, clips, counted(lambda item: read_samples(pred_dir, item), progress),
-                                              fps, beats_cache)
+        read = counted(lambda item: read_samples(pred_dir, item), progress)
+        rows[pred_dir.name] = evaluate_motion(flame, clips, read, fps, beats_cache)
         scored = f"the motion files in {pred_dir}"
     else:
         from unisinger import DEFAULT_CHECKPOINT, load_checkpoint, load_flame
@@ -1058,8 +1058,8 @@ def run_motion_table(args):
         clock = {}
         clips = clips_of(root, args.split, ids)
         progress = Progress(2 * len(clips), "clip", lines=20)
-        row = evaluate_motion(flame, clips, counted(model_predictor(model, args.samples, args.seed, clock=clock), progress),
-                              beats_cache=beats_cache)
+        predict = counted(model_predictor(model, args.samples, args.seed, clock=clock), progress)
+        row = evaluate_motion(flame, clips, predict, beats_cache=beats_cache)
         rows["UniSinger"] = dict(row, FPS=clock["frames"] / clock["seconds"], samples=args.samples, seed=args.seed,
                                  checkpoint=str(ckpt))
         scored = f"checkpoint {ckpt}" + (" (the one train.py's summary scores)" if not args.checkpoint else "")

@@ -1710,7 +1710,8 @@ def test_fve_of_constant_offsets_is_the_offset_mean_and_best():
 
 def test_fdd_is_the_unbiased_std_of_squared_absolute_positions_and_signed():
     gt = torch.zeros(2, 1, 3, dtype=torch.float64)
-    gt[:, 0, 0] = torch.tensor([0.100, 0.110], dtype=torch.float64)  # squared norms 0.0100, 0.0121 m^2: unbiased std 0.0021 / sqrt 2
+    gt[:, 0, 0] = torch.tensor([0.100, 0.110], dtype=torch.float64)  # squared norms 0.0100, 0.0121 m^2
+    # unbiased std of two values: their difference / sqrt 2
     still = gt[:1].repeat(2, 1, 1)[None]
     idx = torch.tensor([0])
     assert metrics.fdd(still, gt, idx) == pytest.approx(0.0021 / np.sqrt(2), rel=1e-9)
