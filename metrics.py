@@ -848,14 +848,6 @@ def mean_motion(root):
     return np.concatenate(motions).mean(0).astype(np.float32)
 
 
-def latest_checkpoint(folder=Path("out/motion")):
-    """The newest of out/motion/{best,last}.pt."""
-    found = [p for p in (folder / "best.pt", folder / "last.pt") if p.exists()]
-    if not found:
-        raise FileNotFoundError(f"{folder}: no best.pt or last.pt; train with `python train.py --stage motion`")
-    return max(found, key=lambda p: p.stat().st_mtime)
-
-
 # ----------------------------------------------------------------------------- Table IV: video
 
 def sampled_frames(n):
