@@ -15,7 +15,7 @@ import time
 
 import torch
 
-PARTS = ["flame", "render", "audio_w2v", "audio_dsp", "motion", "metrics", "render_stage"]
+PARTS = ["flame", "render", "audio_w2v", "audio_dsp", "motion", "stream", "metrics", "render_stage"]
 
 
 def best_times(fns, device, warmup, repeats, min_seconds=0.0):

@@ -2656,6 +2656,99 @@ def test_two_process_ddp_run_keeps_both_ranks_identical(motion_set, tmp_path):
 
 
 # ==============================================================================================================
+# Tests of live streaming, the controls and the grid preview (unisinger.py's MotionStream, apply_controls, --grid).
+
+def structured_song(seconds, seed=5):
+    """A built-in-style song: voice, music (N,) at 16 kHz and the person's shape, so motion follows real audio."""
+    rng = np.random.default_rng(seed)
+    song = data.compose_song(rng, seconds, 60)
+    person = data.make_person(0, 0)
+    return data.sing(song, person, rng)[0], data.play_music(song, rng), person.shape
+
+
+def stream_take(model, voice, bgm, shape, chunk, **kwargs):
+    """Push a song through a MotionStream `chunk` samples at a time: the take (T, 59) and the frames emitted
+    after each push (cumulative), checked against the rule that a frame comes out once `lookahead` frames of
+    audio beyond it have arrived."""
+    stream = unisinger.MotionStream(model, shape, **kwargs)
+    pieces, emitted = [], []
+    for lo in range(0, len(voice), chunk):
+        pieces.append(stream.push(voice[lo:lo + chunk], bgm[lo:lo + chunk]))
+        arrived = min(len(voice), lo + chunk) * FPS // SAMPLE_RATE                  # whole frames of audio so far
+        emitted.append(sum(map(len, pieces)))
+        assert emitted[-1] == max(0, arrived - stream.lookahead)
+    pieces.append(stream.finish())
+    return np.concatenate(pieces), np.array(emitted)
+
+
+def test_stream_gives_every_frame_exactly_once_when_the_chunk_does_not_divide_the_song():
+    model = tiny_model()
+    voice, music, shape = structured_song(5.37)
+    n_frames = len(voice) * FPS // SAMPLE_RATE                                         # 161
+    offline = generate(model, voice, music, shape, seed=2)[0]
+    for chunk in (1237, len(voice)):                 # 77 ms chunks (no divisor of the song), and one push
+        take, _ = stream_take(model, voice, music, shape, chunk, seed=2, lookahead=6)
+        assert take.shape == (n_frames, 59)
+        # frame t is offline frame t, not a neighbour: one frame dropped or repeated would shift the rest
+        aligned = np.abs(take - offline).mean()
+        assert aligned < np.abs(take[1:] - offline[:-1]).mean() / 3
+        assert aligned < np.abs(take[:-1] - offline[1:]).mean() / 3
+
+
+def test_stream_refuses_a_music_chunk_of_another_length_and_a_lookahead_beyond_the_window():
+    stream = unisinger.MotionStream(tiny_model())
+    with pytest.raises(ValueError, match="must match its voice"):
+        stream.push(np.zeros(800, np.float32), np.zeros(700, np.float32))
+    with pytest.raises(ValueError, match="lookahead"):
+        unisinger.MotionStream(tiny_model(), lookahead=CLIP_FRAMES)
+
+
+def test_controls_at_one_leave_the_take_as_the_decoder_gives_it():
+    model = tiny_model()
+    voice = np.random.default_rng(1).standard_normal(8 * SAMPLE_RATE).astype(np.float32) * 0.1
+    got = generate(model, voice, seed=3, temperature=1.0, pose_scale=1.0, expression_scale=1.0, still=False)
+    z = torch.randn(1, model.cfg.d_model, generator=torch.Generator().manual_seed(3))   # N(0, I)
+    feats = model.voice_features(torch.from_numpy(voice)[None], CLIP_FRAMES)
+    music = mfcc_at_fps(torch.zeros(1, len(voice)), SAMPLE_RATE, CLIP_FRAMES)
+    np.testing.assert_allclose(got[0], model.sample(torch.zeros(1, 100), feats, music, z=z)[0].numpy(), atol=1e-5)
+
+
+def test_pose_and_expression_scales_move_each_part_about_the_training_mean_only():
+    """m' = mean + scale (m - mean) on its own part: 0 holds the part at the model's training mean motion,
+    0.5 halves and 2 doubles its deviation; the other part stays as it was. --still is pose scale 0."""
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    model.set_motion_stats(torch.randn(59, generator=gen) * 0.3, torch.rand(59, generator=gen) + 0.5)
+    mean = model.motion_mean.numpy()
+    voice, music, shape = structured_song(3.0)
+    base = generate(model, voice, music, shape, n_samples=2, seed=4)
+    pose, expr = np.r_[50:56], np.r_[0:50, 56:59]
+    for kwargs, part, other in ((dict(pose_scale=0.0), pose, expr), (dict(still=True), pose, expr),
+                                (dict(expression_scale=0.0), expr, pose)):
+        got = generate(model, voice, music, shape, n_samples=2, seed=4, **kwargs)
+        np.testing.assert_allclose(got[..., part], np.broadcast_to(mean[part], got[..., part].shape), atol=1e-6)
+        np.testing.assert_array_equal(got[..., other], base[..., other])
+    for scale in (0.5, 2.0):
+        got = generate(model, voice, music, shape, n_samples=2, seed=4, pose_scale=scale, expression_scale=scale)
+        np.testing.assert_allclose(got - mean, scale * (base - mean), atol=1e-5)
+
+
+def test_stream_applies_the_same_controls():
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(1)
+    model.set_motion_stats(torch.randn(59, generator=gen) * 0.3, torch.rand(59, generator=gen) + 0.5)
+    voice, music, shape = structured_song(3.0)
+    plain, _ = stream_take(model, voice, music, shape, 4000, seed=2)
+    still, _ = stream_take(model, voice, music, shape, 4000, seed=2, still=True, expression_scale=0.5)
+    mean = model.motion_mean.numpy()
+    np.testing.assert_allclose(still[:, 50:56], np.broadcast_to(mean[50:56], still[:, 50:56].shape), atol=1e-6)
+    np.testing.assert_allclose(still[:, :50] - mean[:50], 0.5 * (plain[:, :50] - mean[:50]), atol=1e-5)
+    cold, _ = stream_take(model, voice, music, shape, 4000, seed=2, temperature=0.0)
+    colder, _ = stream_take(model, voice, music, shape, 4000, seed=7, temperature=0.0)
+    np.testing.assert_array_equal(cold, colder)                      # z = 0 whatever the seed
+
+
+# ==============================================================================================================
 # Tests of the render stage: training runs, checkpoints, exact resume, learning, and the portrait video.
 
 MICRO = render.RendererConfig(channels=(4, 8, 16, 16, 16, 16, 16, 16),

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from audio import SAMPLE_RATE, Wav2Vec2, Wav2Vec2Config, load_audio, mfcc_at_fps, normalize_wave
 from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame, save_glb
-from render import VideoWriter, load_reference, load_renderer, read_checkpoint, render_depth, render_preview, to_uint8
+from render import (BACKGROUND_RGB, IMAGE_SIZE, PREVIEW_BATCH, VideoWriter, load_reference, load_renderer, project,
+                    read_checkpoint, render_depth, render_preview, shade, to_uint8)
 
 FPS = 30                                    # motion frames per second
 CLIP_FRAMES = 240                           # training window: 8 s at 30 fps
@@ -214,6 +215,35 @@ def motion_losses(model, meshes, pred, target, shape, mu, logvar):
     return total, dict(kl=kl.item(), rec=rec.item(), vel=vel.item(), mesh=mesh.item())
 
 
+# ----------------------------------------------------------------------------- controls
+
+EXPRESSION = slice(0, N_EXPR)               # motion columns: expression coefficients
+HEAD_POSE = slice(N_EXPR, N_EXPR + 6)       # global + neck rotation (axis-angle)
+JAW = slice(N_EXPR + 6, MOTION_DIM)         # jaw rotation
+
+
+def draw_z(d_model, n_samples, seed, temperature=1.0):
+    """The takes' latent codes, z ~ N(0, temperature^2 I): (n_samples, d). Row k is the same for any n_samples,
+    so a stream with the same seed plays offline sample 0; temperature 0 gives every take z = 0."""
+    return torch.randn(n_samples, d_model, generator=torch.Generator().manual_seed(seed)) * temperature
+
+
+def apply_controls(motion, mean, pose_scale=1.0, expression_scale=1.0, still=False):
+    """Scale a take's motion about the person's mean motion, frame by frame (so a stream can apply it too).
+
+    motion (..., 59) tensor in FLAME units, mean (59,): the model's training mean motion (the normalisation
+    mean its checkpoint carries). Head pose (global + neck) moves by pose_scale, expression and jaw by
+    expression_scale: m' = mean + scale * (m - mean). Scale 0 holds that part at the mean, 1 leaves it untouched
+    (bit for bit), above 1 exaggerates. still=True holds the head pose at the mean whatever pose_scale says.
+    """
+    out = motion.clone()
+    pose_scale = 0.0 if still else pose_scale
+    for part, scale in ((HEAD_POSE, pose_scale), (EXPRESSION, expression_scale), (JAW, expression_scale)):
+        if scale != 1.0:
+            out[..., part] = mean[part] + scale * (motion[..., part] - mean[part])
+    return out
+
+
 # ----------------------------------------------------------------------------- inference on whole songs
 
 def clip_samples(n_frames):
@@ -235,12 +265,14 @@ def window_starts(n_frames, window, overlap):
 
 
 @torch.no_grad()
-def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60, batch_windows=8):
+def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60, batch_windows=8,
+             temperature=1.0, pose_scale=1.0, expression_scale=1.0, still=False):
     """Motion for a whole song: voice / bgm (N,) float32 at 16 kHz, shape (100,) -> (n_samples, T, 59) numpy.
 
     The song is cut into windows of the training length that overlap by `overlap` frames; each sample keeps one
     z for the whole song (one consistent take), and overlapping frames are cross-faded linearly, so the join has
-    no seam. A song shorter than a window is padded with silence and cropped back.
+    no seam. A song shorter than a window is padded with silence and cropped back. temperature scales z
+    (draw_z); pose_scale, expression_scale and still act on the result (apply_controls).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -255,8 +287,7 @@ def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60
     total = max(n_frames, window)
     voice = fit_length(voice, clip_samples(total))
     bgm = fit_length(bgm, clip_samples(total))
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(n_samples, model.cfg.d_model, generator=gen).to(device)              # (S, d)
+    z = draw_z(model.cfg.d_model, n_samples, seed, temperature).to(device)              # (S, d)
     out = torch.zeros(n_samples, total, MOTION_DIM)                                       # (S, T, 59)
     weight = torch.zeros(total, 1)
     ramp = blend_weights(window, overlap)                                                 # (window, 1)
@@ -278,7 +309,9 @@ def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60
                 w[-overlap:] = 1.0
             out[:, s:s + window] += motion[i] * w
             weight[s:s + window] += w
-    return (out / weight)[:, :n_frames].numpy()
+    motion = apply_controls((out / weight)[:, :n_frames], model.motion_mean.cpu(), pose_scale, expression_scale,
+                            still)
+    return motion.numpy()
 
 
 def blend_weights(window, overlap):
@@ -294,6 +327,152 @@ def blend_weights(window, overlap):
 def fit_length(x, n):
     """Crop or zero-pad a 1-D signal to n samples."""
     return x[:n] if len(x) >= n else np.pad(x, (0, n - len(x)))
+
+
+# ----------------------------------------------------------------------------- live streaming
+
+STREAM_LOOKAHEAD = 6        # frames (200 ms) of audio past a frame before the stream makes it final
+STREAM_CHUNK_MS = 100       # default size of the audio chunks the command line feeds a stream
+
+
+class MotionStream:
+    """Live inference: voice (and music) pushed in chunks of any size as they arrive -> motion frames of one take
+    as soon as they are final. The same model, checkpoint and controls as generate; one z for the whole stream,
+    drawn as generate draws sample 0 for the same seed.
+
+    Why a lookahead: wav2vec 2.0's transformer and the decoder's self-attention see their whole window, so a
+    frame depends on the audio after it. Each push runs the model once on a window of the last `window` frames
+    of audio, ending at the newest frame A (its start rounded down to a multiple of the PPE period, so every
+    pass gives a frame the same positional phase, as training clips and offline windows do). Frame f is final
+    once A > f + lookahead. Until then every pass adds its prediction for f with weight min(d / lookahead, 1),
+    d = A - f the frames of audio that pass had from f on, and the final value is the weighted mean: a pass that
+    saw little future counts little, and neighbouring frames are mixes of nearly the same passes, so the joins
+    between pushes carry no seam. Algorithmic latency: lookahead plus the chunk size; compute: one pass of the
+    model on `window` frames per push (per_pass_s and per_pass_cpu_s record each).
+
+    push(voice, bgm=None) -> (k, 59) numpy, the frames made final by this chunk (k may be 0);
+    finish() -> the rest of the song's frames. Together they give every frame of the song exactly once.
+    """
+
+    def __init__(self, model, shape=None, seed=0, lookahead=STREAM_LOOKAHEAD, window=CLIP_FRAMES,
+                 temperature=1.0, pose_scale=1.0, expression_scale=1.0, still=False):
+        if not 0 <= lookahead < window:
+            raise ValueError(f"stream: lookahead {lookahead} frames must be in [0, window = {window})")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        shape = torch.zeros(N_SHAPE) if shape is None else torch.as_tensor(shape, dtype=torch.float32)
+        self.shape = shape.to(self.device)[None]                                           # (1, 100)
+        self.z = draw_z(model.cfg.d_model, 1, seed, temperature).to(self.device)           # (1, d)
+        self.lookahead, self.window = lookahead, window
+        self.controls = dict(pose_scale=pose_scale, expression_scale=expression_scale, still=still)
+        self.voice = np.zeros(0, np.float32)        # samples from frame self.first on (older ones are dropped)
+        self.bgm = np.zeros(0, np.float32)
+        self.first = 0                              # a multiple of PPE_PERIOD, so clip_samples(first) is exact
+        self.received = 0                           # samples pushed so far
+        self.seen = 0                               # audio frames the last pass read (its A)
+        self.emitted = 0                            # frames handed out so far
+        self.sum = torch.zeros(0, MOTION_DIM)       # (seen - emitted, 59) weighted sum of the passes' predictions
+        self.weight = torch.zeros(0, 1)             # (seen - emitted, 1) their total weight
+        self.per_pass_s = []                        # wall seconds of each pass (features + model)
+        self.per_pass_cpu_s = []                    # and this process's CPU seconds in it (all threads)
+
+    @torch.no_grad()
+    def push(self, voice, bgm=None):
+        voice = np.asarray(voice, dtype=np.float32).reshape(-1)
+        bgm = np.zeros_like(voice) if bgm is None else np.asarray(bgm, dtype=np.float32).reshape(-1)
+        if len(bgm) != len(voice):
+            raise ValueError(f"stream: a chunk of music ({len(bgm)} samples) must match its voice ({len(voice)})")
+        self.voice = np.concatenate([self.voice, voice])
+        self.bgm = np.concatenate([self.bgm, bgm])
+        self.received += len(voice)
+        out = []
+        available = song_frames(self.received)
+        while self.seen < available:
+            # a pass may move on at most `window` frames past the first frame not yet emitted, else frames in
+            # between would never be predicted (a chunk longer than a window is taken in several passes)
+            self._pass(min(available, self.emitted + self.window))
+            out.append(self._emit(self.seen - self.lookahead))
+        return np.concatenate(out) if out else np.zeros((0, MOTION_DIM), np.float32)
+
+    @torch.no_grad()
+    def finish(self):
+        """End of the song: no more audio will come, so every frame left is final as it is."""
+        return self._emit(self.seen)
+
+    def _pass(self, end):
+        start = max(0, end - self.window)
+        start -= start % PPE_PERIOD
+        n = end - start
+        lo = clip_samples(start) - clip_samples(self.first)
+        voice = fit_length(self.voice[lo:], clip_samples(n))                               # (N,)
+        bgm = fit_length(self.bgm[lo:], clip_samples(n))
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        feats = self.model.voice_features(torch.from_numpy(voice)[None].to(self.device), n)   # (1, n, C)
+        music = mfcc_at_fps(torch.from_numpy(bgm)[None], SAMPLE_RATE, n).to(self.device)      # (1, n, 64)
+        motion = self.model.sample(self.shape, feats, music, z=self.z)[0].float().cpu()        # (n, 59)
+        self.per_pass_s.append(time.perf_counter() - t0)
+        self.per_pass_cpu_s.append(time.process_time() - cpu0)
+        new = end - self.seen
+        self.sum = torch.cat([self.sum, torch.zeros(new, MOTION_DIM)])
+        self.weight = torch.cat([self.weight, torch.zeros(new, 1)])
+        frames = torch.arange(self.emitted, end)                                           # not yet final
+        w = ((end - frames) / max(self.lookahead, 1)).clamp(max=1.0)[:, None]              # (k, 1)
+        self.sum += w * motion[frames - start]
+        self.weight += w
+        self.seen = end
+        keep = max(0, end - self.window)
+        keep -= keep % PPE_PERIOD                                  # every later pass starts at or after this
+        drop = clip_samples(keep) - clip_samples(self.first)
+        self.voice, self.bgm, self.first = self.voice[drop:], self.bgm[drop:], keep
+
+    def _emit(self, upto):
+        k = max(0, upto - self.emitted)
+        motion = self.sum[:k] / self.weight[:k]                                            # (k, 59)
+        self.sum, self.weight = self.sum[k:], self.weight[k:]
+        self.emitted += k
+        return apply_controls(motion, self.model.motion_mean.cpu(), **self.controls).numpy()
+
+
+def stream_song(stream, voice, bgm=None, chunk_ms=STREAM_CHUNK_MS, realtime=True):
+    """Feed a whole song through a MotionStream in chunks of chunk_ms, at real-time pace (each chunk pushed when
+    its last sample would have arrived live) or as fast as possible. Returns the take (T, 59) and latency
+    figures in seconds: a frame's latency is from the moment its own audio had fully arrived to the moment the
+    stream handed it out (compute included; in fast mode, the pace is simulated from the compute times)."""
+    voice = np.asarray(voice, dtype=np.float32)
+    bgm = np.zeros_like(voice) if bgm is None else fit_length(np.asarray(bgm, dtype=np.float32), len(voice))
+    chunk = max(1, round(chunk_ms * SAMPLE_RATE / 1000))
+    pieces, latency = [], []
+    t0 = time.perf_counter()
+    for lo in list(range(0, len(voice), chunk)) + [None]:              # None: the song has ended
+        hi = len(voice) if lo is None else min(len(voice), lo + chunk)
+        if realtime:
+            time.sleep(max(0.0, t0 + hi / SAMPLE_RATE - time.perf_counter()))
+        start = time.perf_counter()
+        frames = stream.finish() if lo is None else stream.push(voice[lo:hi], bgm[lo:hi])
+        done = time.perf_counter()
+        clock = done - t0 if realtime else hi / SAMPLE_RATE + (done - start)            # seconds into the song
+        first = sum(len(p) for p in pieces)
+        latency += [clock - clip_samples(f + 1) / SAMPLE_RATE for f in range(first, first + len(frames))]
+        pieces.append(frames)
+    compute, cpu = np.asarray(stream.per_pass_s), np.asarray(stream.per_pass_cpu_s)
+    seconds = len(voice) / SAMPLE_RATE
+    stats = dict(algorithmic_s=stream.lookahead / FPS + chunk / SAMPLE_RATE, lookahead_s=stream.lookahead / FPS,
+                 chunk_s=chunk / SAMPLE_RATE,
+                 pass_mean_s=float(compute.mean()), pass_max_s=float(compute.max()),
+                 compute_per_audio_s=float(compute.sum() / seconds), pass_cpu_mean_s=float(cpu.mean()),
+                 cpu_per_audio_s=float(cpu.sum() / seconds),
+                 latency_mean_s=float(np.mean(latency)), latency_max_s=float(np.max(latency)))
+    return np.concatenate(pieces), stats
+
+
+def stream_summary(stats, realtime):
+    """One line of stream_song's figures, in milliseconds."""
+    ms = {k: v * 1000 for k, v in stats.items()}
+    return (f"stream: latency by design {ms['algorithmic_s']:.0f} ms (lookahead {ms['lookahead_s']:.0f} + chunk "
+            f"{ms['chunk_s']:.0f}); a pass {ms['pass_mean_s']:.1f} ms mean ({ms['pass_cpu_mean_s']:.1f} ms of CPU), "
+            f"{ms['pass_max_s']:.1f} ms max; {stats['compute_per_audio_s']:.3f} s per second of audio "
+            f"({stats['cpu_per_audio_s']:.3f} s of CPU); latency {'measured' if realtime else 'simulated'} "
+            f"{ms['latency_mean_s']:.0f} ms mean, {ms['latency_max_s']:.0f} ms max")
 
 
 # ----------------------------------------------------------------------------- portrait video
@@ -380,6 +559,30 @@ def write_motion(out_dir, motion, flame, shape, voice):
         render_preview(flame, verts, out_dir / f"sample_{k}.mp4", audio=voice)
 
 
+GRID_COLUMNS = 4            # takes a row in the --grid preview
+
+
+def write_grid(path, motion, flame, shape, voice, size=IMAGE_SIZE):
+    """All takes (S, T, 59) in one preview mp4 with the song, playing in sync so one can be picked by eye: take k
+    at row k // GRID_COLUMNS, column k % GRID_COLUMNS, each panel size x size pixels, empty panels background."""
+    n_takes, n_frames = motion.shape[:2]
+    cols = min(n_takes, GRID_COLUMNS)
+    rows = -(-n_takes // cols)
+    shape_t = torch.as_tensor(shape, dtype=torch.float32)
+    background = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8)
+    with VideoWriter(path, (rows * size, cols * size), FPS, voice) as video:
+        for start in range(0, n_frames, PREVIEW_BATCH):
+            batch = torch.from_numpy(motion[:, start:start + PREVIEW_BATCH])                       # (S, b, 59)
+            frames = background.expand(batch.shape[1], rows * size, cols * size, 3).clone()      # (b, H, W, 3)
+            for k, m in enumerate(batch):
+                r, c = divmod(k, cols)
+                with torch.no_grad():
+                    panel = shade(project(flame.from_motion(shape_t, m)), flame.faces, size)     # (b, s, s, 3)
+                frames[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = panel
+            video.write(frames)
+    return path
+
+
 def read_shape(path):
     """A FLAME shape from a .npy file -> float32 (100,). Rule: trackers write 50 to 300 coefficients, so longer
     vectors are cut to the first 100 and shorter ones padded with zeros (the mean head in the missing ones);
@@ -409,7 +612,27 @@ def main(argv=None):
     p.add_argument("--glb", action="store_true",
                    help="also write each take as a glTF 2.0 sample_K.glb, the song as sample_K.wav beside it")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    knobs = p.add_argument_group("controls (0 holds a part at the training mean motion, 1 leaves the take as it is)")
+    knobs.add_argument("--temperature", type=float, default=1.0, help="z ~ N(0, T^2 I): 0 gives every take z = 0")
+    knobs.add_argument("--pose-scale", type=float, default=1.0, help="scale of the head pose (global + neck)")
+    knobs.add_argument("--expression-scale", type=float, default=1.0, help="scale of the expression and jaw")
+    knobs.add_argument("--still", action="store_true", help="head pose held at the mean (as --pose-scale 0)")
+    p.add_argument("--grid", action="store_true", help="also write grid.mp4: every take side by side, with sound")
+    live = p.add_argument_group("live streaming (one take, fed in chunks, frames out as soon as they are final)")
+    live.add_argument("--stream", action="store_true", help="generate through MotionStream instead of whole windows")
+    live.add_argument("--chunk-ms", type=float, default=STREAM_CHUNK_MS, help="audio chunk size fed at a time")
+    live.add_argument("--lookahead-ms", type=float, default=STREAM_LOOKAHEAD * 1000 / FPS,
+                      help="audio after a frame the stream waits for before the frame is final")
+    live.add_argument("--window-s", type=float, default=CLIP_FRAMES / FPS, help="audio each stream pass reads")
+    live.add_argument("--fast", action="store_true", help="feed the file as fast as possible, not at real-time pace")
     args = p.parse_args(argv)
+    controls = dict(temperature=args.temperature, pose_scale=args.pose_scale,
+                    expression_scale=args.expression_scale, still=args.still)
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    lookahead, window = round(args.lookahead_ms * FPS / 1000), round(args.window_s * FPS)
+    if args.stream and (args.samples != 1 or args.chunk_ms <= 0 or not 0 <= lookahead < window):
+        p.error("--stream plays one take (--samples 1), with --chunk-ms > 0 and 0 <= --lookahead-ms < --window-s")
 
     trained = load_checkpoint(args.checkpoint, args.device)
     model = trained.model
@@ -425,7 +648,13 @@ def main(argv=None):
     voice = load_audio(args.audio)
     bgm = load_audio(args.bgm) if args.bgm else None
     t0 = time.time()
-    motion = generate(model, voice, bgm, shape, args.samples, args.seed)
+    if args.stream:
+        stream = MotionStream(model, shape, args.seed, lookahead, window, **controls)
+        take, stats = stream_song(stream, voice, bgm, args.chunk_ms, realtime=not args.fast)
+        motion = take[None]
+        print(stream_summary(stats, realtime=not args.fast))
+    else:
+        motion = generate(model, voice, bgm, shape, args.samples, args.seed, **controls)
     seconds = time.time() - t0
     out = Path(args.out)
     write_motion(out, motion, flame, shape, voice)
@@ -436,6 +665,9 @@ def main(argv=None):
             save_glb(out / f"sample_{k}.glb", flame, shape, m, FPS, song, SAMPLE_RATE)
     print(f"{motion.shape[0]} sample(s) of {motion.shape[1]} frames in {seconds:.2f} s "
           f"({motion.shape[0] * motion.shape[1] / seconds:.0f} frames/s) -> {out}")
+    if args.grid:
+        grid = write_grid(out / "grid.mp4", motion, flame, shape, voice)
+        print(f"grid preview, takes 0..{len(motion) - 1} left to right then down -> {grid}")
     if args.image or args.renderer:
         if not (args.image and args.renderer):
             sys.exit("--image and --renderer go together: the portrait video needs both")
