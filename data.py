@@ -74,7 +74,9 @@ The generated data set (generate_dataset, builtin_data), SPEC section 7
     video_clips sequences in all (built-in set: id0 only, 8 of its 20 sequences: 3 test, 1 val, 4 train).
     Rendering is the generator's main cost and the render stage trains one person; check video_path(id).exists().
     Splits: per person, 15 % of the sequences to test and 5 % to val (at least one each), the rest to train,
-    so every person appears in every split. generator.json records the parameters and BUILTIN_VERSION.
+    so every person appears in every split. generator.json records the parameters and BUILTIN_VERSION, and
+    marks the set as generated (is_generated): its heads are procedural. Any other set holds real FLAME
+    parameters, and require_head refuses it without a FLAME file (the stand-in head would be silently wrong).
 """
 import json
 import os
@@ -96,7 +98,7 @@ from torch.utils.data import Dataset
 
 import render
 from audio import load_audio
-from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame, load_data_pickle
+from flame import FLAME_SOURCE, MOTION_DIM, N_EXPR, N_SHAPE, Flame, load_data_pickle
 from progress import Progress
 
 FPS = 30                              # motion frames per second
@@ -688,6 +690,21 @@ def generate_dataset(root, n_people=4, clips_per_person=20, seed=0, video_size=r
 def _is_current(root):
     marker = root / "generator.json"
     return marker.is_file() and json.loads(marker.read_text()).get("version") == BUILTIN_VERSION
+
+
+def is_generated(root):
+    """True for a data set written by generate_dataset (its generator.json marks it): its people are procedural
+    heads, so the procedural head is the right FLAME for it."""
+    return (Path(root) / "generator.json").is_file()
+
+
+def require_head(root, flame, procedural_head=False):
+    """Refuse a data set of real FLAME parameters (any set generate_dataset did not write) without a FLAME file:
+    the stand-in head would turn its motion into meshes silently wrong. procedural_head asks for it anyway."""
+    if flame is None and not procedural_head and not is_generated(root):
+        raise ValueError(f"{root}: not a data set of data.py's generator, so its motion is real FLAME parameters "
+                         f"and needs the real FLAME: get {FLAME_SOURCE} and pass --flame PATH/generic_model.pkl "
+                         f"(or --procedural-head to use the stand-in head anyway)")
 
 
 def builtin_data(root=None):

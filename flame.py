@@ -3,9 +3,11 @@
 Holds `Flame` (an nn.Module mapping shape / expression / joint rotations to mesh vertices in metres),
 the chumpy-free reader of the official model files (`DataUnpickler`, `load_data_pickle`, `load_npy_object`:
 every pickle-based file read as data only, one that names code refused), the procedural head used when no
-FLAME file is available, the 59-d motion helper of SPEC §2 (`split_motion`) and mesh exports (`save_obj`,
-`save_mesh_sequence`, and `save_glb`: a take as an animated, skinned glTF 2.0 file with its song beside it).
-Depends on torch and numpy only; imports nothing else of the project.
+FLAME file is available, the 59-d motion helper of SPEC §2 (`split_motion`), mesh exports (`save_obj`,
+`save_mesh_sequence`, and `save_glb`: a take as an animated, skinned glTF 2.0 file with its song beside it),
+and what a checkpoint records about its head (`flame_record`: the file and its sha256) with the check that a
+later run uses the same one (`resolve_flame`). Depends on torch and numpy only; imports nothing else of the
+project.
 
 Use alone:
     flame = Flame.procedural()                         # or Flame.load('FLAME2020/generic_model.pkl')
@@ -13,6 +15,8 @@ Use alone:
     save_mesh_sequence('out.npz', verts, flame.faces)
     save_glb('take.glb', flame, torch.zeros(100), torch.zeros(240, MOTION_DIM))    # plays in Blender, three.js
 """
+import copy
+import hashlib
 import json
 import math
 import os
@@ -295,6 +299,7 @@ class Flame(nn.Module):
         if len(parents) != N_JOINTS or any(not 0 <= p < i for i, p in enumerate(parents) if i):
             raise ValueError(f"{source}: kintree_table must list 5 joints, each after its parent; found {parents}")
         self.n_shape, self.n_expr, self.parents, self.source = n_shape, n_expr, parents, str(source)
+        self.sha256 = None                # the model file's sha256 when read from one (load)
 
         def basis(dirs):  # (V, 3, K) -> (K, 3·V)
             return np.ascontiguousarray(dirs.transpose(2, 1, 0).reshape(dirs.shape[2], 3 * V))
@@ -328,8 +333,10 @@ class Flame(nn.Module):
         path = Path(path)
         if not path.exists():
             raise ValueError(f"{path}: no such FLAME model file")
-        return cls(read_flame_arrays(path), n_shape, n_expr, FLAME_SHAPE_COLUMNS,
-                   _read_landmark_embedding(path.parent), _read_masks(path.parent), path, dtype)
+        model = cls(read_flame_arrays(path), n_shape, n_expr, FLAME_SHAPE_COLUMNS,
+                    _read_landmark_embedding(path.parent), _read_masks(path.parent), path, dtype)
+        model.sha256 = file_sha256(path)      # which file it is, wherever it was copied (checkpoints record it)
+        return model
 
     @classmethod
     def procedural(cls, seed=0, dtype=torch.float32):
@@ -337,6 +344,20 @@ class Flame(nn.Module):
         head = procedural_head(seed)
         return cls(head, N_SHAPE, N_EXPR, N_SHAPE, (head['lmk_faces_idx'], head['lmk_bary_coords']),
                    head['masks'], f'procedural head (seed {seed})', dtype)
+
+    def region(self, ids):
+        """The same model on the vertices `ids` only: forward gives (..., len(ids), 3), equal to the whole
+        head's [..., ids, :], at a fraction of the cost (a loss on one region of every frame). Joints still come
+        from the whole head; faces, landmarks and masks are dropped, as they index the whole head."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.template.device)
+        V = self.template.shape[0] // 3
+        cols = torch.cat([ids, ids + V, ids + 2 * V])                           # coordinate-major (3·U,)
+        sub = copy.copy(self)
+        sub._buffers = dict(template=self.template[cols], blend_dirs=self.blend_dirs[:, cols].contiguous(),
+                            joint_template=self.joint_template, joint_dirs=self.joint_dirs,
+                            weights_t=self.weights_t[:, ids].contiguous())
+        sub.mask_names, sub.source = None, f"{self.source}, {len(ids)} vertices"
+        return sub
 
     @property
     def masks(self):
@@ -409,6 +430,49 @@ class Flame(nn.Module):
             raise ValueError(f"{self.source}: no landmark_embedding.npy or flame_static_embedding.pkl beside the model")
         corners = verts[..., self.lmk_vertex_ids, :]                              # (..., L, 3, 3)
         return (corners * self.lmk_bary.to(verts.dtype)[..., None]).sum(-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which head a checkpoint was trained with
+
+PROCEDURAL = 'procedural'         # what a checkpoint records when it was trained on the procedural head
+FLAME_SOURCE = 'FLAME 2020 generic_model.pkl from flame.is.tue.mpg.de'
+
+
+def file_sha256(path, chunk=1 << 20):
+    """Hex sha256 of a file's bytes: identifies a FLAME file wherever it was copied."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def flame_record(path=None):
+    """What a checkpoint keeps about its head: {'flame': the file's path or 'procedural', 'flame_sha256': hex or None}."""
+    if path is None:
+        return dict(flame=PROCEDURAL, flame_sha256=None)
+    return dict(flame=str(path), flame_sha256=file_sha256(path))
+
+
+def resolve_flame(record, given, owner):
+    """The FLAME file (or None: the procedural head) to use with a checkpoint `owner` trained with `record`
+    (flame_record's dict): `given` when it is that very file (same sha256), else the recorded file. Refuses in
+    one line a different file, a FLAME file for a procedural-head checkpoint, and a recorded file that is gone."""
+    trained, digest = record.get('flame') or PROCEDURAL, record.get('flame_sha256')
+    if trained == PROCEDURAL:
+        if given is not None:
+            raise ValueError(f"{given}: {owner} was trained on the procedural stand-in head, not on a FLAME file; "
+                             f"drop --flame or use a checkpoint trained with this file")
+        return None
+    path = Path(given if given is not None else trained)
+    if not path.is_file():
+        raise ValueError(f"{path}: {owner} was trained with this FLAME file (sha256 {digest}), which is not there; "
+                         f"pass the same file with --flame")
+    if digest is not None and file_sha256(path) != digest:
+        raise ValueError(f"{path}: not the FLAME file {owner} was trained with ({trained}, sha256 {digest}); "
+                         f"pass that file with --flame")
+    return path
 
 
 def split_motion(m, n_expr=N_EXPR):

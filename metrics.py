@@ -1029,6 +1029,7 @@ def run_motion_table(args):
     ids = data.read_split(root, args.split)
     rows, beats_cache = {}, {}
     if args.pred:
+        data.require_head(root, args.flame, args.procedural_head)
         pred_dir = Path(args.pred)
         ids = [i for i in ids if (pred_dir / i).is_dir()]
         if not ids:
@@ -1042,11 +1043,14 @@ def run_motion_table(args):
         rows[pred_dir.name] = evaluate_motion(flame, clips, read, fps, beats_cache)
         scored = f"the motion files in {pred_dir}"
     else:
+        from flame import resolve_flame
         from unisinger import DEFAULT_CHECKPOINT, load_checkpoint, load_flame
         ckpt = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
         trained = load_checkpoint(ckpt, args.device)
         model = trained.model
-        flame = load_flame(args.flame or trained.flame)
+        flame_path = resolve_flame(trained.flame_record, args.flame, ckpt)     # the checkpoint's own FLAME
+        data.require_head(root, flame_path, args.procedural_head)
+        flame = load_flame(flame_path)
         clock = {}
         clips = clips_of(root, args.split, ids)
         progress = Progress(2 * len(clips), "clip", lines=20)
@@ -1073,7 +1077,10 @@ def main(argv=None):
                    "one train.py's summary scores)")
     p.add_argument("--samples", type=int, default=N_SAMPLES, help="samples per clip for the default run")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="base seed of the samples (each clip derives its own)")
-    p.add_argument("--flame", help="FLAME model file (default: the procedural head)")
+    p.add_argument("--flame", help="FLAME model file (default: the checkpoint's own; with --pred the procedural "
+                                   "head, for generated data only)")
+    p.add_argument("--procedural-head", action="store_true",
+                   help="score a data set of real FLAME parameters on the procedural stand-in head anyway")
     p.add_argument("--weights", default="weights", help=f"folder with {INCEPTION_FILE}, {ALEXNET_FILE}, {LPIPS_FILE}")
     p.add_argument("--json", help="output JSON (default: DIR/metrics.json, or out/metrics/<table>.json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

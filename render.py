@@ -647,6 +647,7 @@ class TrainedRenderer:
     generator: FaceRenderer       # in eval mode
     config: RendererConfig
     cam: tuple                    # the person's camera [scale, tx, ty] in training
+    flame_record: dict            # the head its depth inputs came from: {'flame': file or 'procedural', 'flame_sha256'}
 
 
 def load_renderer(path, device="cpu"):
@@ -660,4 +661,5 @@ def load_renderer(path, device="cpu"):
     config = RendererConfig(**ckpt["renderer_config"])
     generator = FaceRenderer(config.channels).to(device)
     generator.load_state_dict(ckpt["generator"])
-    return TrainedRenderer(generator.eval(), config, tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM)))
+    record = dict(flame=ckpt.get("flame") or "procedural", flame_sha256=ckpt.get("flame_sha256"))
+    return TrainedRenderer(generator.eval(), config, tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM)), record)

@@ -2655,6 +2655,173 @@ def test_two_process_ddp_run_keeps_both_ranks_identical(motion_set, tmp_path):
     assert torch.load(out / "last.pt", weights_only=True)["step"] == n_train // 2 // 4
 
 
+# ----------------------------------------------------------------------------- the paper's model, Table III switches
+
+def test_audio_token_is_voice_to_d_and_music_to_half_d_concatenated_then_to_d():
+    """Paper IV-A: the singing feature projected to d, the 64-d music MFCC to d/2, the 3d/2 concatenation to d."""
+    model = tiny_model()
+    d, C = model.cfg.d_model, model.wav2vec.cfg.hidden_size
+    voice, music = torch.randn(2, 5, C), torch.randn(2, 5, 64)
+    (Wv, bv), (Wm, bm), (Wa, ba) = ((layer.weight, layer.bias) for layer in
+                                    (model.voice_proj, model.music_proj, model.audio_proj))
+    assert Wv.shape == (d, C) and Wm.shape == (d // 2, 64) and Wa.shape == (d, d + d // 2)
+    want = (voice @ Wv.T + bv) @ Wa[:, :d].T + (music @ Wm.T + bm) @ Wa[:, d:].T + ba
+    torch.testing.assert_close(model.audio_tokens(voice, music), want)
+
+
+def test_no_music_model_has_no_music_parameters_and_runs_without_bgm():
+    torch.manual_seed(0)
+    full = MotionCVAE(MotionConfig.preset("tiny"))
+    deaf = MotionCVAE(MotionConfig(**dict(asdict(MotionConfig.preset("tiny")), use_music=False))).eval()
+    d = full.cfg.d_model
+    assert not any("music" in name for name, _ in deaf.named_parameters())
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    assert n(full) - n(deaf) == (64 * d // 2 + d // 2) + d * d // 2     # music_proj, and audio_proj's music half
+    voice = np.random.default_rng(0).standard_normal(3 * data.SAMPLE_RATE).astype(np.float32) * 0.1
+    music = np.random.default_rng(1).standard_normal(3 * data.SAMPLE_RATE).astype(np.float32) * 0.1
+    np.testing.assert_array_equal(generate(deaf, voice, None), generate(deaf, voice, music))
+    with pytest.raises(ValueError, match="music"):
+        full.audio_tokens(torch.randn(1, 4, full.wav2vec.cfg.hidden_size), None)
+
+
+def loss_batch(seed=0):
+    """A tiny model, its training pass on a random batch, and the procedural head."""
+    torch.manual_seed(seed)
+    model = MotionCVAE(MotionConfig.preset("tiny"))
+    model.set_motion_stats(torch.rand(59) * 0.1, torch.rand(59) * 0.2 + 0.05)
+    target, shape = torch.randn(2, 16, 59) * 0.1, torch.randn(2, 100)
+    pred, mu, logvar = model(target, shape, torch.randn(2, 16, 64), voice=torch.randn(2, unisinger.clip_samples(16)) * 0.1)
+    return model, target, shape, pred, mu, logvar
+
+
+def paper_terms(pred, target, shape, mu, logvar, head):
+    """The four terms as the paper writes them, on raw FLAME parameters and meshes with the whole pose (mm)."""
+    face = head.masks["face"]
+    mesh = lambda m: torch.stack([head.from_motion(s, x)[:, face] for s, x in zip(shape, m)]) * 1000.0
+    return dict(kl=(-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(-1)).mean(),
+                rec=((pred - target) ** 2).mean(),
+                vel=((pred.diff(dim=1) - target.diff(dim=1)) ** 2).mean(),
+                mesh=((mesh(pred) - mesh(target)) ** 2).sum(-1).mean())
+
+
+@pytest.mark.parametrize("off", ["kl", "rec", "vel", "mesh"])
+def test_a_loss_weight_at_zero_leaves_the_other_terms_gradients_unchanged(off, head):
+    """`--w-<term> 0`: the total's gradient is that of the other three terms alone, written out in the test."""
+    model, target, shape, pred, mu, logvar = loss_batch()
+    model.cfg.w_kl, model.cfg.w_rec, model.cfg.w_vel, model.cfg.w_mesh = 0.3, 2.0, 5.0, 0.01
+    model.cfg.loss_space = "raw"                                  # the paper's equations
+    weights = dict(kl=0.3, rec=2.0, vel=5.0, mesh=0.01)
+    setattr(model.cfg, f"w_{off}", 0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total, parts = unisinger.motion_losses(model, unisinger.FaceMeshes(head), pred, target, shape, mu, logvar)
+    assert set(parts) == set(weights) - {off}
+    got = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+    terms = paper_terms(pred, target, shape, mu, logvar, head)
+    want = torch.autograd.grad(sum(weights[k] * terms[k] for k in weights if k != off), params, allow_unused=True)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
+
+
+def test_standardised_loss_space_divides_each_dimension_by_its_training_std(head):
+    model, target, shape, pred, mu, logvar = loss_batch()
+    model.cfg.loss_space, model.cfg.w_kl, model.cfg.w_mesh = "standardised", 0.0, 0.0
+    _, parts = unisinger.motion_losses(model, None, pred, target, shape, mu, logvar)
+    z = lambda m: (m - model.motion_mean) / model.motion_std
+    assert parts["rec"] == pytest.approx(((z(pred) - z(target)) ** 2).mean().item(), rel=1e-5)
+    assert parts["vel"] == pytest.approx(((z(pred).diff(dim=1) - z(target).diff(dim=1)) ** 2).mean().item(), rel=1e-5)
+
+
+def test_mesh_loss_meshes_are_the_whole_heads_face_vertices_with_or_without_head_pose(head):
+    shape, motion = torch.randn(2, 100), torch.randn(2, 7, 59) * 0.2
+    face = head.masks["face"]
+    torch.testing.assert_close(unisinger.FaceMeshes(head)(shape, motion), head.from_motion(shape, motion)[..., face, :])
+    torch.testing.assert_close(unisinger.FaceMeshes(head, head_pose=False)(shape, motion),
+                               head.from_motion(shape, motion, zero_head_pose=True)[..., face, :])
+
+
+def test_command_line_sets_every_loss_weight_and_the_model_switches():
+    args = train.parse_args(["--w-kl", "0", "--w-rec", "0.5", "--w-vel", "0", "--w-mesh", "0.2", "--no-music",
+                             "--loss-space", "raw", "--mesh-head-pose"])
+    cfg = train.motion_config(args)
+    assert (cfg.w_kl, cfg.w_rec, cfg.w_vel, cfg.w_mesh) == (0.0, 0.5, 0.0, 0.2)
+    assert not cfg.use_music and cfg.loss_space == "raw" and cfg.mesh_head_pose
+    assert train.motion_config(train.parse_args([])) == MotionConfig.preset("tiny")
+    assert MotionConfig.preset("paper").loss_space == "raw" and MotionConfig.preset("paper").mesh_head_pose
+
+
+# ----------------------------------------------------------------------------- the FLAME a checkpoint was trained with
+
+def write_flame_file(folder, bump=0.0):
+    """The procedural head written as a FLAME .npz (official column layout) with its landmarks and masks beside;
+    bump moves the template, making a different file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    h = procedural_head()
+    V = len(h["v_template"])
+    shapedirs = np.zeros((V, 3, 400))
+    shapedirs[:, :, :100], shapedirs[:, :, 300:350] = h["shapedirs"][:, :, :100], h["shapedirs"][:, :, 100:]
+    np.savez(folder / "flame.npz", **{k: h[k] for k in ("posedirs", "J_regressor", "weights", "kintree_table", "f")},
+             v_template=h["v_template"] + bump, shapedirs=shapedirs)
+    np.save(folder / "landmark_embedding.npy", {"full_lmk_faces_idx": h["lmk_faces_idx"][None],
+                                                "full_lmk_bary_coords": h["lmk_bary_coords"][None]}, allow_pickle=True)
+    with open(folder / "FLAME_masks.pkl", "wb") as f:
+        pickle.dump({k: h["masks"][k] for k in ("face", "lips", "forehead", "eye_region")}, f, protocol=2)
+    return folder / "flame.npz"
+
+
+def one_line_error(args, cwd=Path(__file__).parent):
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    lines = proc.stderr.strip().splitlines()
+    return proc.returncode, lines
+
+
+def test_real_data_without_flame_is_refused_in_one_line_naming_the_file_to_get(tmp_path):
+    """A copy of the built-in data set without the generator's mark holds, for all we know, real FLAME parameters."""
+    copy = tmp_path / "SingingHead"
+    shutil.copytree(data.builtin_data(), copy, ignore=shutil.ignore_patterns("video_seqs", "generator.json"))
+    for command in (["train.py", "--data", str(copy), "--out", str(tmp_path / "out")],
+                    ["train.py", "--stage", "render", "--data", str(copy), "--out", str(tmp_path / "out")],
+                    ["metrics.py", "--pred", str(tmp_path), "--data", str(copy)]):
+        rc, lines = one_line_error(command)
+        assert rc == 1 and len(lines) == 1, (command, lines)
+        assert lines[0].startswith(f"error: {copy}: not a data set of data.py's generator"), lines
+        assert "generic_model.pkl" in lines[0] and "--flame" in lines[0] and "--procedural-head" in lines[0]
+    assert data.is_generated(data.builtin_data()) and not data.is_generated(copy)
+    data.require_head(copy, None, procedural_head=True)          # asked for explicitly: allowed
+    data.require_head(copy, tmp_path / "generic_model.pkl")
+
+
+def test_checkpoint_records_its_flame_by_sha256_and_the_command_lines_refuse_another(motion_set, tmp_path):
+    import hashlib
+    real, other = write_flame_file(tmp_path / "flame"), write_flame_file(tmp_path / "other", bump=1e-3)
+    out = tmp_path / "run"
+    train.main(["--stage", "motion", "--data", str(motion_set), "--out", str(out), "--epochs", "1",
+                "--batch-size", "8", "--flame", str(real), "--no-summary"])
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert ckpt["flame"] == str(real) and ckpt["flame_sha256"] == hashlib.sha256(real.read_bytes()).hexdigest()
+    assert load_checkpoint(out / "last.pt").flame_record == dict(flame=str(real), flame_sha256=ckpt["flame_sha256"])
+    # the same bytes elsewhere are the same FLAME; another file is refused; without --flame the recorded one is used
+    moved = tmp_path / "moved" / "flame.npz"
+    shutil.copytree(real.parent, moved.parent)
+    assert flame.resolve_flame(load_checkpoint(out / "last.pt").flame_record, moved, "x") == moved
+    assert flame.resolve_flame(load_checkpoint(out / "last.pt").flame_record, None, "x") == real
+    sf.write(tmp_path / "voice.wav", np.zeros(data.SAMPLE_RATE, np.float32), data.SAMPLE_RATE)
+    for command in (["unisinger.py", "--audio", str(tmp_path / "voice.wav"), "--checkpoint", str(out / "last.pt"),
+                     "--flame", str(other), "--out", str(tmp_path / "song")],
+                    ["metrics.py", "--checkpoint", str(out / "last.pt"), "--data", str(motion_set),
+                     "--flame", str(other), "--json", str(tmp_path / "t.json")]):
+        rc, lines = one_line_error(command)
+        assert rc == 1 and len(lines) == 1, (command, lines)
+        assert lines[0].startswith(f"error: {other}: not the FLAME file") and ckpt["flame_sha256"] in lines[0]
+    with pytest.raises(ValueError, match="procedural stand-in head"):   # a procedural-head checkpoint takes no file
+        flame.resolve_flame(flame.flame_record(None), real, "x")
+    shutil.rmtree(real.parent)
+    with pytest.raises(ValueError, match="which is not there"):
+        flame.resolve_flame(load_checkpoint(out / "last.pt").flame_record, None, "x")
+
+
 # ==============================================================================================================
 # Tests of live streaming, the controls and the grid preview (unisinger.py's MotionStream, apply_controls, --grid).
 
@@ -2915,3 +3082,13 @@ def test_portrait_video_writes_frames_sound_and_the_depth_video(person, trained,
         expected = render.render_depth(verts, flame.faces, torch.tensor(cam), SIZE)[:, 0].numpy() * 255
     decoded = data.read_video(depth_video, SIZE)[..., 0].astype(np.float64)
     assert np.abs(decoded - expected).mean() < 3.0
+
+
+def test_renderer_records_its_flame_and_portrait_video_refuses_another_head(person, trained, tmp_path):
+    out, _, _ = trained
+    renderer = render.load_renderer(out / "best.pt")
+    assert renderer.flame_record == dict(flame="procedural", flame_sha256=None)
+    other = Flame.load(write_flame_file(tmp_path / "flame"))
+    with pytest.raises(ValueError, match=f"{re.escape(str(out / 'best.pt'))}: trained on depth images of procedural"):
+        unisinger.portrait_video(out / "best.pt", out / "reference.png", other, torch.zeros(100),
+                                 np.zeros((2, 59), np.float32), tmp_path / "p.mp4")

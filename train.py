@@ -3,6 +3,7 @@
     python train.py --stage motion      # the motion CVAE (tiny preset on the built-in data set by default)
     python train.py --stage render      # the per-person face renderer (built-in person id0 by default)
     torchrun --nproc_per_node=4 train.py --stage motion --preset paper --data /path/SingingHead --wav2vec w2v/
+    python train.py --no-music          # Table III's ablations: --no-music, --w-kl 0, --w-rec 0, --w-vel 0, --w-mesh 0
 
 Depends on torch, numpy and our unisinger.py, data.py, flame.py, render.py, metrics.py.
 
@@ -19,7 +20,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -33,8 +34,9 @@ import data
 import metrics
 import render
 from audio import SAMPLE_RATE, Wav2Vec2, mfcc_at_fps
+from flame import flame_record
 from progress import RATE_WINDOW, Progress
-from unisinger import MotionConfig, MotionCVAE, load_checkpoint, load_flame, motion_losses
+from unisinger import FaceMeshes, MotionConfig, MotionCVAE, load_checkpoint, load_flame, motion_losses
 
 RENDER_FRAME_STRIDE = 6      # 1 frame in 6 (5 a second): neighbours at 30 fps are near copies; SPEC §6 scores these
 DEPTH_BATCH = 32             # frames rasterized at once while precomputing the depth inputs
@@ -196,6 +198,13 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+def same_head(ckpt, flame_path, path):
+    """A resumed run must mesh with the head it started with: refuse another FLAME file (or head) in one line."""
+    if ckpt.get("flame_sha256") != flame_record(flame_path)["flame_sha256"]:
+        raise ValueError(f"{path}: started with {ckpt.get('flame') or 'procedural'}, resumed with "
+                         f"{flame_path or 'the procedural head'}; resume with the same --flame")
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -250,7 +259,7 @@ def cache_voice_features(model, dataset, device, batch_size=8):
 
 
 @torch.no_grad()
-def validate_motion(model, meshes, dataset, device, voice_cache=None, seed=0):
+def validate_motion(model, meshes, face_meshes, dataset, device, voice_cache=None, seed=0):
     """LVE / FVE (mm, one sample per clip from a fixed z stream) and the training loss on a split."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -266,7 +275,7 @@ def validate_motion(model, meshes, dataset, device, voice_cache=None, seed=0):
             lve += metrics.lve(pred_v, true_v, meshes.lips)[0]
             fve += metrics.fve(pred_v, true_v, meshes.face)[0]
         rec, mu, logvar = model(motion, shape, music, voice_feats=feats)
-        loss += motion_losses(model, meshes, rec, motion, shape, mu, logvar)[0].item() * len(motion)
+        loss += motion_losses(model, face_meshes, rec, motion, shape, mu, logvar)[0].item() * len(motion)
         n += len(motion)
     model.train()
     return dict(lve=lve / n, fve=fve / n, loss=loss / n)
@@ -278,13 +287,23 @@ def motion_stats(dataset):
     return flat.mean(0), flat.std(0)
 
 
+def motion_config(args):
+    """The preset with the command line's model and loss switches applied (those given)."""
+    switches = dict(use_music=args.music, loss_space=args.loss_space, mesh_head_pose=args.mesh_head_pose,
+                    w_kl=args.w_kl, w_rec=args.w_rec, w_vel=args.w_vel, w_mesh=args.w_mesh)
+    return replace(MotionConfig.preset(args.preset), **{k: v for k, v in switches.items() if v is not None})
+
+
 def train_motion(args, run):
     root = Path(args.data) if args.data else data.builtin_data()
-    cfg = MotionConfig.preset(args.preset)
+    data.require_head(root, args.flame, args.procedural_head)
+    cfg = motion_config(args)
     seed_everything(args.seed)
     train_set = MotionClips(root, "train", data.CLIP_FRAMES)
     val_set = MotionClips(root, "val", data.CLIP_FRAMES)
-    meshes = metrics.RegionMeshes(load_flame(args.flame).to(run.device))
+    flame = load_flame(args.flame).to(run.device)
+    meshes = metrics.RegionMeshes(flame)
+    face_meshes = FaceMeshes(flame, cfg.mesh_head_pose) if cfg.w_mesh else None
     if args.wav2vec:
         pretrained = Wav2Vec2.from_pretrained(args.wav2vec)
         cfg.wav2vec = asdict(pretrained.cfg)           # the checkpoint decides the audio encoder's size
@@ -318,6 +337,7 @@ def train_motion(args, run):
     start_epoch, step, best = 0, 0, float("inf")
     if resuming(args, run):
         ckpt = render.read_checkpoint(run.out / "last.pt", run.device)
+        same_head(ckpt, args.flame, run.out / "last.pt")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
@@ -330,6 +350,7 @@ def train_motion(args, run):
             f"{len(val_set)} val clips from {root}, {args.epochs} epochs of {steps_per_epoch} steps on {run.device}")
     progress = Progress(total_steps, "step", done=step, window=epochs_window(steps_per_epoch))
     history = []
+    head = flame_record(args.flame)                # which head the checkpoint's meshes came from
     for epoch in range(start_epoch, args.epochs):
         model.train()
         for batch in loader(train_set, args.batch_size, run, args.seed, epoch):
@@ -339,7 +360,7 @@ def train_motion(args, run):
                     pred, mu, logvar = net(motion, shape, music, voice_feats=voice_cache[batch["index"]].to(run.device))
                 else:
                     pred, mu, logvar = net(motion, shape, music, voice=batch["voice"].to(run.device))
-            loss, parts = motion_losses(model, meshes, pred.float(), motion, shape, mu.float(), logvar.float())
+            loss, parts = motion_losses(model, face_meshes, pred.float(), motion, shape, mu.float(), logvar.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -348,12 +369,12 @@ def train_motion(args, run):
             step += 1
             if progress.advance():
                 log_progress(run, progress, epoch, dict(loss=loss.item(), **parts))
-        val = validate_motion(model, meshes, val_set, run.device, val_cache, seed=args.seed)
+        val = validate_motion(model, meshes, face_meshes, val_set, run.device, val_cache, seed=args.seed)
         history.append(val)
         run.log(f"epoch {epoch} validation | LVE {val['lve']:.3f} mm | FVE {val['fve']:.3f} mm | loss {val['loss']:.4f}")
         state = dict(model=model.state_dict(), config=asdict(cfg), optimizer=optimizer.state_dict(),
                      schedule=schedule.state_dict(), epoch=epoch, step=step, best=min(best, val["lve"]),
-                     rng=rng_state(), people=people, flame=args.flame, val=val)
+                     rng=rng_state(), people=people, val=val, **head)
         if val["lve"] < best:
             best = val["lve"]
             run.save(state, "best.pt")
@@ -515,6 +536,7 @@ def load_vgg(args, run):
 def train_render(args, run):
     wall0, cpu0 = time.time(), time.process_time()
     root = Path(args.data) if args.data else data.builtin_data()
+    data.require_head(root, args.flame, args.procedural_head)
     cfg = render.RendererConfig.preset(args.preset)
     seed_everything(args.seed)
     vgg = load_vgg(args, run)
@@ -545,6 +567,7 @@ def train_render(args, run):
     start_epoch, step, best = 0, 0, -1.0
     if resuming(args, run):
         ckpt = render.read_checkpoint(run.out / "last.pt", run.device)
+        same_head(ckpt, args.flame, run.out / "last.pt")
         for obj, key in ((generator, "generator"), (discriminator, "discriminator"), (opt_g, "optimizer_g"),
                          (opt_d, "optimizer_d"), (sched_g, "schedule_g"), (sched_d, "schedule_d")):
             obj.load_state_dict(ckpt[key])
@@ -560,6 +583,7 @@ def train_render(args, run):
             f"{args.epochs} epochs of {steps_per_epoch} steps on {run.device}")
     progress = Progress(total_steps, "step", done=step, window=epochs_window(steps_per_epoch))
     history = []
+    head = flame_record(args.flame)                # the depth inputs' head: inference must render with it
     train_cpu, train_steps = 0.0, 0
     for epoch in range(start_epoch, args.epochs):
         sums, n_batches = {}, 0
@@ -602,7 +626,7 @@ def train_render(args, run):
                      renderer_config=asdict(cfg), optimizer_g=opt_g.state_dict(), optimizer_d=opt_d.state_dict(),
                      schedule_g=sched_g.state_dict(), schedule_d=sched_d.state_dict(), epoch=epoch, step=step,
                      best=max(best, val["ssim"]), rng=rng_state(), cam=cam.tolist(), shape=torch.as_tensor(shape),
-                     person=args.person, flame=args.flame, reference=torch.from_numpy(reference_u8), val=val)
+                     person=args.person, reference=torch.from_numpy(reference_u8), val=val, **head)
         if val["ssim"] > best:
             best = val["ssim"]
             run.save(state, "best.pt")
@@ -649,7 +673,18 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=["tiny", "paper"], default="tiny",
                    help="model size: tiny (CPU, the built-in data) or paper (the paper's, for a GPU)")
     p.add_argument("--wav2vec", help="pretrained wav2vec 2.0 folder or weights file (motion stage)")
-    p.add_argument("--flame", help="FLAME model file (default: the procedural stand-in head)")
+    p.add_argument("--flame", help="FLAME model file (default: the procedural stand-in head, for generated data only)")
+    p.add_argument("--procedural-head", action="store_true",
+                   help="use the procedural stand-in head on a data set of real FLAME parameters anyway")
+    ablation = p.add_argument_group("motion model and loss switches (default: the preset's)")
+    ablation.add_argument("--no-music", dest="music", action="store_const", const=False,
+                          help="the 'w/o BGM' ablation: the model without its background-music branch")
+    ablation.add_argument("--loss-space", choices=["raw", "standardised"],
+                          help="rec / vel losses on raw FLAME parameters (the paper) or standardised ones")
+    ablation.add_argument("--mesh-head-pose", action=argparse.BooleanOptionalAction,
+                          help="the mesh loss's meshes with global and neck rotation (the paper) or without")
+    for term in ("kl", "rec", "vel", "mesh"):
+        ablation.add_argument(f"--w-{term}", type=float, help=f"weight of the {term} loss term (0: term off)")
     p.add_argument("--cache-audio", action="store_true", help="freeze wav2vec 2.0 and cache its features")
     p.add_argument("--person", default="id0", help="whose videos the renderer learns (render stage)")
     p.add_argument("--vgg", help="torchvision vgg19 state-dict file for the perceptual loss (render stage)")

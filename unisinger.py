@@ -12,14 +12,17 @@ Depends on torch, numpy and our audio.py (wav2vec 2.0, MFCC), flame.py (meshes f
 outputs), data.py (clip constants, the built-in data set) and render.py (previews, portrait video).
 
 The model in one paragraph. Every frame t gets one audio token: wav2vec 2.0 features of the singing voice
-(interpolated to 30 fps before the transformer layers, as FaceFormer does) projected to d/2, concatenated with
-the 64-d MFCC of the background music projected to d/2, then projected to d. The encoder reads the tokens
+(interpolated to 30 fps before the transformer layers, as FaceFormer does) projected to d, concatenated with
+the 64-d MFCC of the background music projected to d/2, then projected from 3d/2 to d (paper IV-A; without the
+music branch, the "w/o BGM" ablation, the voice's d go through that last projection alone). The encoder reads the tokens
 [mu] [sigma] (linear(m_t) + shape_emb)_t and cross-attends to the audio tokens; the decoder reads
 [shape_emb] (z)_t, z repeated T times, and cross-attends to the same audio tokens. In both, motion token t sees
 only audio token t (the diagonal alignment mask); the leading tokens ([mu], [sigma], [shape_emb]) see every
 audio token, because a token that sees none would get an undefined softmax and these tokens summarise the clip.
 Periodic positional encoding (period 30 frames) is added to all tokens. The model works on motion normalised
 by the training set's per-dimension mean and standard deviation (kept as buffers, so checkpoints carry them).
+Losses (motion_losses): KL + reconstruction + velocity + face-mesh vertices, each with its weight in MotionConfig;
+the `paper` preset compares raw FLAME parameters and whole-pose meshes as the paper's equations do.
 
 Use alone (needs audio.py and flame.py beside it; a checkpoint from `python train.py --stage motion`):
     python unisinger.py --audio voice.wav --bgm music.wav --samples 3 --out out/song
@@ -40,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from audio import SAMPLE_RATE, Wav2Vec2, Wav2Vec2Config, load_audio, mfcc_at_fps, normalize_wave
-from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame, save_glb
+from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame, resolve_flame, save_glb
 from render import (BACKGROUND_RGB, IMAGE_SIZE, PREVIEW_BATCH, VideoWriter, load_reference, load_renderer, project,
                     read_checkpoint, render_depth, render_preview, shade, to_uint8)
 
@@ -49,6 +52,8 @@ CLIP_FRAMES = 240                           # training window: 8 s at 30 fps
 N_MFCC = 64                                 # background-music feature size
 RENDER_BATCH = 16                           # frames rasterized and rendered at once: memory flat for any song
 PPE_PERIOD = 30                             # periodic positional encoding repeats every second
+LOSS_SPACES = ("raw", "standardised")       # where the reconstruction and velocity losses compare motion
+MM_PER_M = 1000.0                           # the mesh loss is on millimetres
 DEFAULT_CHECKPOINT = Path(__file__).parent / "out" / "motion" / "best.pt"
 
 WAV2VEC2_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
@@ -62,14 +67,23 @@ WAV2VEC2_TINY = dict(WAV2VEC2_BASE, hidden_size=64, num_hidden_layers=2, num_att
 
 @dataclass
 class MotionConfig:
+    """The motion model's hyper-parameters. The defaults are the `paper` preset: the paper's model and losses,
+    with the paper's open choices filled in (README, "The method"); `tiny` is CPU-sized."""
     d_model: int = 256              # the paper does not give d; 256 is FaceFormer-sized for a 59-d output
     n_heads: int = 4
     n_layers: int = 4               # layers in each of the encoder and decoder stacks
     d_ff: int = 1024
     dropout: float = 0.1
+    ppe_period: int = PPE_PERIOD    # frames after which the periodic positional encoding repeats
     wav2vec: dict = field(default_factory=lambda: dict(WAV2VEC2_BASE))
     freeze_feature_extractor: bool = True   # FaceFormer and the paper fine-tune wav2vec above its CNN
-    # loss weights (the paper gives none): chosen so that each term is O(1) early in training
+    use_music: bool = True          # False: the "w/o BGM" ablation, the music branch removed (no parameters)
+    standardise_motion: bool = True  # the networks read and write motion standardised by the training set's
+                                    # mean and std: an affine map the linear input / output layers could learn
+    loss_space: str = "raw"         # rec / vel on raw FLAME parameters (the paper) or "standardised" (ours)
+    mesh_head_pose: bool = True     # the mesh loss's meshes carry the head pose (the paper: FLAME of all the
+                                    # parameters); False zeroes global and neck rotation, as LVE / FVE do
+    # loss weights (the paper gives none): chosen so that each term is O(1) early in training; 0 = term off
     w_kl: float = 1e-3
     w_rec: float = 1.0
     w_vel: float = 10.0
@@ -81,8 +95,12 @@ class MotionConfig:
             return cls()
         if name == "tiny":
             return cls(d_model=64, n_heads=4, n_layers=2, d_ff=128, dropout=0.1, wav2vec=dict(WAV2VEC2_TINY),
-                       freeze_feature_extractor=False)
+                       freeze_feature_extractor=False, loss_space="standardised", mesh_head_pose=False)
         raise ValueError(f"unknown preset {name!r}: choose 'paper' or 'tiny'")
+
+    def __post_init__(self):
+        if self.loss_space not in LOSS_SPACES:
+            raise ValueError(f"loss_space must be one of {LOSS_SPACES}, not {self.loss_space!r}")
 
 
 class PeriodicPositionalEncoding(nn.Module):
@@ -120,14 +138,15 @@ class MotionCVAE(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.wav2vec = Wav2Vec2(Wav2Vec2Config.from_dict(cfg.wav2vec))
-        self.voice_proj = nn.Linear(self.wav2vec.cfg.hidden_size, d // 2)
-        self.music_proj = nn.Linear(N_MFCC, d // 2)
-        self.audio_proj = nn.Linear(d, d)
+        # the paper's "entire audio feature": voice -> d, music MFCC -> d/2, concatenated (3d/2) -> d
+        self.voice_proj = nn.Linear(self.wav2vec.cfg.hidden_size, d)
+        self.music_proj = nn.Linear(N_MFCC, d // 2) if cfg.use_music else None
+        self.audio_proj = nn.Linear(d + d // 2 if cfg.use_music else d, d)
         self.shape_emb = nn.Linear(N_SHAPE, d)
         self.motion_proj = nn.Linear(MOTION_DIM, d)
         self.mu_token = nn.Parameter(torch.randn(d) * 0.02)
         self.sigma_token = nn.Parameter(torch.randn(d) * 0.02)
-        self.ppe = PeriodicPositionalEncoding(d)
+        self.ppe = PeriodicPositionalEncoding(d, cfg.ppe_period)
         self.encoder = transformer_decoder(cfg)
         self.decoder = transformer_decoder(cfg)
         self.to_motion = nn.Linear(d, MOTION_DIM)
@@ -147,10 +166,15 @@ class MotionCVAE(nn.Module):
         """
         return self.wav2vec(normalize_wave(voice), n_frames=n_frames)
 
-    def audio_tokens(self, voice_feats, music_mfcc):
-        """voice (B, T, C) + music MFCC (B, T, 64) -> one audio token a frame (B, T, d)."""
-        both = torch.cat([self.voice_proj(voice_feats), self.music_proj(music_mfcc)], dim=-1)
-        return self.audio_proj(both)
+    def audio_tokens(self, voice_feats, music_mfcc=None):
+        """voice (B, T, C) + music MFCC (B, T, 64) -> one audio token a frame (B, T, d). A model without the
+        music branch (use_music False) takes no music: music_mfcc is ignored and may be None."""
+        voice = self.voice_proj(voice_feats)                                                # (B, T, d)
+        if self.music_proj is None:
+            return self.audio_proj(voice)
+        if music_mfcc is None:
+            raise ValueError("this model has a music branch: pass the background music's MFCC (silence for none)")
+        return self.audio_proj(torch.cat([voice, self.music_proj(music_mfcc)], dim=-1))   # (B, T, 3d/2) -> d
 
     def encode(self, motion, shape, audio):
         """motion (B, T, 59) normalised, shape (B, 100), audio tokens (B, T, d) -> mu, logvar (B, d)."""
@@ -167,13 +191,18 @@ class MotionCVAE(nn.Module):
         out = self.decoder(self.ppe(tokens), audio, memory_mask=alignment_mask(1, T, z.device))
         return self.to_motion(out[:, 1:])
 
-    def normalise(self, motion):
+    def standardise(self, motion):
         return (motion - self.motion_mean) / self.motion_std
 
-    def denormalise(self, motion):
-        return motion * self.motion_std + self.motion_mean
+    def normalise(self, motion):
+        """FLAME motion -> what the networks read."""
+        return self.standardise(motion) if self.cfg.standardise_motion else motion
 
-    def forward(self, motion, shape, music_mfcc, voice=None, voice_feats=None):
+    def denormalise(self, motion):
+        """What the networks write -> FLAME motion."""
+        return motion * self.motion_std + self.motion_mean if self.cfg.standardise_motion else motion
+
+    def forward(self, motion, shape, music_mfcc=None, voice=None, voice_feats=None):
         """Training pass on raw voice (B, N) or cached wav2vec features (B, T, C), exactly one of them.
 
         Returns predicted motion (B, T, 59) in FLAME units and the posterior (mu, logvar) (B, d) each.
@@ -188,7 +217,7 @@ class MotionCVAE(nn.Module):
         return self.denormalise(self.decode(z, shape, audio)), mu, logvar
 
     @torch.no_grad()
-    def sample(self, shape, voice_feats, music_mfcc, z=None):
+    def sample(self, shape, voice_feats, music_mfcc=None, z=None):
         """Inference: only the decoder; z ~ N(0, I) unless given. Returns motion (B, T, 59)."""
         audio = self.audio_tokens(voice_feats, music_mfcc)
         if z is None:
@@ -196,23 +225,44 @@ class MotionCVAE(nn.Module):
         return self.denormalise(self.decode(z, shape, audio))
 
 
-def motion_losses(model, meshes, pred, target, shape, mu, logvar):
-    """The paper's four terms; the total and each term on its own (for logging).
+class FaceMeshes:
+    """Face-region vertices of FLAME meshes for the mesh loss: shape (B, 100), motion (B, T, 59) -> (B, T, F, 3)
+    metres, differentiable. With head_pose (the paper) the meshes carry global, neck and jaw rotation; without,
+    global and neck are zeroed, as in the meshes LVE / FVE read."""
 
-    meshes: metrics.RegionMeshes of the FLAME model. The mesh term compares face-region vertices built from
-    shape, expression and jaw with the head rotation zeroed, the same meshes the LVE / FVE metrics read; the
-    head pose itself is supervised by the reconstruction and velocity terms.
+    def __init__(self, flame, head_pose=True):
+        self.flame, self.head_pose = flame.region(flame.masks["face"]), head_pose
+
+    def __call__(self, shape, motion):
+        return self.flame.from_motion(shape, motion, zero_head_pose=not self.head_pose)
+
+
+def motion_losses(model, face_meshes, pred, target, shape, mu, logvar):
+    """The paper's loss: w_kl * KL + w_rec * rec + w_vel * vel + w_mesh * mesh; the total and each term.
+
+    pred, target: FLAME motion (B, T, 59). rec and vel are mean squared errors of the motion and of its
+    frame-to-frame differences, on raw FLAME parameters (loss_space "raw", the paper's equations) or on
+    parameters standardised by the training set's statistics ("standardised"); mesh is the mean squared
+    distance in mm^2 of the face-region vertices (face_meshes: FaceMeshes). A term whose weight is 0 is not
+    computed at all (face_meshes may then be None), so it cannot touch the other terms' gradients.
     """
     cfg = model.cfg
-    kl = -0.5 * torch.mean(torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1))
-    pred_n, target_n = model.normalise(pred), model.normalise(target)
-    rec = F.mse_loss(pred_n, target_n)
-    vel = F.mse_loss(pred_n[:, 1:] - pred_n[:, :-1], target_n[:, 1:] - target_n[:, :-1])
-    mm = 1000.0
-    mesh = torch.stack([(meshes(s, p)[..., meshes.face, :] - meshes(s, t)[..., meshes.face, :]).pow(2).sum(-1).mean()
-                        for s, p, t in zip(shape, pred.float(), target.float())]).mean() * mm ** 2
-    total = cfg.w_kl * kl + cfg.w_rec * rec + cfg.w_vel * vel + cfg.w_mesh * mesh
-    return total, dict(kl=kl.item(), rec=rec.item(), vel=vel.item(), mesh=mesh.item())
+    space = model.standardise if cfg.loss_space == "standardised" else (lambda m: m)
+    terms = {}
+    if cfg.w_kl:
+        terms["kl"] = -0.5 * torch.mean(torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1))
+    if cfg.w_rec or cfg.w_vel:
+        pred_s, target_s = space(pred), space(target)
+        if cfg.w_rec:
+            terms["rec"] = F.mse_loss(pred_s, target_s)
+        if cfg.w_vel:
+            terms["vel"] = F.mse_loss(pred_s[:, 1:] - pred_s[:, :-1], target_s[:, 1:] - target_s[:, :-1])
+    if cfg.w_mesh:
+        pred_v, target_v = face_meshes(shape, pred.float()), face_meshes(shape, target.float())   # (B, T, F, 3)
+        terms["mesh"] = (pred_v - target_v).pow(2).sum(-1).mean() * MM_PER_M ** 2
+    weights = dict(kl=cfg.w_kl, rec=cfg.w_rec, vel=cfg.w_vel, mesh=cfg.w_mesh)
+    total = sum(weights[k] * v for k, v in terms.items())
+    return total, {k: v.item() for k, v in terms.items()}
 
 
 # ----------------------------------------------------------------------------- controls
@@ -272,7 +322,8 @@ def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60
     The song is cut into windows of the training length that overlap by `overlap` frames; each sample keeps one
     z for the whole song (one consistent take), and overlapping frames are cross-faded linearly, so the join has
     no seam. A song shorter than a window is padded with silence and cropped back. temperature scales z
-    (draw_z); pose_scale, expression_scale and still act on the result (apply_controls).
+    (draw_z); pose_scale, expression_scale and still act on the result (apply_controls). A model without the
+    music branch reads no bgm.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -295,11 +346,13 @@ def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60
         chunk = starts[b:b + batch_windows]
         pieces = [slice(clip_samples(s), clip_samples(s) + clip_samples(window)) for s in chunk]
         v = torch.from_numpy(np.stack([voice[p] for p in pieces])).to(device)              # (W, N)
-        m = mfcc_at_fps(torch.from_numpy(np.stack([bgm[p] for p in pieces])), SAMPLE_RATE, window).to(device)
+        m = None
+        if model.cfg.use_music:
+            m = mfcc_at_fps(torch.from_numpy(np.stack([bgm[p] for p in pieces])), SAMPLE_RATE, window)
+            m = m.to(device).repeat_interleave(n_samples, 0)                          # (W * S, window, 64)
         feats = model.voice_features(v, window)                                           # (W, window, C)
         W = len(chunk)
-        motion = model.sample(shape.to(device).expand(W * n_samples, -1),
-                              feats.repeat_interleave(n_samples, 0), m.repeat_interleave(n_samples, 0),
+        motion = model.sample(shape.to(device).expand(W * n_samples, -1), feats.repeat_interleave(n_samples, 0), m,
                               z=z.repeat(W, 1)).float().cpu().view(W, n_samples, window, MOTION_DIM)
         for i, s in enumerate(chunk):
             w = ramp.clone()
@@ -489,6 +542,9 @@ def portrait_video(renderer_ckpt, image_path, flame, shape, motion, out_path, au
     out_path = Path(out_path)
     device = torch.device(device)
     trained = load_renderer(renderer_ckpt, device)
+    if trained.flame_record["flame_sha256"] != flame.sha256:          # depth of another head than it learnt from
+        raise ValueError(f"{renderer_ckpt}: trained on depth images of {trained.flame_record['flame']}, not of "
+                         f"{flame.source}; use the FLAME it was trained with (--flame) or a renderer trained with it")
     renderer, size = trained.generator, trained.config.image_size
     reference = load_reference(image_path, size).to(device)                               # (3, H, W)
     motion = torch.as_tensor(np.asarray(motion), dtype=torch.float32)
@@ -518,7 +574,7 @@ class TrainedMotion:
     """A motion checkpoint read back: the model and what it was trained with."""
     model: MotionCVAE             # in eval mode
     people: dict                  # person name -> FLAME shape (100,) float32, from the training data
-    flame: str | None             # the FLAME file of training; None: the procedural head
+    flame_record: dict            # the head of training: flame.flame_record's {'flame', 'flame_sha256'}
 
 
 def load_checkpoint(path, device="cpu"):
@@ -534,7 +590,8 @@ def load_checkpoint(path, device="cpu"):
     model = MotionCVAE(MotionConfig(**ckpt["config"])).to(device)
     model.load_state_dict(ckpt["model"])
     people = {k: np.asarray(v.cpu(), dtype=np.float32) for k, v in ckpt.get("people", {}).items()}
-    return TrainedMotion(model.eval(), people, ckpt.get("flame"))
+    record = dict(flame=ckpt.get("flame") or "procedural", flame_sha256=ckpt.get("flame_sha256"))
+    return TrainedMotion(model.eval(), people, record)
 
 
 def load_flame(path=None):
@@ -603,7 +660,8 @@ def main(argv=None):
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="motion checkpoint from train.py")
     p.add_argument("--person", help="use the shape of this person from the checkpoint's training data")
     p.add_argument("--shape", help=".npy file with a 100-d FLAME shape")
-    p.add_argument("--flame", help="FLAME model file (default: the one the checkpoint was trained with)")
+    p.add_argument("--flame", help="FLAME model file (default and only choice: the one the checkpoint was trained "
+                                   "with, checked by its sha256; useful where that file has moved)")
     p.add_argument("--samples", type=int, default=1, help="number of diverse takes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", help="reference portrait (with --renderer: writes the portrait video)")
@@ -636,7 +694,7 @@ def main(argv=None):
 
     trained = load_checkpoint(args.checkpoint, args.device)
     model = trained.model
-    flame = load_flame(args.flame or trained.flame)
+    flame = load_flame(resolve_flame(trained.flame_record, args.flame, args.checkpoint))
     if args.shape:
         shape = read_shape(args.shape)
     elif args.person:
