@@ -1008,7 +1008,9 @@ def test_wav2vec2_matches_transformers(tmp_path, stable, fmt):
 @pytest.mark.parametrize("stable", [False, True], ids=["base_group_norm", "stable_layer_norm"])
 def test_wav2vec2_under_bf16_autocast_stays_close_to_transformers(tmp_path, stable):
     """Under bf16 autocast a conv layer's input arrives in bf16 or, where the device's autocast policy keeps
-    the norm before it in float32 (CUDA's layer_norm), in float32; both must run and stay near the reference."""
+    the norm before it in float32 (CUDA's layer_norm), in float32; both must run, and the model's bf16 output
+    must stay as close to the float32 reference as transformers' own output under the same autocast (how far
+    bf16 drifts depends on the weights, so the reference's own drift is the yardstick)."""
     ref = _hf_model(stable)
     ref.save_pretrained(tmp_path)
     ours = Wav2Vec2.from_pretrained(tmp_path).eval()
@@ -1020,9 +1022,10 @@ def test_wav2vec2_under_bf16_autocast_stays_close_to_transformers(tmp_path, stab
         plain = layer(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = ours(wave)
+            ref_drift = (ref(wave).last_hidden_state.float() - expected).abs().max().item()
             from_float32, from_bf16 = layer(x), layer(x.bfloat16())
     assert got.dtype == torch.bfloat16
-    assert (got.float() - expected).abs().max().item() <= 0.1 * expected.abs().max().item()
+    assert (got.float() - expected).abs().max().item() <= 1.25 * ref_drift
     assert from_float32.dtype == from_bf16.dtype == torch.bfloat16
     torch.testing.assert_close(from_float32.float(), plain, atol=0.05, rtol=0.05)
 
