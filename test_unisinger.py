@@ -2802,7 +2802,7 @@ def test_checkpoint_records_its_flame_by_sha256_and_the_command_lines_refuse_ano
     out = tmp_path / "run"
     train.main(["--stage", "motion", "--data", str(motion_set), "--out", str(out), "--epochs", "1",
                 "--batch-size", "8", "--flame", str(real), "--no-summary"])
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["flame"] == str(real) and ckpt["flame_sha256"] == hashlib.sha256(real.read_bytes()).hexdigest()
     assert load_checkpoint(out / "last.pt").flame_record == dict(flame=str(real), flame_sha256=ckpt["flame_sha256"])
     # the same bytes elsewhere are the same FLAME; another file is refused; without --flame the recorded one is used
