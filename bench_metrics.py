@@ -6,7 +6,8 @@ N_CLIPS clips and extrapolated linearly to 1 829 (every clip costs the same). Re
 full FLAME meshes from Flame.from_motion with the same metric functions and librosa's HPSS / onset / beat
 tracking, timed on REF_CLIPS clips and extrapolated. The bar: under 10 minutes on 2 CPU cores.
 Each measurement runs in a child process with 1 torch thread (the bar allows 2 cores: 1 thread is the
-conservative reading); memory is its ru_maxrss growth.
+conservative reading); memory is the child's peak resident set (ru_maxrss, interpreter, torch and the inputs
+included): the growth over the timed calls reads 0 where the inputs' set-up peaked higher than the calls.
 
 Depends on metrics.py, flame.py, audio.py and, as references, librosa and scikit-image.
 Run alone: python bench_metrics.py
@@ -87,7 +88,6 @@ def time_table2(route, n_clips, queue):
     rng = np.random.default_rng(0)
     clips = [fake_clip(rng) for _ in range(n_clips)]
     metrics.clip_motion_scores(regions, *clips[0][:3], {"BA": find_beats(clips[0][3])})        # warm-up
-    base = peak_rss_mb()
     t_beats = t_metrics = 0.0
     cpu = time.process_time()
     for shape, gt, samples, music in clips:
@@ -97,7 +97,7 @@ def time_table2(route, n_clips, queue):
         metrics.clip_motion_scores(regions, shape, gt, samples, {"BA": music_frames})
         t_beats += t1 - t0
         t_metrics += time.perf_counter() - t1
-    queue.put((t_metrics, t_beats, time.process_time() - cpu, peak_rss_mb() - base))
+    queue.put((t_metrics, t_beats, time.process_time() - cpu, peak_rss_mb()))
 
 
 def time_ssim_psnr(route, queue):
@@ -106,7 +106,6 @@ def time_ssim_psnr(route, queue):
     rng = np.random.default_rng(1)
     a = rng.integers(0, 256, (40, 256, 256, 3), dtype=np.uint8)
     b = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
-    base = peak_rss_mb()
     t0 = time.perf_counter()
     if route == "ours":
         import metrics
@@ -116,7 +115,7 @@ def time_ssim_psnr(route, queue):
         for x, y in zip(a, b):
             structural_similarity(x, y, channel_axis=-1, data_range=255, gaussian_weights=False)
             peak_signal_noise_ratio(x, y, data_range=255)
-    queue.put((time.perf_counter() - t0, peak_rss_mb() - base))
+    queue.put((time.perf_counter() - t0, peak_rss_mb()))
 
 
 def in_child(target, *args):
@@ -145,15 +144,16 @@ def bench_rows(device="cpu"):
                   f"extrapolated from {N_CLIPS} clips "
                   f"(ref: full meshes + librosa beats, from {REF_CLIPS}); beats are "
                   f"{100 * ours_beats / (ours_metrics + ours_beats):.0f}% of ours, computed once per clip and "
-                  f"shared by all rows of a run"),
+                  f"shared by all rows of a run; MB = peak RSS of the child process"),
         dict(name="  of which meshes + metrics", ours_s=ours_metrics * scale, ref_s=ref_metrics * ref_scale,
              ratio=ref_metrics * ref_scale / (ours_metrics * scale), ours_mem_mb=None, ref_mem_mb=None,
-             note="RegionMeshes (1808 of 5045 vertices, jaw-only skinning) vs Flame.from_motion"),
+             note="RegionMeshes (1808 of 5045 vertices, jaw-only skinning) vs Flame.from_motion; memory in the row above"),
         dict(name="  of which music beats (once per clip)", ours_s=ours_beats * scale, ref_s=ref_beats * ref_scale,
              ratio=ref_beats * ref_scale / (ours_beats * scale), ours_mem_mb=None, ref_mem_mb=None,
-             note="audio.beats vs librosa HPSS + onset median + beat_track"),
+             note="audio.beats vs librosa HPSS + onset median + beat_track; memory in the first row"),
         dict(name="SSIM + PSNR, 40 frames 256x256 RGB", ours_s=ssim_ours, ref_s=ssim_ref, ratio=ssim_ref / ssim_ours,
-             ours_mem_mb=ssim_ours_mem, ref_mem_mb=ssim_ref_mem, note="ref: scikit-image, frame by frame"),
+             ours_mem_mb=ssim_ours_mem, ref_mem_mb=ssim_ref_mem,
+             note="ref: scikit-image, frame by frame; MB = peak RSS of the child process"),
     ]
 
 

@@ -55,5 +55,5 @@ def bench_rows(device="cpu"):
 
 
 if __name__ == "__main__":
-    from bench import print_table
-    print_table(bench_rows(sys.argv[1] if len(sys.argv) > 1 else "cpu"))
+    from bench import format_table
+    print(format_table(bench_rows(sys.argv[1] if len(sys.argv) > 1 else "cpu")))

@@ -1088,6 +1088,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.samples < 1:
         raise ValueError(f"--samples {args.samples}: needs at least 1 sample per clip")
+    for flag, path in (("--pred", args.pred), ("--data", args.data), ("--checkpoint", args.checkpoint)):
+        if path and not Path(path).exists():
+            raise ValueError(f"{path}: no such file or folder ({flag})")
 
     if args.video:
         import data

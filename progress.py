@@ -67,9 +67,10 @@ class Progress:
         rate, eta = self.rate(), self.eta()
         if rate is None:
             return f"first {self.unit} took {duration(self.elapsed())}, ETA from the next"
+        speed = f"{rate:.2f} {self.unit}/s" if rate >= 1 else f"{1 / rate:.2f} s/{self.unit}"
         if self.done >= self.total:
-            return f"{rate:.2f} {self.unit}/s | done in {duration(self.elapsed())}"
-        return f"{rate:.2f} {self.unit}/s | ETA {duration(eta)}"
+            return f"{speed} | done in {duration(self.elapsed())}"
+        return f"{speed} | ETA {duration(eta)}"
 
     def line(self, label):
         """'label 12/480 steps | 0.85 step/s | ETA 8m30s'."""

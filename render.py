@@ -304,8 +304,9 @@ def write_video(path, frames, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
 
 
 def render_preview(flame, verts, path, audio=None, cam=DEFAULT_CAM, size=IMAGE_SIZE, fps=FPS,
-                   sample_rate=SAMPLE_RATE):
-    """Shaded preview mp4 of a vertex sequence verts (T, V, 3) metres, PREVIEW_BATCH frames at a time."""
+                   sample_rate=SAMPLE_RATE, on_frames=None):
+    """Shaded preview mp4 of a vertex sequence verts (T, V, 3) metres, PREVIEW_BATCH frames at a time;
+    on_frames(n), when given, hears of every n frames written (progress of long songs)."""
     cam = torch.as_tensor(cam, dtype=verts.dtype, device=verts.device)
     with VideoWriter(path, size, fps, audio, sample_rate) as video:
         for start in range(0, len(verts), PREVIEW_BATCH):
@@ -313,6 +314,8 @@ def render_preview(flame, verts, path, audio=None, cam=DEFAULT_CAM, size=IMAGE_S
             frame_cam = cam[start:start + PREVIEW_BATCH] if cam.dim() == 2 else cam
             with torch.no_grad():
                 video.write(shade(project(chunk, frame_cam), flame.faces, size))
+            if on_frames is not None:
+                on_frames(len(chunk))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -606,7 +609,7 @@ def load_reference(path, size=IMAGE_SIZE):
     try:
         image = imageio.imread(path)
     except Exception as error:
-        raise ValueError(f"{path}: not a readable image ({error})") from None
+        raise ValueError(f"{path}: not a readable image ({str(error).splitlines()[0]})") from None
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise ValueError(f"{path}: expected an 8-bit grey or RGB image, got {image.dtype} {image.shape}")
     return image_tensor(image, size)

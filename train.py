@@ -665,8 +665,13 @@ def print_render_summary(run, person, s):
 
 # ----------------------------------------------------------------------------- command line
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                 # argparse's refusals in one line with status 1, like ours
+        sys.exit(f"error: {message}")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", choices=["motion", "render"], default="motion")
     p.add_argument("--data", help="SingingHead folder (default: the built-in data set, made on first use)")
     p.add_argument("--out", help="checkpoint folder (default: out/<stage>)")
@@ -709,11 +714,28 @@ def parse_args(argv=None):
     return args
 
 
+def check_args(args):
+    """Refuse bad arguments and missing input files before any data are read or anything is written."""
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1")
+    if not args.lr > 0:
+        raise ValueError(f"--lr {args.lr}: must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
+    if args.data and not (Path(args.data) / "train.txt").is_file():
+        raise ValueError(f"{args.data}: not a SingingHead folder (no train.txt)")
+    for flag, path in (("--flame", args.flame), ("--vgg", args.vgg), ("--wav2vec", args.wav2vec)):
+        if path and not Path(path).exists():
+            raise ValueError(f"{path}: no such file ({flag})")
+
+
 def main(argv=None):
     """The command line. Bad input or a failed write (a full disk, a read-only --out, a folder another run
     holds) ends in one line, `error: <file>: <problem>`, and exit status 1, not a traceback."""
     try:
         args = parse_args(argv)
+        check_args(args)
         run = Run(args)
         try:
             if args.stage == "motion":

@@ -31,6 +31,7 @@ Use alone (needs audio.py and flame.py beside it; a checkpoint from `python trai
 import argparse
 import copy
 import math
+import os
 import pickle
 import sys
 import time
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 
 from audio import SAMPLE_RATE, Wav2Vec2, Wav2Vec2Config, load_audio, mfcc_at_fps, normalize_wave
 from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame, resolve_flame, save_glb
+from progress import Progress
 from render import (BACKGROUND_RGB, IMAGE_SIZE, PREVIEW_BATCH, VideoWriter, load_reference, load_renderer, project,
                     read_checkpoint, render_depth, render_preview, shade, to_uint8)
 
@@ -55,6 +57,7 @@ PPE_PERIOD = 30                             # periodic positional encoding repea
 LOSS_SPACES = ("raw", "standardised")       # where the reconstruction and velocity losses compare motion
 MM_PER_M = 1000.0                           # the mesh loss is on millimetres
 DEFAULT_CHECKPOINT = Path(__file__).parent / "out" / "motion" / "best.pt"
+PROGRESS_LINES = 10                         # progress lines of each long step of the command line
 
 WAV2VEC2_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                      conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
@@ -316,14 +319,15 @@ def window_starts(n_frames, window, overlap):
 
 @torch.no_grad()
 def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60, batch_windows=8,
-             temperature=1.0, pose_scale=1.0, expression_scale=1.0, still=False):
+             temperature=1.0, pose_scale=1.0, expression_scale=1.0, still=False, progress=False):
     """Motion for a whole song: voice / bgm (N,) float32 at 16 kHz, shape (100,) -> (n_samples, T, 59) numpy.
 
     The song is cut into windows of the training length that overlap by `overlap` frames; each sample keeps one
     z for the whole song (one consistent take), and overlapping frames are cross-faded linearly, so the join has
     no seam. A song shorter than a window is padded with silence and cropped back. temperature scales z
     (draw_z); pose_scale, expression_scale and still act on the result (apply_controls). A model without the
-    music branch reads no bgm.
+    music branch reads no bgm. progress=True prints progress lines when the song takes more than one batch
+    of windows.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -342,6 +346,8 @@ def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60
     out = torch.zeros(n_samples, total, MOTION_DIM)                                       # (S, T, 59)
     weight = torch.zeros(total, 1)
     ramp = blend_weights(window, overlap)                                                 # (window, 1)
+    windows = Progress(len(starts), "window", lines=PROGRESS_LINES)
+    progress = progress and len(starts) > batch_windows
     for b in range(0, len(starts), batch_windows):
         chunk = starts[b:b + batch_windows]
         pieces = [slice(clip_samples(s), clip_samples(s) + clip_samples(window)) for s in chunk]
@@ -362,6 +368,8 @@ def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60
                 w[-overlap:] = 1.0
             out[:, s:s + window] += motion[i] * w
             weight[s:s + window] += w
+        if windows.advance(len(chunk)) and progress:
+            print(windows.line("motion:"), flush=True)
     motion = apply_controls((out / weight)[:, :n_frames], model.motion_mean.cpu(), pose_scale, expression_scale,
                             still)
     return motion.numpy()
@@ -532,12 +540,12 @@ def stream_summary(stats, realtime):
 
 @torch.no_grad()
 def portrait_video(renderer_ckpt, image_path, flame, shape, motion, out_path, audio=None, device="cpu",
-                   batch=RENDER_BATCH, fps=FPS, sample_rate=SAMPLE_RATE):
+                   batch=RENDER_BATCH, fps=FPS, sample_rate=SAMPLE_RATE, progress=False):
     """
     The singing portrait: motion (T, 59) with shape (100,) -> FLAME meshes -> depth with the renderer's
     camera -> FaceRenderer frames, `batch` frames at a time, streamed into out_path (mp4, audio float32 (N,)
     muxed in when given) and the depth video into depth.mp4 beside it. Memory does not grow with T.
-    Frame t gets temporal index t. Returns out_path as a Path.
+    Frame t gets temporal index t. progress=True prints progress lines. Returns out_path as a Path.
     """
     out_path = Path(out_path)
     device = torch.device(device)
@@ -554,6 +562,7 @@ def portrait_video(renderer_ckpt, image_path, flame, shape, motion, out_path, au
     flame = copy.deepcopy(flame).to(device)  # leave the caller's model where it was
     cam = torch.tensor(trained.cam, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    frames_done = Progress(len(motion), "frame", lines=PROGRESS_LINES)
     with VideoWriter(out_path, size, fps, audio, sample_rate) as video, \
             VideoWriter(out_path.with_name("depth.mp4"), size, fps, audio, sample_rate) as depth_video:
         for start in range(0, len(motion), batch):
@@ -564,6 +573,8 @@ def portrait_video(renderer_ckpt, image_path, flame, shape, motion, out_path, au
                 frames = renderer(depth, reference.expand(len(chunk), -1, -1, -1), index)  # (b, 3, H, W)
             video.write(to_uint8(frames))
             depth_video.write(to_uint8(depth))
+            if frames_done.advance(len(chunk)) and progress:
+                print(frames_done.line("portrait video:"), flush=True)
     return out_path
 
 
@@ -585,7 +596,7 @@ def load_checkpoint(path, device="cpu"):
                                 f"motion` (writes out/motion/best.pt) or pass --checkpoint PATH")
     ckpt = read_checkpoint(path, device)
     for key in ("model", "config"):
-        if key not in ckpt:
+        if not isinstance(ckpt, dict) or key not in ckpt:
             raise ValueError(f"{path}: not a motion checkpoint (missing key {key!r})")
     model = MotionCVAE(MotionConfig(**ckpt["config"])).to(device)
     model.load_state_dict(ckpt["model"])
@@ -601,19 +612,42 @@ def load_flame(path=None):
 
 # ----------------------------------------------------------------------------- command line
 
-def write_motion(out_dir, motion, flame, shape, voice):
-    """Each sample: motion .npz (+ landmarks), a pickle with the SingingHead keys, and a preview mp4 with sound."""
+def write_motion(out_dir, motion, flame, shape, song):
+    """Each take k: sample_k.npz (motion, shape, landmarks), sample_k.pkl (the SingingHead keys) and
+    preview_k.mp4 (the shaded head with the song as sound); each file is announced once, when it is complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
     shape_t = torch.as_tensor(shape, dtype=torch.float32)
+    frames_done = Progress(motion.shape[0] * motion.shape[1], "frame", lines=PROGRESS_LINES)
+
+    def on_frames(n):
+        if frames_done.advance(n) and len(motion[0]) > CLIP_FRAMES:
+            print(frames_done.line("previews:"), flush=True)
+
     for k, m in enumerate(motion):
         m_t = torch.from_numpy(m)
         verts = torch.cat([flame.from_motion(shape_t, m_t[i:i + FPS]) for i in range(0, len(m_t), FPS)])  # (T,V,3)
         landmarks = flame.landmarks(verts).numpy()                                                     # (T, 68, 3)
         np.savez(out_dir / f"sample_{k}.npz", motion=m, shape=shape, landmarks=landmarks, fps=FPS)
+        announce(out_dir / f"sample_{k}.npz", f"take {k}: motion ({len(m)}, 59), shape (100,), "
+                                              f"landmarks ({len(m)}, 68, 3) at {FPS} fps")
         with open(out_dir / f"sample_{k}.pkl", "wb") as f:
             pickle.dump(dict(expcodes=m[:, :N_EXPR], posecodes=m[:, N_EXPR:], shapecode=np.asarray(shape)[None]),
                         f, protocol=2)
-        render_preview(flame, verts, out_dir / f"sample_{k}.mp4", audio=voice)
+        announce(out_dir / f"sample_{k}.pkl", f"take {k} with the SingingHead keys (expcodes, posecodes, shapecode)")
+        render_preview(flame, verts, out_dir / f"preview_{k}.mp4", audio=song, on_frames=on_frames)
+        announce(out_dir / f"preview_{k}.mp4", f"take {k} as a shaded head, with sound")
+
+
+def announce(path, what):
+    print(f"wrote {path}: {what}", flush=True)
+
+
+def song_mix(voice, bgm):
+    """The song as heard: voice + background music (cut or zero-padded to the voice's length), (N,) float32;
+    scaled down only where the sum would clip."""
+    mix = voice + fit_length(bgm, len(voice))
+    peak = float(np.abs(mix).max())
+    return mix / peak if peak > 1.0 else mix
 
 
 GRID_COLUMNS = 4            # takes a row in the --grid preview
@@ -653,8 +687,22 @@ def read_shape(path):
     return np.pad(values[:N_SHAPE], (0, max(0, N_SHAPE - values.size)))
 
 
+def check_file(path, what, hint=""):
+    """Refuse a path that is not a readable file, naming it (hint: how to make one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no {what} here{hint}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{path}: {what} not readable (permission denied)")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                 # argparse's refusals in one line with status 1, like ours
+        sys.exit(f"error: {message}")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Singing audio -> FLAME motion (and portrait video).")
+    p = Parser(description="Singing audio -> FLAME motion (and portrait video).")
     p.add_argument("--audio", required=True, help="singing voice wav (any sample rate; stereo is mixed down)")
     p.add_argument("--bgm", help="background music wav (default: silence)")
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="motion checkpoint from train.py")
@@ -662,10 +710,12 @@ def main(argv=None):
     p.add_argument("--shape", help=".npy file with a 100-d FLAME shape")
     p.add_argument("--flame", help="FLAME model file (default and only choice: the one the checkpoint was trained "
                                    "with, checked by its sha256; useful where that file has moved)")
-    p.add_argument("--samples", type=int, default=1, help="number of diverse takes")
+    p.add_argument("--samples", type=int, default=1, help="number of diverse takes (at least 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", help="reference portrait (with --renderer: writes the portrait video)")
-    p.add_argument("--renderer", help="face renderer checkpoint from `train.py --stage render`")
+    p.add_argument("--renderer", help="face renderer checkpoint from `train.py --stage render` (with --image)")
+    p.add_argument("--voice-only", action="store_true",
+                   help="previews and portrait video carry the voice alone (default: voice mixed with --bgm)")
     p.add_argument("--out", default="out/generated")
     p.add_argument("--glb", action="store_true",
                    help="also write each take as a glTF 2.0 sample_K.glb, the song as sample_K.wav beside it")
@@ -692,19 +742,46 @@ def main(argv=None):
     if args.stream and (args.samples != 1 or args.chunk_ms <= 0 or not 0 <= lookahead < window):
         p.error("--stream plays one take (--samples 1), with --chunk-ms > 0 and 0 <= --lookahead-ms < --window-s")
 
+    # every argument and input file is checked before a model is loaded or anything is written
+    if args.samples < 1:
+        raise ValueError(f"--samples {args.samples}: must be at least 1")
+    if bool(args.image) != bool(args.renderer):
+        given, missing = ("--image", "--renderer") if args.image else ("--renderer", "--image")
+        raise ValueError(f"{given} without {missing}: the portrait video needs both (the reference image of "
+                         f"`train.py --stage render` is out/render/reference.png, its checkpoint out/render/best.pt)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    check_file(args.checkpoint, "motion checkpoint", "; train one with `python train.py --stage motion` (writes "
+                                                     "out/motion/best.pt) or pass --checkpoint PATH")
+    voice = load_audio(args.audio)
+    n_frames = song_frames(len(voice))
+    if n_frames < 1:
+        raise ValueError(f"{args.audio}: {len(voice) / SAMPLE_RATE:.3f} s of audio is shorter than one motion "
+                         f"frame (1/{FPS} s)")
+    bgm = load_audio(args.bgm) if args.bgm else None
+    shape = read_shape(args.shape) if args.shape else None
+    if args.image:
+        load_reference(args.image)
+        check_file(args.renderer, "renderer checkpoint", "; train one with `python train.py --stage render`")
+    if args.flame:
+        check_file(args.flame, "FLAME model file")
+
     trained = load_checkpoint(args.checkpoint, args.device)
     model = trained.model
     flame = load_flame(resolve_flame(trained.flame_record, args.flame, args.checkpoint))
-    if args.shape:
-        shape = read_shape(args.shape)
-    elif args.person:
+    if shape is None and args.person:
         if args.person not in trained.people:
-            sys.exit(f"{args.checkpoint}: no person {args.person!r}; known: {', '.join(sorted(trained.people))}")
+            raise ValueError(f"{args.checkpoint}: no person {args.person!r}; known: {', '.join(sorted(trained.people))}")
         shape = trained.people[args.person]
-    else:
+    elif shape is None:
         shape = next(iter(trained.people.values()), np.zeros(N_SHAPE, np.float32))
-    voice = load_audio(args.audio)
-    bgm = load_audio(args.bgm) if args.bgm else None
+    if n_frames < CLIP_FRAMES:
+        print(f"note: {args.audio} is {len(voice) / SAMPLE_RATE:.2f} s, shorter than one motion window "
+              f"({CLIP_FRAMES / FPS:.0f} s): the model hears it padded with silence, and the {n_frames} frames "
+              f"of the song are kept", flush=True)
     t0 = time.time()
     if args.stream:
         stream = MotionStream(model, shape, args.seed, lookahead, window, **controls)
@@ -712,26 +789,25 @@ def main(argv=None):
         motion = take[None]
         print(stream_summary(stats, realtime=not args.fast))
     else:
-        motion = generate(model, voice, bgm, shape, args.samples, args.seed, **controls)
+        motion = generate(model, voice, bgm, shape, args.samples, args.seed, progress=True, **controls)
     seconds = time.time() - t0
-    out = Path(args.out)
-    write_motion(out, motion, flame, shape, voice)
+    print(f"{motion.shape[0]} take(s) of {motion.shape[1]} frames in {seconds:.2f} s "
+          f"({motion.shape[0] * motion.shape[1] / seconds:.0f} frames/s)", flush=True)
+    song = voice if bgm is None or args.voice_only else song_mix(voice, bgm)
+    write_motion(out, motion, flame, shape, song)
     if args.glb:
-        song = voice if bgm is None else voice + fit_length(bgm, len(voice))
-        song = song / max(1.0, np.abs(song).max())                # the mix as heard, without clipping
         for k, m in enumerate(motion):
             save_glb(out / f"sample_{k}.glb", flame, shape, m, FPS, song, SAMPLE_RATE)
-    print(f"{motion.shape[0]} sample(s) of {motion.shape[1]} frames in {seconds:.2f} s "
-          f"({motion.shape[0] * motion.shape[1] / seconds:.0f} frames/s) -> {out}")
+            announce(out / f"sample_{k}.glb", f"take {k} as a glTF 2.0 animated head, its sound beside it")
+            announce(out / f"sample_{k}.wav", f"the sound of take {k}'s .glb")
     if args.grid:
-        grid = write_grid(out / "grid.mp4", motion, flame, shape, voice)
-        print(f"grid preview, takes 0..{len(motion) - 1} left to right then down -> {grid}")
-    if args.image or args.renderer:
-        if not (args.image and args.renderer):
-            sys.exit("--image and --renderer go together: the portrait video needs both")
+        grid = write_grid(out / "grid.mp4", motion, flame, shape, song)
+        announce(grid, f"every take side by side, takes 0..{len(motion) - 1} left to right then down, with sound")
+    if args.image:
         video = portrait_video(args.renderer, args.image, flame, shape, motion[0], out / "portrait.mp4",
-                               audio=voice, device=args.device)
-        print(f"portrait video -> {video}")
+                               audio=song, device=args.device, progress=True)
+        announce(video, "the portrait video of take 0, with sound")
+        announce(video.with_name("depth.mp4"), "the depth frames the renderer was given, with sound")
 
 
 if __name__ == "__main__":
