@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import re
+import shlex
 import shutil
 import signal
 import struct
@@ -2451,7 +2452,7 @@ def test_command_line_refuses_bad_input_in_one_line_naming_the_file(tmp_path):
 
 def run_script_in(cwd, script, *args):
     return subprocess.run([sys.executable, str(Path(__file__).parent / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -3228,3 +3229,57 @@ def test_renderer_records_its_flame_and_portrait_video_refuses_another_head(pers
     with pytest.raises(ValueError, match=f"{re.escape(str(out / 'best.pt'))}: trained on depth images of procedural"):
         unisinger.portrait_video(out / "best.pt", out / "reference.png", other, torch.zeros(100),
                                  np.zeros((2, 59), np.float32), tmp_path / "p.mp4")
+
+
+# ==============================================================================================================
+# README: its commands run as written, in order, on a small stand-in for the built-in data set, each with the
+# flags that shorten a long run appended.
+
+README = Path(__file__).parent / "README.md"
+README_NOT_RUN = {"pip install -r requirements-dev.txt": "needs the network",
+                  "python -m pytest -q test_unisinger.py": "this very test suite"}
+README_SHORT_RUN = {"python train.py --stage render": ["--epochs", "1"], "python train.py": ["--epochs", "1"],
+                    "python metrics.py": ["--samples", "2"], "python bench.py": ["--only", "flame"]}
+
+
+def readme_commands():
+    """The command lines of README's bash blocks in order, continuation lines joined: [(command, comment)]."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            code, _, comment = line.partition("#")
+            if code.strip():
+                commands.append((" ".join(code.split()), comment.strip()))
+    return commands
+
+
+def test_readme_commands_each_say_how_long_they_take():
+    commands = readme_commands()
+    assert len(commands) >= 8
+    for command, comment in commands:
+        assert re.match(r"about [\d.]+ (seconds|minutes)", comment), command
+
+
+def test_readme_commands_run_as_written_on_the_builtin_data(tmp_path):
+    """A copy of the code beside a built-in data set of one singer (3 clips of 8 s, one per split, filmed at
+    64²): every README command in order, long ones shortened; the files the next commands read appear."""
+    for source in Path(__file__).parent.glob("*.py"):
+        shutil.copy(source, tmp_path)
+    data.generate_dataset(tmp_path / "data" / "builtin", n_people=1, clips_per_person=3, clips_per_song=1,
+                          video_size=64, video_clips=3, verbose=False)
+    skipped = []
+    for command, _ in readme_commands():
+        if command in README_NOT_RUN:
+            skipped.append(command)
+            continue
+        argv = shlex.split(command)
+        assert argv[0] == "python", command
+        extra = next((flags for prefix, flags in README_SHORT_RUN.items() if command.startswith(prefix)), [])
+        proc = subprocess.run([sys.executable, *argv[1:], *extra], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        assert "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(skipped) == sorted(README_NOT_RUN)
+    for made in ("out/motion/best.pt", "out/render/reference.png", "out/song/preview_2.mp4",
+                 "out/song/portrait.mp4", "out/song/depth.mp4", "out/metrics/table2.json"):
+        assert (tmp_path / made).is_file(), made

@@ -5,11 +5,11 @@
     torchrun --nproc_per_node=4 train.py --stage motion --preset paper --data /path/SingingHead --wav2vec w2v/
     python train.py --no-music          # Table III's ablations: --no-music, --w-kl 0, --w-rec 0, --w-vel 0, --w-mesh 0
 
-Depends on torch, numpy and our unisinger.py, data.py, flame.py, render.py, metrics.py.
+Depends on torch, numpy and our unisinger.py, data.py, flame.py, render.py, metrics.py, progress.py.
 
-What every run does: one progress line every few steps (step, losses, it/s, ETA), validation every epoch,
-`last.pt` and `best.pt` written atomically at the end of every epoch into --out, bf16 autocast on a GPU
-(--bf16), DDP when started by torchrun. `--resume` continues from `last.pt` exactly: the model, optimiser,
+What every run does: one progress line every few steps (step, losses, steps/s, ETA from the recent pace),
+validation every epoch, `last.pt` and `best.pt` written atomically at the end of every epoch into --out, bf16
+autocast on a GPU (--bf16), DDP when started by torchrun. `--resume` continues from `last.pt` exactly: the model, optimiser,
 schedule, the random number generators and the epoch's data order are all restored, so on the CPU a resumed
 run produces the same losses as one that never stopped.
 """

@@ -9,7 +9,7 @@ What it holds
                     face renderer, the portrait video).
 
 Depends on torch, numpy and our audio.py (wav2vec 2.0, MFCC), flame.py (meshes for the mesh loss and the
-outputs), data.py (clip constants, the built-in data set) and render.py (previews, portrait video).
+outputs), render.py (previews, portrait video) and progress.py (progress lines of long songs).
 
 The model in one paragraph. Every frame t gets one audio token: wav2vec 2.0 features of the singing voice
 (interpolated to 30 fps before the transformer layers, as FaceFormer does) projected to d, concatenated with
@@ -24,9 +24,11 @@ by the training set's per-dimension mean and standard deviation (kept as buffers
 Losses (motion_losses): KL + reconstruction + velocity + face-mesh vertices, each with its weight in MotionConfig;
 the `paper` preset compares raw FLAME parameters and whole-pose meshes as the paper's equations do.
 
-Use alone (needs audio.py and flame.py beside it; a checkpoint from `python train.py --stage motion`):
+Use alone (needs audio.py, flame.py, render.py and progress.py beside it; a checkpoint from `python train.py
+--stage motion`; the videos carry voice + music mixed, --voice-only for the voice alone):
     python unisinger.py --audio voice.wav --bgm music.wav --samples 3 --out out/song
-    python unisinger.py --audio voice.wav --image ref.png --renderer out/render/best.pt --out out/song
+    python unisinger.py --audio voice.wav --bgm music.wav --image out/render/reference.png \
+        --renderer out/render/best.pt --out out/song
 """
 import argparse
 import copy
@@ -644,7 +646,7 @@ def announce(path, what):
 
 def song_mix(voice, bgm):
     """The song as heard: voice + background music (cut or zero-padded to the voice's length), (N,) float32;
-    scaled down only where the sum would clip."""
+    scaled down as a whole only if the sum would clip."""
     mix = voice + fit_length(bgm, len(voice))
     peak = float(np.abs(mix).max())
     return mix / peak if peak > 1.0 else mix
