@@ -3276,7 +3276,7 @@ def test_readme_commands_run_as_written_on_the_builtin_data(tmp_path):
         assert argv[0] == "python", command
         extra = next((flags for prefix, flags in README_SHORT_RUN.items() if command.startswith(prefix)), [])
         proc = subprocess.run([sys.executable, *argv[1:], *extra], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=600)
+                              timeout=1800)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
         assert "Traceback" not in proc.stderr, proc.stderr
     assert sorted(skipped) == sorted(README_NOT_RUN)
