@@ -9,9 +9,9 @@ Depends on torch, numpy and our unisinger.py, data.py, flame.py, render.py, metr
 
 What every run does: one progress line every few steps (step, losses, steps/s, ETA from the recent pace),
 validation every epoch, `last.pt` and `best.pt` written atomically at the end of every epoch into --out, bf16
-autocast on a GPU (--bf16), DDP when started by torchrun. `--resume` continues from `last.pt` exactly: the model, optimiser,
-schedule, the random number generators and the epoch's data order are all restored, so on the CPU a resumed
-run produces the same losses as one that never stopped.
+autocast on a GPU (--bf16), DDP when started by torchrun. `--resume` continues from `last.pt` exactly: the
+model, optimiser, schedule, the random number generators and the epoch's data order are all restored, so on
+the CPU a resumed run produces the same losses as one that never stopped.
 """
 import argparse
 import fcntl

@@ -776,7 +776,8 @@ def main(argv=None):
     flame = load_flame(resolve_flame(trained.flame_record, args.flame, args.checkpoint))
     if shape is None and args.person:
         if args.person not in trained.people:
-            raise ValueError(f"{args.checkpoint}: no person {args.person!r}; known: {', '.join(sorted(trained.people))}")
+            raise ValueError(f"{args.checkpoint}: no person {args.person!r}; "
+                             f"known: {', '.join(sorted(trained.people))}")
         shape = trained.people[args.person]
     elif shape is None:
         shape = next(iter(trained.people.values()), np.zeros(N_SHAPE, np.float32))
