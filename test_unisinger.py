@@ -3010,6 +3010,21 @@ def test_stream_applies_the_same_controls():
     np.testing.assert_array_equal(cold, colder)                      # z = 0 whatever the seed
 
 
+def test_temperature_zero_gives_identical_takes_and_diversity_grows_with_temperature(trained_motion, motion_set):
+    """Diversity (mean pairwise distance of 4 takes' 68 landmarks, the metrics' definition) is 0 at temperature
+    0, where every z is 0, and grows with the temperature on a held-out clip."""
+    model = load_checkpoint(trained_motion / "best.pt").model
+    item = data.SingingHead(motion_set, "test")[0]
+    regions = metrics.RegionMeshes(Flame.procedural())
+    shape = torch.from_numpy(item["shape"])
+    spread = []
+    for temperature in (0.0, 0.5, 1.0, 2.0):
+        takes = generate(model, item["audio"], item["bgm"], item["shape"], n_samples=4, temperature=temperature)
+        spread.append(metrics.diversity(regions.landmarks(regions(shape, torch.from_numpy(takes)))))
+    assert spread[0] == 0.0
+    assert all(a < b for a, b in zip(spread, spread[1:])), spread
+
+
 # ==============================================================================================================
 # Tests of the render stage: training runs, checkpoints, exact resume, learning, and the portrait video.
 

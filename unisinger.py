@@ -407,11 +407,11 @@ class MotionStream:
     frame depends on the audio after it. Each push runs the model once on a window of the last `window` frames
     of audio, ending at the newest frame A (its start rounded down to a multiple of the PPE period, so every
     pass gives a frame the same positional phase, as training clips and offline windows do). Frame f is final
-    once A > f + lookahead. Until then every pass adds its prediction for f with weight min(d / lookahead, 1),
-    d = A - f the frames of audio that pass had from f on, and the final value is the weighted mean: a pass that
-    saw little future counts little, and neighbouring frames are mixes of nearly the same passes, so the joins
-    between pushes carry no seam. Algorithmic latency: lookahead plus the chunk size; compute: one pass of the
-    model on `window` frames per push (per_pass_s and per_pass_cpu_s record each).
+    once A > f + lookahead. The frames a push makes final are cross-faded linearly from the previous pass's
+    prediction (which had up to `lookahead` frames of audio after them) to this pass's: the first of them
+    continues the previous push's last frame, the last is this pass alone, which the next push's first frame
+    continues in turn, so the joins between pushes carry no step. Algorithmic latency: lookahead plus the chunk
+    size; compute: one pass of the model on `window` frames per push (per_pass_s and per_pass_cpu_s record each).
 
     push(voice, bgm=None) -> (k, 59) numpy, the frames made final by this chunk (k may be 0);
     finish() -> the rest of the song's frames. Together they give every frame of the song exactly once.
@@ -434,8 +434,7 @@ class MotionStream:
         self.received = 0                           # samples pushed so far
         self.seen = 0                               # audio frames the last pass read (its A)
         self.emitted = 0                            # frames handed out so far
-        self.sum = torch.zeros(0, MOTION_DIM)       # (seen - emitted, 59) weighted sum of the passes' predictions
-        self.weight = torch.zeros(0, 1)             # (seen - emitted, 1) their total weight
+        self.ahead = torch.zeros(0, MOTION_DIM)     # (seen - emitted, 59) the last pass's frames not yet final
         self.per_pass_s = []                        # wall seconds of each pass (features + model)
         self.per_pass_cpu_s = []                    # and this process's CPU seconds in it (all threads)
 
@@ -453,14 +452,15 @@ class MotionStream:
         while self.seen < available:
             # a pass may move on at most `window` frames past the first frame not yet emitted, else frames in
             # between would never be predicted (a chunk longer than a window is taken in several passes)
-            self._pass(min(available, self.emitted + self.window))
-            out.append(self._emit(self.seen - self.lookahead))
+            out.append(self._pass(min(available, self.emitted + self.window)))
         return np.concatenate(out) if out else np.zeros((0, MOTION_DIM), np.float32)
 
     @torch.no_grad()
     def finish(self):
-        """End of the song: no more audio will come, so every frame left is final as it is."""
-        return self._emit(self.seen)
+        """End of the song: no more audio will come, so the last pass's frames are final as they are."""
+        motion, self.ahead = self.ahead, self.ahead[:0]
+        self.emitted = self.seen
+        return self._controlled(motion)
 
     def _pass(self, end):
         start = max(0, end - self.window)
@@ -475,24 +475,25 @@ class MotionStream:
         motion = self.model.sample(self.shape, feats, music, z=self.z)[0].float().cpu()        # (n, 59)
         self.per_pass_s.append(time.perf_counter() - t0)
         self.per_pass_cpu_s.append(time.process_time() - cpu0)
-        new = end - self.seen
-        self.sum = torch.cat([self.sum, torch.zeros(new, MOTION_DIM)])
-        self.weight = torch.cat([self.weight, torch.zeros(new, 1)])
-        frames = torch.arange(self.emitted, end)                                           # not yet final
-        w = ((end - frames) / max(self.lookahead, 1)).clamp(max=1.0)[:, None]              # (k, 1)
-        self.sum += w * motion[frames - start]
-        self.weight += w
+        fresh = motion[self.emitted - start:]                                              # (end - emitted, 59)
+        k = max(0, end - self.lookahead - self.emitted)                                    # frames final now
+        # cross-fade from the previous pass (its frames had `lookahead` frames of future or less) to this one
+        # over the frames handed out now: the first continues the previous push's last frame, the last is
+        # this pass alone, as the next push's first frame will continue it
+        old = min(k, len(self.ahead))
+        fade = (torch.arange(1, old + 1, dtype=torch.float32) / k)[:, None]               # (old, 1)
+        out = fresh[:k].clone()
+        out[:old] = (1 - fade) * self.ahead[:old] + fade * fresh[:old]
+        self.ahead = fresh[k:]
+        self.emitted += k
         self.seen = end
         keep = max(0, end - self.window)
         keep -= keep % PPE_PERIOD                                  # every later pass starts at or after this
         drop = clip_samples(keep) - clip_samples(self.first)
         self.voice, self.bgm, self.first = self.voice[drop:], self.bgm[drop:], keep
+        return self._controlled(out)
 
-    def _emit(self, upto):
-        k = max(0, upto - self.emitted)
-        motion = self.sum[:k] / self.weight[:k]                                            # (k, 59)
-        self.sum, self.weight = self.sum[k:], self.weight[k:]
-        self.emitted += k
+    def _controlled(self, motion):
         return apply_controls(motion, self.model.motion_mean.cpu(), **self.controls).numpy()
 
 
