@@ -8,7 +8,7 @@ Holds
   pytorch_model.bin) with our own safetensors reader and a hand-written key mapping.
   resample_features brings its 50 Hz features to the motion frame rate.
 - mfcc / mfcc_at_fps: torch, batched (..., N), CPU or GPU; equal to librosa.feature.mfcc.
-- hpss, onset_strength, tempo, beat_track, beats: the music-beat pipeline of SPEC section 6 (median-filter
+- hpss, onset_strength, tempo, beat_track, beats: the beat pipeline the beat-alignment metric uses (median-filter
   harmonic/percussive split -> onset strength of the percussive part, median over mel bands -> dynamic-
   programming beat tracking), in numpy, following librosa 0.11's precision step by step so that beat frames
   come out identical to librosa's, not merely close.

@@ -12,7 +12,7 @@ Use alone:
     clips = SingingHead(root, "train")   # torch Dataset; clips[0]["motion"] is float32 (240, 59)
     frames = read_video(root / "video_seqs" / f"{clips[0]['id']}.mp4", size=256)   # uint8 (T, 256, 256, 3)
 
-Layout (the release's, SPEC section 2)
+Layout (the SingingHead release's)
     root/train.txt val.txt test.txt    one sequence id a line, e.g. id0_2_1_0; the first field is the person
     root/flame_seqs/<id>.pkl           dict pickle: expcodes (T, 50+), posecodes (T, 9), shapecode, cam (T, 3)
     root/audio_seqs/<id>.wav           dry singing voice, any sample rate, mono or stereo
@@ -38,7 +38,7 @@ Reading rules (bad input gets a one-line ValueError naming the file)
       clip, is dropped and the dropped frames are counted and printed.
     - A split file that is missing, or lists no id, is refused naming that file.
 
-The generated data set (generate_dataset, builtin_data), SPEC section 7
+The generated data set (generate_dataset, builtin_data)
     People: id0 .. id<n-1>, each a procedural FLAME shape (beta ~ N(0, 1) on the first 10 coefficients, 0
     after), a fixed camera (DEFAULT_CAM's scale times 1 +- 6 %, a small shift, a little smooth jitter per
     frame), a voice register, a skin tint and background colour, and a motion style (the gains below).

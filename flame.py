@@ -3,7 +3,7 @@
 Holds `Flame` (an nn.Module mapping shape / expression / joint rotations to mesh vertices in metres),
 the chumpy-free reader of the official model files (`DataUnpickler`, `load_data_pickle`, `load_npy_object`:
 every pickle-based file read as data only, one that names code refused), the procedural head used when no
-FLAME file is available, the 59-d motion helper of SPEC §2 (`split_motion`), mesh exports (`save_obj`,
+FLAME file is available, the 59-d motion helper (`split_motion`), mesh exports (`save_obj`,
 `save_mesh_sequence`, and `save_glb`: a take as an animated, skinned glTF 2.0 file with its song beside it),
 and what a checkpoint records about its head (`flame_record`: the file and its sha256) with the check that a
 later run uses the same one (`resolve_flame`). Depends on torch and numpy only; imports nothing else of the
@@ -340,7 +340,7 @@ class Flame(nn.Module):
 
     @classmethod
     def procedural(cls, seed=0, dtype=torch.float32):
-        """The stand-in head of SPEC §3 (see procedural_head)."""
+        """The procedural stand-in head (see procedural_head)."""
         head = procedural_head(seed)
         return cls(head, N_SHAPE, N_EXPR, N_SHAPE, (head['lmk_faces_idx'], head['lmk_bary_coords']),
                    head['masks'], f'procedural head (seed {seed})', dtype)

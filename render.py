@@ -1,6 +1,6 @@
 """
 Rendering for UniSinger: the depth rasterizer, the orthographic camera, shaded previews, mp4 output, and
-the per-person face renderer of SPEC §5 (UNet generator, PatchGAN discriminator, VGG-19, losses), its
+the paper's per-person face renderer (UNet generator, PatchGAN discriminator, VGG-19, losses), its
 size presets (RendererConfig) and checkpoint reading (read_checkpoint: data only; load_renderer).
 
 Depends on torch, numpy, imageio (+ imageio-ffmpeg for the encoder and its ffmpeg binary) and soundfile.
@@ -319,7 +319,7 @@ def render_preview(flame, verts, path, audio=None, cam=DEFAULT_CAM, size=IMAGE_S
 
 
 # ---------------------------------------------------------------------------------------------------
-# Face renderer (SPEC §5): depth + reference image + temporal encoding -> portrait frame
+# Face renderer (the paper's, section IV-B): depth + reference image + temporal encoding -> portrait frame
 
 TPE_CHANNELS = 8                 # temporal positional encoding channels (sin/cos pairs)
 TPE_BASE = 1000.0                # longest TPE period is ~2*pi*TPE_BASE**(3/4) frames (~37 s at 30 fps)
@@ -384,7 +384,7 @@ class UpBlock(torch.nn.Module):
 
 class FaceRenderer(torch.nn.Module):
     """
-    UNet generator of SPEC §5. Encoder: 8 residual down blocks; the first keeps 256² and the other seven
+    The paper's UNet generator. Encoder: 8 residual down blocks; the first keeps 256² and the other seven
     halve it, so the levels sit at 256², 128², ..., 2² with ENCODER_CHANNELS. Decoder: 7 residual up blocks
     mirroring the 7 halvings (the 2² level is the bottleneck), each joined by the encoder level of its
     resolution, back to 64 channels at 256²; a 3x3 conv and tanh give RGB in [-1, 1].
@@ -565,7 +565,7 @@ TINY_DIVISOR = 8        # the tiny preset's widths are the paper's divided by th
 @dataclass
 class RendererConfig:
     """
-    Widths of the face renderer and its discriminator. Presets: 'paper' is SPEC §5 (58.6 M generator
+    Widths of the face renderer and its discriminator. Presets: 'paper' is the paper's (58.6 M generator
     parameters, for GPUs); 'tiny' keeps the same 8 levels and layout at 1/TINY_DIVISOR of the widths, which
     trains on two CPU cores in minutes.
     """

@@ -38,7 +38,7 @@ from flame import flame_record
 from progress import RATE_WINDOW, Progress
 from unisinger import FaceMeshes, MotionConfig, MotionCVAE, load_checkpoint, load_flame, motion_losses
 
-RENDER_FRAME_STRIDE = 6      # 1 frame in 6 (5 a second): neighbours at 30 fps are near copies; SPEC §6 scores these
+RENDER_FRAME_STRIDE = 6      # 1 frame in 6 (5 a second): neighbours at 30 fps are near copies; the 2-D metrics score these
 DEPTH_BATCH = 32             # frames rasterized at once while precomputing the depth inputs
 EVAL_BATCH = 16              # frames rendered at once for validation and the summary
 GRID_ROWS = 4                # validation frames in each epoch's sample grid
