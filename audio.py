@@ -438,11 +438,19 @@ def read_safetensors(path):
         raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
     body = data[8 + n:]
     tensors = {}
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is not a JSON object")
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if entry["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+        if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
+                and all(isinstance(n, int) and n >= 0 for n in entry["shape"])
+                and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+                and all(isinstance(n, int) for n in entry["data_offsets"])
+                and 0 <= entry["data_offsets"][0] <= entry["data_offsets"][1]):
+            raise ValueError(f"{path}: tensor {name} has a damaged entry in the header ({str(entry)[:80]})")
+        if entry.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')}")
         dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]).newbyteorder("<")
         begin, end = entry["data_offsets"]
         count = math.prod(entry["shape"])

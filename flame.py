@@ -23,6 +23,8 @@ import os
 import pickle
 import struct
 import wave
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -208,11 +210,37 @@ def _dense(value, path, key):
     return np.asarray(value)
 
 
+def read_npz(path):
+    """
+    dict of the arrays of an .npz file, as data only (no pickled objects). A damaged file is refused with a
+    ValueError naming it: not a zip, a bad checksum, a bad array header, or a header that claims more values
+    than its member holds, which is checked before anything is allocated.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            data = {}
+            for info in z.infolist():
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = header(f)
+                    if dtype.hasobject:
+                        raise ValueError(f"array {info.filename} holds Python objects")
+                    if math.prod(shape) * dtype.itemsize > info.file_size:
+                        raise ValueError(f"array {info.filename} claims {math.prod(shape)} values of {dtype} but "
+                                         f"holds {info.file_size} bytes")
+                with z.open(info) as f:
+                    data[info.filename.removesuffix('.npy')] = np.lib.format.read_array(f, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: not a readable .npz ({' '.join(str(e).split())})") from None
+    return data
+
+
 def read_flame_arrays(path):
     """dict of the FLAME arrays of a .pkl (2020 chumpy or 2023 plain) or .npz file."""
     if path.suffix == '.npz':
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
+        data = read_npz(path)
     else:
         data = load_data_pickle(path)
         if not isinstance(data, dict):

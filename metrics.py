@@ -821,6 +821,7 @@ def model_predictor(model, n_samples, base_seed=EVAL_SEED, silent=False, clock=N
 
 def read_samples(pred_dir, item):
     """DIR/<id>/sample_<k>.npz -> the item's clip of each sample, (S,T,59) float32, in k order."""
+    from flame import read_npz
     folder = Path(pred_dir) / item["id"]
     files = sorted(folder.glob("sample_*.npz"), key=lambda p: int(p.stem.split("_")[1]))
     if not files:
@@ -828,10 +829,10 @@ def read_samples(pred_dir, item):
     start, n = int(item.get("start", 0)), len(item["motion"])
     out = []
     for f in files:
-        with np.load(f) as z:
-            if "motion" not in z:
-                raise ValueError(f"{f}: no 'motion' array")
-            m = z["motion"][start:start + n]
+        z = read_npz(f)                                     # a damaged file is refused naming it
+        if "motion" not in z:
+            raise ValueError(f"{f}: no 'motion' array")
+        m = z["motion"][start:start + n]
         if m.shape != (n, item["motion"].shape[-1]):
             raise ValueError(f"{f}: motion frames {start}..{start + n} of shape {m.shape}, expected ({n}, 59)")
         out.append(m.astype(np.float32))

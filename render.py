@@ -661,8 +661,11 @@ def load_renderer(path, device="cpu"):
     ckpt = read_checkpoint(path, device)
     if "generator" not in ckpt or "renderer_config" not in ckpt:
         raise ValueError(f"{path}: not a face renderer checkpoint (no 'generator' / 'renderer_config')")
-    config = RendererConfig(**ckpt["renderer_config"])
-    generator = FaceRenderer(config.channels).to(device)
-    generator.load_state_dict(ckpt["generator"])
+    try:
+        config = RendererConfig(**ckpt["renderer_config"])
+        generator = FaceRenderer(config.channels).to(device)
+        generator.load_state_dict(ckpt["generator"])
+    except (TypeError, ValueError, RuntimeError) as e:      # a damaged config or weights that do not fit it
+        raise ValueError(f"{path}: not a usable face renderer checkpoint ({str(e).strip().splitlines()[0]})") from None
     record = dict(flame=ckpt.get("flame") or "procedural", flame_sha256=ckpt.get("flame_sha256"))
     return TrainedRenderer(generator.eval(), config, tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM)), record)

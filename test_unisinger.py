@@ -5,6 +5,7 @@ that use them; they are test dependencies only (requirements-dev.txt). Run: pyth
 """
 import functools
 import inspect
+import io
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import signal
 import struct
 import subprocess
 import sys
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -1139,6 +1141,55 @@ def test_read_safetensors_refuses_truncated_file(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[:-40])
     with pytest.raises(ValueError, match="cut.safetensors.*truncated"):
         read_safetensors(tmp_path / "cut.safetensors")
+
+
+def damaged(raw, rng):
+    """A truncated copy of the bytes (half the time) or one with 1-3 flipped bits, mostly in the first 4 KiB
+    where the headers are."""
+    if rng.random() < 0.5:
+        return raw[:int(rng.integers(0, len(raw)))]
+    out = bytearray(raw)
+    for _ in range(int(rng.integers(1, 4))):
+        at = int(rng.integers(0, min(len(out), 4096) if rng.random() < 0.7 else len(out)))
+        out[at] ^= 1 << int(rng.integers(0, 8))
+    return bytes(out)
+
+
+def test_damaged_files_are_read_or_refused_in_one_line_naming_them(tmp_path):
+    """Seeded fuzz: truncated and bit-flipped copies of a wav, a motion checkpoint, a FLAME .npz and a
+    model.safetensors are each either read or refused with one line (ValueError) that names the file; nothing
+    else escapes (no KeyError, BadZipFile, RuntimeError from a state dict...)."""
+    from safetensors.torch import save_file
+    rng = np.random.default_rng(13)
+    cfg = MotionConfig.preset("tiny")
+    torch.save(dict(model=MotionCVAE(cfg).state_dict(), config=asdict(cfg)), tmp_path / "m.pt")
+    sf.write(tmp_path / "v.wav", rng.normal(0, 0.1, SAMPLE_RATE).astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
+    np.savez(tmp_path / "f.npz", **{k: np.asarray(v) for k, v in procedural_head().items()})
+    save_file({"a": torch.zeros(10, 4), "b": torch.ones(3)}, tmp_path / "model.safetensors")
+    readers = {"m.pt": load_checkpoint, "v.wav": load_audio, "f.npz": Flame.load, "model.safetensors": read_safetensors}
+    for name, read in readers.items():
+        raw = (tmp_path / name).read_bytes()
+        for i in range(50):
+            path = tmp_path / f"{i}_{name}"
+            path.write_bytes(damaged(raw, rng))
+            try:
+                read(path)
+            except ValueError as error:
+                assert str(error).startswith(f"{path}: ") and "\n" not in str(error)
+
+
+def test_sizes_claimed_by_a_header_are_checked_before_allocating(tmp_path):
+    """A safetensors header or an .npz array header that claims 10^12 values is refused, not attempted."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [10 ** 6, 10 ** 6], "data_offsets": [0, 4 * 10 ** 12]}})
+    (tmp_path / "big.safetensors").write_bytes(len(header).to_bytes(8, "little") + header.encode() + bytes(16))
+    with pytest.raises(ValueError, match="big.safetensors: tensor w data is truncated"):
+        read_safetensors(tmp_path / "big.safetensors")
+    member = io.BytesIO()                          # an .npy whose header claims 10^12 floats, followed by 16 bytes
+    np.lib.format.write_array_header_1_0(member, dict(descr="<f4", fortran_order=False, shape=(10 ** 12,)))
+    with zipfile.ZipFile(tmp_path / "big.npz", "w") as z:
+        z.writestr("motion.npy", member.getvalue() + bytes(16))
+    with pytest.raises(ValueError, match=r"big\.npz: .*claims 1000000000000 values"):
+        flame.read_npz(tmp_path / "big.npz")
 
 
 def test_resample_features_is_linear_interpolation_with_ends_kept():

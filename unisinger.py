@@ -601,8 +601,11 @@ def load_checkpoint(path, device="cpu"):
     for key in ("model", "config"):
         if not isinstance(ckpt, dict) or key not in ckpt:
             raise ValueError(f"{path}: not a motion checkpoint (missing key {key!r})")
-    model = MotionCVAE(MotionConfig(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = MotionCVAE(MotionConfig(**ckpt["config"])).to(device)
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:      # a damaged config or weights that do not fit it
+        raise ValueError(f"{path}: not a usable motion checkpoint ({str(e).strip().splitlines()[0]})") from None
     people = {k: np.asarray(v.cpu(), dtype=np.float32) for k, v in ckpt.get("people", {}).items()}
     record = dict(flame=ckpt.get("flame") or "procedural", flame_sha256=ckpt.get("flame_sha256"))
     return TrainedMotion(model.eval(), people, record)
