@@ -2435,7 +2435,7 @@ def test_training_writes_best_and_last_checkpoints_that_load(trained_motion):
 
 
 def test_tiny_model_learns_singing_motion_and_uses_the_audio(trained_motion, motion_set):
-    """Issue 4's bar on the test split: LVE <= half the mean-motion baseline's, much worse when deaf, and
+    """The learning bar on the test split: LVE <= half the mean-motion baseline's, much worse when deaf, and
     diverse samples that stay close to the truth."""
     args = train.parse_args(["--stage", "motion"])
     rows = train.motion_summary(load_checkpoint(trained_motion / "best.pt").model, motion_set, args)
