@@ -1,35 +1,52 @@
 """Benchmarks: our code side by side with the trusted references, in one run, as ratios, with memory.
 
     python bench.py                 # every table on the CPU
-    python bench.py --only flame    # one table
+    python bench.py --only flame    # one table (or several: --only flame --only render)
     python bench.py --device cuda   # on a GPU (references stay where they run)
 
-Each part lives in bench_<part>.py beside this file and returns rows of
+Each part is one function `bench_<part>(device)` below that returns rows of
     name, ours_s, ref_s, ratio (= ref_s / ours_s, > 1 means we are faster), ours_mem_mb, ref_mem_mb, note.
-Depends on the reference packages of requirements-dev.txt. Timings belong here, never in the tests.
-best_times, the timing loop every part uses, lives here.
+Every part times with `best_times` and reads memory with `peak_mb`; `in_child` runs a measurement in a fresh
+interpreter so that its memory (and the caches it warms) are its own. Depends on the reference packages of
+requirements-dev.txt (imported inside the part that compares with them). Timings belong here, never in the tests.
 
 The whole run takes about 7 minutes on 2 idle CPU cores (7 min 12 s measured), most of it in the render stage's
 part (about 3.5 minutes: the portrait video of 60 s of motion). Each part is announced as it starts, its rows are
 printed as it ends with the time it took and an ETA for the rest, and one aligned table closes the run.
 """
 import argparse
-import importlib
+import ctypes
+import gc
+import json
+import multiprocessing
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import asdict
+from pathlib import Path
 
+import imageio.v2 as imageio
+import numpy as np
 import torch
 
+import audio
+import data
+import metrics
+import render
+from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame, procedural_head
 from progress import duration
+from audio import SAMPLE_RATE
+from unisinger import (DEFAULT_CHECKPOINT, MotionConfig, MotionCVAE, MotionStream, generate,
+                       load_checkpoint, portrait_video, stream_song)
 
-PARTS = ["flame", "render", "audio_w2v", "audio_dsp", "motion", "stream", "metrics", "render_stage"]
-# rough seconds of each part on 2 idle CPU cores (the parts but stream took 7 min 12 s in all): they only
-# weight the ETA between parts, which is rescaled by how fast the parts so far ran against them
-EXPECTED_S = dict(flame=15, render=30, audio_w2v=30, audio_dsp=30, motion=50, stream=30, metrics=50,
-                  render_stage=220)
+HERE = Path(__file__).resolve().parent
 COLUMNS = [("benchmark", "name", None), ("ours s", "ours_s", ".4f"), ("ref s", "ref_s", ".4f"),
            ("ratio", "ratio", ".2f"), ("ours MB", "ours_mem_mb", ".1f"), ("ref MB", "ref_mem_mb", ".1f"),
            ("note", "note", None)]
 
+
+# ----------------------------------------------------------------------------- how every part measures
 
 def best_times(fns, device, warmup, repeats, min_seconds=0.0):
     """Best wall and best process-CPU seconds of each callable over at least `repeats` rounds (and more until
@@ -53,6 +70,650 @@ def best_times(fns, device, warmup, repeats, min_seconds=0.0):
     return [min(t) for t in wall], [min(t) for t in cpu]
 
 
+def _status_mb(field):
+    """VmRSS (resident now) or VmHWM (resident peak) of this process in MB, from /proc (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024                                        # kB -> MB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_mb(fn=None, device="cpu"):
+    """Memory in MB. With fn: what one call of fn needs beyond what is held before it; on CUDA the peak
+    allocation above the allocation before the call, on the CPU the rise of the peak resident set (VmHWM, reset
+    through /proc/self/clear_refs) above the resident set before the call, after gc and malloc_trim have handed
+    freed heap back (else pages cached by earlier calls hide the working set). Without fn: the process's peak so
+    far (interpreter, torch, models and inputs included). None on a CPU where /proc does not offer this."""
+    if torch.device(device).type == "cuda":
+        if fn is None:
+            return torch.cuda.max_memory_allocated() / 2 ** 20
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    if fn is None:
+        return _status_mb("VmHWM")
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")                 # resets VmHWM to the current VmRSS
+    before = _status_mb("VmRSS")
+    with torch.no_grad():
+        fn()
+    return _status_mb("VmHWM") - before
+
+
+def in_child(fn, *args):
+    """fn(*args) in a fresh interpreter (spawned, so nothing of this process's memory is shared): its result."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _warm_peak_mb(make, *args):
+    """In a child: peak_mb of one call of make(*args)() after a warm-up call (one-off allocations are not the
+    call's cost)."""
+    fn = make(*args)
+    with torch.no_grad():
+        fn()
+    return peak_mb(fn)
+
+
+def fresh_peak_mb(make, *args):
+    """peak_mb of a warm call of make(*args)() in a fresh interpreter, so that neither of two methods compared
+    reuses pages the other freed."""
+    return in_child(_warm_peak_mb, make, *args)
+
+
+# ----------------------------------------------------------------------------- flame: FLAME forward vs smplx
+
+FLAME_FRAMES = 240          # one 8 s clip at 30 fps
+FLAME_WARMUP, FLAME_REPEATS = 2, 7
+
+
+def _flame_methods(per_frame_shape, device="cpu"):
+    """Ours and smplx.lbs's callables over identical procedural-head arrays: (ours, ref)."""
+    from smplx.lbs import lbs
+    head = procedural_head(0)
+    model = Flame.procedural().to(device)
+    g = torch.Generator().manual_seed(0)
+    shape = torch.randn(FLAME_FRAMES if per_frame_shape else 1, N_SHAPE, generator=g).to(device)
+    motion = (torch.randn(FLAME_FRAMES, MOTION_DIM, generator=g) * 0.2).to(device)
+    t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)
+    betas = torch.cat([shape.expand(FLAME_FRAMES, N_SHAPE), motion[:, :N_EXPR]], 1)
+    pose = torch.cat([motion[:, N_EXPR:], torch.zeros(FLAME_FRAMES, 6, device=device)], 1)
+    ref_args = (t(head['v_template']), t(head['shapedirs']), t(head['posedirs'].reshape(-1, 36).T),
+                t(head['J_regressor']), torch.tensor([-1, 0, 1, 1, 1], device=device), t(head['weights']))
+    ours = lambda: model.from_motion(shape if per_frame_shape else shape[0], motion)
+    ref = lambda: lbs(betas, pose, *ref_args)[0]
+    return ours, ref
+
+
+def _flame_method(which, per_frame_shape):
+    return _flame_methods(per_frame_shape)[which]
+
+
+def bench_flame(device="cpu"):
+    """FLAME forward for one 8 s clip (240 frames) against smplx.lbs on the same arrays: best of FLAME_REPEATS
+    alternating calls, no autograd, float32; memory of a warm call, on the CPU each method in a fresh interpreter."""
+    rows = []
+    for per_frame_shape in (False, True):
+        ours, ref = _flame_methods(per_frame_shape, device)
+        (ours_s, ref_s), _ = best_times((ours, ref), device, FLAME_WARMUP, FLAME_REPEATS)
+        if torch.device(device).type == "cuda":
+            ours_mem, ref_mem = peak_mb(ours, device), peak_mb(ref, device)
+        else:
+            ours_mem, ref_mem = (fresh_peak_mb(_flame_method, i, per_frame_shape) for i in (0, 1))
+        rows.append(dict(
+            name="flame_forward_240" + ("_per_frame_shape" if per_frame_shape else ""),
+            ours_s=ours_s, ref_s=ref_s, ratio=ref_s / ours_s, ours_mem_mb=ours_mem, ref_mem_mb=ref_mem,
+            note=(f"{FLAME_FRAMES} frames, procedural head V=5045, float32, best of {FLAME_REPEATS}, {device}"
+                  f"{'' if torch.device(device).type == 'cuda' else f', {torch.get_num_threads()} threads'}; "
+                  f"ref smplx.lbs; " + ("a shape per frame" if per_frame_shape else "one shape for the clip"))))
+    return rows
+
+
+# ----------------------------------------------------------------------------- render: rasterizer vs trimesh
+
+RASTER_SIZE = 256           # pixels per side
+RASTER_BATCH = 32           # frames rasterized per call in the throughput row
+RASTER_REPEATS = 5          # timed calls of ours; the best is kept
+RASTER_REF_FRAMES = 2       # frames ray cast by trimesh (seconds each)
+
+
+def head_frames(n_frames, device):
+    """(T, V, 3) projected vertices of the procedural head talking and nodding, and its faces."""
+    head = Flame.procedural().to(device)
+    t = torch.linspace(0, 1, n_frames, device=device)[:, None]
+    motion = torch.zeros(n_frames, MOTION_DIM, device=device)
+    motion[:, :N_EXPR] = 0.5 * torch.sin(6.28 * t + torch.arange(N_EXPR, device=device))
+    motion[:, N_EXPR:N_EXPR + 3] = 0.2 * torch.sin(6.28 * t)            # global pose
+    motion[:, -3] = 0.15 * (1 + torch.sin(12.56 * t[:, 0]))              # jaw opening
+    with torch.no_grad():
+        verts = head.from_motion(torch.zeros(N_SHAPE, device=device), motion)
+    return render.project(verts, render.DEFAULT_CAM), head.faces
+
+
+def _raster_ours(device, batch, threads):
+    """In a child: (wall s / frame, CPU s / frame, MB one call needs beyond the prepared inputs)."""
+    torch.set_num_threads(threads)
+    verts, faces = head_frames(batch, device)
+    call = lambda: render.rasterize(verts, faces, RASTER_SIZE)
+    (wall,), (cpu,) = best_times([call], device, 1, RASTER_REPEATS)
+    return wall / batch, cpu / batch, peak_mb(call, device)
+
+
+def _raster_reference():
+    """In a child: trimesh ray casting one ray per pixel, the same per-frame triple as _raster_ours."""
+    import trimesh
+    verts, faces = head_frames(RASTER_REF_FRAMES, "cpu")
+    verts, faces = verts.double().numpy(), faces.numpy()
+    i, j = np.meshgrid(np.arange(RASTER_SIZE), np.arange(RASTER_SIZE), indexing="ij")
+    origins = np.stack([(j.ravel() + 0.5) / RASTER_SIZE * 2 - 1, 1 - (i.ravel() + 0.5) / RASTER_SIZE * 2,
+                        np.full(RASTER_SIZE * RASTER_SIZE, -100.0)], 1)
+    directions = np.tile([0.0, 0.0, 1.0], (RASTER_SIZE * RASTER_SIZE, 1))
+
+    def cast():
+        for frame in verts:
+            # the triangles' bounding-box tree is rebuilt every frame because the vertices move
+            mesh = trimesh.Trimesh(frame, faces, process=False)
+            mesh.ray.intersects_id(origins, directions, multiple_hits=False, return_locations=True)
+
+    (wall,), (cpu,) = best_times([cast], "cpu", 0, 1)
+    return wall / len(verts), cpu / len(verts), peak_mb(cast)
+
+
+def bench_render(device="cpu"):
+    """The depth rasterizer (render.py) against trimesh ray casting on the procedural FLAME head, each
+    measurement in a fresh child process; per frame; memory = what a call needs beyond its prepared inputs."""
+    ref_s, ref_cpu, ref_mb = in_child(_raster_reference)
+    rows = []
+    for batch, threads in ((RASTER_BATCH, 2), (1, 2), (RASTER_BATCH, 1)):
+        ours_s, ours_cpu, ours_mb = in_child(_raster_ours, device, batch, threads)
+        rows.append(dict(
+            name=f"rasterize {RASTER_SIZE}x{RASTER_SIZE} head, batch {batch}, {threads} thr ({device})",
+            ours_s=ours_s, ref_s=ref_s, ratio=ref_s / ours_s, ours_mem_mb=ours_mb, ref_mem_mb=ref_mb,
+            note=f"per frame; ours {1 / ours_s:.0f} fps, trimesh ray casting {1 / ref_s:.2f} fps; "
+                 f"process CPU s/frame ours {ours_cpu:.4f}, trimesh {ref_cpu:.3f}"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- audio_w2v: wav2vec 2.0 vs transformers
+
+W2V_SECONDS = 8
+W2V_WARMUP, W2V_REPEATS = 2, 7
+
+
+def bench_audio_w2v(device="cpu"):
+    """audio.Wav2Vec2 against transformers.Wav2Vec2Model: base config (768 wide, 12 layers), random weights saved
+    once by transformers and loaded into ours through Wav2Vec2.from_pretrained, 8 s of 16 kHz audio, batch 1,
+    under torch.inference_mode. Memory: what one forward needs beyond the loaded model."""
+    import transformers
+    device = torch.device(device)
+    torch.manual_seed(0)
+    ref = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config()).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp)
+        ours = audio.Wav2Vec2.from_pretrained(tmp).eval()
+    ref, ours = ref.to(device), ours.to(device)
+    wave = audio.normalize_wave(torch.randn(1, W2V_SECONDS * SAMPLE_RATE)).to(device)  # (1, N)
+    with torch.inference_mode():
+        run_ours, run_ref = (lambda: ours(wave)), (lambda: ref(wave).last_hidden_state)
+        diff = (run_ours() - run_ref()).abs().max().item()
+        (ours_s, ref_s), _ = best_times([run_ours, run_ref], device, W2V_WARMUP, W2V_REPEATS)
+        ours_mem, ref_mem = peak_mb(run_ours, device), peak_mb(run_ref, device)
+    mem_kind = "CUDA peak allocated" if device.type == "cuda" else "peak RSS rise"
+    note = (f"vs transformers.Wav2Vec2Model, base config, random weights, {W2V_SECONDS} s audio, batch 1, "
+            f"{torch.get_num_threads()} threads; max|diff| {diff:.1e}; best of {W2V_REPEATS}; "
+            f"mem = one forward beyond the loaded model ({mem_kind})")
+    return [dict(name="wav2vec2_base_8s", ours_s=ours_s, ref_s=ref_s, ratio=ref_s / ours_s, ours_mem_mb=ours_mem,
+                 ref_mem_mb=ref_mem, note=note)]
+
+
+# ----------------------------------------------------------------------------- audio_dsp: MFCC and beats vs librosa
+
+DSP_SECONDS = 8.0
+DSP_WARMUP, DSP_REPEATS = 2, 7
+DSP_MIN_SECONDS = 3.0       # each comparison keeps alternating calls this long: the MFCC takes milliseconds
+# a fresh interpreter's first MFCC: the import, then the call, of each side (librosa's import is lazy)
+FIRST_CALL = {
+    "ours": ("import audio", "audio.mfcc(y)"),
+    "librosa": ("import librosa",
+                "librosa.feature.mfcc(y=y, sr=16000, n_mfcc=64, n_fft=2048, hop_length=512, n_mels=128)"),
+}
+
+
+def _music(seconds=DSP_SECONDS, bpm=100.0):
+    """Kick / snare / hi-hat on a 100 bpm grid over a sine melody, float32 (N,)."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    y = np.zeros_like(t)
+    beat = 60.0 / bpm
+    for k, start in enumerate(np.arange(0.0, seconds, beat / 2)):
+        i = int(start * SAMPLE_RATE)
+        tt = np.arange(min(len(t) - i, 4000)) / SAMPLE_RATE
+        drum = 0.15 * rng.standard_normal(len(tt)) * np.exp(-tt * 80)
+        if k % 4 == 0:
+            drum += np.sin(2 * np.pi * (60 + 80 * np.exp(-tt * 30)) * tt) * np.exp(-tt * 12)
+        if k % 4 == 2:
+            drum += 0.5 * rng.standard_normal(len(tt)) * np.exp(-tt * 25)
+        y[i:i + len(tt)] += drum
+    notes = 220.0 * 2 ** (rng.integers(0, 12, int(seconds / beat) + 1) / 12)
+    y += 0.2 * np.sin(2 * np.pi * np.cumsum(notes[(t / beat).astype(int)]) / SAMPLE_RATE)
+    return (0.3 * y).astype(np.float32)
+
+
+def _dsp_methods(device="cpu"):
+    """name -> (ours, librosa's) callables on the same 8 s of music."""
+    import librosa
+    y = _music()
+    y_device = torch.from_numpy(y).to(device)
+    percussive = librosa.effects.hpss(y)[1]
+
+    def librosa_beats():
+        envelope = librosa.onset.onset_strength(y=librosa.effects.hpss(y)[1], sr=SAMPLE_RATE, aggregate=np.median)
+        return librosa.beat.beat_track(onset_envelope=envelope, sr=SAMPLE_RATE)[1]
+
+    def librosa_onset_beats():
+        envelope = librosa.onset.onset_strength(y=percussive, sr=SAMPLE_RATE, aggregate=np.median)
+        return librosa.beat.beat_track(onset_envelope=envelope, sr=SAMPLE_RATE)[1]
+
+    return {
+        "mfcc": (lambda: audio.mfcc(y_device),
+                 lambda: librosa.feature.mfcc(y=y, sr=SAMPLE_RATE, n_mfcc=64, n_fft=2048, hop_length=512,
+                                              n_mels=128)),
+        "beats": (lambda: audio.beats(y), librosa_beats),
+        "hpss": (lambda: audio.hpss(y), lambda: librosa.effects.hpss(y)),
+        "onset_strength+beat_track": (
+            lambda: audio.beat_track(audio.onset_strength(percussive, sr=SAMPLE_RATE))[1], librosa_onset_beats),
+    }
+
+
+def _dsp_method(name, which):
+    return _dsp_methods()[name][which]
+
+
+def _first_call(which):
+    """(import s, first mfcc call s) in a fresh interpreter that has imported nothing yet: not even torch, so
+    this one measurement runs its own clock in a `python -c` child instead of best_times."""
+    do_import, call = FIRST_CALL[which]
+    code = (f"import json, time, numpy as np\n"
+            f"y = np.random.default_rng(0).standard_normal({int(DSP_SECONDS * SAMPLE_RATE)}).astype(np.float32)\n"
+            f"t0 = time.perf_counter()\n{do_import}\nt1 = time.perf_counter()\n{call}\n"
+            f"t2 = time.perf_counter()\nprint(json.dumps([t1 - t0, t2 - t1]))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def bench_audio_dsp(device="cpu"):
+    """audio.py against librosa on 8 s of 16 kHz music: MFCC (warm, and the first call in a fresh process), the
+    beat pipeline (hpss -> onset strength -> beat tracking) and its two halves. Best of DSP_REPEATS calls or of as
+    many as DSP_MIN_SECONDS allow, alternating; the note adds the best process CPU time of each. On 2 cores the
+    thread pools of the two sides (torch's OpenMP, numpy's OpenBLAS) keep spinning after their calls and slow the
+    other side's next call: the milliseconds of MFCC move by 2-3x with it. The beat pipeline is numpy on the CPU
+    for any device; on CUDA only the MFCC row moves to the GPU. Memory of a warm call, on the CPU each method in a
+    fresh interpreter."""
+    methods = _dsp_methods(device)
+    rows = []
+    for name, (ours, ref) in methods.items():
+        on_gpu = name == "mfcc" and torch.device(device).type == "cuda"
+        where = device if on_gpu else "cpu"
+        (ours_s, ref_s), (ours_cpu, ref_cpu) = best_times([ours, ref], where, DSP_WARMUP, DSP_REPEATS,
+                                                          DSP_MIN_SECONDS)
+        note = f"ours on {where} vs librosa 0.11 warm on cpu; best CPU time " \
+               f"{ours_cpu * 1e3:.1f} vs {ref_cpu * 1e3:.1f} ms"
+        if name == "beats":
+            note += "; identical beat frames" if np.array_equal(ours()[0], ref()) else "; BEAT FRAMES DIFFER"
+        rows.append(dict(
+            name=f"audio.{name} (8 s, 16 kHz)", ours_s=ours_s, ref_s=ref_s, ratio=ref_s / ours_s,
+            ours_mem_mb=peak_mb(ours, device) if on_gpu else fresh_peak_mb(_dsp_method, name, 0),
+            ref_mem_mb=fresh_peak_mb(_dsp_method, name, 1), note=note))
+    ours_import, ours_first = _first_call("ours")
+    ref_import, ref_first = _first_call("librosa")
+    rows.append(dict(name="audio.mfcc first call in a fresh process (8 s)", ours_s=ours_first,
+                     ref_s=ref_first, ratio=ref_first / ours_first, ours_mem_mb=None, ref_mem_mb=None,
+                     note=f"cpu; import audio (with torch) {ours_import:.2f} s, import librosa "
+                          f"{ref_import:.2f} s, not counted in the call"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- motion: generation speed
+
+PAPER_FPS = 50.849          # UniSinger's FPS in the paper's Table II (RTX 3090)
+MOTION_CASES = [("paper", 8.0, 1), ("tiny", 8.0, 1), ("paper", 180.0, 1)]    # preset, seconds of audio, samples
+
+
+def _motion_case(preset, seconds, samples, device):
+    """In a child: best seconds of generate (of 3 calls for a clip, 1 for a song), frames made, peak MB of the
+    process (the model included)."""
+    torch.manual_seed(0)
+    model = MotionCVAE(MotionConfig.preset(preset)).to(device).eval()
+    voice = (np.random.default_rng(0).standard_normal(int(seconds * SAMPLE_RATE)) * 0.1).astype(np.float32)
+    generate(model, voice[:8 * SAMPLE_RATE], voice[:8 * SAMPLE_RATE], None, samples)      # warm-up
+    takes = []
+    (best,), _ = best_times([lambda: takes.append(generate(model, voice, voice, None, samples))], device, 0,
+                            3 if seconds <= 8 else 1)
+    return best, takes[0].shape[0] * takes[0].shape[1], peak_mb(device=device)
+
+
+def bench_motion(device="cpu"):
+    """Frames of motion a second (audio encoding included): an 8 s clip at batch 1 with the `paper` preset
+    (wav2vec 2.0 base + the full-size CVAE, random weights: speed does not depend on the values) and with `tiny`,
+    and a 3-minute song end to end (features, every window, blending), each in a fresh process. The reference
+    column is the paper's published figure, not a measurement here."""
+    rows = []
+    for preset, seconds, samples in MOTION_CASES:
+        best, frames, mem = in_child(_motion_case, preset, seconds, samples, device)
+        fps = frames / best
+        rows.append(dict(name=f"motion {preset}, {seconds:g} s audio, batch {samples}", ours_s=best,
+                         ref_s=frames / PAPER_FPS, ratio=fps / PAPER_FPS, ours_mem_mb=mem, ref_mem_mb=None,
+                         note=f"{device}; {fps:.0f} frames/s ({fps / 30:.1f}x real time); ref = the paper's "
+                              f"{PAPER_FPS} frames/s; memory = peak RSS of the process incl. the model"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- stream: live streaming
+
+STREAM_SONG_S = 20.0
+STREAM_THREADS = 1          # torch threads: the goals are for 2 CPU cores, one is the conservative reading
+# preset, frames each pass reads (window), lookahead frames, chunk ms, latency goal s
+STREAM_CASES = [("tiny", 240, 4, 100.0, 0.3), ("paper", 60, 9, 400.0, 1.0)]
+STREAM_QUALITY = dict(lookahead=6, chunk_ms=100.0)     # the stream's defaults
+
+
+def _stream_case(preset, window, lookahead, chunk_ms, device):
+    """In a child with STREAM_THREADS threads: stream_song's statistics of a STREAM_SONG_S song, fed as fast as
+    possible, and the slowest pass's CPU seconds."""
+    torch.set_num_threads(STREAM_THREADS)
+    torch.manual_seed(0)
+    model = MotionCVAE(MotionConfig.preset(preset)).to(device).eval()
+    voice = (np.random.default_rng(0).standard_normal(int(STREAM_SONG_S * SAMPLE_RATE)) * 0.1).astype(np.float32)
+    stream_song(MotionStream(model, window=window, lookahead=lookahead), voice[:2 * SAMPLE_RATE],
+                chunk_ms=chunk_ms, realtime=False)                                       # warm-up
+    stream = MotionStream(model, window=window, lookahead=lookahead)
+    take, stats = stream_song(stream, voice, chunk_ms=chunk_ms, realtime=False)
+    return dict(stats, frames=len(take), pass_cpu_max_s=max(stream.per_pass_cpu_s))
+
+
+def _stream_quality_row(device):
+    """Stream vs offline on the built-in test split with the default checkpoint, or a row saying what is missing:
+    the LVE of the streamed take and of the offline take (same z) against the truth, and the largest
+    frame-to-frame vertex jump across the joins between pushes and elsewhere (the procedural head, head pose
+    included)."""
+    name = "stream vs offline, LVE on the test split"
+    if not DEFAULT_CHECKPOINT.exists() or not data._is_current(data.BUILTIN_ROOT):
+        return dict(name=name, note=f"needs {DEFAULT_CHECKPOINT} and the built-in data: run python train.py")
+    model = load_checkpoint(DEFAULT_CHECKPOINT, device)
+    head = Flame.procedural()
+    regions = metrics.RegionMeshes(head)
+    lve, join_jumps, other_jumps = {"stream": [], "offline": []}, [], []
+    for item in data.SingingHead(data.BUILTIN_ROOT, "test"):
+        shape = torch.from_numpy(item["shape"])
+        truth = regions(shape, torch.from_numpy(item["motion"]))
+        offline = generate(model, item["audio"], item["bgm"], item["shape"], seed=1)[0]
+        stream = MotionStream(model, item["shape"], seed=1, lookahead=STREAM_QUALITY["lookahead"])
+        chunk = round(STREAM_QUALITY["chunk_ms"] * SAMPLE_RATE / 1000)
+        pieces, emitted = [], []                     # frames out after each push: the joins between pushes
+        for lo in range(0, len(item["audio"]), chunk):
+            pieces.append(stream.push(item["audio"][lo:lo + chunk], item["bgm"][lo:lo + chunk]))
+            emitted.append(stream.emitted)
+        take = np.concatenate(pieces + [stream.finish()])
+        for key, motion in (("stream", take), ("offline", offline)):
+            lve[key].append(metrics.lve(regions(shape, torch.from_numpy(motion))[None], truth, regions.lips)[0])
+        verts = head.from_motion(shape, torch.from_numpy(take))                               # (T, V, 3)
+        jump = (verts[1:] - verts[:-1]).norm(dim=-1).amax(-1).numpy() * 1000                  # (T-1,) mm
+        emitted = np.array(emitted)
+        joins = np.unique(emitted[(emitted > 0) & (emitted < len(take))]) - 1
+        join_jumps.append(jump[joins])
+        other_jumps.append(np.delete(jump, joins))
+    ours, ref = np.mean(lve["stream"]), np.mean(lve["offline"])
+    joins, others = np.concatenate(join_jumps), np.concatenate(other_jumps)
+    return dict(name=name, note=f"{len(lve['stream'])} clips, lookahead {STREAM_QUALITY['lookahead']} frames, "
+                f"chunk {STREAM_QUALITY['chunk_ms']:g} ms: LVE stream {ours:.3f} mm, offline {ref:.3f} mm "
+                f"({ours / ref - 1:+.1%}, goal <= +10 %); vertex jump at joins max {joins.max():.3f} / mean "
+                f"{joins.mean():.3f} mm, elsewhere max {others.max():.3f} / mean {others.mean():.3f} mm")
+
+
+def bench_stream(device="cpu"):
+    """Live streaming (unisinger.MotionStream), one row per preset with random weights (speed does not depend on
+    the values): ours = CPU seconds of compute per second of audio (every pass: wav2vec 2.0, MFCC, decoder), ref =
+    1 s (real time), so ratio > 1 means faster than real time. CPU time, unlike wall time, does not count the waits
+    of a shared machine (the note gives wall time too). Latency = lookahead + chunk (by design) + the compute of a
+    pass, mean and slowest, against the preset's goal; a pass must also finish within one chunk, or the stream
+    falls behind the song. Then the quality row, with a trained checkpoint."""
+    rows = []
+    for preset, window, lookahead, chunk_ms, goal in STREAM_CASES:
+        r = in_child(_stream_case, preset, window, lookahead, chunk_ms, device)
+        mean, worst = r["algorithmic_s"] + r["pass_cpu_mean_s"], r["algorithmic_s"] + r["pass_cpu_max_s"]
+        realtime = r["cpu_per_audio_s"] < 1 and r["pass_cpu_max_s"] < r["chunk_s"]
+        rows.append(dict(
+            name=f"stream {preset}, {window}-frame passes, {chunk_ms:g} ms chunks", ours_s=r["cpu_per_audio_s"],
+            ref_s=1.0, ratio=1.0 / r["cpu_per_audio_s"],
+            note=f"{device}, {STREAM_THREADS} thread; CPU s of compute per s of audio (wall "
+                 f"{r['compute_per_audio_s']:.3f}; ref = real time); latency {r['algorithmic_s'] * 1000:.0f} ms by "
+                 f"design (lookahead {lookahead} frames + chunk) + a pass's CPU {r['pass_cpu_mean_s'] * 1000:.0f} "
+                 f"ms mean / {r['pass_cpu_max_s'] * 1000:.0f} ms max = {mean:.2f} / {worst:.2f} s (goal <= "
+                 f"{goal:g} s); real time: {'yes' if realtime else 'no'}"))
+    rows.append(_stream_quality_row(device))
+    return rows
+
+
+# ----------------------------------------------------------------------------- metrics: Table II and SSIM / PSNR
+
+TEST_CLIPS = 1829           # the paper's SingingHead test split
+EVAL_SAMPLES = 10
+EVAL_CLIPS = 50             # clips timed for our evaluation
+EVAL_REF_CLIPS = 2          # clips timed for the reference route (seconds each)
+EVAL_THREADS = 1            # torch threads: on the shared 2-core machine a second thread only adds spinning
+EVAL_BAR_S = 600.0
+
+
+def fake_clip(rng):
+    """A clip of the benchmark: shape (100,), true motion (240,59), samples (10,240,59), beat music (N,)."""
+    def motion(*lead):   # smooth random walk around zero, jaw opening positive
+        m = np.cumsum(rng.normal(0, 0.02, lead + (data.CLIP_FRAMES, MOTION_DIM)), axis=-2)
+        m[..., -3] = np.abs(m[..., -3])
+        return m.astype(np.float32)
+
+    n = 8 * SAMPLE_RATE
+    music = 0.05 * rng.normal(size=n)
+    for start in np.arange(rng.uniform(0, 0.5), 8, 0.5) * SAMPLE_RATE:    # 120 BPM decaying clicks
+        s = int(start)
+        music[s:s + 800] += np.exp(-np.arange(min(800, n - s)) / 120)
+    return (rng.normal(0, 0.5, N_SHAPE).astype(np.float32), motion(), motion(EVAL_SAMPLES),
+            music.astype(np.float32))
+
+
+def librosa_beats(y):
+    import librosa
+    percussive = librosa.effects.percussive(y)
+    onset = librosa.onset.onset_strength(y=percussive, sr=SAMPLE_RATE, aggregate=np.median)
+    return librosa.beat.beat_track(onset_envelope=onset, sr=SAMPLE_RATE, hop_length=512)[1]
+
+
+class FullMeshes:
+    """The direct route: whole FLAME meshes from Flame.from_motion, with the same region indices."""
+
+    def __init__(self, flame):
+        self.flame = flame
+        masks = flame.masks
+        self.lips, self.face, self.upper_face = masks["lips"], masks["face"], masks["upper_face"]
+        self.forehead_eyes = torch.cat([masks["forehead"], masks["eye_region"]])
+
+    def __call__(self, shape, motion):
+        return metrics.motion_meshes(self.flame, shape, motion)
+
+    def landmarks(self, verts):
+        return self.flame.landmarks(verts)
+
+    def posed_landmarks(self, shape, motion):
+        return self.flame.landmarks(self.flame.from_motion(shape, motion))
+
+
+def _table2(route, n_clips):
+    """In a child: seconds of the metrics (meshes included) and of the beats over n_clips clips, their CPU
+    seconds (what an idle core would take: the wall time inflates when others share the machine), peak MB."""
+    torch.set_num_threads(EVAL_THREADS)
+    flame = Flame.procedural()
+    regions = metrics.RegionMeshes(flame) if route == "ours" else FullMeshes(flame)
+    find_beats = (lambda y: audio.beats(y, SAMPLE_RATE)[0]) if route == "ours" else librosa_beats
+    rng = np.random.default_rng(0)
+    clips = [fake_clip(rng) for _ in range(n_clips)]
+    metrics.clip_motion_scores(regions, *clips[0][:3], {"BA": find_beats(clips[0][3])})        # warm-up
+    music_beats = []
+
+    def all_beats():
+        music_beats[:] = [find_beats(music) for *_, music in clips]
+
+    def all_metrics():
+        for (shape, gt, samples, _), frames in zip(clips, music_beats):
+            metrics.clip_motion_scores(regions, shape, gt, samples, {"BA": frames})
+
+    (t_beats, t_metrics), (cpu_beats, cpu_metrics) = best_times([all_beats, all_metrics], "cpu", 0, 1)
+    return t_metrics, t_beats, cpu_beats + cpu_metrics, peak_mb()
+
+
+def _ssim_psnr(route):
+    """In a child: seconds for SSIM + PSNR of 40 frame pairs of 256 x 256 (one clip's every 6th frame), peak MB."""
+    torch.set_num_threads(EVAL_THREADS)
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (40, 256, 256, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+
+    def reference():
+        from skimage.metrics import peak_signal_noise_ratio, structural_similarity  # only the reference's child
+        for x, y in zip(a, b):
+            structural_similarity(x, y, channel_axis=-1, data_range=255, gaussian_weights=False)
+            peak_signal_noise_ratio(x, y, data_range=255)
+
+    (seconds,), _ = best_times([(lambda: (metrics.ssim(a, b), metrics.psnr(a, b))) if route == "ours"
+                                else reference], "cpu", 0, 1)
+    return seconds, peak_mb()
+
+
+def bench_metrics(device="cpu"):
+    """The Table II evaluation at the paper's test-set size, and SSIM / PSNR; CPU only (the evaluation runs where
+    the metrics run). Table II: 1 829 clips x 10 samples x 240 frames on the procedural FLAME head, random motions
+    (not the model), 8 s of beat music per clip. Ours: RegionMeshes + the metric functions + audio.beats once per
+    clip, timed on EVAL_CLIPS clips and extrapolated linearly to 1 829 (every clip costs the same). Reference: the
+    direct route, full FLAME meshes from Flame.from_motion with the same metric functions and librosa's HPSS /
+    onset / beat tracking, timed on EVAL_REF_CLIPS clips and extrapolated. The bar: under 10 minutes on 2 CPU
+    cores. Each measurement runs in a child process with 1 torch thread (the conservative reading of 2 cores);
+    memory is the child's peak resident set (interpreter, torch and the inputs included)."""
+    scale, ref_scale = TEST_CLIPS / EVAL_CLIPS, TEST_CLIPS / EVAL_REF_CLIPS
+    ours_metrics, ours_beats, ours_cpu, ours_mem = in_child(_table2, "ours", EVAL_CLIPS)
+    ref_metrics, ref_beats, _, ref_mem = in_child(_table2, "ref", EVAL_REF_CLIPS)
+    ours_total, ref_total = (ours_metrics + ours_beats) * scale, (ref_metrics + ref_beats) * ref_scale
+    ssim_ours, ssim_ours_mem = in_child(_ssim_psnr, "ours")
+    ssim_ref, ssim_ref_mem = in_child(_ssim_psnr, "ref")
+    verdict = "meets" if ours_total < EVAL_BAR_S else "MISSES"
+    return [
+        dict(name="Table II eval, 1829 clips x 10 samples", ours_s=ours_total, ref_s=ref_total,
+             ratio=ref_total / ours_total, ours_mem_mb=ours_mem, ref_mem_mb=ref_mem,
+             note=f"{verdict} the {EVAL_BAR_S:.0f} s bar on {EVAL_THREADS} thread (CPU time {ours_cpu * scale:.0f} "
+                  f"s); extrapolated from {EVAL_CLIPS} clips (ref: full meshes + librosa beats, from "
+                  f"{EVAL_REF_CLIPS}); beats are {100 * ours_beats / (ours_metrics + ours_beats):.0f}% of ours, "
+                  f"computed once per clip and shared by all rows of a run; MB = peak RSS of the child process"),
+        dict(name="  of which meshes + metrics", ours_s=ours_metrics * scale, ref_s=ref_metrics * ref_scale,
+             ratio=ref_metrics * ref_scale / (ours_metrics * scale), ours_mem_mb=None, ref_mem_mb=None,
+             note="RegionMeshes (1808 of 5045 vertices, jaw-only skinning) vs Flame.from_motion; memory in the "
+                  "row above"),
+        dict(name="  of which music beats (once per clip)", ours_s=ours_beats * scale, ref_s=ref_beats * ref_scale,
+             ratio=ref_beats * ref_scale / (ours_beats * scale), ours_mem_mb=None, ref_mem_mb=None,
+             note="audio.beats vs librosa HPSS + onset median + beat_track; memory in the first row"),
+        dict(name="SSIM + PSNR, 40 frames 256x256 RGB", ours_s=ssim_ours, ref_s=ssim_ref, ratio=ssim_ref / ssim_ours,
+             ours_mem_mb=ssim_ours_mem, ref_mem_mb=ssim_ref_mem,
+             note="ref: scikit-image, frame by frame; MB = peak RSS of the child process"),
+    ]
+
+
+# ----------------------------------------------------------------------------- render_stage: renderer and portrait video
+
+STAGE_BATCH = 8             # frames a batch on the CPU (the GPU bar is batch 32 in bf16)
+STAGE_REPEATS = 2           # timed batches after one warm-up
+SONG_SECONDS = (3, 60)      # portrait_video lengths whose peak memory is compared
+
+
+def renderer_seconds_per_frame(preset, device="cpu", batch=STAGE_BATCH):
+    """Seconds a frame for FLAME -> depth -> FaceRenderer at 256², batch frames at a time, best of STAGE_REPEATS."""
+    flame = Flame.procedural().to(device)
+    generator = render.FaceRenderer(render.RendererConfig.preset(preset).channels).to(device).eval()
+    motion = torch.zeros(batch, MOTION_DIM, device=device)
+    reference = torch.zeros(batch, 3, render.IMAGE_SIZE, render.IMAGE_SIZE, device=device)
+    shape = torch.zeros(N_SHAPE, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+    def one_batch():        # as portrait_video: meshes and depth in float32, the renderer in bf16 on a GPU
+        depth = render.render_depth(flame.from_motion(shape, motion), flame.faces)
+        with autocast:
+            generator(depth, reference, torch.arange(batch, device=device))
+
+    (seconds,), _ = best_times([one_batch], device, 1, STAGE_REPEATS)
+    return seconds / batch
+
+
+def untrained_checkpoint(folder):
+    """A tiny renderer checkpoint and a reference image: memory and speed do not depend on the weights."""
+    cfg = render.RendererConfig.preset("tiny")
+    ckpt, image = Path(folder) / "renderer.pt", Path(folder) / "reference.png"
+    torch.save(dict(generator=render.FaceRenderer(cfg.channels).state_dict(), renderer_config=asdict(cfg),
+                    cam=list(render.DEFAULT_CAM)), ckpt)
+    imageio.imwrite(image, np.full((render.IMAGE_SIZE, render.IMAGE_SIZE, 3), 128, np.uint8))
+    return ckpt, image
+
+
+def _portrait_peak_mb(seconds, ckpt, image, out):
+    """In a child: peak resident MB of the process writing a portrait video of `seconds` seconds of motion."""
+    frames = seconds * render.FPS
+    motion = np.zeros((frames, MOTION_DIM), np.float32)
+    motion[:, :10] = 0.5 * np.sin(np.arange(frames)[:, None] / 7.0 + np.arange(10))
+    motion[:, -3] = 0.15 * (1 + np.sin(np.arange(frames) / 3.0))                        # jaw opening and closing
+    voice = (0.1 * np.sin(np.arange(round(frames / render.FPS * SAMPLE_RATE)) * 0.05)).astype(np.float32)
+    portrait_video(ckpt, image, Flame.procedural(), np.zeros(N_SHAPE, np.float32), motion, out, audio=voice)
+    return peak_mb()
+
+
+def bench_render_stage(device="cpu"):
+    """The render stage: face-renderer inference speed and the portrait video's peak memory against the song's
+    length. No reference package: there is no other implementation to compare against, so ref_s / ref_mem_mb stay
+    None and the note says what is measured."""
+    rows = []
+    for preset in ("tiny", "paper"):
+        seconds = renderer_seconds_per_frame(preset, device)
+        rows.append(dict(name=f"render: FLAME -> depth -> renderer '{preset}' 256², batch {STAGE_BATCH}, {device}",
+                         ours_s=seconds, ref_s=None, ratio=None, ours_mem_mb=None, ref_mem_mb=None,
+                         note=f"{1 / seconds:.1f} frames/s, rasterization included"
+                              + ("" if device != "cpu" else "; GPU bar (>= 300 frames/s, bf16, batch 32) "
+                                                            "needs a GPU, not measured here")))
+    with tempfile.TemporaryDirectory() as folder:
+        ckpt, image = untrained_checkpoint(folder)
+        peaks = {}
+        for seconds in SONG_SECONDS:
+            out = Path(folder) / f"song_{seconds}s" / "portrait.mp4"
+            (wall,), _ = best_times([lambda: peaks.update({seconds: in_child(_portrait_peak_mb, seconds, ckpt,
+                                                                              image, out)})], "cpu", 0, 1)
+            rows.append(dict(name=f"render: portrait_video {seconds} s of motion (tiny, CPU, fresh process)",
+                             ours_s=wall, ref_s=None, ratio=None, ours_mem_mb=peaks[seconds], ref_mem_mb=None,
+                             note="peak RSS of the Python process (ffmpeg encoders apart)"))
+        short, long = peaks[SONG_SECONDS[0]], peaks[SONG_SECONDS[-1]]
+        rows[-1]["note"] += (f"; {SONG_SECONDS[-1]} s vs {SONG_SECONDS[0]} s: {100 * (long / short - 1):+.1f} % "
+                             f"(bar: within 10 %)")
+    return rows
+
+
+# ----------------------------------------------------------------------------- the run
+
+PARTS = dict(flame=bench_flame, render=bench_render, audio_w2v=bench_audio_w2v, audio_dsp=bench_audio_dsp,
+             motion=bench_motion, stream=bench_stream, metrics=bench_metrics, render_stage=bench_render_stage)
+# rough seconds of each part on 2 idle CPU cores (the parts but stream took 7 min 12 s in all): they only
+# weight the ETA between parts, which is rescaled by how fast the parts so far ran against them
+EXPECTED_S = dict(flame=15, render=30, audio_w2v=30, audio_dsp=30, motion=50, stream=30, metrics=50,
+                  render_stage=220)
+
+
 def cell(row, key, spec):
     value = row.get(key)
     if value is None:
@@ -74,17 +735,17 @@ def format_table(rows):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=PARTS, action="append", help="run only these parts")
+    p.add_argument("--only", choices=list(PARTS), action="append", help="run only these parts")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    parts = args.only or PARTS
+    parts = args.only or list(PARTS)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; {len(parts)} "
           f"part(s), about {duration(sum(EXPECTED_S[part] for part in parts))} on 2 idle CPU cores", flush=True)
     all_rows, spent, expected_done, start = [], 0.0, 0.0, time.time()
     for i, part in enumerate(parts, 1):
         print(f"\n[{i}/{len(parts)}] {part}: running (about {duration(EXPECTED_S[part])})", flush=True)
         t0 = time.time()
-        rows = importlib.import_module(f"bench_{part}").bench_rows(args.device)
+        rows = PARTS[part](args.device)
         spent, expected_done = spent + time.time() - t0, expected_done + EXPECTED_S[part]
         left = sum(EXPECTED_S[p] for p in parts[i:]) * spent / expected_done
         print(format_table(rows), flush=True)
