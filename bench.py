@@ -32,10 +32,10 @@ import torch
 
 import audio
 import data
+from data import format_duration
 import metrics
 import render
 from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame, procedural_head
-from progress import duration
 from audio import SAMPLE_RATE
 from unisinger import (DEFAULT_CHECKPOINT, MotionConfig, MotionCVAE, MotionStream, generate,
                        load_checkpoint, portrait_video, stream_song)
@@ -740,19 +740,19 @@ def main():
     args = p.parse_args()
     parts = args.only or list(PARTS)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; {len(parts)} "
-          f"part(s), about {duration(sum(EXPECTED_S[part] for part in parts))} on 2 idle CPU cores", flush=True)
+          f"part(s), about {format_duration(sum(EXPECTED_S[part] for part in parts))} on 2 idle CPU cores", flush=True)
     all_rows, spent, expected_done, start = [], 0.0, 0.0, time.time()
     for i, part in enumerate(parts, 1):
-        print(f"\n[{i}/{len(parts)}] {part}: running (about {duration(EXPECTED_S[part])})", flush=True)
+        print(f"\n[{i}/{len(parts)}] {part}: running (about {format_duration(EXPECTED_S[part])})", flush=True)
         t0 = time.time()
         rows = PARTS[part](args.device)
         spent, expected_done = spent + time.time() - t0, expected_done + EXPECTED_S[part]
         left = sum(EXPECTED_S[p] for p in parts[i:]) * spent / expected_done
         print(format_table(rows), flush=True)
-        print(f"[{i}/{len(parts)}] {part}: done in {duration(time.time() - t0)}"
-              + (f" | ETA {duration(left)} for the rest" if i < len(parts) else ""), flush=True)
+        print(f"[{i}/{len(parts)}] {part}: done in {format_duration(time.time() - t0)}"
+              + (f" | ETA {format_duration(left)} for the rest" if i < len(parts) else ""), flush=True)
         all_rows += rows
-    print(f"\nall parts in {duration(time.time() - start)} (ratio = reference s / ours s, > 1: ours is faster)")
+    print(f"\nall parts in {format_duration(time.time() - start)} (ratio = reference s / ours s, > 1: ours is faster)")
     print(format_table(all_rows))
 
 

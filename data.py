@@ -3,8 +3,9 @@ SingingHead-format data for UniSinger: a reader for the public release's layout 
 data set of its own in that layout (the built-in data everything uses by default).
 
 Depends on torch, numpy, scipy, soundfile, imageio (+ imageio-ffmpeg) and our audio.py (load_audio),
-flame.py (the procedural head, for the portrait videos), render.py (projection, shading, mp4 output) and
-progress.py (the building's progress lines).
+flame.py (the procedural head, for the portrait videos) and render.py (projection, shading, mp4 output).
+Holds too the progress lines every long job of the project prints (Progress: steps done, the recent rate and
+the ETA from it).
 
 Use alone:
     python data.py                       # build (first use) and summarise the built-in data set
@@ -84,6 +85,7 @@ import pickle
 import shutil
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +101,6 @@ from torch.utils.data import Dataset
 import render
 from audio import load_audio
 from flame import FLAME_SOURCE, MOTION_DIM, N_EXPR, N_SHAPE, Flame, load_data_pickle
-from progress import Progress
 
 FPS = 30                              # motion frames per second
 CLIP_SECONDS = 8                      # the release's sequence length
@@ -343,6 +344,80 @@ def read_video(path, size=256, batch=32):
     if not out:
         raise ValueError(f"{path}: the video holds no frame")
     return torch.cat(out).numpy()
+
+
+# ----------------------------------------------------------------------------- progress lines of long jobs
+# Progress counts the steps of a long job (building this data set, training, an evaluation, a long song) and says
+# how far, how fast lately and when it will end:
+#     progress = Progress(480, "step")
+#     for batch in batches:
+#         train_step(batch)
+#         if progress.advance():                # True when a line is due (MAX_PROGRESS_LINES lines a run, and the last step)
+#             print(progress.line("train"))
+# The rate is measured over the last `window` steps and never counts the first one: the first step carries the
+# start-up (first calls, caches filling, memory being allocated), and an average since the start lets it dominate
+# the early estimates (an ETA six times too long on the first line of a 9-minute training run). Whatever happens
+# between two steps (a validation pass between epochs) is part of the step after it, so a window longer than an
+# epoch spreads that cost over the remaining steps as it will really fall.
+
+MAX_PROGRESS_LINES = 50     # progress lines a whole job prints, at most
+RATE_WINDOW = 20            # steps whose timing gives the rate: recent enough to forget start-up, enough to smooth
+
+
+def format_duration(seconds):
+    """Seconds -> '42s', '8m30s' or '1h05m'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Counts steps of a job of `total` steps (`done` already done, e.g. after a resume) and times them."""
+
+    def __init__(self, total, unit="step", done=0, lines=MAX_PROGRESS_LINES, window=RATE_WINDOW, clock=time.perf_counter):
+        self.total, self.unit, self.done = total, unit, done
+        self.every = max(1, -(-(total - done) // lines))    # ceil: at most `lines` lines
+        self.clock = clock
+        self.times = deque(maxlen=max(2, window + 1))       # (steps done, clock) after each step, from the first
+        self.start = clock()
+
+    def advance(self, n=1):
+        """Record n more steps done; True when a progress line is due."""
+        self.done += n
+        self.times.append((self.done, self.clock()))
+        return self.done >= self.total or self.done % self.every < n
+
+    def rate(self):
+        """Steps a second over the recent window (the first step excluded), or None before two steps are timed."""
+        if len(self.times) < 2:
+            return None
+        (d0, t0), (d1, t1) = self.times[0], self.times[-1]
+        return (d1 - d0) / max(t1 - t0, 1e-9)
+
+    def eta(self):
+        """Seconds left at the recent rate, or None while unknown."""
+        rate = self.rate()
+        return None if rate is None else (self.total - self.done) / rate
+
+    def elapsed(self):
+        return self.clock() - self.start
+
+    def status(self):
+        """'0.85 step/s | ETA 8m30s'; the time so far while the rate is unknown; the whole time at the end."""
+        rate, eta = self.rate(), self.eta()
+        if rate is None:
+            return f"first {self.unit} took {format_duration(self.elapsed())}, ETA from the next"
+        speed = f"{rate:.2f} {self.unit}/s" if rate >= 1 else f"{1 / rate:.2f} s/{self.unit}"
+        if self.done >= self.total:
+            return f"{speed} | done in {format_duration(self.elapsed())}"
+        return f"{speed} | ETA {format_duration(eta)}"
+
+    def line(self, label):
+        """'label 12/480 steps | 0.85 step/s | ETA 8m30s'."""
+        return f"{label} {self.done}/{self.total} {self.unit}s | {self.status()}"
 
 
 # ----------------------------------------------------------------------------- the generated data set

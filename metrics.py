@@ -38,8 +38,8 @@ mean over clips; PAPER_COLUMNS says how each prints in the paper's units, VARIAN
   model_predictor (samples drawn with a seed per clip, derived from a base seed and the clip id; one more take
   timed for FPS), evaluate_video (Table IV), mean_motion (the baseline), the command line.
 
-Depends on torch, numpy, scipy; the evaluation parts import our flame.py, data.py, audio.py (beats), progress.py
-and, for the default run, unisinger.py.
+Depends on torch, numpy, scipy; the evaluation parts import our flame.py, data.py (and its progress lines),
+audio.py (beats) and, for the default run, unisinger.py.
 
 Use alone
     python metrics.py                                   # out/motion/best.pt (what train.py's summary scores) vs
@@ -925,7 +925,7 @@ def evaluate_video(pred_dir, root, ids, weights_dir):
     release scores them: every FRAME_STEP-th frame resized to each size, PSNR / SSIM / CPBD / LPIPS / LMD pooled
     over all those frames of all videos, FID over their features, BA per video (all frames' landmarks against
     the beats of the video's own soundtrack), then averaged over videos."""
-    from progress import Progress
+    from data import Progress
     pred_dir, root, weights_dir = Path(pred_dir), Path(root), Path(weights_dir)
     progress = Progress(len(ids), "video", lines=20)
     inception_file = weights_dir / INCEPTION_FILE
@@ -1025,7 +1025,7 @@ def run_motion_table(args):
     (default: the one train.py's summary scores), then the mean-motion baseline."""
     import data
     from flame import Flame
-    from progress import Progress
+    from data import Progress
     root = Path(args.data) if args.data else data.builtin_data()
     ids = data.read_split(root, args.split)
     rows, beats_cache = {}, {}

@@ -39,8 +39,8 @@ import train
 import unisinger
 from audio import (SAMPLE_RATE, Wav2Vec2, beat_track, beats, hpss, load_audio, mel_filterbank, median_filter, mfcc,
                    mfcc_at_fps, normalize_wave, onset_strength, read_safetensors, resample_features)
+from data import Progress
 from flame import Flame, procedural_head, read_flame_arrays, save_mesh_sequence, save_obj, split_motion
-from progress import Progress
 from unisinger import CLIP_FRAMES, FPS, MotionConfig, MotionCVAE, alignment_mask, generate, load_checkpoint
 
 # Deprecation warnings raised inside a reference package are its maintainers' to fix: silenced for that package

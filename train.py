@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=4 train.py --stage motion --preset paper --data /path/SingingHead --wav2vec w2v/
     python train.py --no-music          # Table III's ablations: --no-music, --w-kl 0, --w-rec 0, --w-vel 0, --w-mesh 0
 
-Depends on torch, numpy and our unisinger.py, data.py, flame.py, render.py, metrics.py, progress.py.
+Depends on torch, numpy and our unisinger.py, data.py, flame.py, render.py, metrics.py.
 
 What every run does: one progress line every few steps (step, losses, steps/s, ETA from the recent pace),
 validation every epoch, `last.pt` and `best.pt` written atomically at the end of every epoch into --out, bf16
@@ -34,8 +34,8 @@ import data
 import metrics
 import render
 from audio import SAMPLE_RATE, Wav2Vec2, mfcc_at_fps
+from data import RATE_WINDOW, Progress
 from flame import flame_record
-from progress import RATE_WINDOW, Progress
 from unisinger import FaceMeshes, MotionConfig, MotionCVAE, load_checkpoint, load_flame, motion_losses
 
 RENDER_FRAME_STRIDE = 6      # 1 frame in 6 (5 a second): neighbours at 30 fps are near copies; the 2-D metrics score these

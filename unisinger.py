@@ -9,7 +9,7 @@ What it holds
                     face renderer, the portrait video).
 
 Depends on torch, numpy and our audio.py (wav2vec 2.0, MFCC), flame.py (meshes for the mesh loss and the
-outputs), render.py (previews, portrait video) and progress.py (progress lines of long songs).
+outputs), render.py (previews, portrait video) and data.py (progress lines of long songs).
 
 The model in one paragraph. Every frame t gets one audio token: wav2vec 2.0 features of the singing voice
 (interpolated to 30 fps before the transformer layers, as FaceFormer does) projected to d, concatenated with
@@ -24,7 +24,7 @@ by the training set's per-dimension mean and standard deviation (kept as buffers
 Losses (motion_losses): KL + reconstruction + velocity + face-mesh vertices, each with its weight in MotionConfig;
 the `paper` preset compares raw FLAME parameters and whole-pose meshes as the paper's equations do.
 
-Use alone (needs audio.py, flame.py, render.py and progress.py beside it; a checkpoint from `python train.py
+Use alone (needs audio.py, data.py, flame.py and render.py beside it; a checkpoint from `python train.py
 --stage motion`; the videos carry voice + music mixed, --voice-only for the voice alone):
     python unisinger.py --audio voice.wav --bgm music.wav --samples 3 --out out/song
     python unisinger.py --audio voice.wav --bgm music.wav --image out/render/reference.png \
@@ -46,8 +46,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from audio import SAMPLE_RATE, Wav2Vec2, Wav2Vec2Config, load_audio, mfcc_at_fps, normalize_wave
+from data import Progress
 from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame, resolve_flame, save_glb
-from progress import Progress
 from render import (BACKGROUND_RGB, IMAGE_SIZE, PREVIEW_BATCH, VideoWriter, load_reference, load_renderer, project,
                     read_checkpoint, render_depth, render_preview, shade, to_uint8)
 
