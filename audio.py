@@ -1,7 +1,8 @@
 """Audio for UniSinger: reading sound files, wav2vec 2.0 features, MFCC and beats.
 
 Holds
-- load_audio: any sound file -> mono float32 at 16 kHz (polyphase resampling), bad files refused.
+- load_audio: any sound file -> mono float32 at 16 kHz (polyphase resampling), bad files refused; AudioFile reads
+  the same samples a stretch at a time, for songs too long to hold.
 - Wav2Vec2: the wav2vec 2.0 encoder in plain PyTorch, both checkpoint flavours ("base": group-norm feature
   extractor + post-norm encoder, e.g. facebook/wav2vec2-base-960h; "large/lv60": layer-norm feature extractor +
   pre-norm "stable layer norm" encoder), loading Hugging Face checkpoints (config.json + model.safetensors or
@@ -64,32 +65,78 @@ def _wav_declared_frames(path, info):
 _SUBTYPE_BYTES = {"PCM_U8": 1, "PCM_S8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8}
 
 
+MIN_RATE, MAX_RATE = 1_000, 768_000   # Hz, the sample rates accepted; outside them a header is damaged
+
+
 def load_audio(path, sr=SAMPLE_RATE):
     """Read a sound file as mono float32 at `sr` Hz: channels averaged, then polyphase resampling.
 
     Refuses (ValueError naming the file) unreadable, empty, truncated and non-finite files. libsndfile quietly
-    shortens a WAV whose data is cut off, so for WAV the frames read are also checked against the header.
+    shortens a WAV whose data is cut off, so for WAV the frames present are also checked against the header.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such audio file")
-    try:
-        info = sf.info(str(path))
-        wave, file_sr = sf.read(str(path), dtype="float32", always_2d=True)  # (N, channels)
-    except (RuntimeError, OSError) as e:  # soundfile's errors derive from RuntimeError
-        raise ValueError(f"{path}: unreadable audio ({' '.join(str(e).split())})") from None
-    if wave.shape[0] == 0:
-        raise ValueError(f"{path}: empty audio (no samples)")
-    declared = _wav_declared_frames(path, info)
-    if declared is not None and wave.shape[0] < declared:
-        raise ValueError(f"{path}: truncated audio ({wave.shape[0]} of {declared} frames present)")
-    if not np.isfinite(wave).all():
-        raise ValueError(f"{path}: audio holds NaN or infinite samples")
-    wave = wave.mean(axis=1)  # (N,)
-    if file_sr != sr:
-        g = math.gcd(int(sr), int(file_sr))
-        wave = resample_poly(wave, int(sr) // g, int(file_sr) // g)
-    return np.ascontiguousarray(wave, dtype=np.float32)
+    song = AudioFile(path, sr)
+    return song[0:len(song)]
+
+
+class AudioFile:
+    """
+    A sound file read the way load_audio reads it (mono float32 at `sr` Hz, the same samples), a stretch at a
+    time: song[a:b] holds samples a..b-1 (fewer past the end), len(song) counts them. A song of any length
+    costs memory for the stretch read only. Opening refuses (ValueError naming the file) unreadable, empty and
+    truncated files and sample rates no recorder writes; reading refuses NaN or infinite samples.
+    """
+
+    def __init__(self, path, sr=SAMPLE_RATE):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"{path}: no such audio file")
+        try:
+            info = sf.info(str(self.path))
+        except (RuntimeError, OSError) as e:  # soundfile's errors derive from RuntimeError
+            raise ValueError(f"{path}: unreadable audio ({' '.join(str(e).split())})") from None
+        if info.frames <= 0:
+            raise ValueError(f"{path}: empty audio (no samples)")
+        if not MIN_RATE <= info.samplerate <= MAX_RATE:
+            raise ValueError(f"{path}: sample rate {info.samplerate} Hz is outside {MIN_RATE}..{MAX_RATE} Hz")
+        declared = _wav_declared_frames(self.path, info)
+        if declared is not None and info.frames < declared:
+            raise ValueError(f"{path}: truncated audio ({info.frames} of {declared} frames present)")
+        self.frames = info.frames                                   # at the file's rate
+        g = math.gcd(int(sr), int(info.samplerate))
+        self.up, self.down = int(sr) // g, int(info.samplerate) // g
+        self.length = -(-self.frames * self.up // self.down)        # resample_poly's output length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        start, stop, step = index.indices(self.length)
+        if step != 1 or stop <= start:
+            raise IndexError(f"{self.path}: read a stretch song[a:b] with a < b, not {index}")
+        if self.up == self.down:
+            return self._read(start, stop)
+        # Resample a stretch with the filter's reach of context on both sides, starting on an input sample that
+        # maps to a whole output sample: its outputs are then those of resampling the whole file.
+        reach = 10 * max(self.up, self.down) // self.up + 2          # resample_poly's half filter, input samples
+        first = max(0, start * self.down // self.up - reach) // self.down * self.down
+        last = min(self.frames, -(-stop * self.down // self.up) + reach)
+        wave = resample_poly(self._read(first, last), self.up, self.down)
+        offset = first * self.up // self.down
+        return np.ascontiguousarray(wave[start - offset:stop - offset], dtype=np.float32)
+
+    def _read(self, start, stop):
+        """Frames start..stop-1 at the file's rate, channels averaged: (stop - start,) float32."""
+        try:
+            with sf.SoundFile(str(self.path)) as f:
+                f.seek(start)
+                wave = f.read(stop - start, dtype="float32", always_2d=True)       # (n, channels)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{self.path}: unreadable audio ({' '.join(str(e).split())})") from None
+        if len(wave) < stop - start:
+            raise ValueError(f"{self.path}: truncated audio ({start + len(wave)} of {self.frames} frames present)")
+        if not np.isfinite(wave).all():
+            raise ValueError(f"{self.path}: audio holds NaN or infinite samples")
+        return np.ascontiguousarray(wave.mean(axis=1), dtype=np.float32)
 
 
 def normalize_wave(wave, eps=1e-7):

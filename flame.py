@@ -520,9 +520,12 @@ def _numpy(x):
 def save_obj(path, verts, faces):
     """Wavefront OBJ of one mesh: verts (V, 3) metres, faces (F, 3) 0-based (written 1-based)."""
     verts, faces = _numpy(verts), _numpy(faces)
-    with open(path, 'w') as fh:
-        np.savetxt(fh, verts.reshape(-1, 3), fmt='v %.6f %.6f %.6f')
-        np.savetxt(fh, faces.reshape(-1, 3).astype(np.int64) + 1, fmt='f %d %d %d')
+
+    def write(tmp):
+        with open(tmp, 'w') as fh:
+            np.savetxt(fh, verts.reshape(-1, 3), fmt='v %.6f %.6f %.6f')
+            np.savetxt(fh, faces.reshape(-1, 3).astype(np.int64) + 1, fmt='f %d %d %d')
+    _write_atomic(path, write)
 
 
 def save_mesh_sequence(path, verts, faces):
@@ -534,7 +537,7 @@ def save_mesh_sequence(path, verts, faces):
         raise ValueError(f"{path}: expected verts (T, V, 3), got {verts.shape}")
     if path.suffix == '.npz':
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, verts=verts.astype(np.float32), faces=faces.astype(np.int64))
+        _write_atomic(path, lambda tmp: np.savez(tmp, verts=verts.astype(np.float32), faces=faces.astype(np.int64)))
     else:
         path.mkdir(parents=True, exist_ok=True)
         for t, frame in enumerate(verts):
@@ -606,11 +609,16 @@ class _GlbBuffer:
 
 
 def _write_atomic(path, write):
-    """write(tmp_path), then rename over path: a crash leaves no half-written file."""
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    """write(tmp_path), then rename over path: a crash or a full disk leaves no half-written file and the previous
+    one intact; a failed write raises OSError naming path. The temporary name keeps the suffix, for writers
+    that go by it (np.savez adds .npz otherwise)."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.stem}.{os.getpid()}.tmp{path.suffix}')
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 

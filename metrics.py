@@ -1069,7 +1069,22 @@ def run_motion_table(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="UniSinger evaluation: Table II (motion) or Table IV (--video).")
+    """The command line. Bad input or a failed write ends in one line, `error: <file>: <problem>`, and exit
+    status 1, not a traceback; the JSON appears under its name only when complete."""
+    try:
+        command(argv)
+    except (ValueError, OSError) as err:
+        named = isinstance(err, OSError) and err.filename
+        sys.exit("error: " + " ".join((f"{err.filename}: {err.strerror}" if named else str(err)).split()))
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                 # argparse's refusals in one line with status 1, like ours
+        sys.exit(f"error: {message}")
+
+
+def command(argv=None):
+    p = Parser(description="UniSinger evaluation: Table II (motion) or Table IV (--video).")
     p.add_argument("--pred", help="generated motion DIR/<id>/sample_<k>.npz, or with --video DIR/<id>.mp4")
     p.add_argument("--data", help="SingingHead-layout data root (default: the built-in data)")
     p.add_argument("--split", default="test")
@@ -1119,14 +1134,11 @@ def main(argv=None):
             return {k: finite(x) for k, x in v.items()}
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(finite(rows), indent=2))
-    tmp.replace(out)
+    from render import atomic_output
+    with atomic_output(out) as tmp:                         # a failed write leaves no half-written JSON
+        tmp.write_text(json.dumps(finite(rows), indent=2))
     print(f"-> {out}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:  # bad input: the message names the file, no traceback
-        sys.exit(f"error: {err}")
+    main()

@@ -20,11 +20,15 @@ Use alone:
     write_video("out.mp4", shade(verts, faces, 256))        # one shaded frame
 """
 import contextlib
+import errno
 import os
 import pickle
 import re
+import signal
+import subprocess
 import tempfile
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -45,6 +49,8 @@ BACKGROUND_RGB = (40, 40, 40)    # preview background
 AMBIENT = 0.25                   # share of the surface colour lit regardless of orientation
 WINDOW_ELEMENTS = 1 << 20        # (triangle, pixel) pairs tested at once; bounds rasterizer memory
 PREVIEW_BATCH = 64               # frames shaded at once by render_preview
+VIDEO_CRF = 10                   # libx264 quality (0 lossless .. 51 worst): near transparent
+AUDIO_BLOCK = 1 << 20            # samples of a long sound copied into a video's soundtrack at a time
 
 
 def _image_size(size):
@@ -223,46 +229,86 @@ def atomic_output(path):
     """
     A temporary path beside `path` (same suffix, so writers that go by it still do) to write the file to; it
     is renamed onto `path` when the block ends without error and removed when it does not. Readers never see
-    a half-written file, and a crash or a full disk leaves the previous one intact.
+    a half-written file, and a crash or a full disk leaves the previous one intact; a failed write raises
+    OSError naming `path` (writers such as np.savez and pickle leave the file name out of theirs).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _write_sound(wav, audio, sample_rate, video):
+    """A video's soundtrack as a temporary 16-bit wav: audio float32 (N,), or a sound with len() and slices
+    copied AUDIO_BLOCK samples at a time. A failed write raises OSError naming the video."""
+    try:
+        with soundfile.SoundFile(wav, "w", int(sample_rate), 1, "PCM_16") as sink:
+            if isinstance(audio, (np.ndarray, list, tuple)) or torch.is_tensor(audio):
+                audio = np.asarray(audio, dtype=np.float32)
+                if audio.ndim != 1:
+                    raise ValueError(f"{video}: audio must be mono (N,), got shape {audio.shape}")
+            for start in range(0, len(audio), AUDIO_BLOCK):
+                sink.write(np.asarray(audio[start:start + AUDIO_BLOCK], dtype=np.float32))
+    except (OSError, RuntimeError) as error:                    # soundfile's write errors are RuntimeErrors
+        raise OSError(getattr(error, "errno", None) or errno.EIO,
+                      f"soundtrack not written ({' '.join(str(error).split())})", str(video)) from None
+
+
 class VideoWriter:
     """
-    Streams uint8 frames into an mp4 (libx264, yuv420p) and muxes optional mono audio as AAC on close.
-    The file appears at `path` only when complete (written beside it, then renamed).
+    Streams uint8 frames into an mp4 (libx264, yuv420p) and muxes optional mono audio as AAC on close: float32
+    samples (N,) at sample_rate, or a sound read a block at a time (anything with len() and slices [a:b] of
+    float32 samples, e.g. audio.AudioFile), so that a long song is never held whole. The file appears at `path`
+    only when complete (written beside it, then renamed); a failed write (ffmpeg's exit status, a full disk)
+    raises OSError naming `path`.
     """
 
     def __init__(self, path, size, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
         self.path = Path(path)
         self.height, self.width = _image_size(size)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".mp4", prefix=f".{self.path.stem}.", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
-        self.wav = None
-        if audio is not None:
-            audio = np.asarray(audio, dtype=np.float32)
-            if audio.ndim != 1:
-                raise ValueError(f"{path}: audio must be mono (N,), got shape {audio.shape}")
-            fd, wav = tempfile.mkstemp(suffix=".wav", prefix=f".{self.path.stem}.", dir=self.path.parent)
+        self.tmp = self.wav = self.log = self.encoder = None
+        try:
+            fd, tmp = tempfile.mkstemp(suffix=".mp4", prefix=f".{self.path.stem}.", dir=self.path.parent)
             os.close(fd)
-            self.wav = Path(wav)
-            soundfile.write(self.wav, audio, sample_rate)
-        self.encoder = imageio_ffmpeg.write_frames(
-            str(self.tmp), (self.width, self.height), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-            macro_block_size=1, ffmpeg_log_level="error", quality=8,
-            audio_path=None if self.wav is None else str(self.wav), audio_codec="aac",
-            output_params=["-shortest"] if self.wav is not None else None)
-        self.encoder.send(None)
+            self.tmp = Path(tmp)
+            if audio is not None:
+                fd, wav = tempfile.mkstemp(suffix=".wav", prefix=f".{self.path.stem}.", dir=self.path.parent)
+                os.close(fd)
+                self.wav = Path(wav)
+                _write_sound(self.wav, audio, sample_rate, path)
+            # Our own ffmpeg process rather than imageio's writer, which ignores ffmpeg's exit status: a full
+            # disk must not leave a cut-off video under the final name.
+            cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
+                   "-s", f"{self.width}x{self.height}", "-pix_fmt", "rgb24",
+                   "-r", str(Fraction(fps).limit_denominator()), "-i", "-"]
+            cmd += ["-an"] if self.wav is None else ["-i", str(self.wav)]
+            cmd += ["-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(VIDEO_CRF), "-v", "error"]
+            if self.wav is not None:
+                cmd += ["-acodec", "aac", "-map", "0:v:0", "-map", "1:a:0", "-shortest"]
+            self.log = tempfile.TemporaryFile()                  # ffmpeg's complaints, for the error message
+            self.encoder = subprocess.Popen(cmd + [str(self.tmp)], stdin=subprocess.PIPE,
+                                            stdout=subprocess.DEVNULL, stderr=self.log)
+        except OSError as error:
+            self._clean()
+            raise OSError(error.errno, error.strerror, str(self.path)) from None
+        except BaseException:
+            self._clean()
+            raise
         self.frames = 0
+
+    def _failed(self):
+        """OSError naming the video, with ffmpeg's last complaint (or the signal that ended it)."""
+        self.log.seek(0)
+        said = [line.strip() for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
+        status = self.encoder.returncode
+        why = said[-1] if said else f"killed by {signal.Signals(-status).name}" if status < 0 else f"status {status}"
+        return OSError(errno.EIO, f"ffmpeg could not write the video ({why})", str(self.path))
 
     def write(self, frames):
         """frames uint8 (T, H, W, 3) numpy or tensor."""
@@ -270,23 +316,41 @@ class VideoWriter:
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
             raise ValueError(f"{self.path}: frames must be uint8 (T, {self.height}, {self.width}, 3), "
                              f"got {frames.dtype} {frames.shape}")
-        for frame in frames:
-            self.encoder.send(np.ascontiguousarray(frame))
+        try:
+            self.encoder.stdin.write(np.ascontiguousarray(frames).tobytes())
+        except OSError:                                          # ffmpeg stopped reading: it failed
+            self.encoder.wait()
+            raise self._failed() from None
         self.frames += len(frames)
 
     def close(self, keep=True):
         """Finish the file and move it into place; keep=False discards it (used after an error)."""
         try:
-            self.encoder.close()
+            if not keep:
+                self.encoder.kill()
+            try:
+                self.encoder.stdin.close()
+            except OSError:
+                pass                                             # it failed already: its exit status says so
+            if self.encoder.wait() != 0 and keep:
+                raise self._failed()
             if keep and self.frames == 0:
                 raise ValueError(f"{self.path}: no frames written")
             if keep:
-                os.chmod(self.tmp, _file_mode())           # mkstemp made it owner-only; give it the usual mode
-                os.replace(self.tmp, self.path)
+                try:
+                    os.chmod(self.tmp, _file_mode())   # mkstemp made it owner-only; give it the usual mode
+                    os.replace(self.tmp, self.path)
+                except OSError as error:
+                    raise OSError(error.errno, error.strerror, str(self.path)) from None
         finally:
-            self.tmp.unlink(missing_ok=True)
-            if self.wav is not None:
-                self.wav.unlink(missing_ok=True)
+            self._clean()
+
+    def _clean(self):
+        for tmp in (self.tmp, self.wav):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        if self.log is not None:
+            self.log.close()
 
     def __enter__(self):
         return self
@@ -305,17 +369,23 @@ def write_video(path, frames, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
 
 def render_preview(flame, verts, path, audio=None, cam=DEFAULT_CAM, size=IMAGE_SIZE, fps=FPS,
                    sample_rate=SAMPLE_RATE, on_frames=None):
-    """Shaded preview mp4 of a vertex sequence verts (T, V, 3) metres, PREVIEW_BATCH frames at a time;
-    on_frames(n), when given, hears of every n frames written (progress of long songs)."""
-    cam = torch.as_tensor(cam, dtype=verts.dtype, device=verts.device)
+    """
+    Shaded preview mp4 of a vertex sequence, PREVIEW_BATCH frames at a time: verts (T, V, 3) metres, or an
+    iterable of (t, V, 3) pieces in order, so that a long song's meshes are never held all at once. cam (3,) or
+    one per frame (T, 3). on_frames(n), when given, hears of every n frames written (progress of long songs).
+    """
+    pieces = (verts[lo:lo + PREVIEW_BATCH] for lo in range(0, len(verts), PREVIEW_BATCH)) \
+        if torch.is_tensor(verts) else verts
+    cam = torch.as_tensor(cam, dtype=torch.float32)
+    start = 0
     with VideoWriter(path, size, fps, audio, sample_rate) as video:
-        for start in range(0, len(verts), PREVIEW_BATCH):
-            chunk = verts[start:start + PREVIEW_BATCH]
-            frame_cam = cam[start:start + PREVIEW_BATCH] if cam.dim() == 2 else cam
+        for piece in pieces:
+            frame_cam = cam[start:start + len(piece)] if cam.dim() == 2 else cam
             with torch.no_grad():
-                video.write(shade(project(chunk, frame_cam), flame.faces, size))
+                video.write(shade(project(piece, frame_cam.to(piece)), flame.faces, size))
+            start += len(piece)
             if on_frames is not None:
-                on_frames(len(chunk))
+                on_frames(len(piece))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -31,6 +32,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
+import audio
 import data
 import flame
 import metrics
@@ -2497,6 +2499,74 @@ def test_command_line_refuses_bad_input_in_one_line_naming_the_file(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"error: {missing}: no motion checkpoint here")
 
 
+
+# ---------------------------------------------------------------- outputs appear whole or not at all; long songs
+
+def disk_full_at(size):
+    """preexec_fn: files this process (and its children: ffmpeg) write stop growing at `size` bytes with EFBIG,
+    as on a full disk (RLIMIT_FSIZE, with SIGXFSZ ignored so that the write fails instead of killing)."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
+def test_full_disk_ends_generation_in_one_line_and_keeps_the_previous_outputs(tmp_path):
+    """unisinger.py on a disk that fills up while it writes the .npz, then the preview video: one line naming
+    the file, exit status 1, that file of the previous run byte for byte as it was and no temporary file left."""
+    cfg = MotionConfig.preset("tiny")
+    torch.manual_seed(0)
+    torch.save(dict(model=MotionCVAE(cfg).state_dict(), config=asdict(cfg)), tmp_path / "m.pt")
+    sf.write(tmp_path / "voice.wav", np.random.default_rng(0).normal(0, 0.1, 3 * SAMPLE_RATE), SAMPLE_RATE)
+    out = tmp_path / "song"
+    args = ["--audio", str(tmp_path / "voice.wav"), "--checkpoint", str(tmp_path / "m.pt"), "--out", str(out)]
+    unisinger.main(args)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert sorted(before) == ["preview_0.mp4", "sample_0.npz", "sample_0.pkl"]
+    small = max(len(before["sample_0.npz"]), len(before["sample_0.pkl"]))
+    assert small < len(before["preview_0.mp4"])
+    for cap, failing, why in ((1000, "sample_0.npz", "File too large"),          # ffmpeg: killed by SIGXFSZ
+                              (small + 1000, "preview_0.mp4", "ffmpeg could not write the video")):
+        full = subprocess.run([sys.executable, "unisinger.py", *args, "--seed", "1"], cwd=Path(__file__).parent,
+                              preexec_fn=disk_full_at(cap), capture_output=True, text=True)
+        assert_refused_in_one_line(full, out / failing, why)
+        after = {f.name: f.read_bytes() for f in out.iterdir()}
+        assert sorted(after) == sorted(before) and after[failing] == before[failing]     # no temporary file left
+    assert after["sample_0.npz"] != before["sample_0.npz"]                  # the new take, written whole before
+    assert np.load(out / "sample_0.npz")["landmarks"].shape == (90, 68, 3)
+
+
+def test_audio_file_reads_any_stretch_as_load_audio_reads_the_whole_file(tmp_path):
+    """AudioFile (the command line reads songs with it, a batch of windows at a time): every stretch equals the
+    same samples of the whole file resampled at once by scipy, for 16 kHz, 44.1 kHz stereo and 22.05 kHz."""
+    from scipy.signal import resample_poly
+    rng = np.random.default_rng(3)
+    for rate, channels in ((16000, 1), (44100, 2), (22050, 1)):
+        wave = (0.3 * rng.standard_normal((3 * rate, channels))).astype(np.float32)      # 3 s
+        sf.write(tmp_path / "s.wav", wave, rate, subtype="FLOAT")
+        g = math.gcd(SAMPLE_RATE, rate)
+        whole = resample_poly(wave.mean(axis=1), SAMPLE_RATE // g, rate // g)          # (48000,)
+        song = audio.AudioFile(tmp_path / "s.wav")
+        assert len(song) == len(whole) == 3 * SAMPLE_RATE
+        for a, b in ((0, 1), (0, 48000), (1, 7), (12345, 30001), (47990, 48000), (47000, 60000)):
+            got = song[a:b]
+            assert got.dtype == np.float32 and np.abs(got - whole[a:b]).max() < 1e-6, (rate, a, b)
+
+
+def test_song_mix_is_voice_plus_music_fitted_and_scaled_only_when_it_would_clip():
+    """SongMix read a stretch at a time: voice + music cut or zero-padded to the voice's length, divided by the
+    whole mix's peak only when that peak exceeds 1."""
+    rng = np.random.default_rng(4)
+    voice = rng.uniform(-0.5, 0.5, 3 * render.AUDIO_BLOCK // 2).astype(np.float32)
+    for music in (rng.uniform(-0.4, 0.4, 1000), rng.uniform(-0.9, 0.9, 2 * len(voice))):
+        music = music.astype(np.float32)
+        mix = voice + np.pad(music, (0, max(0, len(voice) - len(music))))[:len(voice)]
+        expected = mix / max(1.0, np.abs(mix).max())
+        song = unisinger.SongMix(voice, music)
+        assert len(song) == len(voice)
+        for a, b in ((0, len(voice)), (999, 1003), (len(voice) - 5, len(voice))):
+            assert np.abs(song[a:b] - expected[a:b]).max() < 1e-6
+
 # ---------------------------------------------------------------- command lines refuse bad arguments up front
 # Each case runs the command in a fresh process with a checkpoint file of junk bytes: a refusal that names the
 # argument (not the checkpoint) shows the check came before any model was loaded, and no output folder appears.
@@ -2695,7 +2765,8 @@ def kill_set(tmp_path_factory):
 def test_motion_run_killed_anywhere_resumes_to_the_same_weights(kill_set, tmp_path):
     """SIGKILL during a step before any checkpoint, right when a checkpoint is being written, and during the last
     validation; each time `--resume` picks up and the run ends with exactly the weights of a run never killed.
-    While a run holds --out, a second one pointed there is refused in one line; a killed one does not block."""
+    While a run holds --out, a second one pointed there is refused in one line; a killed one does not block. A
+    disk that fills up ends the run in one line with the previous checkpoint intact."""
     args = ["train.py", "--stage", "motion", "--data", str(kill_set), "--epochs", "2", "--batch-size", "2",
             "--no-summary", "--device", "cpu"]
     run_and_kill_at(args + ["--out", str(tmp_path / "whole")], None)
@@ -2715,6 +2786,15 @@ def test_motion_run_killed_anywhere_resumes_to_the_same_weights(kill_set, tmp_pa
     assert refused.value.code == (f"error: {tmp_path / 'cut'}: another training run (pid {holder.pid}) is "
                                   f"writing into this folder; wait for it to end or pass another --out")
     assert_same_checkpoints(tmp_path / "whole", tmp_path / "cut")
+    assert not [f.name for f in (tmp_path / "cut").iterdir() if ".tmp" in f.name]
+
+    last = (tmp_path / "cut" / "last.pt").read_bytes()                # a disk that fills up during a third epoch
+    full = subprocess.run([sys.executable, *cut, "--resume", "--epochs", "3"], cwd=Path(__file__).parent, env=env,
+                          preexec_fn=disk_full_at(len(last) // 2), capture_output=True, text=True)
+    assert full.returncode == 1
+    assert re.fullmatch(rf"error: {re.escape(str(tmp_path / 'cut'))}/(best|last)\.pt: checkpoint not written "
+                        rf"\(File too large\); the previous one is kept\n", full.stderr), full.stderr[-2000:]
+    assert (tmp_path / "cut" / "last.pt").read_bytes() == last
     assert not [f.name for f in (tmp_path / "cut").iterdir() if ".tmp" in f.name]
 
 

@@ -37,6 +37,7 @@ import os
 import pickle
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,11 +46,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from audio import SAMPLE_RATE, Wav2Vec2, Wav2Vec2Config, load_audio, mfcc_at_fps, normalize_wave
+from audio import SAMPLE_RATE, AudioFile, Wav2Vec2, Wav2Vec2Config, mfcc_at_fps, normalize_wave
 from data import Progress
 from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame, resolve_flame, save_glb
-from render import (BACKGROUND_RGB, IMAGE_SIZE, PREVIEW_BATCH, VideoWriter, load_reference, load_renderer, project,
-                    read_checkpoint, render_depth, render_preview, shade, to_uint8)
+from render import (AUDIO_BLOCK, BACKGROUND_RGB, IMAGE_SIZE, PREVIEW_BATCH, VideoWriter, atomic_output,
+                    load_reference, load_renderer, project, read_checkpoint, render_depth, render_preview, shade,
+                    to_uint8)
 
 FPS = 30                                    # motion frames per second
 CLIP_FRAMES = 240                           # training window: 8 s at 30 fps
@@ -322,28 +324,29 @@ def window_starts(n_frames, window, overlap):
 @torch.no_grad()
 def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60, batch_windows=8,
              temperature=1.0, pose_scale=1.0, expression_scale=1.0, still=False, progress=False):
-    """Motion for a whole song: voice / bgm (N,) float32 at 16 kHz, shape (100,) -> (n_samples, T, 59) numpy.
+    """Motion for a whole song: voice / bgm (N,) float32 at 16 kHz, or AudioFiles read a batch of windows at a
+    time (memory then does not grow with the song beyond the motion), shape (100,) -> (n_samples, T, 59) numpy.
 
     The song is cut into windows of the training length that overlap by `overlap` frames; each sample keeps one
     z for the whole song (one consistent take), and overlapping frames are cross-faded linearly, so the join has
-    no seam. A song shorter than a window is padded with silence and cropped back. temperature scales z
+    no seam. A song shorter than a window is padded with silence and cropped back; the music is cut or padded
+    to the voice. temperature scales z
     (draw_z); pose_scale, expression_scale and still act on the result (apply_controls). A model without the
     music branch reads no bgm. progress=True prints progress lines when the song takes more than one batch
     of windows.
     """
     model.eval()
     device = next(model.parameters()).device
-    voice = np.asarray(voice, dtype=np.float32)
+    voice = voice if isinstance(voice, AudioFile) else np.asarray(voice, dtype=np.float32)
     n_frames = song_frames(len(voice))
     if n_frames < 1:
         raise ValueError(f"audio too short: {len(voice)} samples is less than one frame at {FPS} fps")
-    bgm = np.zeros_like(voice) if bgm is None else fit_length(np.asarray(bgm, dtype=np.float32), len(voice))
+    if bgm is not None and not isinstance(bgm, AudioFile):
+        bgm = np.asarray(bgm, dtype=np.float32)
     shape = torch.zeros(N_SHAPE) if shape is None else torch.as_tensor(shape, dtype=torch.float32)
     window = CLIP_FRAMES
     starts = window_starts(n_frames, window, overlap)
     total = max(n_frames, window)
-    voice = fit_length(voice, clip_samples(total))
-    bgm = fit_length(bgm, clip_samples(total))
     z = draw_z(model.cfg.d_model, n_samples, seed, temperature).to(device)              # (S, d)
     out = torch.zeros(n_samples, total, MOTION_DIM)                                       # (S, T, 59)
     weight = torch.zeros(total, 1)
@@ -352,12 +355,12 @@ def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60
     progress = progress and len(starts) > batch_windows
     for b in range(0, len(starts), batch_windows):
         chunk = starts[b:b + batch_windows]
-        pieces = [slice(clip_samples(s), clip_samples(s) + clip_samples(window)) for s in chunk]
-        v = torch.from_numpy(np.stack([voice[p] for p in pieces])).to(device)              # (W, N)
+        spans = [(clip_samples(s), clip_samples(s) + clip_samples(window)) for s in chunk]
+        v = torch.from_numpy(np.stack([stretch(voice, a, b, len(voice)) for a, b in spans])).to(device)  # (W, N)
         m = None
         if model.cfg.use_music:
-            m = mfcc_at_fps(torch.from_numpy(np.stack([bgm[p] for p in pieces])), SAMPLE_RATE, window)
-            m = m.to(device).repeat_interleave(n_samples, 0)                          # (W * S, window, 64)
+            m = torch.from_numpy(np.stack([stretch(bgm, a, b, len(voice)) for a, b in spans]))         # (W, N)
+            m = mfcc_at_fps(m, SAMPLE_RATE, window).to(device).repeat_interleave(n_samples, 0)  # (W * S, window, 64)
         feats = model.voice_features(v, window)                                           # (W, window, C)
         W = len(chunk)
         motion = model.sample(shape.to(device).expand(W * n_samples, -1), feats.repeat_interleave(n_samples, 0), m,
@@ -390,6 +393,16 @@ def blend_weights(window, overlap):
 def fit_length(x, n):
     """Crop or zero-pad a 1-D signal to n samples."""
     return x[:n] if len(x) >= n else np.pad(x, (0, n - len(x)))
+
+
+def stretch(x, start, stop, end):
+    """Samples start..stop-1 of a signal (an array, an AudioFile, or None for silence), zero from `end` on:
+    (stop - start,) float32."""
+    out = np.zeros(stop - start, np.float32)
+    stop_in = min(stop, end, 0 if x is None else len(x))
+    if stop_in > start:
+        out[:stop_in - start] = x[start:stop_in]
+    return out
 
 
 # ----------------------------------------------------------------------------- live streaming
@@ -620,7 +633,9 @@ def load_flame(path=None):
 
 def write_motion(out_dir, motion, flame, shape, song):
     """Each take k: sample_k.npz (motion, shape, landmarks), sample_k.pkl (the SingingHead keys) and
-    preview_k.mp4 (the shaded head with the song as sound); each file is announced once, when it is complete."""
+    preview_k.mp4 (the shaded head with the song as sound: samples, or a SongMix read a block at a time); each
+    file appears under its name only when complete and is announced then. Meshes and landmarks are made
+    RENDER_BATCH frames at a time and never held whole, so memory does not grow with the song."""
     out_dir.mkdir(parents=True, exist_ok=True)
     shape_t = torch.as_tensor(shape, dtype=torch.float32)
     frames_done = Progress(motion.shape[0] * motion.shape[1], "frame", lines=PROGRESS_LINES)
@@ -631,29 +646,70 @@ def write_motion(out_dir, motion, flame, shape, song):
 
     for k, m in enumerate(motion):
         m_t = torch.from_numpy(m)
-        verts = torch.cat([flame.from_motion(shape_t, m_t[i:i + FPS]) for i in range(0, len(m_t), FPS)])  # (T,V,3)
-        landmarks = flame.landmarks(verts).numpy()                                                     # (T, 68, 3)
-        np.savez(out_dir / f"sample_{k}.npz", motion=m, shape=shape, landmarks=landmarks, fps=FPS)
+
+        def meshes():                                                                          # (b, V, 3) each
+            for lo in range(0, len(m_t), RENDER_BATCH):
+                yield flame.from_motion(shape_t, m_t[lo:lo + RENDER_BATCH])
+
+        landmarks = (flame.landmarks(verts).numpy() for verts in meshes())                     # (b, 68, 3) each
+        save_npz(out_dir / f"sample_{k}.npz", dict(motion=m, shape=shape, fps=np.asarray(FPS)),
+                 "landmarks", (len(m), 68, 3), landmarks)
         announce(out_dir / f"sample_{k}.npz", f"take {k}: motion ({len(m)}, 59), shape (100,), "
                                               f"landmarks ({len(m)}, 68, 3) at {FPS} fps")
-        with open(out_dir / f"sample_{k}.pkl", "wb") as f:
+        with atomic_output(out_dir / f"sample_{k}.pkl") as tmp, open(tmp, "wb") as f:
             pickle.dump(dict(expcodes=m[:, :N_EXPR], posecodes=m[:, N_EXPR:], shapecode=np.asarray(shape)[None]),
                         f, protocol=2)
         announce(out_dir / f"sample_{k}.pkl", f"take {k} with the SingingHead keys (expcodes, posecodes, shapecode)")
-        render_preview(flame, verts, out_dir / f"preview_{k}.mp4", audio=song, on_frames=on_frames)
+        render_preview(flame, meshes(), out_dir / f"preview_{k}.mp4", audio=song, on_frames=on_frames)
         announce(out_dir / f"preview_{k}.mp4", f"take {k} as a shaded head, with sound")
+
+
+def save_npz(path, arrays, name, shape, pieces):
+    """
+    An .npz as np.savez writes it (np.load reads it): the arrays of the dict `arrays`, and one float32 array
+    `name` of `shape` whose values come from the iterable `pieces`, in order, written as they come so that it
+    is never held whole. The file appears under its name only when complete.
+    """
+    expected = math.prod(shape)
+    written = 0
+    with atomic_output(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for key, value in arrays.items():
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+        with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_2_0(member, dict(descr=np.lib.format.dtype_to_descr(
+                np.dtype(np.float32)), fortran_order=False, shape=tuple(shape)))
+            for piece in pieces:
+                piece = np.ascontiguousarray(piece, dtype=np.float32)
+                written += piece.size
+                member.write(piece.tobytes())
+        if written != expected:
+            raise ValueError(f"{path}: {name} got {written} values, not the {expected} of {tuple(shape)}")
 
 
 def announce(path, what):
     print(f"wrote {path}: {what}", flush=True)
 
 
-def song_mix(voice, bgm):
-    """The song as heard: voice + background music (cut or zero-padded to the voice's length), (N,) float32;
-    scaled down as a whole only if the sum would clip."""
-    mix = voice + fit_length(bgm, len(voice))
-    peak = float(np.abs(mix).max())
-    return mix / peak if peak > 1.0 else mix
+class SongMix:
+    """
+    The song as heard, read a stretch at a time like an AudioFile: song[a:b] is voice + background music (cut or
+    zero-padded to the voice's length), scaled down as a whole only if the sum would clip; len(song) is the
+    voice's. voice and bgm are arrays (N,) or AudioFiles; the peak is found by one pass over them, AUDIO_BLOCK
+    samples at a time, so that a long song is never held whole.
+    """
+
+    def __init__(self, voice, bgm):
+        self.voice, self.bgm, self.scale = voice, bgm, 1.0
+        peak = max(float(np.abs(self[a:a + AUDIO_BLOCK]).max()) for a in range(0, len(voice), AUDIO_BLOCK))
+        self.scale = max(1.0, peak)
+
+    def __len__(self):
+        return len(self.voice)
+
+    def __getitem__(self, index):
+        start, stop, _ = index.indices(len(self))
+        return (stretch(self.voice, start, stop, len(self)) + stretch(self.bgm, start, stop, len(self))) / self.scale
 
 
 GRID_COLUMNS = 4            # takes a row in the --grid preview
@@ -708,6 +764,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv=None):
+    """The command line. Bad input or a failed write (a full disk, a read-only --out) ends in one line,
+    `error: <file>: <problem>`, and exit status 1, not a traceback; no output is left half-written."""
+    try:
+        command(argv)
+    except (ValueError, OSError) as err:
+        named = isinstance(err, OSError) and err.filename
+        sys.exit("error: " + " ".join((f"{err.filename}: {err.strerror}" if named else str(err)).split()))
+
+
+def command(argv=None):
     p = Parser(description="Singing audio -> FLAME motion (and portrait video).")
     p.add_argument("--audio", required=True, help="singing voice wav (any sample rate; stereo is mixed down)")
     p.add_argument("--bgm", help="background music wav (default: silence)")
@@ -762,12 +828,12 @@ def main(argv=None):
         raise ValueError(f"{out}: exists and is not a folder")
     check_file(args.checkpoint, "motion checkpoint", "; train one with `python train.py --stage motion` (writes "
                                                      "out/motion/best.pt) or pass --checkpoint PATH")
-    voice = load_audio(args.audio)
+    voice = AudioFile(args.audio)                     # read a batch of windows at a time: any song length
     n_frames = song_frames(len(voice))
     if n_frames < 1:
         raise ValueError(f"{args.audio}: {len(voice) / SAMPLE_RATE:.3f} s of audio is shorter than one motion "
                          f"frame (1/{FPS} s)")
-    bgm = load_audio(args.bgm) if args.bgm else None
+    bgm = AudioFile(args.bgm) if args.bgm else None
     shape = read_shape(args.shape) if args.shape else None
     if args.image:
         load_reference(args.image)
@@ -792,7 +858,8 @@ def main(argv=None):
     t0 = time.time()
     if args.stream:
         stream = MotionStream(model, shape, args.seed, lookahead, window, **controls)
-        take, stats = stream_song(stream, voice, bgm, args.chunk_ms, realtime=not args.fast)
+        take, stats = stream_song(stream, voice[0:len(voice)], None if bgm is None else bgm[0:len(bgm)],
+                                  args.chunk_ms, realtime=not args.fast)
         motion = take[None]
         print(stream_summary(stats, realtime=not args.fast))
     else:
@@ -800,11 +867,11 @@ def main(argv=None):
     seconds = time.time() - t0
     print(f"{motion.shape[0]} take(s) of {motion.shape[1]} frames in {seconds:.2f} s "
           f"({motion.shape[0] * motion.shape[1] / seconds:.0f} frames/s)", flush=True)
-    song = voice if bgm is None or args.voice_only else song_mix(voice, bgm)
+    song = voice if bgm is None or args.voice_only else SongMix(voice, bgm)
     write_motion(out, motion, flame, shape, song)
     if args.glb:
         for k, m in enumerate(motion):
-            save_glb(out / f"sample_{k}.glb", flame, shape, m, FPS, song, SAMPLE_RATE)
+            save_glb(out / f"sample_{k}.glb", flame, shape, m, FPS, song[0:len(song)], SAMPLE_RATE)  # whole
             announce(out / f"sample_{k}.glb", f"take {k} as a glTF 2.0 animated head, its sound beside it")
             announce(out / f"sample_{k}.wav", f"the sound of take {k}'s .glb")
     if args.grid:
@@ -818,7 +885,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:  # bad input: the message names the file, no traceback
-        sys.exit(f"error: {err}")
+    main()
