@@ -55,7 +55,6 @@ landmarks per frame (T, 68, 2) in pixels of the 256-pixel frame: DIR/<clip id>_l
 table entry the string "needs weights: <file>" / "needs landmarks: <file>".
 """
 import argparse
-import copy
 import json
 import math
 import sys
@@ -124,79 +123,37 @@ def motion_meshes(flame, shape, motion):
 class RegionMeshes:
     """The vertices the 3-D metrics read (lips, face, upper face, landmark triangles), head pose zeroed, fast.
 
-    With global, neck and eye rotations zero every joint but the jaw keeps the identity transform, so linear
-    blend skinning reduces to v = w_rest * v_posed + w_jaw * (R_jaw (v_posed - J_jaw) + J_jaw), where v_posed is
-    linear in shape, expression and the jaw's 9 pose-corrective features, and J_jaw linear in shape and
-    expression; vertices the jaw does not move are just v_posed. Computing only these vertices is what makes
-    Table II on 1 829 clips x 10 samples take minutes instead of hours; it equals motion_meshes(...)[..., ids, :]
-    (test_metrics checks). Reads the bases of flame.py's Flame (template, blend_dirs, joint_template,
-    joint_dirs, weights_t, lmk_vertex_ids, lmk_bary).
+    flame.py's region forward over just these vertices (1 808 of 5 045 on FLAME), skinned in closed form
+    (Flame.jaw_only_forward): what makes Table II on 1 829 clips x 10 samples take minutes instead of hours; it
+    equals motion_meshes(...)[..., ids, :] (test_metrics checks).
     Attributes: ids (U,) full-mesh vertex ids, jaw-moved ones first; lips, face, upper_face index into them;
     forehead_eyes indexes forehead then eye_region, concatenated as the release does (a vertex in both counts
     twice in FDD's mean). posed_landmarks gives the 68 landmarks of meshes WITH head pose (the release's
     diversity), by full skinning of the landmark triangles' vertices only.
     """
 
-    JAW = 2                                                  # FLAME joints: root, neck, jaw, left eye, right eye
-
     def __init__(self, flame):
-        if list(flame.parents) != [-1, 0, 1, 1, 1]:
-            raise ValueError(f"{flame.source}: expected FLAME's joint tree [-1, 0, 1, 1, 1], got {flame.parents}")
         masks = flame.masks
         lmk = flame.lmk_vertex_ids                                                         # (68, 3)
-        ids = torch.unique(torch.cat([masks["lips"], masks["face"], masks["upper_face"], lmk.reshape(-1)]))
-        w_jaw = flame.weights_t[self.JAW, ids]
-        self.ids = torch.cat([ids[w_jaw > 0], ids[w_jaw == 0]])                            # (U,)
-        self.n_jaw = int((w_jaw > 0).sum())
-        position = torch.full((flame.weights_t.shape[1],), -1, dtype=torch.long, device=ids.device)
-        position[self.ids] = torch.arange(len(self.ids), device=ids.device)                # full id -> region index
+        self.ids = flame.jaw_first(torch.unique(torch.cat([masks["lips"], masks["face"], masks["upper_face"],
+                                                           lmk.reshape(-1)])))            # (U,)
+        position = torch.full((flame.template.numel() // 3,), -1, dtype=torch.long, device=self.ids.device)
+        position[self.ids] = torch.arange(len(self.ids), device=self.ids.device)          # full id -> region index
         self.lips, self.face, self.upper_face = (position[masks[k]] for k in ("lips", "face", "upper_face"))
         self.forehead_eyes = position[torch.cat([masks["forehead"], masks["eye_region"]])]
         self.lmk_corners, self.lmk_bary = position[lmk], flame.lmk_bary
-        n_vert, n_shape, n_expr = flame.template.numel() // 3, flame.n_shape, flame.n_expr
-        cols = torch.cat([self.ids, self.ids + n_vert, self.ids + 2 * n_vert])             # coordinate-major (3U,)
-        jaw_rows = n_shape + n_expr + 9 * (self.JAW - 1) + torch.arange(9)                # jaw's (R - I) features
-        dirs = flame.blend_dirs[:, cols]                                                    # (n_shape+n_expr+36, 3U)
-        self.template = flame.template[cols]                                               # (3U,)
-        self.shape_dirs = dirs[:n_shape]                                                   # (100, 3U)
-        self.frame_dirs = torch.cat([dirs[n_shape:n_shape + n_expr], dirs[jaw_rows]])     # (59, 3U)
-        joint_dirs = flame.joint_dirs.unflatten(1, (-1, 3))[:, self.JAW]                   # (n_shape+n_expr, 3)
-        self.jaw_template = flame.joint_template.view(-1, 3)[self.JAW]                     # (3,)
-        self.jaw_shape_dirs, self.jaw_expr_dirs = joint_dirs[:n_shape], joint_dirs[n_shape:]
-        weights = flame.weights_t[:, self.ids[:self.n_jaw]]                                # (5, U_jaw)
-        self.w_jaw = weights[self.JAW]
-        self.w_rest = weights.sum(0) - self.w_jaw
-        self.n_expr = n_expr
-        # the same Flame restricted to the landmark triangles' vertices: Flame.forward reads only these three
-        # per-vertex buffers, the joints come from the shared shape / expression bases
+        self.head = flame.region(self.ids)
         lmk_ids, self.posed_corners = torch.unique(lmk, return_inverse=True)            # (L,), (68, 3)
-        lmk_cols = torch.cat([lmk_ids, lmk_ids + n_vert, lmk_ids + 2 * n_vert])
-        self.posed = copy.copy(flame)
-        self.posed._buffers = dict(flame._buffers, template=flame.template[lmk_cols],
-                                   blend_dirs=flame.blend_dirs[:, lmk_cols], weights_t=flame.weights_t[:, lmk_ids])
+        self.posed = flame.region(lmk_ids)
 
     def posed_landmarks(self, shape, motion):
         """68 landmarks (...,68,3) in metres of meshes with global, neck and jaw rotation (eyes still)."""
-        verts = self.posed.from_motion(shape.to(self.template), motion.to(self.template))   # (...,L,3)
+        verts = self.posed.from_motion(shape, motion)                                      # (...,L,3)
         return (verts[..., self.posed_corners, :] * self.lmk_bary.to(verts.dtype)[..., None]).sum(-2)
 
     def __call__(self, shape, motion):
         """shape (100,), motion (...,59) -> region vertices (...,U,3) in metres (a view of a (...,3,U) array)."""
-        from flame import rodrigues
-        lead = motion.shape[:-1]
-        m = motion.reshape(-1, motion.shape[-1]).to(self.template)                        # (N, 59)
-        shape = shape.to(self.template)
-        expr = m[:, :self.n_expr]
-        rot = rodrigues(m[:, -3:])                                                         # (N, 3, 3) jaw
-        eye = torch.eye(3, dtype=rot.dtype, device=rot.device)
-        feats = torch.cat([expr, (rot - eye).reshape(-1, 9)], 1)                           # (N, 59)
-        base = torch.addmv(self.template, self.shape_dirs.T, shape)                       # (3U,)
-        verts = torch.addmm(base, feats, self.frame_dirs).view(len(m), 3, -1)             # (N, 3, U) v_posed
-        joint = (self.jaw_template + shape @ self.jaw_shape_dirs + expr @ self.jaw_expr_dirs)[:, :, None]  # (N,3,1)
-        moved = verts[:, :, :self.n_jaw]
-        swung = torch.baddbmm(joint, rot, moved - joint)                                   # (N, 3, U_jaw)
-        moved.mul_(self.w_rest).add_(swung.mul_(self.w_jaw))
-        return verts.view(lead + verts.shape[1:]).transpose(-1, -2)
+        return self.head.from_motion(shape, motion, zero_head_pose=True)
 
     def landmarks(self, verts):
         """68 landmarks (...,68,3) of region vertices (...,U,3)."""

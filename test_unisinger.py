@@ -2969,6 +2969,21 @@ def test_mesh_loss_meshes_are_the_whole_heads_face_vertices_with_or_without_head
                                head.from_motion(shape, motion, zero_head_pose=True)[..., face, :])
 
 
+def test_head_pose_free_region_meshes_and_their_gradients_equal_the_general_forwards(head):
+    g = torch.Generator().manual_seed(12)
+    shape, motion = torch.randn(2, 100, generator=g), (torch.randn(2, 7, 59, generator=g) * 0.2).requires_grad_()
+    face = head.masks["face"]
+    still = torch.cat([motion[..., :50], torch.zeros_like(motion[..., 50:56]), motion[..., 56:]], -1)
+    general = head.from_motion(shape, still)                                  # the whole kinematic chain
+    for ids in (face, head.jaw_first(face)):                                  # jaw-moved vertices gathered / leading
+        fast = head.region(ids).from_motion(shape, motion, zero_head_pose=True)
+        torch.testing.assert_close(fast, general[..., ids, :], rtol=0, atol=1e-6)
+        weights = torch.rand(fast.shape, generator=g)
+        grad_fast, = torch.autograd.grad((fast * weights).sum(), motion)
+        grad_general, = torch.autograd.grad((general[..., ids, :] * weights).sum(), motion, retain_graph=True)
+        torch.testing.assert_close(grad_fast, grad_general, rtol=1e-4, atol=1e-5)
+
+
 def test_command_line_sets_every_loss_weight_and_the_model_switches():
     args = train.parse_args(["--w-kl", "0", "--w-rec", "0.5", "--w-vel", "0", "--w-mesh", "0.2", "--no-music",
                              "--loss-space", "raw", "--mesh-head-pose"])
