@@ -593,7 +593,7 @@ def hf_to_ours(state, cfg, expected, source):
 # ----------------------------------------------------------------------------------------------------------------
 # MFCC, harmonic/percussive separation, onset strength and beats
 
-MOTION_FPS = 30            # motion frames per second, the rate mfcc_at_fps resamples to
+FPS = 30                   # motion frames per second, the rate mfcc_at_fps resamples to
 N_FFT = 2048               # samples per analysis window
 HOP_LENGTH = 512           # samples between analysis frames (31.25 frames per second at 16 kHz)
 N_MELS = 128               # mel bands
@@ -712,20 +712,20 @@ def mfcc(y, sr=SAMPLE_RATE, n_mfcc=N_MFCC, hop_length=HOP_LENGTH, n_fft=N_FFT, n
 def mfcc_at_fps(y, sr=SAMPLE_RATE, n_frames=None, n_mfcc=N_MFCC):
     """MFCCs at the motion frame rate: y (..., N) -> float32 tensor (..., n_frames, n_mfcc).
 
-    Rule: MFCCs are taken with hop round(sr / MOTION_FPS) (533 samples at 16 kHz), so frame j is centred at
-    j * hop / sr seconds; motion frame t sits at t / MOTION_FPS seconds and gets the linear interpolation of
+    Rule: MFCCs are taken with hop round(sr / FPS) (533 samples at 16 kHz), so frame j is centred at
+    j * hop / sr seconds; motion frame t sits at t / FPS seconds and gets the linear interpolation of
     the MFCC track at that time, holding the last MFCC frame past the end. n_frames defaults to
-    round(N * MOTION_FPS / sr), e.g. 240 for 8 s.
+    round(N * FPS / sr), e.g. 240 for 8 s.
     """
     x = torch.as_tensor(y)
     if n_frames is None:
-        n_frames = round(x.shape[-1] * MOTION_FPS / sr)
+        n_frames = round(x.shape[-1] * FPS / sr)
     if n_frames < 1:
         raise ValueError(f"mfcc_at_fps: n_frames must be positive, got {n_frames}")
-    hop = round(sr / MOTION_FPS)
+    hop = round(sr / FPS)
     track = mfcc(x, sr=sr, n_mfcc=n_mfcc, hop_length=hop).to(torch.float32)        # (..., n_mfcc, J)
     last = track.shape[-1] - 1
-    position = torch.arange(n_frames, dtype=torch.float64, device=track.device) * (sr / (MOTION_FPS * hop))
+    position = torch.arange(n_frames, dtype=torch.float64, device=track.device) * (sr / (FPS * hop))
     position = position.clamp(max=last)                                             # (n_frames,)
     left = position.floor().long()
     right = (left + 1).clamp(max=last)

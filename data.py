@@ -99,13 +99,11 @@ from scipy.signal import lfilter
 from torch.utils.data import Dataset
 
 import render
-from audio import load_audio
+from audio import FPS, SAMPLE_RATE, load_audio
 from flame import FLAME_SOURCE, MOTION_DIM, N_EXPR, N_SHAPE, Flame, load_data_pickle
 
-FPS = 30                              # motion frames per second
 CLIP_SECONDS = 8                      # the release's sequence length
 CLIP_FRAMES = CLIP_SECONDS * FPS      # 240 frames a clip
-SAMPLE_RATE = 16_000                  # audio samples per second everywhere in the project
 SPLITS = ("train", "val", "test")
 TEST_SHARE, VAL_SHARE = 0.15, 0.05    # the release's 80 / 5 / 15 % split by sequence
 

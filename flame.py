@@ -37,8 +37,12 @@ N_SHAPE = 100
 N_EXPR = 50
 N_JOINTS = 5                      # root (global), neck, jaw, left eye, right eye
 JOINT_NAMES = ('root', 'neck', 'jaw', 'left_eye', 'right_eye')
-JAW = JOINT_NAMES.index('jaw')
+JAW_JOINT = JOINT_NAMES.index('jaw')
 MOTION_DIM = N_EXPR + 9           # [expression 50 | global 3 | neck 3 | jaw 3]
+EXPRESSION = slice(0, N_EXPR)     # motion columns: expression coefficients
+HEAD_POSE = slice(N_EXPR, N_EXPR + 6)       # global + neck rotation (axis-angle)
+JAW_POSE = slice(N_EXPR + 6, MOTION_DIM)    # jaw rotation
+MM_PER_M = 1000.0                 # vertices are in metres; losses and metrics read millimetres
 FLAME_SHAPE_COLUMNS = 300         # official shapedirs: 300 shape columns, then the expression columns
 N_POSE_FEATURES = 9 * (N_JOINTS - 1)
 FLAME_KEYS = ('v_template', 'shapedirs', 'posedirs', 'J_regressor', 'weights', 'kintree_table', 'f')
@@ -400,8 +404,8 @@ class Flame(nn.Module):
 
     def _jaw_share(self):
         """(V,) each vertex's skinning weight on the jaw and the joints below it: what turns with the jaw."""
-        below = [JAW]
-        for j in range(JAW + 1, N_JOINTS):
+        below = [JAW_JOINT]
+        for j in range(JAW_JOINT + 1, N_JOINTS):
             if self.parents[j] in below:
                 below.append(j)
         return self.weights_t[below].sum(0)
@@ -494,8 +498,8 @@ class Flame(nn.Module):
         turn = rot - torch.eye(3, dtype=ref.dtype, device=ref.device)                # R_jaw - I: the jaw's pose feature
         # expression, then the pose features up to the jaw's (those of the joints before it are zero): the
         # leading rows of the bases after the shape's, one GEMM
-        feats = torch.cat([expr, expr.new_zeros(N, 9 * (JAW - 1)), turn.reshape(N, 9)], 1)   # (N, n_expr + 9·JAW)
-        rows, jaw_cols = slice(n_shape, n_shape + feats.shape[1]), slice(3 * JAW, 3 * JAW + 3)
+        feats = torch.cat([expr, expr.new_zeros(N, 9 * (JAW_JOINT - 1)), turn.reshape(N, 9)], 1)  # (N, n_expr + 9·j)
+        rows, jaw_cols = slice(n_shape, n_shape + feats.shape[1]), slice(3 * JAW_JOINT, 3 * JAW_JOINT + 3)
         if math.prod(shape.shape[:-1]) == 1:  # one head for every frame: its shape enters as the GEMM's bias
             head = torch.addmv(ref, self.blend_dirs[:n_shape].T, shape.reshape(n_shape))    # (3·V,)
             joint = torch.addmv(self.joint_template[jaw_cols], self.joint_dirs[:n_shape, jaw_cols].T,

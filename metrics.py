@@ -69,10 +69,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
-FPS = 30                    # motion frames per second
-SAMPLE_RATE = 16_000        # audio samples per second
-MM_PER_M = 1000.0           # FLAME vertices are in metres, the 3-D metrics in millimetres
-POSE = slice(50, 56)        # global + neck rotation in the 59-d motion vector
+from audio import FPS, SAMPLE_RATE
+from flame import HEAD_POSE, MM_PER_M
+
 BEAT_SIGMA_FRAMES = 5.0     # Gaussian smoothing of the motion speed before picking its minima
 BA_SIGMA2 = 9.0             # beat-align tolerance, frames^2
 N_SAMPLES = 10              # samples per clip in Table II (the paper's n)
@@ -703,14 +702,14 @@ def clip_motion_scores(regions, shape, gt_motion, samples, beats):
         neutral = regions(shape, torch.zeros(1, gt_motion.shape[-1]))[0]                 # (U,3) m
         lve_mean, lve_min = lve(pred, gt, regions.lips)
         fve_mean, fve_min = fve(pred, gt, regions.face)
-        pose_beats = [motion_beats(s[:, POSE]) for s in samples.numpy()]
+        pose_beats = [motion_beats(s[:, HEAD_POSE]) for s in samples.numpy()]
         ba = {k: float(np.mean([beat_align(m, b, len(gt_motion) - 1) for m in pose_beats])) for k, b in beats.items()}
         ba_pose = ba.pop("BA", None)                                                     # the rest are variants
         official = {
             "lve_mean": lve_mean / MM_PER_M, "lve_min": lve_min / MM_PER_M,
             "ve_mean": fve_mean / MM_PER_M, "ve_min": fve_min / MM_PER_M,
             "fdd": fdd(pred, gt, regions.forehead_eyes),
-            "meandist_pose": ppe(samples[..., POSE], gt_motion[..., POSE]),
+            "meandist_pose": ppe(samples[..., HEAD_POSE], gt_motion[..., HEAD_POSE]),
             "ba_pose": ba_pose,
             "diversity_lmk": diversity(regions.posed_landmarks(shape, samples)),          # (S,T,68,3) m
         }

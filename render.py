@@ -4,7 +4,7 @@ the paper's per-person face renderer (UNet generator, PatchGAN discriminator, VG
 size presets (RendererConfig) and checkpoint reading (read_checkpoint: data only; load_renderer).
 
 Depends on torch, numpy, imageio (+ imageio-ffmpeg for the encoder and its ffmpeg binary) and soundfile.
-Nothing of ours is imported; `render_preview` takes a Flame only for its `.faces`.
+Of ours it imports only audio.py's frame and sample rates; `render_preview` takes a Flame only for its `.faces`.
 
 Conventions (shared with the rest of the project):
 - Projected space: x, y in [-1, 1] map to the image's left/right and bottom/top edges; pixel (i, j) has
@@ -14,7 +14,7 @@ Conventions (shared with the rest of the project):
 - The camera is orthographic as in DECA/EMOCA, cam = [scale, tx, ty]: x = s (X + tx), y = s (Y + ty), and it
   sits CAMERA_DISTANCE in front of the head's origin on +Z looking toward -Z: z = CAMERA_DISTANCE - s Z.
 
-Use alone:
+Use alone (with audio.py beside it):
     verts = torch.rand(1, 100, 3) * 2 - 1; faces = torch.randint(0, 100, (50, 3))
     depth, face_id = rasterize(verts, faces, 256)          # (1,256,256) float, (1,256,256) long
     write_video("out.mp4", shade(verts, faces, 256))        # one shaded frame
@@ -37,8 +37,8 @@ import numpy as np
 import soundfile
 import torch
 
-FPS = 30
-SAMPLE_RATE = 16_000
+from audio import FPS, SAMPLE_RATE
+
 IMAGE_SIZE = 256                 # pixels, the renderer's resolution
 CAMERA_DISTANCE = 3.0            # half image widths from the camera plane to the head's origin
 DEFAULT_CAM = (6.5, 0.0, 0.035)  # [scale, tx (m), ty (m)]: crown near the top edge, neck near the bottom

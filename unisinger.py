@@ -46,20 +46,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from audio import SAMPLE_RATE, AudioFile, Wav2Vec2, Wav2Vec2Config, mfcc_at_fps, normalize_wave
-from data import Progress
-from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame, resolve_flame, save_glb
+from audio import FPS, N_MFCC, SAMPLE_RATE, AudioFile, Wav2Vec2, Wav2Vec2Config, mfcc_at_fps, normalize_wave
+from data import CLIP_FRAMES, Progress
+from flame import EXPRESSION, HEAD_POSE, JAW_POSE, MM_PER_M, MOTION_DIM, N_EXPR, N_SHAPE, Flame, resolve_flame, save_glb
 from render import (AUDIO_BLOCK, BACKGROUND_RGB, IMAGE_SIZE, PREVIEW_BATCH, VideoWriter, atomic_output,
                     load_reference, load_renderer, project, read_checkpoint, render_depth, render_preview, shade,
                     to_uint8)
 
-FPS = 30                                    # motion frames per second
-CLIP_FRAMES = 240                           # training window: 8 s at 30 fps
-N_MFCC = 64                                 # background-music feature size
 RENDER_BATCH = 16                           # frames rasterized and rendered at once: memory flat for any song
 PPE_PERIOD = 30                             # periodic positional encoding repeats every second
 LOSS_SPACES = ("raw", "standardised")       # where the reconstruction and velocity losses compare motion
-MM_PER_M = 1000.0                           # the mesh loss is on millimetres
 DEFAULT_CHECKPOINT = Path(__file__).parent / "out" / "motion" / "best.pt"
 PROGRESS_LINES = 10                         # progress lines of each long step of the command line
 
@@ -274,9 +270,6 @@ def motion_losses(model, face_meshes, pred, target, shape, mu, logvar):
 
 # ----------------------------------------------------------------------------- controls
 
-EXPRESSION = slice(0, N_EXPR)               # motion columns: expression coefficients
-HEAD_POSE = slice(N_EXPR, N_EXPR + 6)       # global + neck rotation (axis-angle)
-JAW = slice(N_EXPR + 6, MOTION_DIM)         # jaw rotation
 
 
 def draw_z(d_model, n_samples, seed, temperature=1.0):
@@ -295,7 +288,7 @@ def apply_controls(motion, mean, pose_scale=1.0, expression_scale=1.0, still=Fal
     """
     out = motion.clone()
     pose_scale = 0.0 if still else pose_scale
-    for part, scale in ((HEAD_POSE, pose_scale), (EXPRESSION, expression_scale), (JAW, expression_scale)):
+    for part, scale in ((HEAD_POSE, pose_scale), (EXPRESSION, expression_scale), (JAW_POSE, expression_scale)):
         if scale != 1.0:
             out[..., part] = mean[part] + scale * (motion[..., part] - mean[part])
     return out
