@@ -3057,6 +3057,14 @@ def test_checkpoint_records_its_flame_by_sha256_and_the_command_lines_refuse_ano
         rc, lines = one_line_error(command)
         assert rc == 1 and len(lines) == 1, (command, lines)
         assert lines[0].startswith(f"error: {other}: not the FLAME file") and ckpt["flame_sha256"] in lines[0]
+    # a resumed run meshes with the head it started with: another FLAME file, or none, is refused before training
+    before = (out / "last.pt").read_bytes()
+    for head in (["--flame", str(other)], []):
+        rc, lines = one_line_error(["train.py", "--stage", "motion", "--data", str(motion_set), "--out", str(out),
+                                    "--epochs", "2", "--batch-size", "8", "--no-summary", "--resume", *head])
+        assert rc == 1 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: {out / 'last.pt'}: started with {real}, resumed with "), lines
+    assert (out / "last.pt").read_bytes() == before
     with pytest.raises(ValueError, match="procedural stand-in head"):   # a procedural-head checkpoint takes no file
         flame.resolve_flame(flame.flame_record(None), real, "x")
     shutil.rmtree(real.parent)
