@@ -11,7 +11,7 @@ Use alone:
     python data.py                       # build (first use) and summarise the built-in data set
     root = builtin_data()                # Path of data/builtin, generated on first use (~1-2 min on 2 cores)
     clips = SingingHead(root, "train")   # torch Dataset; clips[0]["motion"] is float32 (240, 59)
-    frames = read_video(root / "video_seqs" / f"{clips[0]['id']}.mp4", size=256)   # uint8 (T, 256, 256, 3)
+    frames = read_video(video_path(root, clips[0]["id"]), size=256)   # uint8 (T, 256, 256, 3)
 
 Layout (the SingingHead release's)
     root/train.txt val.txt test.txt    one sequence id a line, e.g. id0_2_1_0; the first field is the person
@@ -73,7 +73,7 @@ The generated data set (generate_dataset, builtin_data)
     video_size square, 30 fps, no sound track: the voice is in audio_seqs) for the people id0 ..
     id<video_people-1> only, and of theirs for every val and test sequence and the first train sequences by id,
     video_clips sequences in all (built-in set: id0 only, 8 of its 20 sequences: 3 test, 1 val, 4 train).
-    Rendering is the generator's main cost and the render stage trains one person; check video_path(id).exists().
+    Rendering is the generator's main cost and the render stage trains one person; check video_path(root, id).exists().
     Splits: per person, 15 % of the sequences to test and 5 % to val (at least one each), the rest to train,
     so every person appears in every split. generator.json records the parameters and BUILTIN_VERSION, and
     marks the set as generated (is_generated): its heads are procedural. Any other set holds real FLAME
@@ -146,7 +146,8 @@ def _columns(array, key, path, n):
 
 def read_flame_pickle(path):
     """
-    A flame_seqs pickle -> dict(expression (T, 50), pose (T, 9), shape (100,), cam (T, 3) or None), float32.
+    A flame_seqs pickle -> dict(expression (T, 50), pose (T, 9), motion (T, 59) (the two joined), shape (100,),
+    cam (T, 3) or None), float32.
     Key spellings and rules: see the module docstring. Read as data only: a pickle naming anything but arrays,
     numbers, strings and containers is refused before it is loaded (flame.DataUnpickler).
     """
@@ -176,7 +177,8 @@ def read_flame_pickle(path):
         if cam.ndim != 2 or cam.shape[1] != 3 or len(cam) not in (1, len(expression)):
             raise ValueError(f"{path}: '{key}' must be ({len(expression)}, 3) or (3,), got shape {cam.shape}")
         cam = np.broadcast_to(cam, (len(expression), 3)).astype(np.float32)            # (T, 3)
-    return dict(expression=expression, pose=pose, shape=shape, cam=cam)
+    return dict(expression=expression, pose=pose, motion=np.concatenate([expression, pose], axis=1), shape=shape,
+                cam=cam)
 
 
 def write_flame_pickle(path, motion, shape, cam=None):
@@ -202,6 +204,22 @@ def audio_samples(path):
     return round(info.frames * SAMPLE_RATE / info.samplerate)
 
 
+def flame_path(root, seq):
+    return Path(root) / "flame_seqs" / f"{seq}.pkl"
+
+
+def audio_path(root, seq):
+    return Path(root) / "audio_seqs" / f"{seq}.wav"
+
+
+def bgm_path(root, seq):
+    return Path(root) / "bgm_seqs" / f"{seq}_bgm.wav"
+
+
+def video_path(root, seq):
+    return Path(root) / "video_seqs" / f"{seq}.mp4"
+
+
 def read_split(root, split):
     """Sequence ids listed in root/<split>.txt (blank lines ignored)."""
     path = Path(root) / f"{split}.txt"
@@ -220,15 +238,25 @@ def _check_length(n_audio, n, path):
                          f"motion; they may differ by one frame ({1 / FPS:.3f} s) at most")
 
 
+def fit_length(x, n):
+    """A 1-D signal cut or zero-padded to n samples."""
+    return x[:n] if len(x) >= n else np.pad(x, (0, n - len(x)))
+
+
 def _fit(audio, n, path):
     """audio (N,) zero-padded or cut to exactly n samples, after the length rule."""
     _check_length(len(audio), n, path)
-    return np.pad(audio[:n], (0, max(0, n - len(audio))))
+    return fit_length(audio, n)
 
 
-def _frame_sample(frame):
-    """First audio sample of motion frame `frame`."""
-    return round(frame * SAMPLE_RATE / FPS)
+def clip_samples(n_frames):
+    """Audio samples that belong to n_frames motion frames: also the first sample of frame n_frames."""
+    return round(n_frames * SAMPLE_RATE / FPS)
+
+
+def song_frames(n_samples):
+    """Whole motion frames in n_samples of audio."""
+    return int(n_samples * FPS // SAMPLE_RATE)
 
 
 class SingingHead(Dataset):
@@ -247,10 +275,10 @@ class SingingHead(Dataset):
         self.clips = []            # (sequence id, first frame)
         dropped_frames, dropped_sequences = 0, 0
         for seq in self.sequences:
-            flame = read_flame_pickle(self.flame_path(seq))
+            flame = read_flame_pickle(flame_path(self.root, seq))
             n_frames = len(flame["expression"])
-            n = _frame_sample(n_frames)
-            for path in (self.audio_path(seq), self.bgm_path(seq)):
+            n = clip_samples(n_frames)
+            for path in (audio_path(self.root, seq), bgm_path(self.root, seq)):
                 _check_length(audio_samples(path), n, path)
             n_clips = n_frames // clip_frames
             self.clips += [(seq, k * clip_frames) for k in range(n_clips)]
@@ -265,32 +293,20 @@ class SingingHead(Dataset):
         self.people = sorted({seq.split("_")[0] for seq in self.sequences})
         self._loaded = {}
 
-    def flame_path(self, seq):
-        return self.root / "flame_seqs" / f"{seq}.pkl"
-
-    def audio_path(self, seq):
-        return self.root / "audio_seqs" / f"{seq}.wav"
-
-    def bgm_path(self, seq):
-        return self.root / "bgm_seqs" / f"{seq}_bgm.wav"
-
-    def video_path(self, seq):
-        return self.root / "video_seqs" / f"{seq}.mp4"
-
     def sequence(self, seq):
         """Whole sequence: dict(motion (T, 59), shape (100,), cam (T, 3), audio (N,), bgm (N,)), N exact."""
         if seq in self._loaded:
             return self._loaded[seq]
-        flame = read_flame_pickle(self.flame_path(seq))
+        flame = read_flame_pickle(flame_path(self.root, seq))
         n_frames = len(flame["expression"])
-        n = _frame_sample(n_frames)
+        n = clip_samples(n_frames)
         cam = flame["cam"]
         if cam is None:
             cam = np.broadcast_to(np.asarray(render.DEFAULT_CAM, dtype=np.float32), (n_frames, 3))
-        loaded = dict(motion=np.concatenate([flame["expression"], flame["pose"]], axis=1),  # (T, 59)
+        loaded = dict(motion=flame["motion"],                                                 # (T, 59)
                       shape=flame["shape"], cam=np.ascontiguousarray(cam),
-                      audio=_fit(load_audio(self.audio_path(seq), SAMPLE_RATE), n, self.audio_path(seq)),
-                      bgm=_fit(load_audio(self.bgm_path(seq), SAMPLE_RATE), n, self.bgm_path(seq)))
+                      audio=_fit(load_audio(audio_path(self.root, seq), SAMPLE_RATE), n, audio_path(self.root, seq)),
+                      bgm=_fit(load_audio(bgm_path(self.root, seq), SAMPLE_RATE), n, bgm_path(self.root, seq)))
         if self.cache:
             self._loaded[seq] = loaded
         return loaded
@@ -302,7 +318,7 @@ class SingingHead(Dataset):
         seq, start = self.clips[i]
         s = self.sequence(seq)
         stop = start + self.clip_frames
-        a, b = _frame_sample(start), _frame_sample(start) + _frame_sample(self.clip_frames)
+        a, b = clip_samples(start), clip_samples(start) + clip_samples(self.clip_frames)
         return dict(id=seq, person=seq.split("_")[0], start=start,
                     audio=s["audio"][a:b].astype(np.float32), bgm=s["bgm"][a:b].astype(np.float32),
                     motion=s["motion"][start:stop].copy(), shape=s["shape"].copy(), cam=s["cam"][start:stop].copy())

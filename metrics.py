@@ -800,8 +800,7 @@ def mean_motion(root):
     import data
     motions = []
     for seq in data.read_split(root, "train"):
-        f = data.read_flame_pickle(Path(root) / "flame_seqs" / f"{seq}.pkl")
-        motions.append(np.concatenate([f["expression"], f["pose"]], axis=1))              # (T, 59)
+        motions.append(data.read_flame_pickle(data.flame_path(root, seq))["motion"])         # (T, 59)
     return np.concatenate(motions).mean(0).astype(np.float32)
 
 
@@ -881,7 +880,7 @@ def evaluate_video(pred_dir, root, ids, weights_dir):
     release scores them: every FRAME_STEP-th frame resized to each size, PSNR / SSIM / CPBD / LPIPS / LMD pooled
     over all those frames of all videos, FID over their features, BA per video (all frames' landmarks against
     the beats of the video's own soundtrack), then averaged over videos."""
-    from data import Progress
+    from data import Progress, video_path
     pred_dir, root, weights_dir = Path(pred_dir), Path(root), Path(weights_dir)
     progress = Progress(len(ids), "video", lines=20)
     inception_file = weights_dir / INCEPTION_FILE
@@ -892,7 +891,7 @@ def evaluate_video(pred_dir, root, ids, weights_dir):
     feats = {size: ([], []) for size in VIDEO_SIZES}
     ba, missing = [], None
     for clip_id in ids:
-        pred_file, gt_file = pred_dir / f"{clip_id}.mp4", root / "video_seqs" / f"{clip_id}.mp4"
+        pred_file, gt_file = pred_dir / f"{clip_id}.mp4", video_path(root, clip_id)
         n = min(count_frames(pred_file), count_frames(gt_file))
         picked = sampled_frames(n)
         pred, gt = read_frames(pred_file, picked), read_frames(gt_file, picked)

@@ -1625,7 +1625,7 @@ def test_wav_at_44k_stereo_is_read_resampled_to_16k_mono(small_set, tmp_path):
     root = _copy(small_set, tmp_path)
     ds = data.SingingHead(root, "train", clip_frames=CLIP)
     item = ds[0]
-    path = ds.audio_path(item["id"])
+    path = data.audio_path(root, item["id"])
     wave = sf.read(path, dtype="float32")[0]
     up = librosa.resample(wave, orig_sr=16_000, target_sr=44_100)
     sf.write(path, np.stack([up, up], 1), 44_100, subtype="FLOAT")

@@ -456,7 +456,7 @@ class PortraitFrames(Dataset):
 def person_sequences(root, split, person):
     """Sequence ids of `person` in root/<split>.txt that have a video."""
     seqs = [s for s in data.read_split(root, split)
-            if s.split("_")[0] == person and (Path(root) / "video_seqs" / f"{s}.mp4").is_file()]
+            if s.split("_")[0] == person and data.video_path(root, s).is_file()]
     if not seqs:
         raise ValueError(f"{Path(root) / f'{split}.txt'}: person {person!r} has no sequence with a video "
                          f"in video_seqs/")
@@ -478,7 +478,7 @@ def portrait_frames(root, seqs, flame, device, size, stride):
             raise ValueError(f"{mp4}: {len(video)} frames but {pkl.name} has {len(params['expression'])} rows")
         n = min(len(video), len(params["expression"]))
         keep = torch.arange(0, n, stride)                                                  # (n',)
-        motion = torch.from_numpy(np.concatenate([params["expression"], params["pose"]], 1))[keep]   # (n', 59)
+        motion = torch.from_numpy(params["motion"])[keep]                                  # (n', 59)
         cam = params["cam"] if params["cam"] is not None else np.broadcast_to(render.DEFAULT_CAM, (n, 3))
         cam = torch.as_tensor(np.asarray(cam, dtype=np.float32))[keep]                     # (n', 3)
         shape = params["shape"] if shape is None else shape

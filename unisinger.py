@@ -34,7 +34,6 @@ import argparse
 import copy
 import math
 import os
-import pickle
 import sys
 import time
 import zipfile
@@ -47,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from audio import FPS, N_MFCC, SAMPLE_RATE, AudioFile, Wav2Vec2, Wav2Vec2Config, mfcc_at_fps, normalize_wave
-from data import CLIP_FRAMES, Progress
+from data import CLIP_FRAMES, Progress, clip_samples, fit_length, song_frames, write_flame_pickle
 from flame import EXPRESSION, HEAD_POSE, JAW_POSE, MM_PER_M, MOTION_DIM, N_EXPR, N_SHAPE, Flame, resolve_flame, save_glb
 from render import (AUDIO_BLOCK, BACKGROUND_RGB, IMAGE_SIZE, PREVIEW_BATCH, VideoWriter, atomic_output,
                     load_reference, load_renderer, project, read_checkpoint, render_depth, render_preview, shade,
@@ -296,14 +295,6 @@ def apply_controls(motion, mean, pose_scale=1.0, expression_scale=1.0, still=Fal
 
 # ----------------------------------------------------------------------------- inference on whole songs
 
-def clip_samples(n_frames):
-    """Audio samples that belong to n_frames motion frames."""
-    return round(n_frames * SAMPLE_RATE / FPS)
-
-
-def song_frames(n_samples):
-    return int(n_samples * FPS // SAMPLE_RATE)
-
 
 def window_starts(n_frames, window, overlap):
     """Start frames of windows of `window` frames overlapping by `overlap`, the last one flush with the end."""
@@ -381,11 +372,6 @@ def blend_weights(window, overlap):
         w[:overlap, 0] = fade
         w[-overlap:, 0] = fade.flip(0)
     return w
-
-
-def fit_length(x, n):
-    """Crop or zero-pad a 1-D signal to n samples."""
-    return x[:n] if len(x) >= n else np.pad(x, (0, n - len(x)))
 
 
 def stretch(x, start, stop, end):
@@ -649,9 +635,8 @@ def write_motion(out_dir, motion, flame, shape, song):
                  "landmarks", (len(m), 68, 3), landmarks)
         announce(out_dir / f"sample_{k}.npz", f"take {k}: motion ({len(m)}, 59), shape (100,), "
                                               f"landmarks ({len(m)}, 68, 3) at {FPS} fps")
-        with atomic_output(out_dir / f"sample_{k}.pkl") as tmp, open(tmp, "wb") as f:
-            pickle.dump(dict(expcodes=m[:, :N_EXPR], posecodes=m[:, N_EXPR:], shapecode=np.asarray(shape)[None]),
-                        f, protocol=2)
+        with atomic_output(out_dir / f"sample_{k}.pkl") as tmp:
+            write_flame_pickle(tmp, m, shape)
         announce(out_dir / f"sample_{k}.pkl", f"take {k} with the SingingHead keys (expcodes, posecodes, shapecode)")
         render_preview(flame, meshes(), out_dir / f"preview_{k}.mp4", audio=song, on_frames=on_frames)
         announce(out_dir / f"preview_{k}.mp4", f"take {k} as a shaded head, with sound")
