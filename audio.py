@@ -66,6 +66,7 @@ _SUBTYPE_BYTES = {"PCM_U8": 1, "PCM_S8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 
 
 
 MIN_RATE, MAX_RATE = 1_000, 768_000   # Hz, the sample rates accepted; outside them a header is damaged
+SCAN_FRAMES = 1 << 20                 # frames checked at a time when a sound file is opened
 
 
 def load_audio(path, sr=SAMPLE_RATE):
@@ -83,7 +84,7 @@ class AudioFile:
     A sound file read the way load_audio reads it (mono float32 at `sr` Hz, the same samples), a stretch at a
     time: song[a:b] holds samples a..b-1 (fewer past the end), len(song) counts them. A song of any length
     costs memory for the stretch read only. Opening refuses (ValueError naming the file) unreadable, empty and
-    truncated files and sample rates no recorder writes; reading refuses NaN or infinite samples.
+    truncated files, sample rates no recorder writes and NaN or infinite samples.
     """
 
     def __init__(self, path, sr=SAMPLE_RATE):
@@ -105,6 +106,10 @@ class AudioFile:
         g = math.gcd(int(sr), int(info.samplerate))
         self.up, self.down = int(sr) // g, int(info.samplerate) // g
         self.length = -(-self.frames * self.up // self.down)        # resample_poly's output length
+        # One pass over the samples, a block at a time: damage (a NaN, data cut short) is refused on opening,
+        # before any model runs on the song, not an hour into it.
+        for start in range(0, self.frames, SCAN_FRAMES):
+            self._read(start, min(self.frames, start + SCAN_FRAMES))
 
     def __len__(self):
         return self.length
@@ -154,6 +159,10 @@ def normalize_wave(wave, eps=1e-7):
 # ----------------------------------------------------------------------------------------------------------------
 # wav2vec 2.0
 
+MAX_PARAMETERS = 4 * 10 ** 9    # a config.json that asks for more is damaged (the largest wav2vec 2.0, XLS-R 2B,
+                                # has 2.2e9)
+
+
 @dataclass
 class Wav2Vec2Config:
     """The Hugging Face config.json fields the encoder needs; defaults are the base model's."""
@@ -175,11 +184,42 @@ class Wav2Vec2Config:
 
     @classmethod
     def from_dict(cls, d):
-        """Build from a config.json dict, ignoring the keys that only training or task heads use."""
-        known = {f.name for f in fields(cls)}
+        """Build from a config.json dict, ignoring the keys that only training or task heads use. Types, sizes
+        that fit together and the parameter count (at most MAX_PARAMETERS) are checked before anything is made,
+        so a damaged file is refused rather than allocated (ValueError)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+        known = {f.name: f for f in fields(cls)}
         cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+        for name, f in known.items():
+            value, default = getattr(cfg, name), f.default
+            if isinstance(default, tuple):
+                ok = isinstance(value, tuple) and all(type(v) is int and v > 0 for v in value)
+            elif type(default) is int:
+                ok = type(value) is int and value > 0
+            else:
+                ok = type(value) is type(default)
+            if not ok:
+                raise ValueError(f"{name} = {str(value)[:80]}: expected {type(default).__name__}"
+                                 + (" of positive ints" if isinstance(default, tuple) else "")
+                                 + (", positive" if type(default) is int else ""))
+        if not len(cfg.conv_dim) == len(cfg.conv_kernel) == len(cfg.conv_stride):
+            raise ValueError("conv_dim, conv_kernel and conv_stride must have one entry per layer")
         if cfg.feat_extract_norm not in ("group", "layer"):
             raise ValueError(f"feat_extract_norm must be 'group' or 'layer', not {cfg.feat_extract_norm!r}")
+        h = cfg.hidden_size
+        if h % cfg.num_attention_heads or h % cfg.num_conv_pos_embedding_groups:
+            raise ValueError(f"hidden_size {h} must be a multiple of num_attention_heads "
+                             f"{cfg.num_attention_heads} and num_conv_pos_embedding_groups "
+                             f"{cfg.num_conv_pos_embedding_groups}")
+        dims = (1,) + cfg.conv_dim
+        n = sum(dims[i] * dims[i + 1] * k for i, k in enumerate(cfg.conv_kernel))          # feature extractor
+        n += cfg.conv_dim[-1] * h + h * h // cfg.num_conv_pos_embedding_groups * cfg.num_conv_pos_embeddings
+        n += cfg.num_hidden_layers * (4 * h * h + 2 * h * cfg.intermediate_size)            # transformer layers
+        if n > MAX_PARAMETERS:
+            raise ValueError(f"sizes that make {n:.3g} parameters, more than any wav2vec 2.0 "
+                             f"({MAX_PARAMETERS:.0e}): hidden_size {h}, {cfg.num_hidden_layers} layers, "
+                             f"intermediate_size {cfg.intermediate_size}, conv_dim {cfg.conv_dim}")
         return cfg
 
 
@@ -429,6 +469,7 @@ class Wav2Vec2(nn.Module):
             weights = path
         else:
             raise ValueError(f"{path}: no such checkpoint file or directory")
+        config_file = "the config given"                        # names the config in errors
         if config is None:
             config_file = weights.parent / "config.json"
             if not config_file.is_file():
@@ -437,16 +478,34 @@ class Wav2Vec2(nn.Module):
                 config = json.loads(config_file.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-        cfg = config if isinstance(config, Wav2Vec2Config) else Wav2Vec2Config.from_dict(config)
+        if not isinstance(config, Wav2Vec2Config):
+            try:
+                config = Wav2Vec2Config.from_dict(config)
+            except (TypeError, ValueError) as e:                 # TypeError: a key's value of the wrong kind
+                raise ValueError(f"{config_file}: not a usable wav2vec 2.0 config ({e})") from None
+        cfg = config
         if weights.suffix == ".safetensors":
             state = read_safetensors(weights)
         else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            try:                                               # data only: tensors and plain containers
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+            except Exception as e:                             # torch raises many kinds on damaged bytes
+                raise ValueError(f"{weights}: not a readable PyTorch weights file ({_first_line(e)})") from None
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise ValueError(f"{weights}: not a flat state dict of tensors")
         model = cls(cfg)
-        model.load_state_dict(hf_to_ours(state, cfg, model.state_dict(), weights))
+        try:
+            model.load_state_dict(hf_to_ours(state, cfg, model.state_dict(), weights))
+        except (ValueError, RuntimeError, IndexError, TypeError) as e:  # a tensor that does not fit where it goes
+            detail = str(e).removeprefix(f"{weights}: ") if isinstance(e, ValueError) else _first_line(e)
+            raise ValueError(f"{weights}: does not fit {config_file} ({detail})") from None
         return model
+
+
+def _first_line(error):
+    """An exception's kind and the first line of its message, for one-line refusals."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def resample_features(feats, n_frames):

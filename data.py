@@ -347,12 +347,15 @@ def read_video(path, size=256, batch=32):
     except Exception as e:
         raise ValueError(f"{path}: unreadable video ({e})") from None
     out, pending = [], []
-    with reader:
-        for frame in reader:
-            pending.append(torch.from_numpy(np.asarray(frame)[..., :3]))
-            if len(pending) == batch:
-                out.append(_resize_square(torch.stack(pending), size or min(pending[0].shape[:2])))
-                pending = []
+    try:
+        with reader:
+            for frame in reader:
+                pending.append(torch.from_numpy(np.asarray(frame)[..., :3]))
+                if len(pending) == batch:
+                    out.append(_resize_square(torch.stack(pending), size or min(pending[0].shape[:2])))
+                    pending = []
+    except Exception as e:                      # ffmpeg stops on damaged data in many ways (imageio raises them all)
+        raise ValueError(f"{path}: unreadable video ({' '.join(str(e).split())[:300]})") from None
     if pending:
         out.append(_resize_square(torch.stack(pending), size or min(pending[0].shape[:2])))
     if not out:

@@ -775,20 +775,34 @@ def model_predictor(model, n_samples, base_seed=EVAL_SEED, silent=False, clock=N
     return predict
 
 
-def read_samples(pred_dir, item):
-    """DIR/<id>/sample_<k>.npz -> the item's clip of each sample, (S,T,59) float32, in k order."""
-    from flame import read_npz
-    folder = Path(pred_dir) / item["id"]
-    files = sorted(folder.glob("sample_*.npz"), key=lambda p: int(p.stem.split("_")[1]))
+def sample_files(folder):
+    """DIR/<id>/sample_<k>.npz files of one clip, in k order."""
+    files = sorted(Path(folder).glob("sample_*.npz"), key=lambda p: int(p.stem.split("_")[1]))
     if not files:
         raise ValueError(f"{folder}: no sample_<k>.npz files")
+    return files
+
+
+def read_sample(path):
+    """One generated sample file -> its motion (T, 59) float32; a damaged file is refused naming it."""
+    from flame import read_npz
+    z = read_npz(path)
+    if "motion" not in z:
+        raise ValueError(f"{path}: no 'motion' array")
+    m = z["motion"]
+    if m.ndim != 2 or m.shape[1] != 59 or not np.issubdtype(m.dtype, np.floating):
+        raise ValueError(f"{path}: motion must be (frames, 59) floats, got {m.dtype} {m.shape}")
+    if not np.isfinite(m).all():
+        raise ValueError(f"{path}: motion holds NaN or infinite values")
+    return m
+
+
+def read_samples(pred_dir, item):
+    """DIR/<id>/sample_<k>.npz -> the item's clip of each sample, (S,T,59) float32, in k order."""
     start, n = int(item.get("start", 0)), len(item["motion"])
     out = []
-    for f in files:
-        z = read_npz(f)                                     # a damaged file is refused naming it
-        if "motion" not in z:
-            raise ValueError(f"{f}: no 'motion' array")
-        m = z["motion"][start:start + n]
+    for f in sample_files(Path(pred_dir) / item["id"]):
+        m = read_sample(f)[start:start + n]
         if m.shape != (n, item["motion"].shape[-1]):
             raise ValueError(f"{f}: motion frames {start}..{start + n} of shape {m.shape}, expected ({n}, 59)")
         out.append(m.astype(np.float32))
@@ -993,6 +1007,9 @@ def run_motion_table(args):
         flame = Flame.load(args.flame) if args.flame else Flame.procedural()
         fps_file = pred_dir / "fps.json"
         fps = json.loads(fps_file.read_text())["fps"] if fps_file.exists() else None
+        for i in ids:                                        # a damaged file is refused before any scoring
+            for f in sample_files(pred_dir / i):
+                read_sample(f)
         clips = clips_of(root, args.split, ids)
         progress = Progress(2 * len(clips), "clip", lines=20)
         read = counted(lambda item: read_samples(pred_dir, item), progress)

@@ -27,6 +27,7 @@ import re
 import signal
 import subprocess
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -699,16 +700,20 @@ def read_checkpoint(path, device="cpu"):
     tensors and plain containers). Unpickling may call whatever a file names, so a file that names anything
     else is refused, naming what it would have loaded, before any of it runs.
     """
+    if not zipfile.is_zipfile(path):                        # torch.save writes a zip archive
+        raise ValueError(f"{path}: not a checkpoint torch.save wrote (not a zip archive, or one cut short)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        what = found.group(1) if found else str(error).strip().splitlines()[0]
-        raise ValueError(f"{path}: refused: it would load {what}, and a checkpoint holds only tensors and "
-                         f"plain containers") from None
-    except Exception as error:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
-                         f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
+    except Exception as error:                              # torch raises many kinds on damaged bytes
+        found = re.search(r"GLOBAL ([\w.]+)", str(error)) if isinstance(error, pickle.UnpicklingError) else None
+        if found:
+            raise ValueError(f"{path}: refused: it would load {found.group(1)}, and a checkpoint holds only "
+                             f"tensors and plain containers") from None
+        # torch's weights-only refusal is a paragraph; the line after "WeightsUnpickler error:" says what it met
+        said = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(error))
+        lines = str(error).strip().splitlines()
+        why = said.group(1).strip() if said else f"{type(error).__name__}: {lines[0] if lines else ''}"
+        raise ValueError(f"{path}: not a readable checkpoint ({why})") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: not a checkpoint (a {type(ckpt).__name__}, not a dict)")
     return ckpt

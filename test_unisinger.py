@@ -1157,31 +1157,133 @@ def damaged(raw, rng):
     return bytes(out)
 
 
-def test_damaged_files_are_read_or_refused_in_one_line_naming_them(tmp_path):
-    """Seeded fuzz: truncated and bit-flipped copies of a wav, a motion checkpoint, a FLAME .npz and a
-    model.safetensors are each either read or refused with one line (ValueError) that names the file; nothing
-    else escapes (no KeyError, BadZipFile, RuntimeError from a state dict...)."""
+def exit_line(main, argv):
+    """main(argv) of one of our command lines, run in this process -> the message it exits with (Python prints
+    it on stderr and exits with status 1; a few tests below check that on real processes), or None when it
+    returns. Any other exception escapes and fails the test."""
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as end:
+        assert isinstance(end.code, str), end.code
+        return end.code
+    return None
+
+
+@pytest.fixture(scope="module")
+def real_inputs(tmp_path_factory, kill_set, person):
+    """One real file of each input kind, in the places the command lines read them, and the command line (argv)
+    that reads it with everything else valid. Each command ends, once the file is read, on a planted refusal
+    of a file it reads later (`stop`), so an accepted file costs no training or generation."""
     from safetensors.torch import save_file
+    import scipy.sparse
+    root = tmp_path_factory.mktemp("real_inputs")
     rng = np.random.default_rng(13)
     cfg = MotionConfig.preset("tiny")
-    torch.save(dict(model=MotionCVAE(cfg).state_dict(), config=asdict(cfg)), tmp_path / "m.pt")
-    sf.write(tmp_path / "v.wav", rng.normal(0, 0.1, SAMPLE_RATE).astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
-    np.savez(tmp_path / "f.npz", **{k: np.asarray(v) for k, v in procedural_head().items()})
-    save_file({"a": torch.zeros(10, 4), "b": torch.ones(3)}, tmp_path / "model.safetensors")
-    readers = {"m.pt": load_checkpoint, "v.wav": load_audio, "f.npz": Flame.load, "model.safetensors": read_safetensors}
-    for name, read in readers.items():
-        raw = (tmp_path / name).read_bytes()
-        for i in range(50):
-            path = tmp_path / f"{i}_{name}"
+    torch.manual_seed(0)
+    torch.save(dict(model=MotionCVAE(cfg).state_dict(), config=asdict(cfg)), root / "m.pt")
+    micro = asdict(MICRO)
+    torch.save(dict(generator=render.FaceRenderer(MICRO.channels).state_dict(), renderer_config=micro,
+                    cam=list(render.DEFAULT_CAM)), root / "r.pt")
+    imageio.imwrite(root / "ref.png", np.full((SIZE, SIZE, 3), 128, np.uint8))
+    sf.write(root / "v.wav", rng.normal(0, 0.1, SAMPLE_RATE // 2).astype(np.float32), SAMPLE_RATE, subtype="FLOAT")
+    hf = _hf_model(False)
+    hf.save_pretrained(root / "w2v")                                     # config.json + model.safetensors
+    _save_bin(hf, root / "w2v_bin")                                      # config.json + pytorch_model.bin
+    arrays = random_flame_arrays(rng)
+    with open(root / "flame.pkl", "wb") as f:                            # FLAME 2023 layout: arrays, sparse J
+        pickle.dump(dict(arrays, J_regressor=scipy.sparse.csc_matrix(arrays["J_regressor"])), f, protocol=2)
+    np.savez(root / "flame.npz", **arrays)
+    data_set = shutil.copytree(kill_set, root / "set")                   # motion stage: damaged train pickle
+    scored = shutil.copytree(kill_set, root / "scored")                  # metrics: a junk test-split pickle
+    test_ids = data.read_split(scored, "test")
+    junk_pickle = scored / "flame_seqs" / f"{test_ids[-1]}.pkl"
+    junk_pickle.write_bytes(b"junk")
+    for i in test_ids:
+        (root / "pred" / i).mkdir(parents=True)
+        np.savez(root / "pred" / i / "sample_0.npz", motion=rng.normal(0, 0.1, (CLIP_FRAMES, 59)).astype(np.float32),
+                 shape=np.zeros(100, np.float32), landmarks=np.zeros((CLIP_FRAMES, 68, 3), np.float32), fps=FPS)
+    filmed = shutil.copytree(person, root / "filmed")                    # render stage: junk val pickle
+    junk_val = filmed / "flame_seqs" / f"{data.read_split(filmed, 'val')[0]}.pkl"
+    junk_val.write_bytes(b"junk")
+    for out in ("train_out", "render_out"):
+        (root / out).mkdir()
+        (root / out / "last.pt").write_bytes(b"junk")
+    generate_argv = ["--audio", root / "v.wav", "--checkpoint", root / "m.pt", "--image", root / "ref.png",
+                     "--renderer", root / "r.pt", "--person", "nobody", "--out", root / "gen", "--device", "cpu"]
+    generate = (unisinger.main, generate_argv, f"error: {root / 'm.pt'}: no person 'nobody'")
+    train_motion = lambda w2v: (train.main, ["--stage", "motion", "--data", data_set, "--wav2vec", root / w2v,
+                                             "--out", root / "train_out", "--resume", "--device", "cpu"],
+                                f"error: {root / 'train_out' / 'last.pt'}: not a checkpoint torch.save wrote")
+    score = (metrics.main, ["--pred", root / "pred", "--data", scored, "--flame", root / "flame.pkl",
+                            "--json", root / "t.json"], f"error: {junk_pickle}: ")
+    score_npz = (metrics.main, ["--pred", root / "pred", "--data", scored, "--flame", root / "flame.npz",
+                                "--json", root / "t.json"], f"error: {junk_pickle}: ")
+    train_render = (train.main, ["--stage", "render", "--data", filmed, "--person", "id0", "--out",
+                                 root / "render_out", "--device", "cpu"], f"error: {junk_val}: ")
+    train_seq = data.read_split(data_set, "train")[0]
+    return {
+        "wav": (root / "v.wav", *generate),
+        "motion checkpoint": (root / "m.pt", *generate),
+        "renderer checkpoint": (root / "r.pt", *generate),
+        "flame_seqs pickle": (data_set / "flame_seqs" / f"{train_seq}.pkl", *train_motion("w2v")),
+        "config.json": (root / "w2v" / "config.json", *train_motion("w2v")),
+        "model.safetensors": (root / "w2v" / "model.safetensors", *train_motion("w2v")),
+        "pytorch_model.bin": (root / "w2v_bin" / "pytorch_model.bin", *train_motion("w2v_bin")),
+        "FLAME .pkl": (root / "flame.pkl", *score),
+        "FLAME .npz": (root / "flame.npz", *score_npz),
+        "sample .npz": (root / "pred" / test_ids[0] / "sample_0.npz", *score),
+        "mp4": (filmed / "video_seqs" / f"{data.read_split(filmed, 'train')[0]}.mp4", *train_render),
+    }
+
+
+# variants of each kind: a few hundred in all; mp4 fewer, as the render stage reads it after a FLAME head
+# and depth images are made (about a second a variant)
+FUZZ_VARIANTS = {"wav": 25, "motion checkpoint": 20, "renderer checkpoint": 20, "flame_seqs pickle": 25,
+                 "config.json": 20, "model.safetensors": 15, "pytorch_model.bin": 15, "FLAME .pkl": 25,
+                 "FLAME .npz": 25, "sample .npz": 25, "mp4": 6}
+PAIRED = ("config.json", "model.safetensors", "pytorch_model.bin")   # a config and its weights must fit each other
+
+
+@pytest.mark.parametrize("kind", list(FUZZ_VARIANTS))
+def test_damaged_input_files_are_read_or_refused_by_the_command_line_in_one_line_naming_them(real_inputs, kind):
+    """Seeded fuzz through the command lines (unisinger.py, train.py, metrics.py): truncated and bit-flipped
+    copies of a real file of each input kind are either read (the command goes on to its planted stop) or
+    refused with one line `error: <that file>: <problem>`; nothing else escapes (no traceback, no other file
+    blamed). The real file is read first, to show the command reads it through to the stop."""
+    path, main, argv, stop = real_inputs[kind]
+    assert exit_line(main, argv).startswith(stop)
+    raw = path.read_bytes()
+    rng = np.random.default_rng(sum(map(ord, kind)))
+    refused = 0
+    try:
+        for _ in range(FUZZ_VARIANTS[kind]):
             path.write_bytes(damaged(raw, rng))
-            try:
-                read(path)
-            except ValueError as error:
-                assert str(error).startswith(f"{path}: ") and "\n" not in str(error)
+            line = exit_line(main, argv)
+            assert line is not None and "\n" not in line, line
+            if not line.startswith(stop):
+                # sizes in config.json that its weights do not fit: the weights file is named, with the config
+                mismatch = kind in PAIRED and " does not fit " in line and str(path.parent) in line
+                assert line.startswith(f"error: {path}: ") or mismatch, line
+                refused += 1
+    finally:
+        path.write_bytes(raw)
+    assert refused > 0                                      # the damage reached the reader
+
+
+def test_a_damaged_sample_file_ends_the_real_metrics_process_with_status_1_and_one_line(real_inputs, tmp_path):
+    """The same refusal from a real process: exit status 1 and exactly one line on stderr (unisinger.py's and
+    train.py's real exits are checked by the tests of bad arguments and of checkpoints)."""
+    path, _, argv, _ = real_inputs["sample .npz"]
+    pred = shutil.copytree(path.parent.parent, tmp_path / "pred")
+    cut = pred / path.parent.name / path.name
+    cut.write_bytes(path.read_bytes()[:500])
+    argv = [pred if a == path.parent.parent else a for a in argv]
+    assert_refused_in_one_line(run_command("metrics.py", *argv), cut)
 
 
 def test_sizes_claimed_by_a_header_are_checked_before_allocating(tmp_path):
-    """A safetensors header or an .npz array header that claims 10^12 values is refused, not attempted."""
+    """A safetensors header or an .npz array header that claims 10^12 values, or a wav2vec 2.0 config.json with a
+    hidden size of 10^9, is refused, not attempted."""
     header = json.dumps({"w": {"dtype": "F32", "shape": [10 ** 6, 10 ** 6], "data_offsets": [0, 4 * 10 ** 12]}})
     (tmp_path / "big.safetensors").write_bytes(len(header).to_bytes(8, "little") + header.encode() + bytes(16))
     with pytest.raises(ValueError, match="big.safetensors: tensor w data is truncated"):
@@ -1192,6 +1294,14 @@ def test_sizes_claimed_by_a_header_are_checked_before_allocating(tmp_path):
         z.writestr("motion.npy", member.getvalue() + bytes(16))
     with pytest.raises(ValueError, match=r"big\.npz: .*claims 1000000000000 values"):
         flame.read_npz(tmp_path / "big.npz")
+    _hf_config(False).save_pretrained(tmp_path)                 # a config.json asking for a 10^9-wide model
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, hidden_size=10 ** 9)))
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"config\.json: not a usable wav2vec 2\.0 config \(sizes that make "
+                                         r"[0-9.e+]+ parameters"):
+        Wav2Vec2.from_pretrained(tmp_path)
 
 
 def test_resample_features_is_linear_interpolation_with_ends_kept():

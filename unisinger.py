@@ -816,6 +816,7 @@ def command(argv=None):
     if args.image:
         load_reference(args.image)
         check_file(args.renderer, "renderer checkpoint", "; train one with `python train.py --stage render`")
+        load_renderer(args.renderer)                  # a damaged one is refused now, not after the whole song
     if args.flame:
         check_file(args.flame, "FLAME model file")
 
