@@ -354,7 +354,7 @@ def read_video(path, size=256, batch=32):
                 if len(pending) == batch:
                     out.append(_resize_square(torch.stack(pending), size or min(pending[0].shape[:2])))
                     pending = []
-    except Exception as e:                      # ffmpeg stops on damaged data in many ways (imageio raises them all)
+    except Exception as e:                      # ffmpeg stops on damaged data in many ways; imageio raises them all
         raise ValueError(f"{path}: unreadable video ({' '.join(str(e).split())[:300]})") from None
     if pending:
         out.append(_resize_square(torch.stack(pending), size or min(pending[0].shape[:2])))
