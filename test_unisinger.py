@@ -2621,9 +2621,10 @@ def disk_full_at(size):
     return limit
 
 
-def test_full_disk_ends_generation_in_one_line_and_keeps_the_previous_outputs(tmp_path):
-    """unisinger.py on a disk that fills up while it writes the .npz, then the preview video: one line naming
-    the file, exit status 1, that file of the previous run byte for byte as it was and no temporary file left."""
+def test_full_disk_or_read_only_out_ends_generation_in_one_line_and_keeps_the_previous_outputs(tmp_path):
+    """unisinger.py on a disk that fills up while it writes the .npz, then the preview video, then with a
+    read-only --out: one line naming the file, exit status 1, that file of the previous run byte for byte as it
+    was and no temporary file left."""
     cfg = MotionConfig.preset("tiny")
     torch.manual_seed(0)
     torch.save(dict(model=MotionCVAE(cfg).state_dict(), config=asdict(cfg)), tmp_path / "m.pt")
@@ -2644,6 +2645,16 @@ def test_full_disk_ends_generation_in_one_line_and_keeps_the_previous_outputs(tm
         assert sorted(after) == sorted(before) and after[failing] == before[failing]     # no temporary file left
     assert after["sample_0.npz"] != before["sample_0.npz"]                  # the new take, written whole before
     assert np.load(out / "sample_0.npz")["landmarks"].shape == (90, 68, 3)
+
+    out.chmod(0o555)                                        # a read-only --out; root must drop its override
+    as_user = [] if os.geteuid() else ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    try:
+        read_only = subprocess.run([*as_user, sys.executable, "unisinger.py", *args, "--seed", "2"],
+                                   cwd=Path(__file__).parent, capture_output=True, text=True)
+    finally:
+        out.chmod(0o755)
+    assert_refused_in_one_line(read_only, out / "sample_0.npz", "Permission denied")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == after
 
 
 def test_audio_file_reads_any_stretch_as_load_audio_reads_the_whole_file(tmp_path):
