@@ -396,16 +396,11 @@ class EncoderLayer(nn.Module):
 class Wav2Vec2(nn.Module):
     """wav2vec 2.0 encoder, inference only (no dropout, no masking), equal to transformers' Wav2Vec2Model.
 
-    forward(wave (B, N), all_layers=False, n_frames=None):
+    forward(wave (B, N), n_frames=None):
       wave: raw samples at 16 kHz, taken as given (see normalize_wave for what base checkpoints expect).
       returns the last hidden state (B, frames, hidden_size), frames = 50 per second of audio; or, with
       n_frames, exactly n_frames: the conv features are linearly interpolated in time to n_frames BEFORE the
       feature projection and the transformer, as FaceFormer does to get features at the motion frame rate.
-      all_layers=True returns instead the list of num_hidden_layers + 1 states, as transformers'
-      output_hidden_states: index 0 is the transformer's input (projected conv features + positional conv,
-      after the encoder LayerNorm for base models, before any norm for stable-layer-norm ones), index i the
-      output of layer i. For base models the last entry is the last hidden state; for stable-layer-norm models
-      it is taken before the final LayerNorm (transformers 5 does the same).
     """
 
     def __init__(self, cfg=None):
@@ -434,7 +429,7 @@ class Wav2Vec2(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, wave, all_layers=False, n_frames=None):
+    def forward(self, wave, n_frames=None):
         x = self.features(wave)  # (B, T, conv_dim[-1])
         if n_frames is not None:
             x = resample_features(x, n_frames)  # (B, n_frames, conv_dim[-1])
@@ -442,13 +437,11 @@ class Wav2Vec2(nn.Module):
         x = x + self.pos_conv(x)
         if not self.cfg.do_stable_layer_norm:
             x = self.encoder_norm(x)
-        states = [x]
         for layer in self.layers:
             x = layer(x)
-            states.append(x)
         if self.cfg.do_stable_layer_norm:
             x = self.encoder_norm(x)
-        return states if all_layers else x
+        return x
 
     @classmethod
     def from_pretrained(cls, path, config=None):

@@ -3,8 +3,8 @@
 Holds `Flame` (an nn.Module mapping shape / expression / joint rotations to mesh vertices in metres),
 the chumpy-free reader of the official model files (`DataUnpickler`, `load_data_pickle`, `load_npy_object`:
 every pickle-based file read as data only, one that names code refused), the procedural head used when no
-FLAME file is available, the 59-d motion helper (`split_motion`), mesh exports (`save_obj`,
-`save_mesh_sequence`, and `save_glb`: a take as an animated, skinned glTF 2.0 file with its song beside it),
+FLAME file is available, the 59-d motion helper (`split_motion`), mesh exports (`save_obj`, one frame,
+and `save_glb`: a take as an animated, skinned glTF 2.0 file with its song beside it),
 the forward over a vertex subset (`Flame.region`) and with the head pose zeroed (`from_motion(...,
 zero_head_pose=True)`, skinned in closed form by `jaw_only_forward`: the meshes of the face metrics and the loss),
 and what a checkpoint records about its head (`flame_record`: the file and its sha256) with the check that a
@@ -14,7 +14,7 @@ project.
 Use alone:
     flame = Flame.procedural()                         # or Flame.load('FLAME2020/generic_model.pkl')
     verts = flame.from_motion(torch.zeros(100), torch.zeros(240, MOTION_DIM))   # (240, V, 3)
-    save_mesh_sequence('out.npz', verts, flame.faces)
+    save_obj('frame0.obj', verts[0], flame.faces)
     save_glb('take.glb', flame, torch.zeros(100), torch.zeros(240, MOTION_DIM))    # plays in Blender, three.js
 """
 import copy
@@ -261,18 +261,15 @@ def read_flame_arrays(path):
 def _read_landmark_embedding(folder):
     """(faces (L,), barycentric (L,3)) from DECA's landmark_embedding.npy (68) or
     flame_static_embedding.pkl (51, iBUG points 17..67, no jaw contour); None when neither exists."""
-    deca = folder / 'landmark_embedding.npy'
-    if deca.exists():
-        emb = load_npy_object(deca)
-        if not isinstance(emb, dict) or 'full_lmk_faces_idx' not in emb or 'full_lmk_bary_coords' not in emb:
-            raise ValueError(f"{deca}: missing keys full_lmk_faces_idx / full_lmk_bary_coords")
-        return np.asarray(emb['full_lmk_faces_idx']).reshape(-1), np.asarray(emb['full_lmk_bary_coords']).reshape(-1, 3)
-    static = folder / 'flame_static_embedding.pkl'
-    if static.exists():
-        emb = load_data_pickle(static)
-        if not isinstance(emb, dict) or 'lmk_face_idx' not in emb or 'lmk_b_coords' not in emb:
-            raise ValueError(f"{static}: missing keys lmk_face_idx / lmk_b_coords")
-        return np.asarray(emb['lmk_face_idx']).reshape(-1), np.asarray(emb['lmk_b_coords']).reshape(-1, 3)
+    for name, read, faces_key, bary_key in (
+            ('landmark_embedding.npy', load_npy_object, 'full_lmk_faces_idx', 'full_lmk_bary_coords'),
+            ('flame_static_embedding.pkl', load_data_pickle, 'lmk_face_idx', 'lmk_b_coords')):
+        path = folder / name
+        if path.exists():
+            emb = read(path)
+            if not isinstance(emb, dict) or faces_key not in emb or bary_key not in emb:
+                raise ValueError(f"{path}: missing keys {faces_key} / {bary_key}")
+            return np.asarray(emb[faces_key]).reshape(-1), np.asarray(emb[bary_key]).reshape(-1, 3)
     return None
 
 
@@ -417,12 +414,13 @@ class Flame(nn.Module):
             raise ValueError(f"{self.source}: no FLAME_masks.pkl beside the model, so no region masks")
         return {name: getattr(self, f'mask_{name}') for name in self.mask_names}
 
-    def forward(self, shape, expression, global_pose, neck_pose, jaw_pose, eye_pose=None):
-        """Vertices (..., V, 3) in metres; the leading dims of all inputs broadcast together."""
+    def forward(self, shape, expression, global_pose, neck_pose, jaw_pose):
+        """Vertices (..., V, 3) in metres; the leading dims of all inputs broadcast together. The eyes stay still
+        (the 59-d motion has no eye pose)."""
         ref = self.template
         shape, expression, global_pose, neck_pose, jaw_pose = (
             t.to(ref) for t in (shape, expression, global_pose, neck_pose, jaw_pose))
-        eye_pose = torch.zeros_like(jaw_pose).repeat_interleave(2, -1) if eye_pose is None else eye_pose.to(ref)
+        eye_pose = torch.zeros_like(jaw_pose).repeat_interleave(2, -1)          # left and right eye, (..., 6)
         if shape.shape[-1] != self.n_shape or expression.shape[-1] != self.n_expr:
             raise ValueError(f"{self.source}: expects shape (..., {self.n_shape}) and expression (..., {self.n_expr}); "
                              f"got {tuple(shape.shape)} and {tuple(expression.shape)}")
@@ -594,23 +592,6 @@ def save_obj(path, verts, faces):
             np.savetxt(fh, verts.reshape(-1, 3), fmt='v %.6f %.6f %.6f')
             np.savetxt(fh, faces.reshape(-1, 3).astype(np.int64) + 1, fmt='f %d %d %d')
     _write_atomic(path, write)
-
-
-def save_mesh_sequence(path, verts, faces):
-    """verts (T, V, 3) as one .npz (verts float32, faces) when path ends in .npz, else a folder of
-    frame_00000.obj ... files. Returns the path."""
-    path = Path(path)
-    verts, faces = _numpy(verts), _numpy(faces)
-    if verts.ndim != 3 or verts.shape[-1] != 3:
-        raise ValueError(f"{path}: expected verts (T, V, 3), got {verts.shape}")
-    if path.suffix == '.npz':
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, lambda tmp: np.savez(tmp, verts=verts.astype(np.float32), faces=faces.astype(np.int64)))
-    else:
-        path.mkdir(parents=True, exist_ok=True)
-        for t, frame in enumerate(verts):
-            save_obj(path / f'frame_{t:05d}.obj', frame, faces)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import unisinger
 from audio import (SAMPLE_RATE, Wav2Vec2, beat_track, beats, hpss, load_audio, mel_filterbank, median_filter, mfcc,
                    mfcc_at_fps, normalize_wave, onset_strength, read_safetensors, resample_features)
 from data import Progress
-from flame import Flame, procedural_head, read_flame_arrays, save_mesh_sequence, save_obj, split_motion
+from flame import Flame, procedural_head, read_flame_arrays, save_obj, split_motion
 from unisinger import CLIP_FRAMES, FPS, MotionConfig, MotionCVAE, alignment_mask, generate, load_checkpoint
 
 # Deprecation warnings raised inside a reference package are its maintainers' to fix: silenced for that package
@@ -151,9 +151,10 @@ def test_flame_matches_smplx(which):
     B, T = 2, 3
     expr = torch.randn(B, T, 50, generator=g, dtype=torch.float64)
     pose = torch.randn(B, T, 15, generator=g, dtype=torch.float64) * 0.5
+    pose[..., 9:] = 0                                                         # the eyes stay still
     for shape in (torch.randn(B, 1, 100, generator=g, dtype=torch.float64),   # one head per sequence
                   torch.randn(1, 1, 100, generator=g, dtype=torch.float64)):  # one head for all
-        ours = model(shape, expr, pose[..., :3], pose[..., 3:6], pose[..., 6:9], pose[..., 9:])
+        ours = model(shape, expr, pose[..., :3], pose[..., 3:6], pose[..., 6:9])
         ref = smplx_vertices(arrays, columns, shape.expand(B, T, 100).reshape(-1, 100), expr.reshape(-1, 50),
                              pose.reshape(-1, 15))
         assert ours.shape == (B, T, len(arrays['v_template']), 3)
@@ -184,7 +185,7 @@ def test_official_chumpy_pickle_loads_without_chumpy(tmp_path, monkeypatch):
     for key in flame.FLAME_KEYS:
         assert np.array_equal(loaded[key], arrays[key]), key
     model, reference = Flame.load(path, dtype=torch.float64), Flame(arrays, dtype=torch.float64)
-    params = [torch.randn(4, n, dtype=torch.float64) * 0.3 for n in (100, 50, 3, 3, 3, 6)]
+    params = [torch.randn(4, n, dtype=torch.float64) * 0.3 for n in (100, 50, 3, 3, 3)]
     assert torch.equal(model(*params), reference(*params))
 
 
@@ -193,7 +194,7 @@ def test_flame2023_pickle_npz_and_side_files_load(tmp_path):
     rng = np.random.default_rng(4)
     arrays = random_flame_arrays(rng)
     reference = Flame(arrays, dtype=torch.float64)
-    params = [torch.randn(2, n, dtype=torch.float64) * 0.3 for n in (100, 50, 3, 3, 3, 6)]
+    params = [torch.randn(2, n, dtype=torch.float64) * 0.3 for n in (100, 50, 3, 3, 3)]
     expected = reference(*params)
 
     pkl_dir, npz_dir = tmp_path / 'pkl', tmp_path / 'npz'
@@ -348,11 +349,6 @@ def test_save_obj_round_trip(tmp_path, head):
     v = np.array([[float(x) for x in line.split()[1:]] for line in lines if line.startswith('v ')])
     f = np.array([[int(x) for x in line.split()[1:]] for line in lines if line.startswith('f ')])
     assert np.abs(v - verts[0].numpy()).max() <= 5e-7 and np.array_equal(f - 1, head.faces.numpy())
-    save_mesh_sequence(tmp_path / 'seq', verts, head.faces)
-    assert sorted(p.name for p in (tmp_path / 'seq').iterdir()) == ['frame_00000.obj', 'frame_00001.obj']
-    with np.load(save_mesh_sequence(tmp_path / 'seq.npz', verts, head.faces)) as z:
-        assert z['verts'].dtype == np.float32 and np.array_equal(z['verts'], verts.numpy())
-        assert np.array_equal(z['faces'], head.faces.numpy())
 
 
 # ----------------------------------------------------------------------------- glTF export, played back by the specification
@@ -1037,19 +1033,6 @@ def test_wav2vec2_under_bf16_autocast_stays_close_to_transformers(tmp_path, stab
     assert (got.float() - expected).abs().max().item() <= 1.25 * ref_drift
     assert from_float32.dtype == from_bf16.dtype == torch.bfloat16
     torch.testing.assert_close(from_float32.float(), plain, atol=0.05, rtol=0.05)
-
-
-def test_wav2vec2_all_layers_match_transformers_hidden_states(tmp_path):
-    for stable in (False, True):
-        ref = _hf_model(stable)
-        ref.save_pretrained(tmp_path / str(stable))
-        ours = Wav2Vec2.from_pretrained(tmp_path / str(stable)).eval()
-        wave = torch.randn(1, 1500)
-        with torch.inference_mode():
-            ref_states = ref(wave, output_hidden_states=True).hidden_states
-            our_states = ours(wave, all_layers=True)
-        assert len(our_states) == len(ref_states) == 3
-        assert max((a - b).abs().max().item() for a, b in zip(ref_states, our_states)) <= TOL
 
 
 def test_wav2vec2_real_conv_stack_on_lengths_not_multiple_of_320(tmp_path):
