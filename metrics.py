@@ -38,8 +38,9 @@ mean over clips; PAPER_COLUMNS says how each prints in the paper's units, VARIAN
   model_predictor (samples drawn with a seed per clip, derived from a base seed and the clip id; one more take
   timed for FPS), evaluate_video (Table IV), mean_motion (the baseline), the command line.
 
-Depends on torch, numpy, scipy; the evaluation parts import our flame.py, data.py (and its progress lines),
-audio.py (beats) and, for the default run, unisinger.py.
+Depends on torch, numpy, scipy, imageio (+ imageio-ffmpeg) and our flame.py (meshes), audio.py (beats), data.py
+(the data set, progress lines), render.py (atomic writes) and unisinger.py (the default run generates motion
+with a checkpoint).
 
 Use alone
     python metrics.py                                   # out/motion/best.pt (what train.py's summary scores) vs
@@ -57,11 +58,14 @@ table entry the string "needs weights: <file>" / "needs landmarks: <file>".
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 import zlib
 from pathlib import Path
 
+import imageio.v2 as imageio
+import imageio_ffmpeg
 import numpy as np
 import scipy.linalg
 import torch
@@ -69,8 +73,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
-from audio import FPS, SAMPLE_RATE
-from flame import HEAD_POSE, MM_PER_M
+import data
+from audio import FPS, SAMPLE_RATE, beats
+from data import Progress, video_path
+from flame import HEAD_POSE, MM_PER_M, Flame, read_npz, resolve_flame
+from render import atomic_output
+from unisinger import DEFAULT_CHECKPOINT, generate, load_checkpoint, load_flame
 
 BEAT_SIGMA_FRAMES = 5.0     # Gaussian smoothing of the motion speed before picking its minima
 BA_SIGMA2 = 9.0             # beat-align tolerance, frames^2
@@ -224,7 +232,6 @@ def motion_beats(x, sigma=BEAT_SIGMA_FRAMES):
 def music_beats(audio, sr=SAMPLE_RATE, time_correct=False):
     """Beats of the audio in motion-frame units: the beat tracker's onset-frame ids (hop 512 at 16 kHz, 31.25
     a second) taken as 30 fps frames as they are (the release), or with time_correct the beat times x 30 fps."""
-    from audio import beats
     frames, times = beats(np.asarray(audio, dtype=np.float32), sr)
     return np.asarray(times, dtype=np.float64) * FPS if time_correct else np.asarray(frames)
 
@@ -680,18 +687,17 @@ class LPIPS(nn.Module):
 def clip_beats(item):
     """Audio beats of a dataset item in motion-frame units for each BA column: the singing voice's onset frames
     ('BA', the release), its beat times x 30 fps ('BA(time)') and the background music's onset frames."""
-    from audio import beats
     frames, times = beats(np.asarray(item["audio"], dtype=np.float32), SAMPLE_RATE)      # the voice tracked once
     return {"BA": np.asarray(frames), "BA(time)": np.asarray(times, dtype=np.float64) * FPS,
             "BA(music)": music_beats(item["bgm"])}
 
 
-def clip_motion_scores(regions, shape, gt_motion, samples, beats):
+def clip_motion_scores(regions, shape, gt_motion, samples, audio_beats):
     """Table II of one clip: {'official': the release's metric_dict (raw units), variant column: value}.
 
-    regions: RegionMeshes of the FLAME model; shape (100,), gt_motion (T,59), samples (S,T,59); beats: BA
-    column -> audio beats in motion-frame units (clip_beats), each column present is scored against the
-    samples' pose beats (the release averages BA over samples).
+    regions: RegionMeshes of the FLAME model; shape (100,), gt_motion (T,59), samples (S,T,59); audio_beats: BA
+    column -> audio beats in motion-frame units (clip_beats), each column present is scored against the samples'
+    pose beats (the release averages BA over samples).
     """
     shape = torch.as_tensor(shape, dtype=torch.float32)
     gt_motion = torch.as_tensor(gt_motion, dtype=torch.float32)
@@ -703,7 +709,7 @@ def clip_motion_scores(regions, shape, gt_motion, samples, beats):
         lve_mean, lve_min = lve(pred, gt, regions.lips)
         fve_mean, fve_min = fve(pred, gt, regions.face)
         pose_beats = [motion_beats(s[:, HEAD_POSE]) for s in samples.numpy()]
-        ba = {k: float(np.mean([beat_align(m, b, len(gt_motion) - 1) for m in pose_beats])) for k, b in beats.items()}
+        ba = {k: float(np.mean([beat_align(m, b, len(gt_motion) - 1) for m in pose_beats])) for k, b in audio_beats.items()}
         ba_pose = ba.pop("BA", None)                                                     # the rest are variants
         official = {
             "lve_mean": lve_mean / MM_PER_M, "lve_min": lve_min / MM_PER_M,
@@ -759,7 +765,6 @@ def model_predictor(model, n_samples, base_seed=EVAL_SEED, silent=False, clock=N
     """predict(item) -> (S,T,59): the model's samples of one clip, with the clip's own seed; silent feeds
     silence and no music (does the model use its audio?). With clock (a dict), one more take of one sample is
     generated and timed per clip, audio encoding included: clock['frames'] / clock['seconds'] is the FPS."""
-    from unisinger import generate
 
     def predict(item):
         voice = np.zeros_like(item["audio"]) if silent else item["audio"]
@@ -785,7 +790,6 @@ def sample_files(folder):
 
 def read_sample(path):
     """One generated sample file -> its motion (T, 59) float32; a damaged file is refused naming it."""
-    from flame import read_npz
     z = read_npz(path)
     if "motion" not in z:
         raise ValueError(f"{path}: no 'motion' array")
@@ -811,7 +815,6 @@ def read_samples(pred_dir, item):
 
 def mean_motion(root):
     """The mean-motion baseline: the training split's mean 59-d motion vector over all its frames."""
-    import data
     motions = []
     for seq in data.read_split(root, "train"):
         motions.append(data.read_flame_pickle(data.flame_path(root, seq))["motion"])         # (T, 59)
@@ -830,7 +833,6 @@ def sampled_frames(n):
 def read_frames(path, ids, sizes=VIDEO_SIZES):
     """The frames ids of an mp4, each resized (the whole frame, to a square) to every size as the release's
     cv2.resize does (bilinear from pixel centres, no antialiasing) -> size -> uint8 (len(ids),size,size,3)."""
-    import imageio.v2 as imageio
     wanted, out = set(ids), {size: [] for size in sizes}
     try:
         reader = imageio.get_reader(str(path), "ffmpeg")
@@ -851,7 +853,6 @@ def read_frames(path, ids, sizes=VIDEO_SIZES):
 
 
 def count_frames(path):
-    import imageio.v2 as imageio
     try:
         with imageio.get_reader(str(path), "ffmpeg") as reader:
             return reader.count_frames()
@@ -861,8 +862,6 @@ def count_frames(path):
 
 def read_soundtrack(path, sr=SAMPLE_RATE):
     """The audio track of a video, mono at sr -> float32 (N,), or None when it has none."""
-    import subprocess
-    import imageio_ffmpeg
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-vn", "-ac", "1", "-ar", str(sr),
            "-f", "f32le", "-"]
     proc = subprocess.run(cmd, capture_output=True)
@@ -894,7 +893,6 @@ def evaluate_video(pred_dir, root, ids, weights_dir):
     release scores them: every FRAME_STEP-th frame resized to each size, PSNR / SSIM / CPBD / LPIPS / LMD pooled
     over all those frames of all videos, FID over their features, BA per video (all frames' landmarks against
     the beats of the video's own soundtrack), then averaged over videos."""
-    from data import Progress, video_path
     pred_dir, root, weights_dir = Path(pred_dir), Path(root), Path(weights_dir)
     progress = Progress(len(ids), "video", lines=20)
     inception_file = weights_dir / INCEPTION_FILE
@@ -973,7 +971,6 @@ def format_table(rows, columns):
 
 def clips_of(root, split, ids):
     """Dataset items of the split whose sequence id is in ids (dataset order), read lazily."""
-    import data
     dataset = data.SingingHead(root, split)
     wanted = set(ids)
     return torch.utils.data.Subset(dataset, [i for i, (seq, _) in enumerate(dataset.clips) if seq in wanted])
@@ -992,9 +989,6 @@ def counted(predict, progress):
 def run_motion_table(args):
     """Rows of Table II and the line naming what was scored: the generated files (--pred) or a checkpoint
     (default: the one train.py's summary scores), then the mean-motion baseline."""
-    import data
-    from flame import Flame
-    from data import Progress
     root = Path(args.data) if args.data else data.builtin_data()
     ids = data.read_split(root, args.split)
     rows, beats_cache = {}, {}
@@ -1016,8 +1010,6 @@ def run_motion_table(args):
         rows[pred_dir.name] = evaluate_motion(flame, clips, read, fps, beats_cache)
         scored = f"the motion files in {pred_dir}"
     else:
-        from flame import resolve_flame
-        from unisinger import DEFAULT_CHECKPOINT, load_checkpoint, load_flame
         ckpt = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
         trained = load_checkpoint(ckpt, args.device)
         model = trained.model
@@ -1081,7 +1073,6 @@ def command(argv=None):
             raise ValueError(f"{path}: no such file or folder ({flag})")
 
     if args.video:
-        import data
         if not args.pred:
             p.error("--video needs --pred DIR with <clip id>.mp4 files")
         root = Path(args.data) if args.data else data.builtin_data()
@@ -1106,7 +1097,6 @@ def command(argv=None):
             return {k: finite(x) for k, x in v.items()}
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
-    from render import atomic_output
     with atomic_output(out) as tmp:                         # a failed write leaves no half-written JSON
         tmp.write_text(json.dumps(finite(rows), indent=2))
     print(f"-> {out}")
