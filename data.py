@@ -2,7 +2,7 @@
 SingingHead-format data for UniSinger: a reader for the public release's layout and a generator that writes a
 data set of its own in that layout (the built-in data everything uses by default).
 
-Depends on torch, numpy, scipy, soundfile, imageio (+ imageio-ffmpeg) and our audio.py (load_audio),
+Depends on torch, numpy, scipy, soundfile, imageio (+ imageio-ffmpeg) and our audio.py (load_audio, FPS, SAMPLE_RATE),
 flame.py (the procedural head, for the portrait videos) and render.py (projection, shading, mp4 output).
 Holds too the progress lines every long job of the project prints (Progress: steps done, the recent rate and
 the ETA from it).

@@ -9,7 +9,8 @@ What it holds
                     face renderer, the portrait video).
 
 Depends on torch, numpy and our audio.py (wav2vec 2.0, MFCC), flame.py (meshes for the mesh loss and the
-outputs), render.py (previews, portrait video) and data.py (progress lines of long songs).
+outputs), render.py (previews, portrait video) and data.py (the clip length, frames <-> audio samples, the take
+pickle, progress lines of long songs).
 
 The model in one paragraph. Every frame t gets one audio token: wav2vec 2.0 features of the singing voice
 (interpolated to 30 fps before the transformer layers, as FaceFormer does) projected to d, concatenated with
