@@ -481,8 +481,8 @@ class Flame(nn.Module):
         v = v_posed + w_jaw (R_jaw - I)(v_posed - J_jaw) (the weights sum to 1 at every vertex; w_jaw counts the
         joints below the jaw too), where v_posed needs only the shape, expression and the jaw's 9 pose-corrective
         rows of the bases. Only the vertices the jaw moves are turned: one contiguous slab when they lead (a
-        region in jaw_first order), else gathered. Equal to forward to float rounding, several times faster:
-        what makes the metrics over every test clip and sample take minutes.
+        region in jaw_first order), else gathered. Equal to forward to float rounding and about twice as fast on
+        the metrics' region (1 808 vertices: 0.22-0.24 s against 0.37-0.47 s for 2 400 frames on one thread).
         """
         ref = self.template
         shape, expression, jaw_pose = (t.to(ref) for t in (shape, expression, jaw_pose))
