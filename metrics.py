@@ -132,7 +132,7 @@ class RegionMeshes:
 
     flame.py's region forward over just these vertices (1 808 of 5 045 on the procedural head), skinned in closed
     form (Flame.jaw_only_forward): about 15x faster than whole meshes, what makes Table II on 1 829 clips x 10
-    samples take minutes instead of hours; it equals motion_meshes(...)[..., ids, :] (test_metrics checks).
+    samples take minutes instead of hours; it equals motion_meshes(...)[..., ids, :] (a test checks).
     Attributes: ids (U,) full-mesh vertex ids, jaw-moved ones first; lips, face, upper_face index into them;
     forehead_eyes indexes forehead then eye_region, concatenated as the release does (a vertex in both counts
     twice in FDD's mean). posed_landmarks gives the 68 landmarks of meshes WITH head pose (the release's
