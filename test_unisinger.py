@@ -1188,15 +1188,14 @@ def real_inputs(tmp_path_factory, kill_set, person):
     filmed = shutil.copytree(person, root / "filmed")                    # render stage: junk val pickle
     junk_val = filmed / "flame_seqs" / f"{data.read_split(filmed, 'val')[0]}.pkl"
     junk_val.write_bytes(b"junk")
-    for out in ("train_out", "render_out"):
-        (root / out).mkdir()
-        (root / out / "last.pt").write_bytes(b"junk")
+
     generate_argv = ["--audio", root / "v.wav", "--checkpoint", root / "m.pt", "--image", root / "ref.png",
                      "--renderer", root / "r.pt", "--person", "nobody", "--out", root / "gen", "--device", "cpu"]
     generate = (unisinger.main, generate_argv, f"error: {root / 'm.pt'}: no person 'nobody'")
+    (root / "junk.npz").write_bytes(b"junk")                            # the FLAME, read after data and wav2vec
     train_motion = lambda w2v: (train.main, ["--stage", "motion", "--data", data_set, "--wav2vec", root / w2v,
-                                             "--out", root / "train_out", "--resume", "--device", "cpu"],
-                                f"error: {root / 'train_out' / 'last.pt'}: not a checkpoint torch.save wrote")
+                                             "--flame", root / "junk.npz", "--out", root / "train_out",
+                                             "--device", "cpu"], f"error: {root / 'junk.npz'}: ")
     score = (metrics.main, ["--pred", root / "pred", "--data", scored, "--flame", root / "flame.pkl",
                             "--json", root / "t.json"], f"error: {junk_pickle}: ")
     score_npz = (metrics.main, ["--pred", root / "pred", "--data", scored, "--flame", root / "flame.npz",

@@ -299,14 +299,14 @@ def train_motion(args, run):
     data.require_head(root, args.flame, args.procedural_head)
     cfg = motion_config(args)
     seed_everything(args.seed)
+    if args.wav2vec:                                   # input files first: a damaged one is refused before any work
+        pretrained = Wav2Vec2.from_pretrained(args.wav2vec)
+        cfg.wav2vec = asdict(pretrained.cfg)           # the checkpoint decides the audio encoder's size
     train_set = MotionClips(root, "train", data.CLIP_FRAMES)
     val_set = MotionClips(root, "val", data.CLIP_FRAMES)
     flame = load_flame(args.flame).to(run.device)
     meshes = metrics.RegionMeshes(flame)
     face_meshes = FaceMeshes(flame, cfg.mesh_head_pose) if cfg.w_mesh else None
-    if args.wav2vec:
-        pretrained = Wav2Vec2.from_pretrained(args.wav2vec)
-        cfg.wav2vec = asdict(pretrained.cfg)           # the checkpoint decides the audio encoder's size
     model = MotionCVAE(cfg).to(run.device)
     if args.wav2vec:
         model.wav2vec.load_state_dict(pretrained.state_dict())
