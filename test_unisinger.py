@@ -3266,6 +3266,34 @@ def test_stream_applies_the_same_controls():
     np.testing.assert_array_equal(cold, colder)                      # z = 0 whatever the seed
 
 
+def test_streamed_take_is_within_ten_percent_of_offline_lve_and_its_joins_jump_no_more_than_elsewhere(
+        trained_motion, motion_set):
+    """Held-out clips streamed in 100 ms chunks with the default lookahead against the offline take of the same
+    z: LVE (the largest lip-vertex error of a frame, averaged; full FLAME forward, head pose zeroed) within 10 %,
+    and the frame-to-frame vertex jump (head pose included) across joins between pushes no larger than elsewhere."""
+    model = load_checkpoint(trained_motion / "best.pt").model
+    head = Flame.procedural()
+    lips = head.masks["lips"]
+    chunk = SAMPLE_RATE // 10
+    lve, joins, others = {"stream": [], "offline": []}, [], []
+    for item in data.SingingHead(motion_set, "test"):
+        shape = torch.from_numpy(item["shape"])
+        truth = head.from_motion(shape, torch.from_numpy(item["motion"]), zero_head_pose=True)[:, lips]
+        offline = generate(model, item["audio"], item["bgm"], item["shape"], seed=1)[0]
+        take, emitted = stream_take(model, item["audio"], item["bgm"], item["shape"], chunk, seed=1)
+        for key, motion in (("stream", take), ("offline", offline)):
+            lips_pred = head.from_motion(shape, torch.from_numpy(motion), zero_head_pose=True)[:, lips]
+            lve[key].append((lips_pred - truth).norm(dim=-1).amax(-1).mean().item())
+        verts = head.from_motion(shape, torch.from_numpy(take))                               # (T, V, 3)
+        jump = (verts[1:] - verts[:-1]).norm(dim=-1).amax(-1).numpy()                          # (T-1,) m
+        at = np.unique(emitted[(emitted > 0) & (emitted < len(take))]) - 1      # jump from a push's last frame
+        joins.append(jump[at])
+        others.append(np.delete(jump, at))
+    assert np.mean(lve["stream"]) <= 1.10 * np.mean(lve["offline"]), lve
+    joins, others = np.concatenate(joins), np.concatenate(others)
+    assert joins.max() <= others.max() and joins.mean() <= 1.2 * others.mean(), (joins.mean(), others.mean())
+
+
 def test_temperature_zero_gives_identical_takes_and_diversity_grows_with_temperature(trained_motion, motion_set):
     """Diversity (mean pairwise distance of 4 takes' 68 landmarks, the metrics' definition) is 0 at temperature
     0, where every z is 0, and grows with the temperature on a held-out clip."""

