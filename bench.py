@@ -37,8 +37,8 @@ import metrics
 import render
 from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame, procedural_head
 from audio import SAMPLE_RATE
-from unisinger import (DEFAULT_CHECKPOINT, MotionConfig, MotionCVAE, MotionStream, generate,
-                       load_checkpoint, portrait_video, stream_song)
+from unisinger import (DEFAULT_CHECKPOINT, STREAM_CHUNK_MS, STREAM_LOOKAHEAD, MotionConfig, MotionCVAE,
+                       MotionStream, generate, load_checkpoint, portrait_video, stream_song)
 
 HERE = Path(__file__).resolve().parent
 COLUMNS = [("benchmark", "name", None), ("ours s", "ours_s", ".4f"), ("ref s", "ref_s", ".4f"),
@@ -420,8 +420,8 @@ def bench_motion(device="cpu"):
 STREAM_SONG_S = 20.0
 STREAM_THREADS = 1          # torch threads: the goals are for 2 CPU cores, one is the conservative reading
 # preset, frames each pass reads (window), lookahead frames, chunk ms, latency goal s
-STREAM_CASES = [("tiny", 240, 4, 100.0, 0.3), ("paper", 60, 9, 400.0, 1.0)]
-STREAM_QUALITY = dict(lookahead=6, chunk_ms=100.0)     # the stream's defaults
+STREAM_CASES = [("tiny", 240, STREAM_LOOKAHEAD, STREAM_CHUNK_MS, 0.3), ("paper", 60, 6, 400.0, 1.0)]
+STREAM_QUALITY = dict(lookahead=STREAM_LOOKAHEAD, chunk_ms=STREAM_CHUNK_MS)     # the stream's defaults
 
 
 def _stream_case(preset, window, lookahead, chunk_ms, device):
