@@ -3325,13 +3325,6 @@ def person(tmp_path_factory):
                                  video_size=SIZE, video_clips=3, verbose=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def micro_preset():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(render.RENDERER_PRESETS, "micro", MICRO)
-        yield
-
-
 def render_args(root, out, *extra):
     args = train.parse_args(["--stage", "render", "--data", str(root), "--out", str(out), "--device", "cpu",
                              "--batch-size", "2", "--seed", "3", *extra])
@@ -3340,11 +3333,14 @@ def render_args(root, out, *extra):
 
 
 def train_render(args):
-    run = train.Run(args)
-    try:
-        return train.train_render(args, run)
-    finally:
-        run.close()
+    """train.train_render with the tests' "micro" preset known while it runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(render.RENDERER_PRESETS, "micro", MICRO)
+        run = train.Run(args)
+        try:
+            return train.train_render(args, run)
+        finally:
+            run.close()
 
 
 @pytest.fixture(scope="module")
