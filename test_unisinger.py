@@ -772,7 +772,6 @@ def test_depth_to_image_fixed_range_nearer_brighter():
 
 
 def audio_streams(path):
-    import imageio_ffmpeg
     probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)],
                            capture_output=True, text=True)
     return re.findall(r"Stream #.*Audio: (\w+)", probe.stderr)
@@ -825,7 +824,6 @@ def test_render_preview_streams_batches(tmp_path, monkeypatch):
 
 
 def test_default_cam_frames_procedural_head():
-    import flame
     head = flame.Flame.procedural()
     verts = head.from_motion(torch.zeros(flame.N_SHAPE), torch.zeros(1, flame.MOTION_DIM))
     projected = render.project(verts, render.DEFAULT_CAM)
@@ -898,7 +896,6 @@ def vgg19_file(tmp_path_factory):
 
 
 def test_vgg19_loads_torchvision_state_dict_and_matches_functional_reference(vgg19_file):
-    import torch.nn.functional as F
     path, state = vgg19_file
     vgg = render.VGG19.load(path)
     x = torch.randn(2, 3, 48, 48)
@@ -1528,7 +1525,6 @@ def test_beats_match_librosa_on_synthetic_drums_and_melody():
 
 
 def test_beats_match_librosa_on_builtin_data_music():
-    import data
     for seed in range(4):
         rng = np.random.default_rng(seed)
         song = data.compose_song(rng, 8.0, 55)
@@ -2198,7 +2194,6 @@ def random_motion(gen, *lead):
 
 
 def test_region_meshes_equal_full_flame_meshes_with_head_pose_zeroed():
-    from flame import Flame
     flame = Flame.procedural()
     regions = metrics.RegionMeshes(flame)
     gen = torch.Generator().manual_seed(9)
@@ -2221,7 +2216,6 @@ def test_region_meshes_equal_full_flame_meshes_with_head_pose_zeroed():
 
 
 def test_clip_scores_zero_for_truth_and_only_pose_metrics_see_head_pose():
-    from flame import Flame
     regions = metrics.RegionMeshes(Flame.procedural())
     gen = torch.Generator().manual_seed(10)
     shape, truth = 0.5 * torch.randn(100, generator=gen), random_motion(gen, 60)
@@ -2355,8 +2349,6 @@ def test_official_ba_beats_are_the_singing_voices_as_the_release_tracks_them():
 
 
 def test_evaluate_command_writes_table_ii_for_sample_files(tmp_path):
-    import json
-    import data
     root = data.generate_dataset(tmp_path / "data", n_people=1, clips_per_person=3, with_video=False, verbose=False)
     clip_id = data.read_split(root, "test")[0]
     f = data.read_flame_pickle(root / "flame_seqs" / f"{clip_id}.pkl")
