@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from audio import FPS, N_MFCC, SAMPLE_RATE, AudioFile, Wav2Vec2, Wav2Vec2Config, mfcc_at_fps, normalize_wave
 from data import CLIP_FRAMES, Progress, clip_samples, fit_length, song_frames, write_flame_pickle
-from flame import EXPRESSION, HEAD_POSE, JAW_POSE, MM_PER_M, MOTION_DIM, N_EXPR, N_SHAPE, Flame, resolve_flame, save_glb
+from flame import EXPRESSION, HEAD_POSE, JAW_POSE, MM_PER_M, MOTION_DIM, N_SHAPE, Flame, resolve_flame, save_glb
 from render import (AUDIO_BLOCK, BACKGROUND_RGB, IMAGE_SIZE, PREVIEW_BATCH, VideoWriter, atomic_output,
                     load_reference, load_renderer, project, read_checkpoint, render_depth, render_preview, shade,
                     to_uint8)
