@@ -360,8 +360,8 @@ def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60
             weight[s:s + window] += w
         if windows.advance(len(chunk)) and progress:
             print(windows.line("motion:"), flush=True)
-    motion = apply_controls((out / weight)[:, :n_frames], model.motion_mean.cpu(), pose_scale, expression_scale,
-                            still)
+    out /= weight                                    # in place: a long song holds as few copies of its motion
+    motion = apply_controls(out[:, :n_frames], model.motion_mean.cpu(), pose_scale, expression_scale, still)
     return motion.numpy()
 
 
