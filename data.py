@@ -42,7 +42,8 @@ Reading rules (bad input gets a one-line ValueError naming the file)
 The generated data set (generate_dataset, builtin_data)
     People: id0 .. id<n-1>, each a procedural FLAME shape (beta ~ N(0, 1) on the first 10 coefficients, 0
     after), a fixed camera (DEFAULT_CAM's scale times 1 +- 6 %, a small shift, a little smooth jitter per
-    frame), a voice register, a skin tint and background colour, and a motion style (the gains below).
+    frame), a voice register, a skin tint and background colour, and a motion style (the gains below), and the
+    looks of a filmed person (lip, hair, iris, clothing and backdrop colours, pattern seeds: make_looks).
     Songs: each song is composed once and cut into clips_per_song consecutive sequences of clip_seconds,
     ids id<person>_<song>_<segment>_0. A song has a tempo (90-130 bpm), a key, a chord progression
     (I-V-vi-IV, one chord a bar of 4 beats) and a melody: phrases of 3-8 syllables, each syllable one note of
@@ -73,13 +74,17 @@ The generated data set (generate_dataset, builtin_data)
     video_size square, 30 fps, no sound track: the voice is in audio_seqs) for the people id0 ..
     id<video_people-1> only, and of theirs for every val and test sequence and the first train sequences by id,
     video_clips sequences in all (built-in set: id0 only, 8 of its 20 sequences: 3 test, 1 val, 4 train).
-    Rendering is the generator's main cost and the render stage trains one person; check video_path(root, id).exists().
+    The videos film the person as a portrait recording would (filmed_body, film; see "the filmed person" below):
+    textured skin, lips, eyes, brows and hair, teeth, tongue and a dark mouth seen through the parted lips, neck,
+    shoulders in clothing, a backdrop, key and fill light. Rendering is the generator's main cost and the render
+    stage trains one person; check video_path(root, id).exists().
     Splits: per person, 15 % of the sequences to test and 5 % to val (at least one each), the rest to train,
     so every person appears in every split. generator.json records the parameters and BUILTIN_VERSION, and
     marks the set as generated (is_generated): its heads are procedural. Any other set holds real FLAME
     parameters, and require_head refuses it without a FLAME file (the stand-in head would be silently wrong).
 """
 import json
+import math
 import os
 import pickle
 import shutil
@@ -100,7 +105,8 @@ from torch.utils.data import Dataset
 
 import render
 from audio import FPS, SAMPLE_RATE, load_audio
-from flame import FLAME_SOURCE, MOTION_DIM, N_EXPR, N_SHAPE, Flame, load_data_pickle
+from flame import (BROW_A, EYE_A, EYE_PHI, FLAME_SOURCE, MOTION_DIM, MOUTH_A, MOUTH_HALF_WIDTH, N_EXPR, N_JOINTS,
+                   N_SHAPE, Flame, load_data_pickle, procedural_head)
 
 CLIP_SECONDS = 8                      # the release's sequence length
 CLIP_FRAMES = CLIP_SECONDS * FPS      # 240 frames a clip
@@ -114,7 +120,7 @@ CAM_KEYS = ("cam", "camcodes")
 N_POSE = 9                            # global 3 | neck 3 | jaw 3
 
 BUILTIN_ROOT = Path(__file__).parent / "data" / "builtin"
-BUILTIN_VERSION = 1                   # bump when the generator changes: an older built-in set is rebuilt
+BUILTIN_VERSION = 2                   # bump when the generator changes: an older built-in set is rebuilt
                                       # (the built-in set is generate_dataset's defaults)
 
 
@@ -491,6 +497,8 @@ class Person:
     pose_offset: np.ndarray         # (9,)
     skin: np.ndarray           # (3,) RGB of a fully lit surface
     background: np.ndarray     # (3,) RGB
+    looks: dict                # the filmed appearance: colours (3,) RGB of lips, hair, iris, clothing, backdrop
+                               # accent, and backdrop / cloth pattern seeds (make_looks)
 
 
 def make_person(index, seed):
@@ -509,7 +517,16 @@ def make_person(index, seed):
                   vibrato_rate=rng.uniform(5.0, 6.0), jaw_gain=rng.uniform(0.8, 1.2),
                   mouth_gain=rng.uniform(0.8, 1.2), brow_gain=rng.uniform(0.6, 1.0),
                   nod_gain=rng.uniform(0.05, 0.09), expression_offset=expression_offset, pose_offset=pose_offset,
-                  skin=rng.uniform([170, 120, 100], [240, 190, 170]), background=rng.uniform(20, 90, 3))
+                  skin=rng.uniform([170, 120, 100], [240, 190, 170]), background=rng.uniform(20, 90, 3),
+                  looks=make_looks(np.random.default_rng([seed, index, 0, 1])))
+
+
+def make_looks(rng):
+    """The filmed person's colours beyond skin and background (their own stream: the voice and motion stay)."""
+    hair = rng.choice([(40, 28, 22), (70, 45, 30), (20, 18, 18), (120, 85, 50)]) * rng.uniform(0.85, 1.15)
+    iris = rng.choice([(85, 55, 35), (60, 90, 120), (80, 100, 60), (50, 35, 25)]) * rng.uniform(0.9, 1.1)
+    return dict(lips=rng.uniform([150, 60, 70], [200, 95, 100]), hair=hair, iris=iris,
+                clothing=rng.uniform(30, 200, 3), accent=rng.uniform(60, 200, 3), pattern=int(rng.integers(1 << 30)))
 
 
 @dataclass
@@ -688,23 +705,318 @@ def song_motion(song, person, envelope, weights, contour, rng):
     return motion.astype(np.float32)
 
 
-def render_portrait(flame, person, motion, cam, size, batch=60):
-    """Shaded portrait frames of the procedural head in the person's colours: uint8 (T, size, size, 3)."""
-    shape = torch.as_tensor(person.shape, dtype=torch.float32)
-    skin = torch.tensor(render.SKIN_RGB, dtype=torch.float32)
-    background = torch.tensor(render.BACKGROUND_RGB, dtype=torch.float32)
-    frames = []
+# ----------------------------------------------------------------------------- the filmed person
+# The video of a person with video is the procedural head made up, dressed and lit like a portrait recording.
+# Its surface is painted from a texture on its (polar angle, azimuth) chart: skin with tone variation and blush,
+# lips of their own colour, eyes (sclera, iris, pupil, lash line), brows and hair. Extra geometry joins the head as
+# extra vertices of the same FLAME-format model, skinned to its joints, so it moves exactly with it: a hair shell
+# over the scalp (the vertices it covers, pushed out), upper teeth (head), lower teeth and tongue (jaw), a dark
+# mouth cavity behind them (its lower half on the jaw) and shoulders in clothing (root). The lips' seam opens
+# when the jaw drops, and through it the camera sees the teeth, the tongue and the cavity. A key and a fill
+# light with a soft highlight, a backdrop with texture, a slight optical blur. The renderer's depth input stays
+# the bare head's: what it must learn is how this person looks for each depth image.
+
+PARTS = ("background", "skin", "lips", "eye", "brow", "hair", "teeth", "tongue", "mouth", "clothing")
+PART = {name: code for code, name in enumerate(PARTS)}
+CHART_ROWS, CHART_COLS = 384, 768     # texels of the head's texture over polar angle [0, pi] x azimuth [-pi, pi]
+HAIR_THICKNESS = 0.012                # m, the hair shell's height over the scalp
+KEY_LIGHT, FILL_LIGHT = (-0.55, 0.45, 0.70), (0.80, -0.10, 0.60)   # directions toward the lights, camera on +Z
+KEY, FILL, AMBIENT = 0.72, 0.30, 0.26                               # their shares of a fully lit surface
+SHININESS, GLOSS = 24.0, 0.10         # Blinn-Phong highlight of skin, lips, eyes and teeth (share of white)
+OCCLUSION = {"tongue": 0.60, "mouth": 0.45}                         # light reaching into the mouth
+FILM_BATCH = 16                       # frames filmed at once
+
+
+def _smooth(x):
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3 - 2 * x)
+
+
+def _noise(points, rng, wavelength, n=12):
+    """Smooth random field of unit-ish amplitude on points (..., 3) metres: n plane waves of about the given
+    wavelength (spread in length and direction, so they make no lattice)."""
+    k = rng.normal(size=(n, 3))
+    k *= 2 * np.pi / (wavelength * rng.uniform(0.6, 1.5, (n, 1))) / np.linalg.norm(k, axis=1, keepdims=True)
+    phase = (points.astype(np.float32) @ k.T.astype(np.float32) + rng.uniform(0, 2 * np.pi, n).astype(np.float32))
+    return np.cos(phase).sum(-1) * np.sqrt(2 / n)
+
+
+def _chart_texture(person):
+    """The head's texture: colour (CHART_ROWS, CHART_COLS, 3) float RGB and part codes (same, int)."""
+    rng = np.random.default_rng(person.looks["pattern"])
+    looks = person.looks
+    a, phi = np.meshgrid((np.arange(CHART_ROWS) + 0.5) / CHART_ROWS * np.pi,
+                         (np.arange(CHART_COLS) + 0.5) / CHART_COLS * 2 * np.pi - np.pi, indexing="ij")
+    point = 0.1 * np.stack([np.sin(a) * np.sin(phi), np.cos(a), np.sin(a) * np.cos(phi)], -1)   # ~ on the head, m
+    bump = lambda a0, p0, sa, sp: np.exp(-0.5 * ((a - a0) / sa) ** 2 - 0.5 * ((abs(phi) - p0) / sp) ** 2)
+    tone = 1 + 0.05 * _noise(point, rng, 0.05) + 0.025 * _noise(point, rng, 0.008)
+    colour = person.skin * tone[..., None]
+    flush = bump(0.53 * np.pi, 0.55, 0.06, 0.2) + 0.6 * bump(0.53 * np.pi, 0.0, 0.03, 0.06) \
+        + 0.8 * bump(0.45 * np.pi, np.pi / 2, 0.08, 0.15)                                # cheeks, nose tip, ears
+    colour += np.array([22.0, -6, -6]) * flush[..., None]
+    colour *= 1 - 0.10 * bump(EYE_A + 0.09, EYE_PHI, 0.04, 0.12)[..., None]              # under the eyes
+    part = np.full(a.shape, PART["skin"])
+
+    def paint(weight, rgb, name):
+        nonlocal colour
+        colour = colour * (1 - weight[..., None]) + weight[..., None] * rgb
+        part[weight > 0.5] = PART[name]
+
+    # lips: the upper one with a bow, the lower one fuller, both tapering to the corners of the mouth
+    across = np.clip(phi / (MOUTH_HALF_WIDTH + 0.01), -1, 1)
+    height = np.where(a < MOUTH_A, 0.068 - 0.012 * np.exp(-0.5 * (phi / 0.04) ** 2), 0.085) * (1 - across ** 2) ** 0.6
+    lips = _smooth((height - abs(a - MOUTH_A)) / 0.012) * (abs(phi) < MOUTH_HALF_WIDTH + 0.01)
+    paint(lips, looks["lips"] * (1 + 0.04 * _noise(point, rng, 0.003))[..., None], "lips")
+    # nostrils
+    nostril = np.exp(-0.5 * ((a - 0.548 * np.pi) / 0.012) ** 2 - 0.5 * ((abs(phi) - 0.055) / 0.028) ** 2)
+    colour *= 1 - 0.55 * nostril[..., None]
+    # brows: arcs above the eyes, thinning outward
+    t = (abs(phi) - 0.10) / 0.56
+    centre = BROW_A + 0.012 - 0.025 * np.pi * np.sin(np.pi * np.clip(t, 0, 1) * 0.9)
+    brow = _smooth((0.022 * (1 - 0.6 * np.clip(t, 0, 1)) - abs(a - centre)) / 0.006) * (t > 0) * (t < 1)
+    strands = 0.85 + 0.3 * np.cos(260 * phi + 40 * a + 2 * _noise(point, rng, 0.01))
+    paint(brow, looks["hair"] * strands[..., None], "brow")
+    # eyes: an almond of sclera, an iris with streaks, the pupil, a catch light; a dark lash line above
+    for side in (-1, 1):
+        dphi = phi - side * EYE_PHI
+        almond = (dphi / 0.13) ** 2 + ((a - EYE_A) / (0.021 * np.pi)) ** 2
+        r = np.hypot(dphi * np.sin(a), a - EYE_A)
+        eye = np.clip(1.0 - almond, 0, None) * 8
+        iris = looks["iris"] * (1 + 0.18 * np.cos(np.arctan2(a - EYE_A, dphi) * 23))[..., None] \
+            * (1 - 0.5 * _smooth((r - 0.036) / 0.01))[..., None]
+        sclera = np.array([232.0, 226, 220]) * (1 - 0.15 * almond)[..., None]
+        look = np.where((r < 0.045)[..., None], iris, sclera)
+        look = np.where((r < 0.017)[..., None], np.array([14.0, 12, 12]), look)
+        look = np.where((np.hypot(dphi * np.sin(a) + 0.012, a - EYE_A + 0.012) < 0.007)[..., None],
+                        np.array([245.0, 245, 245]), look)
+        paint(np.clip(eye, 0, 1), look, "eye")
+        lash = _smooth((1.6 - almond) / 0.3) * (almond >= 1) * (a < EYE_A)
+        colour *= 1 - 0.75 * lash[..., None]
+    # hair: above a hairline that runs from the forehead over the ears to the nape, with strands and a sheen
+    hair = _smooth((_hairline(a, phi) - a) / 0.03)
+    strands = 0.7 + 0.3 * np.cos(180 * phi + 6 * np.sin(9 * a) + 3 * _noise(point, rng, 0.02)) \
+        + 0.35 * np.exp(-0.5 * ((a - 0.17 * np.pi) / 0.12) ** 2)
+    paint(hair, looks["hair"] * strands[..., None], "hair")
+    return colour.astype(np.float32), part
+
+
+def _hairline(a, phi):
+    """Polar angle of the hairline at azimuth phi: high on the forehead, over the ears, low at the nape."""
+    return 0.2 * np.pi + 0.42 * np.pi * _smooth((abs(phi) - 0.45) / 2.3) + 0.02 * np.sin(7 * phi)
+
+
+def _grid_faces(rows, cols, first):
+    """Triangles of a rows x cols vertex grid numbered row-major from `first`, all wound the same way."""
+    i, j = np.meshgrid(np.arange(rows - 1), np.arange(cols - 1), indexing="ij")
+    a = first + i * cols + j
+    quads = np.stack([np.stack([a, a + cols, a + 1], -1), np.stack([a + 1, a + cols, a + cols + 1], -1)], 2)
+    return quads.reshape(-1, 3)
+
+
+def _teeth(upper):
+    """One row of teeth on an arch behind the lips (rest pose, m): verts (n, 3), colours (n, 3), faces."""
+    t = np.linspace(-1.2, 1.2, 49)
+    height = np.linspace(0, 1, 3)
+    shrink = 1.0 if upper else 0.93                                     # the lower arch sits inside the upper
+    x = 0.0245 * shrink * np.sin(t)
+    z = 0.0625 + 0.0265 * shrink * np.cos(t) - (0 if upper else 0.0015)
+    arc = 0.0255 * t                                                    # ~ m along the arch from the middle
+    gap = np.cos(np.pi * arc / 0.0075) ** 16                            # 7.5 mm teeth, dark where they meet
+    edge = -0.049 + 0.0008 * gap if upper else -0.0495 - 0.0008 * gap   # the biting edge, scalloped
+    root = -0.035 if upper else -0.057
+    y = edge[None] + (root - edge)[None] * height[:, None]
+    verts = np.stack([np.broadcast_to(x, y.shape), y, np.broadcast_to(z, y.shape)], -1).reshape(-1, 3)
+    shade = (1 - 0.45 * gap) * (1 - 0.35 * abs(t) / 1.2)                # gaps and the back teeth darker
+    colours = np.broadcast_to((np.array([236.0, 230, 212]) * shade[:, None])[None], (3, len(t), 3)).reshape(-1, 3)
+    return verts, colours, _grid_faces(3, len(t), 0)
+
+
+def _tongue():
+    """The tongue, a dome on the floor of the mouth behind the lower teeth (rest pose, m)."""
+    u, v = np.meshgrid(np.linspace(-1, 1, 15), np.linspace(0, 1, 12), indexing="ij")
+    x, z = 0.019 * u, 0.082 - 0.045 * v
+    y = -0.0535 + 0.010 * np.sin(np.pi * np.clip(v * 1.3, 0, 1)) ** 0.7 * np.sqrt(1 - u ** 2 + 1e-9)
+    verts = np.stack([x, y, z], -1).reshape(-1, 3)
+    colours = (np.array([180.0, 82, 88]) * (1 - 0.25 * np.exp(-0.5 * (u / 0.15) ** 2))[..., None]).reshape(-1, 3)
+    return verts, colours, _grid_faces(*u.shape, 0)
+
+
+def _mouth_cavity():
+    """The dark back of the mouth, a curved wall behind teeth and tongue (rest pose, m); its jaw share (n,)."""
+    u, v = np.meshgrid(np.linspace(-1, 1, 11), np.linspace(0, 1, 13), indexing="ij")
+    x, y = 0.036 * u, -0.028 - 0.052 * v
+    z = 0.045 - 0.02 * u ** 2 - 0.015 * (2 * v - 1) ** 2
+    verts = np.stack([x, y, z], -1).reshape(-1, 3)
+    colours = (np.array([48.0, 16, 18]) * (0.6 + 0.4 * np.abs(u))[..., None]).reshape(-1, 3)
+    return verts, colours, _grid_faces(*u.shape, 0), _smooth(0.5 + (-0.046 - y) / 0.016).reshape(-1)
+
+
+def _torso(person):
+    """Shoulders and chest in clothing, below and behind the neck (rest pose, m): a sheet facing the camera."""
+    rng = np.random.default_rng(person.looks["pattern"] + 1)
+    u, v = np.meshgrid(np.linspace(-1, 1, 33), np.linspace(0, 1, 13), indexing="ij")
+    x = 0.24 * u
+    top = -0.115 - 0.3 * np.maximum(abs(x) - 0.04, 0)
+    y = top - (0.35 + top) * v ** 1.5
+    z = -0.03 + 0.07 * _smooth((top - y) / 0.08) - 0.05 * u ** 2
+    verts = np.stack([x, y, z], -1).reshape(-1, 3)
+    weave = 1 + 0.07 * np.sign(np.sin(2 * np.pi * x / 0.03)) + 0.06 * _noise(verts.reshape(u.shape + (3,)), rng, 0.08)
+    colours = (person.looks["clothing"] * weave[..., None]).reshape(-1, 3)
+    return verts, colours, _grid_faces(*u.shape, 0)
+
+
+@dataclass
+class FilmedBody:
+    """The filmed person's geometry: a FLAME-format model (head first, then the extras) and what paints it."""
+    model: Flame               # from_motion gives (..., V_all, 3); its first V_head vertices are the head's
+    faces: torch.Tensor        # (F_all, 3) long: the faces filmed (the head's that can face the camera, the rest)
+    paint: torch.Tensor        # (V_all, 3): rest position (m) for chart-textured vertices, RGB for the others
+    material: torch.Tensor     # (F_all,) long: -1 chart-textured, else a PART code, per filmed face
+    chart: torch.Tensor        # (1, 3, CHART_ROWS, CHART_COLS) colour of the head's texture
+    chart_part: torch.Tensor   # (1, 1, CHART_ROWS, CHART_COLS) its part codes (float, for sampling)
+    backdrop: torch.Tensor     # (size, size, 3) RGB
+    occlusion: torch.Tensor    # (len(PARTS),) light reaching each part
+    glossy: torch.Tensor       # (len(PARTS),) 1 where a part has a highlight
+
+
+def filmed_body(person, size):
+    """The filmed person's model, texture and backdrop (deterministic from the person)."""
+    head = procedural_head()
+    verts, faces = head["v_template"], head["f"]
+    n_head = len(verts)
+    normals = np.zeros_like(verts)
+    face_normal = np.cross(verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]])
+    for k in range(3):
+        np.add.at(normals, faces[:, k], face_normal)
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    a = np.arccos(np.clip(verts[:, 1] / np.linalg.norm(verts, axis=1), -1, 1))
+    phi = np.arctan2(verts[:, 0], verts[:, 2])
+    covered = a < _hairline(a, phi) + 0.02
+    shell = np.nonzero(covered)[0]                                     # scalp vertices the hair shell copies
+    lift = HAIR_THICKNESS * _smooth((_hairline(a, phi) - a) / 0.12)[shell]
+    shell_faces = faces[covered[faces].all(1)]
+    remap = np.full(n_head, -1)
+    remap[shell] = n_head + np.arange(len(shell))
+
+    # extras: (verts, colours, faces, joint weights (n, 5), part)
+    one = lambda n, joint: np.eye(N_JOINTS)[np.full(n, joint)]
+    parts = []
+    for upper in (True, False):
+        v, c, f = _teeth(upper)
+        parts.append((v, c, f, one(len(v), 1 if upper else 2), PART["teeth"]))
+    v, c, f = _tongue()
+    parts.append((v, c, f, one(len(v), 2), PART["tongue"]))
+    v, c, f, jaw = _mouth_cavity()
+    parts.append((v, c, f, (1 - jaw)[:, None] * one(len(v), 1) + jaw[:, None] * one(len(v), 2), PART["mouth"]))
+    v, c, f = _torso(person)
+    parts.append((v, c, f, one(len(v), 0), PART["clothing"]))
+
+    all_verts = [verts, verts[shell] + lift[:, None] * normals[shell]]
+    all_faces, material = [faces, remap[shell_faces]], [np.full(len(faces) + len(shell_faces), -1)]
+    shapedirs = [head["shapedirs"], head["shapedirs"][shell]]
+    posedirs = [head["posedirs"], head["posedirs"][shell]]
+    weights = [head["weights"], head["weights"][shell]]
+    paint = [verts, verts[shell]]                                     # the shell takes the scalp's texture
+    first = n_head + len(shell)
+    for v, c, f, w, code in parts:
+        near = np.argmin(((v[:, None] - verts[None]) ** 2).sum(-1), axis=1)
+        extra_dirs = np.zeros((len(v), 3, head["shapedirs"].shape[2]))
+        extra_dirs[:, :, :N_SHAPE] = head["shapedirs"][near, :, :N_SHAPE]   # the head's shape, not its expressions
+        all_verts.append(v), all_faces.append(f + first), material.append(np.full(len(f), code))
+        shapedirs.append(extra_dirs), posedirs.append(np.zeros((len(v),) + head["posedirs"].shape[1:]))
+        weights.append(w), paint.append(c)
+        first += len(v)
+    arrays = dict(head, v_template=np.concatenate(all_verts), f=np.concatenate(all_faces),
+                  shapedirs=np.concatenate(shapedirs), posedirs=np.concatenate(posedirs),
+                  weights=np.concatenate(weights),
+                  J_regressor=np.pad(head["J_regressor"], ((0, 0), (0, first - n_head))))
+    model = Flame(arrays, N_SHAPE, N_EXPR, N_SHAPE, (head["lmk_faces_idx"], head["lmk_bary_coords"]), head["masks"],
+                  "the filmed procedural head")
+    # the back of the head and of the hair never faces the camera (the head turns by a few degrees): not filmed
+    all_faces, material = np.concatenate(all_faces), np.concatenate(material)
+    rest = arrays["v_template"][all_faces]                                         # (F_all, 3 corners, 3)
+    facing = np.cross(rest[:, 1] - rest[:, 0], rest[:, 2] - rest[:, 0])
+    keep = (material >= 0) | (facing[:, 2] > -0.5 * np.linalg.norm(facing, axis=1))
+    colour, part = _chart_texture(person)
+    occlusion, glossy = np.ones(len(PARTS)), np.zeros(len(PARTS))
+    for name, value in OCCLUSION.items():
+        occlusion[PART[name]] = value
+    glossy[[PART["skin"], PART["lips"], PART["eye"], PART["teeth"], PART["tongue"]]] = 1
+    as_tensor = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    return FilmedBody(model=model, faces=torch.as_tensor(all_faces[keep]), paint=as_tensor(np.concatenate(paint)),
+                      material=torch.as_tensor(material[keep]),
+                      chart=as_tensor(colour).permute(2, 0, 1)[None], chart_part=as_tensor(part)[None, None],
+                      backdrop=as_tensor(_backdrop(person, size)), occlusion=as_tensor(occlusion),
+                      glossy=as_tensor(glossy))
+
+
+def _backdrop(person, size):
+    """A room behind the person: a lit wall with a vertical gradient, soft out-of-focus shapes and panels."""
+    rng = np.random.default_rng(person.looks["pattern"] + 2)
+    y, x = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    image = person.background * (1.25 - 0.3 * y)[..., None]
+    for _ in range(7):
+        cx, cy, r = rng.uniform(-1, 1), rng.uniform(-1, 1), rng.uniform(0.1, 0.35)
+        blob = np.exp(-0.5 * ((x - cx) ** 2 + (y - cy) ** 2) / r ** 2) * rng.uniform(0.2, 0.5)
+        image = image * (1 - blob[..., None]) + blob[..., None] * person.looks["accent"] * rng.uniform(0.6, 1.2)
+    image *= (1 + 0.08 * _smooth(np.sin(np.pi * 2.5 * x + rng.uniform(0, 6)) * 4 + 0.5))[..., None]   # panels
+    image *= (1 - 0.25 * (x ** 2 + y ** 2) / 2)[..., None]                                            # vignette
+    return image.clip(0, 255)
+
+
+def _vertex_normals(verts, faces):
+    """verts (B, V, 3) -> unit vertex normals (B, V, 3), the area-weighted mean of the faces' normals."""
+    tri = verts[:, faces]                                                              # (B, F, 3, 3)
+    face_normal = torch.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0], dim=-1)
+    normals = torch.zeros_like(verts)
+    for k in range(3):
+        normals.index_add_(1, faces[:, k], face_normal)
+    return normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def film(body, shape, motion, cam, size):
+    """
+    Frames of the filmed person: shape (100,), motion (B, 59), cam (B, 3) -> uint8 (B, size, size, 3) and the
+    part each pixel shows, uint8 (B, size, size) codes into PARTS (before the optical blur).
+    """
     with torch.no_grad():
-        for start in range(0, len(motion), batch):
-            m = torch.as_tensor(motion[start:start + batch])
-            verts = flame.from_motion(shape, m)                                             # (b, V, 3)
-            image = render.shade(render.project(verts, torch.as_tensor(cam[start:start + batch])),
-                                 flame.faces, size).float()                                  # (b, H, W, 3)
-            is_background = (image == background).all(-1, keepdim=True)
-            image = torch.where(is_background, torch.as_tensor(person.background, dtype=torch.float32),
-                                image / skin * torch.as_tensor(person.skin, dtype=torch.float32))
-            frames.append(image.round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(frames).numpy()
+        verts = body.model.from_motion(torch.as_tensor(shape, dtype=torch.float32), torch.as_tensor(motion))
+        faces = body.faces
+        projected = render.project(verts, torch.as_tensor(cam, dtype=torch.float32))
+        _, face_id = render.rasterize(projected, faces, size)                           # (B, H, W)
+        normals = _vertex_normals(verts, body.model.faces)                              # (B, V, 3) metres, +Z to camera
+        values = render.interpolate(projected, faces, face_id,
+                                    torch.cat([body.paint.expand(len(verts), -1, -1), normals], -1))  # (B, H, W, 6)
+        paint, normal = values[..., :3], values[..., 3:]
+        material = torch.where(face_id >= 0, body.material[face_id.clamp_min(0)], PART["background"])
+        charted = material < 0
+        # the chart: polar angle from +y, azimuth from +z toward +x, as grid_sample's [-1, 1] coordinates
+        radius = paint.norm(dim=-1).clamp_min(1e-9)
+        grid = torch.stack([torch.atan2(paint[..., 0], paint[..., 2]) / math.pi,
+                            torch.acos((paint[..., 1] / radius).clamp(-1, 1)) / math.pi * 2 - 1], -1)
+        sample = lambda image, mode: F.grid_sample(image.expand(len(verts), -1, -1, -1), grid, mode=mode,
+                                                   padding_mode="border", align_corners=False)
+        albedo = torch.where(charted[..., None], sample(body.chart, "bilinear").permute(0, 2, 3, 1), paint)
+        part = torch.where(charted, sample(body.chart_part, "nearest")[:, 0].long(), material)
+        normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        normal = torch.where(normal[..., 2:] < 0, -normal, normal)                   # two-sided: face the camera
+        key, fill = (torch.tensor(d) / torch.tensor(d).norm() for d in (KEY_LIGHT, FILL_LIGHT))
+        halfway = (key + torch.tensor([0.0, 0, 1])) / (key + torch.tensor([0.0, 0, 1])).norm()
+        light = AMBIENT + KEY * (normal @ key).clamp_min(0) + FILL * (normal @ fill).clamp_min(0)
+        highlight = GLOSS * 255 * (normal @ halfway).clamp_min(0) ** SHININESS * body.glossy[part]
+        colour = albedo * (light * body.occlusion[part])[..., None] + highlight[..., None]
+        image = torch.where((face_id >= 0)[..., None], colour, body.backdrop)          # (B, H, W, 3)
+        for axis in (1, 2):                                                             # a lens's slight softness:
+            edge = image.narrow(axis, 0, 1), image.narrow(axis, size - 1, 1)           # [1, 2, 1] / 4 on each axis
+            image = 0.5 * image + 0.25 * (torch.cat([edge[0], image.narrow(axis, 0, size - 1)], axis)
+                                          + torch.cat([image.narrow(axis, 1, size - 1), edge[1]], axis))
+        return image.round().clamp(0, 255).to(torch.uint8).numpy(), part.to(torch.uint8).numpy()
+
+
+def render_portrait(body, person, motion, cam, size, batch=FILM_BATCH):
+    """The person's portrait video frames for motion (T, 59) and cam (T, 3): uint8 (T, size, size, 3)."""
+    return np.concatenate([film(body, person.shape, motion[lo:lo + batch], cam[lo:lo + batch], size)[0]
+                           for lo in range(0, len(motion), batch)])
 
 
 def _split(ids, rng):
@@ -736,7 +1048,7 @@ def generate_dataset(root, n_people=4, clips_per_person=20, seed=0, video_size=r
     root = Path(root)
     for folder in ("flame_seqs", "audio_seqs", "bgm_seqs", "video_seqs"):
         (root / folder).mkdir(parents=True, exist_ok=True)
-    flame = Flame.procedural() if with_video and video_people > 0 else None
+    filming = with_video and video_people > 0
     seg_frames, seg_samples = clip_seconds * FPS, clip_seconds * SAMPLE_RATE
     splits = {split: [] for split in SPLITS}
     songs_per_person = -(-clips_per_person // clips_per_song)
@@ -747,7 +1059,8 @@ def generate_dataset(root, n_people=4, clips_per_person=20, seed=0, video_size=r
                  for s, first in enumerate(range(0, clips_per_person, clips_per_song))]
         ids = [f"{person.name}_{s}_{g}_0" for s, n_segments in songs for g in range(n_segments)]
         split = _split(ids, np.random.default_rng([seed, p, 0]))
-        filmed = _filmed(split, video_clips) if flame is not None and p < video_people else set()
+        filmed = _filmed(split, video_clips) if filming and p < video_people else set()
+        body = filmed_body(person, video_size) if filmed else None
         for s, n_segments in songs:
             rng = np.random.default_rng([seed, p, s + 1])
             song = compose_song(rng, n_segments * clip_seconds, person.register)
@@ -765,7 +1078,7 @@ def generate_dataset(root, n_people=4, clips_per_person=20, seed=0, video_size=r
                 soundfile.write(root / "bgm_seqs" / f"{seq}_bgm.wav", music[samples], SAMPLE_RATE, subtype="PCM_16")
                 if seq in filmed:
                     render.write_video(root / "video_seqs" / f"{seq}.mp4",
-                                       render_portrait(flame, person, motion[frames], cam[frames], video_size))
+                                       render_portrait(body, person, motion[frames], cam[frames], video_size))
             if progress.advance() and verbose:
                 print(f"  {progress.line('built')} (person {person.name})", flush=True)
         for name, chosen in split.items():

@@ -168,6 +168,35 @@ def rasterize(verts, faces, size):
     return depth.view(batch, height, width), face_id.view(batch, height, width)
 
 
+def interpolate(verts, faces, face_id, attributes):
+    """
+    Per-pixel values of per-vertex attributes: verts (B, V, 3) projected, faces (F, 3), face_id (B, H, W) from
+    rasterize on them, attributes (B, V, C) or (V, C) -> (B, H, W, C), each covered pixel's centre weighted by
+    its screen-space barycentrics in its face (exact for the orthographic camera), 0 where uncovered.
+    """
+    batch, height, width = face_id.shape
+    n_verts = verts.shape[1]
+    attributes = attributes.to(verts.dtype).expand(batch, -1, -1) if attributes.dim() == 2 else attributes
+    channels = attributes.shape[-1]
+    face_id = face_id.flatten()
+    pixel = (face_id >= 0).nonzero().squeeze(1)                                     # (P,) covered, into (B*H*W)
+    b, ij = pixel.div(height * width, rounding_mode="floor"), pixel % (height * width)
+    corner = (faces.to(verts.device).index_select(0, face_id[pixel]) + (b * n_verts)[:, None]).flatten()  # (3P,)
+    xy = verts[..., :2].reshape(-1, 2).index_select(0, corner).view(-1, 3, 2)       # (P, 3, 2)
+    x = ((ij % width).to(verts.dtype) + 0.5) / width * 2 - 1
+    y = 1 - (ij.div(width, rounding_mode="floor").to(verts.dtype) + 0.5) / height * 2
+    d1, d2 = xy[:, 1] - xy[:, 0], xy[:, 2] - xy[:, 0]                               # (P, 2) edges from corner 0
+    dx, dy = x - xy[:, 0, 0], y - xy[:, 0, 1]
+    area = d1[:, 0] * d2[:, 1] - d2[:, 0] * d1[:, 1]
+    w1 = (dx * d2[:, 1] - d2[:, 0] * dy) / area
+    w2 = (d1[:, 0] * dy - dx * d1[:, 1]) / area
+    weights = torch.stack([1 - w1 - w2, w1, w2], 1)                                 # (P, 3)
+    values = attributes.reshape(-1, channels).index_select(0, corner).view(-1, 3, channels)   # (P, 3, C)
+    out = torch.zeros(batch * height * width, channels, dtype=verts.dtype, device=verts.device)
+    out.index_copy_(0, pixel, torch.bmm(weights[:, None], values)[:, 0])
+    return out.view(batch, height, width, channels)
+
+
 def project(verts, cam=DEFAULT_CAM):
     """
     Orthographic DECA/EMOCA camera. verts (..., V, 3) metres, cam (..., 3) = [scale, tx, ty] (or a
@@ -579,9 +608,13 @@ def feature_matching_loss(fake_features, real_features):
     return sum((f.float() - r.detach().float()).abs().mean() for f, r in pairs) / len(pairs)
 
 
-def photometric_loss(fake, real):
-    """Pixel L1."""
-    return (fake.float() - real.float()).abs().mean()
+def photometric_loss(fake, real, weight=None):
+    """Pixel L1; with weight (B or 1, 1, H, W), the weighted mean over the pixels."""
+    error = (fake.float() - real.float()).abs()
+    if weight is None:
+        return error.mean()
+    weight = weight.float().expand(len(error), 1, -1, -1)
+    return (weight * error).mean() / weight.mean()
 
 
 def perceptual_loss(vgg, fake, real):
@@ -603,9 +636,10 @@ class RendererLossWeights:
     photometric: float = 10.0
 
 
-def generator_loss(discriminator, condition, fake, real, vgg=None, weights=None):
+def generator_loss(discriminator, condition, fake, real, vgg=None, weights=None, pixel_weight=None):
     """
-    The renderer's training objective for one batch; vgg None drops the perceptual term.
+    The renderer's training objective for one batch; vgg None drops the perceptual term; pixel_weight
+    (B or 1, 1, H, W) weights the photometric term's pixels.
     Returns (total, dict of the unweighted terms as floats).
     """
     weights = weights or RendererLossWeights()
@@ -614,7 +648,7 @@ def generator_loss(discriminator, condition, fake, real, vgg=None, weights=None)
         real_features = discriminator(condition, real)
     terms = {"gan": gan_loss(fake_features[-1], True),
              "feature_matching": feature_matching_loss(fake_features, real_features),
-             "photometric": photometric_loss(fake, real)}
+             "photometric": photometric_loss(fake, real, pixel_weight)}
     if vgg is not None:
         terms["perceptual"] = perceptual_loss(vgg, fake, real)
     total = sum(getattr(weights, name) * value for name, value in terms.items())

@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import data
 import metrics
 import render
-from audio import SAMPLE_RATE, Wav2Vec2, mfcc_at_fps
+from audio import SAMPLE_RATE, Wav2Vec2, load_audio, mfcc_at_fps
 from data import RATE_WINDOW, Progress
 from flame import flame_record
-from unisinger import FaceMeshes, MotionConfig, MotionCVAE, load_checkpoint, load_flame, motion_losses
+from unisinger import FaceMeshes, MotionConfig, MotionCVAE, SongMix, load_checkpoint, load_flame, motion_losses
 
 RENDER_FRAME_STRIDE = 6      # 1 frame in 6 (5 a second): neighbours at 30 fps are near copies; the 2-D metrics score these
 DEPTH_BATCH = 32             # frames rasterized at once while precomputing the depth inputs
@@ -44,6 +44,11 @@ EVAL_BATCH = 16              # frames rendered at once for validation and the su
 GRID_ROWS = 4                # validation frames in each epoch's sample grid
 ADAM_BETAS = (0.5, 0.999)    # pix2pix's GAN-friendly momentum
 SSIM_BAR, PSNR_BAR = 0.85, 25.0   # learning bars on held-out frames
+MOUTH_LANDMARKS = slice(48, 68)    # iBUG-68's mouth: outer and inner lip contours
+MOUTH_BOX_MARGIN = 0.25            # share of the mouth's width added on each side of its landmarks' box
+MOUTH_L1_BAR, MOUTH_CORRELATION_BAR = 0.5, 0.9   # learning bars inside the mouth box (error / copy, brightness)
+MOUTH_WEIGHT = 25.0                # photometric weight of a mouth-box pixel over 1 elsewhere: the box, ~4 % of the
+                                   # frame, then carries about half of the photometric loss
 VGG_URL = "https://download.pytorch.org/models/vgg19-dcbfe0e4.pth"
 SUMMARY_SAMPLES = 10       # samples per test clip in the closing summary (the paper's n)
 LOCK_FILE = "train.lock"   # in --out, flock-ed by the run writing there; the kernel drops it when that run dies
@@ -435,22 +440,26 @@ def verdict(ours, base, deaf):
 # ----------------------------------------------------------------------------- stage 2: render
 # Data: the person's sequences that have a video, every RENDER_FRAME_STRIDE-th frame; each frame's depth input
 # is rendered once from its pickle's FLAME parameters and camera and kept in memory (float16) beside the decoded
-# frame. The reference image is the first frame of the person's first training sequence, saved as
-# reference.png for `unisinger.py --image`. best.pt is chosen by validation SSIM; at the end the best generator
-# is scored on the test split against copying the reference.
+# frame, with the box of its projected mouth landmarks. The reference image is the first frame of the person's first
+# training sequence, saved as reference.png for `unisinger.py --image`. The L1 term weighs the mouth box's pixels
+# MOUTH_WEIGHT times more (mouth_weight). best.pt is chosen by validation SSIM; at the end the best generator is
+# scored on the test split against copying the reference, over the whole frame and inside the mouth box
+# (mouth_scores), and a held-out clip is written side by side with its sound.
 
 class PortraitFrames(Dataset):
-    """One person's frames with their depth inputs, in memory. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index."""
+    """One person's frames with their depth inputs, in memory. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index.
+    mouth holds each frame's mouth box (top, bottom, left, right) in pixels, bottom and right excluded."""
 
-    def __init__(self, depth, frames, index):
+    def __init__(self, depth, frames, index, mouth):
         self.depth, self.frames, self.index = depth, frames, index   # (N,1,H,W) f16, (N,H,W,3) u8, (N,) long
+        self.mouth = mouth                                           # (N, 4) long
 
     def __len__(self):
         return len(self.frames)
 
     def __getitem__(self, i):
         return dict(depth=self.depth[i].float(), frame=self.frames[i].permute(2, 0, 1).float() / 127.5 - 1,
-                    index=self.index[i])
+                    index=self.index[i], mouth=self.mouth[i])
 
 
 def person_sequences(root, split, person):
@@ -466,10 +475,10 @@ def person_sequences(root, split, person):
 @torch.no_grad()
 def portrait_frames(root, seqs, flame, device, size, stride):
     """
-    Every stride-th frame of the sequences, decoded and with its depth input rendered.
+    Every stride-th frame of the sequences, decoded and with its depth input and mouth box rendered.
     Returns (PortraitFrames, cams (N, 3) float32, shape (100,) float32 of the first sequence).
     """
-    depth, frames, index, cams, shape = [], [], [], [], None
+    depth, frames, index, cams, mouth, shape = [], [], [], [], [], None
     for seq in seqs:
         pkl, mp4 = Path(root) / "flame_seqs" / f"{seq}.pkl", Path(root) / "video_seqs" / f"{seq}.mp4"
         params = data.read_flame_pickle(pkl)
@@ -487,11 +496,56 @@ def portrait_frames(root, seqs, flame, device, size, stride):
             verts = flame.from_motion(beta, motion[lo:lo + DEPTH_BATCH].to(device))
             frame_cam = cam[lo:lo + DEPTH_BATCH].to(device)
             depth.append(render.render_depth(verts, flame.faces, frame_cam, size).half().cpu())  # (b, 1, H, W)
+            mouth.append(mouth_boxes(render.project(flame.landmarks(verts), frame_cam), size).cpu())
         frames.append(torch.from_numpy(video[keep.numpy()]))
         index.append(keep)
         cams.append(cam)
-    dataset = PortraitFrames(torch.cat(depth), torch.cat(frames), torch.cat(index))
+    dataset = PortraitFrames(torch.cat(depth), torch.cat(frames), torch.cat(index), torch.cat(mouth))
     return dataset, torch.cat(cams).numpy(), shape
+
+
+def mouth_boxes(landmarks, size):
+    """Projected 68 landmarks (N, 68, 3) -> (N, 4) long mouth boxes (top, bottom, left, right) in pixels, bottom and
+    right excluded: the mouth landmarks' bounding box widened by MOUTH_BOX_MARGIN of its width on every side."""
+    lips = landmarks[:, MOUTH_LANDMARKS]
+    column = (lips[..., 0] + 1) * (size / 2) - 0.5                   # (N, 20) pixel coordinates, as rasterize's
+    row = (1 - lips[..., 1]) * (size / 2) - 0.5
+    margin = MOUTH_BOX_MARGIN * (column.amax(1) - column.amin(1))
+    box = torch.stack([row.amin(1) - margin, row.amax(1) + margin + 1, column.amin(1) - margin,
+                       column.amax(1) + margin + 1], 1)
+    return box.round().clamp(0, size).long()
+
+
+def mouth_scores(generated, truth, reference, boxes):
+    """
+    The mouth judged inside each frame's box: uint8 (N, H, W, 3) generated and true frames, the reference (H, W, 3),
+    boxes (N, 4). l1_ratio: mean absolute error of the generated mouth over that of copying the reference (< 1 is
+    closer to the truth than the reference is); correlation: Pearson's, over the frames, of the box's mean brightness
+    in the generated and the true frames (the mouth opening and closing in step with the truth).
+    """
+    error, copy_error, pixels, light, true_light = 0.0, 0.0, 0, [], []
+    for gen, true, (top, bottom, left, right) in zip(generated, truth, boxes.tolist()):
+        g, t = (x[top:bottom, left:right].astype(np.float64) for x in (gen, true))
+        error += np.abs(g - t).sum()
+        copy_error += np.abs(reference[top:bottom, left:right].astype(np.float64) - t).sum()
+        pixels += g.size
+        light.append(g.mean())
+        true_light.append(t.mean())
+    correlation = float(np.corrcoef(light, true_light)[0, 1]) if len(light) > 1 and np.std(light) > 0 else 0.0
+    return dict(l1=error / pixels, copy_l1=copy_error / pixels, l1_ratio=error / max(copy_error, 1e-9),
+                correlation=correlation)
+
+
+def mouth_weight(boxes, size, weight=MOUTH_WEIGHT):
+    """
+    The photometric loss's pixel weights (B, 1, size, size) for frames with mouth boxes (B, 4): 1 + `weight` inside
+    each frame's box, 1 elsewhere. Most of a portrait never moves; without this the mouth, a few percent of the
+    frame, barely counts in the loss and comes out as the reference's, shut.
+    """
+    at = torch.arange(size, device=boxes.device)
+    top, bottom, left, right = (boxes[:, k, None, None] for k in range(4))          # (B, 1, 1) each
+    inside = (at[:, None] >= top) & (at[:, None] < bottom) & (at >= left) & (at < right)   # (B, size, size)
+    return (1 + weight * inside.float())[:, None]
 
 
 @torch.no_grad()
@@ -589,7 +643,7 @@ def train_render(args, run):
         sums, n_batches = {}, 0
         epoch_cpu = time.process_time()
         for batch in loader(train_set, args.batch_size, run, args.seed, epoch):
-            depth, real, index = (batch[k].to(run.device) for k in ("depth", "frame", "index"))
+            depth, real, index, mouth = (batch[k].to(run.device) for k in ("depth", "frame", "index", "mouth"))
             ref = reference.expand(len(depth), -1, -1, -1)
             with run.autocast():
                 fake = net_g(depth, ref, index)
@@ -599,7 +653,8 @@ def train_render(args, run):
             loss_d.backward()
             opt_d.step()
             with run.autocast():
-                loss_g, parts = render.generator_loss(discriminator, condition, fake, real, vgg, weights)
+                loss_g, parts = render.generator_loss(discriminator, condition, fake, real, vgg, weights,
+                                                      mouth_weight(mouth, cfg.image_size))
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             torch.nn.utils.clip_grad_norm_(generator.parameters(), args.grad_clip)
@@ -640,25 +695,47 @@ def train_render(args, run):
     if run.main and args.summary and (run.out / "best.pt").is_file():
         best_state = render.read_checkpoint(run.out / "best.pt", run.device)
         generator.load_state_dict(best_state["generator"])
-        test_set, _, _ = split_frames("test")
+        test_seqs = person_sequences(root, "test", args.person)
+        test_set, _, _ = portrait_frames(root, test_seqs, flame, run.device, cfg.image_size, RENDER_FRAME_STRIDE)
         truth = test_set.frames.numpy()
-        summary = dict(renderer=frame_scores(render_dataset(generator, test_set, reference, run.device, run), truth),
+        generated = render_dataset(generator, test_set, reference, run.device, run)
+        video = run.out / f"test_{test_seqs[0]}.mp4"
+        write_test_video(generator, root, test_seqs[0], flame, reference, cfg.image_size, video, run)
+        summary = dict(renderer=frame_scores(generated, truth),
                        copy_reference=frame_scores(np.repeat(reference_u8[None], len(truth), 0), truth),
+                       mouth=mouth_scores(generated, truth, reference_u8, test_set.mouth), video=str(video),
                        frames=len(test_set), wall_s=time.time() - wall0, cpu_s=time.process_time() - cpu0,
                        cpu_s_per_step=train_cpu / max(1, train_steps))
         print_render_summary(run, args.person, summary)
     return dict(history=history, summary=summary)
 
 
+@torch.no_grad()
+def write_test_video(generator, root, seq, flame, reference, size, path, run):
+    """Every frame of a held-out sequence side by side, depth | generated | truth, with its voice and music."""
+    clip, _, _ = portrait_frames(root, [seq], flame, run.device, size, 1)
+    generated = render_dataset(generator, clip, reference, run.device, run)
+    depth = render.to_uint8(clip.depth.float()).numpy()                                # (T, H, W, 3)
+    sound = SongMix(load_audio(data.audio_path(root, seq), SAMPLE_RATE),
+                    load_audio(data.bgm_path(root, seq), SAMPLE_RATE))
+    render.write_video(path, np.concatenate([depth, generated, clip.frames.numpy()], axis=2), audio=sound)
+
+
 def print_render_summary(run, person, s):
-    ours, copy = s["renderer"], s["copy_reference"]
+    ours, copy, mouth = s["renderer"], s["copy_reference"], s["mouth"]
     met = ours["ssim"] >= SSIM_BAR and ours["psnr"] >= PSNR_BAR
+    mouth_met = mouth["l1_ratio"] <= MOUTH_L1_BAR and mouth["correlation"] >= MOUTH_CORRELATION_BAR
     run.log(f"render summary of best.pt: person {person}, {s['frames']} held-out test frames "
             f"(1 in {RENDER_FRAME_STRIDE})\n"
             f"  face renderer   SSIM {ours['ssim']:.4f}   PSNR {ours['psnr']:.2f} dB\n"
             f"  copy reference  SSIM {copy['ssim']:.4f}   PSNR {copy['psnr']:.2f} dB\n"
             f"  renderer - copy SSIM {ours['ssim'] - copy['ssim']:+.4f}   PSNR {ours['psnr'] - copy['psnr']:+.2f} dB\n"
             f"  bars SSIM >= {SSIM_BAR} and PSNR >= {PSNR_BAR} dB: {'met' if met else 'NOT met'}\n"
+            f"  mouth box       L1 {mouth['l1']:.2f} grey levels, copying the reference {mouth['copy_l1']:.2f}: "
+            f"ratio {mouth['l1_ratio']:.3f}; brightness correlation with the truth {mouth['correlation']:.3f}\n"
+            f"  mouth bars ratio <= {MOUTH_L1_BAR} and correlation >= {MOUTH_CORRELATION_BAR}: "
+            f"{'met' if mouth_met else 'NOT met'}\n"
+            f"  side by side (depth | generated | truth, with sound): {s['video']}\n"
             f"  wall {s['wall_s'] / 60:.1f} min, CPU {s['cpu_s']:.0f} s "
             f"({s['cpu_s_per_step']:.2f} CPU s a training step)")
 
@@ -706,7 +783,8 @@ def parse_args(argv=None):
                    help="bf16 autocast for the forward passes (default: on a GPU, off on the CPU, where it is slow)")
     args = p.parse_args(argv)
     defaults = dict(motion=dict(epochs=60, batch_size=8, lr=1e-3 if args.preset == "tiny" else 1e-4),
-                    render=dict(epochs=10, batch_size=8, lr=1e-3 if args.preset == "tiny" else 2e-4))[args.stage]
+                    render=dict(epochs=15 if args.preset == "tiny" else 10, batch_size=8,
+                                lr=1e-3 if args.preset == "tiny" else 2e-4))[args.stage]
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
