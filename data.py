@@ -1053,6 +1053,7 @@ def generate_dataset(root, n_people=4, clips_per_person=20, seed=0, video_size=r
     splits = {split: [] for split in SPLITS}
     songs_per_person = -(-clips_per_person // clips_per_song)
     progress = Progress(n_people * songs_per_person, "song", lines=10)
+    to_film = []          # (path, body, person, motion, cam): filmed after the songs, each a step of its own
     for p in range(n_people):
         person = make_person(p, seed)
         songs = [(s, min(clips_per_song, clips_per_person - first))
@@ -1077,12 +1078,17 @@ def generate_dataset(root, n_people=4, clips_per_person=20, seed=0, video_size=r
                 soundfile.write(root / "audio_seqs" / f"{seq}.wav", voice[samples], SAMPLE_RATE, subtype="PCM_16")
                 soundfile.write(root / "bgm_seqs" / f"{seq}_bgm.wav", music[samples], SAMPLE_RATE, subtype="PCM_16")
                 if seq in filmed:
-                    render.write_video(root / "video_seqs" / f"{seq}.mp4",
-                                       render_portrait(body, person, motion[frames], cam[frames], video_size))
+                    to_film.append((root / "video_seqs" / f"{seq}.mp4", body, person, motion[frames], cam[frames]))
             if progress.advance() and verbose:
                 print(f"  {progress.line('built')} (person {person.name})", flush=True)
         for name, chosen in split.items():
             splits[name] += chosen
+    # filming a clip costs a hundred times a song's sound and motion: counted apart, so each ETA holds
+    filming_progress = Progress(len(to_film), "video", lines=10)
+    for path, body, person, motion, cam in to_film:
+        render.write_video(path, render_portrait(body, person, motion, cam, video_size))
+        if filming_progress.advance() and verbose:
+            print(f"  {filming_progress.line('filmed')} ({path.name})", flush=True)
     for name in SPLITS:
         (root / f"{name}.txt").write_text("".join(f"{seq}\n" for seq in sorted(splits[name])))
     (root / "generator.json").write_text(json.dumps(dict(
