@@ -446,7 +446,7 @@ def _stream_quality_row(device):
     name = "stream vs offline, LVE on the test split"
     if not DEFAULT_CHECKPOINT.exists() or not data._is_current(data.BUILTIN_ROOT):
         return dict(name=name, note=f"needs {DEFAULT_CHECKPOINT} and the built-in data: run python train.py")
-    model = load_checkpoint(DEFAULT_CHECKPOINT, device)
+    model = load_checkpoint(DEFAULT_CHECKPOINT, device).model
     head = Flame.procedural()
     regions = metrics.RegionMeshes(head)
     lve, join_jumps, other_jumps = {"stream": [], "offline": []}, [], []
