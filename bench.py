@@ -10,8 +10,8 @@ Every part times with `best_times` and reads memory with `peak_mb`; `in_child` r
 interpreter so that its memory (and the caches it warms) are its own. Depends on the reference packages of
 requirements-dev.txt (imported inside the part that compares with them). Timings belong here, never in the tests.
 
-The whole run takes about 7 minutes on 2 idle CPU cores (7 min 12 s measured), most of it in the render stage's
-part (about 3.5 minutes: the portrait video of 60 s of motion). Each part is announced as it starts, its rows are
+The whole run takes about 6 minutes on 2 idle CPU cores (5 min 38 s measured), most of it in the render stage's
+part (about 2.5 minutes: the portrait video of 60 s of motion). Each part is announced as it starts, its rows are
 printed as it ends with the time it took and an ETA for the rest, and one aligned table closes the run.
 """
 import argparse
