@@ -43,6 +43,7 @@ EXPRESSION = slice(0, N_EXPR)     # motion columns: expression coefficients
 HEAD_POSE = slice(N_EXPR, N_EXPR + 6)       # global + neck rotation (axis-angle)
 JAW_POSE = slice(N_EXPR + 6, MOTION_DIM)    # jaw rotation
 MM_PER_M = 1000.0                 # vertices are in metres; losses and metrics read millimetres
+MOUTH_LANDMARKS = slice(48, 68)   # iBUG-68's mouth among the 68 landmarks: outer and inner lip contours
 FLAME_SHAPE_COLUMNS = 300         # official shapedirs: 300 shape columns, then the expression columns
 N_POSE_FEATURES = 9 * (N_JOINTS - 1)
 FLAME_KEYS = ('v_template', 'shapedirs', 'posedirs', 'J_regressor', 'weights', 'kintree_table', 'f')

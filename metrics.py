@@ -76,14 +76,13 @@ from scipy import ndimage
 import data
 from audio import FPS, SAMPLE_RATE, beats
 from data import Progress, video_path
-from flame import HEAD_POSE, MM_PER_M, Flame, read_npz, resolve_flame
+from flame import HEAD_POSE, MM_PER_M, MOUTH_LANDMARKS, Flame, read_npz, resolve_flame
 from render import atomic_output
 from unisinger import DEFAULT_CHECKPOINT, generate, load_checkpoint, load_flame
 
 BEAT_SIGMA_FRAMES = 5.0     # Gaussian smoothing of the motion speed before picking its minima
 BA_SIGMA2 = 9.0             # beat-align tolerance, frames^2
 N_SAMPLES = 10              # samples per clip in Table II (the paper's n)
-MOUTH = slice(48, 68)       # mouth landmarks of the 68-point layout
 VIDEO_SIZES = (256, 512)    # Table IV is measured with frames resized to each of these squares
 LMK_SIZE = 256              # landmark files are in pixels of the 256-pixel frame
 FRAME_STEP = 6              # every 6th frame enters the 2-D image metrics
@@ -406,11 +405,12 @@ def lmd_frames(pred_lmk, gt_lmk, mouth=False):
     def centred(lmk):
         x = torch.as_tensor(np.asarray(lmk, dtype=np.float64))
         x = x - x.mean(dim=-2, keepdim=True)
-        return torch.cat([x[..., :MOUTH.start, :], x[..., MOUTH, :] - x[..., MOUTH, :].mean(dim=-2, keepdim=True)], -2)
+        mouth = x[..., MOUTH_LANDMARKS, :]
+        return torch.cat([x[..., :MOUTH_LANDMARKS.start, :], mouth - mouth.mean(dim=-2, keepdim=True)], -2)
 
     p, g = centred(pred_lmk), centred(gt_lmk)
     if mouth:
-        p, g = p[..., MOUTH, :], g[..., MOUTH, :]
+        p, g = p[..., MOUTH_LANDMARKS, :], g[..., MOUTH_LANDMARKS, :]
     return (p - g).norm(dim=-1).mean(dim=-1).numpy()
 
 

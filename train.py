@@ -35,7 +35,7 @@ import metrics
 import render
 from audio import SAMPLE_RATE, Wav2Vec2, load_audio, mfcc_at_fps
 from data import RATE_WINDOW, Progress
-from flame import flame_record
+from flame import MOUTH_LANDMARKS, flame_record
 from unisinger import FaceMeshes, MotionConfig, MotionCVAE, SongMix, load_checkpoint, load_flame, motion_losses
 
 RENDER_FRAME_STRIDE = 6      # 1 frame in 6 (5 a second): neighbours at 30 fps are near copies; the 2-D metrics score these
@@ -44,7 +44,6 @@ EVAL_BATCH = 16              # frames rendered at once for validation and the su
 GRID_ROWS = 4                # validation frames in each epoch's sample grid
 ADAM_BETAS = (0.5, 0.999)    # pix2pix's GAN-friendly momentum
 SSIM_BAR, PSNR_BAR = 0.85, 25.0   # learning bars on held-out frames
-MOUTH_LANDMARKS = slice(48, 68)    # iBUG-68's mouth: outer and inner lip contours
 MOUTH_BOX_MARGIN = 0.25            # share of the mouth's width added on each side of its landmarks' box
 MOUTH_L1_BAR, MOUTH_CORRELATION_BAR = 0.5, 0.9   # learning bars inside the mouth box (error / copy, brightness)
 MOUTH_WEIGHT = 25.0                # photometric weight of a mouth-box pixel over 1 elsewhere: the box, ~4 % of the
