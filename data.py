@@ -226,9 +226,18 @@ def video_path(root, seq):
     return Path(root) / "video_seqs" / f"{seq}.mp4"
 
 
+def generator_path(root):
+    """The marker generate_dataset writes: its parameters and BUILTIN_VERSION."""
+    return Path(root) / "generator.json"
+
+
+def split_path(root, split):
+    return Path(root) / f"{split}.txt"
+
+
 def read_split(root, split):
     """Sequence ids listed in root/<split>.txt (blank lines ignored)."""
-    path = Path(root) / f"{split}.txt"
+    path = split_path(root, split)
     if not path.is_file():
         raise ValueError(f"{path}: no such split file")
     ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -1046,8 +1055,8 @@ def generate_dataset(root, n_people=4, clips_per_person=20, seed=0, video_size=r
     if clips_per_person < 3:
         raise ValueError(f"{root}: clips_per_person must be at least 3 (one per split), got {clips_per_person}")
     root = Path(root)
-    for folder in ("flame_seqs", "audio_seqs", "bgm_seqs", "video_seqs"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
+    for path in (flame_path, audio_path, bgm_path, video_path):
+        path(root, "-").parent.mkdir(parents=True, exist_ok=True)
     filming = with_video and video_people > 0
     seg_frames, seg_samples = clip_seconds * FPS, clip_seconds * SAMPLE_RATE
     splits = {split: [] for split in SPLITS}
@@ -1074,11 +1083,11 @@ def generate_dataset(root, n_people=4, clips_per_person=20, seed=0, video_size=r
                 seq = f"{person.name}_{s}_{g}_0"
                 frames = slice(g * seg_frames, (g + 1) * seg_frames)
                 samples = slice(g * seg_samples, (g + 1) * seg_samples)
-                write_flame_pickle(root / "flame_seqs" / f"{seq}.pkl", motion[frames], person.shape, cam[frames])
-                soundfile.write(root / "audio_seqs" / f"{seq}.wav", voice[samples], SAMPLE_RATE, subtype="PCM_16")
-                soundfile.write(root / "bgm_seqs" / f"{seq}_bgm.wav", music[samples], SAMPLE_RATE, subtype="PCM_16")
+                write_flame_pickle(flame_path(root, seq), motion[frames], person.shape, cam[frames])
+                soundfile.write(audio_path(root, seq), voice[samples], SAMPLE_RATE, subtype="PCM_16")
+                soundfile.write(bgm_path(root, seq), music[samples], SAMPLE_RATE, subtype="PCM_16")
                 if seq in filmed:
-                    to_film.append((root / "video_seqs" / f"{seq}.mp4", body, person, motion[frames], cam[frames]))
+                    to_film.append((video_path(root, seq), body, person, motion[frames], cam[frames]))
             if progress.advance() and verbose:
                 print(f"  {progress.line('built')} (person {person.name})", flush=True)
         for name, chosen in split.items():
@@ -1090,8 +1099,8 @@ def generate_dataset(root, n_people=4, clips_per_person=20, seed=0, video_size=r
         if filming_progress.advance() and verbose:
             print(f"  {filming_progress.line('filmed')} ({path.name})", flush=True)
     for name in SPLITS:
-        (root / f"{name}.txt").write_text("".join(f"{seq}\n" for seq in sorted(splits[name])))
-    (root / "generator.json").write_text(json.dumps(dict(
+        split_path(root, name).write_text("".join(f"{seq}\n" for seq in sorted(splits[name])))
+    generator_path(root).write_text(json.dumps(dict(
         version=BUILTIN_VERSION, n_people=n_people, clips_per_person=clips_per_person, seed=seed,
         video_size=video_size, with_video=with_video, video_people=video_people, video_clips=video_clips,
         clip_seconds=clip_seconds, clips_per_song=clips_per_song), indent=1))
@@ -1099,14 +1108,14 @@ def generate_dataset(root, n_people=4, clips_per_person=20, seed=0, video_size=r
 
 
 def _is_current(root):
-    marker = root / "generator.json"
+    marker = generator_path(root)
     return marker.is_file() and json.loads(marker.read_text()).get("version") == BUILTIN_VERSION
 
 
 def is_generated(root):
     """True for a data set written by generate_dataset (its generator.json marks it): its people are procedural
     heads, so the procedural head is the right FLAME for it."""
-    return (Path(root) / "generator.json").is_file()
+    return generator_path(root).is_file()
 
 
 def require_head(root, flame, procedural_head=False):

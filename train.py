@@ -19,7 +19,6 @@ import math
 import os
 import random
 import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -160,16 +159,6 @@ def save_checkpoint(state, path):
                       str(path)) from None
 
 
-def resuming(args, run):
-    """--resume with a last.pt to resume from. A run killed before its first checkpoint left none; starting
-    over is then exactly where it was."""
-    last = run.out / "last.pt"
-    if args.resume and not last.is_file():
-        run.log(f"--resume: no {last} yet (the run stopped before its first checkpoint); starting from the "
-                f"beginning")
-    return args.resume and last.is_file()
-
-
 def epochs_window(steps_per_epoch):
     """Steps in the ETA's rate window: whole epochs, so each window holds as many validation passes as the
     steps it times will meet."""
@@ -225,12 +214,45 @@ def loader(dataset, batch_size, run, seed, epoch, shuffle=True):
     return DataLoader(dataset, batch_size, shuffle=shuffle, generator=gen, drop_last=shuffle and len(dataset) > batch_size)
 
 
-def cosine_schedule(optimizer, warmup, total):
+def cosine_schedule(optimizer, total):
+    """Linear warm-up over the first tenth of the run (100 steps at most), then a cosine decay to zero."""
+    warmup = min(100, total // 10 + 1)
+
     def factor(step):
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resume(args, run, stateful):
+    """
+    Where a stage starts: (epoch, step, best) = (0, 0, None) for a new run; with --resume, every object in
+    `stateful` (name -> model / optimiser / schedule) and every random generator set from <out>/last.pt, and the
+    epoch after the one it saved. Both stages resume through here, so both resume the same way.
+    """
+    last = run.out / "last.pt"
+    if args.resume and not last.is_file():          # killed before its first checkpoint: starting over is exact
+        run.log(f"--resume: no {last} yet (the run stopped before its first checkpoint); starting from the "
+                f"beginning")
+    if not (args.resume and last.is_file()):
+        return 0, 0, None
+    ckpt = render.read_checkpoint(last, run.device)
+    same_head(ckpt, args.flame, last)
+    for key, obj in stateful.items():
+        obj.load_state_dict(ckpt[key])
+    set_rng_state(ckpt["rng"])
+    run.log(f"resumed from {last} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+    return ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
+
+
+def save_epoch(run, stateful, improved, **record):
+    """The end of an epoch: the state of every object in `stateful`, the random generators and `record` (epoch,
+    step, best, config ...) to last.pt, and to best.pt as well when the epoch improved on the best."""
+    state = dict({key: obj.state_dict() for key, obj in stateful.items()}, rng=rng_state(), **record)
+    if improved:
+        run.save(state, "best.pt")
+    run.save(state, "last.pt")
 
 
 # ----------------------------------------------------------------------------- stage 1: motion
@@ -337,17 +359,10 @@ def train_motion(args, run):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = len(loader(train_set, args.batch_size, run, args.seed, 0))
     total_steps = steps_per_epoch * args.epochs
-    schedule = cosine_schedule(optimizer, warmup=min(100, total_steps // 10 + 1), total=total_steps)
-    start_epoch, step, best = 0, 0, float("inf")
-    if resuming(args, run):
-        ckpt = render.read_checkpoint(run.out / "last.pt", run.device)
-        same_head(ckpt, args.flame, run.out / "last.pt")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
-        set_rng_state(ckpt["rng"])
-        run.log(f"resumed from {run.out / 'last.pt'} at epoch {start_epoch}, step {step}")
+    schedule = cosine_schedule(optimizer, total_steps)
+    stateful = dict(model=model, optimizer=optimizer, schedule=schedule)
+    start_epoch, step, best = resume(args, run, stateful)
+    best = float("inf") if best is None else best      # the lowest validation LVE so far
     net = DistributedDataParallel(model) if run.ddp else model
     n_params = sum(p.numel() for p in model.parameters())
     run.log(f"motion CVAE '{args.preset}': {n_params / 1e6:.2f} M parameters, {len(train_set)} train / "
@@ -376,13 +391,10 @@ def train_motion(args, run):
         val = validate_motion(model, meshes, face_meshes, val_set, run.device, val_cache, seed=args.seed)
         history.append(val)
         run.log(f"epoch {epoch} validation | LVE {val['lve']:.3f} mm | FVE {val['fve']:.3f} mm | loss {val['loss']:.4f}")
-        state = dict(model=model.state_dict(), config=asdict(cfg), optimizer=optimizer.state_dict(),
-                     schedule=schedule.state_dict(), epoch=epoch, step=step, best=min(best, val["lve"]),
-                     rng=rng_state(), people=people, val=val, **head)
-        if val["lve"] < best:
-            best = val["lve"]
-            run.save(state, "best.pt")
-        run.save(state, "last.pt")
+        improved = val["lve"] < best
+        best = min(best, val["lve"])
+        save_epoch(run, stateful, improved, config=asdict(cfg), epoch=epoch, step=step, best=best, people=people,
+                   val=val, **head)
     run.log(f"motion stage done: wrote {run.out / 'best.pt'} (the epoch with the lowest validation LVE, "
             f"{best:.3f} mm) and {run.out / 'last.pt'} (epoch {args.epochs - 1}); `python unisinger.py` reads best.pt")
     if run.main and args.summary:
@@ -479,7 +491,7 @@ def portrait_frames(root, seqs, flame, device, size, stride):
     """
     depth, frames, index, cams, mouth, shape = [], [], [], [], [], None
     for seq in seqs:
-        pkl, mp4 = Path(root) / "flame_seqs" / f"{seq}.pkl", Path(root) / "video_seqs" / f"{seq}.mp4"
+        pkl, mp4 = data.flame_path(root, seq), data.video_path(root, seq)
         params = data.read_flame_pickle(pkl)
         video = data.read_video(mp4, size)                                   # (T, H, W, 3)
         if abs(len(video) - len(params["expression"])) > 1:
@@ -587,7 +599,6 @@ def load_vgg(args, run):
 
 
 def train_render(args, run):
-    wall0, cpu0 = time.time(), time.process_time()
     root = Path(args.data) if args.data else data.builtin_data()
     data.require_head(root, args.flame, args.procedural_head)
     cfg = render.RendererConfig.preset(args.preset)
@@ -615,18 +626,11 @@ def train_render(args, run):
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr, betas=ADAM_BETAS)
     steps_per_epoch = len(loader(train_set, args.batch_size, run, args.seed, 0))
     total_steps = steps_per_epoch * args.epochs
-    warmup = min(100, total_steps // 10 + 1)
-    sched_g, sched_d = cosine_schedule(opt_g, warmup, total_steps), cosine_schedule(opt_d, warmup, total_steps)
-    start_epoch, step, best = 0, 0, -1.0
-    if resuming(args, run):
-        ckpt = render.read_checkpoint(run.out / "last.pt", run.device)
-        same_head(ckpt, args.flame, run.out / "last.pt")
-        for obj, key in ((generator, "generator"), (discriminator, "discriminator"), (opt_g, "optimizer_g"),
-                         (opt_d, "optimizer_d"), (sched_g, "schedule_g"), (sched_d, "schedule_d")):
-            obj.load_state_dict(ckpt[key])
-        start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
-        set_rng_state(ckpt["rng"])
-        run.log(f"resumed from {run.out / 'last.pt'} at epoch {start_epoch}, step {step}")
+    sched_g, sched_d = cosine_schedule(opt_g, total_steps), cosine_schedule(opt_d, total_steps)
+    stateful = dict(generator=generator, discriminator=discriminator, optimizer_g=opt_g, optimizer_d=opt_d,
+                 schedule_g=sched_g, schedule_d=sched_d)
+    start_epoch, step, best = resume(args, run, stateful)
+    best = -1.0 if best is None else best              # the highest validation SSIM so far
     # D's weights get gradients in G's step too; G's step uses the bare D so those are never all-reduced
     net_g = DistributedDataParallel(generator) if run.ddp else generator
     net_d = DistributedDataParallel(discriminator) if run.ddp else discriminator
@@ -637,10 +641,8 @@ def train_render(args, run):
     progress = Progress(total_steps, "step", done=step, window=epochs_window(steps_per_epoch))
     history = []
     head = flame_record(args.flame)                # the depth inputs' head: inference must render with it
-    train_cpu, train_steps = 0.0, 0
     for epoch in range(start_epoch, args.epochs):
         sums, n_batches = {}, 0
-        epoch_cpu = time.process_time()
         for batch in loader(train_set, args.batch_size, run, args.seed, epoch):
             depth, real, index, mouth = (batch[k].to(run.device) for k in ("depth", "frame", "index", "mouth"))
             ref = reference.expand(len(depth), -1, -1, -1)
@@ -667,8 +669,6 @@ def train_render(args, run):
             n_batches += 1
             if progress.advance():
                 log_progress(run, progress, epoch, losses)
-        train_cpu += time.process_time() - epoch_cpu
-        train_steps += n_batches
         generated = render_dataset(generator, val_set, reference, run.device, run)
         val = frame_scores(generated, val_set.frames.numpy())
         history.append(dict(train={k: v / n_batches for k, v in sums.items()}, val=val))
@@ -676,15 +676,11 @@ def train_render(args, run):
         if run.main:
             with render.atomic_output(run.out / f"samples_{epoch:03d}.png") as tmp:
                 imageio.imwrite(tmp, sample_grid(val_set, generated))
-        state = dict(generator=generator.state_dict(), discriminator=discriminator.state_dict(),
-                     renderer_config=asdict(cfg), optimizer_g=opt_g.state_dict(), optimizer_d=opt_d.state_dict(),
-                     schedule_g=sched_g.state_dict(), schedule_d=sched_d.state_dict(), epoch=epoch, step=step,
-                     best=max(best, val["ssim"]), rng=rng_state(), cam=cam.tolist(), shape=torch.as_tensor(shape),
-                     person=args.person, reference=torch.from_numpy(reference_u8), val=val, **head)
-        if val["ssim"] > best:
-            best = val["ssim"]
-            run.save(state, "best.pt")
-        run.save(state, "last.pt")
+        improved = val["ssim"] > best
+        best = max(best, val["ssim"])
+        save_epoch(run, stateful, improved, renderer_config=asdict(cfg), epoch=epoch, step=step, best=best,
+                   cam=cam.tolist(), shape=torch.as_tensor(shape), person=args.person,
+                   reference=torch.from_numpy(reference_u8), val=val, **head)
     run.log(f"render stage done: wrote {run.out / 'best.pt'} (the epoch with the highest validation SSIM, "
             f"{best:.4f}), {run.out / 'last.pt'} (epoch {args.epochs - 1}), the reference image "
             f"{run.out / 'reference.png'} and a sample grid per epoch ({run.out / 'samples_<epoch>.png'}: rows of "
@@ -703,8 +699,7 @@ def train_render(args, run):
         summary = dict(renderer=frame_scores(generated, truth),
                        copy_reference=frame_scores(np.repeat(reference_u8[None], len(truth), 0), truth),
                        mouth=mouth_scores(generated, truth, reference_u8, test_set.mouth), video=str(video),
-                       frames=len(test_set), wall_s=time.time() - wall0, cpu_s=time.process_time() - cpu0,
-                       cpu_s_per_step=train_cpu / max(1, train_steps))
+                       frames=len(test_set))
         print_render_summary(run, args.person, summary)
     return dict(history=history, summary=summary)
 
@@ -734,9 +729,7 @@ def print_render_summary(run, person, s):
             f"ratio {mouth['l1_ratio']:.3f}; brightness correlation with the truth {mouth['correlation']:.3f}\n"
             f"  mouth bars ratio <= {MOUTH_L1_BAR} and correlation >= {MOUTH_CORRELATION_BAR}: "
             f"{'met' if mouth_met else 'NOT met'}\n"
-            f"  side by side (depth | generated | truth, with sound): {s['video']}\n"
-            f"  wall {s['wall_s'] / 60:.1f} min, CPU {s['cpu_s']:.0f} s "
-            f"({s['cpu_s_per_step']:.2f} CPU s a training step)")
+            f"  side by side (depth | generated | truth, with sound): {s['video']}")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -800,7 +793,7 @@ def check_args(args):
         raise ValueError(f"--lr {args.lr}: must be positive")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
-    if args.data and not (Path(args.data) / "train.txt").is_file():
+    if args.data and not data.split_path(args.data, "train").is_file():
         raise ValueError(f"{args.data}: not a SingingHead folder (no train.txt)")
     for flag, path in (("--flame", args.flame), ("--vgg", args.vgg), ("--wav2vec", args.wav2vec)):
         if path and not Path(path).exists():
