@@ -673,20 +673,27 @@ def _write_atomic(path, write):
         tmp.unlink(missing_ok=True)
 
 
-def _write_wav(path, audio, sample_rate):
-    """Mono float audio (N,) in [-1, 1] as a 16-bit PCM wav (the standard library's wave module)."""
-    pcm = np.clip(np.round(audio * WAV_FULL_SCALE), -WAV_FULL_SCALE, WAV_FULL_SCALE - 1).astype('<i2')
+WAV_BLOCK = 1 << 20          # samples converted and written at a time
 
+
+def _write_wav(path, audio, sample_rate):
+    """Mono float audio in [-1, 1] as a 16-bit PCM wav (the standard library's wave module). audio: an array (N,)
+    or anything with len() and audio[a:b] (a sound file read a stretch at a time), written WAV_BLOCK samples at
+    a time, so that a long song is never held whole."""
     def write(tmp):
         with wave.open(str(tmp), 'wb') as fh:
             fh.setnchannels(1), fh.setsampwidth(2), fh.setframerate(int(sample_rate))
-            fh.writeframes(pcm.tobytes())
+            for a in range(0, len(audio), WAV_BLOCK):
+                block = np.asarray(audio[a:a + WAV_BLOCK], dtype=np.float64).reshape(-1)
+                fh.writeframes(np.clip(np.round(block * WAV_FULL_SCALE), -WAV_FULL_SCALE,
+                                       WAV_FULL_SCALE - 1).astype('<i2').tobytes())
     _write_atomic(path, write)
 
 
 def save_glb(path, flame, shape, motion, fps=30, audio=None, sample_rate=16000):
-    """One take as a binary glTF 2.0 file that plays back FLAME's own vertices; audio (N,) at sample_rate,
-    when given, goes to a .wav of the same name beside it. Returns the path.
+    """One take as a binary glTF 2.0 file that plays back FLAME's own vertices; audio at sample_rate (an array
+    (N,) or a sound read a stretch at a time, as _write_wav takes it), when given, goes to a .wav of the same
+    name beside it. Returns the path.
 
     shape (n_shape,) is baked into the mesh; motion (T, 59) is [expression | global | neck | jaw] per frame.
     Inside: the person's neutral head; the expression blendshapes and the 36 pose correctives (features (R - I)
@@ -795,7 +802,7 @@ def save_glb(path, flame, shape, motion, fps=30, audio=None, sample_rate=16000):
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, write)
     if audio is not None:
-        _write_wav(path.with_suffix('.wav'), _numpy(audio).reshape(-1), sample_rate)
+        _write_wav(path.with_suffix('.wav'), audio, sample_rate)
     return path
 
 

@@ -505,25 +505,25 @@ def stream_song(stream, voice, bgm=None, chunk_ms=STREAM_CHUNK_MS, realtime=True
     """Feed a whole song through a MotionStream in chunks of chunk_ms, at real-time pace (each chunk pushed when
     its last sample would have arrived live) or as fast as possible. Returns the take (T, 59) and latency
     figures in seconds: a frame's latency is from the moment its own audio had fully arrived to the moment the
-    stream handed it out (compute included; in fast mode, the pace is simulated from the compute times)."""
-    voice = np.asarray(voice, dtype=np.float32)
-    bgm = np.zeros_like(voice) if bgm is None else fit_length(np.asarray(bgm, dtype=np.float32), len(voice))
+    stream handed it out (compute included; in fast mode, the pace is simulated from the compute times).
+    voice, bgm: arrays (N,) or AudioFiles, read a chunk at a time (the music cut or zero-padded to the voice)."""
+    n = len(voice)
     chunk = max(1, round(chunk_ms * SAMPLE_RATE / 1000))
     pieces, latency = [], []
     t0 = time.perf_counter()
-    for lo in list(range(0, len(voice), chunk)) + [None]:              # None: the song has ended
-        hi = len(voice) if lo is None else min(len(voice), lo + chunk)
+    for lo in list(range(0, n, chunk)) + [None]:                       # None: the song has ended
+        hi = n if lo is None else min(n, lo + chunk)
         if realtime:
             time.sleep(max(0.0, t0 + hi / SAMPLE_RATE - time.perf_counter()))
         start = time.perf_counter()
-        frames = stream.finish() if lo is None else stream.push(voice[lo:hi], bgm[lo:hi])
+        frames = stream.finish() if lo is None else stream.push(stretch(voice, lo, hi, n), stretch(bgm, lo, hi, n))
         done = time.perf_counter()
         clock = done - t0 if realtime else hi / SAMPLE_RATE + (done - start)            # seconds into the song
         first = sum(len(p) for p in pieces)
         latency += [clock - clip_samples(f + 1) / SAMPLE_RATE for f in range(first, first + len(frames))]
         pieces.append(frames)
     compute, cpu = np.asarray(stream.per_pass_s), np.asarray(stream.per_pass_cpu_s)
-    seconds = len(voice) / SAMPLE_RATE
+    seconds = n / SAMPLE_RATE
     stats = dict(algorithmic_s=stream.lookahead / FPS + chunk / SAMPLE_RATE, lookahead_s=stream.lookahead / FPS,
                  chunk_s=chunk / SAMPLE_RATE,
                  pass_mean_s=float(compute.mean()), pass_max_s=float(compute.max()),
@@ -849,8 +849,7 @@ def command(argv=None):
     t0 = time.time()
     if args.stream:
         stream = MotionStream(model, shape, args.seed, lookahead, window, **controls)
-        take, stats = stream_song(stream, voice[0:len(voice)], None if bgm is None else bgm[0:len(bgm)],
-                                  args.chunk_ms, realtime=not args.fast)
+        take, stats = stream_song(stream, voice, bgm, args.chunk_ms, realtime=not args.fast)
         motion = take[None]
         print(stream_summary(stats, realtime=not args.fast))
     else:
@@ -862,7 +861,7 @@ def command(argv=None):
     write_motion(out, motion, flame, shape, song)
     if args.glb:
         for k, m in enumerate(motion):
-            save_glb(out / f"sample_{k}.glb", flame, shape, m, FPS, song[0:len(song)], SAMPLE_RATE)  # whole
+            save_glb(out / f"sample_{k}.glb", flame, shape, m, FPS, song, SAMPLE_RATE)
             announce(out / f"sample_{k}.glb", f"take {k} as a glTF 2.0 animated head, its sound beside it")
             announce(out / f"sample_{k}.wav", f"the sound of take {k}'s .glb")
     if args.grid:
