@@ -3145,10 +3145,10 @@ def one_line_error(args, cwd=Path(__file__).parent):
     return proc.returncode, lines
 
 
-def test_real_data_without_flame_is_refused_in_one_line_naming_the_file_to_get(tmp_path):
-    """A copy of the built-in data set without the generator's mark holds, for all we know, real FLAME parameters."""
+def test_real_data_without_flame_is_refused_in_one_line_naming_the_file_to_get(motion_set, tmp_path):
+    """A copy of a generated data set without the generator's mark holds, for all we know, real FLAME parameters."""
     copy = tmp_path / "SingingHead"
-    shutil.copytree(data.builtin_data(), copy, ignore=shutil.ignore_patterns("video_seqs", "generator.json"))
+    shutil.copytree(motion_set, copy, ignore=shutil.ignore_patterns("generator.json"))
     for command in (["train.py", "--data", str(copy), "--out", str(tmp_path / "out")],
                     ["train.py", "--stage", "render", "--data", str(copy), "--out", str(tmp_path / "out")],
                     ["metrics.py", "--pred", str(tmp_path), "--data", str(copy)]):
@@ -3156,7 +3156,7 @@ def test_real_data_without_flame_is_refused_in_one_line_naming_the_file_to_get(t
         assert rc == 1 and len(lines) == 1, (command, lines)
         assert lines[0].startswith(f"error: {copy}: not a data set of data.py's generator"), lines
         assert "generic_model.pkl" in lines[0] and "--flame" in lines[0] and "--procedural-head" in lines[0]
-    assert data.is_generated(data.builtin_data()) and not data.is_generated(copy)
+    assert data.is_generated(motion_set) and not data.is_generated(copy)
     data.require_head(copy, None, procedural_head=True)          # asked for explicitly: allowed
     data.require_head(copy, tmp_path / "generic_model.pkl")
 
@@ -3612,8 +3612,9 @@ def test_renderer_records_its_flame_and_portrait_video_refuses_another_head(pers
 README = Path(__file__).parent / "README.md"
 README_NOT_RUN = {"pip install -r requirements-dev.txt": "needs the network",
                   "python -m pytest -q test_unisinger.py": "this very test suite"}
-README_SHORT_RUN = {"python train.py --stage render": ["--epochs", "1"], "python train.py": ["--epochs", "1"],
-                    "python metrics.py": ["--samples", "2"], "python bench.py": ["--only", "flame"]}
+README_SHORT_RUN = {"python train.py --stage render": ["--epochs", "1", "--no-summary"],   # its summary: a test above
+                    "python train.py": ["--epochs", "1"], "python metrics.py": ["--samples", "2"],
+                    "python bench.py": ["--only", "flame"]}
 
 
 def readme_commands():
