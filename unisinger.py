@@ -98,7 +98,7 @@ class MotionConfig:
             return cls()
         if name == "tiny":
             return cls(d_model=64, n_heads=4, n_layers=2, d_ff=128, dropout=0.1, wav2vec=dict(WAV2VEC2_TINY),
-                       freeze_feature_extractor=False, loss_space="standardised", mesh_head_pose=False)
+                       freeze_feature_extractor=False, mesh_head_pose=False)
         raise ValueError(f"unknown preset {name!r}: choose 'paper' or 'tiny'")
 
     def __post_init__(self):
