@@ -3489,22 +3489,32 @@ def test_mouth_scores_follow_their_definitions():
                                              / np.sqrt(((gm - gm.mean()) ** 2).sum() * ((tm - tm.mean()) ** 2).sum()))
 
 
-def test_mouth_boxes_hold_the_projected_mouth_landmarks_with_a_margin():
-    """A frame's mouth box holds every projected mouth landmark's pixel, widened by a quarter of the mouth's width."""
+def test_feature_boxes_hold_their_projected_landmarks_with_a_margin_and_weigh_their_pixels():
+    """A frame's mouth box holds every projected mouth landmark's pixel (iBUG 48-67), widened by a quarter of the
+    mouth's width; the L1 weight is 1, plus 25 inside the mouth box and 10 inside the brows-and-eyes box
+    (iBUG 17-26 and 36-47, widened by a tenth)."""
     head = Flame.procedural()
     verts = head.from_motion(torch.zeros(100), torch.zeros(2, 59))
     cam = torch.tensor(render.DEFAULT_CAM)
     landmarks = render.project(head.landmarks(verts), cam)
-    top, bottom, left, right = train.mouth_boxes(landmarks, 256)[0].tolist()
-    column = ((landmarks[0, 48:68, 0] + 1) * 128 - 0.5).numpy()
-    row = ((1 - landmarks[0, 48:68, 1]) * 128 - 0.5).numpy()
-    margin = 0.25 * (column.max() - column.min())
-    assert left == round(column.min() - margin) and right == round(column.max() + margin + 1)
-    assert top == round(row.min() - margin) and bottom == round(row.max() + margin + 1)
-    weight = train.mouth_weight(train.mouth_boxes(landmarks, 256), 256)
-    assert weight.shape == (2, 1, 256, 256)
-    assert weight[0, 0, top:bottom, left:right].eq(1 + train.MOUTH_WEIGHT).all()
-    assert weight.sum() == 2 * (256 * 256 + train.MOUTH_WEIGHT * (bottom - top) * (right - left))
+
+    def box(ids, share):
+        column = ((landmarks[0, ids, 0] + 1) * 128 - 0.5).numpy()
+        row = ((1 - landmarks[0, ids, 1]) * 128 - 0.5).numpy()
+        margin = share * (column.max() - column.min())
+        return [round(row.min() - margin), round(row.max() + margin + 1), round(column.min() - margin),
+                round(column.max() + margin + 1)]
+
+    brows_eyes = list(range(17, 27)) + list(range(36, 48))
+    mouth = train.landmark_box(landmarks[:, 48:68], 256, train.MOUTH_BOX_MARGIN)
+    eyes = train.landmark_box(landmarks[:, brows_eyes], 256, train.EYES_BOX_MARGIN)
+    assert mouth[0].tolist() == box(list(range(48, 68)), 0.25) and eyes[0].tolist() == box(brows_eyes, 0.1)
+    weight = train.box_weight([(mouth, train.MOUTH_WEIGHT), (eyes, train.EYES_WEIGHT)], 256)
+    expected = np.ones((256, 256))
+    (t, b, l, r), (t2, b2, l2, r2) = box(list(range(48, 68)), 0.25), box(brows_eyes, 0.1)
+    expected[t:b, l:r] += 25
+    expected[t2:b2, l2:r2] += 10
+    assert weight.shape == (2, 1, 256, 256) and (weight[1, 0].numpy() == expected).all()
 
 
 def test_renderer_checkpoint_that_would_run_code_is_refused_by_the_command_line(tmp_path):

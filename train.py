@@ -34,7 +34,7 @@ import metrics
 import render
 from audio import SAMPLE_RATE, Wav2Vec2, load_audio, mfcc_at_fps
 from data import RATE_WINDOW, Progress
-from flame import MOUTH_LANDMARKS, flame_record
+from flame import BROW_LANDMARKS, EYE_LANDMARKS, MOUTH_LANDMARKS, flame_record
 from unisinger import FaceMeshes, MotionConfig, MotionCVAE, SongMix, load_checkpoint, load_flame, motion_losses
 
 RENDER_FRAME_STRIDE = 6      # 1 frame in 6 (5 a second): neighbours at 30 fps are near copies; the 2-D metrics score these
@@ -44,9 +44,12 @@ GRID_ROWS = 4                # validation frames in each epoch's sample grid
 ADAM_BETAS = (0.5, 0.999)    # pix2pix's GAN-friendly momentum
 SSIM_BAR, PSNR_BAR = 0.85, 25.0   # learning bars on held-out frames
 MOUTH_BOX_MARGIN = 0.25            # share of the mouth's width added on each side of its landmarks' box
+EYES_BOX_MARGIN = 0.1              # share of the brows-and-eyes width added on each side of theirs
 MOUTH_L1_BAR, MOUTH_CORRELATION_BAR = 0.5, 0.9   # learning bars inside the mouth box (error / copy, brightness)
 MOUTH_WEIGHT = 25.0                # photometric weight of a mouth-box pixel over 1 elsewhere: the box, ~4 % of the
                                    # frame, then carries about half of the photometric loss
+EYES_WEIGHT = 10.0                 # the same for the brows-and-eyes box: small, sharp and moving with the head,
+                                   # the eyes otherwise come out as the discriminator's speckles
 VGG_URL = "https://download.pytorch.org/models/vgg19-dcbfe0e4.pth"
 SUMMARY_SAMPLES = 10       # samples per test clip in the closing summary (the paper's n)
 LOCK_FILE = "train.lock"   # in --out, flock-ed by the run writing there; the kernel drops it when that run dies
@@ -451,26 +454,27 @@ def verdict(ours, base, deaf):
 # ----------------------------------------------------------------------------- stage 2: render
 # Data: the person's sequences that have a video, every RENDER_FRAME_STRIDE-th frame; each frame's depth input
 # is rendered once from its pickle's FLAME parameters and camera and kept in memory (float16) beside the decoded
-# frame, with the box of its projected mouth landmarks. The reference image is the first frame of the person's first
-# training sequence, saved as reference.png for `unisinger.py --image`. The L1 term weighs the mouth box's pixels
-# MOUTH_WEIGHT times more (mouth_weight). best.pt is chosen by validation SSIM; at the end the best generator is
+# frame, with the boxes of its projected mouth and brows-and-eyes landmarks. The reference image is the first frame
+# of the person's first training sequence, saved as reference.png for `unisinger.py --image`. The L1 term weighs the
+# mouth box's pixels MOUTH_WEIGHT and the eyes box's EYES_WEIGHT times more (box_weight). best.pt is chosen by validation SSIM; at the end the best generator is
 # scored on the test split against copying the reference, over the whole frame and inside the mouth box
 # (mouth_scores), and a held-out clip is written side by side with its sound.
 
 class PortraitFrames(Dataset):
-    """One person's frames with their depth inputs, in memory. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index.
-    mouth holds each frame's mouth box (top, bottom, left, right) in pixels, bottom and right excluded."""
+    """One person's frames with their depth inputs, in memory. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index,
+    mouth and eyes: each frame's mouth box and brows-and-eyes box (top, bottom, left, right) in pixels, bottom and
+    right excluded."""
 
-    def __init__(self, depth, frames, index, mouth):
+    def __init__(self, depth, frames, index, mouth, eyes):
         self.depth, self.frames, self.index = depth, frames, index   # (N,1,H,W) f16, (N,H,W,3) u8, (N,) long
-        self.mouth = mouth                                           # (N, 4) long
+        self.mouth, self.eyes = mouth, eyes                          # (N, 4) long each
 
     def __len__(self):
         return len(self.frames)
 
     def __getitem__(self, i):
         return dict(depth=self.depth[i].float(), frame=self.frames[i].permute(2, 0, 1).float() / 127.5 - 1,
-                    index=self.index[i], mouth=self.mouth[i])
+                    index=self.index[i], mouth=self.mouth[i], eyes=self.eyes[i])
 
 
 def person_sequences(root, split, person):
@@ -486,10 +490,10 @@ def person_sequences(root, split, person):
 @torch.no_grad()
 def portrait_frames(root, seqs, flame, device, size, stride):
     """
-    Every stride-th frame of the sequences, decoded and with its depth input and mouth box rendered.
+    Every stride-th frame of the sequences, decoded and with its depth input, mouth and eyes boxes rendered.
     Returns (PortraitFrames, cams (N, 3) float32, shape (100,) float32 of the first sequence).
     """
-    depth, frames, index, cams, mouth, shape = [], [], [], [], [], None
+    depth, frames, index, cams, mouth, eyes, shape = [], [], [], [], [], [], None
     for seq in seqs:
         pkl, mp4 = data.flame_path(root, seq), data.video_path(root, seq)
         params = data.read_flame_pickle(pkl)
@@ -507,21 +511,23 @@ def portrait_frames(root, seqs, flame, device, size, stride):
             verts = flame.from_motion(beta, motion[lo:lo + DEPTH_BATCH].to(device))
             frame_cam = cam[lo:lo + DEPTH_BATCH].to(device)
             depth.append(render.render_depth(verts, flame.faces, frame_cam, size).half().cpu())  # (b, 1, H, W)
-            mouth.append(mouth_boxes(render.project(flame.landmarks(verts), frame_cam), size).cpu())
+            landmarks = render.project(flame.landmarks(verts), frame_cam)                  # (b, 68, 3)
+            mouth.append(landmark_box(landmarks[:, MOUTH_LANDMARKS], size, MOUTH_BOX_MARGIN).cpu())
+            brows_eyes = torch.cat([landmarks[:, BROW_LANDMARKS], landmarks[:, EYE_LANDMARKS]], 1)
+            eyes.append(landmark_box(brows_eyes, size, EYES_BOX_MARGIN).cpu())
         frames.append(torch.from_numpy(video[keep.numpy()]))
         index.append(keep)
         cams.append(cam)
-    dataset = PortraitFrames(torch.cat(depth), torch.cat(frames), torch.cat(index), torch.cat(mouth))
+    dataset = PortraitFrames(torch.cat(depth), torch.cat(frames), torch.cat(index), torch.cat(mouth), torch.cat(eyes))
     return dataset, torch.cat(cams).numpy(), shape
 
 
-def mouth_boxes(landmarks, size):
-    """Projected 68 landmarks (N, 68, 3) -> (N, 4) long mouth boxes (top, bottom, left, right) in pixels, bottom and
-    right excluded: the mouth landmarks' bounding box widened by MOUTH_BOX_MARGIN of its width on every side."""
-    lips = landmarks[:, MOUTH_LANDMARKS]
-    column = (lips[..., 0] + 1) * (size / 2) - 0.5                   # (N, 20) pixel coordinates, as rasterize's
-    row = (1 - lips[..., 1]) * (size / 2) - 0.5
-    margin = MOUTH_BOX_MARGIN * (column.amax(1) - column.amin(1))
+def landmark_box(points, size, margin):
+    """Projected landmarks (N, K, 3) -> (N, 4) long boxes (top, bottom, left, right) in pixels, bottom and right
+    excluded: the points' bounding box widened on every side by `margin` times its width."""
+    column = (points[..., 0] + 1) * (size / 2) - 0.5                 # (N, K) pixel coordinates, as rasterize's
+    row = (1 - points[..., 1]) * (size / 2) - 0.5
+    margin = margin * (column.amax(1) - column.amin(1))
     box = torch.stack([row.amin(1) - margin, row.amax(1) + margin + 1, column.amin(1) - margin,
                        column.amax(1) + margin + 1], 1)
     return box.round().clamp(0, size).long()
@@ -547,16 +553,19 @@ def mouth_scores(generated, truth, reference, boxes):
                 correlation=correlation)
 
 
-def mouth_weight(boxes, size, weight=MOUTH_WEIGHT):
+def box_weight(boxes, size):
     """
-    The photometric loss's pixel weights (B, 1, size, size) for frames with mouth boxes (B, 4): 1 + `weight` inside
-    each frame's box, 1 elsewhere. Most of a portrait never moves; without this the mouth, a few percent of the
-    frame, barely counts in the loss and comes out as the reference's, shut.
+    The photometric loss's pixel weights (B, 1, size, size): 1, plus w inside each frame's box for each (boxes
+    (B, 4), w) given. Most of a portrait never moves; without this the mouth, a few percent of the frame, barely
+    counts in the loss and comes out as the reference's, shut, and the eyes as the discriminator's speckles.
     """
-    at = torch.arange(size, device=boxes.device)
-    top, bottom, left, right = (boxes[:, k, None, None] for k in range(4))          # (B, 1, 1) each
-    inside = (at[:, None] >= top) & (at[:, None] < bottom) & (at >= left) & (at < right)   # (B, size, size)
-    return (1 + weight * inside.float())[:, None]
+    at = torch.arange(size, device=boxes[0][0].device)
+    weight = 1.0
+    for box, w in boxes:
+        top, bottom, left, right = (box[:, k, None, None] for k in range(4))           # (B, 1, 1) each
+        inside = (at[:, None] >= top) & (at[:, None] < bottom) & (at >= left) & (at < right)   # (B, size, size)
+        weight = weight + w * inside.float()
+    return weight[:, None]
 
 
 @torch.no_grad()
@@ -644,7 +653,8 @@ def train_render(args, run):
     for epoch in range(start_epoch, args.epochs):
         sums, n_batches = {}, 0
         for batch in loader(train_set, args.batch_size, run, args.seed, epoch):
-            depth, real, index, mouth = (batch[k].to(run.device) for k in ("depth", "frame", "index", "mouth"))
+            depth, real, index, mouth, eyes = (batch[k].to(run.device)
+                                               for k in ("depth", "frame", "index", "mouth", "eyes"))
             ref = reference.expand(len(depth), -1, -1, -1)
             with run.autocast():
                 fake = net_g(depth, ref, index)
@@ -655,7 +665,8 @@ def train_render(args, run):
             opt_d.step()
             with run.autocast():
                 loss_g, parts = render.generator_loss(discriminator, condition, fake, real, vgg, weights,
-                                                      mouth_weight(mouth, cfg.image_size))
+                                                      box_weight([(mouth, MOUTH_WEIGHT), (eyes, EYES_WEIGHT)],
+                                                                 cfg.image_size))
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             torch.nn.utils.clip_grad_norm_(generator.parameters(), args.grad_clip)
