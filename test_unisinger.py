@@ -835,7 +835,7 @@ def test_default_cam_frames_procedural_head():
     assert image[0, 0][covered[0]].min() > 0.1 and image.max() <= 1
 
 
-def test_face_renderer_levels_follow_spec():
+def test_face_renderer_levels_follow_the_paper():
     torch.manual_seed(0)
     generator = render.FaceRenderer()
     shapes = []

@@ -2,7 +2,8 @@
 
     python train.py --stage motion      # the motion CVAE (tiny preset on the built-in data set by default)
     python train.py --stage render      # the per-person face renderer (built-in person id0 by default)
-    torchrun --nproc_per_node=4 train.py --stage motion --preset paper --data /path/SingingHead --wav2vec w2v/
+    torchrun --nproc_per_node=4 train.py --stage motion --preset paper --data /path/SingingHead \
+        --flame /path/generic_model.pkl --wav2vec w2v/
     python train.py --no-music          # Table III's ablations: --no-music, --w-kl 0, --w-rec 0, --w-vel 0, --w-mesh 0
 
 Depends on torch, numpy and our unisinger.py, data.py, flame.py, render.py, metrics.py.
@@ -46,10 +47,11 @@ SSIM_BAR, PSNR_BAR = 0.85, 25.0   # learning bars on held-out frames
 MOUTH_BOX_MARGIN = 0.25            # share of the mouth's width added on each side of its landmarks' box
 EYES_BOX_MARGIN = 0.1              # share of the brows-and-eyes width added on each side of theirs
 MOUTH_L1_BAR, MOUTH_CORRELATION_BAR = 0.5, 0.9   # learning bars inside the mouth box (error / copy, brightness)
-MOUTH_WEIGHT = 25.0                # photometric weight of a mouth-box pixel over 1 elsewhere: the box, ~4 % of the
-                                   # frame, then carries about half of the photometric loss
-EYES_WEIGHT = 10.0                 # the same for the brows-and-eyes box: small, sharp and moving with the head,
-                                   # the eyes otherwise come out as the discriminator's speckles
+MOUTH_WEIGHT = 25.0                # photometric weight of a mouth-box pixel over 1 elsewhere: the box, ~3.5 % of
+                                   # the frame, then carries about a third of the photometric loss
+EYES_WEIGHT = 10.0                 # the same for the brows-and-eyes box (~7 % of the frame, a third of the loss):
+                                   # small, sharp and moving with the head, the eyes otherwise come out as the
+                                   # discriminator's speckles
 VGG_URL = "https://download.pytorch.org/models/vgg19-dcbfe0e4.pth"
 SUMMARY_SAMPLES = 10       # samples per test clip in the closing summary (the paper's n)
 LOCK_FILE = "train.lock"   # in --out, flock-ed by the run writing there; the kernel drops it when that run dies
@@ -446,7 +448,8 @@ def verdict(ours, base, deaf):
         f"learning means at most {LEARNT_LVE_RATIO}.",
         f"{'It listens' if deafness > 1 else 'It does NOT use the audio'}: fed silence, its lip error is "
         f"{deafness:.2f} times larger ({deaf['LVE-mean']:.2f} mm).",
-        f"Its {SUMMARY_SAMPLES} takes of a clip differ by {ours['Div(mm)']:.1f} mm on average (diversity), and "
+        f"Its {SUMMARY_SAMPLES} takes of a clip differ by {ours['Div(mm)']:.1f} mm on average in the face (head pose "
+        f"left out; the table's Diversity, {ours['Diversity']:.4f} m, keeps it), and "
         f"the best take is {'closer to' if ours['LVE-min'] < ours['LVE-mean'] else 'NOT closer to'} the truth "
         f"than the average one (LVE-min {ours['LVE-min']:.2f} mm, LVE-mean {ours['LVE-mean']:.2f} mm)."])
 
