@@ -1132,7 +1132,7 @@ def builtin_data(root=None):
     root = Path(root) if root is not None else BUILTIN_ROOT
     if _is_current(root):
         return root
-    print(f"building the built-in SingingHead-format data set in {root} (once; about 1-2 minutes)", flush=True)
+    print(f"building the built-in SingingHead-format data set in {root} (once; about a minute)", flush=True)
     started = time.time()
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp{os.getpid()}"
