@@ -3491,7 +3491,7 @@ def test_mouth_scores_follow_their_definitions():
 
 def test_feature_boxes_hold_their_projected_landmarks_with_a_margin_and_weigh_their_pixels():
     """A frame's mouth box holds every projected mouth landmark's pixel (iBUG 48-67), widened by a quarter of the
-    mouth's width; the L1 weight is 1, plus 25 inside the mouth box and 10 inside the brows-and-eyes box
+    mouth's width; the L1 weight is 1, plus 25 inside the mouth box and 25 inside the brows-and-eyes box
     (iBUG 17-26 and 36-47, widened by a tenth)."""
     head = Flame.procedural()
     verts = head.from_motion(torch.zeros(100), torch.zeros(2, 59))
@@ -3513,7 +3513,7 @@ def test_feature_boxes_hold_their_projected_landmarks_with_a_margin_and_weigh_th
     expected = np.ones((256, 256))
     (t, b, l, r), (t2, b2, l2, r2) = box(list(range(48, 68)), 0.25), box(brows_eyes, 0.1)
     expected[t:b, l:r] += 25
-    expected[t2:b2, l2:r2] += 10
+    expected[t2:b2, l2:r2] += 25
     assert weight.shape == (2, 1, 256, 256) and (weight[1, 0].numpy() == expected).all()
 
 

@@ -48,8 +48,8 @@ MOUTH_BOX_MARGIN = 0.25            # share of the mouth's width added on each si
 EYES_BOX_MARGIN = 0.1              # share of the brows-and-eyes width added on each side of theirs
 MOUTH_L1_BAR, MOUTH_CORRELATION_BAR = 0.5, 0.9   # learning bars inside the mouth box (error / copy, brightness)
 MOUTH_WEIGHT = 25.0                # photometric weight of a mouth-box pixel over 1 elsewhere: the box, ~3.5 % of
-                                   # the frame, then carries about a third of the photometric loss
-EYES_WEIGHT = 10.0                 # the same for the brows-and-eyes box (~7 % of the frame, a third of the loss):
+                                   # the frame, then carries about a quarter of the photometric loss
+EYES_WEIGHT = 25.0                 # the same for the brows-and-eyes box (~7 % of the frame, half of the loss):
                                    # small, sharp and moving with the head, the eyes otherwise come out as the
                                    # discriminator's speckles
 VGG_URL = "https://download.pytorch.org/models/vgg19-dcbfe0e4.pth"
