@@ -106,7 +106,7 @@ from torch.utils.data import Dataset
 import render
 from audio import FPS, SAMPLE_RATE, load_audio
 from flame import (BROW_A, EYE_A, EYE_PHI, FLAME_SOURCE, MOTION_DIM, MOUTH_A, MOUTH_HALF_WIDTH, N_EXPR, N_JOINTS,
-                   N_SHAPE, Flame, load_data_pickle, procedural_head)
+                   N_SHAPE, Flame, load_data_pickle, procedural_head, smoothstep, vertex_normals)
 
 CLIP_SECONDS = 8                      # the release's sequence length
 CLIP_FRAMES = CLIP_SECONDS * FPS      # 240 frames a clip
@@ -736,11 +736,6 @@ OCCLUSION = {"tongue": 0.60, "mouth": 0.45}                         # light reac
 FILM_BATCH = 16                       # frames filmed at once
 
 
-def _smooth(x):
-    x = np.clip(x, 0.0, 1.0)
-    return x * x * (3 - 2 * x)
-
-
 def _noise(points, rng, wavelength, n=12):
     """Smooth random field of unit-ish amplitude on points (..., 3) metres: n plane waves of about the given
     wavelength (spread in length and direction, so they make no lattice)."""
@@ -774,7 +769,7 @@ def _chart_texture(person):
     # lips: the upper one with a bow, the lower one fuller, both tapering to the corners of the mouth
     across = np.clip(phi / (MOUTH_HALF_WIDTH + 0.01), -1, 1)
     height = np.where(a < MOUTH_A, 0.068 - 0.012 * np.exp(-0.5 * (phi / 0.04) ** 2), 0.085) * (1 - across ** 2) ** 0.6
-    lips = _smooth((height - abs(a - MOUTH_A)) / 0.012) * (abs(phi) < MOUTH_HALF_WIDTH + 0.01)
+    lips = smoothstep((height - abs(a - MOUTH_A)) / 0.012) * (abs(phi) < MOUTH_HALF_WIDTH + 0.01)
     paint(lips, looks["lips"] * (1 + 0.04 * _noise(point, rng, 0.003))[..., None], "lips")
     # nostrils
     nostril = np.exp(-0.5 * ((a - 0.548 * np.pi) / 0.012) ** 2 - 0.5 * ((abs(phi) - 0.055) / 0.028) ** 2)
@@ -782,7 +777,7 @@ def _chart_texture(person):
     # brows: arcs above the eyes, thinning outward
     t = (abs(phi) - 0.10) / 0.56
     centre = BROW_A + 0.012 - 0.025 * np.pi * np.sin(np.pi * np.clip(t, 0, 1) * 0.9)
-    brow = _smooth((0.022 * (1 - 0.6 * np.clip(t, 0, 1)) - abs(a - centre)) / 0.006) * (t > 0) * (t < 1)
+    brow = smoothstep((0.022 * (1 - 0.6 * np.clip(t, 0, 1)) - abs(a - centre)) / 0.006) * (t > 0) * (t < 1)
     strands = 0.85 + 0.3 * np.cos(260 * phi + 40 * a + 2 * _noise(point, rng, 0.01))
     paint(brow, looks["hair"] * strands[..., None], "brow")
     # eyes: an almond of sclera, an iris with streaks, the pupil, a catch light; a dark lash line above
@@ -792,17 +787,17 @@ def _chart_texture(person):
         r = np.hypot(dphi * np.sin(a), a - EYE_A)
         eye = np.clip(1.0 - almond, 0, None) * 8
         iris = looks["iris"] * (1 + 0.18 * np.cos(np.arctan2(a - EYE_A, dphi) * 23))[..., None] \
-            * (1 - 0.5 * _smooth((r - 0.036) / 0.01))[..., None]
+            * (1 - 0.5 * smoothstep((r - 0.036) / 0.01))[..., None]
         sclera = np.array([232.0, 226, 220]) * (1 - 0.15 * almond)[..., None]
         look = np.where((r < 0.045)[..., None], iris, sclera)
         look = np.where((r < 0.017)[..., None], np.array([14.0, 12, 12]), look)
         look = np.where((np.hypot(dphi * np.sin(a) + 0.012, a - EYE_A + 0.012) < 0.007)[..., None],
                         np.array([245.0, 245, 245]), look)
         paint(np.clip(eye, 0, 1), look, "eye")
-        lash = _smooth((1.6 - almond) / 0.3) * (almond >= 1) * (a < EYE_A)
+        lash = smoothstep((1.6 - almond) / 0.3) * (almond >= 1) * (a < EYE_A)
         colour *= 1 - 0.75 * lash[..., None]
     # hair: above a hairline that runs from the forehead over the ears to the nape, with strands and a sheen
-    hair = _smooth((_hairline(a, phi) - a) / 0.03)
+    hair = smoothstep((_hairline(a, phi) - a) / 0.03)
     strands = 0.7 + 0.3 * np.cos(180 * phi + 6 * np.sin(9 * a) + 3 * _noise(point, rng, 0.02)) \
         + 0.35 * np.exp(-0.5 * ((a - 0.17 * np.pi) / 0.12) ** 2)
     paint(hair, looks["hair"] * strands[..., None], "hair")
@@ -811,7 +806,7 @@ def _chart_texture(person):
 
 def _hairline(a, phi):
     """Polar angle of the hairline at azimuth phi: high on the forehead, over the ears, low at the nape."""
-    return 0.2 * np.pi + 0.42 * np.pi * _smooth((abs(phi) - 0.45) / 2.3) + 0.02 * np.sin(7 * phi)
+    return 0.2 * np.pi + 0.42 * np.pi * smoothstep((abs(phi) - 0.45) / 2.3) + 0.02 * np.sin(7 * phi)
 
 
 def _grid_faces(rows, cols, first):
@@ -857,7 +852,7 @@ def _mouth_cavity():
     z = 0.045 - 0.02 * u ** 2 - 0.015 * (2 * v - 1) ** 2
     verts = np.stack([x, y, z], -1).reshape(-1, 3)
     colours = (np.array([48.0, 16, 18]) * (0.6 + 0.4 * np.abs(u))[..., None]).reshape(-1, 3)
-    return verts, colours, _grid_faces(*u.shape, 0), _smooth(0.5 + (-0.046 - y) / 0.016).reshape(-1)
+    return verts, colours, _grid_faces(*u.shape, 0), smoothstep(0.5 + (-0.046 - y) / 0.016).reshape(-1)
 
 
 def _torso(person):
@@ -867,7 +862,7 @@ def _torso(person):
     x = 0.24 * u
     top = -0.115 - 0.3 * np.maximum(abs(x) - 0.04, 0)
     y = top - (0.35 + top) * v ** 1.5
-    z = -0.03 + 0.07 * _smooth((top - y) / 0.08) - 0.05 * u ** 2
+    z = -0.03 + 0.07 * smoothstep((top - y) / 0.08) - 0.05 * u ** 2
     verts = np.stack([x, y, z], -1).reshape(-1, 3)
     weave = 1 + 0.07 * np.sign(np.sin(2 * np.pi * x / 0.03)) + 0.06 * _noise(verts.reshape(u.shape + (3,)), rng, 0.08)
     colours = (person.looks["clothing"] * weave[..., None]).reshape(-1, 3)
@@ -893,16 +888,12 @@ def filmed_body(person, size):
     head = procedural_head()
     verts, faces = head["v_template"], head["f"]
     n_head = len(verts)
-    normals = np.zeros_like(verts)
-    face_normal = np.cross(verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]])
-    for k in range(3):
-        np.add.at(normals, faces[:, k], face_normal)
-    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    normals = vertex_normals(verts, faces)
     a = np.arccos(np.clip(verts[:, 1] / np.linalg.norm(verts, axis=1), -1, 1))
     phi = np.arctan2(verts[:, 0], verts[:, 2])
     covered = a < _hairline(a, phi) + 0.02
     shell = np.nonzero(covered)[0]                                     # scalp vertices the hair shell copies
-    lift = HAIR_THICKNESS * _smooth((_hairline(a, phi) - a) / 0.12)[shell]
+    lift = HAIR_THICKNESS * smoothstep((_hairline(a, phi) - a) / 0.12)[shell]
     shell_faces = faces[covered[faces].all(1)]
     remap = np.full(n_head, -1)
     remap[shell] = n_head + np.arange(len(shell))
@@ -968,7 +959,7 @@ def _backdrop(person, size):
         cx, cy, r = rng.uniform(-1, 1), rng.uniform(-1, 1), rng.uniform(0.1, 0.35)
         blob = np.exp(-0.5 * ((x - cx) ** 2 + (y - cy) ** 2) / r ** 2) * rng.uniform(0.2, 0.5)
         image = image * (1 - blob[..., None]) + blob[..., None] * person.looks["accent"] * rng.uniform(0.6, 1.2)
-    image *= (1 + 0.08 * _smooth(np.sin(np.pi * 2.5 * x + rng.uniform(0, 6)) * 4 + 0.5))[..., None]   # panels
+    image *= (1 + 0.08 * smoothstep(np.sin(np.pi * 2.5 * x + rng.uniform(0, 6)) * 4 + 0.5))[..., None]   # panels
     image *= (1 - 0.25 * (x ** 2 + y ** 2) / 2)[..., None]                                            # vignette
     return image.clip(0, 255)
 

@@ -826,7 +826,8 @@ CHIN_A = 0.76 * math.pi
 JAW_PIVOT = np.array([0.072, -0.02, 0.0])  # m, right-hand TMJ; mirrored for the left one
 
 
-def _smoothstep(x):
+def smoothstep(x):
+    """0 below 0, 1 above 1, the cubic 3x² - 2x³ between: a soft edge for painted and blended regions."""
     x = np.clip(x, 0.0, 1.0)
     return x * x * (3 - 2 * x)
 
@@ -839,7 +840,7 @@ def _bump(a, phi, a0, phi0, sa, sphi):
 
 def _nose(a, phi):
     """Nose ridge height, 0 at the brow rising to 1 at the tip, falling off sharply below it."""
-    profile = _smoothstep((a - 0.36 * math.pi) / (0.16 * math.pi)) \
+    profile = smoothstep((a - 0.36 * math.pi) / (0.16 * math.pi)) \
         * np.exp(-0.5 * (np.maximum(a - 0.52 * math.pi, 0) / (0.025 * math.pi)) ** 2)
     return profile * np.exp(-0.5 * (phi / 0.09) ** 2)
 
@@ -892,7 +893,8 @@ def _faces(R, L):
     return np.concatenate([top, bands, bottom]).astype(np.int64)
 
 
-def _vertex_normals(verts, faces):
+def vertex_normals(verts, faces):
+    """verts (V, 3), faces (F, 3) -> unit vertex normals (V, 3), the area-weighted mean of the faces' normals."""
     n = np.cross(verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]])
     out = np.zeros_like(verts)
     for k in range(3):
@@ -965,7 +967,7 @@ def procedural_head(seed=0):
     d = np.stack([np.sin(a) * np.sin(phi), np.cos(a), np.sin(a) * np.cos(phi)], 1)  # (V0, 3) unit directions
     verts = d * (_radius(d) + _relief(a, phi))[:, None]
     faces = _faces(R, L)
-    normals = _vertex_normals(verts, faces)
+    normals = vertex_normals(verts, faces)
 
     # Cut the lips' seam: the band below the mouth ring uses copies of the seam's inner vertices.
     mouth_ring = int(np.argmin(abs(rings_a - MOUTH_A)))
@@ -986,12 +988,12 @@ def procedural_head(seed=0):
 
     # Lower-face weight: 1 below the seam, 0 above; sharp along the cut, blending over ~2 cm on the cheeks.
     below_m = (a - a_mouth) * np.linalg.norm(verts, axis=1)
-    blend = 1e-4 + 0.02 * _smoothstep((abs(phi) - MOUTH_HALF_WIDTH) / 0.5)
-    lower = _smoothstep(0.5 + below_m / (2 * blend))
+    blend = 1e-4 + 0.02 * smoothstep((abs(phi) - MOUTH_HALF_WIDTH) / 0.5)
+    lower = smoothstep(0.5 + below_m / (2 * blend))
     lower[lip_side == 1], lower[lip_side == -1] = 0.0, 1.0
-    front = 1 - _smoothstep((abs(phi) - 1.1) / 0.6)
-    jaw = lower * front * (1 - _smoothstep((a - 0.76 * math.pi) / (0.17 * math.pi)))  # fades over the under-chin
-    root = _smoothstep((-0.12 - y) / 0.05)
+    front = 1 - smoothstep((abs(phi) - 1.1) / 0.6)
+    jaw = lower * front * (1 - smoothstep((a - 0.76 * math.pi) / (0.17 * math.pi)))  # fades over the under-chin
+    root = smoothstep((-0.12 - y) / 0.05)
     weights = np.zeros((V, N_JOINTS))
     weights[:, 0], weights[:, 1], weights[:, 2] = root, (1 - root) * (1 - jaw), (1 - root) * jaw
 
@@ -1018,7 +1020,7 @@ def procedural_head(seed=0):
     side_x = np.sign(x)
     g = lambda a0, p0, sa, sp: _bump(a, phi, a0, p0, sa, sp)
     pair = lambda a0, p0, sa, sp: g(a0, p0, sa, sp) + g(a0, -p0, sa, sp)
-    lower_face = _smoothstep((-0.01 - y) / 0.05) * front
+    lower_face = smoothstep((-0.01 - y) / 0.05) * front
     col = lambda v: np.stack(v, 1)
     zeros = np.zeros(V)
     shape = [
@@ -1032,7 +1034,7 @@ def procedural_head(seed=0):
         normals * (0.005 * pair(0.55 * math.pi, 0.6, 0.07 * math.pi, 0.25))[:, None],
         col([0.003 * side_x * pair(EYE_A, EYE_PHI, 0.05 * math.pi, 0.15), zeros, zeros]),
         col([0.003 * side_x * pair(a_mouth, MOUTH_HALF_WIDTH, 0.04 * math.pi, 0.12), zeros, zeros]),
-        col([0.08 * x, zeros, 0.08 * (z - NECK_Z)]) * _smoothstep((-0.1 - y) / 0.04)[:, None],
+        col([0.08 * x, zeros, 0.08 * (z - NECK_Z)]) * smoothstep((-0.1 - y) / 0.04)[:, None],
         col([zeros, 0.006 * g(0, 0, 0.25 * math.pi, 10.0), zeros]),
         col([zeros, 0.05 * y * lower_face, zeros]),
         normals * (0.003 * pair(BROW_A, 0.35, 0.03 * math.pi, 0.3))[:, None],
