@@ -41,108 +41,7 @@ SAMPLE_RATE = 16_000  # Hz, what wav2vec 2.0 was trained on
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sound files
-
-def _wav_declared_frames(path, info):
-    """Frames a WAV file's 'data' chunk header promises, or None when it is not a plain WAV we can read."""
-    if info.format != "WAV":
-        return None
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        while True:
-            chunk = f.read(8)
-            if len(chunk) < 8:
-                return None
-            size = int.from_bytes(chunk[4:], "little")
-            if chunk[:4] == b"data":
-                bytes_per_frame = info.channels * _SUBTYPE_BYTES.get(info.subtype, 0)
-                return size // bytes_per_frame if bytes_per_frame else None
-            f.seek(size + (size & 1), 1)  # RIFF chunks are padded to even sizes
-
-
-_SUBTYPE_BYTES = {"PCM_U8": 1, "PCM_S8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8}
-
-
-MIN_RATE, MAX_RATE = 1_000, 768_000   # Hz, the sample rates accepted; outside them a header is damaged
-SCAN_FRAMES = 1 << 20                 # frames checked at a time when a sound file is opened
-
-
-def load_audio(path, sr=SAMPLE_RATE):
-    """Read a sound file as mono float32 at `sr` Hz: channels averaged, then polyphase resampling.
-
-    Refuses (ValueError naming the file) unreadable, empty, truncated and non-finite files. libsndfile quietly
-    shortens a WAV whose data is cut off, so for WAV the frames present are also checked against the header.
-    """
-    song = AudioFile(path, sr)
-    return song[0:len(song)]
-
-
-class AudioFile:
-    """
-    A sound file read the way load_audio reads it (mono float32 at `sr` Hz, the same samples), a stretch at a
-    time: song[a:b] holds samples a..b-1 (fewer past the end), len(song) counts them. A song of any length
-    costs memory for the stretch read only. Opening refuses (ValueError naming the file) unreadable, empty and
-    truncated files, sample rates no recorder writes and NaN or infinite samples.
-    """
-
-    def __init__(self, path, sr=SAMPLE_RATE):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ValueError(f"{path}: no such audio file")
-        try:
-            info = sf.info(str(self.path))
-        except (RuntimeError, OSError) as e:  # soundfile's errors derive from RuntimeError
-            raise ValueError(f"{path}: unreadable audio ({' '.join(str(e).split())})") from None
-        if info.frames <= 0:
-            raise ValueError(f"{path}: empty audio (no samples)")
-        if not MIN_RATE <= info.samplerate <= MAX_RATE:
-            raise ValueError(f"{path}: sample rate {info.samplerate} Hz is outside {MIN_RATE}..{MAX_RATE} Hz")
-        declared = _wav_declared_frames(self.path, info)
-        if declared is not None and info.frames < declared:
-            raise ValueError(f"{path}: truncated audio ({info.frames} of {declared} frames present)")
-        self.frames = info.frames                                   # at the file's rate
-        g = math.gcd(int(sr), int(info.samplerate))
-        self.up, self.down = int(sr) // g, int(info.samplerate) // g
-        self.length = -(-self.frames * self.up // self.down)        # resample_poly's output length
-        # One pass over the samples, a block at a time: damage (a NaN, data cut short) is refused on opening,
-        # before any model runs on the song, not an hour into it.
-        for start in range(0, self.frames, SCAN_FRAMES):
-            self._read(start, min(self.frames, start + SCAN_FRAMES))
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, index):
-        start, stop, step = index.indices(self.length)
-        if step != 1 or stop <= start:
-            raise IndexError(f"{self.path}: read a stretch song[a:b] with a < b, not {index}")
-        if self.up == self.down:
-            return self._read(start, stop)
-        # Resample a stretch with the filter's reach of context on both sides, starting on an input sample that
-        # maps to a whole output sample: its outputs are then those of resampling the whole file.
-        reach = 10 * max(self.up, self.down) // self.up + 2          # resample_poly's half filter, input samples
-        first = max(0, start * self.down // self.up - reach) // self.down * self.down
-        last = min(self.frames, -(-stop * self.down // self.up) + reach)
-        wave = resample_poly(self._read(first, last), self.up, self.down)
-        offset = first * self.up // self.down
-        return np.ascontiguousarray(wave[start - offset:stop - offset], dtype=np.float32)
-
-    def _read(self, start, stop):
-        """Frames start..stop-1 at the file's rate, channels averaged: (stop - start,) float32."""
-        try:
-            with sf.SoundFile(str(self.path)) as f:
-                f.seek(start)
-                wave = f.read(stop - start, dtype="float32", always_2d=True)       # (n, channels)
-        except (RuntimeError, OSError) as e:
-            raise ValueError(f"{self.path}: unreadable audio ({' '.join(str(e).split())})") from None
-        if len(wave) < stop - start:
-            raise ValueError(f"{self.path}: truncated audio ({start + len(wave)} of {self.frames} frames present)")
-        if not np.isfinite(wave).all():
-            raise ValueError(f"{self.path}: audio holds NaN or infinite samples")
-        return np.ascontiguousarray(wave.mean(axis=1), dtype=np.float32)
-
+# wav2vec 2.0
 
 def normalize_wave(wave, eps=1e-7):
     """Zero mean, unit variance along the last axis, as the Hugging Face processor's do_normalize does.
@@ -155,9 +54,6 @@ def normalize_wave(wave, eps=1e-7):
     var = ((wave - mean) ** 2).mean(-1)[..., None]
     return (wave - mean) / (var + eps) ** 0.5
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# wav2vec 2.0
 
 MAX_PARAMETERS = 4 * 10 ** 9    # a config.json that asks for more is damaged (the largest wav2vec 2.0, XLS-R 2B,
                                 # has 2.2e9)
@@ -263,10 +159,12 @@ class ConvLayer(nn.Module):
         self.act = _activation(activation)
 
     def forward(self, x):  # x (B, N, C_in) -> (B, T, C_out)
-        if self.norm_kind == "group":
-            return self.act(self._conv_group_norm(x))
         y = self._conv(x)
-        return self.act(self.norm(y) if self.norm_kind == "layer" else y)
+        if self.norm_kind == "group":                      # GroupNorm normalises channels-first input
+            y = self.norm(y.transpose(1, 2)).transpose(1, 2)
+        elif self.norm_kind == "layer":
+            y = self.norm(y)
+        return self.act(y)
 
     def _conv(self, x):
         B, N, c_in = x.shape
@@ -286,24 +184,6 @@ class ConvLayer(nn.Module):
         for k in range(1, self.kernel):
             y.baddbmm_(taps[k], w[k])
         return y  # (B, T, C_out)
-
-    def _conv_group_norm(self, x):
-        """Conv then per-channel normalisation over time, folded into a single product.
-
-        The conv is linear, so channel c's mean over time is mean(win) @ w_c and its variance w_c' cov(win) w_c:
-        the statistics come from the small (kernel*C_in)^2 window covariance (float64, no cancellation) and the
-        normalisation becomes a per-item rescaling of the weights. The conv bias cancels in the normalisation.
-        """
-        win = _windows(x, self.kernel, self.stride).contiguous()  # (B, T, D = kernel*C_in)
-        w64 = self.weight.double()  # (D, C_out)
-        mean = win.double().mean(1)  # (B, D)
-        centred = win.double() - mean[:, None]
-        cov = centred.transpose(1, 2) @ centred / win.shape[1]  # (B, D, D)
-        var = torch.einsum("dc,bde,ec->bc", w64, cov, w64)  # (B, C_out)
-        scale = self.norm.weight.double() / torch.sqrt(var + self.norm.eps)  # (B, C_out)
-        shift = self.norm.bias.double() - (mean @ w64) * scale  # (B, C_out)
-        w = (w64[None] * scale[:, None]).to(win.dtype)  # (B, D, C_out)
-        return torch.baddbmm(shift[:, None].to(win.dtype), win, w)  # (B, T, C_out)
 
 
 class FeatureExtractor(nn.Module):
@@ -504,142 +384,6 @@ def _first_line(error):
 def resample_features(feats, n_frames):
     """(B, T, C) -> (B, n_frames, C): linear interpolation in time, first and last frames kept (align_corners)."""
     return F.interpolate(feats.transpose(1, 2), size=n_frames, mode="linear", align_corners=True).transpose(1, 2)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-# Parts of HF checkpoints outside the base encoder: CTC / classification heads and pre-training modules.
-HF_IGNORED = ("lm_head.", "quantizer.", "project_q.", "project_hid.", "masked_spec_embed", "classifier.",
-              "projector.", "layer_weights")
-
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-                       "BOOL": np.bool_}
-
-
-def read_safetensors(path):
-    """Read a .safetensors file into a dict of CPU tensors (numpy only, no safetensors package).
-
-    Layout: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
-    raw little-endian data; offsets count from the end of the header. BF16 is widened to float32 (bit shift).
-    """
-    path = Path(path)
-    data = np.fromfile(path, dtype=np.uint8)
-    if data.size < 8:
-        raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-    n = int(data[:8].view("<u8")[0])
-    if 8 + n > data.size:
-        raise ValueError(f"{path}: safetensors header length {n} runs past the end of the file")
-    try:
-        header = json.loads(data[8:8 + n].tobytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
-    body = data[8 + n:]
-    tensors = {}
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: safetensors header is not a JSON object")
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
-                and all(isinstance(n, int) and n >= 0 for n in entry["shape"])
-                and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
-                and all(isinstance(n, int) for n in entry["data_offsets"])
-                and 0 <= entry["data_offsets"][0] <= entry["data_offsets"][1]):
-            raise ValueError(f"{path}: tensor {name} has a damaged entry in the header ({str(entry)[:80]})")
-        if entry.get("dtype") not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')}")
-        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]).newbyteorder("<")
-        begin, end = entry["data_offsets"]
-        count = math.prod(entry["shape"])
-        if end > body.size or end - begin != count * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name} data is truncated or its offsets are wrong")
-        arr = body[begin:end].view(dtype).astype(dtype.newbyteorder("="))  # a copy, native order
-        if entry["dtype"] == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        tensors[name] = torch.from_numpy(arr.reshape(entry["shape"]))
-    return tensors
-
-
-def _fold_weight_norm(g, v):
-    """torch weight_norm(dim=2), as HF applies it to the positional conv: w = g * v / ||v||, the norm taken over
-    all dims but 2 (one norm per kernel tap)."""
-    return g * v / v.norm(dim=(0, 1), keepdim=True)
-
-
-def hf_to_ours(state, cfg, expected, source):
-    """Map a Hugging Face Wav2Vec2Model state dict to ours, by name: strips 'wav2vec2.', drops HF_IGNORED parts,
-    permutes conv weights to channels-last, folds the positional conv's weight norm (either spelling) and
-    stacks q/k/v. `expected` is our state dict (for shapes); `source` names the file in errors."""
-    hf = {k.removeprefix("wav2vec2."): v for k, v in state.items()}
-    hf = {k: v for k, v in hf.items() if not k.startswith(HF_IGNORED)}
-    used, missing = set(), []
-
-    def take(key):
-        if key not in hf:
-            missing.append(key)
-            return None
-        used.add(key)
-        return hf[key]
-
-    ours = {}  # our name -> (tensor, the HF names it came from)
-
-    def put(name, tensor, *hf_names):
-        if tensor is not None:
-            ours[name] = (tensor, hf_names)
-
-    for i in range(len(cfg.conv_dim)):
-        hf_l, our_l = f"feature_extractor.conv_layers.{i}", f"features.layers.{i}"
-        w = take(f"{hf_l}.conv.weight")  # (C_out, C_in, kernel)
-        if w is not None and w.dim() == 3:
-            w = w.permute(2, 1, 0).reshape(-1, w.shape[0])  # (kernel*C_in, C_out), tap-major
-        put(f"{our_l}.weight", w, f"{hf_l}.conv.weight")
-        if cfg.conv_bias:
-            put(f"{our_l}.bias", take(f"{hf_l}.conv.bias"), f"{hf_l}.conv.bias")
-        if cfg.feat_extract_norm == "layer" or i == 0:
-            for p in ("weight", "bias"):
-                put(f"{our_l}.norm.{p}", take(f"{hf_l}.layer_norm.{p}"), f"{hf_l}.layer_norm.{p}")
-    for hf_n, our_n in (("feature_projection.layer_norm", "proj_norm"), ("feature_projection.projection", "proj"),
-                        ("encoder.layer_norm", "encoder_norm")):
-        for p in ("weight", "bias"):
-            put(f"{our_n}.{p}", take(f"{hf_n}.{p}"), f"{hf_n}.{p}")
-
-    pos = "encoder.pos_conv_embed.conv"
-    spellings = [(f"{pos}.weight_g", f"{pos}.weight_v"),
-                 (f"{pos}.parametrizations.weight.original0", f"{pos}.parametrizations.weight.original1")]
-    g_v = next((s for s in spellings if s[0] in hf and s[1] in hf), None)
-    if g_v is not None:
-        g, v = take(g_v[0]), take(g_v[1])
-        if g.shape != (1, 1, v.shape[2]):
-            raise ValueError(f"{source}: {g_v[0]} has shape {tuple(g.shape)}, expected {(1, 1, v.shape[2])}")
-        put("pos_conv.weight", _fold_weight_norm(g.float(), v.float()).to(v.dtype), *g_v)
-    else:
-        put("pos_conv.weight", take(f"{pos}.weight"), f"{pos}.weight")  # weight norm already removed
-    put("pos_conv.bias", take(f"{pos}.bias"), f"{pos}.bias")
-
-    for i in range(cfg.num_hidden_layers):
-        hf_l, our_l = f"encoder.layers.{i}", f"layers.{i}"
-        for p in ("weight", "bias"):
-            qkv = [take(f"{hf_l}.attention.{n}_proj.{p}") for n in "qkv"]
-            if all(t is not None for t in qkv):
-                put(f"{our_l}.attn.qkv.{p}", torch.cat(qkv), *(f"{hf_l}.attention.{n}_proj.{p}" for n in "qkv"))
-            for hf_n, our_n in (("attention.out_proj", "attn.out"), ("layer_norm", "attn_norm"),
-                                ("feed_forward.intermediate_dense", "ffn.fc1"),
-                                ("feed_forward.output_dense", "ffn.fc2"), ("final_layer_norm", "ffn_norm")):
-                put(f"{our_l}.{our_n}.{p}", take(f"{hf_l}.{hf_n}.{p}"), f"{hf_l}.{hf_n}.{p}")
-
-    unexpected = sorted(set(hf) - used)
-    if missing or unexpected:
-        raise ValueError(f"{source}: checkpoint does not match the config: missing {missing}; "
-                         f"unexpected {unexpected}")
-    out = {}
-    for name, (tensor, hf_names) in ours.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{source}: {' / '.join(hf_names)} has the wrong shape for the config "
-                             f"(gives {tuple(tensor.shape)} for {name}, expected {tuple(expected[name].shape)})")
-        out[name] = tensor.to(expected[name].dtype)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -908,7 +652,7 @@ def _select(values, ranks):
 def median_filter(x, size, axis):
     """Running median of odd length `size` along `axis`, edges mirrored (x[1] x[0] | x[0] x[1] ...), equal to
     scipy.ndimage.median_filter(mode='reflect') with a 1-D kernel (axes of 3 or more samples: on 2-sample axes
-    scipy's own 1-D path departs from its mirror rule), and ~10x faster here.
+    scipy's own 1-D path departs from its mirror rule).
 
     Selection networks of elementwise min/max run over whole planes. Windows come in groups of MEDIAN_BLOCK
     neighbours that share size - MEDIAN_BLOCK + 1 samples: one network finds the MEDIAN_BLOCK ranks of the
@@ -1127,3 +871,241 @@ def beats(y, sr=SAMPLE_RATE):
     drums = _istft(percussive, N_FFT, HOP_LENGTH, len(y), y.dtype)
     _, frames = beat_track(onset_strength(drums, sr=sr, aggregate=np.median), sr=sr)
     return frames, frames * (HOP_LENGTH / sr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading: sound files (load_audio, AudioFile) and Hugging Face checkpoints (read_safetensors, hf_to_ours)
+
+def _wav_declared_frames(path, info):
+    """Frames a WAV file's 'data' chunk header promises, or None when it is not a plain WAV we can read."""
+    if info.format != "WAV":
+        return None
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return None
+            size = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                bytes_per_frame = info.channels * _SUBTYPE_BYTES.get(info.subtype, 0)
+                return size // bytes_per_frame if bytes_per_frame else None
+            f.seek(size + (size & 1), 1)  # RIFF chunks are padded to even sizes
+
+
+_SUBTYPE_BYTES = {"PCM_U8": 1, "PCM_S8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8}
+
+
+MIN_RATE, MAX_RATE = 1_000, 768_000   # Hz, the sample rates accepted; outside them a header is damaged
+SCAN_FRAMES = 1 << 20                 # frames checked at a time when a sound file is opened
+
+
+def load_audio(path, sr=SAMPLE_RATE):
+    """Read a sound file as mono float32 at `sr` Hz: channels averaged, then polyphase resampling.
+
+    Refuses (ValueError naming the file) unreadable, empty, truncated and non-finite files. libsndfile quietly
+    shortens a WAV whose data is cut off, so for WAV the frames present are also checked against the header.
+    """
+    song = AudioFile(path, sr)
+    return song[0:len(song)]
+
+
+class AudioFile:
+    """
+    A sound file read the way load_audio reads it (mono float32 at `sr` Hz, the same samples), a stretch at a
+    time: song[a:b] holds samples a..b-1 (fewer past the end), len(song) counts them. A song of any length
+    costs memory for the stretch read only. Opening refuses (ValueError naming the file) unreadable, empty and
+    truncated files, sample rates no recorder writes and NaN or infinite samples.
+    """
+
+    def __init__(self, path, sr=SAMPLE_RATE):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"{path}: no such audio file")
+        try:
+            info = sf.info(str(self.path))
+        except (RuntimeError, OSError) as e:  # soundfile's errors derive from RuntimeError
+            raise ValueError(f"{path}: unreadable audio ({' '.join(str(e).split())})") from None
+        if info.frames <= 0:
+            raise ValueError(f"{path}: empty audio (no samples)")
+        if not MIN_RATE <= info.samplerate <= MAX_RATE:
+            raise ValueError(f"{path}: sample rate {info.samplerate} Hz is outside {MIN_RATE}..{MAX_RATE} Hz")
+        declared = _wav_declared_frames(self.path, info)
+        if declared is not None and info.frames < declared:
+            raise ValueError(f"{path}: truncated audio ({info.frames} of {declared} frames present)")
+        self.frames = info.frames                                   # at the file's rate
+        g = math.gcd(int(sr), int(info.samplerate))
+        self.up, self.down = int(sr) // g, int(info.samplerate) // g
+        self.length = -(-self.frames * self.up // self.down)        # resample_poly's output length
+        # One pass over the samples, a block at a time: damage (a NaN, data cut short) is refused on opening,
+        # before any model runs on the song, not an hour into it.
+        for start in range(0, self.frames, SCAN_FRAMES):
+            self._read(start, min(self.frames, start + SCAN_FRAMES))
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        start, stop, step = index.indices(self.length)
+        if step != 1 or stop <= start:
+            raise IndexError(f"{self.path}: read a stretch song[a:b] with a < b, not {index}")
+        if self.up == self.down:
+            return self._read(start, stop)
+        # Resample a stretch with the filter's reach of context on both sides, starting on an input sample that
+        # maps to a whole output sample: its outputs are then those of resampling the whole file.
+        reach = 10 * max(self.up, self.down) // self.up + 2          # resample_poly's half filter, input samples
+        first = max(0, start * self.down // self.up - reach) // self.down * self.down
+        last = min(self.frames, -(-stop * self.down // self.up) + reach)
+        wave = resample_poly(self._read(first, last), self.up, self.down)
+        offset = first * self.up // self.down
+        return np.ascontiguousarray(wave[start - offset:stop - offset], dtype=np.float32)
+
+    def _read(self, start, stop):
+        """Frames start..stop-1 at the file's rate, channels averaged: (stop - start,) float32."""
+        try:
+            with sf.SoundFile(str(self.path)) as f:
+                f.seek(start)
+                wave = f.read(stop - start, dtype="float32", always_2d=True)       # (n, channels)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{self.path}: unreadable audio ({' '.join(str(e).split())})") from None
+        if len(wave) < stop - start:
+            raise ValueError(f"{self.path}: truncated audio ({start + len(wave)} of {self.frames} frames present)")
+        if not np.isfinite(wave).all():
+            raise ValueError(f"{self.path}: audio holds NaN or infinite samples")
+        return np.ascontiguousarray(wave.mean(axis=1), dtype=np.float32)
+
+
+
+# Parts of HF checkpoints outside the base encoder: CTC / classification heads and pre-training modules.
+HF_IGNORED = ("lm_head.", "quantizer.", "project_q.", "project_hid.", "masked_spec_embed", "classifier.",
+              "projector.", "layer_weights")
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
+
+
+def read_safetensors(path):
+    """Read a .safetensors file into a dict of CPU tensors (numpy only, no safetensors package).
+
+    Layout: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
+    raw little-endian data; offsets count from the end of the header. BF16 is widened to float32 (bit shift).
+    """
+    path = Path(path)
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size < 8:
+        raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+    n = int(data[:8].view("<u8")[0])
+    if 8 + n > data.size:
+        raise ValueError(f"{path}: safetensors header length {n} runs past the end of the file")
+    try:
+        header = json.loads(data[8:8 + n].tobytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    body = data[8 + n:]
+    tensors = {}
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is not a JSON object")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
+                and all(isinstance(n, int) and n >= 0 for n in entry["shape"])
+                and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+                and all(isinstance(n, int) for n in entry["data_offsets"])
+                and 0 <= entry["data_offsets"][0] <= entry["data_offsets"][1]):
+            raise ValueError(f"{path}: tensor {name} has a damaged entry in the header ({str(entry)[:80]})")
+        if entry.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')}")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]).newbyteorder("<")
+        begin, end = entry["data_offsets"]
+        count = math.prod(entry["shape"])
+        if end > body.size or end - begin != count * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name} data is truncated or its offsets are wrong")
+        arr = body[begin:end].view(dtype).astype(dtype.newbyteorder("="))  # a copy, native order
+        if entry["dtype"] == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        tensors[name] = torch.from_numpy(arr.reshape(entry["shape"]))
+    return tensors
+
+
+def _fold_weight_norm(g, v):
+    """torch weight_norm(dim=2), as HF applies it to the positional conv: w = g * v / ||v||, the norm taken over
+    all dims but 2 (one norm per kernel tap)."""
+    return g * v / v.norm(dim=(0, 1), keepdim=True)
+
+
+def hf_to_ours(state, cfg, expected, source):
+    """Map a Hugging Face Wav2Vec2Model state dict to ours, by name: strips 'wav2vec2.', drops HF_IGNORED parts,
+    permutes conv weights to channels-last, folds the positional conv's weight norm (either spelling) and
+    stacks q/k/v. `expected` is our state dict (for shapes); `source` names the file in errors."""
+    hf = {k.removeprefix("wav2vec2."): v for k, v in state.items()}
+    hf = {k: v for k, v in hf.items() if not k.startswith(HF_IGNORED)}
+    used, missing = set(), []
+
+    def take(key):
+        if key not in hf:
+            missing.append(key)
+            return None
+        used.add(key)
+        return hf[key]
+
+    ours = {}  # our name -> (tensor, the HF names it came from)
+
+    def put(name, tensor, *hf_names):
+        if tensor is not None:
+            ours[name] = (tensor, hf_names)
+
+    for i in range(len(cfg.conv_dim)):
+        hf_l, our_l = f"feature_extractor.conv_layers.{i}", f"features.layers.{i}"
+        w = take(f"{hf_l}.conv.weight")  # (C_out, C_in, kernel)
+        if w is not None and w.dim() == 3:
+            w = w.permute(2, 1, 0).reshape(-1, w.shape[0])  # (kernel*C_in, C_out), tap-major
+        put(f"{our_l}.weight", w, f"{hf_l}.conv.weight")
+        if cfg.conv_bias:
+            put(f"{our_l}.bias", take(f"{hf_l}.conv.bias"), f"{hf_l}.conv.bias")
+        if cfg.feat_extract_norm == "layer" or i == 0:
+            for p in ("weight", "bias"):
+                put(f"{our_l}.norm.{p}", take(f"{hf_l}.layer_norm.{p}"), f"{hf_l}.layer_norm.{p}")
+    for hf_n, our_n in (("feature_projection.layer_norm", "proj_norm"), ("feature_projection.projection", "proj"),
+                        ("encoder.layer_norm", "encoder_norm")):
+        for p in ("weight", "bias"):
+            put(f"{our_n}.{p}", take(f"{hf_n}.{p}"), f"{hf_n}.{p}")
+
+    pos = "encoder.pos_conv_embed.conv"
+    spellings = [(f"{pos}.weight_g", f"{pos}.weight_v"),
+                 (f"{pos}.parametrizations.weight.original0", f"{pos}.parametrizations.weight.original1")]
+    g_v = next((s for s in spellings if s[0] in hf and s[1] in hf), None)
+    if g_v is not None:
+        g, v = take(g_v[0]), take(g_v[1])
+        if g.shape != (1, 1, v.shape[2]):
+            raise ValueError(f"{source}: {g_v[0]} has shape {tuple(g.shape)}, expected {(1, 1, v.shape[2])}")
+        put("pos_conv.weight", _fold_weight_norm(g.float(), v.float()).to(v.dtype), *g_v)
+    else:
+        put("pos_conv.weight", take(f"{pos}.weight"), f"{pos}.weight")  # weight norm already removed
+    put("pos_conv.bias", take(f"{pos}.bias"), f"{pos}.bias")
+
+    for i in range(cfg.num_hidden_layers):
+        hf_l, our_l = f"encoder.layers.{i}", f"layers.{i}"
+        for p in ("weight", "bias"):
+            qkv = [take(f"{hf_l}.attention.{n}_proj.{p}") for n in "qkv"]
+            if all(t is not None for t in qkv):
+                put(f"{our_l}.attn.qkv.{p}", torch.cat(qkv), *(f"{hf_l}.attention.{n}_proj.{p}" for n in "qkv"))
+            for hf_n, our_n in (("attention.out_proj", "attn.out"), ("layer_norm", "attn_norm"),
+                                ("feed_forward.intermediate_dense", "ffn.fc1"),
+                                ("feed_forward.output_dense", "ffn.fc2"), ("final_layer_norm", "ffn_norm")):
+                put(f"{our_l}.{our_n}.{p}", take(f"{hf_l}.{hf_n}.{p}"), f"{hf_l}.{hf_n}.{p}")
+
+    unexpected = sorted(set(hf) - used)
+    if missing or unexpected:
+        raise ValueError(f"{source}: checkpoint does not match the config: missing {missing}; "
+                         f"unexpected {unexpected}")
+    out = {}
+    for name, (tensor, hf_names) in ours.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{source}: {' / '.join(hf_names)} has the wrong shape for the config "
+                             f"(gives {tuple(tensor.shape)} for {name}, expected {tuple(expected[name].shape)})")
+        out[name] = tensor.to(expected[name].dtype)
+    return out

@@ -31,13 +31,15 @@ import numpy as np
 import torch
 
 import audio
+import builtin
 import data
-from data import format_duration
 import metrics
 import render
-from flame import MOTION_DIM, N_EXPR, N_SHAPE, Flame, procedural_head
 from audio import SAMPLE_RATE
-from unisinger import (DEFAULT_CHECKPOINT, STREAM_CHUNK_MS, STREAM_LOOKAHEAD, MotionConfig, MotionCVAE,
+from builtin import procedural_head, stand_in_flame
+from flame import MOTION_DIM, N_EXPR, N_SHAPE
+from render import format_duration
+from unisinger import (DEFAULT_CHECKPOINT, STREAM_CHUNK_MS, STREAM_LOOKAHEAD, Controls, MotionConfig, MotionCVAE,
                        MotionStream, generate, load_checkpoint, portrait_video, stream_song)
 
 HERE = Path(__file__).resolve().parent
@@ -138,7 +140,7 @@ def _flame_methods(per_frame_shape, device="cpu"):
     """Ours and smplx.lbs's callables over identical procedural-head arrays: (ours, ref)."""
     from smplx.lbs import lbs
     head = procedural_head(0)
-    model = Flame.procedural().to(device)
+    model = stand_in_flame().to(device)
     g = torch.Generator().manual_seed(0)
     shape = torch.randn(FLAME_FRAMES if per_frame_shape else 1, N_SHAPE, generator=g).to(device)
     motion = (torch.randn(FLAME_FRAMES, MOTION_DIM, generator=g) * 0.2).to(device)
@@ -186,7 +188,7 @@ RASTER_REF_FRAMES = 2       # frames ray cast by trimesh (seconds each)
 
 def head_frames(n_frames, device):
     """(T, V, 3) projected vertices of the procedural head talking and nodding, and its faces."""
-    head = Flame.procedural().to(device)
+    head = stand_in_flame().to(device)
     t = torch.linspace(0, 1, n_frames, device=device)[:, None]
     motion = torch.zeros(n_frames, MOTION_DIM, device=device)
     motion[:, :N_EXPR] = 0.5 * torch.sin(6.28 * t + torch.arange(N_EXPR, device=device))
@@ -307,8 +309,10 @@ def _music(seconds=DSP_SECONDS, bpm=100.0):
 
 
 def _dsp_methods(device="cpu"):
-    """name -> (ours, librosa's) callables on the same 8 s of music."""
+    """name -> (ours, librosa's) callables on the same 8 s of music; one row puts the median filter that
+    audio.hpss uses (a selection network) against scipy's in the whole beat pipeline."""
     import librosa
+    from scipy import ndimage
     y = _music()
     y_device = torch.from_numpy(y).to(device)
     percussive = librosa.effects.hpss(y)[1]
@@ -316,6 +320,15 @@ def _dsp_methods(device="cpu"):
     def librosa_beats():
         envelope = librosa.onset.onset_strength(y=librosa.effects.hpss(y)[1], sr=SAMPLE_RATE, aggregate=np.median)
         return librosa.beat.beat_track(onset_envelope=envelope, sr=SAMPLE_RATE)[1]
+
+    def beats_with_scipys_median():                # audio.beats with the plain median filter in place of ours
+        plain = lambda x, size, axis: ndimage.median_filter(
+            x, size=[size if a == axis % x.ndim else 1 for a in range(x.ndim)], mode="reflect")
+        ours_filter, audio.median_filter = audio.median_filter, plain
+        try:
+            return audio.beats(y)
+        finally:
+            audio.median_filter = ours_filter
 
     def librosa_onset_beats():
         envelope = librosa.onset.onset_strength(y=percussive, sr=SAMPLE_RATE, aggregate=np.median)
@@ -326,6 +339,7 @@ def _dsp_methods(device="cpu"):
                  lambda: librosa.feature.mfcc(y=y, sr=SAMPLE_RATE, n_mfcc=64, n_fft=2048, hop_length=512,
                                               n_mels=128)),
         "beats": (lambda: audio.beats(y), librosa_beats),
+        "beats vs beats with scipy's median filter": (lambda: audio.beats(y), beats_with_scipys_median),
         "hpss": (lambda: audio.hpss(y), lambda: librosa.effects.hpss(y)),
         "onset_strength+beat_track": (
             lambda: audio.beat_track(audio.onset_strength(percussive, sr=SAMPLE_RATE))[1], librosa_onset_beats),
@@ -392,9 +406,9 @@ def _motion_case(preset, seconds, samples, device):
     torch.manual_seed(0)
     model = MotionCVAE(MotionConfig.preset(preset)).to(device).eval()
     voice = (np.random.default_rng(0).standard_normal(int(seconds * SAMPLE_RATE)) * 0.1).astype(np.float32)
-    generate(model, voice[:8 * SAMPLE_RATE], voice[:8 * SAMPLE_RATE], None, samples)      # warm-up
+    generate(model, voice[:8 * SAMPLE_RATE], voice[:8 * SAMPLE_RATE], None, Controls(samples))      # warm-up
     takes = []
-    (best,), _ = best_times([lambda: takes.append(generate(model, voice, voice, None, samples))], device, 0,
+    (best,), _ = best_times([lambda: takes.append(generate(model, voice, voice, None, Controls(samples)))], device, 0,
                             3 if seconds <= 8 else 1)
     return best, takes[0].shape[0] * takes[0].shape[1], peak_mb(device=device)
 
@@ -431,7 +445,7 @@ def _stream_case(preset, window, lookahead, chunk_ms, device):
     torch.manual_seed(0)
     model = MotionCVAE(MotionConfig.preset(preset)).to(device).eval()
     voice = (np.random.default_rng(0).standard_normal(int(STREAM_SONG_S * SAMPLE_RATE)) * 0.1).astype(np.float32)
-    stream_song(MotionStream(model, window=window, lookahead=lookahead), voice[:2 * SAMPLE_RATE],
+    stream_song(MotionStream(model, lookahead=lookahead, window=window), voice[:2 * SAMPLE_RATE],
                 chunk_ms=chunk_ms, realtime=False)                                       # warm-up
     stream = MotionStream(model, window=window, lookahead=lookahead)
     take, stats = stream_song(stream, voice, chunk_ms=chunk_ms, realtime=False)
@@ -444,17 +458,17 @@ def _stream_quality_row(device):
     frame-to-frame vertex jump across the joins between pushes and elsewhere (the procedural head, head pose
     included)."""
     name = "stream vs offline, LVE on the test split"
-    if not DEFAULT_CHECKPOINT.exists() or not data._is_current(data.BUILTIN_ROOT):
+    if not DEFAULT_CHECKPOINT.exists() or not builtin.is_current(builtin.BUILTIN_ROOT):
         return dict(name=name, note=f"needs {DEFAULT_CHECKPOINT} and the built-in data: run python train.py")
     model = load_checkpoint(DEFAULT_CHECKPOINT, device).model
-    head = Flame.procedural()
+    head = stand_in_flame()
     regions = metrics.RegionMeshes(head)
     lve, join_jumps, other_jumps = {"stream": [], "offline": []}, [], []
-    for item in data.SingingHead(data.BUILTIN_ROOT, "test"):
+    for item in data.SingingHead(builtin.BUILTIN_ROOT, "test"):
         shape = torch.from_numpy(item["shape"])
         truth = regions(shape, torch.from_numpy(item["motion"]))
-        offline = generate(model, item["audio"], item["bgm"], item["shape"], seed=1)[0]
-        stream = MotionStream(model, item["shape"], seed=1, lookahead=STREAM_QUALITY["lookahead"])
+        offline = generate(model, item["audio"], item["bgm"], item["shape"], Controls(seed=1))[0]
+        stream = MotionStream(model, item["shape"], Controls(seed=1), STREAM_QUALITY["lookahead"])
         chunk = round(STREAM_QUALITY["chunk_ms"] * SAMPLE_RATE / 1000)
         pieces, emitted = [], []                     # frames out after each push: the joins between pushes
         for lo in range(0, len(item["audio"]), chunk):
@@ -534,34 +548,13 @@ def librosa_beats(y):
     return librosa.beat.beat_track(onset_envelope=onset, sr=SAMPLE_RATE, hop_length=512)[1]
 
 
-class FullMeshes:
-    """The direct route: whole FLAME meshes through Flame's general kinematic chain (head-pose columns zeroed),
-    with the same region indices."""
-
-    def __init__(self, flame):
-        self.flame = flame
-        masks = flame.masks
-        self.lips, self.face, self.upper_face = masks["lips"], masks["face"], masks["upper_face"]
-        self.forehead_eyes = torch.cat([masks["forehead"], masks["eye_region"]])
-
-    def __call__(self, shape, motion):
-        still = torch.cat([motion[..., :N_EXPR], torch.zeros_like(motion[..., N_EXPR:-3]), motion[..., -3:]], -1)
-        with torch.no_grad():
-            return self.flame.from_motion(shape, still)
-
-    def landmarks(self, verts):
-        return self.flame.landmarks(verts)
-
-    def posed_landmarks(self, shape, motion):
-        return self.flame.landmarks(self.flame.from_motion(shape, motion))
-
-
 def _table2(route, n_clips):
     """In a child: seconds of the metrics (meshes included) and of the beats over n_clips clips, their CPU
     seconds (what an idle core would take: the wall time inflates when others share the machine), peak MB."""
     torch.set_num_threads(EVAL_THREADS)
-    flame = Flame.procedural()
-    regions = metrics.RegionMeshes(flame) if route == "ours" else FullMeshes(flame)
+    flame = stand_in_flame()
+    every_vertex = torch.arange(flame.template.numel() // 3)                    # the release meshes whole heads
+    regions = metrics.RegionMeshes(flame, None if route == "ours" else every_vertex)
     find_beats = (lambda y: audio.beats(y, SAMPLE_RATE)[0]) if route == "ours" else librosa_beats
     rng = np.random.default_rng(0)
     clips = [fake_clip(rng) for _ in range(n_clips)]
@@ -642,7 +635,7 @@ SONG_SECONDS = (3, 60)      # portrait_video lengths whose peak memory is compar
 
 def renderer_seconds_per_frame(preset, device="cpu", batch=STAGE_BATCH):
     """Seconds a frame for FLAME -> depth -> FaceRenderer at 256², batch frames at a time, best of STAGE_REPEATS."""
-    flame = Flame.procedural().to(device)
+    flame = stand_in_flame().to(device)
     generator = render.FaceRenderer(render.RendererConfig.preset(preset).channels).to(device).eval()
     motion = torch.zeros(batch, MOTION_DIM, device=device)
     reference = torch.zeros(batch, 3, render.IMAGE_SIZE, render.IMAGE_SIZE, device=device)
@@ -675,7 +668,8 @@ def _portrait_peak_mb(seconds, ckpt, image, out):
     motion[:, :10] = 0.5 * np.sin(np.arange(frames)[:, None] / 7.0 + np.arange(10))
     motion[:, -3] = 0.15 * (1 + np.sin(np.arange(frames) / 3.0))                        # jaw opening and closing
     voice = (0.1 * np.sin(np.arange(round(frames / render.FPS * SAMPLE_RATE)) * 0.05)).astype(np.float32)
-    portrait_video(ckpt, image, Flame.procedural(), np.zeros(N_SHAPE, np.float32), motion, out, audio=voice)
+    portrait_video(render.load_renderer(ckpt), image, stand_in_flame(), np.zeros(N_SHAPE, np.float32), motion, out,
+                   audio=voice)
     return peak_mb()
 
 
@@ -717,23 +711,13 @@ EXPECTED_S = dict(flame=15, render=30, audio_w2v=30, audio_dsp=30, motion=50, st
                   render_stage=220)
 
 
-def cell(row, key, spec):
-    value = row.get(key)
-    if value is None:
-        return "-"
-    return format(value, spec) if spec else str(value)
-
-
-def format_table(rows):
-    """Rows as text columns aligned to their widest cell (numbers right, text left); '-' where a row has no
-    value (no reference to compare with, or memory its note says is not measured)."""
-    cells = [[title for title, _, _ in COLUMNS]] + [[cell(r, key, spec) for _, key, spec in COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    lines = []
-    for line in cells:
-        parts = [c.ljust(w) if spec is None else c.rjust(w) for c, w, (_, _, spec) in zip(line, widths, COLUMNS)]
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
+def format_rows(rows):
+    """Rows as the aligned table of metrics.format_table; '-' where a row has no value (no reference to compare
+    with, or memory its note says is not measured)."""
+    cell = lambda row, key, spec: "-" if row.get(key) is None else format(row[key], spec) if spec else str(row[key])
+    return metrics.format_table([title for title, _, _ in COLUMNS],
+                                [[cell(r, key, spec) for _, key, spec in COLUMNS] for r in rows],
+                                left=[k for k, (_, _, spec) in enumerate(COLUMNS) if spec is None])
 
 
 def main():
@@ -751,12 +735,12 @@ def main():
         rows = PARTS[part](args.device)
         spent, expected_done = spent + time.time() - t0, expected_done + EXPECTED_S[part]
         left = sum(EXPECTED_S[p] for p in parts[i:]) * spent / expected_done
-        print(format_table(rows), flush=True)
+        print(format_rows(rows), flush=True)
         print(f"[{i}/{len(parts)}] {part}: done in {format_duration(time.time() - t0)}"
               + (f" | ETA {format_duration(left)} for the rest" if i < len(parts) else ""), flush=True)
         all_rows += rows
     print(f"\nall parts in {format_duration(time.time() - start)} (ratio = reference s / ours s, > 1: ours is faster)")
-    print(format_table(all_rows))
+    print(format_rows(all_rows))
 
 
 if __name__ == "__main__":

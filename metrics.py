@@ -1,61 +1,30 @@
 """Evaluation metrics of UniSinger: the paper's Table II (3-D motion) and Table IV (2-D video), one command each.
 
-What it holds (S samples, T frames, V vertices). Table II follows the SingingHead release's metric code: its
-`metric_dict` (lve_mean, lve_min, ve_mean, ve_min, fdd, meandist_pose, ba_pose, diversity_lmk) per clip, then the
-mean over clips; PAPER_COLUMNS says how each prints in the paper's units, VARIANT_COLUMNS are our own variants.
-  3-D, on FLAME meshes built by `motion_meshes` (shape + expression + jaw, global and neck rotation zeroed).
-  Vertices go in as FLAME gives them, in metres.
-    lve(pred (S,T,V,3), gt (T,V,3), lip_idx) -> (mean, min)  mm   per frame the largest lip-vertex L2 error,
-                                                                  averaged over frames; mean / best over samples
-    fve(pred, gt, face_idx) -> (mean, min)                   mm   L2 error per face vertex and frame, averaged;
-                                                                  min: the smallest over samples per vertex and frame
-    fdd(pred, gt, upper_idx, origin=None)                    m^2  per vertex the unbiased std over time of the
-        squared norm of the absolute position (or of the displacement from origin, CodeTalker's variant),
-        averaged over vertices; std_gt - mean over samples of std_pred, signed
-    ppe(pred_pose (S,T,6), gt_pose (T,6))                    rad  mean L2 distance of the 6-d head pose
-    motion_beats(x (T,P,3) points or (T,6) pose, sigma=5) -> ids of the strict local minima of the Gaussian-
-        smoothed (sigma in frames) speed, the mean per-point L2 step (a pose is one 6-d point)
-    music_beats(audio (N,), sr, time_correct=False) -> beats of audio.beats in motion-frame units: the onset frame
-        ids (hop 512 at 16 kHz, 31.25 per s) taken as 30 fps frames as they are (the release), or with
-        time_correct the beat times x 30 fps
-    beat_align(motion_beats, music_beats, n_speed, sigma2=9) 1    mean over music beats (those < n_speed) of
-        exp(-d^2 / (2 sigma2)), d the distance in frames to the nearest motion beat; an empty set is frame 0
-    diversity(samples (S,T,...))                             input unit   mean over the S(S-1)/2 pairs of the L2
-        norm of the difference of the flattened sequences; 0 for one sample. Official: the 68 landmarks of
-        meshes WITH global, neck and jaw rotation, in metres; ours (Div(mm)): head-pose-free landmarks in mm
-  2-D, on frames (N,H,W,C) uint8 or float in [0, 255]:
-    psnr(a, b, data_range=255) -> (N,) dB;  ssim(a, b) -> (N,)   equal to scikit-image's structural_similarity
-        (channel_axis=-1, 7x7 uniform window, K1 .01, K2 .03, sample covariance, border of 3 left out of the mean)
-    cpbd(gray (H,W)) -> float in [0, 1]   sharpness, Narvekar & Karam's cumulative probability of blur detection
-    lmd(pred (T,68,2), gt (T,68,2), mouth=False) -> pixels   F-LMD (points 0-47 centred on the 68 points' mean,
-        48-67 on their own mean: the release's in-place quirk), or M-LMD (48-67 centred on their own mean); a
-        frame without landmarks (nan) counts as 0, as in the release
-    frechet_distance(mu1, s1, mu2, s2), fid(feats_a (N,D), feats_b (M,D))
-    InceptionV3   the FID Inception network (2048-d pool3 features); InceptionV3.load(pt_inception-2015-12-05 file)
-    LPIPS         AlexNet trunk + linear heads (v0.1); LPIPS.load(torchvision alexnet file, lpips alex.pth)
-  Evaluation: RegionMeshes (the metric regions' vertices in closed form, the fast path of motion_meshes),
-  clip_beats / clip_motion_scores / evaluate_motion (Table II: per clip, then the mean over clips),
-  model_predictor (samples drawn with a seed per clip, derived from a base seed and the clip id; one more take
-  timed for FPS), evaluate_video (Table IV), mean_motion (the baseline), the command line.
+Table II follows the SingingHead release's metric code: its `metric_dict` (lve_mean, lve_min, ve_mean, ve_min,
+fdd, meandist_pose, ba_pose, diversity_lmk) per clip, then the mean over clips; PAPER_COLUMNS says how each
+prints in the paper's units, VARIANT_COLUMNS are our own variants. Meshes come from `RegionMeshes`: the
+vertices the metrics read, global and neck rotation zeroed (the release's LVE / FVE / FDD meshes), in metres.
+  lve (largest lip-vertex error per frame, averaged; mean / best over samples), fve (face-vertex error), fdd
+  (upper-face dynamics deviation), ppe (head pose error), motion_beats / music_beats / beat_align (BA),
+  diversity (mean pairwise distance of the samples' landmarks).
+Table IV, on frames (N, H, W, C): psnr, ssim (equal to scikit-image's), cpbd (sharpness), lmd (F-LMD / M-LMD),
+fid with the FID Inception network (InceptionV3), LPIPS (AlexNet + linear heads), BA on the soundtrack.
+Then the evaluation: clip_motion_scores / evaluate_motion (per clip, then the mean), model_predictor (samples
+drawn with a seed per clip), evaluate_video, mean_motion (the baseline), and the command line.
 
-Depends on torch, numpy, scipy, imageio (+ imageio-ffmpeg) and our flame.py (meshes), audio.py (beats), data.py
-(the data set, progress lines), render.py (atomic writes) and unisinger.py (the default run generates motion
-with a checkpoint).
+Depends on torch, numpy, scipy, imageio (+ imageio-ffmpeg) and our flame.py, audio.py, data.py, builtin.py,
+render.py and unisinger.py (the default run generates motion with a checkpoint).
 
 Use alone
-    python metrics.py                                   # out/motion/best.pt (what train.py's summary scores) vs
-                                                        # the mean-motion baseline, built-in data, test split
+    python metrics.py                                   # out/motion/best.pt vs the mean-motion baseline,
+                                                        # built-in data, test split
     python metrics.py --pred DIR --data PATH [--split test]          # Table II for generated motion files
     python metrics.py --video --pred DIR --data PATH [--weights DIR]  # Table IV for generated videos
-
-Generated motion layout (what the inference script writes): DIR/<clip id>/sample_<k>.npz with key 'motion'
-(T, 59) = [expression 50 | global 3 | neck 3 | jaw 3] at 30 fps, k = 0..S-1, and optionally DIR/fps.json
-{"fps": frames generated per second}. Generated video layout: DIR/<clip id>.mp4; for LMD and 2-D BA also 68
-landmarks per frame (T, 68, 2) in pixels of the 256-pixel frame: DIR/<clip id>_lmk.npy and, for the truth,
-<data>/landmark_seqs/<clip id>.npy (no landmark detector ships here). Missing weights or landmarks make the
-table entry the string "needs weights: <file>" / "needs landmarks: <file>".
+Generated motion: DIR/<clip id>/sample_<k>.npz with key 'motion' (T, 59) at 30 fps, and optionally DIR/fps.json
+{"fps": frames generated per second}. Generated video: DIR/<clip id>.mp4; for LMD and 2-D BA also 68 landmarks
+per frame (T, 68, 2) in pixels of the 256-pixel frame, DIR/<clip id>_lmk.npy and <data>/landmark_seqs/<id>.npy.
+Missing weights or landmarks make the table entry "needs weights: <file>" / "needs landmarks: <file>".
 """
-import argparse
 import json
 import math
 import subprocess
@@ -75,10 +44,11 @@ from scipy import ndimage
 
 import data
 from audio import FPS, SAMPLE_RATE, beats
-from data import Progress, video_path
-from flame import HEAD_POSE, MM_PER_M, MOUTH_LANDMARKS, Flame, read_npz, resolve_flame
-from render import atomic_output
-from unisinger import DEFAULT_CHECKPOINT, generate, load_checkpoint, load_flame
+from builtin import builtin_data, load_flame, require_head, resolve_flame
+from data import video_path
+from flame import HEAD_POSE, MM_PER_M, MOUTH_LANDMARKS, read_npz
+from render import Parser, Progress, atomic_output, run_command
+from unisinger import DEFAULT_CHECKPOINT, Controls, generate, load_checkpoint
 
 BEAT_SIGMA_FRAMES = 5.0     # Gaussian smoothing of the motion speed before picking its minima
 BA_SIGMA2 = 9.0             # beat-align tolerance, frames^2
@@ -120,29 +90,23 @@ VIDEO_COLUMNS = ["FID", "LPIPS", "SSIM", "PSNR", "CPBD", "M-LMD", "F-LMD", "BA"]
 
 # ----------------------------------------------------------------------------- 3-D motion metrics
 
-def motion_meshes(flame, shape, motion):
-    """FLAME meshes for the 3-D metrics: shape (100,) with motion (...,T,59) -> (...,T,V,3) metres, head pose zeroed."""
-    with torch.no_grad():
-        return flame.from_motion(shape, motion, zero_head_pose=True)
-
-
 class RegionMeshes:
-    """The vertices the 3-D metrics read (lips, face, upper face, landmark triangles), head pose zeroed, fast.
+    """The vertices the 3-D metrics read (lips, face, upper face, landmark triangles), head pose zeroed.
 
-    flame.py's region forward over just these vertices (1 808 of 5 045 on the procedural head), skinned in closed
-    form (Flame.jaw_only_forward): about 15x faster than whole meshes, what makes Table II on 1 829 clips x 10
-    samples take minutes instead of hours; it equals motion_meshes(...)[..., ids, :] (a test checks).
-    Attributes: ids (U,) full-mesh vertex ids, jaw-moved ones first; lips, face, upper_face index into them;
+    Flame.region's forward over just these vertices, so that Table II on thousands of clips is not spent on
+    vertices no metric reads; it equals the whole meshes' [..., ids, :] (a test checks).
+    Attributes: ids (U,) full-mesh vertex ids; lips, face, upper_face index into them;
     forehead_eyes indexes forehead then eye_region, concatenated as the release does (a vertex in both counts
     twice in FDD's mean). posed_landmarks gives the 68 landmarks of meshes WITH head pose (the release's
-    diversity), by full skinning of the landmark triangles' vertices only.
+    diversity), by full skinning of the landmark triangles' vertices only. ids, when given, are the vertices to
+    mesh instead (every vertex: the release's whole meshes); they must hold the regions'.
     """
 
-    def __init__(self, flame):
+    def __init__(self, flame, ids=None):
         masks = flame.masks
         lmk = flame.lmk_vertex_ids                                                         # (68, 3)
-        self.ids = flame.jaw_first(torch.unique(torch.cat([masks["lips"], masks["face"], masks["upper_face"],
-                                                           lmk.reshape(-1)])))            # (U,)
+        regions = torch.cat([masks["lips"], masks["face"], masks["upper_face"], lmk.reshape(-1)])
+        self.ids = torch.unique(regions if ids is None else torch.as_tensor(ids))        # (U,)
         position = torch.full((flame.template.numel() // 3,), -1, dtype=torch.long, device=self.ids.device)
         position[self.ids] = torch.arange(len(self.ids), device=self.ids.device)          # full id -> region index
         self.lips, self.face, self.upper_face = (position[masks[k]] for k in ("lips", "face", "upper_face"))
@@ -158,7 +122,7 @@ class RegionMeshes:
         return (verts[..., self.posed_corners, :] * self.lmk_bary.to(verts.dtype)[..., None]).sum(-2)
 
     def __call__(self, shape, motion):
-        """shape (100,), motion (...,59) -> region vertices (...,U,3) in metres (a view of a (...,3,U) array)."""
+        """shape (100,), motion (...,59) -> region vertices (...,U,3) in metres."""
         return self.head.from_motion(shape, motion, zero_head_pose=True)
 
     def landmarks(self, verts):
@@ -772,10 +736,10 @@ def model_predictor(model, n_samples, base_seed=EVAL_SEED, silent=False, clock=N
         seed = clip_seed(base_seed, item)
         if clock is not None:
             t0 = time.perf_counter()
-            take = generate(model, voice, bgm, item["shape"], 1, seed=seed)
+            take = generate(model, voice, bgm, item["shape"], Controls(seed=seed))
             clock["seconds"] = clock.get("seconds", 0.0) + time.perf_counter() - t0
             clock["frames"] = clock.get("frames", 0) + take.shape[1]
-        return generate(model, voice, bgm, item["shape"], n_samples, seed=seed)
+        return generate(model, voice, bgm, item["shape"], Controls(n_samples, seed))
 
     return predict
 
@@ -954,19 +918,24 @@ def evaluate_video(pred_dir, root, ids, weights_dir):
 
 # ----------------------------------------------------------------------------- command line
 
-def format_table(rows, columns):
+def format_table(header, lines, left=(0,)):
+    """header (list of titles) and lines (lists of cell strings) -> text columns aligned to their widest cell:
+    the columns numbered in `left` (text) to the left, the others (numbers) to the right."""
+    widths = [max(len(str(line[k])) for line in [header] + lines) for k in range(len(header))]
+    text = [[f"{c:<{w}}" if k in left else f"{c:>{w}}" for k, (c, w) in enumerate(zip(line, widths))]
+            for line in [header] + lines]
+    return "\n".join("  ".join(line).rstrip() for line in text)
+
+
+def score_table(rows, columns):
     """rows: name -> dict of column values (float, None or a 'needs ...' string) -> aligned text table;
     4 decimals (the paper's), FPS as a whole number."""
     def cell(column, v):
         if v is None:
             return "n/a"
         return v if isinstance(v, str) else f"{v:.0f}" if column == "FPS" else f"{v:.4f}"
-    widths = [max(len(c), *(len(cell(c, r.get(c))) for r in rows.values())) for c in columns]
-    name_w = max(len("method"), *(len(n) for n in rows))
-    lines = ["  ".join([f"{'method':{name_w}}"] + [f"{c:>{w}}" for c, w in zip(columns, widths)])]
-    for name, r in rows.items():
-        lines.append("  ".join([f"{name:{name_w}}"] + [f"{cell(c, r.get(c)):>{w}}" for c, w in zip(columns, widths)]))
-    return "\n".join(lines)
+    return format_table(["method"] + list(columns), [[name] + [cell(c, r.get(c)) for c in columns]
+                                                      for name, r in rows.items()])
 
 
 def clips_of(root, split, ids):
@@ -989,16 +958,16 @@ def counted(predict, progress):
 def run_motion_table(args):
     """Rows of Table II and the line naming what was scored: the generated files (--pred) or a checkpoint
     (default: the one train.py's summary scores), then the mean-motion baseline."""
-    root = Path(args.data) if args.data else data.builtin_data()
+    root = Path(args.data) if args.data else builtin_data()
     ids = data.read_split(root, args.split)
     rows, beats_cache = {}, {}
     if args.pred:
-        data.require_head(root, args.flame, args.procedural_head)
+        require_head(root, args.flame, args.procedural_head)
         pred_dir = Path(args.pred)
         ids = [i for i in ids if (pred_dir / i).is_dir()]
         if not ids:
             raise ValueError(f"{pred_dir}: no <clip id>/ folder for any clip of the {args.split} split of {root}")
-        flame = Flame.load(args.flame) if args.flame else Flame.procedural()
+        flame = load_flame(args.flame)
         fps_file = pred_dir / "fps.json"
         fps = json.loads(fps_file.read_text())["fps"] if fps_file.exists() else None
         for i in ids:                                        # a damaged file is refused before any scoring
@@ -1014,7 +983,7 @@ def run_motion_table(args):
         trained = load_checkpoint(ckpt, args.device)
         model = trained.model
         flame_path = resolve_flame(trained.flame_record, args.flame, ckpt)     # the checkpoint's own FLAME
-        data.require_head(root, flame_path, args.procedural_head)
+        require_head(root, flame_path, args.procedural_head)
         flame = load_flame(flame_path)
         clock = {}
         clips = clips_of(root, args.split, ids)
@@ -1030,21 +999,6 @@ def run_motion_table(args):
     samples = f"{args.samples} samples per clip, seed {args.seed}" if not args.pred else "the files' samples"
     header = f"Table II on the {args.split} split of {root}: {len(clips)} clips, {samples}; scored: {scored}"
     return rows, header
-
-
-def main(argv=None):
-    """The command line. Bad input or a failed write ends in one line, `error: <file>: <problem>`, and exit
-    status 1, not a traceback; the JSON appears under its name only when complete."""
-    try:
-        command(argv)
-    except (ValueError, OSError) as err:
-        named = isinstance(err, OSError) and err.filename
-        sys.exit("error: " + " ".join((f"{err.filename}: {err.strerror}" if named else str(err)).split()))
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):                 # argparse's refusals in one line with status 1, like ours
-        sys.exit(f"error: {message}")
 
 
 def command(argv=None):
@@ -1075,19 +1029,19 @@ def command(argv=None):
     if args.video:
         if not args.pred:
             p.error("--video needs --pred DIR with <clip id>.mp4 files")
-        root = Path(args.data) if args.data else data.builtin_data()
+        root = Path(args.data) if args.data else builtin_data()
         ids = [i for i in data.read_split(root, args.split) if (Path(args.pred) / f"{i}.mp4").exists()]
         if not ids:
             raise ValueError(f"{args.pred}: no <clip id>.mp4 for any clip of the {args.split} split of {root}")
         rows = evaluate_video(args.pred, root, ids, args.weights)
         print(f"Table IV on the {args.split} split of {root}: {len(ids)} videos, every {FRAME_STEP}th frame")
-        print(format_table(rows, VIDEO_COLUMNS))
+        print(score_table(rows, VIDEO_COLUMNS))
     else:
         rows, header = run_motion_table(args)
         print(header)
-        print(format_table(rows, MOTION_COLUMNS))
+        print(score_table(rows, MOTION_COLUMNS))
         print("our variants (not the paper's columns):")
-        print(format_table(rows, VARIANT_COLUMNS))
+        print(score_table(rows, VARIANT_COLUMNS))
     out = Path(args.json) if args.json else (Path(args.pred) / "metrics.json" if args.pred else
                                              Path("out/metrics") / ("table4.json" if args.video else "table2.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1100,6 +1054,12 @@ def command(argv=None):
     with atomic_output(out) as tmp:                         # a failed write leaves no half-written JSON
         tmp.write_text(json.dumps(finite(rows), indent=2))
     print(f"-> {out}")
+
+
+def main(argv=None):
+    """The command line: bad input or a failed write ends in one line, `error: <file>: <problem>`, and exit
+    status 1; the JSON appears under its name only when complete."""
+    run_command(command, argv)
 
 
 if __name__ == "__main__":

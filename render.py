@@ -1,7 +1,10 @@
 """
-Rendering for UniSinger: the depth rasterizer, the orthographic camera, shaded previews, mp4 output, and
-the paper's per-person face renderer (UNet generator, PatchGAN discriminator, VGG-19, losses), its
-size presets (RendererConfig) and checkpoint reading (read_checkpoint: data only; load_renderer).
+Rendering for UniSinger, in the order data flows: the depth rasterizer (rasterize, interpolate), the
+orthographic camera (project), vertex normals and shading, the renderer's depth input (render_depth), then the
+paper's per-person face renderer (FaceRenderer, a UNet; PatchDiscriminator; VGG19; the losses) and its size
+presets (RendererConfig). Below one banner: reading images and checkpoints (read_checkpoint: data only;
+load_renderer), and the output every command shares: files that appear whole (atomic_output), videos
+(VideoWriter, render_preview), WAVs (write_wav), progress lines (Progress) and one-line errors (run_command).
 
 Depends on torch, numpy, imageio (+ imageio-ffmpeg for the encoder and its ffmpeg binary) and soundfile.
 Of ours it imports only audio.py's frame and sample rates; `render_preview` takes a Flame only for its `.faces`.
@@ -19,6 +22,7 @@ Use alone (with audio.py beside it):
     depth, face_id = rasterize(verts, faces, 256)          # (1,256,256) float, (1,256,256) long
     write_video("out.mp4", shade(verts, faces, 256))        # one shaded frame
 """
+import argparse
 import contextlib
 import errno
 import os
@@ -26,8 +30,11 @@ import pickle
 import re
 import signal
 import subprocess
+import sys
 import tempfile
+import time
 import zipfile
+from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -91,8 +98,25 @@ def rasterize(verts, faces, size):
     if not verts.is_floating_point():
         verts = verts.float()
     faces = faces.to(device=device, dtype=torch.long)
+    depth = torch.full((batch * height * width,), float("inf"), dtype=verts.dtype, device=device)
+    face_id = torch.full((batch * height * width,), -1, dtype=torch.long, device=device)
+    covered = _covered_pixels(*_edge_functions(verts, faces, height, width), width)
+    if covered is not None:
+        pixel, z, face = covered
+        depth.scatter_reduce_(0, pixel, z, "amin")
+        nearest = z == depth[pixel]
+        face_id.fill_(n_faces).scatter_reduce_(0, pixel[nearest], face[nearest], "amin")
+        face_id[torch.isinf(depth)] = -1
+    return depth.view(batch, height, width), face_id.view(batch, height, width)
 
-    tri = verts[:, faces].reshape(batch * n_faces, 3, 3)  # (N, 3 corners, xyz), N = B*F
+
+def _edge_functions(verts, faces, height, width):
+    """Per triangle (N = B·F of them), 6 affine functions of the offset (dx, dy) from its clipped box's first
+    pixel (x0, y0): the 3 barycentrics, 2 box limits (>= 0 inside the box) and the depth, as coef (N, 3, 6)
+    over [1, dx, dy]; ints (N, 2) = (flat index of the box's first pixel in (B·H·W), face id); which to keep;
+    the box's width and height (N,)."""
+    batch, n_faces, device = verts.shape[0], faces.shape[0], verts.device
+    tri = verts[:, faces].reshape(batch * n_faces, 3, 3)  # (N, 3 corners, xyz)
     # pixel coordinates in which pixel (i, j) has its centre at (j, i)
     px = (tri[..., 0] + 1) * (width / 2) - 0.5   # (N, 3)
     py = (1 - tri[..., 1]) * (height / 2) - 0.5  # (N, 3)
@@ -104,11 +128,8 @@ def rasterize(verts, faces, size):
     y0 = py.amin(1).ceil().clamp(0, height)
     y1 = py.amax(1).floor().clamp(-1, height - 1)
     box_w, box_h = x1 - x0 + 1, y1 - y0 + 1  # (N,) pixels in the clipped bounding box, <= 0 if none
-
-    # Each triangle gets 6 affine functions of the offset (dx, dy) from its box's first pixel
-    # (x0, y0): the 3 barycentrics, 2 box limits (>= 0 inside the clipped box) and the depth. Corner k's
-    # barycentric is the edge function of the opposite edge (a -> c) over the signed area; its constant
-    # term comes from coordinate differences so that it stays precise far from the image origin.
+    # Corner k's barycentric is the edge function of the opposite edge (a -> c) over the signed area; its
+    # constant term comes from coordinate differences so that it stays precise far from the image origin.
     xa, xc = px.roll(-1, 1), px.roll(-2, 1)
     ya, yc = py.roll(-1, 1), py.roll(-2, 1)
     area = (xc[:, :1] - xa[:, :1]) * (py[:, :1] - ya[:, :1]) - (yc[:, :1] - ya[:, :1]) * (px[:, :1] - xa[:, :1])
@@ -122,11 +143,16 @@ def rasterize(verts, faces, size):
     coef[:, 0, 3], coef[:, 1, 3] = box_w - 1, -1
     coef[:, 0, 4], coef[:, 2, 4] = box_h - 1, -1
     keep = finite & (area[:, 0] != 0) & (box_w > 0) & (box_h > 0)
-
-    # group triangles by box size (a power of two per axis) so each group tests one small window shape
     tri_id = torch.arange(batch * n_faces, device=device)
     first_pixel = tri_id // n_faces * (height * width) + y0.long() * width + x0.long()  # into (B*H*W)
     ints = torch.stack([first_pixel, tri_id % n_faces], 1)                              # (N, 2)
+    return coef, ints, keep, box_w, box_h
+
+
+def _covered_pixels(coef, ints, keep, box_w, box_h, width):
+    """Every (pixel, depth, face id) whose pixel centre a triangle covers, or None when there is none.
+    Triangles are grouped by box size (a power of two per axis), so each group tests one small window shape
+    with one matrix product per chunk of triangles."""
     group = torch.where(keep, _power_of_two_class(box_w.long().clamp(min=1)) * 64
                         + _power_of_two_class(box_h.long().clamp(min=1)), -1)
     group, order = group.sort()
@@ -137,10 +163,10 @@ def rasterize(verts, faces, size):
     for g, count in zip(classes.tolist(), counts.tolist()):
         if g >= 0:
             win_w, win_h = 1 << (g // 64), 1 << (g % 64)
-            dx = torch.arange(win_w, device=device).repeat(win_h)             # (win,), win = win_h*win_w
-            dy = torch.arange(win_h, device=device).repeat_interleave(win_w)  # (win,)
-            offset = dy * width + dx                                          # (win,) flat pixel offset
-            grid = torch.stack([torch.ones_like(dx), dx, dy], 1).to(verts.dtype)  # (win, 3)
+            dx = torch.arange(win_w, device=coef.device).repeat(win_h)             # (win,), win = win_h*win_w
+            dy = torch.arange(win_h, device=coef.device).repeat_interleave(win_w)  # (win,)
+            offset = dy * width + dx                                               # (win,) flat pixel offset
+            grid = torch.stack([torch.ones_like(dx), dx, dy], 1).to(coef.dtype)   # (win, 3)
             step = max(1, WINDOW_ELEMENTS // (win_w * win_h))
             for lo in range(start, start + count, step):
                 hi = min(lo + step, start + count)
@@ -155,17 +181,8 @@ def rasterize(verts, faces, size):
                 tris.append(ints[t, 1])
         start += count
     if not pixels:
-        return (torch.full((batch, height, width), float("inf"), dtype=verts.dtype, device=device),
-                torch.full((batch, height, width), -1, dtype=torch.long, device=device))
-    pixel, z, face = torch.cat(pixels), torch.cat(depths), torch.cat(tris)
-
-    depth = torch.full((batch * height * width,), float("inf"), dtype=verts.dtype, device=device)
-    depth.scatter_reduce_(0, pixel, z, "amin")
-    nearest = z == depth[pixel]
-    face_id = torch.full((batch * height * width,), n_faces, dtype=torch.long, device=device)
-    face_id.scatter_reduce_(0, pixel[nearest], face[nearest], "amin")
-    face_id[torch.isinf(depth)] = -1
-    return depth.view(batch, height, width), face_id.view(batch, height, width)
+        return None
+    return torch.cat(pixels), torch.cat(depths), torch.cat(tris)
 
 
 def interpolate(verts, faces, face_id, attributes):
@@ -195,6 +212,17 @@ def interpolate(verts, faces, face_id, attributes):
     out = torch.zeros(batch * height * width, channels, dtype=verts.dtype, device=verts.device)
     out.index_copy_(0, pixel, torch.bmm(weights[:, None], values)[:, 0])
     return out.view(batch, height, width, channels)
+
+
+def vertex_normals(verts, faces):
+    """verts (..., V, 3), faces (F, 3) long -> unit vertex normals (..., V, 3), the area-weighted mean of the
+    normals of the faces around each vertex."""
+    tri = verts[..., faces, :]                                                          # (..., F, 3, 3)
+    face_normal = torch.linalg.cross(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :])
+    normals = torch.zeros_like(verts)
+    for k in range(3):
+        normals.index_add_(-2, faces[:, k], face_normal)
+    return normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def project(verts, cam=DEFAULT_CAM):
@@ -245,177 +273,6 @@ def render_depth(verts, faces, cam=DEFAULT_CAM, size=IMAGE_SIZE):
     """FLAME vertices (B, V, 3) metres, cam (B, 3) or (3,) -> the renderer's depth input (B, 1, H, W)."""
     depth, _ = rasterize(project(verts, cam), faces, size)
     return depth_to_image(depth)
-
-
-def _file_mode():
-    """The mode a plainly created file gets under this process's umask (0o644 under the usual 022)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-@contextlib.contextmanager
-def atomic_output(path):
-    """
-    A temporary path beside `path` (same suffix, so writers that go by it still do) to write the file to; it
-    is renamed onto `path` when the block ends without error and removed when it does not. Readers never see
-    a half-written file, and a crash or a full disk leaves the previous one intact; a failed write raises
-    OSError naming `path` (writers such as np.savez and pickle leave the file name out of theirs).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as error:
-        raise OSError(error.errno, error.strerror, str(path)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_sound(wav, audio, sample_rate, video):
-    """A video's soundtrack as a temporary 16-bit wav: audio float32 (N,), or a sound with len() and slices
-    copied AUDIO_BLOCK samples at a time. A failed write raises OSError naming the video."""
-    try:
-        with soundfile.SoundFile(wav, "w", int(sample_rate), 1, "PCM_16") as sink:
-            if isinstance(audio, (np.ndarray, list, tuple)) or torch.is_tensor(audio):
-                audio = np.asarray(audio, dtype=np.float32)
-                if audio.ndim != 1:
-                    raise ValueError(f"{video}: audio must be mono (N,), got shape {audio.shape}")
-            for start in range(0, len(audio), AUDIO_BLOCK):
-                sink.write(np.asarray(audio[start:start + AUDIO_BLOCK], dtype=np.float32))
-    except (OSError, RuntimeError) as error:                    # soundfile's write errors are RuntimeErrors
-        raise OSError(getattr(error, "errno", None) or errno.EIO,
-                      f"soundtrack not written ({' '.join(str(error).split())})", str(video)) from None
-
-
-class VideoWriter:
-    """
-    Streams uint8 frames into an mp4 (libx264, yuv420p) and muxes optional mono audio as AAC on close: float32
-    samples (N,) at sample_rate, or a sound read a block at a time (anything with len() and slices [a:b] of
-    float32 samples, e.g. audio.AudioFile), so that a long song is never held whole. The file appears at `path`
-    only when complete (written beside it, then renamed); a failed write (ffmpeg's exit status, a full disk)
-    raises OSError naming `path`.
-    """
-
-    def __init__(self, path, size, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
-        self.path = Path(path)
-        self.height, self.width = _image_size(size)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.wav = self.log = self.encoder = None
-        try:
-            fd, tmp = tempfile.mkstemp(suffix=".mp4", prefix=f".{self.path.stem}.", dir=self.path.parent)
-            os.close(fd)
-            self.tmp = Path(tmp)
-            if audio is not None:
-                fd, wav = tempfile.mkstemp(suffix=".wav", prefix=f".{self.path.stem}.", dir=self.path.parent)
-                os.close(fd)
-                self.wav = Path(wav)
-                _write_sound(self.wav, audio, sample_rate, path)
-            # Our own ffmpeg process rather than imageio's writer, which ignores ffmpeg's exit status: a full
-            # disk must not leave a cut-off video under the final name.
-            cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
-                   "-s", f"{self.width}x{self.height}", "-pix_fmt", "rgb24",
-                   "-r", str(Fraction(fps).limit_denominator()), "-i", "-"]
-            cmd += ["-an"] if self.wav is None else ["-i", str(self.wav)]
-            cmd += ["-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(VIDEO_CRF), "-v", "error"]
-            if self.wav is not None:
-                cmd += ["-acodec", "aac", "-map", "0:v:0", "-map", "1:a:0", "-shortest"]
-            self.log = tempfile.TemporaryFile()                  # ffmpeg's complaints, for the error message
-            self.encoder = subprocess.Popen(cmd + [str(self.tmp)], stdin=subprocess.PIPE,
-                                            stdout=subprocess.DEVNULL, stderr=self.log)
-        except OSError as error:
-            self._clean()
-            raise OSError(error.errno, error.strerror, str(self.path)) from None
-        except BaseException:
-            self._clean()
-            raise
-        self.frames = 0
-
-    def _failed(self):
-        """OSError naming the video, with ffmpeg's last complaint (or the signal that ended it)."""
-        self.log.seek(0)
-        said = [line.strip() for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
-        status = self.encoder.returncode
-        why = said[-1] if said else f"killed by {signal.Signals(-status).name}" if status < 0 else f"status {status}"
-        return OSError(errno.EIO, f"ffmpeg could not write the video ({why})", str(self.path))
-
-    def write(self, frames):
-        """frames uint8 (T, H, W, 3) numpy or tensor."""
-        frames = frames.cpu().numpy() if torch.is_tensor(frames) else np.asarray(frames)
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
-            raise ValueError(f"{self.path}: frames must be uint8 (T, {self.height}, {self.width}, 3), "
-                             f"got {frames.dtype} {frames.shape}")
-        try:
-            self.encoder.stdin.write(np.ascontiguousarray(frames).tobytes())
-        except OSError:                                          # ffmpeg stopped reading: it failed
-            self.encoder.wait()
-            raise self._failed() from None
-        self.frames += len(frames)
-
-    def close(self, keep=True):
-        """Finish the file and move it into place; keep=False discards it (used after an error)."""
-        try:
-            if not keep:
-                self.encoder.kill()
-            try:
-                self.encoder.stdin.close()
-            except OSError:
-                pass                                             # it failed already: its exit status says so
-            if self.encoder.wait() != 0 and keep:
-                raise self._failed()
-            if keep and self.frames == 0:
-                raise ValueError(f"{self.path}: no frames written")
-            if keep:
-                try:
-                    os.chmod(self.tmp, _file_mode())   # mkstemp made it owner-only; give it the usual mode
-                    os.replace(self.tmp, self.path)
-                except OSError as error:
-                    raise OSError(error.errno, error.strerror, str(self.path)) from None
-        finally:
-            self._clean()
-
-    def _clean(self):
-        for tmp in (self.tmp, self.wav):
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-        if self.log is not None:
-            self.log.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self.close(keep=exc_type is None)
-
-
-def write_video(path, frames, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
-    """frames uint8 (T, H, W, 3) -> mp4 at path, with audio float32 (N,) at sample_rate muxed in if given."""
-    if frames.ndim != 4:
-        raise ValueError(f"{path}: frames must be (T, H, W, 3), got shape {tuple(frames.shape)}")
-    with VideoWriter(path, frames.shape[1:3], fps, audio, sample_rate) as video:
-        video.write(frames)
-
-
-def render_preview(flame, verts, path, audio=None, cam=DEFAULT_CAM, size=IMAGE_SIZE, fps=FPS,
-                   sample_rate=SAMPLE_RATE, on_frames=None):
-    """
-    Shaded preview mp4 of a vertex sequence, PREVIEW_BATCH frames at a time: verts (T, V, 3) metres, or an
-    iterable of (t, V, 3) pieces in order, so that a long song's meshes are never held all at once. cam (3,) or
-    one per frame (T, 3). on_frames(n), when given, hears of every n frames written (progress of long songs).
-    """
-    pieces = (verts[lo:lo + PREVIEW_BATCH] for lo in range(0, len(verts), PREVIEW_BATCH)) \
-        if torch.is_tensor(verts) else verts
-    cam = torch.as_tensor(cam, dtype=torch.float32)
-    start = 0
-    with VideoWriter(path, size, fps, audio, sample_rate) as video:
-        for piece in pieces:
-            frame_cam = cam[start:start + len(piece)] if cam.dim() == 2 else cam
-            with torch.no_grad():
-                video.write(shade(project(piece, frame_cam.to(piece)), flame.faces, size))
-            start += len(piece)
-            if on_frames is not None:
-                on_frames(len(piece))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -661,9 +518,6 @@ def discriminator_loss(discriminator, condition, fake, real):
                   + gan_loss(discriminator(condition, fake.detach())[-1], False))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Renderer sizes, checkpoints and image conversions
-
 TINY_DIVISOR = 8        # the tiny preset's widths are the paper's divided by this (0.92 M generator parameters)
 
 
@@ -690,6 +544,10 @@ RENDERER_PRESETS = dict(
     tiny=RendererConfig(tuple(c // TINY_DIVISOR for c in ENCODER_CHANNELS),
                         tuple(c // TINY_DIVISOR for c in DISCRIMINATOR_CHANNELS)))
 
+
+# ---------------------------------------------------------------------------------------------------
+# Reading and writing: images, checkpoints, files that appear whole, videos, sounds, progress lines and the
+# command lines' one-line errors
 
 def image_tensor(image, size=IMAGE_SIZE):
     """uint8 (H, W, 3|4) or (H, W) image -> float (3, size, size) in [-1, 1], centre square crop, resized."""
@@ -759,7 +617,8 @@ class TrainedRenderer:
     generator: FaceRenderer       # in eval mode
     config: RendererConfig
     cam: tuple                    # the person's camera [scale, tx, ty] in training
-    flame_record: dict            # the head its depth inputs came from: {'flame': file or 'procedural', 'flame_sha256'}
+    flame_record: dict            # the head its depth inputs came from: {'flame': file, 'flame_sha256'}
+    source: str                   # the checkpoint file
 
 
 def load_renderer(path, device="cpu"):
@@ -776,5 +635,270 @@ def load_renderer(path, device="cpu"):
         generator.load_state_dict(ckpt["generator"])
     except (TypeError, ValueError, RuntimeError) as e:      # a damaged config or weights that do not fit it
         raise ValueError(f"{path}: not a usable face renderer checkpoint ({str(e).strip().splitlines()[0]})") from None
-    record = dict(flame=ckpt.get("flame") or "procedural", flame_sha256=ckpt.get("flame_sha256"))
-    return TrainedRenderer(generator.eval(), config, tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM)), record)
+    record = dict(flame=ckpt.get("flame"), flame_sha256=ckpt.get("flame_sha256"))
+    return TrainedRenderer(generator.eval(), config, tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM)), record,
+                           str(path))
+
+
+def _file_mode():
+    """The mode a plainly created file gets under this process's umask (0o644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """
+    A temporary path beside `path` (same suffix, so writers that go by it still do) to write the file to; it
+    is renamed onto `path` when the block ends without error and removed when it does not. Readers never see
+    a half-written file, and a crash or a full disk leaves the previous one intact; a failed write raises
+    OSError naming `path` (writers such as np.savez and pickle leave the file name out of theirs).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_wav(path, audio, sample_rate=SAMPLE_RATE):
+    """Mono audio in [-1, 1] as a 16-bit PCM wav that appears whole at path: an array (N,), or a sound with len()
+    and slices [a:b] (e.g. audio.AudioFile) copied AUDIO_BLOCK samples at a time, so a long song is never held
+    whole. A failed write raises OSError naming path."""
+    if isinstance(audio, (np.ndarray, list, tuple)) or torch.is_tensor(audio):
+        audio = np.asarray(audio)
+        if audio.ndim != 1:
+            raise ValueError(f"{path}: audio must be mono (N,), got shape {audio.shape}")
+    with atomic_output(path) as tmp:
+        try:
+            with soundfile.SoundFile(tmp, "w", int(sample_rate), 1, "PCM_16", format="WAV") as sink:
+                for start in range(0, len(audio), AUDIO_BLOCK):
+                    sink.write(np.asarray(audio[start:start + AUDIO_BLOCK]))
+        except RuntimeError as error:                           # soundfile's write errors
+            raise OSError(errno.EIO, " ".join(str(error).split())) from None
+
+
+class VideoWriter:
+    """
+    Streams uint8 frames into an mp4 (libx264, yuv420p) and muxes optional mono audio as AAC on close: float32
+    samples (N,) at sample_rate, or a sound read a block at a time (anything with len() and slices [a:b] of
+    float32 samples, e.g. audio.AudioFile), so that a long song is never held whole. The file appears at `path`
+    only when complete (written beside it, then renamed); a failed write (ffmpeg's exit status, a full disk)
+    raises OSError naming `path`.
+    """
+
+    def __init__(self, path, size, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
+        self.path = Path(path)
+        self.height, self.width = _image_size(size)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.wav = self.log = self.encoder = None
+        try:
+            fd, tmp = tempfile.mkstemp(suffix=".mp4", prefix=f".{self.path.stem}.", dir=self.path.parent)
+            os.close(fd)
+            self.tmp = Path(tmp)
+            if audio is not None:
+                fd, wav = tempfile.mkstemp(suffix=".wav", prefix=f".{self.path.stem}.", dir=self.path.parent)
+                os.close(fd)
+                self.wav = Path(wav)
+                try:
+                    write_wav(self.wav, audio, sample_rate)
+                except OSError as error:
+                    raise OSError(error.errno, f"soundtrack not written ({error.strerror})", str(path)) from None
+            # Our own ffmpeg process rather than imageio's writer, which ignores ffmpeg's exit status: a full
+            # disk must not leave a cut-off video under the final name.
+            cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
+                   "-s", f"{self.width}x{self.height}", "-pix_fmt", "rgb24",
+                   "-r", str(Fraction(fps).limit_denominator()), "-i", "-"]
+            cmd += ["-an"] if self.wav is None else ["-i", str(self.wav)]
+            cmd += ["-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(VIDEO_CRF), "-v", "error"]
+            if self.wav is not None:
+                cmd += ["-acodec", "aac", "-map", "0:v:0", "-map", "1:a:0", "-shortest"]
+            self.log = tempfile.TemporaryFile()                  # ffmpeg's complaints, for the error message
+            self.encoder = subprocess.Popen(cmd + [str(self.tmp)], stdin=subprocess.PIPE,
+                                            stdout=subprocess.DEVNULL, stderr=self.log)
+        except OSError as error:
+            self._clean()
+            raise OSError(error.errno, error.strerror, str(self.path)) from None
+        except BaseException:
+            self._clean()
+            raise
+        self.frames = 0
+
+    def _failed(self):
+        """OSError naming the video, with ffmpeg's last complaint (or the signal that ended it)."""
+        self.log.seek(0)
+        said = [line.strip() for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
+        status = self.encoder.returncode
+        why = said[-1] if said else f"killed by {signal.Signals(-status).name}" if status < 0 else f"status {status}"
+        return OSError(errno.EIO, f"ffmpeg could not write the video ({why})", str(self.path))
+
+    def write(self, frames):
+        """frames uint8 (T, H, W, 3) numpy or tensor."""
+        frames = frames.cpu().numpy() if torch.is_tensor(frames) else np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
+            raise ValueError(f"{self.path}: frames must be uint8 (T, {self.height}, {self.width}, 3), "
+                             f"got {frames.dtype} {frames.shape}")
+        try:
+            self.encoder.stdin.write(np.ascontiguousarray(frames).tobytes())
+        except OSError:                                          # ffmpeg stopped reading: it failed
+            self.encoder.wait()
+            raise self._failed() from None
+        self.frames += len(frames)
+
+    def close(self, keep=True):
+        """Finish the file and move it into place; keep=False discards it (used after an error)."""
+        try:
+            if not keep:
+                self.encoder.kill()
+            try:
+                self.encoder.stdin.close()
+            except OSError:
+                pass                                             # it failed already: its exit status says so
+            if self.encoder.wait() != 0 and keep:
+                raise self._failed()
+            if keep and self.frames == 0:
+                raise ValueError(f"{self.path}: no frames written")
+            if keep:
+                try:
+                    os.chmod(self.tmp, _file_mode())   # mkstemp made it owner-only; give it the usual mode
+                    os.replace(self.tmp, self.path)
+                except OSError as error:
+                    raise OSError(error.errno, error.strerror, str(self.path)) from None
+        finally:
+            self._clean()
+
+    def _clean(self):
+        for tmp in (self.tmp, self.wav):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        if self.log is not None:
+            self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(keep=exc_type is None)
+
+
+def write_video(path, frames, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
+    """frames uint8 (T, H, W, 3) -> mp4 at path, with audio float32 (N,) at sample_rate muxed in if given."""
+    if frames.ndim != 4:
+        raise ValueError(f"{path}: frames must be (T, H, W, 3), got shape {tuple(frames.shape)}")
+    with VideoWriter(path, frames.shape[1:3], fps, audio, sample_rate) as video:
+        video.write(frames)
+
+
+def render_preview(flame, verts, path, audio=None, cam=DEFAULT_CAM, size=IMAGE_SIZE, on_frames=None):
+    """
+    Shaded preview mp4 of a vertex sequence at FPS, PREVIEW_BATCH frames at a time: verts (T, V, 3) metres, or
+    an iterable of (t, V, 3) pieces in order, so that a long song's meshes are never held all at once; audio at
+    SAMPLE_RATE. cam (3,) or one per frame (T, 3). on_frames(n), when given, hears of every n frames written.
+    """
+    pieces = (verts[lo:lo + PREVIEW_BATCH] for lo in range(0, len(verts), PREVIEW_BATCH)) \
+        if torch.is_tensor(verts) else verts
+    cam = torch.as_tensor(cam, dtype=torch.float32)
+    start = 0
+    with VideoWriter(path, size, FPS, audio) as video:
+        for piece in pieces:
+            frame_cam = cam[start:start + len(piece)] if cam.dim() == 2 else cam
+            with torch.no_grad():
+                video.write(shade(project(piece, frame_cam.to(piece)), flame.faces, size))
+            start += len(piece)
+            if on_frames is not None:
+                on_frames(len(piece))
+
+
+# Progress counts the steps of a long job (building the built-in data set, training, an evaluation, a long song) and says
+# how far, how fast lately and when it will end:
+#     progress = Progress(480, "step")
+#     for batch in batches:
+#         train_step(batch)
+#         if progress.advance():                # True when a line is due (MAX_PROGRESS_LINES lines a run, and the last step)
+#             print(progress.line("train"))
+# The rate is measured over the last `window` steps and never counts the first one: the first step carries the
+# start-up (first calls, caches filling, memory being allocated), and an average since the start lets it dominate
+# the early estimates (an ETA six times too long on the first line of a 9-minute training run). Whatever happens
+# between two steps (a validation pass between epochs) is part of the step after it, so a window longer than an
+# epoch spreads that cost over the remaining steps as it will really fall.
+
+MAX_PROGRESS_LINES = 50     # progress lines a whole job prints, at most
+RATE_WINDOW = 20            # steps whose timing gives the rate: recent enough to forget start-up, enough to smooth
+
+
+def format_duration(seconds):
+    """Seconds -> '42s', '8m30s' or '1h05m'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Counts steps of a job of `total` steps (`done` already done, e.g. after a resume) and times them."""
+
+    def __init__(self, total, unit="step", done=0, lines=MAX_PROGRESS_LINES, window=RATE_WINDOW, clock=time.perf_counter):
+        self.total, self.unit, self.done = total, unit, done
+        self.every = max(1, -(-(total - done) // lines))    # ceil: at most `lines` lines
+        self.clock = clock
+        self.times = deque(maxlen=max(2, window + 1))       # (steps done, clock) after each step, from the first
+        self.start = clock()
+
+    def advance(self, n=1):
+        """Record n more steps done; True when a progress line is due."""
+        self.done += n
+        self.times.append((self.done, self.clock()))
+        return self.done >= self.total or self.done % self.every < n
+
+    def rate(self):
+        """Steps a second over the recent window (the first step excluded), or None before two steps are timed."""
+        if len(self.times) < 2:
+            return None
+        (d0, t0), (d1, t1) = self.times[0], self.times[-1]
+        return (d1 - d0) / max(t1 - t0, 1e-9)
+
+    def eta(self):
+        """Seconds left at the recent rate, or None while unknown."""
+        rate = self.rate()
+        return None if rate is None else (self.total - self.done) / rate
+
+    def elapsed(self):
+        return self.clock() - self.start
+
+    def status(self):
+        """'0.85 step/s | ETA 8m30s'; the time so far while the rate is unknown; the whole time at the end."""
+        rate, eta = self.rate(), self.eta()
+        if rate is None:
+            return f"first {self.unit} took {format_duration(self.elapsed())}, ETA from the next"
+        speed = f"{rate:.2f} {self.unit}/s" if rate >= 1 else f"{1 / rate:.2f} s/{self.unit}"
+        if self.done >= self.total:
+            return f"{speed} | done in {format_duration(self.elapsed())}"
+        return f"{speed} | ETA {format_duration(eta)}"
+
+    def line(self, label):
+        """'label 12/480 steps | 0.85 step/s | ETA 8m30s'."""
+        return f"{label} {self.done}/{self.total} {self.unit}s | {self.status()}"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose refusals end in one line with exit status 1, like the commands' own errors."""
+
+    def error(self, message):
+        sys.exit(f"error: {message}")
+
+
+def run_command(command, argv=None):
+    """command(argv), where bad input or a failed write (a full disk, a read-only folder) ends in one line,
+    `error: <file>: <problem>`, and exit status 1, not a traceback."""
+    try:
+        command(argv)
+    except (ValueError, OSError) as err:
+        named = isinstance(err, OSError) and err.filename
+        sys.exit("error: " + " ".join((f"{err.filename}: {err.strerror}" if named else str(err)).split()))

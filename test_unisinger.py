@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import audio
+import builtin
 import data
 import flame
 import metrics
@@ -41,9 +42,10 @@ import train
 import unisinger
 from audio import (SAMPLE_RATE, Wav2Vec2, beat_track, beats, hpss, load_audio, mel_filterbank, median_filter, mfcc,
                    mfcc_at_fps, normalize_wave, onset_strength, read_safetensors, resample_features)
-from data import Progress
-from flame import Flame, procedural_head, read_flame_arrays, save_obj, split_motion
-from unisinger import CLIP_FRAMES, FPS, MotionConfig, MotionCVAE, alignment_mask, generate, load_checkpoint
+from builtin import procedural_head, stand_in_flame
+from flame import Flame, read_flame_arrays, save_obj, split_motion
+from render import Progress
+from unisinger import CLIP_FRAMES, FPS, Controls, MotionConfig, MotionCVAE, alignment_mask, generate, load_checkpoint
 
 # Deprecation warnings raised inside a reference package are its maintainers' to fix: silenced for that package
 # only (chumpy-fork imports scipy.sparse.linalg.interface); a warning from our code still shows.
@@ -107,7 +109,7 @@ def assert_refused_in_one_line(proc, path, *words):
 
 @pytest.fixture(scope='module')
 def head():
-    return Flame.procedural()
+    return stand_in_flame()
 
 
 def random_flame_arrays(rng, V=300, F=500):
@@ -143,7 +145,7 @@ def test_flame_matches_smplx(which):
     rng = np.random.default_rng(1)
     if which == 'procedural':
         arrays, columns = procedural_head(0), flame.N_SHAPE
-        model = Flame.procedural(dtype=torch.float64)
+        model = stand_in_flame(dtype=torch.float64)
     else:
         arrays, columns = random_flame_arrays(rng), flame.FLAME_SHAPE_COLUMNS
         model = Flame(arrays, dtype=torch.float64)
@@ -344,7 +346,8 @@ def test_forward_is_differentiable(head):
 
 def test_save_obj_round_trip(tmp_path, head):
     verts = head(torch.zeros(100), torch.zeros(2, 50), torch.zeros(3), torch.zeros(3), torch.zeros(3))
-    save_obj(tmp_path / 'head.obj', verts[0], head.faces)
+    with open(tmp_path / 'head.obj', 'w') as file:
+        save_obj(file, verts[0], head.faces)
     lines = (tmp_path / 'head.obj').read_text().splitlines()
     v = np.array([[float(x) for x in line.split()[1:]] for line in lines if line.startswith('v ')])
     f = np.array([[int(x) for x in line.split()[1:]] for line in lines if line.startswith('f ')])
@@ -459,6 +462,13 @@ def big_rotation_take(seed, frames=8):
     return rng.normal(size=100).astype(np.float32), motion.astype(np.float32)
 
 
+def write_glb(path, model, shape, motion, fps=30):
+    """save_glb into the file at path, as a user of flame.py alone would call it; returns path."""
+    with open(path, 'wb') as file:
+        flame.save_glb(file, model, shape, motion, fps)
+    return path
+
+
 def random_flame_file(tmp_path, seed=7):
     np.savez(tmp_path / 'random_flame.npz', **random_flame_arrays(np.random.default_rng(seed)))
     return Flame.load(tmp_path / 'random_flame.npz')
@@ -468,7 +478,7 @@ def random_flame_file(tmp_path, seed=7):
 def test_glb_plays_back_flame_vertices_at_every_frame(which, tmp_path, head):
     model = head if which == 'procedural' else random_flame_file(tmp_path)
     shape, motion = big_rotation_take(11)
-    path = flame.save_glb(tmp_path / 'take.glb', model, shape, motion, fps=30)
+    path = write_glb(tmp_path / 'take.glb', model, shape, motion, fps=30)
     played = gltf_playback(path)
     expected = model.from_motion(torch.from_numpy(shape), torch.from_numpy(motion)).numpy().astype(np.float64)
     assert played.shape == expected.shape == (len(motion), model.template.shape[0] // 3, 3)
@@ -491,7 +501,7 @@ def test_glb_playback_check_catches_swapped_joints_and_dropped_correctives(tmp_p
     import pygltflib
     shape, motion = big_rotation_take(12)
     expected = head.from_motion(torch.from_numpy(shape), torch.from_numpy(motion)).numpy()
-    path = flame.save_glb(tmp_path / 'take.glb', head, shape, motion)
+    path = write_glb(tmp_path / 'take.glb', head, shape, motion)
     assert np.abs(gltf_playback(path) - expected).max() <= 1e-5
     gltf = pygltflib.GLTF2().load(str(path))
     gltf.skins[0].joints[1], gltf.skins[0].joints[2] = gltf.skins[0].joints[2], gltf.skins[0].joints[1]  # neck <-> jaw
@@ -499,16 +509,26 @@ def test_glb_playback_check_catches_swapped_joints_and_dropped_correctives(tmp_p
     assert np.abs(gltf_playback(tmp_path / 'swapped.glb') - expected).max() > 1e-3
     uncorrected = copy.deepcopy(head)
     uncorrected.blend_dirs[-flame.N_POSE_FEATURES:] = 0                       # an exporter that drops posedirs
-    flame.save_glb(tmp_path / 'dropped.glb', uncorrected, shape, motion)
+    write_glb(tmp_path / 'dropped.glb', uncorrected, shape, motion)
     assert np.abs(gltf_playback(tmp_path / 'dropped.glb') - expected).max() > 1e-4
+
+
+def test_wav_writer_gives_16_bit_pcm_mono_within_one_step_of_the_sound_read_a_block_at_a_time(tmp_path, monkeypatch):
+    song = np.sin(np.arange(40000) * 2 * math.pi * 440 / 16000) * 0.5
+    monkeypatch.setattr(render, "AUDIO_BLOCK", 4096)                       # several blocks, the last one short
+    render.write_wav(tmp_path / 'take.wav', song, 16000)
+    wav, rate = sf.read(tmp_path / 'take.wav', dtype='float64')
+    info = sf.info(tmp_path / 'take.wav')
+    assert rate == 16000 and info.subtype == 'PCM_16' and info.channels == 1 and len(wav) == len(song)
+    np.testing.assert_allclose(wav, song, atol=1 / 32768)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['take.wav']    # no temporary file left
 
 
 def test_glb_container_and_json_follow_the_gltf_spec(tmp_path, head):
     """GLB header and 4-byte aligned chunks; the required fields and bounds of buffers, views, accessors, mesh,
-    skin, nodes and animation; and the song beside it as 16-bit PCM."""
+    skin, nodes and animation."""
     shape, motion = big_rotation_take(13, frames=5)
-    song = np.sin(np.arange(16000) * 2 * math.pi * 440 / 16000) * 0.5
-    path = flame.save_glb(tmp_path / 'take.glb', head, shape, motion, 30, song, 16000)
+    path = write_glb(tmp_path / 'take.glb', head, shape, motion)
     raw = path.read_bytes()
     magic, version, length = struct.unpack_from('<4sII', raw)
     assert magic == b'glTF' and version == 2 and length == len(raw)
@@ -587,11 +607,6 @@ def test_glb_container_and_json_follow_the_gltf_spec(tmp_path, head):
             np.testing.assert_allclose(np.linalg.norm(arrays[sampler['output']], axis=1), 1, atol=1e-6)
     animated = {(c['target']['node'], c['target']['path']) for c in animation['channels']}
     assert animated == {(doc['nodes'].index(node), 'weights')} | {(j, p) for j in skin['joints'] for p in ('rotation', 'translation')}
-
-    wav, rate = sf.read(tmp_path / 'take.wav', dtype='float64')
-    info = sf.info(tmp_path / 'take.wav')
-    assert rate == 16000 and info.subtype == 'PCM_16' and info.channels == 1
-    np.testing.assert_allclose(wav, song, atol=0.5 / 32768)
 
 
 
@@ -824,7 +839,7 @@ def test_render_preview_streams_batches(tmp_path, monkeypatch):
 
 
 def test_default_cam_frames_procedural_head():
-    head = flame.Flame.procedural()
+    head = stand_in_flame()
     verts = head.from_motion(torch.zeros(flame.N_SHAPE), torch.zeros(1, flame.MOTION_DIM))
     projected = render.project(verts, render.DEFAULT_CAM)
     assert projected[..., :2].abs().max() < 1
@@ -1527,8 +1542,8 @@ def test_beats_match_librosa_on_synthetic_drums_and_melody():
 def test_beats_match_librosa_on_builtin_data_music():
     for seed in range(4):
         rng = np.random.default_rng(seed)
-        song = data.compose_song(rng, 8.0, 55)
-        music = data.play_music(song, rng)
+        song = builtin.compose_song(rng, 8.0, 55)
+        music = builtin.play_music(song, rng)
         assert np.array_equal(beats(music)[0], _librosa_beats(music)), seed
 
 
@@ -1552,16 +1567,16 @@ CLIP = 60          # frames: 2 s clips keep the generated sets tiny
 def small_set(tmp_path_factory):
     """Two people, three 2-s sequences each (one song), no video."""
     root = tmp_path_factory.mktemp("small") / "set"
-    return data.generate_dataset(root, n_people=2, clips_per_person=3, clip_seconds=2, clips_per_song=3,
-                                 with_video=False, verbose=False)
+    return builtin.generate_dataset(root, builtin.Recipe(
+        n_people=2, clips_per_person=3, clip_seconds=2, clips_per_song=3, with_video=False), verbose=False)
 
 
 @pytest.fixture(scope="module")
 def song_set(tmp_path_factory):
     """One person, one 12-s song in three sequences of 4 s, for checking motion against the audio."""
     root = tmp_path_factory.mktemp("song") / "set"
-    return data.generate_dataset(root, n_people=1, clips_per_person=3, clip_seconds=4, clips_per_song=3,
-                                 with_video=False, seed=3, verbose=False)
+    return builtin.generate_dataset(root, builtin.Recipe(
+        n_people=1, clips_per_person=3, clip_seconds=4, clips_per_song=3, with_video=False, seed=3), verbose=False)
 
 
 def _copy(root, tmp_path):
@@ -1589,7 +1604,7 @@ def test_generated_set_reads_back_with_shapes_dtypes_and_disjoint_splits(small_s
         for item in ds:
             assert re.fullmatch(r"id[01]_0_[0-2]_0", item["id"]) and item["person"] == item["id"].split("_")[0]
             assert item["audio"].shape == item["bgm"].shape == (2 * data.SAMPLE_RATE,)
-            assert item["motion"].shape == (CLIP, data.MOTION_DIM) and item["cam"].shape == (CLIP, 3)
+            assert item["motion"].shape == (CLIP, flame.MOTION_DIM) and item["cam"].shape == (CLIP, 3)
             assert item["shape"].shape == (100,)
             for key in ("audio", "bgm", "motion", "shape", "cam"):
                 assert item[key].dtype == np.float32 and np.isfinite(item[key]).all()
@@ -1609,10 +1624,10 @@ def test_generated_set_matches_release_pickle_keys(small_set):
 
 
 def test_generation_is_deterministic_per_seed(small_set, tmp_path):
-    again = data.generate_dataset(tmp_path / "again", n_people=2, clips_per_person=3, clip_seconds=2,
-                                  clips_per_song=3, with_video=False, verbose=False)
-    other = data.generate_dataset(tmp_path / "other", n_people=2, clips_per_person=3, clip_seconds=2,
-                                  clips_per_song=3, with_video=False, verbose=False, seed=1)
+    again = builtin.generate_dataset(tmp_path / "again", builtin.Recipe(
+        n_people=2, clips_per_person=3, clip_seconds=2, clips_per_song=3, with_video=False), verbose=False)
+    other = builtin.generate_dataset(tmp_path / "other", builtin.Recipe(
+        n_people=2, clips_per_person=3, clip_seconds=2, clips_per_song=3, with_video=False, seed=1), verbose=False)
     files = sorted(p.relative_to(small_set) for p in small_set.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     for name in files:
@@ -1622,17 +1637,17 @@ def test_generation_is_deterministic_per_seed(small_set, tmp_path):
 
 
 def test_filmed_person_shows_a_dark_mouth_with_teeth_only_when_the_jaw_drops():
-    """The filmed person (data.film) with the jaw closed and dropped: inside the box of the projected mouth landmarks,
+    """The filmed person (builtin.film) with the jaw closed and dropped: inside the box of the projected mouth landmarks,
     the open mouth holds pixels darker than every skin pixel of the frame (skin by the part our rasterizer found
     there) and near-white teeth pixels (every channel >= 170); the closed one holds neither. The parts seen there
     are the rasterized geometry's: lips only when closed, teeth, tongue and the cavity when open. The same person
     films the same frames again."""
-    person, size = data.make_person(0, 0), 256
-    body = data.filmed_body(person, size)
+    person, size = builtin.make_person(0, 0), 256
+    body = builtin.filmed_body(person, size)
     motion = np.zeros((2, 59), np.float32)
-    motion[1, flame.N_EXPR + 6] = data.JAW_OPEN                             # jaw x rotation, the widest sung
+    motion[1, flame.N_EXPR + 6] = builtin.JAW_OPEN                             # jaw x rotation, the widest sung
     cam = np.repeat(person.cam[None], 2, 0).astype(np.float32)
-    frames, parts = data.film(body, person.shape, motion, cam, size)
+    frames, parts = builtin.film(body, person.shape, motion, cam, size)
     verts = body.model.from_motion(torch.as_tensor(person.shape, dtype=torch.float32), torch.from_numpy(motion))
     lips = render.project(body.model.landmarks(verts), torch.from_numpy(cam))[:, 48:68].numpy()     # (2, 20, 3)
     columns, rows = (lips[..., 0] + 1) * size / 2 - 0.5, (1 - lips[..., 1]) * size / 2 - 0.5
@@ -1640,17 +1655,17 @@ def test_filmed_person_shows_a_dark_mouth_with_teeth_only_when_the_jaw_drops():
     found = []
     for k in range(2):
         box = np.s_[int(rows[k].min()):int(rows[k].max()) + 1, int(columns[k].min()):int(columns[k].max()) + 1]
-        darkest_skin = grey[k][parts[k] == data.PART["skin"]].min()
-        seen = {data.PARTS[code] for code in np.unique(parts[k][box])}
+        darkest_skin = grey[k][parts[k] == builtin.PART["skin"]].min()
+        seen = {builtin.PARTS[code] for code in np.unique(parts[k][box])}
         found.append(((grey[k][box] < darkest_skin).sum(), (frames[k][box].min(-1) >= 170).sum(), seen))
     (closed_dark, closed_white, closed_parts), (open_dark, open_white, open_parts) = found
     assert closed_dark == 0 and closed_white == 0, found
     assert open_dark >= 20 and open_white >= 3, found
     assert not closed_parts & {"teeth", "tongue", "mouth"} and "lips" in closed_parts
     assert {"teeth", "tongue", "mouth", "lips"} <= open_parts
-    lip_rgb, skin_rgb = (frames[0][parts[0] == data.PART[p]].mean(0) for p in ("lips", "skin"))
+    lip_rgb, skin_rgb = (frames[0][parts[0] == builtin.PART[p]].mean(0) for p in ("lips", "skin"))
     assert lip_rgb[0] / lip_rgb[1] > 1.2 * skin_rgb[0] / skin_rgb[1]         # lips redder than the skin
-    again, _ = data.film(data.filmed_body(person, size), person.shape, motion, cam, size)
+    again, _ = builtin.film(builtin.filmed_body(person, size), person.shape, motion, cam, size)
     assert np.array_equal(frames, again)
 
 
@@ -1682,7 +1697,7 @@ def test_brows_follow_the_sung_pitch(song_set):
     frame_f0 = np.interp((np.arange(len(motion)) + 0.5) / data.FPS, np.arange(len(f0)) / 50, f0)
     loud = motion[:, 56] > 0.5 * motion[:, 56].max()                       # well inside sung vowels
     assert loud.sum() > 50
-    assert np.corrcoef(motion[loud, data.BROW_DIM], np.log2(frame_f0[loud]))[0, 1] > 0.9
+    assert np.corrcoef(motion[loud, builtin.BROW_DIM], np.log2(frame_f0[loud]))[0, 1] > 0.9
 
 
 def _write(path, **arrays):
@@ -1817,8 +1832,8 @@ def test_empty_or_missing_split_is_refused_naming_the_split_file(small_set, tmp_
 
 
 def test_read_video_round_trip_frame_count_and_size(tmp_path):
-    root = data.generate_dataset(tmp_path / "video", n_people=1, clips_per_person=3, clip_seconds=1,
-                                 clips_per_song=3, video_size=64, video_clips=2, verbose=False)
+    root = builtin.generate_dataset(tmp_path / "video", builtin.Recipe(
+        n_people=1, clips_per_person=3, clip_seconds=1, clips_per_song=3, video_size=64, video_clips=2), verbose=False)
     held_out = data.read_split(root, "val") + data.read_split(root, "test")
     assert sorted(p.stem for p in (root / "video_seqs").glob("*.mp4")) == sorted(held_out)
     path = root / "video_seqs" / f"{held_out[0]}.mp4"
@@ -1834,15 +1849,15 @@ def test_read_video_round_trip_frame_count_and_size(tmp_path):
 
 
 def test_builtin_data_is_built_once_and_rebuilt_when_stale(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "generate_dataset", functools.partial(
-        data.generate_dataset, n_people=1, clips_per_person=3, clip_seconds=1, clips_per_song=3, with_video=False,
-        verbose=False))
-    root = data.builtin_data(tmp_path / "builtin")
+    small = builtin.Recipe(n_people=1, clips_per_person=3, clip_seconds=1, clips_per_song=3, with_video=False)
+    monkeypatch.setattr(builtin, "generate_dataset", functools.partial(builtin.generate_dataset, recipe=small,
+                                                                       verbose=False))
+    root = builtin.builtin_data(tmp_path / "builtin")
     marker = root / "generator.json"
     stamp = marker.stat().st_mtime_ns
-    assert data.builtin_data(tmp_path / "builtin") == root and marker.stat().st_mtime_ns == stamp
-    monkeypatch.setattr(data, "BUILTIN_VERSION", data.BUILTIN_VERSION + 1)
-    data.builtin_data(tmp_path / "builtin")
+    assert builtin.builtin_data(tmp_path / "builtin") == root and marker.stat().st_mtime_ns == stamp
+    monkeypatch.setattr(builtin, "BUILTIN_VERSION", builtin.BUILTIN_VERSION + 1)
+    builtin.builtin_data(tmp_path / "builtin")
     assert marker.stat().st_mtime_ns != stamp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["builtin"]          # no temporary folder left
 
@@ -2227,15 +2242,15 @@ def random_motion(gen, *lead):
 
 
 def test_region_meshes_equal_full_flame_meshes_with_head_pose_zeroed():
-    flame = Flame.procedural()
+    flame = stand_in_flame()
     regions = metrics.RegionMeshes(flame)
     gen = torch.Generator().manual_seed(9)
     shape = 0.5 * torch.randn(100, generator=gen)
     motion = random_motion(gen, 3, 20)
-    full = metrics.motion_meshes(flame, shape, motion)                                    # (3, 20, V, 3)
     still = motion.clone()
     still[..., 50:56] = 0
-    torch.testing.assert_close(full, flame.from_motion(shape, still), rtol=0, atol=1e-7)
+    full = flame.from_motion(shape, still)                                                # (3, 20, V, 3)
+    torch.testing.assert_close(flame.from_motion(shape, motion, zero_head_pose=True), full, rtol=0, atol=0)
     ours = regions(shape, motion)
     torch.testing.assert_close(ours, full[..., regions.ids, :], rtol=0, atol=1e-6)
     torch.testing.assert_close(regions.landmarks(ours), flame.landmarks(full), rtol=0, atol=1e-6)
@@ -2249,7 +2264,7 @@ def test_region_meshes_equal_full_flame_meshes_with_head_pose_zeroed():
 
 
 def test_clip_scores_zero_for_truth_and_only_pose_metrics_see_head_pose():
-    regions = metrics.RegionMeshes(Flame.procedural())
+    regions = metrics.RegionMeshes(stand_in_flame())
     gen = torch.Generator().manual_seed(10)
     shape, truth = 0.5 * torch.randn(100, generator=gen), random_motion(gen, 60)
     beats = {"BA": np.arange(5, 60, 15)}
@@ -2382,7 +2397,8 @@ def test_official_ba_beats_are_the_singing_voices_as_the_release_tracks_them():
 
 
 def test_evaluate_command_writes_table_ii_for_sample_files(tmp_path):
-    root = data.generate_dataset(tmp_path / "data", n_people=1, clips_per_person=3, with_video=False, verbose=False)
+    root = builtin.generate_dataset(tmp_path / "data", builtin.Recipe(
+        n_people=1, clips_per_person=3, with_video=False), verbose=False)
     clip_id = data.read_split(root, "test")[0]
     f = data.read_flame_pickle(root / "flame_seqs" / f"{clip_id}.pkl")
     truth = np.concatenate([f["expression"], f["pose"]], axis=1)                          # (240, 59)
@@ -2449,7 +2465,7 @@ def test_decoder_frame_depends_on_its_own_audio_frame_only_through_cross_attenti
 @pytest.mark.parametrize("seconds", [3.0, 8.0, 20.3])
 def test_generate_gives_one_frame_per_thirtieth_of_a_second_for_any_length(seconds):
     voice = np.random.default_rng(0).standard_normal(int(seconds * data.SAMPLE_RATE)).astype(np.float32) * 0.1
-    motion = generate(tiny_model(), voice, None, None, n_samples=2)
+    motion = generate(tiny_model(), voice, None, None, Controls(samples=2))
     assert motion.shape == (2, int(seconds * FPS), 59)
     assert np.isfinite(motion).all()
 
@@ -2457,7 +2473,7 @@ def test_generate_gives_one_frame_per_thirtieth_of_a_second_for_any_length(secon
 def test_generate_on_one_window_equals_the_decoder_on_that_window():
     model = tiny_model()
     voice = np.random.default_rng(1).standard_normal(8 * data.SAMPLE_RATE).astype(np.float32) * 0.1
-    got = generate(model, voice, None, None, n_samples=1, seed=3)
+    got = generate(model, voice, None, None, Controls(seed=3))
     z = torch.randn(1, model.cfg.d_model, generator=torch.Generator().manual_seed(3))
     feats = model.voice_features(torch.from_numpy(voice)[None], CLIP_FRAMES)
     music = unisinger.mfcc_at_fps(torch.zeros(1, len(voice)), data.SAMPLE_RATE, CLIP_FRAMES)
@@ -2535,7 +2551,8 @@ def test_progress_prints_a_bounded_number_of_lines_and_the_last_step():
 @pytest.fixture(scope="module")
 def motion_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("motion_data")
-    return data.generate_dataset(root, n_people=4, clips_per_person=10, with_video=False, verbose=False)
+    return builtin.generate_dataset(root, builtin.Recipe(
+        n_people=4, clips_per_person=10, with_video=False), verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -2773,11 +2790,11 @@ def test_long_song_windows_join_without_a_seam(trained_motion):
     the range of changes seen inside the windows."""
     model = load_checkpoint(trained_motion / "best.pt").model
     rng = np.random.default_rng(5)
-    song = data.compose_song(rng, 20.0, 60)
-    person = data.make_person(0, 0)
-    voice = data.sing(song, person, rng)[0]
-    music = data.play_music(song, rng)
-    motion = generate(model, voice, music, person.shape, n_samples=2)
+    song = builtin.compose_song(rng, 20.0, 60)
+    person = builtin.make_person(0, 0)
+    voice = builtin.sing(song, person, rng)[0]
+    music = builtin.play_music(song, rng)
+    motion = generate(model, voice, music, person.shape, Controls(samples=2))
     speed = np.abs(np.diff(motion, axis=1)).max(-1)                       # (S, T-1)
     starts = unisinger.window_starts(motion.shape[1], CLIP_FRAMES, 60)[1:]
     joins = np.unique(np.concatenate([np.arange(s - 2, s + 62) for s in starts]))
@@ -2816,7 +2833,7 @@ def test_cli_glb_takes_play_back_their_motion_with_the_song_beside_them(trained_
                     str(trained_motion / "best.pt"), "--samples", "2", "--glb", "--out", str(out)])
     voice, bgm = load_audio(tmp_path / "voice.wav"), load_audio(tmp_path / "bgm.wav")
     song = voice + np.pad(bgm, (0, max(0, len(voice) - len(bgm))))[:len(voice)]
-    head = unisinger.load_flame(None)
+    head = builtin.load_flame(None)
     for k in range(2):
         with np.load(out / f"sample_{k}.npz") as z:
             motion, shape = torch.from_numpy(z["motion"]), torch.from_numpy(z["shape"])
@@ -2885,7 +2902,8 @@ def assert_same_checkpoints(a, b):
 def kill_set(tmp_path_factory):
     """One singer, 4 training clips and 1 validation clip: 2 steps an epoch at batch 2."""
     root = tmp_path_factory.mktemp("kill_data")
-    return data.generate_dataset(root, n_people=1, clips_per_person=6, with_video=False, verbose=False)
+    return builtin.generate_dataset(root, builtin.Recipe(
+        n_people=1, clips_per_person=6, with_video=False), verbose=False)
 
 
 def test_motion_run_killed_anywhere_resumes_to_the_same_weights(kill_set, tmp_path):
@@ -3062,11 +3080,11 @@ def test_a_loss_weight_at_zero_leaves_the_other_terms_gradients_unchanged(off, h
     """`--w-<term> 0`: the total's gradient is that of the other three terms alone, written out in the test."""
     model, target, shape, pred, mu, logvar = loss_batch()
     model.cfg.w_kl, model.cfg.w_rec, model.cfg.w_vel, model.cfg.w_mesh = 0.3, 2.0, 5.0, 0.01
-    model.cfg.loss_space = "raw"                                  # the paper's equations
+    model.cfg.loss_space, model.cfg.mesh_head_pose = "raw", True  # the paper's equations
     weights = dict(kl=0.3, rec=2.0, vel=5.0, mesh=0.01)
     setattr(model.cfg, f"w_{off}", 0.0)
     params = [p for p in model.parameters() if p.requires_grad]
-    total, parts = unisinger.motion_losses(model, unisinger.FaceMeshes(head), pred, target, shape, mu, logvar)
+    total, parts = unisinger.motion_losses(model, head.region(head.masks["face"]), pred, target, shape, mu, logvar)
     assert set(parts) == set(weights) - {off}
     got = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
     terms = paper_terms(pred, target, shape, mu, logvar, head)
@@ -3090,8 +3108,9 @@ def test_standardised_loss_space_divides_each_dimension_by_its_training_std(head
 def test_mesh_loss_meshes_are_the_whole_heads_face_vertices_with_or_without_head_pose(head):
     shape, motion = torch.randn(2, 100), torch.randn(2, 7, 59) * 0.2
     face = head.masks["face"]
-    torch.testing.assert_close(unisinger.FaceMeshes(head)(shape, motion), head.from_motion(shape, motion)[..., face, :])
-    torch.testing.assert_close(unisinger.FaceMeshes(head, head_pose=False)(shape, motion),
+    region = head.region(face)
+    torch.testing.assert_close(region.from_motion(shape, motion), head.from_motion(shape, motion)[..., face, :])
+    torch.testing.assert_close(region.from_motion(shape, motion, zero_head_pose=True),
                                head.from_motion(shape, motion, zero_head_pose=True)[..., face, :])
 
 
@@ -3101,13 +3120,12 @@ def test_head_pose_free_region_meshes_and_their_gradients_equal_the_general_forw
     face = head.masks["face"]
     still = torch.cat([motion[..., :50], torch.zeros_like(motion[..., 50:56]), motion[..., 56:]], -1)
     general = head.from_motion(shape, still)                                  # the whole kinematic chain
-    for ids in (face, head.jaw_first(face)):                                  # jaw-moved vertices gathered / leading
-        fast = head.region(ids).from_motion(shape, motion, zero_head_pose=True)
-        torch.testing.assert_close(fast, general[..., ids, :], rtol=0, atol=1e-6)
-        weights = torch.rand(fast.shape, generator=g)
-        grad_fast, = torch.autograd.grad((fast * weights).sum(), motion)
-        grad_general, = torch.autograd.grad((general[..., ids, :] * weights).sum(), motion, retain_graph=True)
-        torch.testing.assert_close(grad_fast, grad_general, rtol=1e-4, atol=1e-5)
+    fast = head.region(face).from_motion(shape, motion, zero_head_pose=True)
+    torch.testing.assert_close(fast, general[..., face, :], rtol=0, atol=1e-6)
+    weights = torch.rand(fast.shape, generator=g)
+    grad_fast, = torch.autograd.grad((fast * weights).sum(), motion)
+    grad_general, = torch.autograd.grad((general[..., face, :] * weights).sum(), motion, retain_graph=True)
+    torch.testing.assert_close(grad_fast, grad_general, rtol=1e-4, atol=1e-5)
 
 
 def test_command_line_sets_every_loss_weight_and_the_model_switches():
@@ -3154,11 +3172,11 @@ def test_real_data_without_flame_is_refused_in_one_line_naming_the_file_to_get(m
                     ["metrics.py", "--pred", str(tmp_path), "--data", str(copy)]):
         rc, lines = one_line_error(command)
         assert rc == 1 and len(lines) == 1, (command, lines)
-        assert lines[0].startswith(f"error: {copy}: not a data set of data.py's generator"), lines
+        assert lines[0].startswith(f"error: {copy}: not a data set of builtin.py's generator"), lines
         assert "generic_model.pkl" in lines[0] and "--flame" in lines[0] and "--procedural-head" in lines[0]
-    assert data.is_generated(motion_set) and not data.is_generated(copy)
-    data.require_head(copy, None, procedural_head=True)          # asked for explicitly: allowed
-    data.require_head(copy, tmp_path / "generic_model.pkl")
+    assert builtin.is_generated(motion_set) and not builtin.is_generated(copy)
+    builtin.require_head(copy, None, procedural_head=True)          # asked for explicitly: allowed
+    builtin.require_head(copy, tmp_path / "generic_model.pkl")
 
 
 def test_checkpoint_records_its_flame_by_sha256_and_the_command_lines_refuse_another(motion_set, tmp_path):
@@ -3173,8 +3191,8 @@ def test_checkpoint_records_its_flame_by_sha256_and_the_command_lines_refuse_ano
     # the same bytes elsewhere are the same FLAME; another file is refused; without --flame the recorded one is used
     moved = tmp_path / "moved" / "flame.npz"
     shutil.copytree(real.parent, moved.parent)
-    assert flame.resolve_flame(load_checkpoint(out / "last.pt").flame_record, moved, "x") == moved
-    assert flame.resolve_flame(load_checkpoint(out / "last.pt").flame_record, None, "x") == real
+    assert builtin.resolve_flame(load_checkpoint(out / "last.pt").flame_record, moved, "x") == moved
+    assert builtin.resolve_flame(load_checkpoint(out / "last.pt").flame_record, None, "x") == real
     sf.write(tmp_path / "voice.wav", np.zeros(data.SAMPLE_RATE, np.float32), data.SAMPLE_RATE)
     for command in (["unisinger.py", "--audio", str(tmp_path / "voice.wav"), "--checkpoint", str(out / "last.pt"),
                      "--flame", str(other), "--out", str(tmp_path / "song")],
@@ -3192,10 +3210,10 @@ def test_checkpoint_records_its_flame_by_sha256_and_the_command_lines_refuse_ano
         assert lines[0].startswith(f"error: {out / 'last.pt'}: started with {real}, resumed with "), lines
     assert (out / "last.pt").read_bytes() == before
     with pytest.raises(ValueError, match="procedural stand-in head"):   # a procedural-head checkpoint takes no file
-        flame.resolve_flame(flame.flame_record(None), real, "x")
+        builtin.resolve_flame(builtin.flame_record(None), real, "x")
     shutil.rmtree(real.parent)
     with pytest.raises(ValueError, match="which is not there"):
-        flame.resolve_flame(load_checkpoint(out / "last.pt").flame_record, None, "x")
+        builtin.resolve_flame(load_checkpoint(out / "last.pt").flame_record, None, "x")
 
 
 # ==============================================================================================================
@@ -3204,16 +3222,18 @@ def test_checkpoint_records_its_flame_by_sha256_and_the_command_lines_refuse_ano
 def structured_song(seconds, seed=5):
     """A built-in-style song: voice, music (N,) at 16 kHz and the person's shape, so motion follows real audio."""
     rng = np.random.default_rng(seed)
-    song = data.compose_song(rng, seconds, 60)
-    person = data.make_person(0, 0)
-    return data.sing(song, person, rng)[0], data.play_music(song, rng), person.shape
+    song = builtin.compose_song(rng, seconds, 60)
+    person = builtin.make_person(0, 0)
+    return builtin.sing(song, person, rng)[0], builtin.play_music(song, rng), person.shape
 
 
 def stream_take(model, voice, bgm, shape, chunk, **kwargs):
     """Push a song through a MotionStream `chunk` samples at a time: the take (T, 59) and the frames emitted
     after each push (cumulative), checked against the rule that a frame comes out once `lookahead` frames of
     audio beyond it have arrived."""
-    stream = unisinger.MotionStream(model, shape, **kwargs)
+    lookahead = kwargs.pop("lookahead", unisinger.STREAM_LOOKAHEAD)
+    window = kwargs.pop("window", CLIP_FRAMES)
+    stream = unisinger.MotionStream(model, shape, Controls(**kwargs), lookahead, window)
     pieces, emitted = [], []
     for lo in range(0, len(voice), chunk):
         pieces.append(stream.push(voice[lo:lo + chunk], bgm[lo:lo + chunk]))
@@ -3228,7 +3248,7 @@ def test_stream_gives_every_frame_exactly_once_when_the_chunk_does_not_divide_th
     model = tiny_model()
     voice, music, shape = structured_song(5.37)
     n_frames = len(voice) * FPS // SAMPLE_RATE                                         # 161
-    offline = generate(model, voice, music, shape, seed=2)[0]
+    offline = generate(model, voice, music, shape, Controls(seed=2))[0]
     for chunk in (1237, len(voice)):                 # 77 ms chunks (no divisor of the song), and one push
         take, _ = stream_take(model, voice, music, shape, chunk, seed=2, lookahead=6)
         assert take.shape == (n_frames, 59)
@@ -3249,7 +3269,8 @@ def test_stream_refuses_a_music_chunk_of_another_length_and_a_lookahead_beyond_t
 def test_controls_at_one_leave_the_take_as_the_decoder_gives_it():
     model = tiny_model()
     voice = np.random.default_rng(1).standard_normal(8 * SAMPLE_RATE).astype(np.float32) * 0.1
-    got = generate(model, voice, seed=3, temperature=1.0, pose_scale=1.0, expression_scale=1.0, still=False)
+    got = generate(model, voice, controls=Controls(seed=3, temperature=1.0, pose_scale=1.0, expression_scale=1.0,
+                                                     still=False))
     z = torch.randn(1, model.cfg.d_model, generator=torch.Generator().manual_seed(3))   # N(0, I)
     feats = model.voice_features(torch.from_numpy(voice)[None], CLIP_FRAMES)
     music = mfcc_at_fps(torch.zeros(1, len(voice)), SAMPLE_RATE, CLIP_FRAMES)
@@ -3264,15 +3285,15 @@ def test_pose_and_expression_scales_move_each_part_about_the_training_mean_only(
     model.set_motion_stats(torch.randn(59, generator=gen) * 0.3, torch.rand(59, generator=gen) + 0.5)
     mean = model.motion_mean.numpy()
     voice, music, shape = structured_song(3.0)
-    base = generate(model, voice, music, shape, n_samples=2, seed=4)
+    base = generate(model, voice, music, shape, Controls(samples=2, seed=4))
     pose, expr = np.r_[50:56], np.r_[0:50, 56:59]
     for kwargs, part, other in ((dict(pose_scale=0.0), pose, expr), (dict(still=True), pose, expr),
                                 (dict(expression_scale=0.0), expr, pose)):
-        got = generate(model, voice, music, shape, n_samples=2, seed=4, **kwargs)
+        got = generate(model, voice, music, shape, Controls(samples=2, seed=4, **kwargs))
         np.testing.assert_allclose(got[..., part], np.broadcast_to(mean[part], got[..., part].shape), atol=1e-6)
         np.testing.assert_array_equal(got[..., other], base[..., other])
     for scale in (0.5, 2.0):
-        got = generate(model, voice, music, shape, n_samples=2, seed=4, pose_scale=scale, expression_scale=scale)
+        got = generate(model, voice, music, shape, Controls(2, 4, pose_scale=scale, expression_scale=scale))
         np.testing.assert_allclose(got - mean, scale * (base - mean), atol=1e-5)
 
 
@@ -3297,14 +3318,14 @@ def test_streamed_take_is_within_ten_percent_of_offline_lve_and_its_joins_jump_n
     z: LVE (the largest lip-vertex error of a frame, averaged; full FLAME forward, head pose zeroed) within 10 %,
     and the frame-to-frame vertex jump (head pose included) across joins between pushes no larger than elsewhere."""
     model = load_checkpoint(trained_motion / "best.pt").model
-    head = Flame.procedural()
+    head = stand_in_flame()
     lips = head.masks["lips"]
     chunk = SAMPLE_RATE // 10
     lve, joins, others = {"stream": [], "offline": []}, [], []
     for item in data.SingingHead(motion_set, "test"):
         shape = torch.from_numpy(item["shape"])
         truth = head.from_motion(shape, torch.from_numpy(item["motion"]), zero_head_pose=True)[:, lips]
-        offline = generate(model, item["audio"], item["bgm"], item["shape"], seed=1)[0]
+        offline = generate(model, item["audio"], item["bgm"], item["shape"], Controls(seed=1))[0]
         take, emitted = stream_take(model, item["audio"], item["bgm"], item["shape"], chunk, seed=1)
         for key, motion in (("stream", take), ("offline", offline)):
             lips_pred = head.from_motion(shape, torch.from_numpy(motion), zero_head_pose=True)[:, lips]
@@ -3324,11 +3345,11 @@ def test_temperature_zero_gives_identical_takes_and_diversity_grows_with_tempera
     0, where every z is 0, and grows with the temperature on a held-out clip."""
     model = load_checkpoint(trained_motion / "best.pt").model
     item = data.SingingHead(motion_set, "test")[0]
-    regions = metrics.RegionMeshes(Flame.procedural())
+    regions = metrics.RegionMeshes(stand_in_flame())
     shape = torch.from_numpy(item["shape"])
     spread = []
     for temperature in (0.0, 0.5, 1.0, 2.0):
-        takes = generate(model, item["audio"], item["bgm"], item["shape"], n_samples=4, temperature=temperature)
+        takes = generate(model, item["audio"], item["bgm"], item["shape"], Controls(4, temperature=temperature))
         spread.append(metrics.diversity(regions.landmarks(regions(shape, torch.from_numpy(takes)))))
     assert spread[0] == 0.0
     assert all(a < b for a, b in zip(spread, spread[1:])), spread
@@ -3346,8 +3367,8 @@ SIZE = MICRO.image_size
 def person(tmp_path_factory):
     """id0 with one 1 s sequence in each split, all filmed at 128²."""
     root = tmp_path_factory.mktemp("render_data") / "set"
-    return data.generate_dataset(root, n_people=1, clips_per_person=3, clip_seconds=1, clips_per_song=3,
-                                 video_size=SIZE, video_clips=3, verbose=False)
+    return builtin.generate_dataset(root, builtin.Recipe(
+        n_people=1, clips_per_person=3, clip_seconds=1, clips_per_song=3, video_size=SIZE, video_clips=3), verbose=False)
 
 
 def render_args(root, out, *extra):
@@ -3449,8 +3470,8 @@ def test_render_run_killed_anywhere_resumes_to_the_same_weights(person, tmp_path
 def singer(tmp_path_factory):
     """id0 of seed 1 with one 2-s sequence in each split, filmed at 128²: its held-out one goes from shut to sung."""
     root = tmp_path_factory.mktemp("singer") / "set"
-    return data.generate_dataset(root, n_people=1, clips_per_person=3, clip_seconds=2, clips_per_song=3, seed=1,
-                                 video_size=SIZE, video_clips=3, verbose=False)
+    return builtin.generate_dataset(root, builtin.Recipe(
+        n_people=1, clips_per_person=3, clip_seconds=2, clips_per_song=3, seed=1, video_size=SIZE, video_clips=3), verbose=False)
 
 
 def test_render_training_learns_the_mouth(singer, tmp_path, monkeypatch):
@@ -3493,7 +3514,7 @@ def test_feature_boxes_hold_their_projected_landmarks_with_a_margin_and_weigh_th
     """A frame's mouth box holds every projected mouth landmark's pixel (iBUG 48-67), widened by a quarter of the
     mouth's width; the L1 weight is 1, plus 25 inside the mouth box and 25 inside the brows-and-eyes box
     (iBUG 17-26 and 36-47, widened by a tenth)."""
-    head = Flame.procedural()
+    head = stand_in_flame()
     verts = head.from_motion(torch.zeros(100), torch.zeros(2, 59))
     cam = torch.tensor(render.DEFAULT_CAM)
     landmarks = render.project(head.landmarks(verts), cam)
@@ -3581,15 +3602,16 @@ def video_streams(path):
     return [line for line in probe.stderr.splitlines() if "Stream #" in line]
 
 
-def test_portrait_video_writes_frames_sound_and_the_depth_video(person, trained, tmp_path):
+def test_portrait_video_writes_frames_sound_and_the_depth_video(person, trained, tmp_path, monkeypatch):
     out, _, _ = trained
     seq = train.person_sequences(person, "test", "id0")[0]
     params = data.read_flame_pickle(person / "flame_seqs" / f"{seq}.pkl")
     motion = np.concatenate([params["expression"], params["pose"]], 1)[:21]          # (21, 59): 2 batches + 5
     voice = (0.1 * np.sin(np.arange(round(21 / 30 * 16000)) * 0.05)).astype(np.float32)
-    flame = Flame.procedural()
-    video = unisinger.portrait_video(out / "best.pt", out / "reference.png", flame, params["shape"], motion,
-                                        tmp_path / "song" / "portrait.mp4", audio=voice, batch=8)
+    flame = stand_in_flame()
+    monkeypatch.setattr(unisinger, "RENDER_BATCH", 8)
+    video = unisinger.portrait_video(render.load_renderer(out / "best.pt"), out / "reference.png", flame,
+                                     params["shape"], motion, tmp_path / "song" / "portrait.mp4", audio=voice)
     depth_video = tmp_path / "song" / "depth.mp4"
     assert video == tmp_path / "song" / "portrait.mp4"
     for path in (video, depth_video):
@@ -3611,7 +3633,7 @@ def test_renderer_records_its_flame_and_portrait_video_refuses_another_head(pers
     assert renderer.flame_record == dict(flame="procedural", flame_sha256=None)
     other = Flame.load(write_flame_file(tmp_path / "flame"))
     with pytest.raises(ValueError, match=f"{re.escape(str(out / 'best.pt'))}: trained on depth images of procedural"):
-        unisinger.portrait_video(out / "best.pt", out / "reference.png", other, torch.zeros(100),
+        unisinger.portrait_video(renderer, out / "reference.png", other, torch.zeros(100),
                                  np.zeros((2, 59), np.float32), tmp_path / "p.mp4")
 
 
@@ -3650,8 +3672,8 @@ def test_readme_commands_run_as_written_on_the_builtin_data(tmp_path):
     64²): every README command in order, long ones shortened; the files the next commands read appear."""
     for source in Path(__file__).parent.glob("*.py"):
         shutil.copy(source, tmp_path)
-    data.generate_dataset(tmp_path / "data" / "builtin", n_people=1, clips_per_person=3, clips_per_song=1,
-                          video_size=64, video_clips=3, verbose=False)
+    builtin.generate_dataset(tmp_path / "data" / "builtin", builtin.Recipe(
+        n_people=1, clips_per_person=3, clips_per_song=1, video_size=64, video_clips=3), verbose=False)
     skipped = []
     for command, _ in readme_commands():
         if command in README_NOT_RUN:

@@ -6,7 +6,7 @@
         --flame /path/generic_model.pkl --wav2vec w2v/
     python train.py --no-music          # Table III's ablations: --no-music, --w-kl 0, --w-rec 0, --w-vel 0, --w-mesh 0
 
-Depends on torch, numpy and our unisinger.py, data.py, flame.py, render.py, metrics.py.
+Depends on torch, numpy and our unisinger.py, metrics.py, builtin.py, data.py, flame.py, render.py.
 
 What every run does: one progress line every few steps (step, losses, steps/s, ETA from the recent pace),
 validation every epoch, `last.pt` and `best.pt` written atomically at the end of every epoch into --out, bf16
@@ -19,8 +19,7 @@ import fcntl
 import math
 import os
 import random
-import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -34,9 +33,10 @@ import data
 import metrics
 import render
 from audio import SAMPLE_RATE, Wav2Vec2, load_audio, mfcc_at_fps
-from data import RATE_WINDOW, Progress
-from flame import BROW_LANDMARKS, EYE_LANDMARKS, MOUTH_LANDMARKS, flame_record
-from unisinger import FaceMeshes, MotionConfig, MotionCVAE, SongMix, load_checkpoint, load_flame, motion_losses
+from builtin import STAND_IN, builtin_data, flame_record, load_flame, require_head
+from flame import BROW_LANDMARKS, EYE_LANDMARKS, MOUTH_LANDMARKS
+from render import RATE_WINDOW, Parser, Progress, run_command
+from unisinger import MotionConfig, MotionCVAE, SongMix, load_checkpoint, motion_losses
 
 RENDER_FRAME_STRIDE = 6      # 1 frame in 6 (5 a second): neighbours at 30 fps are near copies; the 2-D metrics score these
 DEPTH_BATCH = 32             # frames rasterized at once while precomputing the depth inputs
@@ -56,208 +56,6 @@ VGG_URL = "https://download.pytorch.org/models/vgg19-dcbfe0e4.pth"
 SUMMARY_SAMPLES = 10       # samples per test clip in the closing summary (the paper's n)
 LOCK_FILE = "train.lock"   # in --out, flock-ed by the run writing there; the kernel drops it when that run dies
 LEARNT_LVE_RATIO = 0.5     # learning: test LVE-mean at most this share of the mean-motion baseline's
-
-
-# ----------------------------------------------------------------------------- shared machinery
-
-class Run:
-    """Device, DDP rank and the helpers every stage needs: logging, progress, atomic checkpoints."""
-
-    def __init__(self, args):
-        self.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if self.ddp:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-        else:
-            self.rank, self.world = 0, 1
-            self.device = torch.device(args.device)
-        self.main = self.rank == 0
-        self.bf16 = self.device.type == "cuda" if args.bf16 is None else args.bf16
-        self.out = Path(args.out)
-        self.lock = None
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.lock = hold_folder(self.out)
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-
-    def log(self, *msg):
-        if self.main:
-            print(*msg, flush=True)
-
-    def save(self, state, name):
-        if self.main:
-            save_checkpoint(state, self.out / name)
-
-    def close(self):
-        if self.lock is not None:
-            self.lock.close()                       # releases the folder
-            self.lock = None
-        if self.ddp:
-            dist.destroy_process_group()
-
-
-def hold_folder(folder):
-    """
-    Take --out for this run: an exclusive flock on folder/train.lock, held while the returned file is open.
-    A second run pointed at the same folder is refused (ValueError naming it) rather than interleaving its
-    checkpoints with the first's. The kernel releases the lock when the holder's process ends, killed or not,
-    so a crashed run never blocks the next one.
-    """
-    lock = open(folder / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
-        lock.close()
-        raise ValueError(f"{folder}: another training run (pid {holder}) is writing into this folder; wait for "
-                         f"it to end or pass another --out") from None
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    return lock
-
-
-class _KeepWriteError:
-    """File wrapper for torch.save, which reports a failed write (a full disk) only as 'unexpected pos': the
-    OSError is kept here so that the caller can raise it instead."""
-
-    def __init__(self, file):
-        self.file, self.error = file, None
-
-    def write(self, data):
-        try:
-            return self.file.write(data)
-        except OSError as error:
-            self.error = error
-            raise
-
-    def flush(self):
-        self.file.flush()
-
-
-def save_checkpoint(state, path):
-    """
-    torch.save to a temporary file, flushed to the disk, then renamed onto `path`: a run killed mid-write leaves
-    the previous checkpoint intact. A failed write (a full disk, a read-only folder) raises OSError naming
-    `path`, with the previous file still in place.
-    """
-    try:
-        with render.atomic_output(path) as tmp, open(tmp, "wb") as file:
-            sink = _KeepWriteError(file)
-            try:
-                torch.save(state, sink)
-            except RuntimeError:
-                if sink.error is None:
-                    raise
-                raise sink.error from None
-            file.flush()
-            os.fsync(file.fileno())
-    except OSError as error:
-        raise OSError(error.errno, f"checkpoint not written ({error.strerror}); the previous one is kept",
-                      str(path)) from None
-
-
-def epochs_window(steps_per_epoch):
-    """Steps in the ETA's rate window: whole epochs, so each window holds as many validation passes as the
-    steps it times will meet."""
-    return steps_per_epoch * math.ceil(RATE_WINDOW / steps_per_epoch)
-
-
-def log_progress(run, progress, epoch, losses):
-    """'epoch 3 step 40/480 | loss 1.2 ... | 0.85 step/s | ETA 8m30s': the ETA from the recent step rate."""
-    parts = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
-    run.log(f"epoch {epoch} step {progress.done}/{progress.total} | {parts} | {progress.status()}")
-
-
-def rng_state():
-    """Every random generator's state as tensors and plain numbers: all a checkpoint may hold."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()          # ('MT19937', (624,) uint32, int, int, float)
-    version, words, gauss_next = random.getstate()                  # (int, 625 ints < 2**32, float or None)
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, gauss=gauss),
-                python=dict(version=version, words=torch.tensor(words, dtype=torch.int64), gauss_next=gauss_next))
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded with map_location=cuda moved it
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["words"].tolist()), p["gauss_next"]))
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def same_head(ckpt, flame_path, path):
-    """A resumed run must mesh with the head it started with: refuse another FLAME file (or head) in one line."""
-    if ckpt.get("flame_sha256") != flame_record(flame_path)["flame_sha256"]:
-        raise ValueError(f"{path}: started with {ckpt.get('flame') or 'procedural'}, resumed with "
-                         f"{flame_path or 'the procedural head'}; resume with the same --flame")
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def loader(dataset, batch_size, run, seed, epoch, shuffle=True):
-    """Same order for the same (seed, epoch): what makes a resumed run continue exactly."""
-    if run.ddp:
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
-        sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_size, sampler=sampler, drop_last=shuffle)
-    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-    return DataLoader(dataset, batch_size, shuffle=shuffle, generator=gen, drop_last=shuffle and len(dataset) > batch_size)
-
-
-def cosine_schedule(optimizer, total):
-    """Linear warm-up over the first tenth of the run (100 steps at most), then a cosine decay to zero."""
-    warmup = min(100, total // 10 + 1)
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def resume(args, run, stateful):
-    """
-    Where a stage starts: (epoch, step, best) = (0, 0, None) for a new run; with --resume, every object in
-    `stateful` (name -> model / optimiser / schedule) and every random generator set from <out>/last.pt, and the
-    epoch after the one it saved. Both stages resume through here, so both resume the same way.
-    """
-    last = run.out / "last.pt"
-    if args.resume and not last.is_file():          # killed before its first checkpoint: starting over is exact
-        run.log(f"--resume: no {last} yet (the run stopped before its first checkpoint); starting from the "
-                f"beginning")
-    if not (args.resume and last.is_file()):
-        return 0, 0, None
-    ckpt = render.read_checkpoint(last, run.device)
-    same_head(ckpt, args.flame, last)
-    for key, obj in stateful.items():
-        obj.load_state_dict(ckpt[key])
-    set_rng_state(ckpt["rng"])
-    run.log(f"resumed from {last} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
-    return ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
-
-
-def save_epoch(run, stateful, improved, **record):
-    """The end of an epoch: the state of every object in `stateful`, the random generators and `record` (epoch,
-    step, best, config ...) to last.pt, and to best.pt as well when the epoch improved on the best."""
-    state = dict({key: obj.state_dict() for key, obj in stateful.items()}, rng=rng_state(), **record)
-    if improved:
-        run.save(state, "best.pt")
-    run.save(state, "last.pt")
 
 
 # ----------------------------------------------------------------------------- stage 1: motion
@@ -290,7 +88,7 @@ def cache_voice_features(model, dataset, device, batch_size=8):
 
 
 @torch.no_grad()
-def validate_motion(model, meshes, face_meshes, dataset, device, voice_cache=None, seed=0):
+def validate_motion(model, meshes, face, dataset, device, voice_cache=None, seed=0):
     """LVE / FVE (mm, one sample per clip from a fixed z stream) and the training loss on a split."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -306,7 +104,7 @@ def validate_motion(model, meshes, face_meshes, dataset, device, voice_cache=Non
             lve += metrics.lve(pred_v, true_v, meshes.lips)[0]
             fve += metrics.fve(pred_v, true_v, meshes.face)[0]
         rec, mu, logvar = model(motion, shape, music, voice_feats=feats)
-        loss += motion_losses(model, face_meshes, rec, motion, shape, mu, logvar)[0].item() * len(motion)
+        loss += motion_losses(model, face, rec, motion, shape, mu, logvar)[0].item() * len(motion)
         n += len(motion)
     model.train()
     return dict(lve=lve / n, fve=fve / n, loss=loss / n)
@@ -326,8 +124,8 @@ def motion_config(args):
 
 
 def train_motion(args, run):
-    root = Path(args.data) if args.data else data.builtin_data()
-    data.require_head(root, args.flame, args.procedural_head)
+    root = Path(args.data) if args.data else builtin_data()
+    require_head(root, args.flame, args.procedural_head)
     cfg = motion_config(args)
     seed_everything(args.seed)
     if args.wav2vec:                                   # input files first: a damaged one is refused before any work
@@ -337,7 +135,7 @@ def train_motion(args, run):
     val_set = MotionClips(root, "val", data.CLIP_FRAMES)
     flame = load_flame(args.flame).to(run.device)
     meshes = metrics.RegionMeshes(flame)
-    face_meshes = FaceMeshes(flame, cfg.mesh_head_pose) if cfg.w_mesh else None
+    face = flame.region(flame.masks["face"]) if cfg.w_mesh else None     # the mesh loss's vertices
     model = MotionCVAE(cfg).to(run.device)
     if args.wav2vec:
         model.wav2vec.load_state_dict(pretrained.state_dict())
@@ -348,10 +146,7 @@ def train_motion(args, run):
                 "into a folder and pass --wav2vec FOLDER")
     mean, std = motion_stats(train_set)
     model.set_motion_stats(mean, std)
-    people = {}                                        # name -> shape (100,) float32
-    for i in range(len(train_set)):
-        item = train_set.clips[i]
-        people.setdefault(item["person"], torch.as_tensor(np.asarray(item["shape"], dtype=np.float32)))
+    people = training_people(train_set)
 
     voice_cache = val_cache = None
     if args.cache_audio:
@@ -384,7 +179,7 @@ def train_motion(args, run):
                     pred, mu, logvar = net(motion, shape, music, voice_feats=voice_cache[batch["index"]].to(run.device))
                 else:
                     pred, mu, logvar = net(motion, shape, music, voice=batch["voice"].to(run.device))
-            loss, parts = motion_losses(model, face_meshes, pred.float(), motion, shape, mu.float(), logvar.float())
+            loss, parts = motion_losses(model, face, pred.float(), motion, shape, mu.float(), logvar.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -393,7 +188,7 @@ def train_motion(args, run):
             step += 1
             if progress.advance():
                 log_progress(run, progress, epoch, dict(loss=loss.item(), **parts))
-        val = validate_motion(model, meshes, face_meshes, val_set, run.device, val_cache, seed=args.seed)
+        val = validate_motion(model, meshes, face, val_set, run.device, val_cache, seed=args.seed)
         history.append(val)
         run.log(f"epoch {epoch} validation | LVE {val['lve']:.3f} mm | FVE {val['fve']:.3f} mm | loss {val['loss']:.4f}")
         improved = val["lve"] < best
@@ -406,6 +201,15 @@ def train_motion(args, run):
         print(f"\nthe summary scores {run.out / 'best.pt'}")
         motion_summary(load_checkpoint(run.out / "best.pt", run.device).model, root, args)
     return history
+
+
+def training_people(train_set):
+    """name -> FLAME shape (100,) float32 of each person in the training clips (the checkpoint keeps them)."""
+    people = {}
+    for i in range(len(train_set)):
+        item = train_set.clips[i]
+        people.setdefault(item["person"], torch.as_tensor(np.asarray(item["shape"], dtype=np.float32)))
+    return people
 
 
 def motion_summary(model, root, args):
@@ -432,7 +236,7 @@ def motion_summary(model, root, args):
     rows = {name: metrics.evaluate_motion(flame, test, counted(predict), beats_cache=beats_cache)
             for name, predict in predictors.items()}
     print(f"\ntest split of {root}: {len(test)} clips, {SUMMARY_SAMPLES} samples each")
-    print(metrics.format_table(rows, [c for c in metrics.MOTION_COLUMNS if c != "FPS"]))
+    print(metrics.score_table(rows, [c for c in metrics.MOTION_COLUMNS if c != "FPS"]))
     ours, base, deaf = (rows[k] for k in predictors)
     print(verdict(ours, base, deaf))
     return rows
@@ -611,8 +415,8 @@ def load_vgg(args, run):
 
 
 def train_render(args, run):
-    root = Path(args.data) if args.data else data.builtin_data()
-    data.require_head(root, args.flame, args.procedural_head)
+    root = Path(args.data) if args.data else builtin_data()
+    require_head(root, args.flame, args.procedural_head)
     cfg = render.RendererConfig.preset(args.preset)
     seed_everything(args.seed)
     vgg = load_vgg(args, run)
@@ -633,7 +437,6 @@ def train_render(args, run):
 
     generator = render.FaceRenderer(cfg.channels).to(run.device)
     discriminator = render.PatchDiscriminator(channels=cfg.discriminator_channels).to(run.device)
-    weights = render.RendererLossWeights()
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr, betas=ADAM_BETAS)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr, betas=ADAM_BETAS)
     steps_per_epoch = len(loader(train_set, args.batch_size, run, args.seed, 0))
@@ -653,31 +456,14 @@ def train_render(args, run):
     progress = Progress(total_steps, "step", done=step, window=epochs_window(steps_per_epoch))
     history = []
     head = flame_record(args.flame)                # the depth inputs' head: inference must render with it
+    gan = GanStep(net_g, net_d, discriminator, opt_g, opt_d, vgg, reference, args.grad_clip)
     for epoch in range(start_epoch, args.epochs):
         sums, n_batches = {}, 0
         for batch in loader(train_set, args.batch_size, run, args.seed, epoch):
-            depth, real, index, mouth, eyes = (batch[k].to(run.device)
-                                               for k in ("depth", "frame", "index", "mouth", "eyes"))
-            ref = reference.expand(len(depth), -1, -1, -1)
-            with run.autocast():
-                fake = net_g(depth, ref, index)
-                condition = render.renderer_input(depth, ref, index)
-                loss_d = render.discriminator_loss(net_d, condition, fake, real)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-            with run.autocast():
-                loss_g, parts = render.generator_loss(discriminator, condition, fake, real, vgg, weights,
-                                                      box_weight([(mouth, MOUTH_WEIGHT), (eyes, EYES_WEIGHT)],
-                                                                 cfg.image_size))
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            torch.nn.utils.clip_grad_norm_(generator.parameters(), args.grad_clip)
-            opt_g.step()
+            losses = gan(batch, run)
             sched_g.step()
             sched_d.step()
             step += 1
-            losses = dict(g=loss_g.item(), d=loss_d.item(), **parts)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_batches += 1
@@ -702,20 +488,61 @@ def train_render(args, run):
 
     summary = None
     if run.main and args.summary and (run.out / "best.pt").is_file():
-        best_state = render.read_checkpoint(run.out / "best.pt", run.device)
-        generator.load_state_dict(best_state["generator"])
-        test_seqs = person_sequences(root, "test", args.person)
-        test_set, _, _ = portrait_frames(root, test_seqs, flame, run.device, cfg.image_size, RENDER_FRAME_STRIDE)
-        truth = test_set.frames.numpy()
-        generated = render_dataset(generator, test_set, reference, run.device, run)
-        video = run.out / f"test_{test_seqs[0]}.mp4"
-        write_test_video(generator, root, test_seqs[0], flame, reference, cfg.image_size, video, run)
-        summary = dict(renderer=frame_scores(generated, truth),
-                       copy_reference=frame_scores(np.repeat(reference_u8[None], len(truth), 0), truth),
-                       mouth=mouth_scores(generated, truth, reference_u8, test_set.mouth), video=str(video),
-                       frames=len(test_set))
-        print_render_summary(run, args.person, summary)
+        generator.load_state_dict(render.read_checkpoint(run.out / "best.pt", run.device)["generator"])
+        summary = render_summary(generator, root, args.person, flame, reference_u8, cfg.image_size, run)
     return dict(history=history, summary=summary)
+
+
+def render_summary(generator, root, person, flame, reference_u8, size, run):
+    """The best generator on the person's test split against copying the reference, over the whole frame and
+    inside the mouth box, and a held-out clip written side by side with its sound; printed and returned."""
+    reference = render.image_tensor(reference_u8, size).to(run.device)
+    test_seqs = person_sequences(root, "test", person)
+    test_set, _, _ = portrait_frames(root, test_seqs, flame, run.device, size, RENDER_FRAME_STRIDE)
+    truth = test_set.frames.numpy()
+    generated = render_dataset(generator, test_set, reference, run.device, run)
+    video = run.out / f"test_{test_seqs[0]}.mp4"
+    write_test_video(generator, root, test_seqs[0], flame, reference, size, video, run)
+    summary = dict(renderer=frame_scores(generated, truth),
+                   copy_reference=frame_scores(np.repeat(reference_u8[None], len(truth), 0), truth),
+                   mouth=mouth_scores(generated, truth, reference_u8, test_set.mouth), video=str(video),
+                   frames=len(test_set))
+    print_render_summary(run, person, summary)
+    return summary
+
+
+@dataclass
+class GanStep:
+    """One training step of the renderer: the discriminator on real and generated frames, then the generator
+    (GAN, feature-matching, photometric with the mouth and eyes boxes weighed up, perceptual when vgg is given)."""
+    net_g: torch.nn.Module            # the generator as trained (DDP-wrapped under torchrun)
+    net_d: torch.nn.Module            # the discriminator as trained
+    discriminator: torch.nn.Module    # the bare one: G's step uses it, so D's gradients there are never all-reduced
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    vgg: torch.nn.Module              # or None: no perceptual term
+    reference: torch.Tensor           # (3, H, W) in [-1, 1]
+    grad_clip: float
+
+    def __call__(self, batch, run):
+        depth, real, index, mouth, eyes = (batch[k].to(run.device) for k in ("depth", "frame", "index", "mouth", "eyes"))
+        ref = self.reference.expand(len(depth), -1, -1, -1)
+        with run.autocast():
+            fake = self.net_g(depth, ref, index)
+            condition = render.renderer_input(depth, ref, index)
+            loss_d = render.discriminator_loss(self.net_d, condition, fake, real)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+        with run.autocast():
+            pixel_weight = box_weight([(mouth, MOUTH_WEIGHT), (eyes, EYES_WEIGHT)], real.shape[-1])
+            loss_g, parts = render.generator_loss(self.discriminator, condition, fake, real, self.vgg,
+                                                  render.RendererLossWeights(), pixel_weight)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        torch.nn.utils.clip_grad_norm_(self.net_g.parameters(), self.grad_clip)
+        self.opt_g.step()
+        return dict(g=loss_g.item(), d=loss_d.item(), **parts)
 
 
 @torch.no_grad()
@@ -746,12 +573,210 @@ def print_render_summary(run, person, s):
             f"  side by side (depth | generated | truth, with sound): {s['video']}")
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- runs, checkpoints, resume, and the
+# command line
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):                 # argparse's refusals in one line with status 1, like ours
-        sys.exit(f"error: {message}")
+class Run:
+    """Device, DDP rank and the helpers every stage needs: logging, progress, atomic checkpoints."""
 
+    def __init__(self, args):
+        self.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.ddp:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+        else:
+            self.rank, self.world = 0, 1
+            self.device = torch.device(args.device)
+        self.main = self.rank == 0
+        self.bf16 = self.device.type == "cuda" if args.bf16 is None else args.bf16
+        self.out = Path(args.out)
+        self.lock = None
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock = hold_folder(self.out)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def log(self, *msg):
+        if self.main:
+            print(*msg, flush=True)
+
+    def save(self, state, name):
+        if self.main:
+            save_checkpoint(state, self.out / name)
+
+    def close(self):
+        if self.lock is not None:
+            self.lock.close()                       # releases the folder
+            self.lock = None
+        if self.ddp:
+            dist.destroy_process_group()
+
+
+def hold_folder(folder):
+    """
+    Take --out for this run: an exclusive flock on folder/train.lock, held while the returned file is open.
+    A second run pointed at the same folder is refused (ValueError naming it) rather than interleaving its
+    checkpoints with the first's. The kernel releases the lock when the holder's process ends, killed or not,
+    so a crashed run never blocks the next one.
+    """
+    lock = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise ValueError(f"{folder}: another training run (pid {holder}) is writing into this folder; wait for "
+                         f"it to end or pass another --out") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+class _KeepWriteError:
+    """File wrapper for torch.save, which reports a failed write (a full disk) only as 'unexpected pos': the
+    OSError is kept here so that the caller can raise it instead."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
+def save_checkpoint(state, path):
+    """
+    torch.save to a temporary file, flushed to the disk, then renamed onto `path`: a run killed mid-write leaves
+    the previous checkpoint intact. A failed write (a full disk, a read-only folder) raises OSError naming
+    `path`, with the previous file still in place.
+    """
+    try:
+        with render.atomic_output(path) as tmp, open(tmp, "wb") as file:
+            sink = _KeepWriteError(file)
+            try:
+                torch.save(state, sink)
+            except RuntimeError:
+                if sink.error is None:
+                    raise
+                raise sink.error from None
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as error:
+        raise OSError(error.errno, f"checkpoint not written ({error.strerror}); the previous one is kept",
+                      str(path)) from None
+
+
+def epochs_window(steps_per_epoch):
+    """Steps in the ETA's rate window: whole epochs, so each window holds as many validation passes as the
+    steps it times will meet."""
+    return steps_per_epoch * math.ceil(RATE_WINDOW / steps_per_epoch)
+
+
+def log_progress(run, progress, epoch, losses):
+    """'epoch 3 step 40/480 | loss 1.2 ... | 0.85 step/s | ETA 8m30s': the ETA from the recent step rate."""
+    parts = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+    run.log(f"epoch {epoch} step {progress.done}/{progress.total} | {parts} | {progress.status()}")
+
+
+def rng_state():
+    """Every random generator's state as tensors and plain numbers: all a checkpoint may hold."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()          # ('MT19937', (624,) uint32, int, int, float)
+    version, words, gauss_next = random.getstate()                  # (int, 625 ints < 2**32, float or None)
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, gauss=gauss),
+                python=dict(version=version, words=torch.tensor(words, dtype=torch.int64), gauss_next=gauss_next))
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded with map_location=cuda moved it
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["words"].tolist()), p["gauss_next"]))
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def same_head(ckpt, flame_path, path):
+    """A resumed run must mesh with the head it started with: refuse another FLAME file (or head) in one line."""
+    if ckpt.get("flame_sha256") != flame_record(flame_path)["flame_sha256"]:
+        raise ValueError(f"{path}: started with {ckpt.get('flame') or STAND_IN}, resumed with "
+                         f"{flame_path or 'the stand-in head'}; resume with the same --flame")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def loader(dataset, batch_size, run, seed, epoch, shuffle=True):
+    """Same order for the same (seed, epoch): what makes a resumed run continue exactly."""
+    if run.ddp:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size, sampler=sampler, drop_last=shuffle)
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return DataLoader(dataset, batch_size, shuffle=shuffle, generator=gen, drop_last=shuffle and len(dataset) > batch_size)
+
+
+def cosine_schedule(optimizer, total):
+    """Linear warm-up over the first tenth of the run (100 steps at most), then a cosine decay to zero."""
+    warmup = min(100, total // 10 + 1)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resume(args, run, stateful):
+    """
+    Where a stage starts: (epoch, step, best) = (0, 0, None) for a new run; with --resume, every object in
+    `stateful` (name -> model / optimiser / schedule) and every random generator set from <out>/last.pt, and the
+    epoch after the one it saved. Both stages resume through here, so both resume the same way.
+    """
+    last = run.out / "last.pt"
+    if args.resume and not last.is_file():          # killed before its first checkpoint: starting over is exact
+        run.log(f"--resume: no {last} yet (the run stopped before its first checkpoint); starting from the "
+                f"beginning")
+    if not (args.resume and last.is_file()):
+        return 0, 0, None
+    ckpt = render.read_checkpoint(last, run.device)
+    same_head(ckpt, args.flame, last)
+    for key, obj in stateful.items():
+        obj.load_state_dict(ckpt[key])
+    set_rng_state(ckpt["rng"])
+    run.log(f"resumed from {last} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+    return ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
+
+
+def save_epoch(run, stateful, improved, **record):
+    """The end of an epoch: the state of every object in `stateful`, the random generators and `record` (epoch,
+    step, best, config ...) to last.pt, and to best.pt as well when the epoch improved on the best."""
+    state = dict({key: obj.state_dict() for key, obj in stateful.items()}, rng=rng_state(), **record)
+    if improved:
+        run.save(state, "best.pt")
+    run.save(state, "last.pt")
+
+
+# the command line
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n")[0])
@@ -814,23 +839,23 @@ def check_args(args):
             raise ValueError(f"{path}: no such file ({flag})")
 
 
+def command(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    run = Run(args)
+    try:
+        if args.stage == "motion":
+            train_motion(args, run)
+        else:
+            train_render(args, run)
+    finally:
+        run.close()
+
+
 def main(argv=None):
     """The command line. Bad input or a failed write (a full disk, a read-only --out, a folder another run
     holds) ends in one line, `error: <file>: <problem>`, and exit status 1, not a traceback."""
-    try:
-        args = parse_args(argv)
-        check_args(args)
-        run = Run(args)
-        try:
-            if args.stage == "motion":
-                train_motion(args, run)
-            else:
-                train_render(args, run)
-        finally:
-            run.close()
-    except (ValueError, OSError) as err:
-        named = isinstance(err, OSError) and err.filename
-        sys.exit("error: " + " ".join((f"{err.filename}: {err.strerror}" if named else str(err)).split()))
+    run_command(command, argv)
 
 
 if __name__ == "__main__":

@@ -1,41 +1,33 @@
 """UniSinger: singing voice + background music + FLAME shape -> diverse 3D FLAME facial motion.
 
-What it holds
-    MotionConfig    the model's hyper-parameters, with two presets: `paper` (wav2vec 2.0 base, full size)
-                    and `tiny` (CPU-sized, for the built-in data set).
-    MotionCVAE      the conditional VAE of the paper (section IV-A, Fig. 7), built on transformer decoders.
-    generate        inference on a song of any length: overlapping windows of the training length, blended.
-    load_checkpoint / a command line that writes motion, landmarks and a preview video (and, with a trained
-                    face renderer, the portrait video).
-
-Depends on torch, numpy and our audio.py (wav2vec 2.0, MFCC), flame.py (meshes for the mesh loss and the
-outputs), render.py (previews, portrait video) and data.py (the clip length, frames <-> audio samples, the take
-pickle, progress lines of long songs).
+Holds, in the order data flows: MotionConfig (the `paper` and CPU-sized `tiny` presets), MotionCVAE (the
+paper's conditional VAE on transformer decoders, section IV-A), motion_losses, the user's Controls, generate
+(a song of any length: overlapping windows of the training length, cross-faded), MotionStream (live, chunk by
+chunk), portrait_video (motion -> depth -> the trained face renderer); then checkpoints and the command line
+that writes motion, landmarks and previews.
 
 The model in one paragraph. Every frame t gets one audio token: wav2vec 2.0 features of the singing voice
 (interpolated to 30 fps before the transformer layers, as FaceFormer does) projected to d, concatenated with
-the 64-d MFCC of the background music projected to d/2, then projected from 3d/2 to d (paper IV-A; without the
-music branch, the "w/o BGM" ablation, the voice's d go through that last projection alone). The encoder reads the tokens
-[mu] [sigma] (linear(m_t) + shape_emb)_t and cross-attends to the audio tokens; the decoder reads
-[shape_emb] (z)_t, z repeated T times, and cross-attends to the same audio tokens. In both, motion token t sees
-only audio token t (the diagonal alignment mask); the leading tokens ([mu], [sigma], [shape_emb]) see every
-audio token, because a token that sees none would get an undefined softmax and these tokens summarise the clip.
-Periodic positional encoding (period 30 frames) is added to all tokens. The model works on motion normalised
-by the training set's per-dimension mean and standard deviation (kept as buffers, so checkpoints carry them).
-Losses (motion_losses): KL + reconstruction + velocity + face-mesh vertices, each with its weight in MotionConfig;
-the `paper` preset compares raw FLAME parameters and whole-pose meshes as the paper's equations do.
+the 64-d MFCC of the background music projected to d/2, then projected from 3d/2 to d (without the music
+branch, the "w/o BGM" ablation, the voice's d go through that last projection alone). The encoder reads the
+tokens [mu] [sigma] (linear(m_t) + shape_emb)_t and cross-attends to the audio tokens; the decoder reads
+[shape_emb] (z)_t, z repeated T times, and cross-attends to the same audio tokens. Motion token t sees only
+audio token t (the diagonal alignment mask); the leading tokens see every audio token. Periodic positional
+encoding (period 30 frames) is added to all tokens. The networks work on motion standardised by the training
+set's mean and std (buffers, so checkpoints carry them). Losses: KL + reconstruction + velocity + face-mesh
+vertices, each weighted in MotionConfig; the `paper` preset compares raw FLAME parameters and whole-pose meshes.
 
-Use alone (needs audio.py, data.py, flame.py and render.py beside it; a checkpoint from `python train.py
---stage motion`; the videos carry voice + music mixed, --voice-only for the voice alone):
+Depends on torch, numpy and our audio.py, flame.py, render.py, data.py and builtin.py (the stand-in head when
+a checkpoint was trained without a FLAME file).
+
+Use alone (a checkpoint from `python train.py --stage motion`; the videos carry voice + music mixed):
     python unisinger.py --audio voice.wav --bgm music.wav --samples 3 --out out/song
     python unisinger.py --audio voice.wav --bgm music.wav --image out/render/reference.png \
         --renderer out/render/best.pt --out out/song
 """
-import argparse
 import copy
 import math
 import os
-import sys
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -47,11 +39,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from audio import FPS, N_MFCC, SAMPLE_RATE, AudioFile, Wav2Vec2, Wav2Vec2Config, mfcc_at_fps, normalize_wave
-from data import CLIP_FRAMES, Progress, clip_samples, fit_length, song_frames, write_flame_pickle
-from flame import EXPRESSION, HEAD_POSE, JAW_POSE, MM_PER_M, MOTION_DIM, N_SHAPE, Flame, resolve_flame, save_glb
-from render import (AUDIO_BLOCK, BACKGROUND_RGB, IMAGE_SIZE, PREVIEW_BATCH, VideoWriter, atomic_output,
-                    load_reference, load_renderer, project, read_checkpoint, render_depth, render_preview, shade,
-                    to_uint8)
+from builtin import load_flame, resolve_flame
+from data import CLIP_FRAMES, clip_samples, fit_length, song_frames, write_flame_pickle
+from flame import EXPRESSION, HEAD_POSE, JAW_POSE, MM_PER_M, MOTION_DIM, N_SHAPE, save_glb
+from render import (AUDIO_BLOCK, BACKGROUND_RGB, IMAGE_SIZE, PREVIEW_BATCH, Parser, Progress, VideoWriter,
+                    atomic_output, load_reference, load_renderer, project, read_checkpoint, render_depth,
+                    render_preview, run_command, shade, to_uint8, write_wav)
 
 RENDER_BATCH = 16                           # frames rasterized and rendered at once: memory flat for any song
 PPE_PERIOD = 30                             # periodic positional encoding repeats every second
@@ -228,26 +221,15 @@ class MotionCVAE(nn.Module):
         return self.denormalise(self.decode(z, shape, audio))
 
 
-class FaceMeshes:
-    """Face-region vertices of FLAME meshes for the mesh loss: shape (B, 100), motion (B, T, 59) -> (B, T, F, 3)
-    metres, differentiable. With head_pose (the paper) the meshes carry global, neck and jaw rotation; without,
-    global and neck are zeroed, as in the meshes LVE / FVE read."""
-
-    def __init__(self, flame, head_pose=True):
-        self.flame, self.head_pose = flame.region(flame.masks["face"]), head_pose
-
-    def __call__(self, shape, motion):
-        return self.flame.from_motion(shape, motion, zero_head_pose=not self.head_pose)
-
-
-def motion_losses(model, face_meshes, pred, target, shape, mu, logvar):
+def motion_losses(model, face, pred, target, shape, mu, logvar):
     """The paper's loss: w_kl * KL + w_rec * rec + w_vel * vel + w_mesh * mesh; the total and each term.
 
     pred, target: FLAME motion (B, T, 59). rec and vel are mean squared errors of the motion and of its
     frame-to-frame differences, on raw FLAME parameters (loss_space "raw", the paper's equations) or on
     parameters standardised by the training set's statistics ("standardised"); mesh is the mean squared
-    distance in mm^2 of the face-region vertices (face_meshes: FaceMeshes). A term whose weight is 0 is not
-    computed at all (face_meshes may then be None), so it cannot touch the other terms' gradients.
+    distance in mm^2 of the face-region vertices (face: the FLAME model's Flame.region of the face mask), with
+    the head pose or without it (cfg.mesh_head_pose). A term whose weight is 0 is not computed at all (face may
+    then be None), so it cannot touch the other terms' gradients.
     """
     cfg = model.cfg
     space = model.standardise if cfg.loss_space == "standardised" else (lambda m: m)
@@ -261,7 +243,9 @@ def motion_losses(model, face_meshes, pred, target, shape, mu, logvar):
         if cfg.w_vel:
             terms["vel"] = F.mse_loss(pred_s[:, 1:] - pred_s[:, :-1], target_s[:, 1:] - target_s[:, :-1])
     if cfg.w_mesh:
-        pred_v, target_v = face_meshes(shape, pred.float()), face_meshes(shape, target.float())   # (B, T, F, 3)
+        still = not cfg.mesh_head_pose
+        pred_v = face.from_motion(shape, pred.float(), zero_head_pose=still)                   # (B, T, F, 3)
+        target_v = face.from_motion(shape, target.float(), zero_head_pose=still)
         terms["mesh"] = (pred_v - target_v).pow(2).sum(-1).mean() * MM_PER_M ** 2
     weights = dict(kl=cfg.w_kl, rec=cfg.w_rec, vel=cfg.w_vel, mesh=cfg.w_mesh)
     total = sum(weights[k] * v for k, v in terms.items())
@@ -270,6 +254,16 @@ def motion_losses(model, face_meshes, pred, target, shape, mu, logvar):
 
 # ----------------------------------------------------------------------------- controls
 
+@dataclass
+class Controls:
+    """What a user chooses of a generation: how many takes from which seed, how far z strays (temperature), and
+    how much the head and the face move about the training mean motion (apply_controls)."""
+    samples: int = 1
+    seed: int = 0
+    temperature: float = 1.0
+    pose_scale: float = 1.0
+    expression_scale: float = 1.0
+    still: bool = False
 
 
 def draw_z(d_model, n_samples, seed, temperature=1.0):
@@ -278,17 +272,18 @@ def draw_z(d_model, n_samples, seed, temperature=1.0):
     return torch.randn(n_samples, d_model, generator=torch.Generator().manual_seed(seed)) * temperature
 
 
-def apply_controls(motion, mean, pose_scale=1.0, expression_scale=1.0, still=False):
+def apply_controls(motion, mean, controls):
     """Scale a take's motion about the person's mean motion, frame by frame (so a stream can apply it too).
 
     motion (..., 59) tensor in FLAME units, mean (59,): the model's training mean motion (the normalisation
     mean its checkpoint carries). Head pose (global + neck) moves by pose_scale, expression and jaw by
     expression_scale: m' = mean + scale * (m - mean). Scale 0 holds that part at the mean, 1 leaves it untouched
-    (bit for bit), above 1 exaggerates. still=True holds the head pose at the mean whatever pose_scale says.
+    (bit for bit), above 1 exaggerates. still holds the head pose at the mean whatever pose_scale says.
     """
     out = motion.clone()
-    pose_scale = 0.0 if still else pose_scale
-    for part, scale in ((HEAD_POSE, pose_scale), (EXPRESSION, expression_scale), (JAW_POSE, expression_scale)):
+    pose_scale = 0.0 if controls.still else controls.pose_scale
+    scales = ((HEAD_POSE, pose_scale), (EXPRESSION, controls.expression_scale), (JAW_POSE, controls.expression_scale))
+    for part, scale in scales:
         if scale != 1.0:
             out[..., part] = mean[part] + scale * (motion[..., part] - mean[part])
     return out
@@ -307,17 +302,15 @@ def window_starts(n_frames, window, overlap):
 
 
 @torch.no_grad()
-def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60, batch_windows=8,
-             temperature=1.0, pose_scale=1.0, expression_scale=1.0, still=False, progress=False):
+def generate(model, voice, bgm=None, shape=None, controls=Controls(), overlap=60, batch_windows=8, progress=False):
     """Motion for a whole song: voice / bgm (N,) float32 at 16 kHz, or AudioFiles read a batch of windows at a
     time (memory then does not grow with the song beyond the motion), shape (100,) -> (n_samples, T, 59) numpy.
 
     The song is cut into windows of the training length that overlap by `overlap` frames; each sample keeps one
     z for the whole song (one consistent take), and overlapping frames are cross-faded linearly, so the join has
     no seam. A song shorter than a window is padded with silence and cropped back; the music is cut or padded
-    to the voice. temperature scales z
-    (draw_z); pose_scale, expression_scale and still act on the result (apply_controls). A model without the
-    music branch reads no bgm. progress=True prints progress lines when the song takes more than one batch
+    to the voice. controls.samples takes from controls.seed, temperature scales z (draw_z); pose_scale,
+    expression_scale and still act on the result (apply_controls). A model without the music branch reads no bgm. progress=True prints progress lines when the song takes more than one batch
     of windows.
     """
     model.eval()
@@ -332,7 +325,8 @@ def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60
     window = CLIP_FRAMES
     starts = window_starts(n_frames, window, overlap)
     total = max(n_frames, window)
-    z = draw_z(model.cfg.d_model, n_samples, seed, temperature).to(device)              # (S, d)
+    n_samples = controls.samples
+    z = draw_z(model.cfg.d_model, n_samples, controls.seed, controls.temperature).to(device)     # (S, d)
     out = torch.zeros(n_samples, total, MOTION_DIM)                                       # (S, T, 59)
     weight = torch.zeros(total, 1)
     ramp = blend_weights(window, overlap)                                                 # (window, 1)
@@ -361,7 +355,7 @@ def generate(model, voice, bgm=None, shape=None, n_samples=1, seed=0, overlap=60
         if windows.advance(len(chunk)) and progress:
             print(windows.line("motion:"), flush=True)
     out /= weight                                    # in place: a long song holds as few copies of its motion
-    motion = apply_controls(out[:, :n_frames], model.motion_mean.cpu(), pose_scale, expression_scale, still)
+    motion = apply_controls(out[:, :n_frames], model.motion_mean.cpu(), controls)
     return motion.numpy()
 
 
@@ -420,17 +414,15 @@ class MotionStream:
     finish() -> the rest of the song's frames. Together they give every frame of the song exactly once.
     """
 
-    def __init__(self, model, shape=None, seed=0, lookahead=STREAM_LOOKAHEAD, window=CLIP_FRAMES,
-                 temperature=1.0, pose_scale=1.0, expression_scale=1.0, still=False):
+    def __init__(self, model, shape=None, controls=Controls(), lookahead=STREAM_LOOKAHEAD, window=CLIP_FRAMES):
         if not 0 <= lookahead < window:
             raise ValueError(f"stream: lookahead {lookahead} frames must be in [0, window = {window})")
         self.model = model.eval()
         self.device = next(model.parameters()).device
         shape = torch.zeros(N_SHAPE) if shape is None else torch.as_tensor(shape, dtype=torch.float32)
         self.shape = shape.to(self.device)[None]                                           # (1, 100)
-        self.z = draw_z(model.cfg.d_model, 1, seed, temperature).to(self.device)           # (1, d)
-        self.lookahead, self.window = lookahead, window
-        self.controls = dict(pose_scale=pose_scale, expression_scale=expression_scale, still=still)
+        self.z = draw_z(model.cfg.d_model, 1, controls.seed, controls.temperature).to(self.device)   # (1, d)
+        self.lookahead, self.window, self.controls = lookahead, window, controls
         self.voice = np.zeros(0, np.float32)        # samples from frame self.first on (older ones are dropped)
         self.bgm = np.zeros(0, np.float32)
         self.first = 0                              # a multiple of PPE_PERIOD, so clip_samples(first) is exact
@@ -498,7 +490,7 @@ class MotionStream:
         return self._controlled(out)
 
     def _controlled(self, motion):
-        return apply_controls(motion, self.model.motion_mean.cpu(), **self.controls).numpy()
+        return apply_controls(motion, self.model.motion_mean.cpu(), self.controls).numpy()
 
 
 def stream_song(stream, voice, bgm=None, chunk_ms=STREAM_CHUNK_MS, realtime=True):
@@ -546,34 +538,33 @@ def stream_summary(stats, realtime):
 # ----------------------------------------------------------------------------- portrait video
 
 @torch.no_grad()
-def portrait_video(renderer_ckpt, image_path, flame, shape, motion, out_path, audio=None, device="cpu",
-                   batch=RENDER_BATCH, fps=FPS, sample_rate=SAMPLE_RATE, progress=False):
+def portrait_video(trained, image_path, flame, shape, motion, out_path, audio=None, progress=False):
     """
     The singing portrait: motion (T, 59) with shape (100,) -> FLAME meshes -> depth with the renderer's
-    camera -> FaceRenderer frames, `batch` frames at a time, streamed into out_path (mp4, audio float32 (N,)
-    muxed in when given) and the depth video into depth.mp4 beside it. Memory does not grow with T.
-    Frame t gets temporal index t. progress=True prints progress lines. Returns out_path as a Path.
+    camera -> FaceRenderer frames (trained: render.load_renderer's, on its device), RENDER_BATCH frames at a
+    time, streamed into out_path (mp4, audio float32 (N,) muxed in when given) and the depth video into
+    depth.mp4 beside it. Memory does not grow with T. Frame t gets temporal index t. progress=True prints
+    progress lines. Returns out_path as a Path.
     """
     out_path = Path(out_path)
-    device = torch.device(device)
-    trained = load_renderer(renderer_ckpt, device)
     if trained.flame_record["flame_sha256"] != flame.sha256:          # depth of another head than it learnt from
-        raise ValueError(f"{renderer_ckpt}: trained on depth images of {trained.flame_record['flame']}, not of "
+        raise ValueError(f"{trained.source}: trained on depth images of {trained.flame_record['flame']}, not of "
                          f"{flame.source}; use the FLAME it was trained with (--flame) or a renderer trained with it")
     renderer, size = trained.generator, trained.config.image_size
+    device = next(renderer.parameters()).device
     reference = load_reference(image_path, size).to(device)                               # (3, H, W)
     motion = torch.as_tensor(np.asarray(motion), dtype=torch.float32)
-    if motion.ndim != 2 or motion.shape[1] != 59:
-        raise ValueError(f"{out_path}: motion must be (frames, 59), got {tuple(motion.shape)}")
+    if motion.ndim != 2 or motion.shape[1] != MOTION_DIM:
+        raise ValueError(f"{out_path}: motion must be (frames, {MOTION_DIM}), got {tuple(motion.shape)}")
     shape = torch.as_tensor(np.asarray(shape), dtype=torch.float32, device=device)
     flame = copy.deepcopy(flame).to(device)  # leave the caller's model where it was
     cam = torch.tensor(trained.cam, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     frames_done = Progress(len(motion), "frame", lines=PROGRESS_LINES)
-    with VideoWriter(out_path, size, fps, audio, sample_rate) as video, \
-            VideoWriter(out_path.with_name("depth.mp4"), size, fps, audio, sample_rate) as depth_video:
-        for start in range(0, len(motion), batch):
-            chunk = motion[start:start + batch].to(device)                                 # (b, 59)
+    with VideoWriter(out_path, size, FPS, audio) as video, VideoWriter(out_path.with_name("depth.mp4"), size, FPS,
+                                                                        audio) as depth_video:
+        for start in range(0, len(motion), RENDER_BATCH):
+            chunk = motion[start:start + RENDER_BATCH].to(device)                          # (b, 59)
             depth = render_depth(flame.from_motion(shape, chunk), flame.faces, cam, size)  # (b, 1, H, W)
             index = torch.arange(start, start + len(chunk), device=device)
             with autocast:
@@ -585,7 +576,8 @@ def portrait_video(renderer_ckpt, image_path, flame, shape, motion, out_path, au
     return out_path
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- checkpoints, outputs and the
+# command line
 
 @dataclass
 class TrainedMotion:
@@ -611,16 +603,11 @@ def load_checkpoint(path, device="cpu"):
     except (TypeError, ValueError, RuntimeError) as e:      # a damaged config or weights that do not fit it
         raise ValueError(f"{path}: not a usable motion checkpoint ({str(e).strip().splitlines()[0]})") from None
     people = {k: np.asarray(v.cpu(), dtype=np.float32) for k, v in ckpt.get("people", {}).items()}
-    record = dict(flame=ckpt.get("flame") or "procedural", flame_sha256=ckpt.get("flame_sha256"))
+    record = dict(flame=ckpt.get("flame"), flame_sha256=ckpt.get("flame_sha256"))
     return TrainedMotion(model.eval(), people, record)
 
 
-def load_flame(path=None):
-    """The real FLAME when a path is given, else the procedural stand-in head."""
-    return Flame.load(path) if path else Flame.procedural()
-
-
-# ----------------------------------------------------------------------------- command line
+# the command line
 
 def write_motion(out_dir, motion, flame, shape, song):
     """Each take k: sample_k.npz (motion, shape, landmarks), sample_k.pkl (the SingingHead keys) and
@@ -748,25 +735,10 @@ def check_file(path, what, hint=""):
         raise ValueError(f"{path}: {what} not readable (permission denied)")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):                 # argparse's refusals in one line with status 1, like ours
-        sys.exit(f"error: {message}")
-
-
-def main(argv=None):
-    """The command line. Bad input or a failed write (a full disk, a read-only --out) ends in one line,
-    `error: <file>: <problem>`, and exit status 1, not a traceback; no output is left half-written."""
-    try:
-        command(argv)
-    except (ValueError, OSError) as err:
-        named = isinstance(err, OSError) and err.filename
-        sys.exit("error: " + " ".join((f"{err.filename}: {err.strerror}" if named else str(err)).split()))
-
-
-def command(argv=None):
+def parse_args(argv=None):
     p = Parser(description="Singing audio -> FLAME motion (and portrait video).")
-    p.add_argument("--audio", required=True, help="singing voice wav (any sample rate; stereo is mixed down)")
-    p.add_argument("--bgm", help="background music wav (default: silence)")
+    p.add_argument("--audio", required=True, help="singing voice: wav, flac, mp3, ... (stereo is mixed down)")
+    p.add_argument("--bgm", help="background music (default: silence)")
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="motion checkpoint from train.py")
     p.add_argument("--person", help="use the shape of this person from the checkpoint's training data")
     p.add_argument("--shape", help=".npy file with a 100-d FLAME shape")
@@ -796,15 +768,19 @@ def command(argv=None):
     live.add_argument("--window-s", type=float, default=CLIP_FRAMES / FPS, help="audio each stream pass reads")
     live.add_argument("--fast", action="store_true", help="feed the file as fast as possible, not at real-time pace")
     args = p.parse_args(argv)
-    controls = dict(temperature=args.temperature, pose_scale=args.pose_scale,
-                    expression_scale=args.expression_scale, still=args.still)
+    args.controls = Controls(args.samples, args.seed, args.temperature, args.pose_scale, args.expression_scale,
+                             args.still)
+    args.lookahead, args.window = round(args.lookahead_ms * FPS / 1000), round(args.window_s * FPS)
     if args.temperature < 0:
         p.error(f"--temperature must be >= 0, got {args.temperature}")
-    lookahead, window = round(args.lookahead_ms * FPS / 1000), round(args.window_s * FPS)
-    if args.stream and (args.samples != 1 or args.chunk_ms <= 0 or not 0 <= lookahead < window):
+    if args.stream and (args.samples != 1 or args.chunk_ms <= 0 or not 0 <= args.lookahead < args.window):
         p.error("--stream plays one take (--samples 1), with --chunk-ms > 0 and 0 <= --lookahead-ms < --window-s")
+    return args
 
-    # every argument and input file is checked before a model is loaded or anything is written
+
+def check_inputs(args):
+    """Every argument and input file checked before a model is loaded or anything is written. Returns the voice
+    and music (AudioFiles, read a stretch at a time: any song length) and the --shape (or None)."""
     if args.samples < 1:
         raise ValueError(f"--samples {args.samples}: must be at least 1")
     if bool(args.image) != bool(args.renderer):
@@ -818,9 +794,8 @@ def command(argv=None):
         raise ValueError(f"{out}: exists and is not a folder")
     check_file(args.checkpoint, "motion checkpoint", "; train one with `python train.py --stage motion` (writes "
                                                      "out/motion/best.pt) or pass --checkpoint PATH")
-    voice = AudioFile(args.audio)                     # read a batch of windows at a time: any song length
-    n_frames = song_frames(len(voice))
-    if n_frames < 1:
+    voice = AudioFile(args.audio)
+    if song_frames(len(voice)) < 1:
         raise ValueError(f"{args.audio}: {len(voice) / SAMPLE_RATE:.3f} s of audio is shorter than one motion "
                          f"frame (1/{FPS} s)")
     bgm = AudioFile(args.bgm) if args.bgm else None
@@ -831,29 +806,39 @@ def command(argv=None):
         load_renderer(args.renderer)                  # a damaged one is refused now, not after the whole song
     if args.flame:
         check_file(args.flame, "FLAME model file")
+    return voice, bgm, shape
 
+
+def person_shape(trained, shape, person, checkpoint):
+    """The shape to animate: --shape, else --person's from the checkpoint, else its first person's."""
+    if shape is not None:
+        return shape
+    if person:
+        if person not in trained.people:
+            raise ValueError(f"{checkpoint}: no person {person!r}; known: {', '.join(sorted(trained.people))}")
+        return trained.people[person]
+    return next(iter(trained.people.values()), np.zeros(N_SHAPE, np.float32))
+
+
+def command(argv=None):
+    args = parse_args(argv)
+    voice, bgm, shape = check_inputs(args)
+    out, n_frames = Path(args.out), song_frames(len(voice))
     trained = load_checkpoint(args.checkpoint, args.device)
-    model = trained.model
     flame = load_flame(resolve_flame(trained.flame_record, args.flame, args.checkpoint))
-    if shape is None and args.person:
-        if args.person not in trained.people:
-            raise ValueError(f"{args.checkpoint}: no person {args.person!r}; "
-                             f"known: {', '.join(sorted(trained.people))}")
-        shape = trained.people[args.person]
-    elif shape is None:
-        shape = next(iter(trained.people.values()), np.zeros(N_SHAPE, np.float32))
+    shape = person_shape(trained, shape, args.person, args.checkpoint)
     if n_frames < CLIP_FRAMES:
         print(f"note: {args.audio} is {len(voice) / SAMPLE_RATE:.2f} s, shorter than one motion window "
               f"({CLIP_FRAMES / FPS:.0f} s): the model hears it padded with silence, and the {n_frames} frames "
               f"of the song are kept", flush=True)
     t0 = time.time()
     if args.stream:
-        stream = MotionStream(model, shape, args.seed, lookahead, window, **controls)
+        stream = MotionStream(trained.model, shape, args.controls, args.lookahead, args.window)
         take, stats = stream_song(stream, voice, bgm, args.chunk_ms, realtime=not args.fast)
         motion = take[None]
         print(stream_summary(stats, realtime=not args.fast))
     else:
-        motion = generate(model, voice, bgm, shape, args.samples, args.seed, progress=True, **controls)
+        motion = generate(trained.model, voice, bgm, shape, args.controls, progress=True)
     seconds = time.time() - t0
     print(f"{motion.shape[0]} take(s) of {motion.shape[1]} frames in {seconds:.2f} s "
           f"({motion.shape[0] * motion.shape[1] / seconds:.0f} frames/s)", flush=True)
@@ -861,17 +846,25 @@ def command(argv=None):
     write_motion(out, motion, flame, shape, song)
     if args.glb:
         for k, m in enumerate(motion):
-            save_glb(out / f"sample_{k}.glb", flame, shape, m, FPS, song, SAMPLE_RATE)
+            with atomic_output(out / f"sample_{k}.glb") as tmp, open(tmp, "wb") as file:
+                save_glb(file, flame, shape, m, FPS)
             announce(out / f"sample_{k}.glb", f"take {k} as a glTF 2.0 animated head, its sound beside it")
+            write_wav(out / f"sample_{k}.wav", song)
             announce(out / f"sample_{k}.wav", f"the sound of take {k}'s .glb")
     if args.grid:
         grid = write_grid(out / "grid.mp4", motion, flame, shape, song)
         announce(grid, f"every take side by side, takes 0..{len(motion) - 1} left to right then down, with sound")
     if args.image:
-        video = portrait_video(args.renderer, args.image, flame, shape, motion[0], out / "portrait.mp4",
-                               audio=song, device=args.device, progress=True)
+        renderer = load_renderer(args.renderer, args.device)
+        video = portrait_video(renderer, args.image, flame, shape, motion[0], out / "portrait.mp4", song, True)
         announce(video, "the portrait video of take 0, with sound")
         announce(video.with_name("depth.mp4"), "the depth frames the renderer was given, with sound")
+
+
+def main(argv=None):
+    """The command line: bad input or a failed write ends in one line, `error: <file>: <problem>`, and exit
+    status 1; no output is left half-written."""
+    run_command(command, argv)
 
 
 if __name__ == "__main__":
