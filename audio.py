@@ -2,7 +2,8 @@
 
 Holds
 - load_audio: any sound file -> mono float32 at 16 kHz (polyphase resampling), bad files refused; AudioFile reads
-  the same samples a stretch at a time, for songs too long to hold.
+  the same samples a stretch at a time, for songs too long to hold. Formats libsndfile does not know (m4a, aac,
+  webm, the sound of a video) are decoded by the bundled ffmpeg (imageio-ffmpeg, needed only for them).
 - Wav2Vec2: the wav2vec 2.0 encoder in plain PyTorch, both checkpoint flavours ("base": group-norm feature
   extractor + post-norm encoder, e.g. facebook/wav2vec2-base-960h; "large/lv60": layer-norm feature extractor +
   pre-norm "stable layer norm" encoder), loading Hugging Face checkpoints (config.json + model.safetensors or
@@ -14,7 +15,8 @@ Holds
   programming beat tracking), in numpy, following librosa 0.11's precision step by step so that beat frames
   come out identical to librosa's, not merely close.
 
-Depends on torch, numpy, soundfile and scipy only; imports nothing else of ours, so it can be used alone:
+Depends on torch, numpy, soundfile and scipy only (imageio-ffmpeg for the other formats); imports nothing else of
+ours, so it can be used alone:
 
     wave = load_audio("song.wav")                                  # (N,) float32, 16 kHz
     w2v = Wav2Vec2.from_pretrained("wav2vec2-base-960h").eval()
@@ -27,8 +29,11 @@ Depends on torch, numpy, soundfile and scipy only; imports nothing else of ours,
 import functools
 import json
 import math
+import subprocess
+import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import soundfile as sf
@@ -900,6 +905,46 @@ _SUBTYPE_BYTES = {"PCM_U8": 1, "PCM_S8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 
 
 MIN_RATE, MAX_RATE = 1_000, 768_000   # Hz, the sample rates accepted; outside them a header is damaged
 SCAN_FRAMES = 1 << 20                 # frames checked at a time when a sound file is opened
+# The containers ffmpeg may open for us: none of them opens another file, as playlists (hls), concat scripts or
+# image sequences would, whatever a file claims to be.
+FFMPEG_FORMATS = "mov,matroska,webm,mp3,aac,ogg,flac,wav,w64,aiff,caf,asf,avi,flv,mpegts,mpeg,amr,ac3,eac3,wv,ape,tta"
+AAC_PRIMING = 1024                    # samples an AAC encoder puts before the sound; ADTS has no field to say so
+
+
+def _decode_with_ffmpeg(path, sr):
+    """
+    The first audio stream of a file libsndfile does not know (m4a, aac, webm, mp4, mkv, ...) decoded by the
+    bundled ffmpeg to mono float32 at `sr` Hz, as a read-only memory map of a temporary raw file: memory is
+    spent only on the stretches read, and every stretch holds the same samples. The path goes to ffmpeg as
+    'file:' plus the absolute path with only the file protocol allowed, so a file named 'concat:a|b', 'http://..'
+    or '-i' is that file. Refusals (ValueError naming the file): no audio stream, or not readable by ffmpeg.
+    """
+    try:
+        import imageio_ffmpeg    # only for formats libsndfile lacks: audio.py alone still reads wav without it
+    except ImportError:
+        raise ValueError(f"{path}: unreadable audio (libsndfile does not know it, and imageio-ffmpeg, which "
+                         f"would decode it, is not installed)") from None
+    with open(path, 'rb') as f:                   # a raw AAC (ADTS) stream opens with the 12-bit sync word
+        adts = f.read(2)
+    trim = ['-af', f'atrim=start_sample={AAC_PRIMING}'] if adts[:1] == b'\xff' and adts[1:2] and adts[1] & 0xF6 == 0xF0 \
+        else []                                   # mp4 / m4a say the priming in an edit list, which ffmpeg honours
+    with tempfile.NamedTemporaryFile(suffix='.f32') as raw:
+        command = [imageio_ffmpeg.get_ffmpeg_exe(), '-nostdin', '-v', 'error', '-protocol_whitelist', 'file',
+                   '-format_whitelist', FFMPEG_FORMATS, '-i', f"file:{Path(path).resolve()}", '-map', '0:a:0',
+                   *trim, '-ac', '1', '-ar', str(int(sr)), '-f', 'f32le', '-y', f"file:{raw.name}"]
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        said = done.stderr.decode(errors='replace')
+        if 'matches no streams' in said:
+            raise ValueError(f"{path}: no audio stream to read")
+        if done.returncode != 0:    # ffmpeg's first complaint about the input is the specific one
+            reasons = [line.split('] ', 1)[-1] for line in said.splitlines() if line.startswith('[in#')]
+            reason = (reasons or said.strip().splitlines() or [f"exit status {done.returncode}"])[0]
+            raise ValueError(f"{path}: unreadable audio (neither libsndfile nor ffmpeg reads it: {reason})")
+        if Path(raw.name).stat().st_size == 0:
+            return np.zeros(0, np.float32)
+        # Mapped before the file is removed on leaving this block: the mapping keeps its pages, and the disk space
+        # is freed when the AudioFile goes, whatever ends the program.
+        return np.memmap(raw.name, np.float32, 'r')
 
 
 def load_audio(path, sr=SAMPLE_RATE):
@@ -907,6 +952,7 @@ def load_audio(path, sr=SAMPLE_RATE):
 
     Refuses (ValueError naming the file) unreadable, empty, truncated and non-finite files. libsndfile quietly
     shortens a WAV whose data is cut off, so for WAV the frames present are also checked against the header.
+    A format libsndfile does not know is decoded by ffmpeg (its first audio stream, mixed and resampled by it).
     """
     song = AudioFile(path, sr)
     return song[0:len(song)]
@@ -924,10 +970,12 @@ class AudioFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"{path}: no such audio file")
+        self.decoded = None                                         # samples ffmpeg decoded, for other formats
         try:
             info = sf.info(str(self.path))
-        except (RuntimeError, OSError) as e:  # soundfile's errors derive from RuntimeError
-            raise ValueError(f"{path}: unreadable audio ({' '.join(str(e).split())})") from None
+        except (RuntimeError, OSError):  # soundfile's errors derive from RuntimeError
+            self.decoded = _decode_with_ffmpeg(self.path, sr)
+            info = SimpleNamespace(frames=len(self.decoded), samplerate=int(sr), format='ffmpeg')
         if info.frames <= 0:
             raise ValueError(f"{path}: empty audio (no samples)")
         if not MIN_RATE <= info.samplerate <= MAX_RATE:
@@ -965,9 +1013,12 @@ class AudioFile:
     def _read(self, start, stop):
         """Frames start..stop-1 at the file's rate, channels averaged: (stop - start,) float32."""
         try:
-            with sf.SoundFile(str(self.path)) as f:
-                f.seek(start)
-                wave = f.read(stop - start, dtype="float32", always_2d=True)       # (n, channels)
+            if self.decoded is not None:
+                wave = self.decoded[start:stop, None]
+            else:
+                with sf.SoundFile(str(self.path)) as f:
+                    f.seek(start)
+                    wave = f.read(stop - start, dtype="float32", always_2d=True)   # (n, channels)
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{self.path}: unreadable audio ({' '.join(str(e).split())})") from None
         if len(wave) < stop - start:

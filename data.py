@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import render
-from audio import FPS, SAMPLE_RATE, load_audio
+from audio import FPS, SAMPLE_RATE, AudioFile, load_audio
 from flame import N_EXPR, N_SHAPE, load_data_pickle
 
 CLIP_SECONDS = 8                      # the release's sequence length
@@ -127,14 +127,15 @@ def write_flame_pickle(path, motion, shape, cam=None):
 
 
 def audio_samples(path):
-    """Length at SAMPLE_RATE of the audio file at path, from its header (no decoding)."""
+    """Length at SAMPLE_RATE of the audio file at path: from its header where libsndfile reads it (no decoding),
+    else decoded as load_audio decodes it (a song in a container libsndfile does not know)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     try:
         info = soundfile.info(str(path))
-    except (RuntimeError, OSError) as e:      # soundfile's errors derive from RuntimeError
-        raise ValueError(f"{path}: unreadable audio ({e})") from None
+    except (RuntimeError, OSError):           # soundfile's errors derive from RuntimeError
+        return len(AudioFile(path, SAMPLE_RATE))
     return round(info.frames * SAMPLE_RATE / info.samplerate)
 
 

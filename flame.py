@@ -15,11 +15,14 @@ Depends on torch and numpy only; imports nothing of the project, so it can be co
     with open('take.glb', 'wb') as f:
         save_glb(f, flame, torch.zeros(100), torch.zeros(240, MOTION_DIM))     # plays in Blender, three.js
 """
+import collections
 import copy
 import hashlib
+import io
 import json
 import math
 import pickle
+import re
 import struct
 import zipfile
 import zlib
@@ -242,8 +245,9 @@ def split_motion(m, n_expr=N_EXPR):
 # Unpickling calls whatever callable a file names, so a pickle from elsewhere could run any program.
 # DataUnpickler resolves only the exact (module, name) pairs below, all of which build data whatever their
 # arguments: arrays, dtypes and numpy scalars (numpy >= 2 and the numpy.core spellings of older files), sets,
-# complex numbers, the latin-1 bytes of protocol-2 pickles, and inert stand-ins for the chumpy and scipy-sparse
-# objects of FLAME 2020 (nothing of chumpy or scipy is imported). Any other name is refused before it is loaded.
+# complex numbers, the latin-1 bytes of protocol-2 pickles, inert stand-ins for the chumpy and scipy-sparse
+# objects of FLAME 2020 (nothing of chumpy or scipy is imported), and plain tensors of numbers (DECA saved some),
+# whose storage bytes torch's weights-only reader reads. Any other name is refused before it is loaded.
 
 class _ChumpyArray:
     """Stand-in for a chumpy object inside a FLAME 2020 pickle: keeps only its value, state['x']."""
@@ -292,6 +296,46 @@ def _reconstructor(cls, base, state):
     return object.__new__(cls)
 
 
+# Numeric dtypes numpy also has: a tensor of these leaves the unpickler as data (e.g. DECA's landmark_embedding.npy)
+TENSOR_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                 torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+
+def _storage_from_bytes(b):
+    """torch.storage._load_from_bytes without its torch.load(weights_only=False): the bytes (a torch.save file)
+    are read by torch's weights-only reader, which refuses every global but its own data types, and only a
+    typed storage of numbers is kept."""
+    if type(b) is not bytes:
+        raise pickle.UnpicklingError(f"refused a tensor storage made from {type(b).__name__}, not bytes")
+    try:
+        storage = torch.load(io.BytesIO(b), map_location='cpu', weights_only=True)
+    except Exception as error:
+        named = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if named:
+            raise pickle.UnpicklingError(f"refused to load {named[1].rstrip('.')} inside a tensor's storage bytes: "
+                                         f"a data file holds only arrays, numbers, strings and containers") from None
+        raise pickle.UnpicklingError(f"unreadable tensor storage bytes ({type(error).__name__})") from None
+    if not isinstance(storage, torch.TypedStorage) or storage.dtype not in TENSOR_DTYPES:
+        what = storage.dtype if isinstance(storage, torch.TypedStorage) else type(storage).__name__
+        raise pickle.UnpicklingError(f"refused tensor storage bytes holding {what}, not a storage of numbers")
+    return storage
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    """torch._utils._rebuild_tensor_v2 (and _rebuild_tensor of older torch) for a plain tensor only: a view of a
+    storage from _storage_from_bytes that lies inside it, with no gradient, backward hooks or metadata."""
+    view = isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+    if not (view and isinstance(storage, torch.TypedStorage) and
+            all(type(n) is int and n >= 0 for n in (offset, *size, *stride))):
+        raise pickle.UnpicklingError("refused a tensor that is not a view of a storage by offset, sizes and strides")
+    if requires_grad is not False or not all(x is None or isinstance(x, dict) and not x for x in (hooks, metadata)):
+        raise pickle.UnpicklingError("refused a tensor with a gradient, backward hooks or metadata")
+    values = storage._untyped_storage.nbytes() // torch.empty((), dtype=storage.dtype).element_size()
+    if 0 not in size and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= values:
+        raise pickle.UnpicklingError(f"refused a tensor view {size} reaching past its storage of {values} values")
+    return torch.empty(0, dtype=storage.dtype).set_(storage._untyped_storage, offset, size, stride)
+
+
 def _data_globals():
     """(module, name) -> what DataUnpickler gives for it; exact pairs, each spelling a real file uses."""
     core = np._core if hasattr(np, '_core') else np.core
@@ -305,6 +349,9 @@ def _data_globals():
                       (builtins, 'object'): object})
     for copyreg in ('copyreg', 'copy_reg'):
         table[(copyreg, '_reconstructor')] = _reconstructor
+    table.update({('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor, ('torch._utils', '_rebuild_tensor'):
+                  _rebuild_tensor, ('torch.storage', '_load_from_bytes'): _storage_from_bytes,
+                  ('collections', 'OrderedDict'): collections.OrderedDict})    # a tensor's empty backward hooks
     for module in ('scipy.sparse', 'scipy.sparse.csc', 'scipy.sparse._csc', 'scipy.sparse.csr', 'scipy.sparse._csr'):
         table.update({(module, 'csc_matrix'): _CscStandIn, (module, 'csc_array'): _CscStandIn,
                       (module, 'csr_matrix'): _CsrStandIn, (module, 'csr_array'): _CsrStandIn})
@@ -456,7 +503,11 @@ def _read_landmark_embedding(folder):
             emb = read(path)
             if not isinstance(emb, dict) or faces_key not in emb or bary_key not in emb:
                 raise ValueError(f"{path}: missing keys {faces_key} / {bary_key}")
-            return np.asarray(emb[faces_key]).reshape(-1), np.asarray(emb[bary_key]).reshape(-1, 3)
+            faces, bary = np.asarray(emb[faces_key]), np.asarray(emb[bary_key])     # DECA's may be tensors
+            if faces.dtype.kind not in 'iu' or bary.dtype.kind != 'f' or bary.shape != (*faces.shape, 3):
+                raise ValueError(f"{path}: expected {faces_key} (L,) face ids and {bary_key} (L, 3) weights, found "
+                                 f"{faces.dtype} {faces.shape} and {bary.dtype} {bary.shape}")
+            return faces.reshape(-1), bary.reshape(-1, 3)
     return None
 
 
@@ -468,7 +519,11 @@ def _read_masks(folder):
     masks = load_data_pickle(path)
     if not isinstance(masks, dict):
         raise ValueError(f"{path}: expected a dict of vertex id arrays, found {type(masks).__name__}")
-    masks = {k: _dense(v, path, k).astype(np.int64).reshape(-1) for k, v in masks.items()}
+    masks = {k: _dense(v, path, k) for k, v in masks.items()}
+    not_ids = [k for k, v in masks.items() if v.dtype.kind not in 'iu']
+    if not_ids:
+        raise ValueError(f"{path}: expected arrays of vertex ids, found other values for {not_ids}")
+    masks = {k: v.astype(np.int64).reshape(-1) for k, v in masks.items()}
     if 'forehead' in masks and 'eye_region' in masks:
         masks['upper_face'] = np.union1d(masks['forehead'], masks['eye_region'])
     return masks

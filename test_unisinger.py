@@ -229,6 +229,176 @@ def test_flame2023_pickle_npz_and_side_files_load(tmp_path):
         from_npz.masks
 
 
+class PicklerOfThen(pickle._Pickler):
+    """pickle as the FLAME files were written: Python 2 (python2=True) stores every str and bytes as its 8-bit
+    str (BINSTRING), and classes carry the module names of the packages of the time (`modules`: ours -> theirs)."""
+
+    def __init__(self, file, protocol, modules, python2=False):
+        super().__init__(file, protocol)
+        self.modules, self.dispatch = modules, dict(self.dispatch)
+        if python2:
+            self.dispatch[str] = self.dispatch[bytes] = PicklerOfThen.save_python2_str
+
+    def save_python2_str(self, obj):
+        data = obj.encode('latin1') if isinstance(obj, str) else obj
+        short = len(data) < 256
+        self.write((pickle.SHORT_BINSTRING + bytes([len(data)]) if short else
+                    pickle.BINSTRING + struct.pack('<i', len(data))) + data)
+        self.memoize(obj)
+
+    def save_global(self, obj, name=None):
+        name = name or obj.__qualname__
+        module = self.modules.get(obj.__module__, obj.__module__)
+        if self.proto >= 4:
+            self.save(module), self.save(name)
+            self.write(pickle.STACK_GLOBAL)
+        else:
+            self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+        self.memoize(obj)
+
+
+NUMPY_1 = {'numpy._core.multiarray': 'numpy.core.multiarray', 'numpy._core.numeric': 'numpy.core.numeric'}
+
+
+def pickled_as_then(obj, protocol, modules=NUMPY_1, python2=False):
+    buffer = io.BytesIO()
+    PicklerOfThen(buffer, protocol, modules, python2).dump(obj)
+    return buffer.getvalue()
+
+
+def test_flame2020_files_in_python2_layout_load_as_their_arrays(tmp_path, monkeypatch):
+    """FLAME 2020 as its site ships it, all written by Python 2 at protocol 2 (8-bit strings, numpy.core names):
+    generic_model.pkl (chumpy objects, a scipy.sparse.csc matrix), FLAME_masks.pkl (a dict of int arrays) and
+    flame_static_embedding.pkl (51 landmarks). Flame.load gives the arrays' vertices, landmarks and masks."""
+    monkeypatch.setattr(inspect, 'getargspec', inspect.getfullargspec, raising=False)  # chumpy-fork on Python 3.11
+    import chumpy_fork
+    import scipy.sparse
+    rng = np.random.default_rng(7)
+    arrays = random_flame_arrays(rng)
+    official = {k: chumpy_fork.array(arrays[k]) for k in ('v_template', 'shapedirs', 'posedirs', 'weights')}
+    official.update(J_regressor=scipy.sparse.csc_matrix(arrays['J_regressor']), J=np.zeros((5, 3)),
+                    kintree_table=arrays['kintree_table'], f=arrays['f'].astype(np.uint32), bs_style='lbs',
+                    bs_type='lrotmin')
+    then = {**NUMPY_1, 'chumpy_fork.ch': 'chumpy.ch', 'scipy.sparse._csc': 'scipy.sparse.csc'}
+    masks = {'face': rng.choice(300, 120, replace=False), 'lips': np.arange(10, 20), 'forehead': np.arange(50, 60),
+             'eye_region': np.arange(55, 70), 'scalp': np.arange(200, 300)}
+    static = {'lmk_face_idx': rng.integers(0, 500, 51).astype(np.uint32), 'lmk_b_coords': rng.dirichlet(np.ones(3), 51)}
+    for name, content in (('generic_model.pkl', official), ('FLAME_masks.pkl', masks),
+                          ('flame_static_embedding.pkl', static)):
+        data = pickled_as_then(content, 2, then, python2=True)
+        assert b'\x80\x02' == data[:2] and b'X' not in data[:40] and b'_codecs' not in data, name  # no Python-3 str
+        (tmp_path / name).write_bytes(data)
+    assert b'cchumpy.ch\nCh\n' in (tmp_path / 'generic_model.pkl').read_bytes()
+
+    model = Flame.load(tmp_path / 'generic_model.pkl', dtype=torch.float64)
+    params = [torch.randn(3, n, dtype=torch.float64) * 0.3 for n in (100, 50, 3, 3, 3)]
+    verts = Flame(arrays, dtype=torch.float64)(*params)
+    assert torch.equal(model(*params), verts)
+    corners = verts[:, arrays['f'][static['lmk_face_idx']]]                         # (3, 51, 3 corners, 3)
+    reference = (corners * torch.as_tensor(static['lmk_b_coords'])[..., None]).sum(-2)
+    assert torch.allclose(model.landmarks(verts), reference, rtol=0, atol=1e-12)
+    assert sorted(model.masks) == sorted([*masks, 'upper_face'])
+    assert all(np.array_equal(model.masks[k].numpy(), masks[k]) for k in masks)
+    assert np.array_equal(model.masks['upper_face'].numpy(), np.arange(50, 70))
+
+
+@pytest.mark.parametrize('name', ['flame2023.pkl', 'flame2023_no_jaw.pkl'])
+def test_flame2023_pickles_as_released_load(tmp_path, name):
+    """FLAME 2023 and its no-jaw variant: Python 3 pickles of numpy arrays under numpy 1's names and a
+    scipy.sparse._csc matrix, no chumpy. Read without scipy's classes, they give the arrays' vertices."""
+    import scipy.sparse
+    arrays = random_flame_arrays(np.random.default_rng(8))
+    content = {**arrays, 'J_regressor': scipy.sparse.csc_matrix(arrays['J_regressor']), 'bs_style': 'lbs',
+               'bs_type': 'lrotmin', 'J': np.zeros((5, 3))}
+    (tmp_path / name).write_bytes(pickled_as_then(content, 4))
+    assert b'numpy.core.multiarray' in (tmp_path / name).read_bytes()
+    params = [torch.randn(3, n, dtype=torch.float64) * 0.3 for n in (100, 50, 3, 3, 3)]
+    assert torch.equal(Flame.load(tmp_path / name, dtype=torch.float64)(*params),
+                       Flame(arrays, dtype=torch.float64)(*params))
+
+
+def deca_landmark_embedding(rng, n_faces):
+    """A landmark_embedding.npy's dict as DECA saved it: numpy static and full embeddings, torch tensors for the
+    79 x 17 dynamic contour, the bary coordinates a non-contiguous view as slicing leaves them."""
+    bary = lambda *shape: rng.dirichlet(np.ones(3), size=shape)
+    return {'static_lmk_faces_idx': rng.integers(0, n_faces, 51), 'static_lmk_bary_coords': bary(51),
+            'dynamic_lmk_faces_idx': torch.as_tensor(rng.integers(0, n_faces, (79, 17))),
+            'dynamic_lmk_bary_coords': torch.as_tensor(bary(79, 2 * 17), dtype=torch.float32)[:, ::2],
+            'full_lmk_faces_idx': rng.integers(0, n_faces, (1, 68)), 'full_lmk_bary_coords': bary(1, 68).astype(np.float32)}
+
+
+@pytest.mark.parametrize('written', ['np.save', 'as_deca_file'])
+def test_deca_landmark_embedding_with_torch_tensors_loads_as_numpy(tmp_path, written):
+    """DECA's landmark_embedding.npy, np.save of a dict holding torch tensors, written by today's np.save or in the
+    released file's layout (protocol 3, numpy.core names): its pickle names torch._utils._rebuild_tensor_v2,
+    torch.storage._load_from_bytes and collections.OrderedDict besides numpy. It loads, each value equal to what
+    np.load(allow_pickle=True) gives, and Flame.load's landmarks are the barycentric sums of the full embedding."""
+    rng = np.random.default_rng(9)
+    arrays = random_flame_arrays(rng)
+    embedding = deca_landmark_embedding(rng, len(arrays['f']))
+    if written == 'np.save':
+        np.save(tmp_path / 'landmark_embedding.npy', embedding)
+    else:
+        with open(tmp_path / 'landmark_embedding.npy', 'wb') as fh:
+            np.lib.format.write_array_header_1_0(fh, {'descr': '|O', 'fortran_order': False, 'shape': ()})
+            fh.write(pickled_as_then(np.array(embedding, dtype=object), 3))
+    np.savez(tmp_path / 'flame.npz', **arrays)
+    raw = (tmp_path / 'landmark_embedding.npy').read_bytes()
+    names = {f"{a} {b}" for op, a, b in pickle_globals(raw[raw.index(b'\n', 10) + 1:])}
+    torch_names = {'torch._utils _rebuild_tensor_v2', 'torch.storage _load_from_bytes', 'collections OrderedDict'}
+    assert torch_names <= names
+    if written == 'as_deca_file':                                        # every global the released file names
+        assert names == torch_names | {'numpy.core.multiarray _reconstruct', 'numpy ndarray', 'numpy dtype'}
+    loaded = flame.load_npy_object(tmp_path / 'landmark_embedding.npy')
+    reference = np.load(tmp_path / 'landmark_embedding.npy', allow_pickle=True)[()]   # our own file: trusted
+    assert loaded.keys() == reference.keys()
+    for key, value in reference.items():
+        assert type(loaded[key]) is type(value) and np.array_equal(np.asarray(loaded[key]), np.asarray(value)), key
+        assert np.asarray(loaded[key]).dtype == np.asarray(value).dtype, key
+    model = Flame.load(tmp_path / 'flame.npz', dtype=torch.float64)
+    verts = torch.randn(2, 300, 3, dtype=torch.float64)
+    corners = verts[:, arrays['f'][embedding['full_lmk_faces_idx'][0]]]
+    expected = (corners * torch.as_tensor(embedding['full_lmk_bary_coords'][0], dtype=torch.float64)[..., None]).sum(-2)
+    assert torch.allclose(model.landmarks(verts), expected, rtol=0, atol=1e-7)
+    faces, bary = flame._read_landmark_embedding(tmp_path)
+    assert type(faces) is np.ndarray and type(bary) is np.ndarray and bary.shape == (68, 3)
+
+
+@pytest.mark.parametrize("name, content, missing", [
+    ("landmark_embedding.npy", {'static_lmk_faces_idx': np.zeros(51, int)}, "missing keys full_lmk_faces_idx"),
+    ("landmark_embedding.npy", {'full_lmk_faces_idx': np.zeros((1, 68), int), 'full_lmk_bary_coords': np.ones((1, 51, 3))},
+     r"expected full_lmk_faces_idx \(L,\) face ids and full_lmk_bary_coords \(L, 3\) weights"),
+    ("flame_static_embedding.pkl", {'lmk_face_idx': np.zeros(51, int)}, "missing keys lmk_face_idx / lmk_b_coords"),
+    ("flame_static_embedding.pkl", {'lmk_face_idx': np.ones(51), 'lmk_b_coords': np.ones((51, 3))},
+     r"expected lmk_face_idx \(L,\) face ids"),
+    ("FLAME_masks.pkl", [np.arange(3)], "expected a dict of vertex id arrays, found list"),
+    ("FLAME_masks.pkl", {'lips': np.arange(3), 'face': 'all'}, r"expected arrays of vertex ids, .* \['face'\]")])
+def test_unknown_flame_side_files_are_refused_in_one_line_naming_what_is_missing(tmp_path, name, content, missing):
+    np.savez(tmp_path / 'flame.npz', **random_flame_arrays(np.random.default_rng(12)))
+    if name.endswith('.npy'):
+        np.save(tmp_path / name, content)
+    else:
+        (tmp_path / name).write_bytes(pickle.dumps(content, protocol=2))
+    with pytest.raises(ValueError) as refused:
+        Flame.load(tmp_path / 'flame.npz').masks
+    assert re.match(f"{re.escape(str(tmp_path / name))}: {missing}", str(refused.value)), str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def pickle_globals(data):
+    """(opcode, module, name) of every global a pickle names, from its opcodes (nothing is loaded)."""
+    import pickletools
+    found, strings = [], []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == 'GLOBAL':
+            found.append((op.name, *arg.split(' ', 1)))
+        elif op.name == 'STACK_GLOBAL':
+            found.append((op.name, *strings[-2:]))
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return found
+
+
 @pytest.mark.parametrize("payload", ["system", "exec", "numpy"])
 @pytest.mark.parametrize("name", ["generic_model.pkl", "FLAME_masks.pkl", "flame_static_embedding.pkl",
                                   "landmark_embedding.npy"])
@@ -251,6 +421,54 @@ def test_flame_files_that_would_run_code_are_refused_naming_file_and_class(tmp_p
     model = tmp_path / ("generic_model.pkl" if name == "generic_model.pkl" else "flame.npz")
     message = refusal_of(lambda: Flame.load(model), marker)
     assert re.match(f"{re.escape(str(tmp_path / name))}: refused to load {PAYLOAD_NAMES[payload]}:", message), message
+
+def tensor_payloads(marker, tmp_path):
+    """Objects that pickle as torch names them but build no plain tensor: a tensor whose storage bytes (a
+    torch.save file, legacy or zip) name a payload, torch globals that build no tensor, and tensors with a
+    gradient, hooks or a view past their storage. -> name: (object, what the refusal names)"""
+    import collections
+
+    def tensor(storage_bytes, offset=0, size=(3,), stride=(1,), grad=False, hooks=collections.OrderedDict()):
+        return CodeOnLoad(torch._utils._rebuild_tensor_v2, CodeOnLoad(torch.storage._load_from_bytes, storage_bytes),
+                          offset, size, stride, grad, hooks)
+
+    def saved(obj, zip_file):
+        buffer = io.BytesIO()
+        torch.save(obj, buffer, _use_new_zipfile_serialization=zip_file)
+        return buffer.getvalue()
+
+    numbers = saved(torch.arange(3)._typed_storage(), False)
+    names = {**PAYLOAD_NAMES, 'exec': r"(builtins\.)?exec"}                 # torch's reader names builtins bare
+    cases = {f"storage_{kind}_{name}": (tensor(saved(payload, kind == 'zip')), f"{names[name]} inside a tensor")
+             for name, payload in code_payloads(marker).items() for kind in ('legacy', 'zip')}
+    cases.update(torch_load=(CodeOnLoad(torch.load, str(tmp_path / 'evil.pt')), r"torch\.serialization\.load:"),
+                 module=(CodeOnLoad(torch.nn.Linear, 2, 2), r"torch\.nn\.modules\.linear\.Linear:"),
+                 parameter=(torch.nn.Parameter(torch.ones(3)), r"torch\._utils\._rebuild_parameter:"),
+                 hooks=(tensor(numbers, hooks=collections.OrderedDict(h=np.ones(1))), "a tensor with .*hooks"),
+                 grad=(tensor(numbers, grad=True), "a tensor with a gradient"),
+                 past_storage=(tensor(numbers, offset=1, size=(3,)), r"a tensor view \(3,\) reaching past"),
+                 not_a_view=(tensor(numbers, size=3), "a tensor that is not a view"),
+                 tensor_bytes=(tensor(saved(torch.arange(3), False)), "tensor storage bytes holding Tensor"))
+    return cases
+
+
+@pytest.mark.parametrize("case", [f"storage_{kind}_{name}" for name in PAYLOAD_NAMES for kind in ('legacy', 'zip')] +
+                         ["torch_load", "module", "parameter", "hooks", "grad", "past_storage", "not_a_view",
+                          "tensor_bytes"])
+def test_torch_objects_in_a_landmark_embedding_other_than_plain_tensors_are_refused_naming_them(tmp_path, case):
+    """A landmark_embedding.npy holding, in DECA's place for a tensor, a storage whose torch.save bytes run code,
+    a torch global that builds no tensor, or a tensor with a gradient, hooks or a view past its storage: Flame.load
+    refuses it in one line naming the file and what it holds, and the payload never runs."""
+    marker = tmp_path / "ran"
+    (tmp_path / 'evil.pt').write_bytes(b'')
+    evil, named = tensor_payloads(marker, tmp_path)[case]
+    arrays = random_flame_arrays(np.random.default_rng(10))
+    embedding = {**deca_landmark_embedding(np.random.default_rng(11), len(arrays['f'])), 'dynamic_lmk_faces_idx': evil}
+    np.save(tmp_path / 'landmark_embedding.npy', embedding)
+    np.savez(tmp_path / 'flame.npz', **arrays)
+    message = refusal_of(lambda: Flame.load(tmp_path / 'flame.npz'), marker)
+    assert re.match(f"{re.escape(str(tmp_path / 'landmark_embedding.npy'))}: refused .*{named}", message), message
+
 
 def test_data_unpickler_refuses_dtypes_numpy_would_not_make(tmp_path):
     """A dtype's pickled state can overlay an object field on a number, or clear the flags that make numpy count
@@ -1361,6 +1579,79 @@ def test_load_audio_refuses_nan_samples(tmp_path):
     sf.write(tmp_path / "nan.wav", wave, 16000, subtype="FLOAT")
     with pytest.raises(ValueError, match="nan.wav.*NaN"):
         load_audio(tmp_path / "nan.wav")
+
+
+FFMPEG_CONTAINERS = {"m4a": ["-c:a", "aac"], "aac": ["-c:a", "aac", "-f", "adts"], "webm": ["-c:a", "libopus"],
+                     "mp4": ["-c:v", "mpeg4", "-c:a", "aac", "-shortest"], "mkv": ["-c:a", "libvorbis"]}
+FRAME_20MS = SAMPLE_RATE // 50
+
+
+def ffmpeg(*args):
+    """Run the bundled ffmpeg on an argument list (no shell); its stderr on failure."""
+    done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-y", *map(str, args)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def sung_wav(path, seconds=3.0, rate=44100):
+    """A stereo wav with voiced content whose loudness swells and fades: harmonics of a vibrato pitch."""
+    t = np.arange(int(seconds * rate)) / rate
+    phase = 2 * np.pi * (220 * t + 0.5 * np.sin(2 * np.pi * 5 * t))
+    voice = sum(np.sin(k * phase) / k for k in range(1, 6)) * (0.05 + 0.9 * np.sin(np.pi * t / 1.5) ** 2)
+    sf.write(path, 0.3 * np.stack([voice, 0.8 * voice], 1), rate, subtype="PCM_16")
+
+
+def loudness(wave):
+    """RMS in 20 ms frames."""
+    n = len(wave) // FRAME_20MS
+    return np.sqrt((wave[:n * FRAME_20MS].reshape(n, FRAME_20MS).astype(np.float64) ** 2).mean(1))
+
+
+@pytest.mark.parametrize("container", list(FFMPEG_CONTAINERS))
+def test_songs_in_ffmpeg_containers_keep_their_loudness_envelope_length_and_stretches(tmp_path, container):
+    """m4a (AAC), aac (ADTS), webm (Opus), mp4 with a video stream and mkv (Vorbis), made by ffmpeg from a wav
+    libsndfile reads: their decoded 20 ms loudness envelope correlates >= 0.98 with the wav's, their length is
+    the wav's within 0.1 s, and AudioFile gives every stretch as the whole file holds it."""
+    sung_wav(tmp_path / "song.wav")
+    video = ["-f", "lavfi", "-i", "testsrc=size=64x64:rate=10:duration=3"] if container == "mp4" else []
+    ffmpeg("-i", tmp_path / "song.wav", *video, *FFMPEG_CONTAINERS[container], tmp_path / f"song.{container}")
+    with pytest.raises(Exception):
+        sf.info(str(tmp_path / f"song.{container}"))                       # libsndfile does not know it
+    reference, decoded = load_audio(tmp_path / "song.wav"), load_audio(tmp_path / f"song.{container}")
+    assert decoded.dtype == np.float32 and decoded.ndim == 1
+    assert abs(len(decoded) - len(reference)) <= 0.1 * SAMPLE_RATE, (len(decoded), len(reference))
+    a, b = loudness(reference), loudness(decoded)
+    n = min(len(a), len(b))
+    assert np.corrcoef(a[:n], b[:n])[0, 1] >= 0.98
+    song = audio.AudioFile(tmp_path / f"song.{container}")
+    assert len(song) == len(decoded)
+    for start, stop in ((0, 1), (0, len(song)), (12345, 12346 + 7000), (len(song) - 100, len(song) + 50)):
+        assert np.array_equal(song[start:stop], decoded[start:stop])
+
+
+def test_video_without_sound_is_refused_in_one_line_naming_it(tmp_path):
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=10:duration=1", "-c:v", "mpeg4", tmp_path / "silent.mp4")
+    with pytest.raises(ValueError) as refused:
+        load_audio(tmp_path / "silent.mp4")
+    assert re.fullmatch(f"{re.escape(str(tmp_path / 'silent.mp4'))}: no audio stream.*", str(refused.value))
+
+
+def test_ffmpeg_reads_the_named_file_and_nothing_else(tmp_path, monkeypatch):
+    """A file named like an ffmpeg protocol or option ('concat:x.m4a|y.m4a', 'http:/...', '-i') is that file, not
+    x.m4a then y.m4a, a download or an option; and an ffconcat script posing as song.m4a, which would make
+    ffmpeg read the file it lists, is refused."""
+    sung_wav(tmp_path / "song.wav", seconds=1.0)
+    ffmpeg("-i", tmp_path / "song.wav", "-c:a", "aac", tmp_path / "x.m4a")
+    ffmpeg("-i", tmp_path / "song.wav", "-c:a", "aac", tmp_path / "y.m4a")
+    (tmp_path / "http:").mkdir()
+    one = load_audio(tmp_path / "x.m4a")
+    monkeypatch.chdir(tmp_path)
+    for name in ("concat:x.m4a|y.m4a", "-i", "http://x.m4a"):
+        shutil.copy(tmp_path / "x.m4a", tmp_path / name)
+        assert np.array_equal(load_audio(name), one), name
+    (tmp_path / "song.m4a").write_text(f"ffconcat version 1.0\nfile '{tmp_path / 'song.wav'}'\n")
+    with pytest.raises(ValueError, match=r"^song\.m4a: unreadable audio \(.*\)$"):
+        load_audio("song.m4a")
 
 
 
