@@ -20,6 +20,12 @@ Rules (bad input gets a one-line ValueError naming the file)
       that by one frame's worth at most, and are then zero-padded or cut; a larger mismatch is refused.
     - Clips: a sequence is cut into consecutive clips of clip_frames frames; shorter remainders are dropped
       and counted. A split file that is missing or lists no id is refused.
+    - Index: what a data set's size would make slow to learn at every start (each sequence's frame count after
+      the checks above, its motion's sums for the normalisation statistics, its shape) is kept per split in a
+      file of index_dir (SingingHead's argument), with each source file's size and mtime_ns; an entry is made
+      again when one of its files changes, is cut short or is too new for its timestamp to tell (RACY_NS).
+    - Items are read from the files per item (no decoded audio is kept), so memory does not grow with the data
+      set, and a file that changed since it was indexed is refused or re-read, never served stale.
 
 Depends on torch, numpy, soundfile, imageio (+ imageio-ffmpeg) and our audio.py, flame.py and render.py.
 
@@ -27,7 +33,10 @@ Use alone:
     clips = SingingHead(root, "train")   # torch Dataset; clips[0]["motion"] is float32 (240, 59)
     frames = read_video(video_path(root, clips[0]["id"]), size=256)   # uint8 (T, 256, 256, 3)
 """
+import fcntl
+import os
 import pickle
+import time
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -39,7 +48,7 @@ from torch.utils.data import Dataset
 
 import render
 from audio import FPS, SAMPLE_RATE, AudioFile, load_audio
-from flame import N_EXPR, N_SHAPE, load_data_pickle
+from flame import MOTION_DIM, N_EXPR, N_SHAPE, load_data_pickle
 
 CLIP_SECONDS = 8                      # the release's sequence length
 CLIP_FRAMES = CLIP_SECONDS * FPS      # 240 frames a clip
@@ -50,6 +59,12 @@ POSE_KEYS = ("posecodes", "pose")
 SHAPE_KEYS = ("shapecode", "shape")
 CAM_KEYS = ("cam", "camcodes")
 N_POSE = 9                            # global 3 | neck 3 | jaw 3
+CACHE_DIR = ".unisinger"              # in a writable data folder: the index and the render stage's frames
+INDEX_VERSION = 1                     # of the index files' layout; another version's file is made again
+RACY_NS = 2_000_000_000               # ns: a file changed this close before its entry was made could change again
+                                      # within one timestamp tick (FAT's is 2 s) unseen, so the entry is redone
+INDEX_PROGRESS_LINES = 10             # progress lines while indexing, at most
+INDEX_PROGRESS_MIN = 200              # sequences to index before progress lines are worth printing
 
 
 # ----------------------------------------------------------------------------- reading
@@ -198,69 +213,218 @@ def song_frames(n_samples):
     return int(n_samples * FPS // SAMPLE_RATE)
 
 
+def cache_folder(root, fallback):
+    """Where caches of the data set at root go: root/.unisinger when the data folder is writable (every run and
+    every torchrun process then shares them), else `fallback` (e.g. beside the run)."""
+    root = Path(root)
+    return root / CACHE_DIR if os.access(root, os.W_OK) else Path(fallback)
+
+
+def file_stamps(paths):
+    """(size, mtime_ns) of each file, flattened to int64 (2 * len(paths),): a rewrite or a cut changes them."""
+    stamps = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            raise ValueError(f"{path}: no such file") from None
+        stamps += [stat.st_size, stat.st_mtime_ns]
+    return np.array(stamps, dtype=np.int64)
+
+
+def sequence_files(root, seq):
+    """The files a sequence's motion-stage item is read from: its pickle, voice and music, as the strings
+    flame_path, audio_path and bgm_path make (without pathlib, which is slow enough to matter at 10^4 ids)."""
+    return f"{root}/flame_seqs/{seq}.pkl", f"{root}/audio_seqs/{seq}.wav", f"{root}/bgm_seqs/{seq}_bgm.wav"
+
+
+def index_entry(root, seq, clip_frames):
+    """One sequence checked and summarised: (frames, frames in clips, their motion's float64 mean (59,) and sum of
+    squared deviations (59,), shape (100,)). Refusals as reading an item would refuse (ValueError naming the file)."""
+    flame = read_flame_pickle(flame_path(root, seq))
+    n_frames = len(flame["expression"])
+    n = clip_samples(n_frames)
+    for path in (audio_path(root, seq), bgm_path(root, seq)):
+        _check_length(audio_samples(path), n, path)
+    used = n_frames // clip_frames * clip_frames
+    motion = flame["motion"][:used].astype(np.float64)                                   # (used, 59)
+    mean = motion.mean(0) if used else np.zeros(MOTION_DIM)
+    return n_frames, used, mean, ((motion - mean) ** 2).sum(0), flame["shape"]
+
+
+class SplitIndex:
+    """
+    The index of a split: per sequence of the split file, in its order, arrays of
+        stamps (S, 6) int64   size and mtime_ns of the pickle, voice and music (file_stamps)
+        checked (S,) int64    time.time_ns() just before the entry's files were read
+        frames, used (S,)     frames of the sequence, and those in whole clips
+        mean, m2 (S, 59)      float64 mean and sum of squared deviations of the frames in clips
+        shape (S, 100)        float32 FLAME shape
+    made or brought up to date by `load_or_build`, which keeps it in index_dir (None: in memory only).
+    """
+    FIELDS = ("stamps", "checked", "frames", "used", "mean", "m2", "shape")
+
+    def __init__(self, arrays):
+        for key in self.FIELDS:
+            setattr(self, key, arrays[key])
+
+    @classmethod
+    def load_or_build(cls, root, split, sequences, clip_frames, index_dir=None):
+        """The split's index: entries of the stored file whose files are unchanged (and old enough to tell) are
+        kept, the others are made again (with progress when there are many), and the file is rewritten when any
+        was. One process at a time per folder (an flock): torchrun's ranks wait for the first, then reuse its work."""
+        if index_dir is None:
+            return cls._update(root, split, sequences, clip_frames, {})[0]
+        index_dir = Path(index_dir)
+        index_dir.mkdir(parents=True, exist_ok=True)
+        path = index_dir / f"index_{split}_{clip_frames}.npz"
+        with open(index_dir / "index.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file closes, or its process dies
+            started = time.perf_counter()
+            index, made = cls._update(root, split, sequences, clip_frames, cls._read(path, clip_frames))
+            if made:
+                with render.atomic_output(path) as tmp:
+                    np.savez(tmp, version=INDEX_VERSION, clip_frames=clip_frames, ids=np.array(sequences),
+                             **{key: getattr(index, key) for key in cls.FIELDS})
+                print(f"indexed {made} of the {len(sequences)} sequences of {Path(root) / f'{split}.txt'} in "
+                      f"{time.perf_counter() - started:.1f} s: {path}", flush=True)
+        return index
+
+    @staticmethod
+    def _read(path, clip_frames):
+        """The stored entries as id -> row of each array, or {} when there is no usable file (said when one is
+        damaged: it is then made again, never trusted)."""
+        if not path.is_file():
+            return {}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {key: z[key] for key in ("version", "clip_frames", "ids") + SplitIndex.FIELDS}
+        except Exception as e:                          # a cut or foreign file fails in numpy's many ways
+            print(f"{path}: unreadable index ({' '.join(str(e).split())[:200]}); making it again", flush=True)
+            return {}
+        ids = arrays.pop("ids")
+        if arrays.pop("version") != INDEX_VERSION or arrays.pop("clip_frames") != clip_frames or \
+                any(len(a) != len(ids) for a in arrays.values()):
+            return {}
+        return {seq: {key: a[i] for key, a in arrays.items()} for i, seq in enumerate(ids.tolist())}
+
+    @classmethod
+    def _update(cls, root, split, sequences, clip_frames, stored):
+        """(index, entries made) from `stored` (id -> row): a row is kept while its files' stamps are the same
+        and every file was older than RACY_NS when the row was made; the others are made again."""
+        rows, todo = [], []
+        for i, seq in enumerate(sequences):
+            stamps = file_stamps(sequence_files(root, seq))
+            row = stored.get(seq)
+            fresh = row is not None and np.array_equal(row["stamps"], stamps) and \
+                stamps[1::2].max() < row["checked"] - RACY_NS
+            rows.append(row if fresh else None)
+            if not fresh:
+                todo.append(i)
+        progress = render.Progress(len(todo), "sequence", lines=INDEX_PROGRESS_LINES)
+        for i in todo:
+            checked = time.time_ns()                   # before the files are read: a write during it is too new
+            stamps = file_stamps(sequence_files(root, sequences[i]))
+            n_frames, used, mean, m2, shape = index_entry(root, sequences[i], clip_frames)
+            rows[i] = dict(stamps=stamps, checked=checked, frames=n_frames, used=used, mean=mean, m2=m2, shape=shape)
+            if len(todo) >= INDEX_PROGRESS_MIN and progress.advance():
+                print(progress.line(f"indexing {Path(root) / f'{split}.txt'}:"), flush=True)
+        return cls({key: np.stack([np.asarray(row[key]) for row in rows]) for key in cls.FIELDS}), len(todo)
+
+    def motion_stats(self):
+        """Mean and (unbiased) std of every motion frame in the split's clips, (59,) float32 tensors each: the
+        sequences' float64 sums merged pairwise-exactly (Chan et al.), so no pass over the motion is needed."""
+        keep = self.used > 0
+        used, mean, m2 = self.used[keep].astype(np.float64), self.mean[keep], self.m2[keep]
+        total = used.sum()
+        grand = (used[:, None] * mean).sum(0) / total
+        spread = m2.sum(0) + (used[:, None] * (mean - grand) ** 2).sum(0)
+        return (torch.from_numpy(grand.astype(np.float32)),
+                torch.from_numpy(np.sqrt(spread / (total - 1)).astype(np.float32)))
+
+
 class SingingHead(Dataset):
     """
     Clips of a SingingHead-layout folder (see the module docstring for the rules). Item:
         id str (sequence id), person str (its first field), start int (first frame of the clip in the sequence),
         audio float32 (clip_frames / 30 * 16000,), bgm float32 (same), motion float32 (clip_frames, 59),
         shape float32 (100,), cam float32 (clip_frames, 3)
-    Pickles and wav headers are checked when the data set is made; audio is decoded on first use and, with
-    cache=True, kept in memory (about 1 MB a sequence of 8 s).
+    Every sequence is checked when the data set is made, through its index (SplitIndex, kept in index_dir when
+    given, so that later runs check only the files that changed); items are read from the files each time, so
+    memory holds the index alone (a few hundred bytes a sequence), whatever the data set's size.
     """
 
-    def __init__(self, root, split="train", clip_frames=CLIP_FRAMES, cache=True):
-        self.root, self.split, self.clip_frames, self.cache = Path(root), split, clip_frames, cache
+    def __init__(self, root, split="train", clip_frames=CLIP_FRAMES, index_dir=None):
+        self.root, self.split, self.clip_frames = Path(root), split, clip_frames
         self.sequences = read_split(self.root, split)
+        self.index = SplitIndex.load_or_build(self.root, split, self.sequences, clip_frames, index_dir)
         self.clips = []            # (sequence id, first frame)
-        dropped_frames, dropped_sequences = 0, 0
-        for seq in self.sequences:
-            flame = read_flame_pickle(flame_path(self.root, seq))
-            n_frames = len(flame["expression"])
-            n = clip_samples(n_frames)
-            for path in (audio_path(self.root, seq), bgm_path(self.root, seq)):
-                _check_length(audio_samples(path), n, path)
-            n_clips = n_frames // clip_frames
-            self.clips += [(seq, k * clip_frames) for k in range(n_clips)]
-            dropped_frames += n_frames - n_clips * clip_frames
-            dropped_sequences += n_clips == 0
+        for seq, n_frames in zip(self.sequences, self.index.frames.tolist()):
+            self.clips += [(seq, k * clip_frames) for k in range(n_frames // clip_frames)]
+        dropped_frames = int((self.index.frames - self.index.used).sum())
         if dropped_frames:
             print(f"SingingHead {self.root / f'{split}.txt'}: dropped {dropped_frames} frames "
                   f"({dropped_frames / FPS:.1f} s) shorter than a {clip_frames}-frame clip, "
-                  f"{dropped_sequences} of {len(self.sequences)} sequences entirely")
+                  f"{int((self.index.used == 0).sum())} of {len(self.sequences)} sequences entirely")
         if not self.clips:
             raise ValueError(f"{self.root / f'{split}.txt'}: no sequence holds a clip of {clip_frames} frames")
         self.people = sorted({seq.split("_")[0] for seq in self.sequences})
-        self._loaded = {}
+        self._frames = dict(zip(self.sequences, self.index.frames.tolist()))
 
-    def sequence(self, seq):
-        """Whole sequence: dict(motion (T, 59), shape (100,), cam (T, 3), audio (N,), bgm (N,)), N exact."""
-        if seq in self._loaded:
-            return self._loaded[seq]
-        flame = read_flame_pickle(flame_path(self.root, seq))
+    def first_shapes(self):
+        """person -> FLAME shape (100,) float32 of their first sequence holding a clip, in order of appearance."""
+        shapes = {}
+        for seq, used, shape in zip(self.sequences, self.index.used.tolist(), self.index.shape):
+            if used:
+                shapes.setdefault(seq.split("_")[0], shape.copy())
+        return shapes
+
+    def _read_flame(self, seq):
+        """The sequence's pickle: motion (T, 59), shape (100,), cam (T, 3). It must still hold the frames it was
+        indexed with: a file changed since is refused, never half-read."""
+        path = flame_path(self.root, seq)
+        flame = read_flame_pickle(path)
         n_frames = len(flame["expression"])
-        n = clip_samples(n_frames)
+        if n_frames != self._frames[seq]:
+            raise ValueError(f"{path}: {n_frames} frames, {self._frames[seq]} when the data set was indexed; the "
+                             f"file changed while in use")
         cam = flame["cam"]
         if cam is None:
             cam = np.broadcast_to(np.asarray(render.DEFAULT_CAM, dtype=np.float32), (n_frames, 3))
-        loaded = dict(motion=flame["motion"],                                                 # (T, 59)
-                      shape=flame["shape"], cam=np.ascontiguousarray(cam),
-                      audio=_fit(load_audio(audio_path(self.root, seq), SAMPLE_RATE), n, audio_path(self.root, seq)),
-                      bgm=_fit(load_audio(bgm_path(self.root, seq), SAMPLE_RATE), n, bgm_path(self.root, seq)))
-        if self.cache:
-            self._loaded[seq] = loaded
-        return loaded
+        return flame["motion"], flame["shape"], np.ascontiguousarray(cam)
+
+    def sequence(self, seq):
+        """Whole sequence: dict(motion (T, 59), shape (100,), cam (T, 3), audio (N,), bgm (N,)), N exact."""
+        motion, shape, cam = self._read_flame(seq)
+        n = clip_samples(len(motion))
+        return dict(motion=motion, shape=shape, cam=cam,
+                    audio=_fit(load_audio(audio_path(self.root, seq), SAMPLE_RATE), n, audio_path(self.root, seq)),
+                    bgm=_fit(load_audio(bgm_path(self.root, seq), SAMPLE_RATE), n, bgm_path(self.root, seq)))
 
     def __len__(self):
         return len(self.clips)
 
     def __getitem__(self, i):
         seq, start = self.clips[i]
-        s = self.sequence(seq)
+        motion, shape, cam = self._read_flame(seq)
         stop = start + self.clip_frames
+        n = clip_samples(len(motion))
         a, b = clip_samples(start), clip_samples(start) + clip_samples(self.clip_frames)
         return dict(id=seq, person=seq.split("_")[0], start=start,
-                    audio=s["audio"][a:b].astype(np.float32), bgm=s["bgm"][a:b].astype(np.float32),
-                    motion=s["motion"][start:stop].copy(), shape=s["shape"].copy(), cam=s["cam"][start:stop].copy())
+                    audio=clip_audio(audio_path(self.root, seq), n, a, b),
+                    bgm=clip_audio(bgm_path(self.root, seq), n, a, b),
+                    motion=motion[start:stop].copy(), shape=shape.copy(), cam=cam[start:stop].copy())
+
+
+def clip_audio(path, n, a, b):
+    """Samples a..b-1 of the sound at path fitted to n samples by the length rule, float32: those of
+    _fit(load_audio(path), n)[a:b], reading only that stretch (and the scan for damage that opening does)."""
+    song = AudioFile(path, SAMPLE_RATE)
+    _check_length(len(song), n, path)
+    stop = min(b, n)                                  # the fitted sequence ends at n
+    present = min(stop, len(song))                    # samples past the file's end are the fit's zeros
+    wave = song[a:present] if a < present else np.zeros(0, np.float32)
+    return np.pad(wave, (0, max(0, stop - a) - len(wave)))
 
 
 def _resize_square(frames, size):
@@ -276,27 +440,46 @@ def _resize_square(frames, size):
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
+class VideoFrames:
+    """
+    Frames t = 0, stride, 2 stride, ... below `stop` (all when None) of an mp4, iterated as uint8 (b, size, size,
+    3) batches of at most `batch` frames (centre-cropped to a square if needed; size=None keeps the original):
+    decoded one at a time and resized a batch at a time, so memory holds one batch whatever the video's length.
+    After the iteration `count` holds the frames the video has (all are decoded, kept or not).
+    """
+
+    def __init__(self, path, size=256, stride=1, stop=None, batch=32):
+        self.path, self.size, self.stride, self.stop, self.batch = Path(path), size, stride, stop, batch
+        if not self.path.is_file():
+            raise ValueError(f"{self.path}: no such file")
+        self.count = 0
+
+    def __iter__(self):
+        try:
+            reader = imageio.get_reader(str(self.path), "ffmpeg")
+        except Exception as e:
+            raise ValueError(f"{self.path}: unreadable video ({e})") from None
+        pending, self.count = [], 0
+        try:
+            with reader:
+                for frame in reader:
+                    t, self.count = self.count, self.count + 1
+                    if t % self.stride == 0 and (self.stop is None or t < self.stop):
+                        pending.append(torch.from_numpy(np.asarray(frame)[..., :3]))
+                    if len(pending) == self.batch:
+                        yield self._resized(pending)
+                        pending = []
+        except Exception as e:                  # ffmpeg stops on damaged data in many ways; imageio raises them all
+            raise ValueError(f"{self.path}: unreadable video ({' '.join(str(e).split())[:300]})") from None
+        if pending:
+            yield self._resized(pending)
+        if not self.count:
+            raise ValueError(f"{self.path}: the video holds no frame")
+
+    def _resized(self, frames):
+        return _resize_square(torch.stack(frames), self.size or min(frames[0].shape[:2])).numpy()
+
+
 def read_video(path, size=256, batch=32):
     """mp4 -> uint8 (T, size, size, 3) (centre-cropped to a square if needed; size=None keeps the original)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        reader = imageio.get_reader(str(path), "ffmpeg")
-    except Exception as e:
-        raise ValueError(f"{path}: unreadable video ({e})") from None
-    out, pending = [], []
-    try:
-        with reader:
-            for frame in reader:
-                pending.append(torch.from_numpy(np.asarray(frame)[..., :3]))
-                if len(pending) == batch:
-                    out.append(_resize_square(torch.stack(pending), size or min(pending[0].shape[:2])))
-                    pending = []
-    except Exception as e:                      # ffmpeg stops on damaged data in many ways; imageio raises them all
-        raise ValueError(f"{path}: unreadable video ({' '.join(str(e).split())[:300]})") from None
-    if pending:
-        out.append(_resize_square(torch.stack(pending), size or min(pending[0].shape[:2])))
-    if not out:
-        raise ValueError(f"{path}: the video holds no frame")
-    return torch.cat(out).numpy()
+    return np.concatenate(list(VideoFrames(path, size, batch=batch)))
