@@ -19,12 +19,17 @@ import ctypes
 import gc
 import json
 import multiprocessing
+import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import imageio.v2 as imageio
 import numpy as np
@@ -701,14 +706,187 @@ def bench_render_stage(device="cpu"):
     return rows
 
 
+# ----------------------------------------------------------------------------- data: the data set at SingingHead's size
+
+DATA_SIZES = (200, 2_000, 12_196)     # sequences: two small sets and SingingHead's whole release
+POLL_S = 0.05                         # s between two readings of a process tree's memory
+FIRST_STEP = r"epoch 0 step 1/"       # what train.py prints after its first step
+LOADER_BATCHES = 24                   # batches the loader alone serves while timed, after the first
+PAPER_BATCH = 8                       # the paper preset's batch: the loader's batches in the throughput row
+PAPER_CPU_BATCH = 2                   # clips a timed paper-preset step trains on the CPU (8 would take minutes)
+PAPER_STEPS = 2                       # paper-preset steps timed, after one untimed
+RENDER_VIDEOS = (8, 24)               # one person's portrait videos in the render stage's memory rows
+RENDER_DATA_SIZE = 512                # pixels a side: the larger of the paper's Table IV sizes
+RENDER_VIDEO_S = 8                    # seconds a portrait video lasts, as SingingHead's
+
+
+def tree_memory_mb(pid):
+    """(resident, proportional) memory in MB of a process and all its descendants, from /proc: VmRSS summed
+    (a page a forked loader worker shares with its parent counts in both: an upper bound) and Pss summed (each
+    shared page split among its sharers: what the tree costs). (0, 0) once it is gone."""
+    rss = pss = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith(("Rss:", "Pss:")):
+                    value = int(line.split()[1]) / 1024
+                    rss, pss = (rss + value, pss) if line.startswith("Rss:") else (rss, pss + value)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):            # the process ended while it was read
+            pass
+    return rss, pss
+
+
+def watch(cmd, until, timeout_s=600):
+    """Run a command line (from this folder), reading its process tree's memory every POLL_S, until a line of its
+    output matches `until` (then the tree is killed, each process by its id) or it ends. Returns dict(seconds:
+    to that line or the end, rss_mb, pss_mb: the peaks, output)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=HERE, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    lines, seen = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(until, line):
+                seen.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    rss = pss = 0.0
+    while proc.poll() is None and not seen.is_set() and time.perf_counter() - start < timeout_s:
+        now = tree_memory_mb(proc.pid)
+        rss, pss = max(rss, now[0]), max(pss, now[1])
+        seen.wait(POLL_S)
+    seconds = time.perf_counter() - start
+    if proc.poll() is None:
+        family, todo = [], [proc.pid]
+        while todo:                              # the workers first, so none outlives its parent unseen
+            p = todo.pop()
+            family.append(p)
+            for task in Path(f"/proc/{p}/task").glob("*/children"):
+                todo += [int(c) for c in task.read_text().split()]
+        for p in reversed(family):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    proc.wait()
+    reader.join(5)
+    if not seen.is_set():
+        raise RuntimeError(f"{' '.join(map(str, cmd))}: ended without printing {until!r}:\n{''.join(lines)[-2000:]}")
+    return dict(seconds=seconds, rss_mb=rss, pss_mb=pss, output="".join(lines))
+
+
+def _loader_clips_per_s(root, workers, device):
+    """Clips a second that train.py's loader serves from the training split (the paper preset's batches)."""
+    import train
+    run = SimpleNamespace(ddp=False, device=torch.device(device))
+    clips = train.MotionClips(root, "train", data.CLIP_FRAMES, data.cache_folder(root, root))
+    batches = iter(train.loader(clips, PAPER_BATCH, run, 0, 0, workers=workers))
+    next(batches)                                                   # the workers' start-up is not throughput
+    start = time.perf_counter()
+    for _ in range(LOADER_BATCHES):
+        next(batches)
+    return LOADER_BATCHES * PAPER_BATCH / (time.perf_counter() - start)
+
+
+def _paper_clips_per_s(root, device):
+    """Clips a second the paper preset trains (forward, losses, backward, AdamW step; random weights, the
+    stand-in head), PAPER_CPU_BATCH clips a step on the CPU, PAPER_BATCH on a GPU."""
+    import train
+    from unisinger import motion_losses
+    batch_size = PAPER_CPU_BATCH if torch.device(device).type == "cpu" else PAPER_BATCH
+    clips = train.MotionClips(root, "train", data.CLIP_FRAMES, data.cache_folder(root, root))
+    batch = next(iter(torch.utils.data.DataLoader(clips, batch_size)))
+    model = MotionCVAE(MotionConfig.preset("paper")).to(device)
+    model.set_motion_stats(*clips.clips.index.motion_stats())
+    head = stand_in_flame().to(device)
+    face = head.region(head.masks["face"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    motion, shape, music, voice = (batch[k].to(device) for k in ("motion", "shape", "music", "voice"))
+
+    def step():
+        with autocast:
+            pred, mu, logvar = model(motion, shape, music, voice=voice)
+        loss, _ = motion_losses(model, face, pred.float(), motion, shape, mu.float(), logvar.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.enable_grad():
+        step()
+        (seconds,), _ = best_times([step], device, 0, PAPER_STEPS)
+    return batch_size / seconds
+
+
+def bench_data(device="cpu"):
+    """The motion stage on SingingHead-layout folders of DATA_SIZES sequences (files linked from the built-in
+    set under new ids, builtin.linked_dataset): seconds from the command to its first training step and the
+    process tree's peak memory, the first run (which indexes the set) and a second one (which reuses the index);
+    then clips a second the loader serves against clips a second the paper preset trains, at the largest size."""
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for n in DATA_SIZES:
+            root = builtin.linked_dataset(builtin.builtin_data(), Path(folder) / f"set{n}", n)
+            for which in ("first run, indexes the set", "again, index reused"):
+                seen = watch(["train.py", "--data", root, "--out", Path(folder) / f"run{n}", "--epochs", "1",
+                              "--no-summary", "--device", device], FIRST_STEP)
+                rows.append(dict(name=f"motion start-up, {n} sequences ({which})", ours_s=seen["seconds"], ref_s=None,
+                                 ratio=None, ours_mem_mb=seen["rss_mb"], ref_mem_mb=None,
+                                 note=f"command to first step; memory = peak VmRSS summed over the process and its "
+                                      f"{train_workers()} loader worker(s) (Pss {seen['pss_mb']:.0f} MB)"))
+        loader_rate = _loader_clips_per_s(root, train_workers(), device)
+        train_rate = in_child(_paper_clips_per_s, root, device)
+    rows.append(dict(name=f"loader vs paper-preset training, {n} sequences", ours_s=1 / loader_rate,
+                     ref_s=1 / train_rate, ratio=loader_rate / train_rate, ours_mem_mb=None, ref_mem_mb=None,
+                     note=f"s a clip; loader {loader_rate:.1f} clips/s ({train_workers()} worker(s), batches of "
+                          f"{PAPER_BATCH}) vs paper preset {train_rate:.2f} clips/s ({device}); ratio > 1: the "
+                          f"loader keeps up"))
+    return rows
+
+
+def train_workers():
+    """The loader workers train.py gives a run by default here."""
+    import train
+    return train.default_workers()
+
+
+def bench_render_data(device="cpu"):
+    """The render stage preparing one person's RENDER_VIDEOS portrait videos at RENDER_DATA_SIZE² (ffmpeg's test
+    pattern, RENDER_VIDEO_S s each, linked under new ids; pickles from the built-in set): seconds from the command
+    to its first step and the process tree's peak memory, then the growth per video."""
+    rows, peaks = [], {}
+    with tempfile.TemporaryDirectory() as folder:
+        video = builtin.test_pattern_video(Path(folder) / "pattern.mp4", RENDER_DATA_SIZE, RENDER_VIDEO_S)
+        for n in RENDER_VIDEOS:
+            root = builtin.linked_dataset(builtin.builtin_data(), Path(folder) / f"person{n}", n, people=1,
+                                          video=video)
+            seen = watch(["train.py", "--stage", "render", "--data", root, "--out", Path(folder) / f"run{n}",
+                          "--size", RENDER_DATA_SIZE, "--epochs", "1", "--no-summary", "--device", device],
+                         FIRST_STEP)
+            peaks[n] = seen["rss_mb"]
+            rows.append(dict(name=f"render start-up, {n} videos at {RENDER_DATA_SIZE}²", ours_s=seen["seconds"],
+                             ref_s=None, ratio=None, ours_mem_mb=seen["rss_mb"], ref_mem_mb=None,
+                             note=f"command to first step, frames decoded and depth rendered once; memory = peak "
+                                  f"VmRSS of the process tree (Pss {seen['pss_mb']:.0f} MB)"))
+    (few, many), (low, high) = RENDER_VIDEOS, (peaks[n] for n in RENDER_VIDEOS)
+    rows[-1]["note"] += f"; {(high - low) / (many - few):+.2f} MB a video from {few} to {many} (bar: 5 MB)"
+    return rows
+
+
 # ----------------------------------------------------------------------------- the run
 
 PARTS = dict(flame=bench_flame, render=bench_render, audio_w2v=bench_audio_w2v, audio_dsp=bench_audio_dsp,
-             motion=bench_motion, stream=bench_stream, metrics=bench_metrics, render_stage=bench_render_stage)
+             motion=bench_motion, stream=bench_stream, metrics=bench_metrics, render_stage=bench_render_stage,
+             data=bench_data, render_data=bench_render_data)
 # rough seconds of each part on 2 idle CPU cores (the parts but stream took 7 min 12 s in all): they only
 # weight the ETA between parts, which is rescaled by how fast the parts so far ran against them
 EXPECTED_S = dict(flame=15, render=30, audio_w2v=30, audio_dsp=30, motion=50, stream=30, metrics=50,
-                  render_stage=220)
+                  render_stage=220, data=120, render_data=90)
 
 
 def format_rows(rows):

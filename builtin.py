@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -1100,6 +1101,56 @@ def builtin_data(root=None):
     os.replace(tmp, root)
     print(f"built-in data set ready in {time.time() - started:.0f} s: {root}", flush=True)
     return root
+
+
+# ----------------------------------------------------------------------------------------------
+# The data set at SingingHead's size, for measuring memory and start-up: files linked under new ids
+
+SINGINGHEAD_SPLITS = dict(train=9_757, val=610, test=1_829)   # the release's 12 196 sequences of 8 s, per split
+SINGINGHEAD_PEOPLE = 76                                      # singers in the release
+
+
+def linked_dataset(source, root, n_sequences=sum(SINGINGHEAD_SPLITS.values()), people=SINGINGHEAD_PEOPLE,
+                   video=None):
+    """
+    A SingingHead-layout folder of n_sequences sequences, split in the release's proportions, whose files are
+    hard links (symbolic ones across file systems) to the sequences of the data set at `source`, taken in turn
+    under new ids id<k % people>_<k // people>_0_0: the real data set's layout and size at no cost in disk.
+    Marked generated (source's generator.json: the stand-in head is its head). video: an mp4 linked as the
+    video of every sequence of person id0. Returns root.
+    """
+    source, root = Path(source), Path(root)
+    sources = sorted(p.stem for p in (source / "flame_seqs").glob("*.pkl"))
+    ids = [f"id{k % people}_{k // people}_0_0" for k in range(n_sequences)]
+    n_train = round(n_sequences * SINGINGHEAD_SPLITS["train"] / sum(SINGINGHEAD_SPLITS.values()))
+    n_test = round(n_sequences * SINGINGHEAD_SPLITS["test"] / sum(SINGINGHEAD_SPLITS.values()))
+    for folder in ("flame_seqs", "audio_seqs", "bgm_seqs", "video_seqs"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for k, seq in enumerate(ids):
+        was = sources[k % len(sources)]
+        pairs = [(flame_path(source, was), flame_path(root, seq)), (audio_path(source, was), audio_path(root, seq)),
+                 (bgm_path(source, was), bgm_path(root, seq))]
+        pairs += [(Path(video), video_path(root, seq))] if video is not None and seq.startswith("id0_") else []
+        for src, dst in pairs:
+            try:
+                os.link(src, dst)
+            except OSError:
+                os.symlink(Path(src).resolve(), dst)
+    for name, chosen in (("train", ids[:n_train]), ("val", ids[n_train:n_sequences - n_test]),
+                         ("test", ids[n_sequences - n_test:])):
+        split_path(root, name).write_text("".join(f"{seq}\n" for seq in chosen))
+    shutil.copyfile(generator_path(source), generator_path(root))
+    return root
+
+
+def test_pattern_video(path, size, seconds, fps=FPS):
+    """An mp4 of ffmpeg's test pattern (testsrc2), size² pixels, `seconds` long at fps: a portrait video's size
+    and length made in seconds, for measuring the render stage's reading."""
+    import imageio_ffmpeg
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    f"testsrc2=size={size}x{size}:rate={fps}:duration={seconds}", "-pix_fmt", "yuv420p",
+                    "-c:v", "libx264", "-preset", "ultrafast", str(path)], check=True)
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------

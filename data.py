@@ -34,6 +34,7 @@ Use alone:
     frames = read_video(video_path(root, clips[0]["id"]), size=256)   # uint8 (T, 256, 256, 3)
 """
 import fcntl
+import multiprocessing
 import os
 import pickle
 import time
@@ -65,6 +66,8 @@ RACY_NS = 2_000_000_000               # ns: a file changed this close before its
                                       # within one timestamp tick (FAT's is 2 s) unseen, so the entry is redone
 INDEX_PROGRESS_LINES = 10             # progress lines while indexing, at most
 INDEX_PROGRESS_MIN = 200              # sequences to index before progress lines are worth printing
+INDEX_PARALLEL_MIN = 500              # sequences to index before a process per core pays for its start-up
+INDEX_CHUNK = 64                      # sequences a pool process indexes per task
 
 
 # ----------------------------------------------------------------------------- reading
@@ -252,6 +255,38 @@ def index_entry(root, seq, clip_frames):
     return n_frames, used, mean, ((motion - mean) ** 2).sum(0), flame["shape"]
 
 
+def _stamped_entry(job):
+    """index_entry of (root, seq, clip_frames) as an index row, with its files' stamps taken before reading."""
+    root, seq, clip_frames = job
+    checked = time.time_ns()                          # before the files are read: a write during it is too new
+    stamps = file_stamps(sequence_files(root, seq))
+    n_frames, used, mean, m2, shape = index_entry(root, seq, clip_frames)
+    return dict(stamps=stamps, checked=checked, frames=n_frames, used=used, mean=mean, m2=m2, shape=shape)
+
+
+class _InProcess:
+    """The pool's interface run here, for a few entries (a pool's start-up would cost more than it saves)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, jobs, chunksize=1):
+        return map(fn, jobs)
+
+
+def _entry_pool(n_jobs):
+    """Processes that make n_jobs index entries: one per core this process may use when there are many (reading
+    a pickle is pure Python, so threads would not help), else this process alone."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if n_jobs < INDEX_PARALLEL_MIN or cores < 2:
+        return _InProcess()
+    from concurrent.futures import ProcessPoolExecutor
+    return ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork"))
+
+
 class SplitIndex:
     """
     The index of a split: per sequence of the split file, in its order, arrays of
@@ -322,13 +357,13 @@ class SplitIndex:
             if not fresh:
                 todo.append(i)
         progress = render.Progress(len(todo), "sequence", lines=INDEX_PROGRESS_LINES)
-        for i in todo:
-            checked = time.time_ns()                   # before the files are read: a write during it is too new
-            stamps = file_stamps(sequence_files(root, sequences[i]))
-            n_frames, used, mean, m2, shape = index_entry(root, sequences[i], clip_frames)
-            rows[i] = dict(stamps=stamps, checked=checked, frames=n_frames, used=used, mean=mean, m2=m2, shape=shape)
-            if len(todo) >= INDEX_PROGRESS_MIN and progress.advance():
-                print(progress.line(f"indexing {Path(root) / f'{split}.txt'}:"), flush=True)
+        with _entry_pool(len(todo)) as pool:
+            made = pool.map(_stamped_entry, [(root, sequences[i], clip_frames) for i in todo],
+                            chunksize=INDEX_CHUNK)
+            for i, row in zip(todo, made):
+                rows[i] = row
+                if len(todo) >= INDEX_PROGRESS_MIN and progress.advance():
+                    print(progress.line(f"indexing {Path(root) / f'{split}.txt'}:"), flush=True)
         return cls({key: np.stack([np.asarray(row[key]) for row in rows]) for key in cls.FIELDS}), len(todo)
 
     def motion_stats(self):

@@ -19,6 +19,7 @@ import signal
 import struct
 import subprocess
 import sys
+import types
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -2122,6 +2123,82 @@ def test_empty_or_missing_split_is_refused_naming_the_split_file(small_set, tmp_
         data.SingingHead(root, "test", clip_frames=CLIP)
 
 
+def _age(root, seconds=3600):
+    """Every file under root dated `seconds` ago: old enough for the index to tell a later change (data.RACY_NS)."""
+    when = os.stat(root).st_mtime_ns - seconds * 10 ** 9
+    for path in root.rglob("*"):
+        os.utime(path, ns=(when, when))
+
+
+def _counting_entries(monkeypatch):
+    """data.index_entry wrapped to count the sequences (re)indexed: returns the list of their ids."""
+    made, real = [], data.index_entry
+    monkeypatch.setattr(data, "index_entry", lambda root, seq, clip_frames: made.append(seq) or real(root, seq,
+                                                                                                       clip_frames))
+    return made
+
+
+def test_index_is_reused_while_files_are_unchanged_and_made_again_when_one_changes_or_is_cut(small_set, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """The split's index file is reused as long as no file of the data set changes; a rewritten pickle is indexed
+    again (and the motion statistics follow it), a file too new to tell is indexed again until it is not, a wav
+    cut short is refused naming it, and an index file cut short is said and made again, never read."""
+    root = _copy(small_set, tmp_path)
+    _age(root)
+    index_dir, made = tmp_path / "index", _counting_entries(monkeypatch)
+    first = data.SingingHead(root, "train", clip_frames=CLIP, index_dir=index_dir)
+    assert sorted(made) == sorted(first.sequences) and (index_dir / f"index_train_{CLIP}.npz").is_file()
+    made.clear()
+    again = data.SingingHead(root, "train", clip_frames=CLIP, index_dir=index_dir)
+    assert made == [] and again.clips == first.clips
+    motion = torch.cat([torch.as_tensor(item["motion"]) for item in again])        # what the statistics cover
+    mean, std = again.index.motion_stats()
+    assert torch.allclose(mean, motion.mean(0), atol=1e-6) and torch.allclose(std, motion.std(0), atol=1e-6)
+
+    seq = first.sequences[0]
+    pkl = data.flame_path(root, seq)
+    params = data.read_flame_pickle(pkl)
+    data.write_flame_pickle(pkl, params["motion"] * 2, params["shape"], params["cam"])   # same size, new values
+    changed = data.SingingHead(root, "train", clip_frames=CLIP, index_dir=index_dir)
+    assert made == [seq]                                                         # only the file that changed
+    motion = torch.cat([torch.as_tensor(item["motion"]) for item in changed])
+    assert torch.allclose(changed.index.motion_stats()[0], motion.mean(0), atol=1e-6)
+    made.clear()
+    data.SingingHead(root, "train", clip_frames=CLIP, index_dir=index_dir)
+    assert made == [seq]                       # written within RACY_NS of its entry: it cannot tell yet, so again
+    _age(root)
+    data.SingingHead(root, "train", clip_frames=CLIP, index_dir=index_dir)
+    made.clear()
+    data.SingingHead(root, "train", clip_frames=CLIP, index_dir=index_dir)
+    assert made == []
+
+    wav = data.audio_path(root, seq)
+    raw = wav.read_bytes()
+    wav.write_bytes(raw[:len(raw) // 2])                                         # cut by a second
+    with pytest.raises(ValueError, match=re.escape(str(wav)) + ": .* they may differ by one frame"):
+        data.SingingHead(root, "train", clip_frames=CLIP, index_dir=index_dir)
+    wav.write_bytes(raw)
+    index_file = index_dir / f"index_train_{CLIP}.npz"
+    index_file.write_bytes(index_file.read_bytes()[:1000])
+    capsys.readouterr()
+    made.clear()
+    data.SingingHead(root, "train", clip_frames=CLIP, index_dir=index_dir)
+    assert f"{index_file}: unreadable index" in capsys.readouterr().out and sorted(made) == sorted(first.sequences)
+
+
+def test_item_of_a_pickle_changed_after_indexing_is_refused_naming_it(small_set, tmp_path):
+    """A pickle whose frame count changed since the data set was indexed is refused when its item is read, not
+    served against the old clip list."""
+    root = _copy(small_set, tmp_path)
+    ds = data.SingingHead(root, "train", clip_frames=CLIP)
+    seq, _ = ds.clips[0]
+    pkl = data.flame_path(root, seq)
+    params = data.read_flame_pickle(pkl)
+    data.write_flame_pickle(pkl, params["motion"][:CLIP // 2], params["shape"])
+    with pytest.raises(ValueError, match=re.escape(str(pkl)) + r": \d+ frames, \d+ when the data set was indexed"):
+        ds[0]
+
+
 def test_read_video_round_trip_frame_count_and_size(tmp_path):
     root = builtin.generate_dataset(tmp_path / "video", builtin.Recipe(
         n_people=1, clips_per_person=3, clip_seconds=1, clips_per_song=3, video_size=64, video_clips=2), verbose=False)
@@ -3317,6 +3394,52 @@ def test_two_process_ddp_run_keeps_both_ranks_identical(motion_set, tmp_path):
     assert torch.load(out / "last.pt", weights_only=True)["step"] == n_train // 2 // 4
 
 
+def _same_batches(a, b):
+    """Two loaders' batches equal bit for bit: tensors, and lists of strings."""
+    a, b = list(a), list(b)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key]) if torch.is_tensor(x[key]) else x[key] == y[key], key
+
+
+def test_workers_serve_exactly_the_batches_the_training_process_reads(kill_set, tmp_path):
+    """--workers 2 against --workers 0: every batch of two epochs is the same bit for bit (the order comes from
+    the training process, items carry no randomness, and the music's MFCC runs on one thread wherever it is
+    made), and a run ends with the same checkpoints, RNG states included."""
+    clips = train.MotionClips(kill_set, "train", data.CLIP_FRAMES)
+    run = types.SimpleNamespace(ddp=False, device=torch.device("cpu"))
+    for epoch in (0, 1):
+        _same_batches(train.loader(clips, 2, run, 0, epoch), train.loader(clips, 2, run, 0, epoch, workers=2))
+    for workers in (0, 2):
+        train.main(["--stage", "motion", "--data", str(kill_set), "--out", str(tmp_path / f"w{workers}"), "--epochs",
+                    "1", "--batch-size", "2", "--no-summary", "--device", "cpu", "--workers", str(workers)])
+    assert_same_checkpoints(tmp_path / "w0", tmp_path / "w2")
+
+
+MEMORY_GROWTH_MB = 60      # the bar: start-up memory from 200 to 2 000 sequences (reading every clip grew ~1.6 GB)
+
+
+def test_motion_stage_memory_does_not_grow_with_the_data_set(motion_set, tmp_path):
+    """`train.py` in a fresh process, from the command to its first step, on 200 and on 2 000 sequences (the
+    motion set's files linked under new ids): the process tree's peak resident memory (the training process and
+    its loader worker, VmRSS summed) differs by less than MEMORY_GROWTH_MB, where keeping every clip's audio grew
+    it by ~1 MB a clip. Each size is run twice, the second reusing the index the first made."""
+    import bench
+    peaks = {}
+    for n in (200, 2_000):
+        root = builtin.linked_dataset(motion_set, tmp_path / f"set{n}", n)
+        cmd = ["train.py", "--data", root, "--out", tmp_path / f"run{n}", "--epochs", "1", "--no-summary",
+               "--device", "cpu", "--workers", "1"]
+        first = bench.watch(cmd, bench.FIRST_STEP)
+        assert f"indexed {round(n * 9_757 / 12_196)} of the" in first["output"]
+        again = bench.watch(cmd, bench.FIRST_STEP)
+        assert "indexed" not in again["output"], again["output"]
+        peaks[n] = max(first["rss_mb"], again["rss_mb"])
+    assert peaks[2_000] - peaks[200] < MEMORY_GROWTH_MB, peaks
+
+
 # ----------------------------------------------------------------------------- the paper's model, Table III switches
 
 def test_audio_token_is_voice_to_d_and_music_to_half_d_concatenated_then_to_d():
@@ -3755,6 +3878,43 @@ def test_render_run_killed_anywhere_resumes_to_the_same_weights(person, tmp_path
     assert_same_checkpoints(tmp_path / "whole", tmp_path / "cut")
     for name in ("reference.png", "samples_000.png", "samples_001.png"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_render_frames_are_decoded_once_and_again_only_for_a_changed_or_cut_file(person, tmp_path, monkeypatch):
+    """portrait_frames with a cache folder: the first call decodes every video (frames as read_video decodes
+    them, at the stride), the next reads the files it left; a video rewritten or a frames file cut short is
+    decoded again, alone."""
+    root = shutil.copytree(person, tmp_path / "set")
+    _age(root)
+    seqs = train.person_sequences(root, "train", "id0") + train.person_sequences(root, "val", "id0")
+    head, cache = stand_in_flame(), tmp_path / "cache"
+    decoded, real = [], train.decode_frames
+    monkeypatch.setattr(train, "decode_frames", lambda root, seq, *rest: decoded.append(seq) or real(root, seq, *rest))
+
+    def frames():
+        return train.portrait_frames(root, seqs, head, "cpu", SIZE, 2, cache)[0]
+    first = frames()
+    assert decoded == seqs
+    truth = np.concatenate([data.read_video(data.video_path(root, s), SIZE)[::2] for s in seqs])
+    assert np.array_equal(first.frames.numpy(), truth) and np.array_equal(first[5]["frame"].numpy(),
+                                                                          truth[5].transpose(2, 0, 1).astype(np.float32) / 127.5 - 1)
+    decoded.clear()
+    again = frames()
+    assert decoded == [] and np.array_equal(again.depth.numpy(), first.depth.numpy())
+    assert all(torch.equal(getattr(again, k), getattr(first, k)) for k in ("index", "mouth", "eyes"))
+
+    shutil.copyfile(data.video_path(root, seqs[1]), data.video_path(root, seqs[0]))   # same length, other frames
+    changed = frames()
+    assert decoded == [seqs[0]]
+    n = len(truth) // 2
+    assert np.array_equal(changed.frames[:n].numpy(), truth[n:])
+    _age(root)
+    frames()
+    decoded.clear()
+    cut = cache / f"frames_{SIZE}px_1in2" / f"{seqs[1]}.frames"
+    cut.write_bytes(cut.read_bytes()[:-1])
+    frames()
+    assert decoded == [seqs[1]]
 
 
 @pytest.fixture(scope="module")

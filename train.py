@@ -15,10 +15,17 @@ model, optimiser, schedule, the random number generators and the epoch's data or
 the CPU a resumed run produces the same losses as one that never stopped.
 """
 import argparse
+import errno
 import fcntl
+import hashlib
 import math
 import os
 import random
+import shutil
+import tempfile
+import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -39,7 +46,11 @@ from render import RATE_WINDOW, Parser, Progress, run_command
 from unisinger import MotionConfig, MotionCVAE, SongMix, load_checkpoint, motion_losses
 
 RENDER_FRAME_STRIDE = 6      # 1 frame in 6 (5 a second): neighbours at 30 fps are near copies; the 2-D metrics score these
+RENDER_SIZES = (256, 512, 1024)   # pixels a side the render stage trains at (--size): the paper's Table IV has 256 and 512
 DEPTH_BATCH = 32             # frames rasterized at once while precomputing the depth inputs
+FRAMES_VERSION = 1           # of the render stage's frame files; another version's are made again
+FRAMES_PROGRESS_LINES = 10   # progress lines while a person's videos are decoded, at most
+FRAMES_PROGRESS_MIN = 10     # videos to prepare before progress lines are worth printing
 EVAL_BATCH = 16              # frames rendered at once for validation and the summary
 GRID_ROWS = 4                # validation frames in each epoch's sample grid
 ADAM_BETAS = (0.5, 0.999)    # pix2pix's GAN-friendly momentum
@@ -54,46 +65,61 @@ EYES_WEIGHT = 25.0                 # the same for the brows-and-eyes box (~7 % o
                                    # discriminator's speckles
 VGG_URL = "https://download.pytorch.org/models/vgg19-dcbfe0e4.pth"
 SUMMARY_SAMPLES = 10       # samples per test clip in the closing summary (the paper's n)
-LOCK_FILE = "train.lock"   # in --out, flock-ed by the run writing there; the kernel drops it when that run dies
+LOCK_FILE = "train.lock"   # in --out, locked by the run writing there; the kernel drops it when that run dies
+DATA_CACHE = "data_cache"  # in --out: the data set's index and frames when the data folder is not writable
+MAX_WORKERS = 4            # loader worker processes by default, at most
 LEARNT_LVE_RATIO = 0.5     # learning: test LVE-mean at most this share of the mean-motion baseline's
 
 
 # ----------------------------------------------------------------------------- stage 1: motion
 
 class MotionClips(Dataset):
-    """SingingHead clips with the background-music MFCC at 30 fps computed once and kept."""
+    """SingingHead clips read from the files per item, with the background music's MFCC at 30 fps computed per
+    item on one thread: memory does not grow with the data set, and a loader worker (which runs one thread)
+    makes exactly the numbers the training process would."""
 
-    def __init__(self, root, split, clip_frames):
-        self.clips = data.SingingHead(root, split, clip_frames=clip_frames)
-        self.music = [None] * len(self.clips)
+    def __init__(self, root, split, clip_frames, index_dir=None):
+        self.clips = data.SingingHead(root, split, clip_frames=clip_frames, index_dir=index_dir)
 
     def __len__(self):
         return len(self.clips)
 
     def __getitem__(self, i):
         item = self.clips[i]
-        if self.music[i] is None:
-            self.music[i] = mfcc_at_fps(item["bgm"], SAMPLE_RATE, len(item["motion"]))
-        return dict(voice=torch.as_tensor(item["audio"]), music=self.music[i], motion=torch.as_tensor(item["motion"]),
+        with one_thread():
+            music = mfcc_at_fps(item["bgm"], SAMPLE_RATE, len(item["motion"]))
+        return dict(voice=torch.as_tensor(item["audio"]), music=music, motion=torch.as_tensor(item["motion"]),
                     shape=torch.as_tensor(item["shape"]), person=item["person"], index=i)
 
 
-def cache_voice_features(model, dataset, device, batch_size=8):
+@contextmanager
+def one_thread():
+    """torch on one thread inside the block: a matrix product's rounding may depend on how many threads share
+    it, and items must not depend on where they are made."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cache_voice_features(model, dataset, device, batch_size=8, workers=0):
     """Frozen wav2vec 2.0 features of every clip, computed once: (N, T, C) on the CPU."""
     feats = []
     with torch.no_grad():
-        for batch in DataLoader(dataset, batch_size):
+        for batch in DataLoader(dataset, batch_size, num_workers=workers):
             feats.append(model.voice_features(batch["voice"].to(device), batch["motion"].shape[1]).float().cpu())
     return torch.cat(feats)
 
 
 @torch.no_grad()
-def validate_motion(model, meshes, face, dataset, device, voice_cache=None, seed=0):
+def validate_motion(model, meshes, face, dataset, device, voice_cache=None, seed=0, workers=0):
     """LVE / FVE (mm, one sample per clip from a fixed z stream) and the training loss on a split."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     lve, fve, loss, n = 0.0, 0.0, 0.0, 0
-    for batch in DataLoader(dataset, 8):
+    for batch in DataLoader(dataset, 8, num_workers=workers):
         motion, shape, music = (batch[k].to(device) for k in ("motion", "shape", "music"))
         feats = (voice_cache[batch["index"]].to(device) if voice_cache is not None
                  else model.voice_features(batch["voice"].to(device), motion.shape[1]))
@@ -111,9 +137,9 @@ def validate_motion(model, meshes, face, dataset, device, voice_cache=None, seed
 
 
 def motion_stats(dataset):
-    """Per-dimension mean and std of the training motion, (59,) each."""
-    flat = torch.cat([torch.as_tensor(dataset.clips[i]["motion"]) for i in range(len(dataset))])  # (N*T, 59)
-    return flat.mean(0), flat.std(0)
+    """Per-dimension mean and std of the training motion, (59,) each: from the data set's index, which holds
+    each sequence's sums, so no clip is read here."""
+    return dataset.clips.index.motion_stats()
 
 
 def motion_config(args):
@@ -131,8 +157,9 @@ def train_motion(args, run):
     if args.wav2vec:                                   # input files first: a damaged one is refused before any work
         pretrained = Wav2Vec2.from_pretrained(args.wav2vec)
         cfg.wav2vec = asdict(pretrained.cfg)           # the checkpoint decides the audio encoder's size
-    train_set = MotionClips(root, "train", data.CLIP_FRAMES)
-    val_set = MotionClips(root, "val", data.CLIP_FRAMES)
+    index_dir = data.cache_folder(root, run.out / DATA_CACHE)
+    train_set = MotionClips(root, "train", data.CLIP_FRAMES, index_dir)
+    val_set = MotionClips(root, "val", data.CLIP_FRAMES, index_dir)
     flame = load_flame(args.flame).to(run.device)
     meshes = metrics.RegionMeshes(flame)
     face = flame.region(flame.masks["face"]) if cfg.w_mesh else None     # the mesh loss's vertices
@@ -151,8 +178,8 @@ def train_motion(args, run):
     voice_cache = val_cache = None
     if args.cache_audio:
         model.wav2vec.requires_grad_(False)
-        voice_cache = cache_voice_features(model, train_set, run.device)
-        val_cache = cache_voice_features(model, val_set, run.device)
+        voice_cache = cache_voice_features(model, train_set, run.device, workers=args.workers)
+        val_cache = cache_voice_features(model, val_set, run.device, workers=args.workers)
         run.log(f"cached frozen wav2vec 2.0 features: {tuple(voice_cache.shape)}")
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -168,11 +195,12 @@ def train_motion(args, run):
     run.log(f"motion CVAE '{args.preset}': {n_params / 1e6:.2f} M parameters, {len(train_set)} train / "
             f"{len(val_set)} val clips from {root}, {args.epochs} epochs of {steps_per_epoch} steps on {run.device}")
     progress = Progress(total_steps, "step", done=step, window=epochs_window(steps_per_epoch))
+    first_step = step + 1                          # always said: how long start-up took
     history = []
     head = flame_record(args.flame)                # which head the checkpoint's meshes came from
     for epoch in range(start_epoch, args.epochs):
         model.train()
-        for batch in loader(train_set, args.batch_size, run, args.seed, epoch):
+        for batch in loader(train_set, args.batch_size, run, args.seed, epoch, workers=args.workers):
             motion, shape, music = (batch[k].to(run.device) for k in ("motion", "shape", "music"))
             with run.autocast():
                 if voice_cache is not None:
@@ -186,9 +214,9 @@ def train_motion(args, run):
             optimizer.step()
             schedule.step()
             step += 1
-            if progress.advance():
+            if progress.advance() or step == first_step:
                 log_progress(run, progress, epoch, dict(loss=loss.item(), **parts))
-        val = validate_motion(model, meshes, face, val_set, run.device, val_cache, seed=args.seed)
+        val = validate_motion(model, meshes, face, val_set, run.device, val_cache, args.seed, args.workers)
         history.append(val)
         run.log(f"epoch {epoch} validation | LVE {val['lve']:.3f} mm | FVE {val['fve']:.3f} mm | loss {val['loss']:.4f}")
         improved = val["lve"] < best
@@ -204,12 +232,9 @@ def train_motion(args, run):
 
 
 def training_people(train_set):
-    """name -> FLAME shape (100,) float32 of each person in the training clips (the checkpoint keeps them)."""
-    people = {}
-    for i in range(len(train_set)):
-        item = train_set.clips[i]
-        people.setdefault(item["person"], torch.as_tensor(np.asarray(item["shape"], dtype=np.float32)))
-    return people
+    """name -> FLAME shape (100,) float32 of each person in the training clips (the checkpoint keeps them): the
+    shape of their first clip's sequence, from the data set's index."""
+    return {person: torch.from_numpy(shape) for person, shape in train_set.clips.first_shapes().items()}
 
 
 def motion_summary(model, root, args):
@@ -268,9 +293,9 @@ def verdict(ours, base, deaf):
 # (mouth_scores), and a held-out clip is written side by side with its sound.
 
 class PortraitFrames(Dataset):
-    """One person's frames with their depth inputs, in memory. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index,
-    mouth and eyes: each frame's mouth box and brows-and-eyes box (top, bottom, left, right) in pixels, bottom and
-    right excluded."""
+    """One person's frames with their depth inputs. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index, mouth and
+    eyes: each frame's mouth box and brows-and-eyes box (top, bottom, left, right) in pixels, bottom and right
+    excluded. depth and frames are tensors or FrameRows (read from files per item)."""
 
     def __init__(self, depth, frames, index, mouth, eyes):
         self.depth, self.frames, self.index = depth, frames, index   # (N,1,H,W) f16, (N,H,W,3) u8, (N,) long
@@ -284,6 +309,58 @@ class PortraitFrames(Dataset):
                     index=self.index[i], mouth=self.mouth[i], eyes=self.eyes[i])
 
 
+class FrameRows:
+    """
+    Rows of one shape and dtype stored back to back in files, [(path, rows), ...] in order, read with pread when
+    indexed: rows[i] one row, rows[a:b] or rows[indices] stacked, rows.numpy() all, as tensors (numpy for all).
+    Nothing is kept or memory-mapped (a mapped page counts in the process's resident memory once read), so a
+    process reading them stays the same size whatever the files hold; the kernel's page cache keeps them warm.
+    """
+
+    def __init__(self, segments, shape, dtype):
+        self.segments = [(str(path), int(rows)) for path, rows in segments]
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        self.first = np.cumsum([0] + [rows for _, rows in self.segments])      # first row of each segment
+
+    def __len__(self):
+        return int(self.first[-1])
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return torch.from_numpy(self._read(np.arange(len(self))[key]))
+        rows = np.asarray(key.cpu() if torch.is_tensor(key) else key, dtype=np.int64)
+        out = self._read(rows.reshape(-1) % max(1, len(self)))
+        return torch.from_numpy(out[0] if rows.ndim == 0 else out)
+
+    def numpy(self):
+        return self._read(np.arange(len(self)))
+
+    def float(self):
+        return torch.from_numpy(self.numpy()).float()
+
+    def _read(self, rows):
+        """Rows (k,) -> (k, *shape): each run of consecutive rows of one file in one pread."""
+        out = np.empty((len(rows), *self.shape), self.dtype)
+        segment = np.searchsorted(self.first, rows, side="right") - 1
+        at = 0
+        while at < len(rows):
+            end = at + 1
+            while end < len(rows) and segment[end] == segment[at] and rows[end] == rows[end - 1] + 1:
+                end += 1
+            path, _ = self.segments[segment[at]]
+            offset = (int(rows[at]) - int(self.first[segment[at]])) * self.row_bytes
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [memoryview(out[at:end]).cast("B")], offset)
+            finally:
+                os.close(fd)
+            if got != (end - at) * self.row_bytes:
+                raise ValueError(f"{path}: cut short ({got} of {(end - at) * self.row_bytes} bytes at {offset})")
+            at = end
+        return out
+
+
 def person_sequences(root, split, person):
     """Sequence ids of `person` in root/<split>.txt that have a video."""
     seqs = [s for s in data.read_split(root, split)
@@ -295,38 +372,108 @@ def person_sequences(root, split, person):
 
 
 @torch.no_grad()
-def portrait_frames(root, seqs, flame, device, size, stride):
+def portrait_frames(root, seqs, flame, device, size, stride, cache=None):
     """
-    Every stride-th frame of the sequences, decoded and with its depth input, mouth and eyes boxes rendered.
-    Returns (PortraitFrames, cams (N, 3) float32, shape (100,) float32 of the first sequence).
+    Every stride-th frame of the sequences with its depth input, mouth and eyes boxes, one video at a time (with
+    progress): the frames (uint8) and depth inputs (float16) go to files in `cache` (a folder, None: a temporary
+    one that goes with the data set), the boxes stay in memory, so memory grows by ~100 bytes a frame. A
+    sequence's files are used again while its pickle and video, the head, size and stride are unchanged.
+    Returns (PortraitFrames reading frames and depth per item, cams (N, 3) float32, shape (100,) float32 of
+    the first sequence).
     """
-    depth, frames, index, cams, mouth, eyes, shape = [], [], [], [], [], [], None
-    for seq in seqs:
-        pkl, mp4 = data.flame_path(root, seq), data.video_path(root, seq)
-        params = data.read_flame_pickle(pkl)
-        video = data.read_video(mp4, size)                                   # (T, H, W, 3)
-        if abs(len(video) - len(params["expression"])) > 1:
-            raise ValueError(f"{mp4}: {len(video)} frames but {pkl.name} has {len(params['expression'])} rows")
-        n = min(len(video), len(params["expression"]))
-        keep = torch.arange(0, n, stride)                                                  # (n',)
-        motion = torch.from_numpy(params["motion"])[keep]                                  # (n', 59)
-        cam = params["cam"] if params["cam"] is not None else np.broadcast_to(render.DEFAULT_CAM, (n, 3))
-        cam = torch.as_tensor(np.asarray(cam, dtype=np.float32))[keep]                     # (n', 3)
-        shape = params["shape"] if shape is None else shape
-        beta = torch.from_numpy(params["shape"]).to(device)
+    folder = Path(tempfile.mkdtemp(prefix="unisinger_frames_") if cache is None else
+                  Path(cache) / f"frames_{size}px_1in{stride}")
+    folder.mkdir(parents=True, exist_ok=True)
+    head = head_digest(flame)
+    progress = Progress(len(seqs), "video", lines=FRAMES_PROGRESS_LINES)
+    entries = []
+    with open(folder / "frames.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)      # torchrun's ranks: the first decodes, the others reuse its files
+        for seq in seqs:
+            entries.append(cached_frames(root, seq, folder, head, size, stride)
+                           or decode_frames(root, seq, flame, device, folder, head, size, stride))
+            if len(seqs) >= FRAMES_PROGRESS_MIN and progress.advance():
+                print(progress.line(f"frames of {seqs[0].split('_')[0]} at {size}² in {folder}:"), flush=True)
+    cat = lambda key, dtype: torch.from_numpy(np.concatenate([e[key] for e in entries]).astype(dtype))
+    dataset = PortraitFrames(FrameRows([(folder / f"{seq}.depth", len(e["index"])) for seq, e in zip(seqs, entries)],
+                                       (1, size, size), np.float16),
+                             FrameRows([(folder / f"{seq}.frames", len(e["index"])) for seq, e in zip(seqs, entries)],
+                                       (size, size, 3), np.uint8),
+                             cat("index", np.int64), cat("mouth", np.int64), cat("eyes", np.int64))
+    if cache is None:                      # the files go when the data set does
+        weakref.finalize(dataset, shutil.rmtree, folder, True)
+    return dataset, np.concatenate([e["cam"] for e in entries]).astype(np.float32), entries[0]["shape"]
+
+
+def head_digest(flame):
+    """sha256 of a head's arrays: the depth inputs depend on them."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(flame.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def frame_stamps(root, seq):
+    """The files a sequence's render-stage frames come from, stamped (data.file_stamps)."""
+    return data.file_stamps([data.flame_path(root, seq), data.video_path(root, seq)])
+
+
+def cached_frames(root, seq, folder, head, size, stride):
+    """The sequence's entry (index, mouth, eyes, cam, shape) when its files in `folder` were made from the same
+    pickle and video (stamps, and old enough to tell: data.RACY_NS), head, size and stride, whole; else None."""
+    meta = folder / f"{seq}.npz"
+    try:
+        with np.load(meta, allow_pickle=False) as z:
+            entry = {key: z[key] for key in z.files}
+    except Exception:                         # absent, cut short or foreign: made again
+        return None
+    stamps = frame_stamps(root, seq)
+    same = (entry.get("version") == FRAMES_VERSION and str(entry.get("head")) == head and entry.get("size") == size
+            and entry.get("stride") == stride and np.array_equal(entry.get("stamps"), stamps)
+            and stamps[1::2].max() < entry["checked"] - data.RACY_NS)
+    rows = len(entry.get("index", ()))
+    whole = all((folder / f"{seq}.{kind}").is_file() and (folder / f"{seq}.{kind}").stat().st_size == rows * per_row
+                for kind, per_row in (("frames", size * size * 3), ("depth", size * size * 2)))
+    return entry if same and whole else None
+
+
+def decode_frames(root, seq, flame, device, folder, head, size, stride):
+    """Decode the sequence's video at the stride into folder/<seq>.frames (uint8) a batch at a time, render the
+    depth inputs into folder/<seq>.depth (float16) and write folder/<seq>.npz (the boxes, the stamps) last: an
+    entry whose npz is there is whole. Returns the entry as cached_frames does."""
+    pkl, mp4 = data.flame_path(root, seq), data.video_path(root, seq)
+    checked, stamps = time.time_ns(), frame_stamps(root, seq)      # before reading: a write during it is too new
+    params = data.read_flame_pickle(pkl)
+    rows = len(params["expression"])
+    video = data.VideoFrames(mp4, size, stride, stop=rows, batch=DEPTH_BATCH)
+    with render.atomic_output(folder / f"{seq}.frames") as frames_tmp, open(frames_tmp, "wb") as file:
+        for batch in video:
+            file.write(batch.tobytes())
+        if abs(video.count - rows) > 1:
+            raise ValueError(f"{mp4}: {video.count} frames but {pkl.name} has {rows} rows")
+    keep = torch.arange(0, min(video.count, rows), stride)                                 # (n',)
+    motion = torch.from_numpy(params["motion"])[keep]                                      # (n', 59)
+    cam = params["cam"] if params["cam"] is not None else np.broadcast_to(render.DEFAULT_CAM, (rows, 3))
+    cam = torch.as_tensor(np.asarray(cam, dtype=np.float32))[keep]                         # (n', 3)
+    beta = torch.from_numpy(params["shape"]).to(device)
+    mouth, eyes = [], []
+    with render.atomic_output(folder / f"{seq}.depth") as depth_tmp, open(depth_tmp, "wb") as file:
         for lo in range(0, len(keep), DEPTH_BATCH):
             verts = flame.from_motion(beta, motion[lo:lo + DEPTH_BATCH].to(device))
             frame_cam = cam[lo:lo + DEPTH_BATCH].to(device)
-            depth.append(render.render_depth(verts, flame.faces, frame_cam, size).half().cpu())  # (b, 1, H, W)
+            depth = render.render_depth(verts, flame.faces, frame_cam, size).half().cpu()    # (b, 1, H, W)
+            file.write(depth.numpy().tobytes())
             landmarks = render.project(flame.landmarks(verts), frame_cam)                  # (b, 68, 3)
             mouth.append(landmark_box(landmarks[:, MOUTH_LANDMARKS], size, MOUTH_BOX_MARGIN).cpu())
             brows_eyes = torch.cat([landmarks[:, BROW_LANDMARKS], landmarks[:, EYE_LANDMARKS]], 1)
             eyes.append(landmark_box(brows_eyes, size, EYES_BOX_MARGIN).cpu())
-        frames.append(torch.from_numpy(video[keep.numpy()]))
-        index.append(keep)
-        cams.append(cam)
-    dataset = PortraitFrames(torch.cat(depth), torch.cat(frames), torch.cat(index), torch.cat(mouth), torch.cat(eyes))
-    return dataset, torch.cat(cams).numpy(), shape
+    entry = dict(version=FRAMES_VERSION, head=head, size=size, stride=stride, stamps=stamps, checked=checked,
+                 index=keep.numpy(), mouth=torch.cat(mouth).numpy(), eyes=torch.cat(eyes).numpy(), cam=cam.numpy(),
+                 shape=params["shape"])
+    with render.atomic_output(folder / f"{seq}.npz") as tmp:
+        np.savez(tmp, **entry)
+    return entry
 
 
 def landmark_box(points, size, margin):
@@ -378,16 +525,34 @@ def box_weight(boxes, size):
 @torch.no_grad()
 def render_dataset(generator, dataset, reference, device, run):
     """Generated frames for every item of a PortraitFrames: uint8 (N, H, W, 3)."""
+    return np.concatenate([batch for _, batch in rendered_batches(generator, dataset, reference, device, run)])
+
+
+@torch.no_grad()
+def rendered_batches(generator, dataset, reference, device, run):
+    """(first item, generated uint8 (b, H, W, 3)) for the items of a PortraitFrames, EVAL_BATCH at a time."""
     generator.eval()
-    out = []
     for lo in range(0, len(dataset), EVAL_BATCH):
         depth = dataset.depth[lo:lo + EVAL_BATCH].float().to(device)
         with run.autocast():
             index = dataset.index[lo:lo + EVAL_BATCH].to(device)
             fake = generator(depth, reference.expand(len(depth), -1, -1, -1), index)
-        out.append(render.to_uint8(fake).cpu())
+        yield lo, render.to_uint8(fake).cpu().numpy()
     generator.train()
-    return torch.cat(out).numpy()
+
+
+def validate_render(generator, dataset, reference, run):
+    """frame_scores of the generated frames and the sample grid, a batch at a time: memory for one batch of
+    frames (and the grid's), whatever the split's size. Returns (scores, grid)."""
+    pick = grid_picks(len(dataset))
+    ssim, psnr, picked = [], [], {}
+    for lo, generated in rendered_batches(generator, dataset, reference, run.device, run):
+        truth = dataset.frames[lo:lo + len(generated)].numpy()
+        ssim.append(metrics.ssim(generated, truth))
+        psnr.append(metrics.psnr(generated, truth))
+        picked.update({k: generated[k - lo] for k in pick if lo <= k < lo + len(generated)})
+    scores = dict(ssim=float(np.mean(np.concatenate(ssim))), psnr=float(np.mean(np.concatenate(psnr))))
+    return scores, sample_grid(dataset, np.stack([picked[k] for k in pick]), pick)
 
 
 def frame_scores(generated, truth):
@@ -396,12 +561,17 @@ def frame_scores(generated, truth):
                 psnr=float(np.mean(metrics.psnr(generated, truth))))
 
 
-def sample_grid(dataset, generated, rows=GRID_ROWS):
-    """uint8 image: `rows` evenly spaced frames, each a row of depth | generated | truth."""
-    pick = np.linspace(0, len(dataset) - 1, min(rows, len(dataset))).round().astype(int)
+def grid_picks(n, rows=GRID_ROWS):
+    """The items of the sample grid: `rows` evenly spaced of n."""
+    return np.linspace(0, n - 1, min(rows, n)).round().astype(int)
+
+
+def sample_grid(dataset, generated, pick):
+    """uint8 image: the frames `pick` of the data set, each a row of depth | generated (given for those alone) |
+    truth."""
     depth = render.to_uint8(dataset.depth[pick].float()).numpy()
     return np.concatenate([np.concatenate([d, g, t], axis=1)
-                           for d, g, t in zip(depth, generated[pick], dataset.frames[pick].numpy())], axis=0)
+                           for d, g, t in zip(depth, generated, dataset.frames[pick].numpy())], axis=0)
 
 
 def load_vgg(args, run):
@@ -418,13 +588,15 @@ def train_render(args, run):
     root = Path(args.data) if args.data else builtin_data()
     require_head(root, args.flame, args.procedural_head)
     cfg = render.RendererConfig.preset(args.preset)
+    cfg = replace(cfg, image_size=args.size) if args.size else cfg
     seed_everything(args.seed)
     vgg = load_vgg(args, run)
     flame = load_flame(args.flame).to(run.device)
+    cache = data.cache_folder(root, run.out / DATA_CACHE)
 
     def split_frames(split):
         return portrait_frames(root, person_sequences(root, split, args.person), flame, run.device, cfg.image_size,
-                               RENDER_FRAME_STRIDE)
+                               RENDER_FRAME_STRIDE, cache)
 
     train_set, cams, shape = split_frames("train")
     val_set, _, _ = split_frames("val")
@@ -454,12 +626,13 @@ def train_render(args, run):
             f"{len(train_set)} train / {len(val_set)} val frames (1 in {RENDER_FRAME_STRIDE}) from {root}, "
             f"{args.epochs} epochs of {steps_per_epoch} steps on {run.device}")
     progress = Progress(total_steps, "step", done=step, window=epochs_window(steps_per_epoch))
+    first_step = step + 1                          # always said: how long start-up took
     history = []
     head = flame_record(args.flame)                # the depth inputs' head: inference must render with it
     gan = GanStep(net_g, net_d, discriminator, opt_g, opt_d, vgg, reference, args.grad_clip)
     for epoch in range(start_epoch, args.epochs):
         sums, n_batches = {}, 0
-        for batch in loader(train_set, args.batch_size, run, args.seed, epoch):
+        for batch in loader(train_set, args.batch_size, run, args.seed, epoch, workers=args.workers):
             losses = gan(batch, run)
             sched_g.step()
             sched_d.step()
@@ -467,15 +640,14 @@ def train_render(args, run):
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_batches += 1
-            if progress.advance():
+            if progress.advance() or step == first_step:
                 log_progress(run, progress, epoch, losses)
-        generated = render_dataset(generator, val_set, reference, run.device, run)
-        val = frame_scores(generated, val_set.frames.numpy())
+        val, grid = validate_render(generator, val_set, reference, run)
         history.append(dict(train={k: v / n_batches for k, v in sums.items()}, val=val))
         run.log(f"epoch {epoch} validation | SSIM {val['ssim']:.4f} | PSNR {val['psnr']:.2f} dB")
         if run.main:
             with render.atomic_output(run.out / f"samples_{epoch:03d}.png") as tmp:
-                imageio.imwrite(tmp, sample_grid(val_set, generated))
+                imageio.imwrite(tmp, grid)
         improved = val["ssim"] > best
         best = max(best, val["ssim"])
         save_epoch(run, stateful, improved, renderer_config=asdict(cfg), epoch=epoch, step=step, best=best,
@@ -620,15 +792,18 @@ class Run:
 
 def hold_folder(folder):
     """
-    Take --out for this run: an exclusive flock on folder/train.lock, held while the returned file is open.
-    A second run pointed at the same folder is refused (ValueError naming it) rather than interleaving its
-    checkpoints with the first's. The kernel releases the lock when the holder's process ends, killed or not,
-    so a crashed run never blocks the next one.
+    Take --out for this run: an exclusive lock (fcntl's record lock) on folder/train.lock, held while the returned
+    file is open. A second run pointed at the same folder is refused (ValueError naming it) rather than
+    interleaving its checkpoints with the first's. The kernel releases the lock when the holder's process ends,
+    killed or not, so a crashed run never blocks the next one; a record lock, unlike an flock, is not inherited
+    by the loader's worker processes, which may outlive a killed run by a few seconds.
     """
     lock = open(folder / LOCK_FILE, "a+")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
         lock.seek(0)
         holder = lock.read().strip() or "?"
         lock.close()
@@ -725,14 +900,26 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def loader(dataset, batch_size, run, seed, epoch, shuffle=True):
-    """Same order for the same (seed, epoch): what makes a resumed run continue exactly."""
+def loader(dataset, batch_size, run, seed, epoch, shuffle=True, workers=0):
+    """Same order for the same (seed, epoch): what makes a resumed run continue exactly. `workers` processes read
+    the items; the order still comes from this process and items carry no randomness, so every batch is the
+    same for any number of workers. Batches land in pinned memory on CUDA, for copies that overlap the step."""
+    feed = dict(num_workers=workers, pin_memory=run.device.type == "cuda")
     if run.ddp:
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
         sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_size, sampler=sampler, drop_last=shuffle)
+        return DataLoader(dataset, batch_size, sampler=sampler, drop_last=shuffle, **feed)
     gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-    return DataLoader(dataset, batch_size, shuffle=shuffle, generator=gen, drop_last=shuffle and len(dataset) > batch_size)
+    return DataLoader(dataset, batch_size, shuffle=shuffle, generator=gen, drop_last=shuffle and len(dataset) > batch_size,
+                      **feed)
+
+
+def default_workers():
+    """Loader workers a process gets by default: its share of the cores it may run on (torchrun's processes
+    split them), less one for itself, at most MAX_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return max(0, min(MAX_WORKERS, cores // processes - 1))
 
 
 def cosine_schedule(optimizer, total):
@@ -807,6 +994,12 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="loader worker processes reading the data (default: the cores less one, at most "
+                        f"{MAX_WORKERS}, shared among torchrun's processes; here {default_workers()}); 0 reads in "
+                        "the training process")
+    p.add_argument("--size", type=int, choices=RENDER_SIZES,
+                   help="render stage: the frames' side in pixels (default: the preset's, 256)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--no-summary", dest="summary", action="store_false", help="skip the closing test-split summary")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -828,6 +1021,10 @@ def check_args(args):
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
+    if args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: must be 0 or more")
+    if args.size is not None and args.stage != "render":
+        raise ValueError(f"--size {args.size}: only the render stage has a frame size")
     if not args.lr > 0:
         raise ValueError(f"--lr {args.lr}: must be positive")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
