@@ -356,7 +356,8 @@ class SplitIndex:
             rows.append(row if fresh else None)
             if not fresh:
                 todo.append(i)
-        progress = render.Progress(len(todo), "sequence", lines=INDEX_PROGRESS_LINES)
+        # the rate over every entry so far: the pool hands entries back a chunk at a time, in bursts
+        progress = render.Progress(len(todo), "sequence", lines=INDEX_PROGRESS_LINES, window=len(todo))
         with _entry_pool(len(todo)) as pool:
             made = pool.map(_stamped_entry, [(root, sequences[i], clip_frames) for i in todo],
                             chunksize=INDEX_CHUNK)
