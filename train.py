@@ -15,6 +15,7 @@ model, optimiser, schedule, the random number generators and the epoch's data or
 the CPU a resumed run produces the same losses as one that never stopped.
 """
 import argparse
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -22,6 +23,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
 import tempfile
 import time
 import weakref
@@ -68,6 +71,7 @@ SUMMARY_SAMPLES = 10       # samples per test clip in the closing summary (the p
 LOCK_FILE = "train.lock"   # in --out, locked by the run writing there; the kernel drops it when that run dies
 DATA_CACHE = "data_cache"  # in --out: the data set's index and frames when the data folder is not writable
 MAX_WORKERS = 4            # loader worker processes by default, at most
+PR_SET_PDEATHSIG = 1       # Linux prctl option: the signal the kernel sends a process when its parent dies
 LEARNT_LVE_RATIO = 0.5     # learning: test LVE-mean at most this share of the mean-motion baseline's
 
 
@@ -904,7 +908,7 @@ def loader(dataset, batch_size, run, seed, epoch, shuffle=True, workers=0):
     """Same order for the same (seed, epoch): what makes a resumed run continue exactly. `workers` processes read
     the items; the order still comes from this process and items carry no randomness, so every batch is the
     same for any number of workers. Batches land in pinned memory on CUDA, for copies that overlap the step."""
-    feed = dict(num_workers=workers, pin_memory=run.device.type == "cuda")
+    feed = dict(num_workers=workers, pin_memory=run.device.type == "cuda", worker_init_fn=die_with_parent)
     if run.ddp:
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
         sampler.set_epoch(epoch)
@@ -912,6 +916,14 @@ def loader(dataset, batch_size, run, seed, epoch, shuffle=True, workers=0):
     gen = torch.Generator().manual_seed(seed * 1000 + epoch)
     return DataLoader(dataset, batch_size, shuffle=shuffle, generator=gen, drop_last=shuffle and len(dataset) > batch_size,
                       **feed)
+
+
+def die_with_parent(worker_id):
+    """A loader worker asks the kernel to SIGKILL it when its training process dies. PyTorch's own check of the
+    parent let a worker of a SIGKILL-ed run hang at exit for good, holding its memory and --out's files open,
+    when it had batches in flight (seen after the kill-and-resume test)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def default_workers():
