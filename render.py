@@ -56,6 +56,8 @@ SKIN_RGB = (224, 172, 150)       # preview surface colour
 BACKGROUND_RGB = (40, 40, 40)    # preview background
 AMBIENT = 0.25                   # share of the surface colour lit regardless of orientation
 WINDOW_ELEMENTS = 1 << 20        # (triangle, pixel) pairs tested at once; bounds rasterizer memory
+EMPTY_KEY = (1 << 63) - 1        # the z-buffer's key of a pixel no triangle covers
+HIDDEN_MARGIN = 1e-4             # depth a culled triangle must lie behind, relative to 1 + |its depth|: rounding's room
 PREVIEW_BATCH = 64               # frames shaded at once by render_preview
 VIDEO_CRF = 10                   # libx264 quality (0 lossless .. 51 worst): near transparent
 AUDIO_BLOCK = 1 << 20            # samples of a long sound copied into a video's soundtrack at a time
@@ -67,14 +69,6 @@ def _image_size(size):
         return size, size
     height, width = size
     return int(height), int(width)
-
-
-def _power_of_two_class(n):
-    """Smallest e with 2**e >= n, elementwise for a LongTensor of positive ints."""
-    e = torch.zeros_like(n)
-    while bool((n > (1 << e)).any()):
-        e = torch.where(n > (1 << e), e + 1, e)
-    return e
 
 
 def rasterize(verts, faces, size):
@@ -100,21 +94,104 @@ def rasterize(verts, faces, size):
     faces = faces.to(device=device, dtype=torch.long)
     depth = torch.full((batch * height * width,), float("inf"), dtype=verts.dtype, device=device)
     face_id = torch.full((batch * height * width,), -1, dtype=torch.long, device=device)
-    covered = _covered_pixels(*_edge_functions(verts, faces, height, width), width)
-    if covered is not None:
-        pixel, z, face = covered
-        depth.scatter_reduce_(0, pixel, z, "amin")
-        nearest = z == depth[pixel]
-        face_id.fill_(n_faces).scatter_reduce_(0, pixel[nearest], face[nearest], "amin")
-        face_id[torch.isinf(depth)] = -1
+    if verts.dtype == torch.float32:
+        pixel, nearest, face = _zbuffer(verts, faces, height, width)
+        depth[pixel], face_id[pixel] = nearest, face
+    else:                                            # no room for a double's bits beside the face id in a key
+        coef, ints, keep, box_w, box_h = _edge_functions(verts, faces, height, width)
+        chunks = list(_covered_pixels(coef, ints, keep, box_w, box_h, height, width))
+        if chunks:
+            pixel, z, face = (torch.cat(parts) for parts in zip(*chunks))
+            depth.scatter_reduce_(0, pixel, z, "amin")
+            nearest = z == depth[pixel]
+            face_id.fill_(n_faces).scatter_reduce_(0, pixel[nearest], face[nearest], "amin")
+            face_id[torch.isinf(depth)] = -1
     return depth.view(batch, height, width), face_id.view(batch, height, width)
 
 
+def _zbuffer(verts, faces, height, width):
+    """The nearest fragment of every covered pixel (float32 verts): flat pixel indices into (B*H*W) (P,), in
+    order, and their depth and face id. Depth and face id travel as one int64 key (_depth_key) whose minimum
+    is the nearest depth, the lowest face id among equal ones: one reduction per chunk of fragments.
+    The faces turned one way are drawn first (of a closed mesh, those facing the camera), then those of the
+    others that the depth so far does not hide (_hidden): the result is the same as drawing all at once."""
+    coef, ints, keep, box_w, box_h = _edge_functions(verts, faces, height, width)
+    key = torch.full((len(verts) * height * width,), EMPTY_KEY, dtype=torch.long, device=verts.device)
+    first = _front(verts, faces).reshape(-1)
+    near = verts[..., 2][:, faces].amin(-1).reshape(-1)                                 # (N,) nearest corner
+    for later, part in enumerate((keep & first, keep & ~first)):
+        if later and bool(part.any()):
+            part = part & ~_hidden(key, ints, box_w, box_h, near, part, (height, width))
+        for pixel, depth, face in _covered_pixels(coef, ints, part, box_w, box_h, height, width):
+            key.scatter_reduce_(0, pixel, _depth_key(depth, face), "amin")
+    pixel = (key != EMPTY_KEY).nonzero().squeeze(1)
+    return (pixel, *_unkey(key.index_select(0, pixel)))
+
+
+def _front(verts, faces):
+    """(B, F) bool: the faces turned the way (by their winding, in projected x, y) whose faces lie nearer the
+    camera on average in that frame: the outside of a closed mesh facing the camera, whichever its winding."""
+    corners = verts[:, faces]                                                           # (B, F, 3, 3)
+    d1, d2 = corners[:, :, 1, :2] - corners[:, :, 0, :2], corners[:, :, 2, :2] - corners[:, :, 0, :2]
+    turned = d1[..., 0] * d2[..., 1] > d2[..., 0] * d1[..., 1]                          # (B, F)
+    z = corners[..., 2].mean(-1)
+    mean_z = lambda way: torch.where(way.any(1), (z * way).sum(1) / way.sum(1).clamp_min(1), float("inf"))
+    return turned == (mean_z(turned) <= mean_z(~turned))[:, None]
+
+
+def _hidden(key, ints, box_w, box_h, near, candidates, size):
+    """(N,) bool: the candidate triangles whose nearest corner lies behind (by more than rounding) the farthest
+    depth the keys hold anywhere in the triangle's box, so that none of its pixels can win. Keys order as
+    depths (EMPTY_KEY above all), so the farthest over a box is the largest key, read from a pyramid of 2x2
+    maxima at the level where the box spans at most 3x3 cells."""
+    (height, width), batch = size, len(key) // (size[0] * size[1])
+    levels = [key.view(batch, height, width)]
+    while max(levels[-1].shape[1:]) > 1:
+        level = levels[-1]
+        if level.shape[1] % 2 or level.shape[2] % 2:                     # odd sides: a smallest key beyond
+            level = torch.nn.functional.pad(level, (0, level.shape[2] % 2, 0, level.shape[1] % 2), value=-1 << 62)
+        levels.append(torch.maximum(torch.maximum(level[:, 0::2, 0::2], level[:, 0::2, 1::2]),
+                                    torch.maximum(level[:, 1::2, 0::2], level[:, 1::2, 1::2])))
+    tri = candidates.nonzero().squeeze(1)
+    start = ints[:, 0].index_select(0, tri)
+    frame, y0, x0 = start // (height * width), start % (height * width) // width, start % width
+    x1, y1 = x0 + box_w.index_select(0, tri).long() - 1, y0 + box_h.index_select(0, tri).long() - 1
+    which = (torch.maximum(x1 - x0, y1 - y0) + 1).float().log2().ceil().long().sub(1).clamp_min(0)  # 3x3 cells
+    farthest = torch.empty_like(tri)
+    for k in which.unique().tolist():
+        at, level = (which == k).nonzero().squeeze(1), levels[min(k, len(levels) - 1)]
+        f, r0, r1, c0, c1 = (v.index_select(0, at) >> (0 if v is frame else k) for v in (frame, y0, y1, x0, x1))
+        rows, cols = level.shape[1:]
+        cells = level.reshape(-1)
+        most = None
+        for r in (r0, (r0 + 1).minimum(r1), r1):
+            for c in (c0, (c0 + 1).minimum(c1), c1):
+                cell = cells.index_select(0, (f * rows + r.clamp(max=rows - 1)) * cols + c.clamp(max=cols - 1))
+                most = cell if most is None else torch.maximum(most, cell)
+        farthest[at] = most
+    near = near.index_select(0, tri)
+    hidden = torch.zeros_like(candidates)
+    hidden[tri] = _depth_key(near - HIDDEN_MARGIN * (1 + near.abs()), torch.zeros_like(tri)) > farthest
+    return hidden
+
+
+def _depth_key(z, face):
+    """float32 depths and face ids (P,) -> int64 keys that order as (depth, face id): the depth's bits, made to
+    order as integers (a negative depth's magnitude bits flipped), above the face id."""
+    bits = (z + 0.0).view(torch.int32)                         # + 0.0 turns -0.0 into 0.0, equal as depths
+    return ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() << 32) | face
+
+
+def _unkey(key):
+    """Keys of _depth_key -> depth float32, face id long."""
+    bits = (key >> 32).int()
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32), key & 0xFFFFFFFF
+
+
 def _edge_functions(verts, faces, height, width):
-    """Per triangle (N = B·F of them), 6 affine functions of the offset (dx, dy) from its clipped box's first
-    pixel (x0, y0): the 3 barycentrics, 2 box limits (>= 0 inside the box) and the depth, as coef (N, 3, 6)
-    over [1, dx, dy]; ints (N, 2) = (flat index of the box's first pixel in (B·H·W), face id); which to keep;
-    the box's width and height (N,)."""
+    """Per triangle (N = B·F of them), 4 affine functions of the offset (dx, dy) from its clipped box's first
+    pixel (x0, y0): the 3 barycentrics and the depth, as coef (N, 3, 4) over [1, dx, dy]; ints (N, 2) = (flat
+    index of the box's first pixel in (B·H·W), face id); which to keep; the box's width and height (N,)."""
     batch, n_faces, device = verts.shape[0], faces.shape[0], verts.device
     tri = verts[:, faces].reshape(batch * n_faces, 3, 3)  # (N, 3 corners, xyz)
     # pixel coordinates in which pixel (i, j) has its centre at (j, i)
@@ -136,12 +213,10 @@ def _edge_functions(verts, faces, height, width):
     bary_0 = ((xc - xa) * (y0[:, None] - ya) - (yc - ya) * (x0[:, None] - xa)) / area  # (N, 3)
     bary_dx = (ya - yc) / area                                                         # (N, 3)
     bary_dy = (xc - xa) / area                                                         # (N, 3)
-    coef = torch.zeros(batch * n_faces, 3, 6, dtype=px.dtype, device=device)  # (N, [1, dx, dy], 6)
+    coef = torch.zeros(batch * n_faces, 3, 4, dtype=px.dtype, device=device)  # (N, [1, dx, dy], 4)
     for row, bary in enumerate((bary_0, bary_dx, bary_dy)):
         coef[:, row, :3] = bary
-        coef[:, row, 5] = (bary * pz).sum(1)
-    coef[:, 0, 3], coef[:, 1, 3] = box_w - 1, -1
-    coef[:, 0, 4], coef[:, 2, 4] = box_h - 1, -1
+        coef[:, row, 3] = (bary * pz).sum(1)
     keep = finite & (area[:, 0] != 0) & (box_w > 0) & (box_h > 0)
     tri_id = torch.arange(batch * n_faces, device=device)
     first_pixel = tri_id // n_faces * (height * width) + y0.long() * width + x0.long()  # into (B*H*W)
@@ -149,40 +224,57 @@ def _edge_functions(verts, faces, height, width):
     return coef, ints, keep, box_w, box_h
 
 
-def _covered_pixels(coef, ints, keep, box_w, box_h, width):
-    """Every (pixel, depth, face id) whose pixel centre a triangle covers, or None when there is none.
-    Triangles are grouped by box size (a power of two per axis), so each group tests one small window shape
-    with one matrix product per chunk of triangles."""
-    group = torch.where(keep, _power_of_two_class(box_w.long().clamp(min=1)) * 64
-                        + _power_of_two_class(box_h.long().clamp(min=1)), -1)
-    group, order = group.sort()
+def _window_sides(limit):
+    """Window sides 1, 2, 3, 4, 6, 8, 12, ... up to at least limit: each at most 1.5 times the one before, so a
+    box is tested in a window at most that much longer on each axis."""
+    sides = [1, 2]
+    while sides[-1] < limit:
+        sides.append(sides[-2] * 2)
+    return sorted(set(sides + [3 * s // 2 for s in sides if s >= 2]))
+
+
+def _covered_pixels(coef, ints, keep, box_w, box_h, height, width):
+    """Every (pixel, depth, face id) whose pixel centre a triangle covers, yielded a chunk at a time.
+    Triangles are grouped by box size (_window_sides per axis), so each group tests one small window shape
+    with one matrix product of the barycentrics and the depth per chunk of triangles. A window can reach past
+    its box; a pixel there is outside the triangle unless it is off the image, so only the triangles whose
+    window reaches past the image's right or bottom edge are tested against their box too."""
+    tri = keep.nonzero().squeeze(1)
+    if len(tri) == 0:
+        return
+    box = torch.stack([box_w, box_h], 1).index_select(0, tri).long()                   # (n, 2)
+    sides = torch.tensor(_window_sides(int(box.max())), device=coef.device)
+    side = torch.bucketize(box, sides)                                                 # (n, 2) window sides
+    group, order = (side[:, 0] * len(sides) + side[:, 1]).sort()
     classes, counts = group.unique_consecutive(return_counts=True)
-    coef, ints = coef.flatten(1).index_select(0, order), ints.index_select(0, order)
-    pixels, depths, tris = [], [], []
+    tri, box, side = tri.index_select(0, order), box.index_select(0, order), side.index_select(0, order)
+    columns = coef.index_select(0, tri).permute(1, 0, 2).reshape(3, -1)     # (3, n*4): [triangle, function]
+    ints = ints.index_select(0, tri)
+    x0, y0 = ints[:, 0] % width, (ints[:, 0] % (height * width)).div(width, rounding_mode="floor")
+    past = (x0 + sides[side[:, 0]] > width) | (y0 + sides[side[:, 1]] > height)
+    ends = torch.cumsum(counts, 0)
+    any_past = torch.zeros(len(tri) + 1, dtype=torch.long, device=coef.device)
+    any_past[1:] = past.long().cumsum(0)
+    any_past = (any_past[ends] - any_past[ends - counts]).tolist()        # triangles past the edge, per group
     start = 0
-    for g, count in zip(classes.tolist(), counts.tolist()):
-        if g >= 0:
-            win_w, win_h = 1 << (g // 64), 1 << (g % 64)
-            dx = torch.arange(win_w, device=coef.device).repeat(win_h)             # (win,), win = win_h*win_w
-            dy = torch.arange(win_h, device=coef.device).repeat_interleave(win_w)  # (win,)
-            offset = dy * width + dx                                               # (win,) flat pixel offset
-            grid = torch.stack([torch.ones_like(dx), dx, dy], 1).to(coef.dtype)   # (win, 3)
-            step = max(1, WINDOW_ELEMENTS // (win_w * win_h))
-            for lo in range(start, start + count, step):
-                hi = min(lo + step, start + count)
-                # one GEMM for all triangles of the chunk: (win, 3) @ (3, c*6) -> (win, c, 6)
-                values = (grid @ coef[lo:hi].view(-1, 3, 6).transpose(0, 1).reshape(3, -1)).view(len(dx), -1, 6)
-                inside = values[..., :5].amin(-1) >= 0                        # (win, c)
-                flat = inside.flatten().nonzero().squeeze(1)
-                w = flat.div(hi - lo, rounding_mode="floor")
-                t = flat - w * (hi - lo) + lo
-                pixels.append(ints[t, 0] + offset[w])
-                depths.append(values[..., 5].flatten()[flat])
-                tris.append(ints[t, 1])
+    for g, count, past_edge in zip(classes.tolist(), counts.tolist(), any_past):
+        win_w, win_h = sides[g // len(sides)].item(), sides[g % len(sides)].item()
+        dx = torch.arange(win_w, device=coef.device).repeat(win_h)             # (win,), win = win_h*win_w
+        dy = torch.arange(win_h, device=coef.device).repeat_interleave(win_w)  # (win,)
+        offset = dy * width + dx                                               # (win,) flat pixel offset
+        grid = torch.stack([torch.ones_like(dx), dx, dy], 1).to(coef.dtype)   # (win, 3)
+        step = max(1, WINDOW_ELEMENTS // (win_w * win_h))
+        for lo in range(start, start + count, step):
+            n = min(step, start + count - lo)
+            values = (grid @ columns[:, 4 * lo:4 * (lo + n)]).view(-1, n, 4)  # one GEMM: (win, n, 4)
+            inside = torch.minimum(torch.minimum(values[..., 0], values[..., 1]), values[..., 2]) >= 0
+            if past_edge:
+                inside &= (dx[:, None] < box[lo:lo + n, 0]) & (dy[:, None] < box[lo:lo + n, 1])
+            w, t = inside.nonzero().unbind(1)                                  # window pixel, triangle
+            depth = values.view(-1).index_select(0, (w * n + t) * 4 + 3)       # values[w, t, 3]
+            t = t + lo
+            yield ints[:, 0].index_select(0, t) + offset.index_select(0, w), depth, ints[:, 1].index_select(0, t)
         start += count
-    if not pixels:
-        return None
-    return torch.cat(pixels), torch.cat(depths), torch.cat(tris)
 
 
 def interpolate(verts, faces, face_id, attributes):
