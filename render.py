@@ -1,6 +1,7 @@
 """
 Rendering for UniSinger, in the order data flows: the depth rasterizer (rasterize, interpolate), the
-orthographic camera (project), vertex normals and shading, the renderer's depth input (render_depth), then the
+orthographic camera (project), vertex normals and the previews' shading (shade: Phong-interpolated normals, a
+key and a fill light, a slight highlight, anti-aliased edges), the renderer's depth input (render_depth), then the
 paper's per-person face renderer (FaceRenderer, a UNet; PatchDiscriminator; VGG19; the losses) and its size
 presets (RendererConfig). Below one banner: reading images and checkpoints (read_checkpoint: data only;
 load_renderer), and the output every command shares: files that appear whole (atomic_output), videos
@@ -13,7 +14,8 @@ Conventions (shared with the rest of the project):
 - Projected space: x, y in [-1, 1] map to the image's left/right and bottom/top edges; pixel (i, j) has
   its centre at x = (j + 0.5) / W * 2 - 1, y = 1 - (i + 0.5) / H * 2.
 - z is the distance from the camera plane, smaller is nearer, in the same units as x and y (half image
-  widths), so the projection is a similarity and normals computed in projected space are true normals.
+  widths), so the projection is a similarity (mirrored in z) and normals computed in projected space are true
+  normals with z mirrored.
 - The camera is orthographic as in DECA/EMOCA, cam = [scale, tx, ty]: x = s (X + tx), y = s (Y + ty), and it
   sits CAMERA_DISTANCE in front of the head's origin on +Z looking toward -Z: z = CAMERA_DISTANCE - s Z.
 
@@ -52,14 +54,25 @@ CAMERA_DISTANCE = 3.0            # half image widths from the camera plane to th
 DEFAULT_CAM = (6.5, 0.0, 0.035)  # [scale, tx (m), ty (m)]: crown near the top edge, neck near the bottom
 DEPTH_NEAR = CAMERA_DISTANCE - 1.0   # depth_to_image maps this depth to 1 (nearest shown)
 DEPTH_FAR = CAMERA_DISTANCE + 1.0    # ... and this one to 0, like the background
+PREVIEW_SIZE = 512               # pixels a side of the shaded previews (unisinger.py --size)
+PREVIEW_CAM = (5.5, 0.0, 0.042)  # [scale, tx (m), ty (m)]: the previews' camera, head and neck whole inside the frame
 SKIN_RGB = (224, 172, 150)       # preview surface colour
 BACKGROUND_RGB = (40, 40, 40)    # preview background
-AMBIENT = 0.25                   # share of the surface colour lit regardless of orientation
+KEY_LIGHT = (-0.55, 0.45, 0.70)  # toward the previews' (and the filmed person's) key light, camera on +Z: above left
+FILL_LIGHT = (0.80, -0.10, 0.60) # toward their fill light: to the right, a little below
+KEY, FILL, AMBIENT = 0.62, 0.24, 0.20   # shares of the surface colour each light gives a surface facing it
+SHININESS, GLOSS = 24.0, 0.07    # the key light's Blinn-Phong highlight: exponent, share of white at its peak
+INSIDE_SHARE = 0.45              # share of its light a surface seen from behind keeps (a mouth's, a neck's inside)
+SUPERSAMPLE = 2                  # samples a side of a pixel on a silhouette or occlusion edge, box-filtered
+EDGE_DEPTH_STEP = 16.0           # pixel widths of depth within 3x3 pixels that mark an occlusion edge among them
+SHADE_PIXELS = 1 << 22           # pixels shade works on at once (16 frames at 512²); bounds its memory
+PREVIEW_BATCH = 64               # frames render_preview meshes and writes at once
+VIDEO_CRF = 10                   # libx264 quality (0 lossless .. 51 worst): near transparent
+VIDEO_PRESET = "medium"          # libx264 speed preset of videos (its default)
+PREVIEW_PRESET = "veryfast"      # ... of shaded previews: smooth synthetic frames, about half of medium.s encoding work
 WINDOW_ELEMENTS = 1 << 20        # (triangle, pixel) pairs tested at once; bounds rasterizer memory
 EMPTY_KEY = (1 << 63) - 1        # the z-buffer's key of a pixel no triangle covers
 HIDDEN_MARGIN = 1e-4             # depth a culled triangle must lie behind, relative to 1 + |its depth|: rounding's room
-PREVIEW_BATCH = 64               # frames shaded at once by render_preview
-VIDEO_CRF = 10                   # libx264 quality (0 lossless .. 51 worst): near transparent
 AUDIO_BLOCK = 1 << 20            # samples of a long sound copied into a video's soundtrack at a time
 
 
@@ -333,22 +346,167 @@ def project(verts, cam=DEFAULT_CAM):
 
 def shade(verts, faces, size):
     """
-    Lambert-shaded render for previews. verts (B, V, 3) projected, faces (F, 3) -> uint8 (B, H, W, 3).
-    Flat shading on face normals, light from the camera, two-sided so winding does not matter.
+    The previews' shading. verts (B, V, 3) projected, faces (F, 3) -> uint8 (B, H, W, 3), SKIN_RGB on
+    BACKGROUND_RGB. Phong shading: vertex normals interpolated across each face and renormalised, lit by a key
+    light from above one side, a fill light and an ambient share, with the key light's slight Blinn-Phong
+    highlight; two-sided (a face seen from behind is lit as its front), so meshes of any winding and their
+    open rims shade alike. Anti-aliased: a pixel on a silhouette or an occlusion edge (_edge_pixels) is the mean
+    of SUPERSAMPLE² samples spread evenly over it (supersampled, then box-filtered down); every other pixel
+    lies on one smooth surface and is shaded at its centre.
     """
-    _, face_id = rasterize(verts, faces, size)
+    height, width = _image_size(size)
+    verts = verts.float()
     faces = faces.to(device=verts.device, dtype=torch.long)
-    tri = verts[:, faces].float()                                     # (B, F, 3, 3)
-    normal = torch.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0], dim=-1)
-    facing = normal[..., 2].abs() / normal.norm(dim=-1).clamp_min(1e-12)  # (B, F) |cos| to the view axis
-    light = AMBIENT + (1 - AMBIENT) * facing
-    light = torch.cat([light, torch.zeros_like(light[:, :1])], dim=1)  # (B, F+1): index F is background
-    index = torch.where(face_id >= 0, face_id, faces.shape[0]).flatten(1)
-    lit = torch.gather(light, 1, index).view(face_id.shape)  # (B, H, W)
-    skin = torch.tensor(SKIN_RGB, dtype=torch.float32, device=verts.device)
-    background = torch.tensor(BACKGROUND_RGB, dtype=torch.float32, device=verts.device)
-    image = torch.where((face_id >= 0)[..., None], lit[..., None] * skin, background)  # (B, H, W, 3)
-    return image.round().clamp(0, 255).to(torch.uint8)
+    frames = max(1, SHADE_PIXELS // (height * width))
+    return torch.cat([_shade_frames(verts[lo:lo + frames], faces, height, width)
+                      for lo in range(0, len(verts), frames)]) if len(verts) else \
+        torch.zeros(0, height, width, 3, dtype=torch.uint8, device=verts.device)
+
+
+def _shade_frames(verts, faces, height, width):
+    """shade for a few frames (float32 verts): every covered pixel at its centre, then the edge pixels' means."""
+    batch, n_faces = len(verts), len(faces)
+    image = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8, device=verts.device).repeat(batch * height * width, 1)
+    pixel, depth, face = _zbuffer(verts, faces, height, width)
+    if not len(pixel):
+        return image.view(batch, height, width, 3)
+    planes = _normal_planes(verts, faces)
+    frame, row, col = _frame_row_col(pixel, height, width)
+    image[pixel] = _to_uint8(_lit(planes, frame * n_faces + face, *_centres(row, col, height, width)))
+    # the edges are found in the box around all covered pixels (and a pixel of background)
+    top, left = max(int(row.min()) - 1, 0), max(int(col.min()) - 1, 0)
+    rows, cols = min(int(row.max()) + 2, height) - top, min(int(col.max()) + 2, width) - left
+    inner = (frame * rows + row - top) * cols + col - left                          # into (B, rows, cols)
+    depth_box = torch.full((batch * rows * cols,), float("inf"), device=verts.device).index_put_((inner,), depth)
+    face_box = torch.full((batch * rows * cols,), -1, device=verts.device).index_put_((inner,), face)
+    edges = _edge_pixels(depth_box.view(batch, rows, cols), width)                  # into (B, rows, cols)
+    if len(edges):
+        e_frame, e_row, e_col = _frame_row_col(edges, rows, cols)
+        candidates = _edge_candidates(face_box.view(batch, rows, cols), edges)
+        colour = _supersampled(verts, faces, planes, candidates, e_frame, e_row + top, e_col + left, (height, width))
+        image[(e_frame * height + e_row + top) * width + e_col + left] = _to_uint8(colour)
+    return image.view(batch, height, width, 3)
+
+
+def _to_uint8(colour):
+    return colour.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _frame_row_col(pixel, height, width):
+    """Flat indices into (B, H, W) -> frame, row and column, each (P,) long."""
+    pixel = pixel.int()
+    frame, rest = pixel.div(height * width, rounding_mode="floor"), pixel % (height * width)
+    return frame.long(), rest.div(width, rounding_mode="floor").long(), (rest % width).long()
+
+
+def _centres(row, col, height, width):
+    """Pixel rows and columns of an (H, W) image -> the x, y of their centres in projected space."""
+    return (col.float() + 0.5) * (2 / width) - 1, 1 - (row.float() + 0.5) * (2 / height)
+
+
+def _normal_planes(verts, faces):
+    """Per frame and face (12, B*F): the view-space normal of the mesh at the face's corner 0, then its change
+    per unit of projected x and of y (the vertex normals interpolated linearly, as screen-space barycentrics
+    weigh them), corner 0's projected x, y, and the share of light the face keeps: 1, or INSIDE_SHARE for a
+    face seen from behind (_front), the inside of a mouth or a neck. Normals point toward the camera's side
+    of the face: a face seen from behind has its normals flipped, which makes the shading two-sided."""
+    corners = verts[:, faces]                                                           # (B, F, 3, 3)
+    d1, d2 = corners[:, :, 1] - corners[:, :, 0], corners[:, :, 2] - corners[:, :, 0]   # (B, F, 3)
+    area = d1[..., 0] * d2[..., 1] - d2[..., 0] * d1[..., 1]                            # (B, F), 2x signed area
+    # projected space mirrors z (z grows away from the camera): view space is (x, y, -z), and a face with
+    # area > 0 has its winding's normal pointing away from the camera
+    normals = vertex_normals(verts, faces) * torch.tensor([1.0, 1.0, -1.0], device=verts.device)
+    normals = normals[:, faces] * torch.where(area > 0, -1.0, 1.0)[..., None, None]       # (B, F, 3, 3)
+    n1, n2 = normals[:, :, 1] - normals[:, :, 0], normals[:, :, 2] - normals[:, :, 0]
+    grad_x = (d2[..., 1:2] * n1 - d1[..., 1:2] * n2) / area[..., None]
+    grad_y = (d1[..., 0:1] * n2 - d2[..., 0:1] * n1) / area[..., None]
+    share = torch.where(_front(verts, faces), 1.0, INSIDE_SHARE)[..., None]
+    return torch.cat([normals[:, :, 0], grad_x, grad_y, corners[:, :, 0, :2], share], -1).reshape(-1, 12).T.contiguous()
+
+
+def _lit(planes, face, x, y):
+    """The shaded colour (P, 3) float of points (x, y) (P,) in projected space on faces `face` (indices into
+    _normal_planes' columns): the normal interpolated there and renormalised, lit by the key, fill and
+    ambient light, plus the key light's highlight, times the face's share of light. Computed a component at
+    a time on 1-D tensors, the fastest layout for torch on the CPU."""
+    value = [row.index_select(0, face) for row in planes]                          # 12 x (P,)
+    dx, dy = x - value[9], y - value[10]
+    normal = [torch.addcmul(torch.addcmul(value[k], dx, value[3 + k]), dy, value[6 + k]) for k in range(3)]
+    length = torch.addcmul(torch.addcmul(normal[0] * normal[0], normal[1], normal[1]), normal[2], normal[2])
+    inverse = length.rsqrt_()
+    key, fill, halfway = (torch.addcmul(torch.addcmul(normal[0] * d[0], normal[1], torch.tensor(d[1])), normal[2],
+                                        torch.tensor(d[2])).mul_(inverse).clamp_min_(0) for d in _LIGHTS)
+    light = torch.addcmul(key * KEY + AMBIENT, fill, torch.tensor(FILL)).mul_(value[11])
+    highlight = halfway.pow_(SHININESS).mul_(value[11] * (GLOSS * 255))
+    return torch.stack([torch.addcmul(highlight, light, torch.tensor(float(c))) for c in SKIN_RGB], 1)
+
+
+def _unit(v):
+    """A direction (3,) -> the unit vector along it, as three floats."""
+    length = sum(c * c for c in v) ** 0.5
+    return tuple(c / length for c in v)
+
+
+# toward the key light, the fill light, and halfway between the key light and the camera (Blinn-Phong)
+_LIGHTS = (_unit(KEY_LIGHT), _unit(FILL_LIGHT), _unit(tuple(k + v for k, v in zip(_unit(KEY_LIGHT), (0, 0, 1)))))
+
+
+def _edge_pixels(depth, width):
+    """Flat indices into depth (B, h, w) of the pixels beside a neighbour (left, right, above, below) whose
+    depth differs by more than EDGE_DEPTH_STEP pixel widths of a width-pixel image, background counting as
+    infinitely far: silhouettes, and one surface in front of another. Elsewhere the shading is smooth."""
+    step = EDGE_DEPTH_STEP * 2 / width
+    edge = torch.zeros_like(depth, dtype=torch.bool)
+    for axis in (1, 2):
+        n = depth.shape[axis] - 1
+        jump = (depth.narrow(axis, 1, n) - depth.narrow(axis, 0, n)).abs_() > step       # inf - inf: nan, no
+        edge.narrow(axis, 1, n).logical_or_(jump)
+        edge.narrow(axis, 0, n).logical_or_(jump)
+    return edge.view(-1).nonzero().squeeze(1)
+
+
+def _edge_candidates(face_id, pixels):
+    """(E, 9) long: the faces seen at `pixels` (flat indices into face_id (B, h, w)) and at their 8
+    neighbours, -1 where none: the faces that can cover a point inside those pixels (but for slivers that
+    no pixel centre near them shows)."""
+    batch, height, width = face_id.shape
+    frame, row, col = _frame_row_col(pixels, height, width)
+    near = [(frame * height + (row + dy).clamp(0, height - 1)) * width + (col + dx).clamp(0, width - 1)
+            for dy in (-1, 0, 1) for dx in (-1, 0, 1)]                   # the pixel itself is the 5th (index 4)
+    return face_id.view(-1)[torch.stack(near, 1)]
+
+
+def _supersampled(verts, faces, planes, candidates, frame, row, col, size):
+    """The mean colour (E, 3) of SUPERSAMPLE² evenly spread samples in each pixel (row, col) of frame `frame`
+    (E,) of an (H, W) image: each sample shaded on the nearest of the pixel's candidate faces (E, 9) that
+    covers it (edges included, as rasterize counts them), background where none does."""
+    (height, width), ss = size, SUPERSAMPLE
+    step = (torch.arange(ss, device=verts.device) + 0.5) / ss - 0.5                      # sample offsets, pixels
+    x, y = _centres(row[:, None] + step.repeat_interleave(ss), col[:, None] + step.repeat(ss), height, width)
+    corner = faces[candidates.clamp_min(0)] + (frame * verts.shape[1])[:, None, None]      # (E, 9, 3)
+    tri = verts.reshape(-1, 3)[corner][:, :, None]                                      # (E, 9, 1, 3, xyz)
+    px, py = x[:, None], y[:, None]                                                    # (E, 1, S)
+    weights = []
+    for a, b in ((1, 2), (2, 0), (0, 1)):                  # corner k's edge function: the edge facing it
+        ax, ay, bx, by = tri[..., a, 0], tri[..., a, 1], tri[..., b, 0], tri[..., b, 1]
+        weights.append((bx - ax) * (py - ay) - (by - ay) * (px - ax))                  # (E, 9, S)
+    area = weights[0] + weights[1] + weights[2]
+    inside = (area != 0) & (candidates[..., None] >= 0)
+    for w in weights:
+        inside &= w * area >= 0
+    depth = (weights[0] * tri[..., 0, 2] + weights[1] * tri[..., 1, 2] + weights[2] * tri[..., 2, 2]) / area
+    nearest = torch.where(inside, depth, float("inf")).argmin(1)                         # (E, S) candidate
+    covered = inside.gather(1, nearest[:, None])[:, 0]
+    # a sample no candidate covers, in a pixel with no background around it, lies on a face no pixel centre
+    # nearby shows (a sliver): the pixel's own face is shaded there instead of a speck of background
+    enclosed = (candidates >= 0).all(1, keepdim=True) & ~covered
+    nearest = torch.where(enclosed, 4, nearest)                                         # 4: the pixel itself
+    face = candidates.gather(1, nearest)                                                  # (E, S)
+    hit = (covered | enclosed).view(-1).nonzero().squeeze(1)
+    colour = torch.tensor(BACKGROUND_RGB, dtype=torch.float32, device=verts.device).repeat(face.numel(), 1)
+    owner = hit.div(ss * ss, rounding_mode="floor")
+    colour[hit] = _lit(planes, frame[owner] * len(faces) + face.view(-1)[hit], x.view(-1)[hit], y.view(-1)[hit])
+    return colour.view(-1, ss * ss, 3).mean(1)
 
 
 def depth_to_image(depth):
@@ -784,7 +942,7 @@ class VideoWriter:
     raises OSError naming `path`.
     """
 
-    def __init__(self, path, size, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
+    def __init__(self, path, size, fps=FPS, audio=None, sample_rate=SAMPLE_RATE, preset=VIDEO_PRESET):
         self.path = Path(path)
         self.height, self.width = _image_size(size)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -807,7 +965,7 @@ class VideoWriter:
                    "-s", f"{self.width}x{self.height}", "-pix_fmt", "rgb24",
                    "-r", str(Fraction(fps).limit_denominator()), "-i", "-"]
             cmd += ["-an"] if self.wav is None else ["-i", str(self.wav)]
-            cmd += ["-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(VIDEO_CRF), "-v", "error"]
+            cmd += ["-vcodec", "libx264", "-preset", preset, "-pix_fmt", "yuv420p", "-crf", str(VIDEO_CRF), "-v", "error"]
             if self.wav is not None:
                 cmd += ["-acodec", "aac", "-map", "0:v:0", "-map", "1:a:0", "-shortest"]
             self.log = tempfile.TemporaryFile()                  # ffmpeg's complaints, for the error message
@@ -886,7 +1044,7 @@ def write_video(path, frames, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
         video.write(frames)
 
 
-def render_preview(flame, verts, path, audio=None, cam=DEFAULT_CAM, size=IMAGE_SIZE, on_frames=None):
+def render_preview(flame, verts, path, audio=None, cam=PREVIEW_CAM, size=PREVIEW_SIZE, on_frames=None):
     """
     Shaded preview mp4 of a vertex sequence at FPS, PREVIEW_BATCH frames at a time: verts (T, V, 3) metres, or
     an iterable of (t, V, 3) pieces in order, so that a long song's meshes are never held all at once; audio at
@@ -896,7 +1054,7 @@ def render_preview(flame, verts, path, audio=None, cam=DEFAULT_CAM, size=IMAGE_S
         if torch.is_tensor(verts) else verts
     cam = torch.as_tensor(cam, dtype=torch.float32)
     start = 0
-    with VideoWriter(path, size, FPS, audio) as video:
+    with VideoWriter(path, size, FPS, audio, preset=PREVIEW_PRESET) as video:
         for piece in pieces:
             frame_cam = cam[start:start + len(piece)] if cam.dim() == 2 else cam
             with torch.no_grad():

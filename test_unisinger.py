@@ -982,19 +982,71 @@ def test_project_follows_orthographic_deca_camera():
     assert torch.allclose(frames, projected.expand(4, 3, 3))
 
 
-def test_shade_lambert_brighter_when_facing_camera():
-    facing = [[-0.9, -0.9, 1.0], [-0.1, -0.9, 1.0], [-0.5, 0.9, 1.0]]
-    tilted = [[0.1, -0.9, 1.0], [0.9, -0.9, 2.0], [0.5, 0.9, 1.5]]
-    verts = torch.tensor([facing + tilted])
-    image = render.shade(verts, torch.tensor([[0, 1, 2], [5, 4, 3]]), 64)
-    assert image.dtype == torch.uint8 and image.shape == (1, 64, 64, 3)
-    assert torch.equal(image[0, 0, 0], torch.tensor(render.BACKGROUND_RGB, dtype=torch.uint8))
-    lit_facing, lit_tilted = image[0, 40, 16].float(), image[0, 40, 48].float()
-    assert torch.allclose(lit_facing, torch.tensor(render.SKIN_RGB, dtype=torch.float32), atol=1)
-    normal = np.cross(np.subtract(tilted[1], tilted[0]), np.subtract(tilted[2], tilted[0]))
-    cos = abs(normal[2]) / np.linalg.norm(normal)
-    expected = np.array(render.SKIN_RGB) * (render.AMBIENT + (1 - render.AMBIENT) * cos)
-    assert np.abs(lit_tilted.numpy() - expected).max() <= 1
+def analytic_preview_colour(normal):
+    """The previews' shading of a surface with unit view-space normals (..., 3) (+z toward the camera), written
+    from its definition: skin x (ambient + key Lambert + fill Lambert) + the key light's Blinn-Phong highlight."""
+    unit = lambda v: np.asarray(v, float) / np.linalg.norm(v)
+    key, fill = unit(render.KEY_LIGHT), unit(render.FILL_LIGHT)
+    halfway = unit(key + [0, 0, 1])
+    lambert = (render.AMBIENT + render.KEY * np.clip(normal @ key, 0, None)
+               + render.FILL * np.clip(normal @ fill, 0, None))
+    phong = render.GLOSS * 255 * np.clip(normal @ halfway, 0, None) ** render.SHININESS
+    return np.clip(lambert[..., None] * np.asarray(render.SKIN_RGB, float) + phong[..., None], 0, 255)
+
+
+def test_shade_matches_analytic_lambert_and_phong_on_a_sphere():
+    """Phong shading: normals interpolated from the vertices give, at pixels sampled over a finely tessellated
+    sphere, the analytic sphere's key + fill Lambert and Blinn-Phong highlight within a grey level and a half;
+    the mesh's winding does not matter (two-sided), and the background stays the background."""
+    import trimesh
+    sphere = trimesh.creation.icosphere(5)
+    radius, size = 0.1, 96
+    verts = torch.tensor(sphere.vertices * radius, dtype=torch.float32)[None]             # metres, at the origin
+    cam = (8.0, 0.0, 0.0)                                                                  # sphere radius 0.8
+    image = render.shade(render.project(verts, cam), torch.tensor(sphere.faces), size)[0].numpy().astype(float)
+    i, j = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    x, y = (j + 0.5) / size * 2 - 1, 1 - (i + 0.5) / size * 2                             # pixel centres
+    r = np.hypot(x, y) / 0.8
+    inside = r < 0.95                                                                      # off the silhouette
+    normal = np.stack([x / 0.8, y / 0.8, np.sqrt(np.clip(1 - r ** 2, 0, None))], -1)     # the analytic sphere
+    expected = analytic_preview_colour(normal)
+    assert inside.sum() > 2000
+    assert np.abs(image[inside] - expected[inside]).max() <= 1.5
+    assert (image[r > 1.05] == render.BACKGROUND_RGB).all()
+    assert np.ptp(expected[inside][:, 0]) > 100 and expected[inside][:, 0].max() > 180       # lit and shadowed sides
+    flipped = render.shade(render.project(verts, cam), torch.tensor(sphere.faces[:, ::-1].copy()), size)[0]
+    assert np.abs(flipped.numpy().astype(float)[inside] - image[inside]).max() <= 1
+
+
+def test_shade_antialiases_a_straight_edge_between_background_and_surface():
+    """Supersampled, then filtered down: pixels a straight edge cuts in half get a value halfway between the
+    background and the (flat, camera-facing) surface; pixels an edge cuts elsewhere get their covered share of
+    it, to the sampling's resolution; wholly covered pixels are the surface's shading, untouched."""
+    size = 32
+    flat = analytic_preview_colour(np.array([0.0, 0.0, 1.0]))                             # facing the camera
+    background = np.asarray(render.BACKGROUND_RGB, float)
+    # a square whose right edge runs through the centres of column 20
+    edge_x = (20 + 0.5) / size * 2 - 1
+    square = torch.tensor([[[-0.8, -0.8, 1.0], [edge_x, -0.8, 1.0], [edge_x, 0.8, 1.0], [-0.8, 0.8, 1.0]]])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    image = render.shade(square, faces, size)[0].numpy().astype(float)
+    half = image[8:24, 20]                                                                 # cut in half
+    assert ((half > np.minimum(background, flat)) & (half < np.maximum(background, flat)) | (background == flat)).all()
+    assert np.abs(half - (background + flat) / 2).max() <= 1
+    assert np.abs(image[8:24, 5:19] - flat).max() <= 1 and (image[8:24, 22:] == background).all()
+    # a slanted edge: each cut pixel's share of the surface, against the share of its area left of the edge
+    slope = 0.3
+    tilted = torch.tensor([[[-0.9, -0.9, 1.0], [0.2 - slope * 0.9, -0.9, 1.0], [0.2 + slope * 0.9, 0.9, 1.0],
+                            [-0.9, 0.9, 1.0]]])
+    image = render.shade(tilted, faces, size)[0].numpy().astype(float)
+    fine = 64                                                                              # the area, finely sampled
+    for row in range(6, 26):
+        for col in range(8, size):                                                          # right of the left edge
+            u = (col + (np.arange(fine) + 0.5) / fine) / size * 2 - 1
+            v = 1 - (row + (np.arange(fine) + 0.5) / fine) / size * 2
+            area = np.mean(u[None, :] <= 0.2 + slope * v[:, None])
+            share = (image[row, col, 0] - background[0]) / (flat[0] - background[0])
+            assert abs(share - area) <= 0.26, (row, col, share, area)                   # 4 samples a pixel
 
 
 def test_depth_to_image_fixed_range_nearer_brighter():
@@ -3027,6 +3079,8 @@ UNISINGER_REFUSALS = [
     (["--samples", "0"], "error: --samples 0: must be at least 1"),
     (["--samples", "-1"], "error: --samples -1: must be at least 1"),
     (["--samples", "two"], "error: argument --samples: invalid int value: 'two'"),
+    (["--size", "301"], "error: --size 301: must be even (the video encoder's 4:2:0 colour) and at least 16"),
+    (["--size", "8"], "error: --size 8: must be even"),
     (["--image", "junk.png"], "error: --image without --renderer: the portrait video needs both"),
     (["--renderer", "junk.pt"], "error: --renderer without --image: the portrait video needs both"),
     (["--bgm", "missing.wav"], "error: missing.wav: no such audio file"),

@@ -42,15 +42,16 @@ from audio import FPS, N_MFCC, SAMPLE_RATE, AudioFile, Wav2Vec2, Wav2Vec2Config,
 from builtin import load_flame, resolve_flame
 from data import CLIP_FRAMES, clip_samples, fit_length, song_frames, write_flame_pickle
 from flame import EXPRESSION, HEAD_POSE, JAW_POSE, MM_PER_M, MOTION_DIM, N_SHAPE, save_glb
-from render import (AUDIO_BLOCK, BACKGROUND_RGB, IMAGE_SIZE, PREVIEW_BATCH, Parser, Progress, VideoWriter,
-                    atomic_output, load_reference, load_renderer, project, read_checkpoint, render_depth,
-                    render_preview, run_command, shade, to_uint8, write_wav)
+from render import (AUDIO_BLOCK, BACKGROUND_RGB, PREVIEW_BATCH, PREVIEW_CAM, PREVIEW_PRESET, PREVIEW_SIZE, Parser,
+                    Progress, VideoWriter, atomic_output, load_reference, load_renderer, project, read_checkpoint,
+                    render_depth, render_preview, run_command, shade, to_uint8, write_wav)
 
 RENDER_BATCH = 16                           # frames rasterized and rendered at once: memory flat for any song
 PPE_PERIOD = 30                             # periodic positional encoding repeats every second
 LOSS_SPACES = ("raw", "standardised")       # where the reconstruction and velocity losses compare motion
 DEFAULT_CHECKPOINT = Path(__file__).parent / "out" / "motion" / "best.pt"
 PROGRESS_LINES = 10                         # progress lines of each long step of the command line
+MIN_PREVIEW_SIZE = 16                       # pixels, the smallest --size the previews are written at
 
 WAV2VEC2_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                      conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
@@ -609,9 +610,10 @@ def load_checkpoint(path, device="cpu"):
 
 # the command line
 
-def write_motion(out_dir, motion, flame, shape, song):
+def write_motion(out_dir, motion, flame, shape, song, size=PREVIEW_SIZE):
     """Each take k: sample_k.npz (motion, shape, landmarks), sample_k.pkl (the SingingHead keys) and
-    preview_k.mp4 (the shaded head with the song as sound: samples, or a SongMix read a block at a time); each
+    preview_k.mp4 (the shaded head, size x size, with the song as sound: samples, or a SongMix read a block at a
+    time); each
     file appears under its name only when complete and is announced then. Meshes and landmarks are made
     RENDER_BATCH frames at a time and never held whole, so memory does not grow with the song."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -637,7 +639,7 @@ def write_motion(out_dir, motion, flame, shape, song):
         with atomic_output(out_dir / f"sample_{k}.pkl") as tmp:
             write_flame_pickle(tmp, m, shape)
         announce(out_dir / f"sample_{k}.pkl", f"take {k} with the SingingHead keys (expcodes, posecodes, shapecode)")
-        render_preview(flame, meshes(), out_dir / f"preview_{k}.mp4", audio=song, on_frames=on_frames)
+        render_preview(flame, meshes(), out_dir / f"preview_{k}.mp4", audio=song, size=size, on_frames=on_frames)
         announce(out_dir / f"preview_{k}.mp4", f"take {k} as a shaded head, with sound")
 
 
@@ -692,7 +694,7 @@ class SongMix:
 GRID_COLUMNS = 4            # takes a row in the --grid preview
 
 
-def write_grid(path, motion, flame, shape, voice, size=IMAGE_SIZE):
+def write_grid(path, motion, flame, shape, voice, size=PREVIEW_SIZE):
     """All takes (S, T, 59) in one preview mp4 with the song, playing in sync so one can be picked by eye: take k
     at row k // GRID_COLUMNS, column k % GRID_COLUMNS, each panel size x size pixels, empty panels background."""
     n_takes, n_frames = motion.shape[:2]
@@ -700,14 +702,14 @@ def write_grid(path, motion, flame, shape, voice, size=IMAGE_SIZE):
     rows = -(-n_takes // cols)
     shape_t = torch.as_tensor(shape, dtype=torch.float32)
     background = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8)
-    with VideoWriter(path, (rows * size, cols * size), FPS, voice) as video:
+    with VideoWriter(path, (rows * size, cols * size), FPS, voice, preset=PREVIEW_PRESET) as video:
         for start in range(0, n_frames, PREVIEW_BATCH):
             batch = torch.from_numpy(motion[:, start:start + PREVIEW_BATCH])                       # (S, b, 59)
             frames = background.expand(batch.shape[1], rows * size, cols * size, 3).clone()      # (b, H, W, 3)
             for k, m in enumerate(batch):
                 r, c = divmod(k, cols)
                 with torch.no_grad():
-                    panel = shade(project(flame.from_motion(shape_t, m)), flame.faces, size)     # (b, s, s, 3)
+                    panel = shade(project(flame.from_motion(shape_t, m), PREVIEW_CAM), flame.faces, size)  # (b, s, s, 3)
                 frames[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = panel
             video.write(frames)
     return path
@@ -760,6 +762,7 @@ def parse_args(argv=None):
     knobs.add_argument("--expression-scale", type=float, default=1.0, help="scale of the expression and jaw")
     knobs.add_argument("--still", action="store_true", help="head pose held at the mean (as --pose-scale 0)")
     p.add_argument("--grid", action="store_true", help="also write grid.mp4: every take side by side, with sound")
+    p.add_argument("--size", type=int, default=PREVIEW_SIZE, help="pixels a side of the shaded previews")
     live = p.add_argument_group("live streaming (one take, fed in chunks, frames out as soon as they are final)")
     live.add_argument("--stream", action="store_true", help="generate through MotionStream instead of whole windows")
     live.add_argument("--chunk-ms", type=float, default=STREAM_CHUNK_MS, help="audio chunk size fed at a time")
@@ -783,6 +786,9 @@ def check_inputs(args):
     and music (AudioFiles, read a stretch at a time: any song length) and the --shape (or None)."""
     if args.samples < 1:
         raise ValueError(f"--samples {args.samples}: must be at least 1")
+    if args.size < MIN_PREVIEW_SIZE or args.size % 2:
+        raise ValueError(f"--size {args.size}: must be even (the video encoder's 4:2:0 colour) and at least "
+                         f"{MIN_PREVIEW_SIZE}")
     if bool(args.image) != bool(args.renderer):
         given, missing = ("--image", "--renderer") if args.image else ("--renderer", "--image")
         raise ValueError(f"{given} without {missing}: the portrait video needs both (the reference image of "
@@ -843,7 +849,7 @@ def command(argv=None):
     print(f"{motion.shape[0]} take(s) of {motion.shape[1]} frames in {seconds:.2f} s "
           f"({motion.shape[0] * motion.shape[1] / seconds:.0f} frames/s)", flush=True)
     song = voice if bgm is None or args.voice_only else SongMix(voice, bgm)
-    write_motion(out, motion, flame, shape, song)
+    write_motion(out, motion, flame, shape, song, args.size)
     if args.glb:
         for k, m in enumerate(motion):
             with atomic_output(out / f"sample_{k}.glb") as tmp, open(tmp, "wb") as file:
@@ -852,7 +858,7 @@ def command(argv=None):
             write_wav(out / f"sample_{k}.wav", song)
             announce(out / f"sample_{k}.wav", f"the sound of take {k}'s .glb")
     if args.grid:
-        grid = write_grid(out / "grid.mp4", motion, flame, shape, song)
+        grid = write_grid(out / "grid.mp4", motion, flame, shape, song, args.size)
         announce(grid, f"every take side by side, takes 0..{len(motion) - 1} left to right then down, with sound")
     if args.image:
         renderer = load_renderer(args.renderer, args.device)
