@@ -5,7 +5,8 @@ key and a fill light, a slight highlight, anti-aliased edges), the renderer's de
 paper's per-person face renderer (FaceRenderer, a UNet; PatchDiscriminator; VGG19; the losses) and its size
 presets (RendererConfig). Below one banner: reading images and checkpoints (read_checkpoint: data only;
 load_renderer), and the output every command shares: files that appear whole (atomic_output), videos
-(VideoWriter, render_preview), WAVs (write_wav), progress lines (Progress) and one-line errors (run_command).
+(VideoWriter, render_preview, side_by_side / write_side_by_side: heads side by side, labelled with draw_text),
+WAVs (write_wav), progress lines (Progress) and one-line errors (run_command).
 
 Depends on torch, numpy, imageio (+ imageio-ffmpeg for the encoder and its ffmpeg binary) and soundfile.
 Of ours it imports only audio.py's frame and sample rates; `render_preview` takes a Flame only for its `.faces`.
@@ -1062,6 +1063,58 @@ def render_preview(flame, verts, path, audio=None, cam=PREVIEW_CAM, size=PREVIEW
             start += len(piece)
             if on_frames is not None:
                 on_frames(len(piece))
+
+
+def side_by_side(verts, faces, labels, cam=PREVIEW_CAM, size=PREVIEW_SIZE):
+    """Heads side by side under one light and one camera: verts (K, T, V, 3) metres, one sequence a panel ->
+    uint8 (T, size, K*size, 3), panel k the shaded preview of verts[k] with labels[k] written at its top left."""
+    cam = torch.as_tensor(cam, dtype=torch.float32)
+    frames = torch.cat([shade(project(panel, cam.to(panel)), faces, size) for panel in verts], 2)
+    for k, label in enumerate(labels):
+        draw_text(frames, label, LABEL_MARGIN * size, k * size + LABEL_MARGIN * size, max(1, size // LABEL_CELLS))
+    return frames
+
+
+def write_side_by_side(path, pieces, faces, labels, audio=None, cam=PREVIEW_CAM, size=PREVIEW_SIZE):
+    """side_by_side as an mp4 at FPS with audio (as VideoWriter takes it): pieces an iterable of (K, t, V, 3)
+    vertex sequences in order, so that a long take's meshes are never held all at once."""
+    with VideoWriter(path, (size, len(labels) * size), FPS, audio, preset=PREVIEW_PRESET) as video:
+        for piece in pieces:
+            with torch.no_grad():
+                video.write(side_by_side(piece, faces, labels, cam, size))
+    return Path(path)
+
+
+# A 5x7 pixel font for the few characters the previews' labels use: one string a glyph, rows top to bottom.
+GLYPHS = {c: rows.split() for c, rows in {
+    "a": "..... ..... .###. ....# .#### #...# .####", "e": "..... ..... .###. #...# ##### #.... .###.",
+    "h": "#.... #.... #.##. ##..# #...# #...# #...#", "k": "#.... #.... #..#. #.#.. ##... #.#.. #..#.",
+    "r": "..... ..... #.##. ##..# #.... #.... #....", "t": ".#... .#... ####. .#... .#... .#..# ..##.",
+    "u": "..... ..... #...# #...# #...# #..## .##.#", " ": "..... ..... ..... ..... ..... ..... .....",
+    "0": ".###. #...# #..## #.#.# ##..# #...# .###.", "1": "..#.. .##.. ..#.. ..#.. ..#.. ..#.. .###.",
+    "2": ".###. #...# ....# ...#. ..#.. .#... #####", "3": "##### ...#. ..#.. ...#. ....# #...# .###.",
+    "4": "...#. ..##. .#.#. #..#. ##### ...#. ...#.", "5": "##### #.... ####. ....# ....# #...# .###.",
+    "6": "..##. .#... #.... ####. #...# #...# .###.", "7": "##### ....# ...#. ..#.. .#... .#... .#...",
+    "8": ".###. #...# #...# .###. #...# #...# .###.", "9": ".###. #...# #...# .#### ....# ...#. .##..",
+}.items()}
+LABEL_CELLS = 128                # a label's font pixel is this many times smaller than the panel (4 px at 512²)
+LABEL_MARGIN = 0.03              # share of the panel between a label and the panel's top and left edges
+LABEL_RGB = (235, 235, 235)      # label colour
+
+
+def draw_text(frames, text, top, left, scale):
+    """Write text (the characters of GLYPHS) into uint8 frames (T, H, W, 3) in place, LABEL_RGB, its top left
+    corner at pixel (top, left), each font pixel scale x scale pixels, one font pixel between characters."""
+    top, left = int(top), int(left)
+    for i, char in enumerate(text):
+        if char not in GLYPHS:
+            raise ValueError(f"draw_text: no glyph for {char!r} (has {''.join(sorted(GLYPHS))})")
+        glyph = torch.tensor([[c == "#" for c in row] for row in GLYPHS[char]])
+        mask = glyph.repeat_interleave(scale, 0).repeat_interleave(scale, 1)           # (7 scale, 5 scale)
+        x = left + i * 6 * scale
+        region = frames[:, top:top + mask.shape[0], x:x + mask.shape[1]]
+        region[:, mask[:region.shape[1], :region.shape[2]]] = torch.tensor(LABEL_RGB, dtype=frames.dtype)
+    return frames
 
 
 # Progress counts the steps of a long job (building the built-in data set, training, an evaluation, a long song) and says

@@ -1049,6 +1049,51 @@ def test_shade_antialiases_a_straight_edge_between_background_and_surface():
             assert abs(share - area) <= 0.26, (row, col, share, area)                   # 4 samples a pixel
 
 
+def test_side_by_side_panels_equal_separate_previews(tmp_path):
+    """truth | take 0 | take 1: each panel of the side-by-side frames is the shaded preview of its own meshes
+    (one light, one camera) but for its label; written as videos, the three panels decode to what three
+    separate previews of the same meshes decode to."""
+    import imageio.v3 as iio
+    head = stand_in_flame()
+    t = torch.linspace(0, 1, 6)[:, None]
+    motions = [torch.zeros(6, flame.MOTION_DIM) for _ in range(3)]
+    motions[1][:, -3:-2] = 0.3 * t                                                          # the jaw opening
+    motions[2][:, flame.N_EXPR:flame.N_EXPR + 1] = 0.4 * t                                  # the head turning
+    verts = torch.stack([head.from_motion(torch.zeros(flame.N_SHAPE), m) for m in motions])   # (3, 6, V, 3)
+    size, labels = 128, ["truth", "take 0", "take 1"]
+    frames = render.side_by_side(verts, head.faces, labels, size=size)
+    assert frames.shape == (6, size, 3 * size, 3)
+    label = np.zeros((size, size), bool)
+    label[:int(0.25 * size), :int(0.75 * size)] = True                                     # where labels may be
+    for k in range(3):
+        alone = render.shade(render.project(verts[k], render.PREVIEW_CAM), head.faces, size)
+        panel = frames[:, :, k * size:(k + 1) * size]
+        assert torch.equal(panel[:, ~label], alone[:, ~label])
+        assert (panel[:, label] != alone[:, label]).any()                                    # the label is there
+    path = render.write_side_by_side(tmp_path / "sbs.mp4", iter([verts[:, :3], verts[:, 3:]]), head.faces, labels,
+                                     audio=np.zeros(3200, np.float32), size=size)
+    both = iio.imread(path).astype(float)
+    assert both.shape == (6, size, 3 * size, 3) and audio_streams(path) == ["aac"]
+    for k in range(3):
+        render.render_preview(head, verts[k], tmp_path / f"alone_{k}.mp4", size=size)
+        alone = iio.imread(tmp_path / f"alone_{k}.mp4").astype(float)
+        difference = np.abs(both[:, :, k * size:(k + 1) * size] - alone)[:, ~label]
+        assert difference.mean() < 1.0 and np.percentile(difference, 99) < 8
+
+
+def test_draw_text_writes_the_glyphs_and_refuses_unknown_characters():
+    frames = torch.zeros(1, 20, 40, 3, dtype=torch.uint8)
+    render.draw_text(frames, "t1", 2, 3, 2)
+    on = (frames[0, :, :, 0] > 0).numpy()
+    expected = np.zeros((20, 40), bool)
+    for i, char in enumerate("t1"):
+        glyph = np.array([[c == "#" for c in row] for row in render.GLYPHS[char]])
+        expected[2:16, 3 + 12 * i:13 + 12 * i] = glyph.repeat(2, 0).repeat(2, 1)
+    assert (on == expected).all()
+    with pytest.raises(ValueError, match="no glyph for 'Q'"):
+        render.draw_text(frames, "Q", 0, 0, 1)
+
+
 def test_depth_to_image_fixed_range_nearer_brighter():
     depth = torch.tensor([[[render.DEPTH_NEAR, render.CAMERA_DISTANCE, float("inf")]]])
     image = render.depth_to_image(depth)
@@ -2769,6 +2814,52 @@ def test_evaluate_command_writes_table_ii_for_sample_files(tmp_path):
     assert base["LVE-mean"] > 0 and base["official"]["diversity_lmk"] == 0 and 0 <= base["BA"] <= 1
 
 
+def test_truth_and_takes_video_shows_the_truth_beside_the_first_two_takes_with_the_song(tmp_path, capsys):
+    """metrics.truth_and_takes: truth | take 0 | take 1 (a third take left out), one light, one camera, the
+    clip's voice and music as sound; panels whose motion is the truth's look like the truth's panel, a take
+    with the jaw opened further does not. Named on the console."""
+    import imageio.v3 as iio
+    head = stand_in_flame()
+    frames = 12
+    truth = np.zeros((frames, flame.MOTION_DIM), np.float32)
+    truth[:, -3] = np.linspace(0, 0.2, frames)                                            # jaw opening
+    opened = truth.copy()
+    opened[:, -3] += 0.25
+    item = dict(id="clip7", start=0, motion=truth, shape=np.zeros(flame.N_SHAPE, np.float32),
+                audio=np.zeros(frames * SAMPLE_RATE // FPS, np.float32), bgm=np.zeros(frames * SAMPLE_RATE // FPS, np.float32))
+    path = metrics.truth_and_takes(tmp_path / "sbs.mp4", head, item, np.stack([truth, opened, opened]))
+    assert f"wrote {path}: truth | take 0 | take 1 of clip clip7" in capsys.readouterr().out
+    video = iio.imread(path).astype(float)
+    size = render.PREVIEW_SIZE
+    assert video.shape == (frames, size, 3 * size, 3) and audio_streams(path) == ["aac"]
+    below_labels = slice(size // 4, size)
+    panel = lambda k: video[:, below_labels, k * size:(k + 1) * size]
+    assert np.abs(panel(1) - panel(0)).mean() < 0.5
+    assert np.abs(panel(2) - panel(0)).mean() > 2 * np.abs(panel(1) - panel(0)).mean() + 0.5
+
+
+def test_metrics_side_by_side_writes_each_scored_clips_truth_and_takes(tmp_path, monkeypatch, capsys):
+    """`metrics.py --pred DIR --side-by-side` hands every clip it scores, with the takes it read, to
+    truth_and_takes, into DIR/side_by_side_<clip id>.mp4; with --video (Table IV) it is refused."""
+    root = builtin.generate_dataset(tmp_path / "data", builtin.Recipe(
+        n_people=1, clips_per_person=3, with_video=False), verbose=False)
+    clip_id = data.read_split(root, "test")[0]
+    f = data.read_flame_pickle(root / "flame_seqs" / f"{clip_id}.pkl")
+    truth = np.concatenate([f["expression"], f["pose"]], axis=1)
+    (tmp_path / "pred" / clip_id).mkdir(parents=True)
+    for k in range(3):
+        np.savez(tmp_path / "pred" / clip_id / f"sample_{k}.npz", motion=truth + 0.01 * k)
+    written = []
+    monkeypatch.setattr(metrics, "truth_and_takes", lambda path, head, item, takes: written.append((path, item, takes)))
+    metrics.main(["--pred", str(tmp_path / "pred"), "--data", str(root), "--side-by-side",
+                  "--json", str(tmp_path / "t2.json")])
+    (path, item, takes), = written
+    assert path == tmp_path / "pred" / f"side_by_side_{clip_id}.mp4" and item["id"] == clip_id
+    np.testing.assert_allclose(takes, np.stack([truth + 0.01 * k for k in range(3)]), atol=1e-6)
+    with pytest.raises(SystemExit, match="--side-by-side"):
+        metrics.main(["--video", "--pred", str(tmp_path / "pred"), "--side-by-side"])
+
+
 
 # ==============================================================================================================
 # Tests of the motion stage: the CVAE's structure, whole-song generation, training, resume and learning.
@@ -2915,12 +3006,16 @@ def test_training_writes_best_and_last_checkpoints_that_load(trained_motion):
         assert set(trained.people) == {"id0", "id1", "id2", "id3"}
 
 
-def test_tiny_model_learns_singing_motion_and_uses_the_audio(trained_motion, motion_set):
+def test_tiny_model_learns_singing_motion_and_uses_the_audio(trained_motion, motion_set, tmp_path, capsys):
     """The learning bar on the test split: LVE <= half the mean-motion baseline's, much worse when deaf, and
-    diverse samples that stay close to the truth."""
-    args = train.parse_args(["--stage", "motion"])
+    diverse samples that stay close to the truth; the summary writes a held-out clip's truth beside two takes."""
+    args = train.parse_args(["--stage", "motion", "--out", str(tmp_path)])
     rows = train.motion_summary(load_checkpoint(trained_motion / "best.pt").model, motion_set, args)
     ours, base, deaf = rows["UniSinger"], rows["mean motion"], rows["UniSinger, silence"]
+    clip = data.SingingHead(motion_set, "test")[0]
+    video = tmp_path / f"test_{clip['id']}.mp4"                  # the held-out clip: truth | take 0 | take 1
+    assert f"wrote {video}: truth | take 0 | take 1 of clip {clip['id']}" in capsys.readouterr().out
+    assert imageio.get_reader(video).get_meta_data()["size"] == (3 * render.PREVIEW_SIZE, render.PREVIEW_SIZE)
     assert ours["LVE-mean"] <= 0.5 * base["LVE-mean"]
     assert deaf["LVE-mean"] >= 1.5 * ours["LVE-mean"]
     assert ours["Diversity"] > 0

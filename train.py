@@ -214,7 +214,8 @@ def training_people(train_set):
 
 def motion_summary(model, root, args):
     """Does the model learn? Test split: the model, the mean-motion baseline and the model deaf (silence, no
-    music), Table II columns, then the verdict in sentences."""
+    music), Table II columns, then the verdict in sentences; and one held-out clip to look at, its true motion
+    beside the model's takes 0 and 1 (those the summary scores), written to <out>/test_<clip>.mp4."""
     flame = load_flame(args.flame)
     test = data.SingingHead(root, "test")
     baseline = metrics.mean_motion(root)
@@ -239,6 +240,9 @@ def motion_summary(model, root, args):
     print(metrics.score_table(rows, [c for c in metrics.MOTION_COLUMNS if c != "FPS"]))
     ours, base, deaf = (rows[k] for k in predictors)
     print(verdict(ours, base, deaf))
+    clip = test[0]
+    metrics.truth_and_takes(Path(args.out) / f"test_{clip['id']}.mp4", flame, clip,
+                            predictors["UniSinger"](clip))
     return rows
 
 
