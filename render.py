@@ -28,6 +28,7 @@ Use alone (with audio.py beside it):
 import argparse
 import contextlib
 import errno
+import functools
 import os
 import pickle
 import re
@@ -247,6 +248,15 @@ def _window_sides(limit):
     return sorted(set(sides + [3 * s // 2 for s in sides if s >= 2]))
 
 
+@functools.lru_cache(maxsize=256)
+def _window(win_w, win_h, width, dtype, device):
+    """A window's pixels, row by row: their dx, dy (win,) from its first pixel, flat offsets in a width-pixel
+    image, and the rows [1, dx, dy] (win, 3) its triangles' functions are evaluated on (kept: windows recur)."""
+    dx = torch.arange(win_w, device=device).repeat(win_h)                         # (win,), win = win_h*win_w
+    dy = torch.arange(win_h, device=device).repeat_interleave(win_w)              # (win,)
+    return dx, dy, dy * width + dx, torch.stack([torch.ones_like(dx), dx, dy], 1).to(dtype)
+
+
 def _covered_pixels(coef, ints, keep, box_w, box_h, height, width):
     """Every (pixel, depth, face id) whose pixel centre a triangle covers, yielded a chunk at a time.
     Triangles are grouped by box size (_window_sides per axis), so each group tests one small window shape
@@ -273,10 +283,7 @@ def _covered_pixels(coef, ints, keep, box_w, box_h, height, width):
     start = 0
     for g, count, past_edge in zip(classes.tolist(), counts.tolist(), any_past):
         win_w, win_h = sides[g // len(sides)].item(), sides[g % len(sides)].item()
-        dx = torch.arange(win_w, device=coef.device).repeat(win_h)             # (win,), win = win_h*win_w
-        dy = torch.arange(win_h, device=coef.device).repeat_interleave(win_w)  # (win,)
-        offset = dy * width + dx                                               # (win,) flat pixel offset
-        grid = torch.stack([torch.ones_like(dx), dx, dy], 1).to(coef.dtype)   # (win, 3)
+        dx, dy, offset, grid = _window(win_w, win_h, width, coef.dtype, coef.device)
         step = max(1, WINDOW_ELEMENTS // (win_w * win_h))
         for lo in range(start, start + count, step):
             n = min(step, start + count - lo)
@@ -495,9 +502,13 @@ def _supersampled(verts, faces, planes, candidates, frame, row, col, size):
     inside = (area != 0) & (candidates[..., None] >= 0)
     for w in weights:
         inside &= w * area >= 0
-    depth = (weights[0] * tri[..., 0, 2] + weights[1] * tri[..., 1, 2] + weights[2] * tri[..., 2, 2]) / area
-    nearest = torch.where(inside, depth, float("inf")).argmin(1)                         # (E, S) candidate
-    covered = inside.gather(1, nearest[:, None])[:, 0]
+    depth = torch.where(inside, (weights[0] * tri[..., 0, 2] + weights[1] * tri[..., 1, 2]
+                                 + weights[2] * tri[..., 2, 2]) / area, float("inf"))    # (E, 9, S)
+    nearest, best = torch.zeros_like(depth[:, 0], dtype=torch.long), depth[:, 0]      # (E, S): the first nearest
+    for k in range(1, depth.shape[1]):
+        nearer = depth[:, k] < best
+        nearest, best = torch.where(nearer, k, nearest), torch.where(nearer, depth[:, k], best)
+    covered = torch.isfinite(best)
     # a sample no candidate covers, in a pixel with no background around it, lies on a face no pixel centre
     # nearby shows (a sliver): the pixel's own face is shaded there instead of a speck of background
     enclosed = (candidates >= 0).all(1, keepdim=True) & ~covered
