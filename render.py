@@ -240,12 +240,12 @@ def _edge_functions(verts, faces, height, width):
 
 
 def _window_sides(limit):
-    """Window sides 1, 2, 3, 4, 6, 8, 12, ... up to at least limit: each at most 1.5 times the one before, so a
-    box is tested in a window at most that much longer on each axis."""
-    sides = [1, 2]
+    """Window sides 1, 2, 4, 8, ... up to at least limit: a box is tested in a window less than twice as long on
+    each axis, and few window shapes keep the groups (one loop each) few."""
+    sides = [1]
     while sides[-1] < limit:
-        sides.append(sides[-2] * 2)
-    return sorted(set(sides + [3 * s // 2 for s in sides if s >= 2]))
+        sides.append(sides[-1] * 2)
+    return sides
 
 
 @functools.lru_cache(maxsize=256)
