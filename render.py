@@ -124,15 +124,16 @@ def rasterize(verts, faces, size):
     return depth.view(batch, height, width), face_id.view(batch, height, width)
 
 
-def _zbuffer(verts, faces, height, width):
+def _zbuffer(verts, faces, height, width, front=None):
     """The nearest fragment of every covered pixel (float32 verts): flat pixel indices into (B*H*W) (P,), in
     order, and their depth and face id. Depth and face id travel as one int64 key (_depth_key) whose minimum
     is the nearest depth, the lowest face id among equal ones: one reduction per chunk of fragments.
     The faces turned one way are drawn first (of a closed mesh, those facing the camera), then those of the
-    others that the depth so far does not hide (_hidden): the result is the same as drawing all at once."""
+    others that the depth so far does not hide (_hidden): the result is the same as drawing all at once.
+    front: _front(verts, faces) when the caller has it."""
     coef, ints, keep, box_w, box_h = _edge_functions(verts, faces, height, width)
     key = torch.full((len(verts) * height * width,), EMPTY_KEY, dtype=torch.long, device=verts.device)
-    first = _front(verts, faces).reshape(-1)
+    first = (_front(verts, faces) if front is None else front).reshape(-1)
     near = verts[..., 2][:, faces].amin(-1).reshape(-1)                                 # (N,) nearest corner
     for later, part in enumerate((keep & first, keep & ~first)):
         if later and bool(part.any()):
@@ -272,7 +273,7 @@ def _covered_pixels(coef, ints, keep, box_w, box_h, height, width):
     group, order = (side[:, 0] * len(sides) + side[:, 1]).sort()
     classes, counts = group.unique_consecutive(return_counts=True)
     tri, box, side = tri.index_select(0, order), box.index_select(0, order), side.index_select(0, order)
-    columns = coef.index_select(0, tri).permute(1, 0, 2).reshape(3, -1)     # (3, n*4): [triangle, function]
+    coef = coef.index_select(0, tri)                                                   # (n, 3, 4)
     ints = ints.index_select(0, tri)
     x0, y0 = ints[:, 0] % width, (ints[:, 0] % (height * width)).div(width, rounding_mode="floor")
     past = (x0 + sides[side[:, 0]] > width) | (y0 + sides[side[:, 1]] > height)
@@ -287,12 +288,13 @@ def _covered_pixels(coef, ints, keep, box_w, box_h, height, width):
         step = max(1, WINDOW_ELEMENTS // (win_w * win_h))
         for lo in range(start, start + count, step):
             n = min(step, start + count - lo)
-            values = (grid @ columns[:, 4 * lo:4 * (lo + n)]).view(-1, n, 4)  # one GEMM: (win, n, 4)
-            inside = torch.minimum(torch.minimum(values[..., 0], values[..., 1]), values[..., 2]) >= 0
+            # one GEMM: (win, 4, n), each function's values over the triangles contiguous
+            values = (grid @ coef[lo:lo + n].permute(1, 2, 0).reshape(3, 4 * n)).view(-1, 4, n)
+            inside = torch.minimum(torch.minimum(values[:, 0], values[:, 1]), values[:, 2]) >= 0
             if past_edge:
                 inside &= (dx[:, None] < box[lo:lo + n, 0]) & (dy[:, None] < box[lo:lo + n, 1])
             w, t = inside.nonzero().unbind(1)                                  # window pixel, triangle
-            depth = values.view(-1).index_select(0, (w * n + t) * 4 + 3)       # values[w, t, 3]
+            depth = values.view(-1).index_select(0, (w * 4 + 3) * n + t)       # values[w, 3, t]
             t = t + lo
             yield ints[:, 0].index_select(0, t) + offset.index_select(0, w), depth, ints[:, 1].index_select(0, t)
         start += count
@@ -375,12 +377,13 @@ def _shade_frames(verts, faces, height, width):
     """shade for a few frames (float32 verts): every covered pixel at its centre, then the edge pixels' means."""
     batch, n_faces = len(verts), len(faces)
     image = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8, device=verts.device).repeat(batch * height * width, 1)
-    pixel, depth, face = _zbuffer(verts, faces, height, width)
+    front = _front(verts, faces)
+    pixel, depth, face = _zbuffer(verts, faces, height, width, front)
     if not len(pixel):
         return image.view(batch, height, width, 3)
-    planes = _normal_planes(verts, faces)
+    planes = _normal_planes(verts, faces, front, height, width)
     frame, row, col = _frame_row_col(pixel, height, width)
-    image[pixel] = _to_uint8(_lit(planes, frame * n_faces + face, *_centres(row, col, height, width)))
+    image[pixel] = _to_uint8(_lit(planes, frame * n_faces + face, col.float(), row.float()))
     # the edges are found in the box around all covered pixels (and a pixel of background)
     top, left = max(int(row.min()) - 1, 0), max(int(col.min()) - 1, 0)
     rows, cols = min(int(row.max()) + 2, height) - top, min(int(col.max()) + 2, width) - left
@@ -412,12 +415,13 @@ def _centres(row, col, height, width):
     return (col.float() + 0.5) * (2 / width) - 1, 1 - (row.float() + 0.5) * (2 / height)
 
 
-def _normal_planes(verts, faces):
-    """Per frame and face (12, B*F): the view-space normal of the mesh at the face's corner 0, then its change
-    per unit of projected x and of y (the vertex normals interpolated linearly, as screen-space barycentrics
-    weigh them), corner 0's projected x, y, and the share of light the face keeps: 1, or INSIDE_SHARE for a
-    face seen from behind (_front), the inside of a mouth or a neck. Normals point toward the camera's side
-    of the face: a face seen from behind has its normals flipped, which makes the shading two-sided."""
+def _normal_planes(verts, faces, front, height, width):
+    """Per frame and face (10, B*F): the view-space normal of the mesh interpolated over the face, as an affine
+    function of the pixel column and row of an (H, W) image (the vertex normals weighed by screen-space
+    barycentrics): its value at pixel (0, 0), its change per column and per row, then the share of light the
+    face keeps: 1, or INSIDE_SHARE for a face seen from behind (front False), the inside of a mouth or a neck.
+    Normals point toward the camera's side of the face: a face seen from behind has its normals flipped,
+    which makes the shading two-sided."""
     corners = verts[:, faces]                                                           # (B, F, 3, 3)
     d1, d2 = corners[:, :, 1] - corners[:, :, 0], corners[:, :, 2] - corners[:, :, 0]   # (B, F, 3)
     area = d1[..., 0] * d2[..., 1] - d2[..., 0] * d1[..., 1]                            # (B, F), 2x signed area
@@ -426,27 +430,31 @@ def _normal_planes(verts, faces):
     normals = vertex_normals(verts, faces) * torch.tensor([1.0, 1.0, -1.0], device=verts.device)
     normals = normals[:, faces] * torch.where(area > 0, -1.0, 1.0)[..., None, None]       # (B, F, 3, 3)
     n1, n2 = normals[:, :, 1] - normals[:, :, 0], normals[:, :, 2] - normals[:, :, 0]
-    grad_x = (d2[..., 1:2] * n1 - d1[..., 1:2] * n2) / area[..., None]
-    grad_y = (d1[..., 0:1] * n2 - d2[..., 0:1] * n1) / area[..., None]
-    share = torch.where(_front(verts, faces), 1.0, INSIDE_SHARE)[..., None]
-    return torch.cat([normals[:, :, 0], grad_x, grad_y, corners[:, :, 0, :2], share], -1).reshape(-1, 12).T.contiguous()
+    grad_x = (d2[..., 1:2] * n1 - d1[..., 1:2] * n2) / area[..., None]                   # per unit of x
+    grad_y = (d1[..., 0:1] * n2 - d2[..., 0:1] * n1) / area[..., None]                   # per unit of y
+    # pixel (row i, column j) has its centre at x = (2j + 1) / W - 1, y = 1 - (2i + 1) / H
+    x0, y0 = 1 / width - 1, 1 - 1 / height
+    at_origin = normals[:, :, 0] + (x0 - corners[:, :, 0, :1]) * grad_x + (y0 - corners[:, :, 0, 1:2]) * grad_y
+    share = torch.where(front, 1.0, INSIDE_SHARE)[..., None]
+    return torch.cat([at_origin, grad_x * (2 / width), grad_y * (-2 / height), share], -1).reshape(-1, 10).T.contiguous()
 
 
-def _lit(planes, face, x, y):
-    """The shaded colour (P, 3) float of points (x, y) (P,) in projected space on faces `face` (indices into
-    _normal_planes' columns): the normal interpolated there and renormalised, lit by the key, fill and
+def _lit(planes, face, col, row):
+    """The shaded colour (P, 3) float of points at pixel column col and row (P,) float on faces `face` (indices
+    into _normal_planes' columns): the normal interpolated there and renormalised, lit by the key, fill and
     ambient light, plus the key light's highlight, times the face's share of light. Computed a component at
     a time on 1-D tensors, the fastest layout for torch on the CPU."""
-    value = [row.index_select(0, face) for row in planes]                          # 12 x (P,)
-    dx, dy = x - value[9], y - value[10]
-    normal = [torch.addcmul(torch.addcmul(value[k], dx, value[3 + k]), dy, value[6 + k]) for k in range(3)]
-    length = torch.addcmul(torch.addcmul(normal[0] * normal[0], normal[1], normal[1]), normal[2], normal[2])
-    inverse = length.rsqrt_()
-    key, fill, halfway = (torch.addcmul(torch.addcmul(normal[0] * d[0], normal[1], torch.tensor(d[1])), normal[2],
-                                        torch.tensor(d[2])).mul_(inverse).clamp_min_(0) for d in _LIGHTS)
-    light = torch.addcmul(key * KEY + AMBIENT, fill, torch.tensor(FILL)).mul_(value[11])
-    highlight = halfway.pow_(SHININESS).mul_(value[11] * (GLOSS * 255))
-    return torch.stack([torch.addcmul(highlight, light, torch.tensor(float(c))) for c in SKIN_RGB], 1)
+    value = [plane.index_select(0, face) for plane in planes]                       # 10 x (P,)
+    normal = [torch.addcmul(torch.addcmul(value[k], col, value[3 + k]), row, value[6 + k]) for k in range(3)]
+    inverse = torch.addcmul(torch.addcmul(normal[0] * normal[0], normal[1], normal[1]), normal[2], normal[2]).rsqrt_()
+    key, fill, halfway = ((normal[0] * d[0]).add_(normal[1], alpha=d[1]).add_(normal[2], alpha=d[2])
+                          .mul_(inverse).clamp_min_(0) for d in _LIGHTS)
+    light = key.mul_(KEY).add_(AMBIENT).add_(fill, alpha=FILL).mul_(value[9])
+    highlight = halfway.pow_(SHININESS).mul_(value[9]).mul_(GLOSS * 255)
+    colour = torch.empty(len(face), 3, device=face.device)
+    for k, c in enumerate(SKIN_RGB):
+        torch.add(highlight, light, alpha=float(c), out=colour[:, k])
+    return colour
 
 
 def _unit(v):
@@ -490,9 +498,11 @@ def _supersampled(verts, faces, planes, candidates, frame, row, col, size):
     covers it (edges included, as rasterize counts them), background where none does."""
     (height, width), ss = size, SUPERSAMPLE
     step = (torch.arange(ss, device=verts.device) + 0.5) / ss - 0.5                      # sample offsets, pixels
-    x, y = _centres(row[:, None] + step.repeat_interleave(ss), col[:, None] + step.repeat(ss), height, width)
-    corner = faces[candidates.clamp_min(0)] + (frame * verts.shape[1])[:, None, None]      # (E, 9, 3)
-    tri = verts.reshape(-1, 3)[corner][:, :, None]                                      # (E, 9, 1, 3, xyz)
+    sample_row, sample_col = row[:, None] + step.repeat_interleave(ss), col[:, None] + step.repeat(ss)  # (E, S)
+    x, y = _centres(sample_row, sample_col, height, width)
+    corner = faces.index_select(0, candidates.clamp_min(0).view(-1)).view(*candidates.shape, 3) \
+        + (frame * verts.shape[1])[:, None, None]                                       # (E, 9, 3)
+    tri = verts.reshape(-1, 3).index_select(0, corner.view(-1)).view(*corner.shape, 3)[:, :, None]  # (E, 9, 1, 3, xyz)
     px, py = x[:, None], y[:, None]                                                    # (E, 1, S)
     weights = []
     for a, b in ((1, 2), (2, 0), (0, 1)):                  # corner k's edge function: the edge facing it
@@ -517,7 +527,8 @@ def _supersampled(verts, faces, planes, candidates, frame, row, col, size):
     hit = (covered | enclosed).view(-1).nonzero().squeeze(1)
     colour = torch.tensor(BACKGROUND_RGB, dtype=torch.float32, device=verts.device).repeat(face.numel(), 1)
     owner = hit.div(ss * ss, rounding_mode="floor")
-    colour[hit] = _lit(planes, frame[owner] * len(faces) + face.view(-1)[hit], x.view(-1)[hit], y.view(-1)[hit])
+    colour[hit] = _lit(planes, frame[owner] * len(faces) + face.view(-1)[hit], sample_col.view(-1)[hit],
+                       sample_row.view(-1)[hit])
     return colour.view(-1, ss * ss, 3).mean(1)
 
 
