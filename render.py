@@ -134,7 +134,7 @@ def _zbuffer(verts, faces, height, width, front=None):
     coef, ints, keep, box_w, box_h = _edge_functions(verts, faces, height, width)
     key = torch.full((len(verts) * height * width,), EMPTY_KEY, dtype=torch.long, device=verts.device)
     first = (_front(verts, faces) if front is None else front).reshape(-1)
-    near = verts[..., 2][:, faces].amin(-1).reshape(-1)                                 # (N,) nearest corner
+    near = face_corners(verts[..., 2:], faces)[..., 0].amin(-1).reshape(-1)                  # (N,) nearest corner
     for later, part in enumerate((keep & first, keep & ~first)):
         if later and bool(part.any()):
             part = part & ~_hidden(key, ints, box_w, box_h, near, part, (height, width))
@@ -147,10 +147,10 @@ def _zbuffer(verts, faces, height, width, front=None):
 def _front(verts, faces):
     """(B, F) bool: the faces turned the way (by their winding, in projected x, y) whose faces lie nearer the
     camera on average in that frame: the outside of a closed mesh facing the camera, whichever its winding."""
-    corners = verts[:, faces]                                                           # (B, F, 3, 3)
-    d1, d2 = corners[:, :, 1, :2] - corners[:, :, 0, :2], corners[:, :, 2, :2] - corners[:, :, 0, :2]
+    tri = face_corners(verts, faces)                                                    # (B, F, 3, 3)
+    d1, d2 = tri[:, :, 1, :2] - tri[:, :, 0, :2], tri[:, :, 2, :2] - tri[:, :, 0, :2]
     turned = d1[..., 0] * d2[..., 1] > d2[..., 0] * d1[..., 1]                          # (B, F)
-    z = corners[..., 2].mean(-1)
+    z = tri[..., 2].mean(-1)
     mean_z = lambda way: torch.where(way.any(1), (z * way).sum(1) / way.sum(1).clamp_min(1), float("inf"))
     return turned == (mean_z(turned) <= mean_z(~turned))[:, None]
 
@@ -209,7 +209,7 @@ def _edge_functions(verts, faces, height, width):
     pixel (x0, y0): the 3 barycentrics and the depth, as coef (N, 3, 4) over [1, dx, dy]; ints (N, 2) = (flat
     index of the box's first pixel in (B·H·W), face id); which to keep; the box's width and height (N,)."""
     batch, n_faces, device = verts.shape[0], faces.shape[0], verts.device
-    tri = verts[:, faces].reshape(batch * n_faces, 3, 3)  # (N, 3 corners, xyz)
+    tri = face_corners(verts, faces).reshape(batch * n_faces, 3, 3)  # (N, 3 corners, xyz)
     # pixel coordinates in which pixel (i, j) has its centre at (j, i)
     px = (tri[..., 0] + 1) * (width / 2) - 0.5   # (N, 3)
     py = (1 - tri[..., 1]) * (height / 2) - 0.5  # (N, 3)
@@ -329,10 +329,16 @@ def interpolate(verts, faces, face_id, attributes):
     return out.view(batch, height, width, channels)
 
 
+def face_corners(values, faces):
+    """Per-vertex values (..., V, C), faces (F, 3) -> each face's corners' values (..., F, 3, C) (index_select:
+    about twice as fast as indexing with faces on the CPU)."""
+    return values.index_select(-2, faces.reshape(-1)).unflatten(-2, (len(faces), 3))
+
+
 def vertex_normals(verts, faces):
     """verts (..., V, 3), faces (F, 3) long -> unit vertex normals (..., V, 3), the area-weighted mean of the
     normals of the faces around each vertex."""
-    tri = verts[..., faces, :]                                                          # (..., F, 3, 3)
+    tri = face_corners(verts, faces)                                                    # (..., F, 3, 3)
     face_normal = torch.linalg.cross(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :])
     normals = torch.zeros_like(verts)
     for k in range(3):
@@ -376,7 +382,8 @@ def shade(verts, faces, size):
 def _shade_frames(verts, faces, height, width):
     """shade for a few frames (float32 verts): every covered pixel at its centre, then the edge pixels' means."""
     batch, n_faces = len(verts), len(faces)
-    image = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8, device=verts.device).repeat(batch * height * width, 1)
+    background = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8, device=verts.device)
+    image = background.repeat(width).repeat(batch * height).view(-1, 3)       # a row, then rows: 3x faster
     front = _front(verts, faces)
     pixel, depth, face = _zbuffer(verts, faces, height, width, front)
     if not len(pixel):
@@ -422,13 +429,13 @@ def _normal_planes(verts, faces, front, height, width):
     face keeps: 1, or INSIDE_SHARE for a face seen from behind (front False), the inside of a mouth or a neck.
     Normals point toward the camera's side of the face: a face seen from behind has its normals flipped,
     which makes the shading two-sided."""
-    corners = verts[:, faces]                                                           # (B, F, 3, 3)
+    corners = face_corners(verts, faces)                                                # (B, F, 3, 3)
     d1, d2 = corners[:, :, 1] - corners[:, :, 0], corners[:, :, 2] - corners[:, :, 0]   # (B, F, 3)
     area = d1[..., 0] * d2[..., 1] - d2[..., 0] * d1[..., 1]                            # (B, F), 2x signed area
     # projected space mirrors z (z grows away from the camera): view space is (x, y, -z), and a face with
     # area > 0 has its winding's normal pointing away from the camera
     normals = vertex_normals(verts, faces) * torch.tensor([1.0, 1.0, -1.0], device=verts.device)
-    normals = normals[:, faces] * torch.where(area > 0, -1.0, 1.0)[..., None, None]       # (B, F, 3, 3)
+    normals = face_corners(normals, faces) * torch.where(area > 0, -1.0, 1.0)[..., None, None]       # (B, F, 3, 3)
     n1, n2 = normals[:, :, 1] - normals[:, :, 0], normals[:, :, 2] - normals[:, :, 0]
     grad_x = (d2[..., 1:2] * n1 - d1[..., 1:2] * n2) / area[..., None]                   # per unit of x
     grad_y = (d1[..., 0:1] * n2 - d2[..., 0:1] * n1) / area[..., None]                   # per unit of y
