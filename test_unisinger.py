@@ -22,6 +22,7 @@ import sys
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import imageio.v2 as imageio
 import imageio_ffmpeg
@@ -3935,27 +3936,56 @@ def test_render_training_learns_the_mouth(singer, tmp_path, monkeypatch):
     assert (tmp_path / s["video"]).is_file()
 
 
-def test_mouth_scores_follow_their_definitions():
-    """mouth_scores against sums written out here: the box's absolute error over copying's, and Pearson's
-    correlation of the boxes' mean brightness."""
+def test_box_scores_and_the_summary_are_known_on_frames_equal_to_the_truth_in_one_box_and_the_reference_in_another():
+    """Generated frames equal to the truth inside the eyes box and to the reference inside the nose box (random
+    elsewhere, each frame's boxes elsewhere): the eyes' error 0, SSIM 1, no speckle, brightness correlation 1; the
+    nose's error that of copying (ratio 1), its SSIM scikit-image's of reference against truth, its speckles the
+    share of pixels more than 40 grey levels off in some channel, counted here; the mouth's figures are sums
+    written out here. The printed summary shows them against their bars: the eyes' met, the nose's not."""
+    from skimage.metrics import structural_similarity
     rng = np.random.default_rng(0)
-    truth, generated = rng.integers(0, 256, (2, 5, 16, 16, 3), dtype=np.uint8)
-    reference = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    boxes = torch.tensor([[2, 9, 3, 12]] * 5)
-    s = train.mouth_scores(generated, truth, reference, boxes)
-    g, t = generated[:, 2:9, 3:12].astype(float), truth[:, 2:9, 3:12].astype(float)
-    r = reference[2:9, 3:12].astype(float)
-    assert s["l1_ratio"] == pytest.approx(np.abs(g - t).sum() / np.abs(r - t).sum())
-    assert s["l1"] == pytest.approx(np.abs(g - t).mean())
-    gm, tm = g.mean((1, 2, 3)), t.mean((1, 2, 3))
-    assert s["correlation"] == pytest.approx(((gm - gm.mean()) * (tm - tm.mean())).sum()
-                                             / np.sqrt(((gm - gm.mean()) ** 2).sum() * ((tm - tm.mean()) ** 2).sum()))
+    truth, generated = rng.integers(0, 256, (2, 5, 48, 64, 3), dtype=np.uint8)
+    reference = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    boxes = dict(mouth=torch.tensor([[30, 44, 20, 44 + k] for k in range(5)]),
+                 eyes=torch.tensor([[2 + k, 14 + k, 4, 60] for k in range(5)]),
+                 nose=torch.tensor([[18, 28, 24 + k, 36 + k] for k in range(5)]))
+    for i in range(5):
+        top, bottom, left, right = boxes["eyes"][i].tolist()
+        generated[i, top:bottom, left:right] = truth[i, top:bottom, left:right]
+        top, bottom, left, right = boxes["nose"][i].tolist()
+        generated[i, top:bottom, left:right] = reference[top:bottom, left:right]
+    s = {box: train.box_scores(generated, truth, reference, boxes[box]) for box in boxes}
+    assert (s["eyes"]["l1"], s["eyes"]["l1_ratio"], s["eyes"]["speckle"]) == (0, 0, 0)
+    assert s["eyes"]["ssim"] == pytest.approx(1) and s["eyes"]["correlation"] == pytest.approx(1)
+    crops = [(reference[t:b, l:r].astype(float), truth[i, t:b, l:r].astype(float))
+             for i, (t, b, l, r) in enumerate(boxes["nose"].tolist())]
+    assert s["nose"]["l1_ratio"] == pytest.approx(1) and s["nose"]["l1"] == pytest.approx(s["nose"]["copy_l1"])
+    assert s["nose"]["l1"] == pytest.approx(np.mean([np.abs(r - t).mean() for r, t in crops]))   # equal-sized crops
+    assert s["nose"]["ssim"] == pytest.approx(np.mean([structural_similarity(
+        r, t, channel_axis=-1, data_range=255) for r, t in crops]))
+    assert s["nose"]["speckle"] == pytest.approx(np.mean([(np.abs(r - t).max(-1) > 40).mean() for r, t in crops]))
+    g = [generated[i, t:b, l:r].astype(float) for i, (t, b, l, r) in enumerate(boxes["mouth"].tolist())]
+    t = [truth[i, t:b, l:r].astype(float) for i, (t, b, l, r) in enumerate(boxes["mouth"].tolist())]
+    r = [reference[t:b, l:r].astype(float) for t, b, l, r in boxes["mouth"].tolist()]
+    assert s["mouth"]["l1_ratio"] == pytest.approx(sum(np.abs(a - b).sum() for a, b in zip(g, t))
+                                                   / sum(np.abs(a - b).sum() for a, b in zip(r, t)))
+    assert s["mouth"]["l1"] == pytest.approx(sum(np.abs(a - b).sum() for a, b in zip(g, t)) / sum(a.size for a in g))
+    gm, tm = np.array([a.mean() for a in g]), np.array([a.mean() for a in t])
+    assert s["mouth"]["correlation"] == pytest.approx(np.corrcoef(gm, tm)[0, 1])
+    lines = []
+    run = SimpleNamespace(log=lambda *msg: lines.append(" ".join(map(str, msg))))
+    frame = dict(ssim=0.9, psnr=30.0)
+    train.print_render_summary(run, "id0", dict(renderer=frame, copy_reference=frame, frames=5, video="v.mp4", **s))
+    printed = {line.split()[0]: line for line in lines[0].splitlines() if " box " in line}
+    assert "ratio 0.000" in printed["eyes"] and "SSIM 1.000" in printed["eyes"] and printed["eyes"].endswith(": met")
+    assert "ratio 1.000" in printed["nose"] and printed["nose"].endswith("NOT met")
+    assert f"speckles {100 * s['nose']['speckle']:4.1f} %" in printed["nose"]
 
 
 def test_feature_boxes_hold_their_projected_landmarks_with_a_margin_and_weigh_their_pixels():
     """A frame's mouth box holds every projected mouth landmark's pixel (iBUG 48-67), widened by a quarter of the
-    mouth's width; the L1 weight is 1, plus 25 inside the mouth box and 25 inside the brows-and-eyes box
-    (iBUG 17-26 and 36-47, widened by a tenth)."""
+    mouth's width; the brows-and-eyes box (iBUG 17-26 and 36-47) is widened by a tenth, the nose's (iBUG 27-35) by a
+    quarter; the L1 weight is 1, plus 25 inside the mouth box and 25 inside the brows-and-eyes box."""
     head = stand_in_flame()
     verts = head.from_motion(torch.zeros(100), torch.zeros(2, 59))
     cam = torch.tensor(render.DEFAULT_CAM)
@@ -3972,6 +4002,8 @@ def test_feature_boxes_hold_their_projected_landmarks_with_a_margin_and_weigh_th
     mouth = train.landmark_box(landmarks[:, 48:68], 256, train.MOUTH_BOX_MARGIN)
     eyes = train.landmark_box(landmarks[:, brows_eyes], 256, train.EYES_BOX_MARGIN)
     assert mouth[0].tolist() == box(list(range(48, 68)), 0.25) and eyes[0].tolist() == box(brows_eyes, 0.1)
+    nose = train.landmark_box(landmarks[:, 27:36], 256, train.NOSE_BOX_MARGIN)
+    assert nose[0].tolist() == box(list(range(27, 36)), 0.25)
     weight = train.box_weight([(mouth, train.MOUTH_WEIGHT), (eyes, train.EYES_WEIGHT)], 256)
     expected = np.ones((256, 256))
     (t, b, l, r), (t2, b2, l2, r2) = box(list(range(48, 68)), 0.25), box(brows_eyes, 0.1)

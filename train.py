@@ -34,7 +34,7 @@ import metrics
 import render
 from audio import SAMPLE_RATE, Wav2Vec2, load_audio, mfcc_at_fps
 from builtin import STAND_IN, builtin_data, flame_record, load_flame, require_head
-from flame import BROW_LANDMARKS, EYE_LANDMARKS, MOUTH_LANDMARKS
+from flame import BROW_LANDMARKS, EYE_LANDMARKS, MOUTH_LANDMARKS, NOSE_LANDMARKS
 from render import RATE_WINDOW, Parser, Progress, run_command
 from unisinger import MotionConfig, MotionCVAE, SongMix, load_checkpoint, motion_losses
 
@@ -46,7 +46,14 @@ ADAM_BETAS = (0.5, 0.999)    # pix2pix's GAN-friendly momentum
 SSIM_BAR, PSNR_BAR = 0.85, 25.0   # learning bars on held-out frames
 MOUTH_BOX_MARGIN = 0.25            # share of the mouth's width added on each side of its landmarks' box
 EYES_BOX_MARGIN = 0.1              # share of the brows-and-eyes width added on each side of theirs
-MOUTH_L1_BAR, MOUTH_CORRELATION_BAR = 0.5, 0.9   # learning bars inside the mouth box (error / copy, brightness)
+NOSE_BOX_MARGIN = 0.25             # share of the nostrils' width added on each side of the nose's box: it then
+                                   # holds the bridge's flanks from between the eyes down to below the nostrils
+SPECKLE_LEVELS = 40                # grey levels, in any channel, from the truth's that make a pixel a speckle
+# learning bars inside each box, the summary's: at most `l1_ratio` of copying the reference's error and `speckle`
+# (share of the box's pixels) speckled, at least `ssim` and `correlation` (of the box's brightness with the truth's)
+BOX_BARS = dict(mouth=dict(l1_ratio=0.5, correlation=0.9),
+                eyes=dict(l1_ratio=0.4, ssim=0.80, speckle=0.02),
+                nose=dict(l1_ratio=0.4, ssim=0.85, speckle=0.02))
 MOUTH_WEIGHT = 25.0                # photometric weight of a mouth-box pixel over 1 elsewhere: the box, ~3.5 % of
                                    # the frame, then carries about a quarter of the photometric loss
 EYES_WEIGHT = 25.0                 # the same for the brows-and-eyes box (~7 % of the frame, half of the loss):
@@ -265,27 +272,28 @@ def verdict(ours, base, deaf):
 # ----------------------------------------------------------------------------- stage 2: render
 # Data: the person's sequences that have a video, every RENDER_FRAME_STRIDE-th frame; each frame's depth input
 # is rendered once from its pickle's FLAME parameters and camera and kept in memory (float16) beside the decoded
-# frame, with the boxes of its projected mouth and brows-and-eyes landmarks. The reference image is the first frame
-# of the person's first training sequence, saved as reference.png for `unisinger.py --image`. The L1 term weighs the
-# mouth box's pixels MOUTH_WEIGHT and the eyes box's EYES_WEIGHT times more (box_weight). best.pt is chosen by validation SSIM; at the end the best generator is
-# scored on the test split against copying the reference, over the whole frame and inside the mouth box
-# (mouth_scores), and a held-out clip is written side by side with its sound.
+# frame, with the boxes of its projected mouth, brows-and-eyes and nose landmarks. The reference image is the first
+# frame of the person's first training sequence, saved as reference.png for `unisinger.py --image`. The L1 term weighs
+# the mouth box's pixels MOUTH_WEIGHT and the eyes box's EYES_WEIGHT times more (box_weight). best.pt is chosen by
+# validation SSIM; at the end the best generator is scored on the test split against copying the reference, over
+# the whole frame and inside the mouth, eyes and nose boxes (box_scores), and a held-out clip is written side by side
+# with its sound.
 
 class PortraitFrames(Dataset):
     """One person's frames with their depth inputs, in memory. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index,
-    mouth and eyes: each frame's mouth box and brows-and-eyes box (top, bottom, left, right) in pixels, bottom and
-    right excluded."""
+    mouth, eyes and nose: each frame's mouth box, brows-and-eyes box and nose box (top, bottom, left, right) in
+    pixels, bottom and right excluded."""
 
-    def __init__(self, depth, frames, index, mouth, eyes):
+    def __init__(self, depth, frames, index, mouth, eyes, nose):
         self.depth, self.frames, self.index = depth, frames, index   # (N,1,H,W) f16, (N,H,W,3) u8, (N,) long
-        self.mouth, self.eyes = mouth, eyes                          # (N, 4) long each
+        self.mouth, self.eyes, self.nose = mouth, eyes, nose         # (N, 4) long each
 
     def __len__(self):
         return len(self.frames)
 
     def __getitem__(self, i):
         return dict(depth=self.depth[i].float(), frame=self.frames[i].permute(2, 0, 1).float() / 127.5 - 1,
-                    index=self.index[i], mouth=self.mouth[i], eyes=self.eyes[i])
+                    index=self.index[i], mouth=self.mouth[i], eyes=self.eyes[i], nose=self.nose[i])
 
 
 def person_sequences(root, split, person):
@@ -301,10 +309,10 @@ def person_sequences(root, split, person):
 @torch.no_grad()
 def portrait_frames(root, seqs, flame, device, size, stride):
     """
-    Every stride-th frame of the sequences, decoded and with its depth input, mouth and eyes boxes rendered.
+    Every stride-th frame of the sequences, decoded and with its depth input, mouth, eyes and nose boxes rendered.
     Returns (PortraitFrames, cams (N, 3) float32, shape (100,) float32 of the first sequence).
     """
-    depth, frames, index, cams, mouth, eyes, shape = [], [], [], [], [], [], None
+    depth, frames, index, cams, mouth, eyes, nose, shape = [], [], [], [], [], [], [], None
     for seq in seqs:
         pkl, mp4 = data.flame_path(root, seq), data.video_path(root, seq)
         params = data.read_flame_pickle(pkl)
@@ -326,10 +334,12 @@ def portrait_frames(root, seqs, flame, device, size, stride):
             mouth.append(landmark_box(landmarks[:, MOUTH_LANDMARKS], size, MOUTH_BOX_MARGIN).cpu())
             brows_eyes = torch.cat([landmarks[:, BROW_LANDMARKS], landmarks[:, EYE_LANDMARKS]], 1)
             eyes.append(landmark_box(brows_eyes, size, EYES_BOX_MARGIN).cpu())
+            nose.append(landmark_box(landmarks[:, NOSE_LANDMARKS], size, NOSE_BOX_MARGIN).cpu())
         frames.append(torch.from_numpy(video[keep.numpy()]))
         index.append(keep)
         cams.append(cam)
-    dataset = PortraitFrames(torch.cat(depth), torch.cat(frames), torch.cat(index), torch.cat(mouth), torch.cat(eyes))
+    dataset = PortraitFrames(torch.cat(depth), torch.cat(frames), torch.cat(index), torch.cat(mouth), torch.cat(eyes),
+                             torch.cat(nose))
     return dataset, torch.cat(cams).numpy(), shape
 
 
@@ -344,24 +354,38 @@ def landmark_box(points, size, margin):
     return box.round().clamp(0, size).long()
 
 
-def mouth_scores(generated, truth, reference, boxes):
+def box_scores(generated, truth, reference, boxes):
     """
-    The mouth judged inside each frame's box: uint8 (N, H, W, 3) generated and true frames, the reference (H, W, 3),
-    boxes (N, 4). l1_ratio: mean absolute error of the generated mouth over that of copying the reference (< 1 is
-    closer to the truth than the reference is); correlation: Pearson's, over the frames, of the box's mean brightness
-    in the generated and the true frames (the mouth opening and closing in step with the truth).
+    One feature judged inside each frame's box: uint8 (N, H, W, 3) generated and true frames, the reference (H, W, 3),
+    boxes (N, 4). Errors are pooled over every box pixel of every frame. l1: mean absolute error in grey levels;
+    l1_ratio: that over copying the reference's (< 1 is closer to the truth than the reference is); ssim: mean over
+    the frames of the box's SSIM (metrics.ssim of the crops), copy_ssim the reference's; speckle: share of the box's
+    pixels more than SPECKLE_LEVELS from the truth in some channel; correlation: Pearson's, over the frames, of the
+    box's mean brightness in the generated and the true frames (a mouth opening and closing in step with the truth).
     """
-    error, copy_error, pixels, light, true_light = 0.0, 0.0, 0, [], []
+    error, copy_error, speckles, pixels, ssim, copy_ssim, light, true_light = 0.0, 0.0, 0, 0, [], [], [], []
     for gen, true, (top, bottom, left, right) in zip(generated, truth, boxes.tolist()):
-        g, t = (x[top:bottom, left:right].astype(np.float64) for x in (gen, true))
+        g, t, r = (x[top:bottom, left:right].astype(np.float64) for x in (gen, true, reference))
         error += np.abs(g - t).sum()
-        copy_error += np.abs(reference[top:bottom, left:right].astype(np.float64) - t).sum()
-        pixels += g.size
+        copy_error += np.abs(r - t).sum()
+        speckles += int((np.abs(g - t).max(-1) > SPECKLE_LEVELS).sum())
+        pixels += g.shape[0] * g.shape[1]
+        ssim.append(metrics.ssim(g, t))
+        copy_ssim.append(metrics.ssim(r, t))
         light.append(g.mean())
         true_light.append(t.mean())
     correlation = float(np.corrcoef(light, true_light)[0, 1]) if len(light) > 1 and np.std(light) > 0 else 0.0
-    return dict(l1=error / pixels, copy_l1=copy_error / pixels, l1_ratio=error / max(copy_error, 1e-9),
+    error, copy_error = float(error), float(copy_error)      # plain floats: checkpoints hold no numpy scalars
+    return dict(l1=error / (3 * pixels), copy_l1=copy_error / (3 * pixels), l1_ratio=error / max(copy_error, 1e-9),
+                ssim=float(np.mean(ssim)), copy_ssim=float(np.mean(copy_ssim)), speckle=speckles / pixels,
                 correlation=correlation)
+
+
+def bars_met(scores, bars):
+    """Whether box_scores' figures meet a BOX_BARS entry: ratio and speckle share at most, SSIM and correlation at
+    least, their bars."""
+    at_most = ("l1_ratio", "speckle")
+    return all(scores[k] <= bar if k in at_most else scores[k] >= bar for k, bar in bars.items())
 
 
 def box_weight(boxes, size):
@@ -475,8 +499,11 @@ def train_render(args, run):
                 log_progress(run, progress, epoch, losses)
         generated = render_dataset(generator, val_set, reference, run.device, run)
         val = frame_scores(generated, val_set.frames.numpy())
+        for box in BOX_BARS:
+            val[box] = box_scores(generated, val_set.frames.numpy(), reference_u8, getattr(val_set, box))["l1_ratio"]
         history.append(dict(train={k: v / n_batches for k, v in sums.items()}, val=val))
-        run.log(f"epoch {epoch} validation | SSIM {val['ssim']:.4f} | PSNR {val['psnr']:.2f} dB")
+        run.log(f"epoch {epoch} validation | SSIM {val['ssim']:.4f} | PSNR {val['psnr']:.2f} dB | error / copying's "
+                f"in the boxes: " + ", ".join(f"{box} {val[box]:.3f}" for box in BOX_BARS))
         if run.main:
             with render.atomic_output(run.out / f"samples_{epoch:03d}.png") as tmp:
                 imageio.imwrite(tmp, sample_grid(val_set, generated))
@@ -499,7 +526,8 @@ def train_render(args, run):
 
 def render_summary(generator, root, person, flame, reference_u8, size, run):
     """The best generator on the person's test split against copying the reference, over the whole frame and
-    inside the mouth box, and a held-out clip written side by side with its sound; printed and returned."""
+    inside the mouth, eyes and nose boxes, and a held-out clip written side by side with its sound; printed and
+    returned."""
     reference = render.image_tensor(reference_u8, size).to(run.device)
     test_seqs = person_sequences(root, "test", person)
     test_set, _, _ = portrait_frames(root, test_seqs, flame, run.device, size, RENDER_FRAME_STRIDE)
@@ -509,8 +537,8 @@ def render_summary(generator, root, person, flame, reference_u8, size, run):
     write_test_video(generator, root, test_seqs[0], flame, reference, size, video, run)
     summary = dict(renderer=frame_scores(generated, truth),
                    copy_reference=frame_scores(np.repeat(reference_u8[None], len(truth), 0), truth),
-                   mouth=mouth_scores(generated, truth, reference_u8, test_set.mouth), video=str(video),
-                   frames=len(test_set))
+                   video=str(video), frames=len(test_set),
+                   **{box: box_scores(generated, truth, reference_u8, getattr(test_set, box)) for box in BOX_BARS})
     print_render_summary(run, person, summary)
     return summary
 
@@ -561,20 +589,27 @@ def write_test_video(generator, root, seq, flame, reference, size, path, run):
 
 
 def print_render_summary(run, person, s):
-    ours, copy, mouth = s["renderer"], s["copy_reference"], s["mouth"]
+    ours, copy = s["renderer"], s["copy_reference"]
     met = ours["ssim"] >= SSIM_BAR and ours["psnr"] >= PSNR_BAR
-    mouth_met = mouth["l1_ratio"] <= MOUTH_L1_BAR and mouth["correlation"] >= MOUTH_CORRELATION_BAR
-    run.log(f"render summary of best.pt: person {person}, {s['frames']} held-out test frames "
-            f"(1 in {RENDER_FRAME_STRIDE})\n"
-            f"  face renderer   SSIM {ours['ssim']:.4f}   PSNR {ours['psnr']:.2f} dB\n"
-            f"  copy reference  SSIM {copy['ssim']:.4f}   PSNR {copy['psnr']:.2f} dB\n"
-            f"  renderer - copy SSIM {ours['ssim'] - copy['ssim']:+.4f}   PSNR {ours['psnr'] - copy['psnr']:+.2f} dB\n"
-            f"  bars SSIM >= {SSIM_BAR} and PSNR >= {PSNR_BAR} dB: {'met' if met else 'NOT met'}\n"
-            f"  mouth box       L1 {mouth['l1']:.2f} grey levels, copying the reference {mouth['copy_l1']:.2f}: "
-            f"ratio {mouth['l1_ratio']:.3f}; brightness correlation with the truth {mouth['correlation']:.3f}\n"
-            f"  mouth bars ratio <= {MOUTH_L1_BAR} and correlation >= {MOUTH_CORRELATION_BAR}: "
-            f"{'met' if mouth_met else 'NOT met'}\n"
-            f"  side by side (depth | generated | truth, with sound): {s['video']}")
+    names = dict(l1_ratio="ratio", ssim="SSIM", speckle="speckles", correlation="correlation")
+    lines = [f"render summary of best.pt: person {person}, {s['frames']} held-out test frames "
+             f"(1 in {RENDER_FRAME_STRIDE})",
+             f"  face renderer   SSIM {ours['ssim']:.4f}   PSNR {ours['psnr']:.2f} dB",
+             f"  copy reference  SSIM {copy['ssim']:.4f}   PSNR {copy['psnr']:.2f} dB",
+             f"  renderer - copy SSIM {ours['ssim'] - copy['ssim']:+.4f}   PSNR {ours['psnr'] - copy['psnr']:+.2f} dB",
+             f"  bars SSIM >= {SSIM_BAR} and PSNR >= {PSNR_BAR} dB: {'met' if met else 'NOT met'}",
+             "  inside the boxes: L1 in grey levels (copying the reference's), its ratio to copying's, SSIM "
+             f"(copying's), speckles (pixels > {SPECKLE_LEVELS} grey levels off), brightness correlation with the truth"]
+    for box, bars in BOX_BARS.items():
+        b = s[box]
+        wanted = ", ".join(f"{names[k]} {'<=' if k in ('l1_ratio', 'speckle') else '>='} "
+                           + (f"{100 * bar:g} %" if k == "speckle" else f"{bar:g}") for k, bar in bars.items())
+        lines.append(f"  {box + ' box':<9} L1 {b['l1']:5.2f} ({b['copy_l1']:5.2f})  ratio {b['l1_ratio']:.3f}  "
+                     f"SSIM {b['ssim']:.3f} ({b['copy_ssim']:.3f})  speckles {100 * b['speckle']:4.1f} %  "
+                     f"correlation {b['correlation']:.3f} | bars {wanted}: "
+                     f"{'met' if bars_met(b, bars) else 'NOT met'}")
+    lines.append(f"  side by side (depth | generated | truth, with sound): {s['video']}")
+    run.log("\n".join(lines))
 
 
 # ----------------------------------------------------------------------------- runs, checkpoints, resume, and the
