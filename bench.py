@@ -697,16 +697,20 @@ SONG_SECONDS = (3, 60)      # portrait_video lengths whose peak memory is compar
 def renderer_seconds_per_frame(preset, device="cpu", batch=STAGE_BATCH):
     """Seconds a frame for FLAME -> depth -> FaceRenderer at 256², batch frames at a time, best of STAGE_REPEATS."""
     flame = stand_in_flame().to(device)
-    generator = render.FaceRenderer(render.RendererConfig.preset(preset).channels).to(device).eval()
+    cfg = render.RendererConfig.preset(preset)
+    generator = render.FaceRenderer(cfg.channels, cfg.warp).to(device).eval()
     motion = torch.zeros(batch, MOTION_DIM, device=device)
     reference = torch.zeros(batch, 3, render.IMAGE_SIZE, render.IMAGE_SIZE, device=device)
     shape = torch.zeros(N_SHAPE, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    cam = torch.tensor(render.DEFAULT_CAM, device=device)
 
-    def one_batch():        # as portrait_video: meshes and depth in float32, the renderer in bf16 on a GPU
-        depth = render.render_depth(flame.from_motion(shape, motion), flame.faces)
+    def one_batch():        # as portrait_video: meshes, depth and warp in float32, the renderer in bf16 on a GPU
+        verts = flame.from_motion(shape, motion)
+        depth = render.render_depth(verts, flame.faces, cam)
+        flow = render.reference_flow(verts, flame.faces, cam, verts[0], cam) if cfg.warp else None
         with autocast:
-            generator(depth, reference, torch.arange(batch, device=device))
+            generator(depth, reference, torch.arange(batch, device=device), flow)
 
     (seconds,), _ = best_times([one_batch], device, 1, STAGE_REPEATS)
     return seconds / batch
@@ -716,8 +720,9 @@ def untrained_checkpoint(folder):
     """A tiny renderer checkpoint and a reference image: memory and speed do not depend on the weights."""
     cfg = render.RendererConfig.preset("tiny")
     ckpt, image = Path(folder) / "renderer.pt", Path(folder) / "reference.png"
-    torch.save(dict(generator=render.FaceRenderer(cfg.channels).state_dict(), renderer_config=asdict(cfg),
-                    cam=list(render.DEFAULT_CAM)), ckpt)
+    torch.save(dict(generator=render.FaceRenderer(cfg.channels, cfg.warp).state_dict(), renderer_config=asdict(cfg),
+                    cam=list(render.DEFAULT_CAM), reference_motion=torch.zeros(MOTION_DIM),
+                    reference_cam=torch.tensor(render.DEFAULT_CAM), shape=torch.zeros(N_SHAPE)), ckpt)
     imageio.imwrite(image, np.full((render.IMAGE_SIZE, render.IMAGE_SIZE, 3), 128, np.uint8))
     return ckpt, image
 

@@ -555,6 +555,38 @@ def render_depth(verts, faces, cam=DEFAULT_CAM, size=IMAGE_SIZE):
     return depth_to_image(depth)
 
 
+def reference_flow(verts, faces, cam, reference_verts, reference_cam, size=IMAGE_SIZE):
+    """
+    Where each pixel's point of the head lies in the reference frame: FLAME vertices (B, V, 3) metres under cam
+    (B, 3) or (3,), the reference frame's vertices (V, 3) under reference_cam (3,) -> (B, 2, H, W), x then y in
+    grid_sample's units (2 is the image's width or height, y downward), the offset from the pixel's own centre to
+    the same surface point in the reference; 0 off the head. warp_image(reference, flow) moves the reference there.
+    """
+    projected = project(verts, cam)
+    _, face_id = rasterize(projected, faces, size)
+    there = project(reference_verts, reference_cam)[..., :2]                             # (V, 2), y upward
+    there = interpolate(projected, faces, face_id, there.reshape(-1, 2))                  # (B, H, W, 2)
+    here = pixel_grid(face_id.shape[-2:], verts.device)                                   # (H, W, 2), y downward
+    flow = torch.stack([there[..., 0], -there[..., 1]], -1) - here
+    return torch.where((face_id >= 0)[..., None], flow, torch.zeros_like(flow)).permute(0, 3, 1, 2)
+
+
+def pixel_grid(size, device=None):
+    """The pixels' centres in grid_sample's units (align_corners=False): (H, W, 2), x then y, y downward."""
+    height, width = _image_size(size)
+    rows = (torch.arange(height, device=device) * 2 + 1) / height - 1
+    columns = (torch.arange(width, device=device) * 2 + 1) / width - 1
+    return torch.stack([columns[None].expand(height, -1), rows[:, None].expand(-1, width)], -1)
+
+
+def warp_image(image, flow):
+    """image (B, C, H, W) sampled bilinearly at each pixel's centre moved by flow (B, 2, H, W) (reference_flow's
+    units); outside the image the border repeats."""
+    grid = pixel_grid(image.shape[-2:], image.device) + flow.float().permute(0, 2, 3, 1)
+    return torch.nn.functional.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border",
+                                           align_corners=False)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Face renderer (the paper's, section IV-B): depth + reference image + temporal encoding -> portrait frame
 
@@ -625,28 +657,49 @@ class FaceRenderer(torch.nn.Module):
     halve it, so the levels sit at 256², 128², ..., 2² with ENCODER_CHANNELS. Decoder: 7 residual up blocks
     mirroring the 7 halvings (the 2² level is the bottleneck), each joined by the encoder level of its
     resolution, back to 64 channels at 256²; a 3x3 conv and tanh give RGB in [-1, 1].
+    warp=True (our addition): the reference image moved by the FLAME meshes' correspondence (reference_flow) is
+    three more input channels, and a fourth output channel is a mask that mixes it with the generated colours, as
+    few-shot vid2vid mixes its warped reference: eyes, brows and skin come from the reference, moved into place,
+    and the UNet draws what the reference cannot show (the open mouth).
     Input sides must be multiples of 128 (256 is the trained size).
     """
 
-    def __init__(self, channels=ENCODER_CHANNELS):
+    def __init__(self, channels=ENCODER_CHANNELS, warp=False):
         super().__init__()
-        ins = (RENDERER_IN_CHANNELS,) + tuple(channels[:-1])
+        self.warp = warp
+        ins = (RENDERER_IN_CHANNELS + (3 if warp else 0),) + tuple(channels[:-1])
         self.down = torch.nn.ModuleList(
             ResidualBlock(i, o, 1 if level == 0 else 2) for level, (i, o) in enumerate(zip(ins, channels)))
         self.up = torch.nn.ModuleList(
             UpBlock(channels[level + 1], channels[level], channels[level]) for level in reversed(range(len(channels) - 1)))
-        self.to_rgb = torch.nn.Conv2d(channels[0], 3, 3, 1, 1)
+        self.to_rgb = torch.nn.Conv2d(channels[0], 4 if warp else 3, 3, 1, 1)
 
-    def forward(self, depth, reference, frame_index):
-        """depth (B,1,H,W) in [0,1], reference (B,3,H,W) in [-1,1], frame_index (B,) -> (B,3,H,W) in [-1,1]."""
+    def forward(self, depth, reference, frame_index, flow=None, parts=False):
+        """
+        depth (B,1,H,W) in [0,1], reference (B,3,H,W) in [-1,1], frame_index (B,), flow (B,2,H,W) from
+        reference_flow (a warping renderer needs it) -> (B,3,H,W) in [-1,1]; parts=True returns (frame, the
+        warped reference or None).
+        """
         x = renderer_input(depth, reference, frame_index)
+        warped = None
+        if self.warp:
+            if flow is None:
+                raise ValueError("FaceRenderer: this renderer warps the reference; give it reference_flow's flow")
+            warped = warp_image(reference, flow)
+            x = torch.cat([x, warped.to(x)], 1)
         skips = []
         for block in self.down:
             x = block(x)
             skips.append(x)
         for block, skip in zip(self.up, reversed(skips[:-1])):
             x = block(x, skip)
-        return torch.tanh(self.to_rgb(x))
+        out = self.to_rgb(x)
+        if warped is None:
+            frame = torch.tanh(out)
+        else:
+            mask = torch.sigmoid(out[:, 3:].float())
+            frame = mask * warped + (1 - mask) * torch.tanh(out[:, :3].float())
+        return (frame, warped) if parts else frame
 
 
 def renderer_input(depth, reference, frame_index):
@@ -804,13 +857,14 @@ TINY_DIVISOR = 8        # the tiny preset's widths are the paper's divided by th
 @dataclass
 class RendererConfig:
     """
-    Widths of the face renderer and its discriminator. Presets: 'paper' is the paper's (58.6 M generator
-    parameters, for GPUs); 'tiny' keeps the same 8 levels and layout at 1/TINY_DIVISOR of the widths, which
-    trains on two CPU cores in minutes.
+    Widths of the face renderer and its discriminator, and whether it warps the reference. Presets: 'paper' is
+    the paper's (58.6 M generator parameters, for GPUs); 'tiny' keeps the same 8 levels and layout at
+    1/TINY_DIVISOR of the widths, which trains on two CPU cores in minutes, and warps the reference.
     """
     channels: tuple = ENCODER_CHANNELS
     discriminator_channels: tuple = DISCRIMINATOR_CHANNELS
     image_size: int = IMAGE_SIZE          # pixels a side; a multiple of 128 (the 8 levels halve it 7 times)
+    warp: bool = False                    # FaceRenderer's mesh-guided warp of the reference (ours; not the paper's)
 
     @classmethod
     def preset(cls, name):
@@ -822,7 +876,7 @@ class RendererConfig:
 RENDERER_PRESETS = dict(
     paper=RendererConfig(),
     tiny=RendererConfig(tuple(c // TINY_DIVISOR for c in ENCODER_CHANNELS),
-                        tuple(c // TINY_DIVISOR for c in DISCRIMINATOR_CHANNELS)))
+                        tuple(c // TINY_DIVISOR for c in DISCRIMINATOR_CHANNELS), warp=True))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -899,6 +953,7 @@ class TrainedRenderer:
     cam: tuple                    # the person's camera [scale, tx, ty] in training
     flame_record: dict            # the head its depth inputs came from: {'flame': file, 'flame_sha256'}
     source: str                   # the checkpoint file
+    reference: dict = None        # a warping renderer's reference head: motion (59,), cam (3,), shape (100,) tensors
 
 
 def load_renderer(path, device="cpu"):
@@ -911,13 +966,22 @@ def load_renderer(path, device="cpu"):
         raise ValueError(f"{path}: not a face renderer checkpoint (no 'generator' / 'renderer_config')")
     try:
         config = RendererConfig(**ckpt["renderer_config"])
-        generator = FaceRenderer(config.channels).to(device)
+        generator = FaceRenderer(config.channels, config.warp).to(device)
         generator.load_state_dict(ckpt["generator"])
     except (TypeError, ValueError, RuntimeError) as e:      # a damaged config or weights that do not fit it
         raise ValueError(f"{path}: not a usable face renderer checkpoint ({str(e).strip().splitlines()[0]})") from None
     record = dict(flame=ckpt.get("flame"), flame_sha256=ckpt.get("flame_sha256"))
+    reference = None
+    if config.warp:
+        reference = dict(motion=ckpt.get("reference_motion"), cam=ckpt.get("reference_cam"), shape=ckpt.get("shape"))
+        sizes = dict(motion=59, cam=3, shape=100)
+        bad = [k for k, v in reference.items() if not isinstance(v, torch.Tensor) or v.shape != (sizes[k],)]
+        if bad:
+            raise ValueError(f"{path}: a warping face renderer without its reference head ({', '.join(bad)} missing "
+                             f"or of the wrong size)")
+        reference = {k: v.float() for k, v in reference.items()}
     return TrainedRenderer(generator.eval(), config, tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM)), record,
-                           str(path))
+                           str(path), reference)
 
 
 def _file_mode():

@@ -59,6 +59,8 @@ MOUTH_WEIGHT = 25.0                # photometric weight of a mouth-box pixel ove
 EYES_WEIGHT = 25.0                 # the same for the brows-and-eyes box (~7 % of the frame, half of the loss):
                                    # small, sharp and moving with the head, the eyes otherwise come out as the
                                    # discriminator's speckles
+NOSE_WEIGHT = 25.0                 # the same for the nose box (~3 % of the frame): its bridge otherwise carries
+                                   # colour fringes
 VGG_URL = "https://download.pytorch.org/models/vgg19-dcbfe0e4.pth"
 SUMMARY_SAMPLES = 10       # samples per test clip in the closing summary (the paper's n)
 LOCK_FILE = "train.lock"   # in --out, flock-ed by the run writing there; the kernel drops it when that run dies
@@ -282,18 +284,20 @@ def verdict(ours, base, deaf):
 class PortraitFrames(Dataset):
     """One person's frames with their depth inputs, in memory. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index,
     mouth, eyes and nose: each frame's mouth box, brows-and-eyes box and nose box (top, bottom, left, right) in
-    pixels, bottom and right excluded."""
+    pixels, bottom and right excluded; flow (2,H,W), the reference's warp (render.reference_flow), when given."""
 
-    def __init__(self, depth, frames, index, mouth, eyes, nose):
+    def __init__(self, depth, frames, index, mouth, eyes, nose, flow=None):
         self.depth, self.frames, self.index = depth, frames, index   # (N,1,H,W) f16, (N,H,W,3) u8, (N,) long
         self.mouth, self.eyes, self.nose = mouth, eyes, nose         # (N, 4) long each
+        self.flow = flow                                             # (N,2,H,W) f16 or None
 
     def __len__(self):
         return len(self.frames)
 
     def __getitem__(self, i):
-        return dict(depth=self.depth[i].float(), frame=self.frames[i].permute(2, 0, 1).float() / 127.5 - 1,
+        item = dict(depth=self.depth[i].float(), frame=self.frames[i].permute(2, 0, 1).float() / 127.5 - 1,
                     index=self.index[i], mouth=self.mouth[i], eyes=self.eyes[i], nose=self.nose[i])
+        return item if self.flow is None else dict(item, flow=self.flow[i].float())
 
 
 def person_sequences(root, split, person):
@@ -307,12 +311,13 @@ def person_sequences(root, split, person):
 
 
 @torch.no_grad()
-def portrait_frames(root, seqs, flame, device, size, stride):
+def portrait_frames(root, seqs, flame, device, size, stride, reference=None):
     """
-    Every stride-th frame of the sequences, decoded and with its depth input, mouth, eyes and nose boxes rendered.
+    Every stride-th frame of the sequences, decoded and with its depth input, mouth, eyes and nose boxes rendered,
+    and with reference (reference_pose's) the reference's warp into it.
     Returns (PortraitFrames, cams (N, 3) float32, shape (100,) float32 of the first sequence).
     """
-    depth, frames, index, cams, mouth, eyes, nose, shape = [], [], [], [], [], [], [], None
+    depth, frames, index, cams, mouth, eyes, nose, flow, shape = [], [], [], [], [], [], [], [], None
     for seq in seqs:
         pkl, mp4 = data.flame_path(root, seq), data.video_path(root, seq)
         params = data.read_flame_pickle(pkl)
@@ -335,11 +340,14 @@ def portrait_frames(root, seqs, flame, device, size, stride):
             brows_eyes = torch.cat([landmarks[:, BROW_LANDMARKS], landmarks[:, EYE_LANDMARKS]], 1)
             eyes.append(landmark_box(brows_eyes, size, EYES_BOX_MARGIN).cpu())
             nose.append(landmark_box(landmarks[:, NOSE_LANDMARKS], size, NOSE_BOX_MARGIN).cpu())
+            if reference is not None:
+                flow.append(render.reference_flow(verts, flame.faces, frame_cam, reference["verts"].to(device),
+                                                  reference["cam"].to(device), size).half().cpu())
         frames.append(torch.from_numpy(video[keep.numpy()]))
         index.append(keep)
         cams.append(cam)
     dataset = PortraitFrames(torch.cat(depth), torch.cat(frames), torch.cat(index), torch.cat(mouth), torch.cat(eyes),
-                             torch.cat(nose))
+                             torch.cat(nose), torch.cat(flow) if flow else None)
     return dataset, torch.cat(cams).numpy(), shape
 
 
@@ -352,6 +360,23 @@ def landmark_box(points, size, margin):
     box = torch.stack([row.amin(1) - margin, row.amax(1) + margin + 1, column.amin(1) - margin,
                        column.amax(1) + margin + 1], 1)
     return box.round().clamp(0, size).long()
+
+
+def reference_pose(root, seq, flame):
+    """The reference image's head, frame 0 of seq: dict of motion (59,), cam (3,), shape (100,) and verts (V, 3)."""
+    params = data.read_flame_pickle(data.flame_path(root, seq))
+    cam = params["cam"][0] if params["cam"] is not None else render.DEFAULT_CAM
+    pose = dict(motion=torch.from_numpy(params["motion"][0]), cam=torch.as_tensor(np.asarray(cam, dtype=np.float32)),
+                shape=torch.from_numpy(params["shape"]))
+    with torch.no_grad():
+        device = flame.faces.device
+        pose["verts"] = flame.from_motion(pose["shape"].to(device), pose["motion"].to(device)).cpu()
+    return pose
+
+
+def reference_record(pose):
+    """What a checkpoint keeps of reference_pose's head (nothing without one): portrait_video warps with it."""
+    return {} if pose is None else dict(reference_motion=pose["motion"], reference_cam=pose["cam"])
 
 
 def box_scores(generated, truth, reference, boxes):
@@ -412,7 +437,8 @@ def render_dataset(generator, dataset, reference, device, run):
         depth = dataset.depth[lo:lo + EVAL_BATCH].float().to(device)
         with run.autocast():
             index = dataset.index[lo:lo + EVAL_BATCH].to(device)
-            fake = generator(depth, reference.expand(len(depth), -1, -1, -1), index)
+            flow = None if dataset.flow is None else dataset.flow[lo:lo + EVAL_BATCH].float().to(device)
+            fake = generator(depth, reference.expand(len(depth), -1, -1, -1), index, flow)
         out.append(render.to_uint8(fake).cpu())
     generator.train()
     return torch.cat(out).numpy()
@@ -450,9 +476,12 @@ def train_render(args, run):
     vgg = load_vgg(args, run)
     flame = load_flame(args.flame).to(run.device)
 
+    # the reference image's head, whose surface the warping renderer moves into each frame
+    ref_pose = reference_pose(root, person_sequences(root, "train", args.person)[0], flame) if cfg.warp else None
+
     def split_frames(split):
         return portrait_frames(root, person_sequences(root, split, args.person), flame, run.device, cfg.image_size,
-                               RENDER_FRAME_STRIDE)
+                               RENDER_FRAME_STRIDE, ref_pose)
 
     train_set, cams, shape = split_frames("train")
     val_set, _, _ = split_frames("val")
@@ -463,7 +492,7 @@ def train_render(args, run):
         with render.atomic_output(run.out / "reference.png") as tmp:
             imageio.imwrite(tmp, reference_u8)
 
-    generator = render.FaceRenderer(cfg.channels).to(run.device)
+    generator = render.FaceRenderer(cfg.channels, cfg.warp).to(run.device)
     discriminator = render.PatchDiscriminator(channels=cfg.discriminator_channels).to(run.device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr, betas=ADAM_BETAS)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr, betas=ADAM_BETAS)
@@ -510,7 +539,7 @@ def train_render(args, run):
         improved = val["ssim"] > best
         best = max(best, val["ssim"])
         save_epoch(run, stateful, improved, renderer_config=asdict(cfg), epoch=epoch, step=step, best=best,
-                   cam=cam.tolist(), shape=torch.as_tensor(shape), person=args.person,
+                   cam=cam.tolist(), shape=torch.as_tensor(shape), person=args.person, **reference_record(ref_pose),
                    reference=torch.from_numpy(reference_u8), val=val, **head)
     run.log(f"render stage done: wrote {run.out / 'best.pt'} (the epoch with the highest validation SSIM, "
             f"{best:.4f}), {run.out / 'last.pt'} (epoch {args.epochs - 1}), the reference image "
@@ -520,19 +549,20 @@ def train_render(args, run):
     summary = None
     if run.main and args.summary and (run.out / "best.pt").is_file():
         generator.load_state_dict(render.read_checkpoint(run.out / "best.pt", run.device)["generator"])
-        summary = render_summary(generator, root, args.person, flame, reference_u8, cfg.image_size, run)
+        summary = render_summary(generator, root, args.person, flame, (reference_u8, ref_pose), cfg.image_size, run)
     return dict(history=history, summary=summary)
 
 
-def render_summary(generator, root, person, flame, reference_u8, size, run):
-    """The best generator on the person's test split against copying the reference, over the whole frame and
-    inside the mouth, eyes and nose boxes, and a held-out clip written side by side with its sound; printed and
-    returned."""
-    reference = render.image_tensor(reference_u8, size).to(run.device)
+def render_summary(generator, root, person, flame, reference, size, run):
+    """The best generator on the person's test split against copying the reference (reference: the image, uint8
+    (H, W, 3), and its reference_pose or None), over the whole frame and inside the mouth, eyes and nose boxes, and a
+    held-out clip written side by side with its sound; printed and returned."""
+    reference_u8, ref_pose = reference
     test_seqs = person_sequences(root, "test", person)
-    test_set, _, _ = portrait_frames(root, test_seqs, flame, run.device, size, RENDER_FRAME_STRIDE)
+    test_set, _, _ = portrait_frames(root, test_seqs, flame, run.device, size, RENDER_FRAME_STRIDE, ref_pose)
     truth = test_set.frames.numpy()
-    generated = render_dataset(generator, test_set, reference, run.device, run)
+    generated = render_dataset(generator, test_set, render.image_tensor(reference_u8, size).to(run.device),
+                               run.device, run)
     video = run.out / f"test_{test_seqs[0]}.mp4"
     write_test_video(generator, root, test_seqs[0], flame, reference, size, video, run)
     summary = dict(renderer=frame_scores(generated, truth),
@@ -557,17 +587,19 @@ class GanStep:
     grad_clip: float
 
     def __call__(self, batch, run):
-        depth, real, index, mouth, eyes = (batch[k].to(run.device) for k in ("depth", "frame", "index", "mouth", "eyes"))
+        depth, real, index, mouth, eyes, nose = (batch[k].to(run.device)
+                                                 for k in ("depth", "frame", "index", "mouth", "eyes", "nose"))
+        flow = batch["flow"].to(run.device) if "flow" in batch else None
         ref = self.reference.expand(len(depth), -1, -1, -1)
         with run.autocast():
-            fake = self.net_g(depth, ref, index)
+            fake = self.net_g(depth, ref, index, flow)
             condition = render.renderer_input(depth, ref, index)
             loss_d = render.discriminator_loss(self.net_d, condition, fake, real)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()
         with run.autocast():
-            pixel_weight = box_weight([(mouth, MOUTH_WEIGHT), (eyes, EYES_WEIGHT)], real.shape[-1])
+            pixel_weight = box_weight([(mouth, MOUTH_WEIGHT), (eyes, EYES_WEIGHT), (nose, NOSE_WEIGHT)], real.shape[-1])
             loss_g, parts = render.generator_loss(self.discriminator, condition, fake, real, self.vgg,
                                                   render.RendererLossWeights(), pixel_weight)
         self.opt_g.zero_grad(set_to_none=True)
@@ -579,9 +611,11 @@ class GanStep:
 
 @torch.no_grad()
 def write_test_video(generator, root, seq, flame, reference, size, path, run):
-    """Every frame of a held-out sequence side by side, depth | generated | truth, with its voice and music."""
-    clip, _, _ = portrait_frames(root, [seq], flame, run.device, size, 1)
-    generated = render_dataset(generator, clip, reference, run.device, run)
+    """Every frame of a held-out sequence side by side, depth | generated | truth, with its voice and music
+    (reference: render_summary's)."""
+    reference_u8, ref_pose = reference
+    clip, _, _ = portrait_frames(root, [seq], flame, run.device, size, 1, ref_pose)
+    generated = render_dataset(generator, clip, render.image_tensor(reference_u8, size).to(run.device), run.device, run)
     depth = render.to_uint8(clip.depth.float()).numpy()                                # (T, H, W, 3)
     sound = SongMix(load_audio(data.audio_path(root, seq), SAMPLE_RATE),
                     load_audio(data.bgm_path(root, seq), SAMPLE_RATE))

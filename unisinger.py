@@ -44,7 +44,7 @@ from data import CLIP_FRAMES, clip_samples, fit_length, song_frames, write_flame
 from flame import EXPRESSION, HEAD_POSE, JAW_POSE, MM_PER_M, MOTION_DIM, N_SHAPE, save_glb
 from render import (AUDIO_BLOCK, BACKGROUND_RGB, PREVIEW_BATCH, PREVIEW_CAM, PREVIEW_PRESET, PREVIEW_SIZE, Parser,
                     Progress, VideoWriter, atomic_output, load_reference, load_renderer, project, read_checkpoint,
-                    render_depth, render_preview, run_command, shade, to_uint8, write_wav)
+                    reference_flow, render_depth, render_preview, run_command, shade, to_uint8, write_wav)
 
 RENDER_BATCH = 16                           # frames rasterized and rendered at once: memory flat for any song
 PPE_PERIOD = 30                             # periodic positional encoding repeats every second
@@ -539,13 +539,14 @@ def stream_summary(stats, realtime):
 # ----------------------------------------------------------------------------- portrait video
 
 @torch.no_grad()
-def portrait_video(trained, image_path, flame, shape, motion, out_path, audio=None, progress=False):
+def portrait_video(trained, image_path, flame, shape, motion, out_path, audio=None, progress=False, cam=None):
     """
     The singing portrait: motion (T, 59) with shape (100,) -> FLAME meshes -> depth with the renderer's
-    camera -> FaceRenderer frames (trained: render.load_renderer's, on its device), RENDER_BATCH frames at a
-    time, streamed into out_path (mp4, audio float32 (N,) muxed in when given) and the depth video into
-    depth.mp4 beside it. Memory does not grow with T. Frame t gets temporal index t. progress=True prints
-    progress lines. Returns out_path as a Path.
+    camera (and, for a warping renderer, the reference's warp into each frame) -> FaceRenderer frames (trained:
+    render.load_renderer's, on its device), RENDER_BATCH frames at a time, streamed into out_path (mp4, audio
+    float32 (N,) muxed in when given) and the depth video into depth.mp4 beside it. Memory does not grow with T.
+    Frame t gets temporal index t. progress=True prints progress lines. cam: (3,) or per frame (T, 3) [scale, tx,
+    ty] in place of the renderer's camera (a tracked clip's own, to film it again). Returns out_path as a Path.
     """
     out_path = Path(out_path)
     if trained.flame_record["flame_sha256"] != flame.sha256:          # depth of another head than it learnt from
@@ -559,17 +560,27 @@ def portrait_video(trained, image_path, flame, shape, motion, out_path, audio=No
         raise ValueError(f"{out_path}: motion must be (frames, {MOTION_DIM}), got {tuple(motion.shape)}")
     shape = torch.as_tensor(np.asarray(shape), dtype=torch.float32, device=device)
     flame = copy.deepcopy(flame).to(device)  # leave the caller's model where it was
-    cam = torch.tensor(trained.cam, device=device)
+    cam = torch.as_tensor(np.asarray(trained.cam if cam is None else cam), dtype=torch.float32, device=device)
+    if cam.shape not in ((3,), (len(motion), 3)):
+        raise ValueError(f"{out_path}: cam must be (3,) or ({len(motion)}, 3), got {tuple(cam.shape)}")
+    reference_head = None                # a warping renderer's reference frame: its vertices and camera
+    if trained.reference is not None:
+        head = {k: v.to(device) for k, v in trained.reference.items()}
+        reference_head = (flame.from_motion(head["shape"], head["motion"]), head["cam"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     frames_done = Progress(len(motion), "frame", lines=PROGRESS_LINES)
     with VideoWriter(out_path, size, FPS, audio) as video, VideoWriter(out_path.with_name("depth.mp4"), size, FPS,
                                                                         audio) as depth_video:
         for start in range(0, len(motion), RENDER_BATCH):
             chunk = motion[start:start + RENDER_BATCH].to(device)                          # (b, 59)
-            depth = render_depth(flame.from_motion(shape, chunk), flame.faces, cam, size)  # (b, 1, H, W)
+            chunk_cam = cam if cam.dim() == 1 else cam[start:start + RENDER_BATCH]
+            verts = flame.from_motion(shape, chunk)
+            depth = render_depth(verts, flame.faces, chunk_cam, size)                      # (b, 1, H, W)
+            flow = None if reference_head is None else reference_flow(verts, flame.faces, chunk_cam,
+                                                                      *reference_head, size)
             index = torch.arange(start, start + len(chunk), device=device)
             with autocast:
-                frames = renderer(depth, reference.expand(len(chunk), -1, -1, -1), index)  # (b, 3, H, W)
+                frames = renderer(depth, reference.expand(len(chunk), -1, -1, -1), index, flow)  # (b, 3, H, W)
             video.write(to_uint8(frames))
             depth_video.write(to_uint8(depth))
             if frames_done.advance(len(chunk)) and progress:
