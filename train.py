@@ -275,8 +275,10 @@ def verdict(ours, base, deaf):
 # Data: the person's sequences that have a video, every RENDER_FRAME_STRIDE-th frame; each frame's depth input
 # is rendered once from its pickle's FLAME parameters and camera and kept in memory (float16) beside the decoded
 # frame, with the boxes of its projected mouth, brows-and-eyes and nose landmarks. The reference image is the first
-# frame of the person's first training sequence, saved as reference.png for `unisinger.py --image`. The L1 term weighs
-# the mouth box's pixels MOUTH_WEIGHT and the eyes box's EYES_WEIGHT times more (box_weight). best.pt is chosen by
+# frame of the person's first training sequence, saved as reference.png for `unisinger.py --image`; a warping
+# renderer (RendererConfig.warp) also gets each frame's warp of it (render.reference_flow), kept beside the depth.
+# The L1 term weighs the mouth, eyes and nose boxes' pixels MOUTH_WEIGHT, EYES_WEIGHT and NOSE_WEIGHT times more
+# (box_weight). best.pt is chosen by
 # validation SSIM; at the end the best generator is scored on the test split against copying the reference, over
 # the whole frame and inside the mouth, eyes and nose boxes (box_scores), and a held-out clip is written side by side
 # with its sound.
