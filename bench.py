@@ -193,6 +193,12 @@ RASTER_REF_FRAMES = 2       # frames ray cast by trimesh (seconds each)
 
 def head_frames(n_frames, device):
     """(T, V, 3) projected vertices of the procedural head talking and nodding, and its faces."""
+    head, verts = talking_head(n_frames, device)
+    return render.project(verts, render.DEFAULT_CAM), head.faces
+
+
+def talking_head(n_frames, device):
+    """The procedural head and its vertices (T, V, 3) in metres, talking and nodding."""
     head = stand_in_flame().to(device)
     t = torch.linspace(0, 1, n_frames, device=device)[:, None]
     motion = torch.zeros(n_frames, MOTION_DIM, device=device)
@@ -200,8 +206,7 @@ def head_frames(n_frames, device):
     motion[:, N_EXPR:N_EXPR + 3] = 0.2 * torch.sin(6.28 * t)            # global pose
     motion[:, -3] = 0.15 * (1 + torch.sin(12.56 * t[:, 0]))              # jaw opening
     with torch.no_grad():
-        verts = head.from_motion(torch.zeros(N_SHAPE, device=device), motion)
-    return render.project(verts, render.DEFAULT_CAM), head.faces
+        return head, head.from_motion(torch.zeros(N_SHAPE, device=device), motion)
 
 
 def _raster_ours(device, batch, threads):
@@ -246,6 +251,62 @@ def bench_render(device="cpu"):
             note=f"per frame; ours {1 / ours_s:.0f} fps, trimesh ray casting {1 / ref_s:.2f} fps; "
                  f"process CPU s/frame ours {ours_cpu:.4f}, trimesh {ref_cpu:.3f}"))
     return rows
+
+
+# ----------------------------------------------------------------------------- preview: the shaded previews
+
+PREVIEW_FRAMES = 300        # frames written (10 s of song) in each timed preview
+SONG_FRAMES = 3 * 60 * render.FPS   # a 3-minute song's frames, what the row extrapolates to
+FLAT_SIZE = 256             # pixels a side of the previews before (the reference)
+FLAT_AMBIENT = 0.25         # their share of the skin colour lit regardless of orientation
+
+
+def flat_shade(verts, faces, size):
+    """The previews' shading before (the reference): flat on face normals, the light at the camera, two-sided,
+    no anti-aliasing. verts (B, V, 3) projected -> uint8 (B, H, W, 3)."""
+    _, face_id = render.rasterize(verts, faces, size)
+    tri = verts[:, faces].float()                                                     # (B, F, 3, 3)
+    normal = torch.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0], dim=-1)
+    facing = normal[..., 2].abs() / normal.norm(dim=-1).clamp_min(1e-12)
+    light = torch.cat([FLAT_AMBIENT + (1 - FLAT_AMBIENT) * facing, torch.zeros_like(facing[:, :1])], 1)
+    lit = torch.gather(light, 1, torch.where(face_id >= 0, face_id, faces.shape[0]).flatten(1)).view(face_id.shape)
+    skin, background = (torch.tensor(c, dtype=torch.float32) for c in (render.SKIN_RGB, render.BACKGROUND_RGB))
+    image = torch.where((face_id >= 0)[..., None], lit[..., None] * skin, background)
+    return image.round().clamp(0, 255).to(torch.uint8)
+
+
+def _preview_seconds(which, folder):
+    """In a child with one torch thread (the other core runs the encoder): wall seconds to write the preview mp4
+    of PREVIEW_FRAMES frames of the talking head, ours (render_preview at PREVIEW_SIZE) or the flat 256²
+    reference (DEFAULT_CAM, x264's default preset, as the previews were written)."""
+    torch.set_num_threads(1)
+    head, verts = talking_head(PREVIEW_FRAMES, "cpu")
+    path = Path(folder) / f"{which}.mp4"
+
+    def flat():
+        with render.VideoWriter(path, FLAT_SIZE) as video:
+            for lo in range(0, len(verts), render.PREVIEW_BATCH):
+                video.write(flat_shade(render.project(verts[lo:lo + render.PREVIEW_BATCH], render.DEFAULT_CAM),
+                                       head.faces, FLAT_SIZE))
+
+    ours = lambda: render.render_preview(head, verts, path)
+    (wall,), _ = best_times([ours if which == "ours" else flat], "cpu", 0, 1)
+    return wall
+
+
+def bench_preview(device="cpu"):
+    """The shaded preview of a 3-minute song at PREVIEW_SIZE (Phong, key + fill light, anti-aliased edges)
+    against the flat 256² previews before, each written in a fresh child process and extrapolated from
+    PREVIEW_FRAMES frames. The reference shades as the previews did but runs on today's faster rasterizer, so
+    the ratio is lower than against the previews as they were written (README gives both). CPU only."""
+    with tempfile.TemporaryDirectory() as folder:
+        ours, ref = (in_child(_preview_seconds, which, folder) for which in ("ours", "flat"))
+    scale = SONG_FRAMES / PREVIEW_FRAMES
+    return [dict(name=f"preview of a 3-minute song, {render.PREVIEW_SIZE}² vs flat {FLAT_SIZE}² (cpu)",
+                 ours_s=ours * scale, ref_s=ref * scale, ratio=ref / ours, ours_mem_mb=None, ref_mem_mb=None,
+                 note=f"ours {PREVIEW_FRAMES / ours:.1f} frames/s, flat {FLAT_SIZE}² {PREVIEW_FRAMES / ref:.1f} "
+                      f"frames/s; 1 torch thread, the encoder beside it; "
+                      f"extrapolated from {PREVIEW_FRAMES} frames; the reference runs on today's rasterizer")]
 
 
 # ----------------------------------------------------------------------------- audio_w2v: wav2vec 2.0 vs transformers
@@ -641,16 +702,20 @@ SONG_SECONDS = (3, 60)      # portrait_video lengths whose peak memory is compar
 def renderer_seconds_per_frame(preset, device="cpu", batch=STAGE_BATCH):
     """Seconds a frame for FLAME -> depth -> FaceRenderer at 256², batch frames at a time, best of STAGE_REPEATS."""
     flame = stand_in_flame().to(device)
-    generator = render.FaceRenderer(render.RendererConfig.preset(preset).channels).to(device).eval()
+    cfg = render.RendererConfig.preset(preset)
+    generator = render.FaceRenderer(cfg.channels, cfg.warp).to(device).eval()
     motion = torch.zeros(batch, MOTION_DIM, device=device)
     reference = torch.zeros(batch, 3, render.IMAGE_SIZE, render.IMAGE_SIZE, device=device)
     shape = torch.zeros(N_SHAPE, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    cam = torch.tensor(render.DEFAULT_CAM, device=device)
 
-    def one_batch():        # as portrait_video: meshes and depth in float32, the renderer in bf16 on a GPU
-        depth = render.render_depth(flame.from_motion(shape, motion), flame.faces)
+    def one_batch():        # as portrait_video: meshes, depth and warp in float32, the renderer in bf16 on a GPU
+        verts = flame.from_motion(shape, motion)
+        depth = render.render_depth(verts, flame.faces, cam)
+        flow = render.reference_flow(verts, flame.faces, cam, verts[0], cam) if cfg.warp else None
         with autocast:
-            generator(depth, reference, torch.arange(batch, device=device))
+            generator(depth, reference, torch.arange(batch, device=device), flow)
 
     (seconds,), _ = best_times([one_batch], device, 1, STAGE_REPEATS)
     return seconds / batch
@@ -660,8 +725,9 @@ def untrained_checkpoint(folder):
     """A tiny renderer checkpoint and a reference image: memory and speed do not depend on the weights."""
     cfg = render.RendererConfig.preset("tiny")
     ckpt, image = Path(folder) / "renderer.pt", Path(folder) / "reference.png"
-    torch.save(dict(generator=render.FaceRenderer(cfg.channels).state_dict(), renderer_config=asdict(cfg),
-                    cam=list(render.DEFAULT_CAM)), ckpt)
+    torch.save(dict(generator=render.FaceRenderer(cfg.channels, cfg.warp).state_dict(), renderer_config=asdict(cfg),
+                    cam=list(render.DEFAULT_CAM), reference_motion=torch.zeros(MOTION_DIM),
+                    reference_cam=torch.tensor(render.DEFAULT_CAM), shape=torch.zeros(N_SHAPE)), ckpt)
     imageio.imwrite(image, np.full((render.IMAGE_SIZE, render.IMAGE_SIZE, 3), 128, np.uint8))
     return ckpt, image
 
@@ -879,12 +945,12 @@ def bench_render_data(device="cpu"):
 
 # ----------------------------------------------------------------------------- the run
 
-PARTS = dict(flame=bench_flame, render=bench_render, audio_w2v=bench_audio_w2v, audio_dsp=bench_audio_dsp,
-             motion=bench_motion, stream=bench_stream, metrics=bench_metrics, render_stage=bench_render_stage,
-             data=bench_data, render_data=bench_render_data)
+PARTS = dict(flame=bench_flame, render=bench_render, preview=bench_preview, audio_w2v=bench_audio_w2v,
+             audio_dsp=bench_audio_dsp, motion=bench_motion, stream=bench_stream, metrics=bench_metrics,
+             render_stage=bench_render_stage, data=bench_data, render_data=bench_render_data)
 # rough seconds of each part on 2 idle CPU cores (the parts but stream took 7 min 12 s in all): they only
 # weight the ETA between parts, which is rescaled by how fast the parts so far ran against them
-EXPECTED_S = dict(flame=15, render=30, audio_w2v=30, audio_dsp=30, motion=50, stream=30, metrics=50,
+EXPECTED_S = dict(flame=15, render=30, preview=35, audio_w2v=30, audio_dsp=30, motion=50, stream=30, metrics=50,
                   render_stage=220, data=120, render_data=600)
 ON_REQUEST = ("data", "render_data")   # minutes each, on folders of thousands of linked files: run by --only alone
 

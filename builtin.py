@@ -47,7 +47,7 @@ from audio import FPS, SAMPLE_RATE
 from data import (CLIP_SECONDS, N_POSE, SPLITS, SingingHead, audio_path, bgm_path, flame_path, split_path, video_path,
                   write_flame_pickle)
 from flame import MOTION_DIM, N_EXPR, N_JOINTS, N_POSE_FEATURES, N_SHAPE, Flame, file_sha256
-from render import Progress, vertex_normals, write_wav
+from render import FILL_LIGHT, KEY_LIGHT, Progress, vertex_normals, write_wav
 
 BUILTIN_ROOT = Path(__file__).parent / "data" / "builtin"
 BUILTIN_VERSION = 2                   # bump when the generator changes: an older built-in set is rebuilt
@@ -683,8 +683,7 @@ PARTS = ("background", "skin", "lips", "eye", "brow", "hair", "teeth", "tongue",
 PART = {name: code for code, name in enumerate(PARTS)}
 CHART_ROWS, CHART_COLS = 384, 768     # texels of the head's texture over polar angle [0, pi] x azimuth [-pi, pi]
 HAIR_THICKNESS = 0.012                # m, the hair shell's height over the scalp
-KEY_LIGHT, FILL_LIGHT = (-0.55, 0.45, 0.70), (0.80, -0.10, 0.60)   # directions toward the lights, camera on +Z
-KEY, FILL, AMBIENT = 0.72, 0.30, 0.26                               # their shares of a fully lit surface
+KEY, FILL, AMBIENT = 0.72, 0.30, 0.26    # shares of a fully lit surface of the key and fill light (render.py's)
 SHININESS, GLOSS = 24.0, 0.10         # Blinn-Phong highlight of skin, lips, eyes and teeth (share of white)
 OCCLUSION = {"tongue": 0.60, "mouth": 0.45}                         # light reaching into the mouth
 FILM_BATCH = 16                       # frames filmed at once

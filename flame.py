@@ -44,6 +44,7 @@ MM_PER_M = 1000.0                 # vertices are in metres; losses and metrics r
 MOUTH_LANDMARKS = slice(48, 68)   # iBUG-68's mouth among the 68 landmarks: outer and inner lip contours
 BROW_LANDMARKS = slice(17, 27)    # iBUG-68's eyebrows, right then left
 EYE_LANDMARKS = slice(36, 48)     # iBUG-68's eye contours, right then left
+NOSE_LANDMARKS = slice(27, 36)    # iBUG-68's nose: the bridge from between the eyes to the tip, then the nostrils
 FLAME_SHAPE_COLUMNS = 300         # official shapedirs: 300 shape columns, then the expression columns
 N_POSE_FEATURES = 9 * (N_JOINTS - 1)
 FLAME_KEYS = ('v_template', 'shapedirs', 'posedirs', 'J_regressor', 'weights', 'kintree_table', 'f')

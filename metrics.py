@@ -10,7 +10,8 @@ vertices the metrics read, global and neck rotation zeroed (the release's LVE / 
 Table IV, on frames (N, H, W, C): psnr, ssim (equal to scikit-image's), cpbd (sharpness), lmd (F-LMD / M-LMD),
 fid with the FID Inception network (InceptionV3), LPIPS (AlexNet + linear heads), BA on the soundtrack.
 Then the evaluation: clip_motion_scores / evaluate_motion (per clip, then the mean), model_predictor (samples
-drawn with a seed per clip), evaluate_video, mean_motion (the baseline), and the command line.
+drawn with a seed per clip), truth_and_takes (a clip's true motion beside its takes, as a video), evaluate_video,
+mean_motion (the baseline), and the command line.
 
 Depends on torch, numpy, scipy, imageio (+ imageio-ffmpeg) and our flame.py, audio.py, data.py, builtin.py,
 render.py and unisinger.py (the default run generates motion with a checkpoint).
@@ -20,6 +21,7 @@ Use alone
                                                         # built-in data, test split
     python metrics.py --pred DIR --data PATH [--split test]          # Table II for generated motion files
     python metrics.py --video --pred DIR --data PATH [--weights DIR]  # Table IV for generated videos
+    python metrics.py --pred DIR --side-by-side       # Table II, and each clip's truth | take 0 | take 1 as video
 Generated motion: DIR/<clip id>/sample_<k>.npz with key 'motion' (T, 59) at 30 fps, and optionally DIR/fps.json
 {"fps": frames generated per second}. Generated video: DIR/<clip id>.mp4; for LMD and 2-D BA also 68 landmarks
 per frame (T, 68, 2) in pixels of the 256-pixel frame, DIR/<clip id>_lmk.npy and <data>/landmark_seqs/<id>.npy.
@@ -47,8 +49,8 @@ from audio import FPS, SAMPLE_RATE, beats
 from builtin import builtin_data, load_flame, require_head, resolve_flame
 from data import video_path
 from flame import HEAD_POSE, MM_PER_M, MOUTH_LANDMARKS, read_npz
-from render import Parser, Progress, atomic_output, run_command
-from unisinger import DEFAULT_CHECKPOINT, Controls, generate, load_checkpoint
+from render import PREVIEW_BATCH, Parser, Progress, atomic_output, run_command, write_side_by_side
+from unisinger import DEFAULT_CHECKPOINT, Controls, SongMix, generate, load_checkpoint
 
 BEAT_SIGMA_FRAMES = 5.0     # Gaussian smoothing of the motion speed before picking its minima
 BA_SIGMA2 = 9.0             # beat-align tolerance, frames^2
@@ -85,6 +87,7 @@ MOTION_COLUMNS = list(PAPER_COLUMNS) + ["FPS"]
 # x1e5 like the paper's column; diversity of head-pose-free landmarks in mm.
 VARIANT_COLUMNS = ["BA(time)", "BA(music)", "FDD(disp)", "Div(mm)"]
 EVAL_SEED = 0               # base seed of the evaluation's latent draws (each clip derives its own)
+SIDE_BY_SIDE_TAKES = 2      # takes shown beside the truth in a clip's side-by-side video
 VIDEO_COLUMNS = ["FID", "LPIPS", "SSIM", "PSNR", "CPBD", "M-LMD", "F-LMD", "BA"]
 
 
@@ -785,6 +788,40 @@ def mean_motion(root):
     return np.concatenate(motions).mean(0).astype(np.float32)
 
 
+def truth_and_takes(path, flame, item, takes):
+    """One clip's true motion beside its first SIDE_BY_SIDE_TAKES takes (S, T, 59), an mp4 at path: truth |
+    take 0 | take 1 as shaded heads under one light and one camera, labelled, with the clip's voice and music,
+    so that a take can be judged by eye against the truth. Named on the console."""
+    motions = [item["motion"]] + list(takes[:SIDE_BY_SIDE_TAKES])
+    shape = torch.as_tensor(np.asarray(item["shape"], dtype=np.float32))
+
+    def pieces():                                            # (K, t, V, 3) meshes, PREVIEW_BATCH frames at a time
+        for lo in range(0, len(item["motion"]), PREVIEW_BATCH):
+            with torch.no_grad():
+                yield torch.stack([flame.from_motion(shape, torch.as_tensor(np.asarray(m[lo:lo + PREVIEW_BATCH]),
+                                                                            dtype=torch.float32)) for m in motions])
+
+    labels = ["truth"] + [f"take {k}" for k in range(len(motions) - 1)]
+    write_side_by_side(path, pieces(), flame.faces, labels, audio=SongMix(item["audio"], item["bgm"]))
+    print(f"wrote {path}: {' | '.join(labels)} of clip {item['id']}, with its voice and music", flush=True)
+    return Path(path)
+
+
+def side_by_side_name(item):
+    """The file name of a clip's truth-and-takes video: side_by_side_<id>.mp4 (…_<start>.mp4 past frame 0)."""
+    start = int(item.get("start", 0))
+    return f"side_by_side_{item['id']}" + (f"_{start}" if start else "") + ".mp4"
+
+
+def writing_side_by_side(predict, flame, folder):
+    """predict, also writing each clip's truth beside its takes into folder (truth_and_takes)."""
+    def predict_and_write(item):
+        takes = predict(item)
+        truth_and_takes(Path(folder) / side_by_side_name(item), flame, item, takes)
+        return takes
+    return predict_and_write
+
+
 # ----------------------------------------------------------------------------- Table IV: video
 
 def sampled_frames(n):
@@ -976,6 +1013,8 @@ def run_motion_table(args):
         clips = clips_of(root, args.split, ids)
         progress = Progress(2 * len(clips), "clip", lines=20)
         read = counted(lambda item: read_samples(pred_dir, item), progress)
+        if args.side_by_side:
+            read = writing_side_by_side(read, flame, pred_dir)
         rows[pred_dir.name] = evaluate_motion(flame, clips, read, fps, beats_cache)
         scored = f"the motion files in {pred_dir}"
     else:
@@ -989,6 +1028,8 @@ def run_motion_table(args):
         clips = clips_of(root, args.split, ids)
         progress = Progress(2 * len(clips), "clip", lines=20)
         predict = counted(model_predictor(model, args.samples, args.seed, clock=clock), progress)
+        if args.side_by_side:
+            predict = writing_side_by_side(predict, flame, Path(args.json).parent if args.json else Path("out/metrics"))
         row = evaluate_motion(flame, clips, predict, beats_cache=beats_cache)
         rows["UniSinger"] = dict(row, FPS=clock["frames"] / clock["seconds"], samples=args.samples, seed=args.seed,
                                  checkpoint=str(ckpt))
@@ -1007,6 +1048,10 @@ def command(argv=None):
     p.add_argument("--data", help="SingingHead-layout data root (default: the built-in data)")
     p.add_argument("--split", default="test")
     p.add_argument("--video", action="store_true", help="Table IV for generated videos")
+    p.add_argument("--side-by-side", action="store_true",
+                   help=f"also write, for each clip scored, side_by_side_<clip id>.mp4: the true motion beside the "
+                        f"first {SIDE_BY_SIDE_TAKES} takes as shaded heads, with the song (into DIR with --pred, "
+                        f"else beside the JSON)")
     p.add_argument("--checkpoint", help="motion checkpoint for the default run (default: out/motion/best.pt, the "
                    "one train.py's summary scores)")
     p.add_argument("--samples", type=int, default=N_SAMPLES, help="samples per clip for the default run")
@@ -1029,6 +1074,8 @@ def command(argv=None):
     if args.video:
         if not args.pred:
             p.error("--video needs --pred DIR with <clip id>.mp4 files")
+        if args.side_by_side:
+            p.error("--side-by-side shows motion beside its truth: it goes with Table II, not --video")
         root = Path(args.data) if args.data else builtin_data()
         ids = [i for i in data.read_split(root, args.split) if (Path(args.pred) / f"{i}.mp4").exists()]
         if not ids:

@@ -1,10 +1,12 @@
 """
 Rendering for UniSinger, in the order data flows: the depth rasterizer (rasterize, interpolate), the
-orthographic camera (project), vertex normals and shading, the renderer's depth input (render_depth), then the
+orthographic camera (project), vertex normals and the previews' shading (shade: Phong-interpolated normals, a
+key and a fill light, a slight highlight, anti-aliased edges), the renderer's depth input (render_depth), then the
 paper's per-person face renderer (FaceRenderer, a UNet; PatchDiscriminator; VGG19; the losses) and its size
 presets (RendererConfig). Below one banner: reading images and checkpoints (read_checkpoint: data only;
 load_renderer), and the output every command shares: files that appear whole (atomic_output), videos
-(VideoWriter, render_preview), WAVs (write_wav), progress lines (Progress) and one-line errors (run_command).
+(VideoWriter, render_preview, side_by_side / write_side_by_side: heads side by side, labelled with draw_text),
+WAVs (write_wav), progress lines (Progress) and one-line errors (run_command).
 
 Depends on torch, numpy, imageio (+ imageio-ffmpeg for the encoder and its ffmpeg binary) and soundfile.
 Of ours it imports only audio.py's frame and sample rates; `render_preview` takes a Flame only for its `.faces`.
@@ -13,7 +15,8 @@ Conventions (shared with the rest of the project):
 - Projected space: x, y in [-1, 1] map to the image's left/right and bottom/top edges; pixel (i, j) has
   its centre at x = (j + 0.5) / W * 2 - 1, y = 1 - (i + 0.5) / H * 2.
 - z is the distance from the camera plane, smaller is nearer, in the same units as x and y (half image
-  widths), so the projection is a similarity and normals computed in projected space are true normals.
+  widths), so the projection is a similarity (mirrored in z) and normals computed in projected space are true
+  normals with z mirrored.
 - The camera is orthographic as in DECA/EMOCA, cam = [scale, tx, ty]: x = s (X + tx), y = s (Y + ty), and it
   sits CAMERA_DISTANCE in front of the head's origin on +Z looking toward -Z: z = CAMERA_DISTANCE - s Z.
 
@@ -25,6 +28,7 @@ Use alone (with audio.py beside it):
 import argparse
 import contextlib
 import errno
+import functools
 import os
 import pickle
 import re
@@ -52,12 +56,25 @@ CAMERA_DISTANCE = 3.0            # half image widths from the camera plane to th
 DEFAULT_CAM = (6.5, 0.0, 0.035)  # [scale, tx (m), ty (m)]: crown near the top edge, neck near the bottom
 DEPTH_NEAR = CAMERA_DISTANCE - 1.0   # depth_to_image maps this depth to 1 (nearest shown)
 DEPTH_FAR = CAMERA_DISTANCE + 1.0    # ... and this one to 0, like the background
+PREVIEW_SIZE = 512               # pixels a side of the shaded previews (unisinger.py --size)
+PREVIEW_CAM = (5.5, 0.0, 0.042)  # [scale, tx (m), ty (m)]: the previews' camera, head and neck whole inside the frame
 SKIN_RGB = (224, 172, 150)       # preview surface colour
 BACKGROUND_RGB = (40, 40, 40)    # preview background
-AMBIENT = 0.25                   # share of the surface colour lit regardless of orientation
-WINDOW_ELEMENTS = 1 << 20        # (triangle, pixel) pairs tested at once; bounds rasterizer memory
-PREVIEW_BATCH = 64               # frames shaded at once by render_preview
+KEY_LIGHT = (-0.55, 0.45, 0.70)  # toward the previews' (and the filmed person's) key light, camera on +Z: above left
+FILL_LIGHT = (0.80, -0.10, 0.60) # toward their fill light: to the right, a little below
+KEY, FILL, AMBIENT = 0.65, 0.25, 0.25   # shares of the surface colour each light gives a surface facing it
+SHININESS, GLOSS = 24.0, 0.07    # the key light's Blinn-Phong highlight: exponent, share of white at its peak
+INSIDE_SHARE = 0.45              # share of its light a surface seen from behind keeps (a mouth's, a neck's inside)
+SUPERSAMPLE = 2                  # samples a side of a pixel on a silhouette or occlusion edge, box-filtered
+EDGE_DEPTH_STEP = 16.0           # pixel widths of depth within 3x3 pixels that mark an occlusion edge among them
+SHADE_PIXELS = 1 << 22           # pixels shade works on at once (16 frames at 512²); bounds its memory
+PREVIEW_BATCH = 64               # frames render_preview meshes and writes at once
 VIDEO_CRF = 10                   # libx264 quality (0 lossless .. 51 worst): near transparent
+VIDEO_PRESET = "medium"          # libx264 speed preset of videos (its default)
+PREVIEW_PRESET = "veryfast"      # ... of shaded previews: smooth synthetic frames, about half of medium.s encoding work
+WINDOW_ELEMENTS = 1 << 20        # (triangle, pixel) pairs tested at once; bounds rasterizer memory
+EMPTY_KEY = (1 << 63) - 1        # the z-buffer's key of a pixel no triangle covers
+HIDDEN_MARGIN = 1e-4             # depth a culled triangle must lie behind, relative to 1 + |its depth|: rounding's room
 AUDIO_BLOCK = 1 << 20            # samples of a long sound copied into a video's soundtrack at a time
 
 
@@ -67,14 +84,6 @@ def _image_size(size):
         return size, size
     height, width = size
     return int(height), int(width)
-
-
-def _power_of_two_class(n):
-    """Smallest e with 2**e >= n, elementwise for a LongTensor of positive ints."""
-    e = torch.zeros_like(n)
-    while bool((n > (1 << e)).any()):
-        e = torch.where(n > (1 << e), e + 1, e)
-    return e
 
 
 def rasterize(verts, faces, size):
@@ -100,23 +109,107 @@ def rasterize(verts, faces, size):
     faces = faces.to(device=device, dtype=torch.long)
     depth = torch.full((batch * height * width,), float("inf"), dtype=verts.dtype, device=device)
     face_id = torch.full((batch * height * width,), -1, dtype=torch.long, device=device)
-    covered = _covered_pixels(*_edge_functions(verts, faces, height, width), width)
-    if covered is not None:
-        pixel, z, face = covered
-        depth.scatter_reduce_(0, pixel, z, "amin")
-        nearest = z == depth[pixel]
-        face_id.fill_(n_faces).scatter_reduce_(0, pixel[nearest], face[nearest], "amin")
-        face_id[torch.isinf(depth)] = -1
+    if verts.dtype == torch.float32:
+        pixel, nearest, face = _zbuffer(verts, faces, height, width)
+        depth[pixel], face_id[pixel] = nearest, face
+    else:                                            # no room for a double's bits beside the face id in a key
+        coef, ints, keep, box_w, box_h = _edge_functions(verts, faces, height, width)
+        chunks = list(_covered_pixels(coef, ints, keep, box_w, box_h, height, width))
+        if chunks:
+            pixel, z, face = (torch.cat(parts) for parts in zip(*chunks))
+            depth.scatter_reduce_(0, pixel, z, "amin")
+            nearest = z == depth[pixel]
+            face_id.fill_(n_faces).scatter_reduce_(0, pixel[nearest], face[nearest], "amin")
+            face_id[torch.isinf(depth)] = -1
     return depth.view(batch, height, width), face_id.view(batch, height, width)
 
 
+def _zbuffer(verts, faces, height, width, front=None):
+    """The nearest fragment of every covered pixel (float32 verts): flat pixel indices into (B*H*W) (P,), in
+    order, and their depth and face id. Depth and face id travel as one int64 key (_depth_key) whose minimum
+    is the nearest depth, the lowest face id among equal ones: one reduction per chunk of fragments.
+    The faces turned one way are drawn first (of a closed mesh, those facing the camera), then those of the
+    others that the depth so far does not hide (_hidden): the result is the same as drawing all at once.
+    front: _front(verts, faces) when the caller has it."""
+    coef, ints, keep, box_w, box_h = _edge_functions(verts, faces, height, width)
+    key = torch.full((len(verts) * height * width,), EMPTY_KEY, dtype=torch.long, device=verts.device)
+    first = (_front(verts, faces) if front is None else front).reshape(-1)
+    near = face_corners(verts[..., 2:], faces)[..., 0].amin(-1).reshape(-1)                  # (N,) nearest corner
+    for later, part in enumerate((keep & first, keep & ~first)):
+        if later and bool(part.any()):
+            part = part & ~_hidden(key, ints, box_w, box_h, near, part, (height, width))
+        for pixel, depth, face in _covered_pixels(coef, ints, part, box_w, box_h, height, width):
+            key.scatter_reduce_(0, pixel, _depth_key(depth, face), "amin")
+    pixel = (key != EMPTY_KEY).nonzero().squeeze(1)
+    return (pixel, *_unkey(key.index_select(0, pixel)))
+
+
+def _front(verts, faces):
+    """(B, F) bool: the faces turned the way (by their winding, in projected x, y) whose faces lie nearer the
+    camera on average in that frame: the outside of a closed mesh facing the camera, whichever its winding."""
+    tri = face_corners(verts, faces)                                                    # (B, F, 3, 3)
+    d1, d2 = tri[:, :, 1, :2] - tri[:, :, 0, :2], tri[:, :, 2, :2] - tri[:, :, 0, :2]
+    turned = d1[..., 0] * d2[..., 1] > d2[..., 0] * d1[..., 1]                          # (B, F)
+    z = tri[..., 2].mean(-1)
+    mean_z = lambda way: torch.where(way.any(1), (z * way).sum(1) / way.sum(1).clamp_min(1), float("inf"))
+    return turned == (mean_z(turned) <= mean_z(~turned))[:, None]
+
+
+def _hidden(key, ints, box_w, box_h, near, candidates, size):
+    """(N,) bool: the candidate triangles whose nearest corner lies behind (by more than rounding) the farthest
+    depth the keys hold anywhere in the triangle's box, so that none of its pixels can win. Keys order as
+    depths (EMPTY_KEY above all), so the farthest over a box is the largest key, read from a pyramid of 2x2
+    maxima at the level where the box spans at most 3x3 cells."""
+    (height, width), batch = size, len(key) // (size[0] * size[1])
+    levels = [key.view(batch, height, width)]
+    while max(levels[-1].shape[1:]) > 1:
+        level = levels[-1]
+        if level.shape[1] % 2 or level.shape[2] % 2:                     # odd sides: a smallest key beyond
+            level = torch.nn.functional.pad(level, (0, level.shape[2] % 2, 0, level.shape[1] % 2), value=-1 << 62)
+        levels.append(torch.maximum(torch.maximum(level[:, 0::2, 0::2], level[:, 0::2, 1::2]),
+                                    torch.maximum(level[:, 1::2, 0::2], level[:, 1::2, 1::2])))
+    tri = candidates.nonzero().squeeze(1)
+    start = ints[:, 0].index_select(0, tri)
+    frame, y0, x0 = start // (height * width), start % (height * width) // width, start % width
+    x1, y1 = x0 + box_w.index_select(0, tri).long() - 1, y0 + box_h.index_select(0, tri).long() - 1
+    which = (torch.maximum(x1 - x0, y1 - y0) + 1).float().log2().ceil().long().sub(1).clamp_min(0)  # 3x3 cells
+    farthest = torch.empty_like(tri)
+    for k in which.unique().tolist():
+        at, level = (which == k).nonzero().squeeze(1), levels[min(k, len(levels) - 1)]
+        f, r0, r1, c0, c1 = (v.index_select(0, at) >> (0 if v is frame else k) for v in (frame, y0, y1, x0, x1))
+        rows, cols = level.shape[1:]
+        cells = level.reshape(-1)
+        most = None
+        for r in (r0, (r0 + 1).minimum(r1), r1):
+            for c in (c0, (c0 + 1).minimum(c1), c1):
+                cell = cells.index_select(0, (f * rows + r.clamp(max=rows - 1)) * cols + c.clamp(max=cols - 1))
+                most = cell if most is None else torch.maximum(most, cell)
+        farthest[at] = most
+    near = near.index_select(0, tri)
+    hidden = torch.zeros_like(candidates)
+    hidden[tri] = _depth_key(near - HIDDEN_MARGIN * (1 + near.abs()), torch.zeros_like(tri)) > farthest
+    return hidden
+
+
+def _depth_key(z, face):
+    """float32 depths and face ids (P,) -> int64 keys that order as (depth, face id): the depth's bits, made to
+    order as integers (a negative depth's magnitude bits flipped), above the face id."""
+    bits = (z + 0.0).view(torch.int32)                         # + 0.0 turns -0.0 into 0.0, equal as depths
+    return ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() << 32) | face
+
+
+def _unkey(key):
+    """Keys of _depth_key -> depth float32, face id long."""
+    bits = (key >> 32).int()
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32), key & 0xFFFFFFFF
+
+
 def _edge_functions(verts, faces, height, width):
-    """Per triangle (N = B·F of them), 6 affine functions of the offset (dx, dy) from its clipped box's first
-    pixel (x0, y0): the 3 barycentrics, 2 box limits (>= 0 inside the box) and the depth, as coef (N, 3, 6)
-    over [1, dx, dy]; ints (N, 2) = (flat index of the box's first pixel in (B·H·W), face id); which to keep;
-    the box's width and height (N,)."""
+    """Per triangle (N = B·F of them), 4 affine functions of the offset (dx, dy) from its clipped box's first
+    pixel (x0, y0): the 3 barycentrics and the depth, as coef (N, 3, 4) over [1, dx, dy]; ints (N, 2) = (flat
+    index of the box's first pixel in (B·H·W), face id); which to keep; the box's width and height (N,)."""
     batch, n_faces, device = verts.shape[0], faces.shape[0], verts.device
-    tri = verts[:, faces].reshape(batch * n_faces, 3, 3)  # (N, 3 corners, xyz)
+    tri = face_corners(verts, faces).reshape(batch * n_faces, 3, 3)  # (N, 3 corners, xyz)
     # pixel coordinates in which pixel (i, j) has its centre at (j, i)
     px = (tri[..., 0] + 1) * (width / 2) - 0.5   # (N, 3)
     py = (1 - tri[..., 1]) * (height / 2) - 0.5  # (N, 3)
@@ -136,12 +229,10 @@ def _edge_functions(verts, faces, height, width):
     bary_0 = ((xc - xa) * (y0[:, None] - ya) - (yc - ya) * (x0[:, None] - xa)) / area  # (N, 3)
     bary_dx = (ya - yc) / area                                                         # (N, 3)
     bary_dy = (xc - xa) / area                                                         # (N, 3)
-    coef = torch.zeros(batch * n_faces, 3, 6, dtype=px.dtype, device=device)  # (N, [1, dx, dy], 6)
+    coef = torch.zeros(batch * n_faces, 3, 4, dtype=px.dtype, device=device)  # (N, [1, dx, dy], 4)
     for row, bary in enumerate((bary_0, bary_dx, bary_dy)):
         coef[:, row, :3] = bary
-        coef[:, row, 5] = (bary * pz).sum(1)
-    coef[:, 0, 3], coef[:, 1, 3] = box_w - 1, -1
-    coef[:, 0, 4], coef[:, 2, 4] = box_h - 1, -1
+        coef[:, row, 3] = (bary * pz).sum(1)
     keep = finite & (area[:, 0] != 0) & (box_w > 0) & (box_h > 0)
     tri_id = torch.arange(batch * n_faces, device=device)
     first_pixel = tri_id // n_faces * (height * width) + y0.long() * width + x0.long()  # into (B*H*W)
@@ -149,40 +240,64 @@ def _edge_functions(verts, faces, height, width):
     return coef, ints, keep, box_w, box_h
 
 
-def _covered_pixels(coef, ints, keep, box_w, box_h, width):
-    """Every (pixel, depth, face id) whose pixel centre a triangle covers, or None when there is none.
-    Triangles are grouped by box size (a power of two per axis), so each group tests one small window shape
-    with one matrix product per chunk of triangles."""
-    group = torch.where(keep, _power_of_two_class(box_w.long().clamp(min=1)) * 64
-                        + _power_of_two_class(box_h.long().clamp(min=1)), -1)
-    group, order = group.sort()
+def _window_sides(limit):
+    """Window sides 1, 2, 4, 8, ... up to at least limit: a box is tested in a window less than twice as long on
+    each axis, and few window shapes keep the groups (one loop each) few."""
+    sides = [1]
+    while sides[-1] < limit:
+        sides.append(sides[-1] * 2)
+    return sides
+
+
+@functools.lru_cache(maxsize=256)
+def _window(win_w, win_h, width, dtype, device):
+    """A window's pixels, row by row: their dx, dy (win,) from its first pixel, flat offsets in a width-pixel
+    image, and the rows [1, dx, dy] (win, 3) its triangles' functions are evaluated on (kept: windows recur)."""
+    dx = torch.arange(win_w, device=device).repeat(win_h)                         # (win,), win = win_h*win_w
+    dy = torch.arange(win_h, device=device).repeat_interleave(win_w)              # (win,)
+    return dx, dy, dy * width + dx, torch.stack([torch.ones_like(dx), dx, dy], 1).to(dtype)
+
+
+def _covered_pixels(coef, ints, keep, box_w, box_h, height, width):
+    """Every (pixel, depth, face id) whose pixel centre a triangle covers, yielded a chunk at a time.
+    Triangles are grouped by box size (_window_sides per axis), so each group tests one small window shape
+    with one matrix product of the barycentrics and the depth per chunk of triangles. A window can reach past
+    its box; a pixel there is outside the triangle unless it is off the image, so only the triangles whose
+    window reaches past the image's right or bottom edge are tested against their box too."""
+    tri = keep.nonzero().squeeze(1)
+    if len(tri) == 0:
+        return
+    box = torch.stack([box_w, box_h], 1).index_select(0, tri).long()                   # (n, 2)
+    sides = torch.tensor(_window_sides(int(box.max())), device=coef.device)
+    side = torch.bucketize(box, sides)                                                 # (n, 2) window sides
+    group, order = (side[:, 0] * len(sides) + side[:, 1]).sort()
     classes, counts = group.unique_consecutive(return_counts=True)
-    coef, ints = coef.flatten(1).index_select(0, order), ints.index_select(0, order)
-    pixels, depths, tris = [], [], []
+    tri, box, side = tri.index_select(0, order), box.index_select(0, order), side.index_select(0, order)
+    coef = coef.index_select(0, tri)                                                   # (n, 3, 4)
+    ints = ints.index_select(0, tri)
+    x0, y0 = ints[:, 0] % width, (ints[:, 0] % (height * width)).div(width, rounding_mode="floor")
+    past = (x0 + sides[side[:, 0]] > width) | (y0 + sides[side[:, 1]] > height)
+    ends = torch.cumsum(counts, 0)
+    any_past = torch.zeros(len(tri) + 1, dtype=torch.long, device=coef.device)
+    any_past[1:] = past.long().cumsum(0)
+    any_past = (any_past[ends] - any_past[ends - counts]).tolist()        # triangles past the edge, per group
     start = 0
-    for g, count in zip(classes.tolist(), counts.tolist()):
-        if g >= 0:
-            win_w, win_h = 1 << (g // 64), 1 << (g % 64)
-            dx = torch.arange(win_w, device=coef.device).repeat(win_h)             # (win,), win = win_h*win_w
-            dy = torch.arange(win_h, device=coef.device).repeat_interleave(win_w)  # (win,)
-            offset = dy * width + dx                                               # (win,) flat pixel offset
-            grid = torch.stack([torch.ones_like(dx), dx, dy], 1).to(coef.dtype)   # (win, 3)
-            step = max(1, WINDOW_ELEMENTS // (win_w * win_h))
-            for lo in range(start, start + count, step):
-                hi = min(lo + step, start + count)
-                # one GEMM for all triangles of the chunk: (win, 3) @ (3, c*6) -> (win, c, 6)
-                values = (grid @ coef[lo:hi].view(-1, 3, 6).transpose(0, 1).reshape(3, -1)).view(len(dx), -1, 6)
-                inside = values[..., :5].amin(-1) >= 0                        # (win, c)
-                flat = inside.flatten().nonzero().squeeze(1)
-                w = flat.div(hi - lo, rounding_mode="floor")
-                t = flat - w * (hi - lo) + lo
-                pixels.append(ints[t, 0] + offset[w])
-                depths.append(values[..., 5].flatten()[flat])
-                tris.append(ints[t, 1])
+    for g, count, past_edge in zip(classes.tolist(), counts.tolist(), any_past):
+        win_w, win_h = sides[g // len(sides)].item(), sides[g % len(sides)].item()
+        dx, dy, offset, grid = _window(win_w, win_h, width, coef.dtype, coef.device)
+        step = max(1, WINDOW_ELEMENTS // (win_w * win_h))
+        for lo in range(start, start + count, step):
+            n = min(step, start + count - lo)
+            # one GEMM: (win, 4, n), each function's values over the triangles contiguous
+            values = (grid @ coef[lo:lo + n].permute(1, 2, 0).reshape(3, 4 * n)).view(-1, 4, n)
+            inside = torch.minimum(torch.minimum(values[:, 0], values[:, 1]), values[:, 2]) >= 0
+            if past_edge:
+                inside &= (dx[:, None] < box[lo:lo + n, 0]) & (dy[:, None] < box[lo:lo + n, 1])
+            w, t = inside.nonzero().unbind(1)                                  # window pixel, triangle
+            depth = values.view(-1).index_select(0, (w * 4 + 3) * n + t)       # values[w, 3, t]
+            t = t + lo
+            yield ints[:, 0].index_select(0, t) + offset.index_select(0, w), depth, ints[:, 1].index_select(0, t)
         start += count
-    if not pixels:
-        return None
-    return torch.cat(pixels), torch.cat(depths), torch.cat(tris)
 
 
 def interpolate(verts, faces, face_id, attributes):
@@ -214,10 +329,16 @@ def interpolate(verts, faces, face_id, attributes):
     return out.view(batch, height, width, channels)
 
 
+def face_corners(values, faces):
+    """Per-vertex values (..., V, C), faces (F, 3) -> each face's corners' values (..., F, 3, C) (index_select:
+    about twice as fast as indexing with faces on the CPU)."""
+    return values.index_select(-2, faces.reshape(-1)).unflatten(-2, (len(faces), 3))
+
+
 def vertex_normals(verts, faces):
     """verts (..., V, 3), faces (F, 3) long -> unit vertex normals (..., V, 3), the area-weighted mean of the
     normals of the faces around each vertex."""
-    tri = verts[..., faces, :]                                                          # (..., F, 3, 3)
+    tri = face_corners(verts, faces)                                                    # (..., F, 3, 3)
     face_normal = torch.linalg.cross(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :])
     normals = torch.zeros_like(verts)
     for k in range(3):
@@ -241,22 +362,181 @@ def project(verts, cam=DEFAULT_CAM):
 
 def shade(verts, faces, size):
     """
-    Lambert-shaded render for previews. verts (B, V, 3) projected, faces (F, 3) -> uint8 (B, H, W, 3).
-    Flat shading on face normals, light from the camera, two-sided so winding does not matter.
+    The previews' shading. verts (B, V, 3) projected, faces (F, 3) -> uint8 (B, H, W, 3), SKIN_RGB on
+    BACKGROUND_RGB. Phong shading: vertex normals interpolated across each face and renormalised, lit by a key
+    light from above one side, a fill light and an ambient share, with the key light's slight Blinn-Phong
+    highlight; two-sided (a face seen from behind is lit as its front), so meshes of any winding and their
+    open rims shade alike. Anti-aliased: a pixel on a silhouette or an occlusion edge (_edge_pixels) is the mean
+    of SUPERSAMPLE² samples spread evenly over it (supersampled, then box-filtered down); every other pixel
+    lies on one smooth surface and is shaded at its centre.
     """
-    _, face_id = rasterize(verts, faces, size)
+    height, width = _image_size(size)
+    verts = verts.float()
     faces = faces.to(device=verts.device, dtype=torch.long)
-    tri = verts[:, faces].float()                                     # (B, F, 3, 3)
-    normal = torch.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0], dim=-1)
-    facing = normal[..., 2].abs() / normal.norm(dim=-1).clamp_min(1e-12)  # (B, F) |cos| to the view axis
-    light = AMBIENT + (1 - AMBIENT) * facing
-    light = torch.cat([light, torch.zeros_like(light[:, :1])], dim=1)  # (B, F+1): index F is background
-    index = torch.where(face_id >= 0, face_id, faces.shape[0]).flatten(1)
-    lit = torch.gather(light, 1, index).view(face_id.shape)  # (B, H, W)
-    skin = torch.tensor(SKIN_RGB, dtype=torch.float32, device=verts.device)
-    background = torch.tensor(BACKGROUND_RGB, dtype=torch.float32, device=verts.device)
-    image = torch.where((face_id >= 0)[..., None], lit[..., None] * skin, background)  # (B, H, W, 3)
-    return image.round().clamp(0, 255).to(torch.uint8)
+    frames = max(1, SHADE_PIXELS // (height * width))
+    return torch.cat([_shade_frames(verts[lo:lo + frames], faces, height, width)
+                      for lo in range(0, len(verts), frames)]) if len(verts) else \
+        torch.zeros(0, height, width, 3, dtype=torch.uint8, device=verts.device)
+
+
+def _shade_frames(verts, faces, height, width):
+    """shade for a few frames (float32 verts): every covered pixel at its centre, then the edge pixels' means."""
+    batch, n_faces = len(verts), len(faces)
+    background = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8, device=verts.device)
+    image = background.repeat(width).repeat(batch * height).view(-1, 3)       # a row, then rows: 3x faster
+    front = _front(verts, faces)
+    pixel, depth, face = _zbuffer(verts, faces, height, width, front)
+    if not len(pixel):
+        return image.view(batch, height, width, 3)
+    planes = _normal_planes(verts, faces, front, height, width)
+    frame, row, col = _frame_row_col(pixel, height, width)
+    image[pixel] = _to_uint8(_lit(planes, frame * n_faces + face, col.float(), row.float()))
+    # the edges are found in the box around all covered pixels (and a pixel of background)
+    top, left = max(int(row.min()) - 1, 0), max(int(col.min()) - 1, 0)
+    rows, cols = min(int(row.max()) + 2, height) - top, min(int(col.max()) + 2, width) - left
+    inner = (frame * rows + row - top) * cols + col - left                          # into (B, rows, cols)
+    depth_box = torch.full((batch * rows * cols,), float("inf"), device=verts.device).index_put_((inner,), depth)
+    face_box = torch.full((batch * rows * cols,), -1, device=verts.device).index_put_((inner,), face)
+    edges = _edge_pixels(depth_box.view(batch, rows, cols), width)                  # into (B, rows, cols)
+    if len(edges):
+        e_frame, e_row, e_col = _frame_row_col(edges, rows, cols)
+        candidates = _edge_candidates(face_box.view(batch, rows, cols), edges)
+        colour = _supersampled(verts, faces, planes, candidates, e_frame, e_row + top, e_col + left, (height, width))
+        image[(e_frame * height + e_row + top) * width + e_col + left] = _to_uint8(colour)
+    return image.view(batch, height, width, 3)
+
+
+def _to_uint8(colour):
+    return colour.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _frame_row_col(pixel, height, width):
+    """Flat indices into (B, H, W) -> frame, row and column, each (P,) long."""
+    pixel = pixel.int()
+    frame, rest = pixel.div(height * width, rounding_mode="floor"), pixel % (height * width)
+    return frame.long(), rest.div(width, rounding_mode="floor").long(), (rest % width).long()
+
+
+def _centres(row, col, height, width):
+    """Pixel rows and columns of an (H, W) image -> the x, y of their centres in projected space."""
+    return (col.float() + 0.5) * (2 / width) - 1, 1 - (row.float() + 0.5) * (2 / height)
+
+
+def _normal_planes(verts, faces, front, height, width):
+    """Per frame and face (10, B*F): the view-space normal of the mesh interpolated over the face, as an affine
+    function of the pixel column and row of an (H, W) image (the vertex normals weighed by screen-space
+    barycentrics): its value at pixel (0, 0), its change per column and per row, then the share of light the
+    face keeps: 1, or INSIDE_SHARE for a face seen from behind (front False), the inside of a mouth or a neck.
+    Normals point toward the camera's side of the face: a face seen from behind has its normals flipped,
+    which makes the shading two-sided."""
+    corners = face_corners(verts, faces)                                                # (B, F, 3, 3)
+    d1, d2 = corners[:, :, 1] - corners[:, :, 0], corners[:, :, 2] - corners[:, :, 0]   # (B, F, 3)
+    area = d1[..., 0] * d2[..., 1] - d2[..., 0] * d1[..., 1]                            # (B, F), 2x signed area
+    # projected space mirrors z (z grows away from the camera): view space is (x, y, -z), and a face with
+    # area > 0 has its winding's normal pointing away from the camera
+    normals = vertex_normals(verts, faces) * torch.tensor([1.0, 1.0, -1.0], device=verts.device)
+    normals = face_corners(normals, faces) * torch.where(area > 0, -1.0, 1.0)[..., None, None]       # (B, F, 3, 3)
+    n1, n2 = normals[:, :, 1] - normals[:, :, 0], normals[:, :, 2] - normals[:, :, 0]
+    grad_x = (d2[..., 1:2] * n1 - d1[..., 1:2] * n2) / area[..., None]                   # per unit of x
+    grad_y = (d1[..., 0:1] * n2 - d2[..., 0:1] * n1) / area[..., None]                   # per unit of y
+    # pixel (row i, column j) has its centre at x = (2j + 1) / W - 1, y = 1 - (2i + 1) / H
+    x0, y0 = 1 / width - 1, 1 - 1 / height
+    at_origin = normals[:, :, 0] + (x0 - corners[:, :, 0, :1]) * grad_x + (y0 - corners[:, :, 0, 1:2]) * grad_y
+    share = torch.where(front, 1.0, INSIDE_SHARE)[..., None]
+    return torch.cat([at_origin, grad_x * (2 / width), grad_y * (-2 / height), share], -1).reshape(-1, 10).T.contiguous()
+
+
+def _lit(planes, face, col, row):
+    """The shaded colour (P, 3) float of points at pixel column col and row (P,) float on faces `face` (indices
+    into _normal_planes' columns): the normal interpolated there and renormalised, lit by the key, fill and
+    ambient light, plus the key light's highlight, times the face's share of light. Computed a component at
+    a time on 1-D tensors, the fastest layout for torch on the CPU."""
+    value = [plane.index_select(0, face) for plane in planes]                       # 10 x (P,)
+    normal = [torch.addcmul(torch.addcmul(value[k], col, value[3 + k]), row, value[6 + k]) for k in range(3)]
+    inverse = torch.addcmul(torch.addcmul(normal[0] * normal[0], normal[1], normal[1]), normal[2], normal[2]).rsqrt_()
+    key, fill, halfway = ((normal[0] * d[0]).add_(normal[1], alpha=d[1]).add_(normal[2], alpha=d[2])
+                          .mul_(inverse).clamp_min_(0) for d in _LIGHTS)
+    light = key.mul_(KEY).add_(AMBIENT).add_(fill, alpha=FILL).mul_(value[9])
+    highlight = halfway.pow_(SHININESS).mul_(value[9]).mul_(GLOSS * 255)
+    colour = torch.empty(len(face), 3, device=face.device)
+    for k, c in enumerate(SKIN_RGB):
+        torch.add(highlight, light, alpha=float(c), out=colour[:, k])
+    return colour
+
+
+def _unit(v):
+    """A direction (3,) -> the unit vector along it, as three floats."""
+    length = sum(c * c for c in v) ** 0.5
+    return tuple(c / length for c in v)
+
+
+# toward the key light, the fill light, and halfway between the key light and the camera (Blinn-Phong)
+_LIGHTS = (_unit(KEY_LIGHT), _unit(FILL_LIGHT), _unit(tuple(k + v for k, v in zip(_unit(KEY_LIGHT), (0, 0, 1)))))
+
+
+def _edge_pixels(depth, width):
+    """Flat indices into depth (B, h, w) of the pixels beside a neighbour (left, right, above, below) whose
+    depth differs by more than EDGE_DEPTH_STEP pixel widths of a width-pixel image, background counting as
+    infinitely far: silhouettes, and one surface in front of another. Elsewhere the shading is smooth."""
+    step = EDGE_DEPTH_STEP * 2 / width
+    edge = torch.zeros_like(depth, dtype=torch.bool)
+    for axis in (1, 2):
+        n = depth.shape[axis] - 1
+        jump = (depth.narrow(axis, 1, n) - depth.narrow(axis, 0, n)).abs_() > step       # inf - inf: nan, no
+        edge.narrow(axis, 1, n).logical_or_(jump)
+        edge.narrow(axis, 0, n).logical_or_(jump)
+    return edge.view(-1).nonzero().squeeze(1)
+
+
+def _edge_candidates(face_id, pixels):
+    """(E, 9) long: the faces seen at `pixels` (flat indices into face_id (B, h, w)) and at their 8
+    neighbours, -1 where none: the faces that can cover a point inside those pixels (but for slivers that
+    no pixel centre near them shows)."""
+    batch, height, width = face_id.shape
+    frame, row, col = _frame_row_col(pixels, height, width)
+    near = [(frame * height + (row + dy).clamp(0, height - 1)) * width + (col + dx).clamp(0, width - 1)
+            for dy in (-1, 0, 1) for dx in (-1, 0, 1)]                   # the pixel itself is the 5th (index 4)
+    return face_id.view(-1)[torch.stack(near, 1)]
+
+
+def _supersampled(verts, faces, planes, candidates, frame, row, col, size):
+    """The mean colour (E, 3) of SUPERSAMPLE² evenly spread samples in each pixel (row, col) of frame `frame`
+    (E,) of an (H, W) image: each sample shaded on the nearest of the pixel's candidate faces (E, 9) that
+    covers it (edges included, as rasterize counts them), background where none does."""
+    (height, width), ss = size, SUPERSAMPLE
+    step = (torch.arange(ss, device=verts.device) + 0.5) / ss - 0.5                      # sample offsets, pixels
+    sample_row, sample_col = row[:, None] + step.repeat_interleave(ss), col[:, None] + step.repeat(ss)  # (E, S)
+    x, y = _centres(sample_row, sample_col, height, width)
+    corner = faces.index_select(0, candidates.clamp_min(0).view(-1)).view(*candidates.shape, 3) \
+        + (frame * verts.shape[1])[:, None, None]                                       # (E, 9, 3)
+    tri = verts.reshape(-1, 3).index_select(0, corner.view(-1)).view(*corner.shape, 3)[:, :, None]  # (E, 9, 1, 3, xyz)
+    px, py = x[:, None], y[:, None]                                                    # (E, 1, S)
+    weights = []
+    for a, b in ((1, 2), (2, 0), (0, 1)):                  # corner k's edge function: the edge facing it
+        ax, ay, bx, by = tri[..., a, 0], tri[..., a, 1], tri[..., b, 0], tri[..., b, 1]
+        weights.append((bx - ax) * (py - ay) - (by - ay) * (px - ax))                  # (E, 9, S)
+    area = weights[0] + weights[1] + weights[2]
+    inside = (area != 0) & (candidates[..., None] >= 0)
+    for w in weights:
+        inside &= w * area >= 0
+    depth = torch.where(inside, (weights[0] * tri[..., 0, 2] + weights[1] * tri[..., 1, 2]
+                                 + weights[2] * tri[..., 2, 2]) / area, float("inf"))    # (E, 9, S)
+    nearest, best = torch.zeros_like(depth[:, 0], dtype=torch.long), depth[:, 0]      # (E, S): the first nearest
+    for k in range(1, depth.shape[1]):
+        nearer = depth[:, k] < best
+        nearest, best = torch.where(nearer, k, nearest), torch.where(nearer, depth[:, k], best)
+    covered = torch.isfinite(best)
+    # a sample no candidate covers, in a pixel with no background around it, lies on a face no pixel centre
+    # nearby shows (a sliver): the pixel's own face is shaded there instead of a speck of background
+    enclosed = (candidates >= 0).all(1, keepdim=True) & ~covered
+    nearest = torch.where(enclosed, 4, nearest)                                         # 4: the pixel itself
+    face = candidates.gather(1, nearest)                                                  # (E, S)
+    hit = (covered | enclosed).view(-1).nonzero().squeeze(1)
+    colour = torch.tensor(BACKGROUND_RGB, dtype=torch.float32, device=verts.device).repeat(face.numel(), 1)
+    owner = hit.div(ss * ss, rounding_mode="floor")
+    colour[hit] = _lit(planes, frame[owner] * len(faces) + face.view(-1)[hit], sample_col.view(-1)[hit],
+                       sample_row.view(-1)[hit])
+    return colour.view(-1, ss * ss, 3).mean(1)
 
 
 def depth_to_image(depth):
@@ -273,6 +553,38 @@ def render_depth(verts, faces, cam=DEFAULT_CAM, size=IMAGE_SIZE):
     """FLAME vertices (B, V, 3) metres, cam (B, 3) or (3,) -> the renderer's depth input (B, 1, H, W)."""
     depth, _ = rasterize(project(verts, cam), faces, size)
     return depth_to_image(depth)
+
+
+def reference_flow(verts, faces, cam, reference_verts, reference_cam, size=IMAGE_SIZE):
+    """
+    Where each pixel's point of the head lies in the reference frame: FLAME vertices (B, V, 3) metres under cam
+    (B, 3) or (3,), the reference frame's vertices (V, 3) under reference_cam (3,) -> (B, 2, H, W), x then y in
+    grid_sample's units (2 is the image's width or height, y downward), the offset from the pixel's own centre to
+    the same surface point in the reference; 0 off the head. warp_image(reference, flow) moves the reference there.
+    """
+    projected = project(verts, cam)
+    _, face_id = rasterize(projected, faces, size)
+    there = project(reference_verts, reference_cam)[..., :2]                             # (V, 2), y upward
+    there = interpolate(projected, faces, face_id, there.reshape(-1, 2))                  # (B, H, W, 2)
+    here = pixel_grid(face_id.shape[-2:], verts.device)                                   # (H, W, 2), y downward
+    flow = torch.stack([there[..., 0], -there[..., 1]], -1) - here
+    return torch.where((face_id >= 0)[..., None], flow, torch.zeros_like(flow)).permute(0, 3, 1, 2)
+
+
+def pixel_grid(size, device=None):
+    """The pixels' centres in grid_sample's units (align_corners=False): (H, W, 2), x then y, y downward."""
+    height, width = _image_size(size)
+    rows = (torch.arange(height, device=device) * 2 + 1) / height - 1
+    columns = (torch.arange(width, device=device) * 2 + 1) / width - 1
+    return torch.stack([columns[None].expand(height, -1), rows[:, None].expand(-1, width)], -1)
+
+
+def warp_image(image, flow):
+    """image (B, C, H, W) sampled bilinearly at each pixel's centre moved by flow (B, 2, H, W) (reference_flow's
+    units); outside the image the border repeats."""
+    grid = pixel_grid(image.shape[-2:], image.device) + flow.float().permute(0, 2, 3, 1)
+    return torch.nn.functional.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border",
+                                           align_corners=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -345,28 +657,49 @@ class FaceRenderer(torch.nn.Module):
     halve it, so the levels sit at 256², 128², ..., 2² with ENCODER_CHANNELS. Decoder: 7 residual up blocks
     mirroring the 7 halvings (the 2² level is the bottleneck), each joined by the encoder level of its
     resolution, back to 64 channels at 256²; a 3x3 conv and tanh give RGB in [-1, 1].
+    warp=True (our addition): the reference image moved by the FLAME meshes' correspondence (reference_flow) is
+    three more input channels, and a fourth output channel is a mask that mixes it with the generated colours, as
+    few-shot vid2vid mixes its warped reference: eyes, brows and skin come from the reference, moved into place,
+    and the UNet draws what the reference cannot show (the open mouth).
     Input sides must be multiples of 128 (256 is the trained size).
     """
 
-    def __init__(self, channels=ENCODER_CHANNELS):
+    def __init__(self, channels=ENCODER_CHANNELS, warp=False):
         super().__init__()
-        ins = (RENDERER_IN_CHANNELS,) + tuple(channels[:-1])
+        self.warp = warp
+        ins = (RENDERER_IN_CHANNELS + (3 if warp else 0),) + tuple(channels[:-1])
         self.down = torch.nn.ModuleList(
             ResidualBlock(i, o, 1 if level == 0 else 2) for level, (i, o) in enumerate(zip(ins, channels)))
         self.up = torch.nn.ModuleList(
             UpBlock(channels[level + 1], channels[level], channels[level]) for level in reversed(range(len(channels) - 1)))
-        self.to_rgb = torch.nn.Conv2d(channels[0], 3, 3, 1, 1)
+        self.to_rgb = torch.nn.Conv2d(channels[0], 4 if warp else 3, 3, 1, 1)
 
-    def forward(self, depth, reference, frame_index):
-        """depth (B,1,H,W) in [0,1], reference (B,3,H,W) in [-1,1], frame_index (B,) -> (B,3,H,W) in [-1,1]."""
+    def forward(self, depth, reference, frame_index, flow=None, parts=False):
+        """
+        depth (B,1,H,W) in [0,1], reference (B,3,H,W) in [-1,1], frame_index (B,), flow (B,2,H,W) from
+        reference_flow (a warping renderer needs it) -> (B,3,H,W) in [-1,1]; parts=True returns (frame, the
+        warped reference or None).
+        """
         x = renderer_input(depth, reference, frame_index)
+        warped = None
+        if self.warp:
+            if flow is None:
+                raise ValueError("FaceRenderer: this renderer warps the reference; give it reference_flow's flow")
+            warped = warp_image(reference, flow)
+            x = torch.cat([x, warped.to(x)], 1)
         skips = []
         for block in self.down:
             x = block(x)
             skips.append(x)
         for block, skip in zip(self.up, reversed(skips[:-1])):
             x = block(x, skip)
-        return torch.tanh(self.to_rgb(x))
+        out = self.to_rgb(x)
+        if warped is None:
+            frame = torch.tanh(out)
+        else:
+            mask = torch.sigmoid(out[:, 3:].float())
+            frame = mask * warped + (1 - mask) * torch.tanh(out[:, :3].float())
+        return (frame, warped) if parts else frame
 
 
 def renderer_input(depth, reference, frame_index):
@@ -524,13 +857,14 @@ TINY_DIVISOR = 8        # the tiny preset's widths are the paper's divided by th
 @dataclass
 class RendererConfig:
     """
-    Widths of the face renderer and its discriminator. Presets: 'paper' is the paper's (58.6 M generator
-    parameters, for GPUs); 'tiny' keeps the same 8 levels and layout at 1/TINY_DIVISOR of the widths, which
-    trains on two CPU cores in minutes.
+    Widths of the face renderer and its discriminator, and whether it warps the reference. Presets: 'paper' is
+    the paper's (58.6 M generator parameters, for GPUs); 'tiny' keeps the same 8 levels and layout at
+    1/TINY_DIVISOR of the widths, which trains on two CPU cores in minutes, and warps the reference.
     """
     channels: tuple = ENCODER_CHANNELS
     discriminator_channels: tuple = DISCRIMINATOR_CHANNELS
     image_size: int = IMAGE_SIZE          # pixels a side; a multiple of 128 (the 8 levels halve it 7 times)
+    warp: bool = False                    # FaceRenderer's mesh-guided warp of the reference (ours; not the paper's)
 
     @classmethod
     def preset(cls, name):
@@ -542,7 +876,7 @@ class RendererConfig:
 RENDERER_PRESETS = dict(
     paper=RendererConfig(),
     tiny=RendererConfig(tuple(c // TINY_DIVISOR for c in ENCODER_CHANNELS),
-                        tuple(c // TINY_DIVISOR for c in DISCRIMINATOR_CHANNELS)))
+                        tuple(c // TINY_DIVISOR for c in DISCRIMINATOR_CHANNELS), warp=True))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -619,6 +953,7 @@ class TrainedRenderer:
     cam: tuple                    # the person's camera [scale, tx, ty] in training
     flame_record: dict            # the head its depth inputs came from: {'flame': file, 'flame_sha256'}
     source: str                   # the checkpoint file
+    reference: dict = None        # a warping renderer's reference head: motion (59,), cam (3,), shape (100,) tensors
 
 
 def load_renderer(path, device="cpu"):
@@ -631,13 +966,22 @@ def load_renderer(path, device="cpu"):
         raise ValueError(f"{path}: not a face renderer checkpoint (no 'generator' / 'renderer_config')")
     try:
         config = RendererConfig(**ckpt["renderer_config"])
-        generator = FaceRenderer(config.channels).to(device)
+        generator = FaceRenderer(config.channels, config.warp).to(device)
         generator.load_state_dict(ckpt["generator"])
     except (TypeError, ValueError, RuntimeError) as e:      # a damaged config or weights that do not fit it
         raise ValueError(f"{path}: not a usable face renderer checkpoint ({str(e).strip().splitlines()[0]})") from None
     record = dict(flame=ckpt.get("flame"), flame_sha256=ckpt.get("flame_sha256"))
+    reference = None
+    if config.warp:
+        reference = dict(motion=ckpt.get("reference_motion"), cam=ckpt.get("reference_cam"), shape=ckpt.get("shape"))
+        sizes = dict(motion=59, cam=3, shape=100)
+        bad = [k for k, v in reference.items() if not isinstance(v, torch.Tensor) or v.shape != (sizes[k],)]
+        if bad:
+            raise ValueError(f"{path}: a warping face renderer without its reference head ({', '.join(bad)} missing "
+                             f"or of the wrong size)")
+        reference = {k: v.float() for k, v in reference.items()}
     return TrainedRenderer(generator.eval(), config, tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM)), record,
-                           str(path))
+                           str(path), reference)
 
 
 def _file_mode():
@@ -692,7 +1036,7 @@ class VideoWriter:
     raises OSError naming `path`.
     """
 
-    def __init__(self, path, size, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
+    def __init__(self, path, size, fps=FPS, audio=None, sample_rate=SAMPLE_RATE, preset=VIDEO_PRESET):
         self.path = Path(path)
         self.height, self.width = _image_size(size)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -715,7 +1059,7 @@ class VideoWriter:
                    "-s", f"{self.width}x{self.height}", "-pix_fmt", "rgb24",
                    "-r", str(Fraction(fps).limit_denominator()), "-i", "-"]
             cmd += ["-an"] if self.wav is None else ["-i", str(self.wav)]
-            cmd += ["-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(VIDEO_CRF), "-v", "error"]
+            cmd += ["-vcodec", "libx264", "-preset", preset, "-pix_fmt", "yuv420p", "-crf", str(VIDEO_CRF), "-v", "error"]
             if self.wav is not None:
                 cmd += ["-acodec", "aac", "-map", "0:v:0", "-map", "1:a:0", "-shortest"]
             self.log = tempfile.TemporaryFile()                  # ffmpeg's complaints, for the error message
@@ -794,7 +1138,7 @@ def write_video(path, frames, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
         video.write(frames)
 
 
-def render_preview(flame, verts, path, audio=None, cam=DEFAULT_CAM, size=IMAGE_SIZE, on_frames=None):
+def render_preview(flame, verts, path, audio=None, cam=PREVIEW_CAM, size=PREVIEW_SIZE, on_frames=None):
     """
     Shaded preview mp4 of a vertex sequence at FPS, PREVIEW_BATCH frames at a time: verts (T, V, 3) metres, or
     an iterable of (t, V, 3) pieces in order, so that a long song's meshes are never held all at once; audio at
@@ -804,7 +1148,7 @@ def render_preview(flame, verts, path, audio=None, cam=DEFAULT_CAM, size=IMAGE_S
         if torch.is_tensor(verts) else verts
     cam = torch.as_tensor(cam, dtype=torch.float32)
     start = 0
-    with VideoWriter(path, size, FPS, audio) as video:
+    with VideoWriter(path, size, FPS, audio, preset=PREVIEW_PRESET) as video:
         for piece in pieces:
             frame_cam = cam[start:start + len(piece)] if cam.dim() == 2 else cam
             with torch.no_grad():
@@ -812,6 +1156,58 @@ def render_preview(flame, verts, path, audio=None, cam=DEFAULT_CAM, size=IMAGE_S
             start += len(piece)
             if on_frames is not None:
                 on_frames(len(piece))
+
+
+def side_by_side(verts, faces, labels, cam=PREVIEW_CAM, size=PREVIEW_SIZE):
+    """Heads side by side under one light and one camera: verts (K, T, V, 3) metres, one sequence a panel ->
+    uint8 (T, size, K*size, 3), panel k the shaded preview of verts[k] with labels[k] written at its top left."""
+    cam = torch.as_tensor(cam, dtype=torch.float32)
+    frames = torch.cat([shade(project(panel, cam.to(panel)), faces, size) for panel in verts], 2)
+    for k, label in enumerate(labels):
+        draw_text(frames, label, LABEL_MARGIN * size, k * size + LABEL_MARGIN * size, max(1, size // LABEL_CELLS))
+    return frames
+
+
+def write_side_by_side(path, pieces, faces, labels, audio=None, cam=PREVIEW_CAM, size=PREVIEW_SIZE):
+    """side_by_side as an mp4 at FPS with audio (as VideoWriter takes it): pieces an iterable of (K, t, V, 3)
+    vertex sequences in order, so that a long take's meshes are never held all at once."""
+    with VideoWriter(path, (size, len(labels) * size), FPS, audio, preset=PREVIEW_PRESET) as video:
+        for piece in pieces:
+            with torch.no_grad():
+                video.write(side_by_side(piece, faces, labels, cam, size))
+    return Path(path)
+
+
+# A 5x7 pixel font for the few characters the previews' labels use: one string a glyph, rows top to bottom.
+GLYPHS = {c: rows.split() for c, rows in {
+    "a": "..... ..... .###. ....# .#### #...# .####", "e": "..... ..... .###. #...# ##### #.... .###.",
+    "h": "#.... #.... #.##. ##..# #...# #...# #...#", "k": "#.... #.... #..#. #.#.. ##... #.#.. #..#.",
+    "r": "..... ..... #.##. ##..# #.... #.... #....", "t": ".#... .#... ####. .#... .#... .#..# ..##.",
+    "u": "..... ..... #...# #...# #...# #..## .##.#", " ": "..... ..... ..... ..... ..... ..... .....",
+    "0": ".###. #...# #..## #.#.# ##..# #...# .###.", "1": "..#.. .##.. ..#.. ..#.. ..#.. ..#.. .###.",
+    "2": ".###. #...# ....# ...#. ..#.. .#... #####", "3": "##### ...#. ..#.. ...#. ....# #...# .###.",
+    "4": "...#. ..##. .#.#. #..#. ##### ...#. ...#.", "5": "##### #.... ####. ....# ....# #...# .###.",
+    "6": "..##. .#... #.... ####. #...# #...# .###.", "7": "##### ....# ...#. ..#.. .#... .#... .#...",
+    "8": ".###. #...# #...# .###. #...# #...# .###.", "9": ".###. #...# #...# .#### ....# ...#. .##..",
+}.items()}
+LABEL_CELLS = 128                # a label's font pixel is this many times smaller than the panel (4 px at 512²)
+LABEL_MARGIN = 0.03              # share of the panel between a label and the panel's top and left edges
+LABEL_RGB = (235, 235, 235)      # label colour
+
+
+def draw_text(frames, text, top, left, scale):
+    """Write text (the characters of GLYPHS) into uint8 frames (T, H, W, 3) in place, LABEL_RGB, its top left
+    corner at pixel (top, left), each font pixel scale x scale pixels, one font pixel between characters."""
+    top, left = int(top), int(left)
+    for i, char in enumerate(text):
+        if char not in GLYPHS:
+            raise ValueError(f"draw_text: no glyph for {char!r} (has {''.join(sorted(GLYPHS))})")
+        glyph = torch.tensor([[c == "#" for c in row] for row in GLYPHS[char]])
+        mask = glyph.repeat_interleave(scale, 0).repeat_interleave(scale, 1)           # (7 scale, 5 scale)
+        x = left + i * 6 * scale
+        region = frames[:, top:top + mask.shape[0], x:x + mask.shape[1]]
+        region[:, mask[:region.shape[1], :region.shape[2]]] = torch.tensor(LABEL_RGB, dtype=frames.dtype)
+    return frames
 
 
 # Progress counts the steps of a long job (building the built-in data set, training, an evaluation, a long song) and says

@@ -3,6 +3,7 @@
 Reference packages (transformers, smplx, librosa, scikit-image, trimesh, chumpy) are imported inside the tests
 that use them; they are test dependencies only (requirements-dev.txt). Run: python -m pytest -q test_unisinger.py
 """
+import contextlib
 import functools
 import inspect
 import io
@@ -21,8 +22,9 @@ import subprocess
 import sys
 import types
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import imageio.v2 as imageio
 import imageio_ffmpeg
@@ -909,8 +911,8 @@ def ray_cast(verts, faces, height, width):
     return depth.reshape(height, width), face.reshape(height, width), tied.reshape(height, width)
 
 
-def assert_matches_ray_casting(verts, faces, height, width):
-    depth, face_id = render.rasterize(torch.from_numpy(verts)[None], torch.from_numpy(faces), (height, width))
+def assert_matches_ray_casting(verts, faces, height, width, dtype=torch.float64):
+    depth, face_id = render.rasterize(torch.from_numpy(verts).to(dtype)[None], torch.from_numpy(faces), (height, width))
     depth, face_id = depth[0].numpy(), face_id[0].numpy()
     ref_depth, ref_face, tied = ray_cast(verts, faces, height, width)
     clear = ~near_edge_mask(verts, faces, height, width)
@@ -919,18 +921,20 @@ def assert_matches_ray_casting(verts, faces, height, width):
     assert np.array_equal(np.isfinite(depth)[clear], covered[clear])
     assert np.array_equal(face_id[clear & ~covered], np.full((clear & ~covered).sum(), -1))
     both = clear & covered
-    assert np.abs(depth[both] - ref_depth[both]).max() <= 1e-5
+    assert np.abs(depth[both] - ref_depth[both]).max() <= (1e-5 if dtype == torch.float64 else 1e-4)  # z ~ 3
     assert np.array_equal(face_id[both & ~tied], ref_face[both & ~tied])
 
 
-def test_rasterize_matches_trimesh_ray_casting_on_occluding_closed_meshes():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])     # float32: the keyed, two-pass z-buffer
+def test_rasterize_matches_trimesh_ray_casting_on_occluding_closed_meshes(dtype):
     verts, faces = occluding_scene()
-    assert_matches_ray_casting(verts, faces, 72, 96)
+    assert_matches_ray_casting(verts, faces, 72, 96, dtype)
 
 
-def test_rasterize_matches_trimesh_ray_casting_on_crossing_triangle_soup():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rasterize_matches_trimesh_ray_casting_on_crossing_triangle_soup(dtype):
     verts, faces = triangle_soup(3)
-    assert_matches_ray_casting(verts, faces, 64, 64)
+    assert_matches_ray_casting(verts, faces, 64, 64, dtype)
 
 
 def test_rasterize_batch_equals_separate_calls():
@@ -981,19 +985,116 @@ def test_project_follows_orthographic_deca_camera():
     assert torch.allclose(frames, projected.expand(4, 3, 3))
 
 
-def test_shade_lambert_brighter_when_facing_camera():
-    facing = [[-0.9, -0.9, 1.0], [-0.1, -0.9, 1.0], [-0.5, 0.9, 1.0]]
-    tilted = [[0.1, -0.9, 1.0], [0.9, -0.9, 2.0], [0.5, 0.9, 1.5]]
-    verts = torch.tensor([facing + tilted])
-    image = render.shade(verts, torch.tensor([[0, 1, 2], [5, 4, 3]]), 64)
-    assert image.dtype == torch.uint8 and image.shape == (1, 64, 64, 3)
-    assert torch.equal(image[0, 0, 0], torch.tensor(render.BACKGROUND_RGB, dtype=torch.uint8))
-    lit_facing, lit_tilted = image[0, 40, 16].float(), image[0, 40, 48].float()
-    assert torch.allclose(lit_facing, torch.tensor(render.SKIN_RGB, dtype=torch.float32), atol=1)
-    normal = np.cross(np.subtract(tilted[1], tilted[0]), np.subtract(tilted[2], tilted[0]))
-    cos = abs(normal[2]) / np.linalg.norm(normal)
-    expected = np.array(render.SKIN_RGB) * (render.AMBIENT + (1 - render.AMBIENT) * cos)
-    assert np.abs(lit_tilted.numpy() - expected).max() <= 1
+def analytic_preview_colour(normal):
+    """The previews' shading of a surface with unit view-space normals (..., 3) (+z toward the camera), written
+    from its definition: skin x (ambient + key Lambert + fill Lambert) + the key light's Blinn-Phong highlight."""
+    unit = lambda v: np.asarray(v, float) / np.linalg.norm(v)
+    key, fill = unit(render.KEY_LIGHT), unit(render.FILL_LIGHT)
+    halfway = unit(key + [0, 0, 1])
+    lambert = (render.AMBIENT + render.KEY * np.clip(normal @ key, 0, None)
+               + render.FILL * np.clip(normal @ fill, 0, None))
+    phong = render.GLOSS * 255 * np.clip(normal @ halfway, 0, None) ** render.SHININESS
+    return np.clip(lambert[..., None] * np.asarray(render.SKIN_RGB, float) + phong[..., None], 0, 255)
+
+
+def test_shade_matches_analytic_lambert_and_phong_on_a_sphere():
+    """Phong shading: normals interpolated from the vertices give, at pixels sampled over a finely tessellated
+    sphere, the analytic sphere's key + fill Lambert and Blinn-Phong highlight within a grey level and a half;
+    the mesh's winding does not matter (two-sided), and the background stays the background."""
+    import trimesh
+    sphere = trimesh.creation.icosphere(5)
+    radius, size = 0.1, 96
+    verts = torch.tensor(sphere.vertices * radius, dtype=torch.float32)[None]             # metres, at the origin
+    cam = (8.0, 0.0, 0.0)                                                                  # sphere radius 0.8
+    image = render.shade(render.project(verts, cam), torch.tensor(sphere.faces), size)[0].numpy().astype(float)
+    i, j = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    x, y = (j + 0.5) / size * 2 - 1, 1 - (i + 0.5) / size * 2                             # pixel centres
+    r = np.hypot(x, y) / 0.8
+    inside = r < 0.95                                                                      # off the silhouette
+    normal = np.stack([x / 0.8, y / 0.8, np.sqrt(np.clip(1 - r ** 2, 0, None))], -1)     # the analytic sphere
+    expected = analytic_preview_colour(normal)
+    assert inside.sum() > 2000
+    assert np.abs(image[inside] - expected[inside]).max() <= 1.5
+    assert (image[r > 1.05] == render.BACKGROUND_RGB).all()
+    assert np.ptp(expected[inside][:, 0]) > 100 and expected[inside][:, 0].max() > 180       # lit and shadowed sides
+    flipped = render.shade(render.project(verts, cam), torch.tensor(sphere.faces[:, ::-1].copy()), size)[0]
+    assert np.abs(flipped.numpy().astype(float)[inside] - image[inside]).max() <= 1
+
+
+def test_shade_antialiases_a_straight_edge_between_background_and_surface():
+    """Supersampled, then filtered down: pixels a straight edge cuts in half get a value halfway between the
+    background and the (flat, camera-facing) surface; pixels an edge cuts elsewhere get their covered share of
+    it, to the sampling's resolution; wholly covered pixels are the surface's shading, untouched."""
+    size = 32
+    flat = analytic_preview_colour(np.array([0.0, 0.0, 1.0]))                             # facing the camera
+    background = np.asarray(render.BACKGROUND_RGB, float)
+    # a square whose right edge runs through the centres of column 20
+    edge_x = (20 + 0.5) / size * 2 - 1
+    square = torch.tensor([[[-0.8, -0.8, 1.0], [edge_x, -0.8, 1.0], [edge_x, 0.8, 1.0], [-0.8, 0.8, 1.0]]])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    image = render.shade(square, faces, size)[0].numpy().astype(float)
+    half = image[8:24, 20]                                                                 # cut in half
+    assert ((half > np.minimum(background, flat)) & (half < np.maximum(background, flat)) | (background == flat)).all()
+    assert np.abs(half - (background + flat) / 2).max() <= 1
+    assert np.abs(image[8:24, 5:19] - flat).max() <= 1 and (image[8:24, 22:] == background).all()
+    # a slanted edge: each cut pixel's share of the surface, against the share of its area left of the edge
+    slope = 0.3
+    tilted = torch.tensor([[[-0.9, -0.9, 1.0], [0.2 - slope * 0.9, -0.9, 1.0], [0.2 + slope * 0.9, 0.9, 1.0],
+                            [-0.9, 0.9, 1.0]]])
+    image = render.shade(tilted, faces, size)[0].numpy().astype(float)
+    fine = 64                                                                              # the area, finely sampled
+    for row in range(6, 26):
+        for col in range(8, size):                                                          # right of the left edge
+            u = (col + (np.arange(fine) + 0.5) / fine) / size * 2 - 1
+            v = 1 - (row + (np.arange(fine) + 0.5) / fine) / size * 2
+            area = np.mean(u[None, :] <= 0.2 + slope * v[:, None])
+            share = (image[row, col, 0] - background[0]) / (flat[0] - background[0])
+            assert abs(share - area) <= 0.26, (row, col, share, area)                   # 4 samples a pixel
+
+
+def test_side_by_side_panels_equal_separate_previews(tmp_path):
+    """truth | take 0 | take 1: each panel of the side-by-side frames is the shaded preview of its own meshes
+    (one light, one camera) but for its label; written as videos, the three panels decode to what three
+    separate previews of the same meshes decode to."""
+    import imageio.v3 as iio
+    head = stand_in_flame()
+    t = torch.linspace(0, 1, 6)[:, None]
+    motions = [torch.zeros(6, flame.MOTION_DIM) for _ in range(3)]
+    motions[1][:, -3:-2] = 0.3 * t                                                          # the jaw opening
+    motions[2][:, flame.N_EXPR:flame.N_EXPR + 1] = 0.4 * t                                  # the head turning
+    verts = torch.stack([head.from_motion(torch.zeros(flame.N_SHAPE), m) for m in motions])   # (3, 6, V, 3)
+    size, labels = 128, ["truth", "take 0", "take 1"]
+    frames = render.side_by_side(verts, head.faces, labels, size=size)
+    assert frames.shape == (6, size, 3 * size, 3)
+    label = np.zeros((size, size), bool)
+    label[:int(0.25 * size), :int(0.75 * size)] = True                                     # where labels may be
+    for k in range(3):
+        alone = render.shade(render.project(verts[k], render.PREVIEW_CAM), head.faces, size)
+        panel = frames[:, :, k * size:(k + 1) * size]
+        assert torch.equal(panel[:, ~label], alone[:, ~label])
+        assert (panel[:, label] != alone[:, label]).any()                                    # the label is there
+    path = render.write_side_by_side(tmp_path / "sbs.mp4", iter([verts[:, :3], verts[:, 3:]]), head.faces, labels,
+                                     audio=np.zeros(3200, np.float32), size=size)
+    both = iio.imread(path).astype(float)
+    assert both.shape == (6, size, 3 * size, 3) and audio_streams(path) == ["aac"]
+    for k in range(3):
+        render.render_preview(head, verts[k], tmp_path / f"alone_{k}.mp4", size=size)
+        alone = iio.imread(tmp_path / f"alone_{k}.mp4").astype(float)
+        difference = np.abs(both[:, :, k * size:(k + 1) * size] - alone)[:, ~label]
+        assert difference.mean() < 1.0 and np.percentile(difference, 99) < 8
+
+
+def test_draw_text_writes_the_glyphs_and_refuses_unknown_characters():
+    frames = torch.zeros(1, 20, 40, 3, dtype=torch.uint8)
+    render.draw_text(frames, "t1", 2, 3, 2)
+    on = (frames[0, :, :, 0] > 0).numpy()
+    expected = np.zeros((20, 40), bool)
+    for i, char in enumerate("t1"):
+        glyph = np.array([[c == "#" for c in row] for row in render.GLYPHS[char]])
+        expected[2:16, 3 + 12 * i:13 + 12 * i] = glyph.repeat(2, 0).repeat(2, 1)
+    assert (on == expected).all()
+    with pytest.raises(ValueError, match="no glyph for 'Q'"):
+        render.draw_text(frames, "Q", 0, 0, 1)
 
 
 def test_depth_to_image_fixed_range_nearer_brighter():
@@ -1084,6 +1185,50 @@ def test_face_renderer_levels_follow_the_paper():
     assert generator.down[0].body[0].in_channels == 1 + 3 + render.TPE_CHANNELS
     assert len(generator.up) == 7 and generator.up[-1].block.body[0].in_channels == 128 + 64
     assert image.shape == (1, 3, 256, 256) and image.abs().max() <= 1
+
+
+def test_reference_flow_moves_the_reference_surface_onto_each_frame():
+    """The stand-in head's rest positions painted on its surface, seen in a reference frame and in a frame with the
+    head turned 9 degrees, nodded, the jaw open and another camera: the reference image warped by reference_flow is
+    the frame's image where the frame shows the head (to a fifth of a millimetre, median; within 2 mm at 90 % of its
+    pixels: the rest is the inside of the opened mouth, which the reference does not show, and the outline, where
+    bilinear sampling mixes in the background), the flow 0 elsewhere."""
+    head = stand_in_flame()
+    motion = torch.zeros(2, 59)
+    motion[1, 50:53] = torch.tensor([0.1, 0.15, 0.0])                  # global rotation (rad)
+    motion[1, 56] = 0.2                                                 # jaw open
+    verts = head.from_motion(torch.zeros(100), motion)                  # (2, V, 3)
+    cams = torch.tensor([render.DEFAULT_CAM, (6.8, 0.01, 0.02)])
+    paint = verts[0]                                                    # rest positions as colours (m)
+
+    def painted(v, cam):
+        projected = render.project(v[None], cam)
+        _, face_id = render.rasterize(projected, head.faces, 128)
+        return render.interpolate(projected, head.faces, face_id, paint)[0].permute(2, 0, 1), face_id[0] >= 0
+
+    reference, _ = painted(verts[0], cams[0])
+    frame, covered = painted(verts[1], cams[1])
+    flow = render.reference_flow(verts[1:], head.faces, cams[1], verts[0], cams[0], 128)
+    assert flow.shape == (1, 2, 128, 128) and (flow[0][:, ~covered] == 0).all()
+    assert flow[0][:, covered].abs().amax(1).min() > 0.01               # the head moved by more than a pixel
+    error = (render.warp_image(reference[None], flow)[0] - frame).norm(dim=0)[covered]    # (P,) m
+    assert error.median() < 2e-4 and (error < 2e-3).float().mean() > 0.9, (error.median(), error.max())
+
+
+def test_warping_renderer_needs_its_flow_and_its_checkpoint_its_reference_head(tmp_path):
+    """A warping FaceRenderer refuses to run without the flow; its checkpoint without the reference head is refused
+    by load_renderer in one line naming the file."""
+    cfg = render.RendererConfig((4, 8, 16, 16, 16, 16, 16, 16), (8, 16, 16, 16), 128, warp=True)
+    generator = render.FaceRenderer(cfg.channels, warp=True)
+    depth, reference = torch.rand(1, 1, 128, 128), torch.rand(1, 3, 128, 128) * 2 - 1
+    with pytest.raises(ValueError, match="warps the reference"):
+        generator(depth, reference, torch.tensor([0]))
+    frame, warped = generator(depth, reference, torch.tensor([0]), torch.zeros(1, 2, 128, 128), parts=True)
+    assert frame.shape == (1, 3, 128, 128) and torch.allclose(warped, reference)     # no flow: the reference itself
+    torch.save(dict(generator=generator.state_dict(), renderer_config=asdict(cfg), shape=torch.zeros(100)),
+               tmp_path / "r.pt")
+    with pytest.raises(ValueError, match=r"r\.pt: a warping face renderer without its reference head \(motion, cam"):
+        render.load_renderer(tmp_path / "r.pt")
 
 
 def test_temporal_encoding_is_sinusoidal_and_constant_over_image():
@@ -2792,6 +2937,52 @@ def test_evaluate_command_writes_table_ii_for_sample_files(tmp_path):
     assert base["LVE-mean"] > 0 and base["official"]["diversity_lmk"] == 0 and 0 <= base["BA"] <= 1
 
 
+def test_truth_and_takes_video_shows_the_truth_beside_the_first_two_takes_with_the_song(tmp_path, capsys):
+    """metrics.truth_and_takes: truth | take 0 | take 1 (a third take left out), one light, one camera, the
+    clip's voice and music as sound; panels whose motion is the truth's look like the truth's panel, a take
+    with the jaw opened further does not. Named on the console."""
+    import imageio.v3 as iio
+    head = stand_in_flame()
+    frames = 12
+    truth = np.zeros((frames, flame.MOTION_DIM), np.float32)
+    truth[:, -3] = np.linspace(0, 0.2, frames)                                            # jaw opening
+    opened = truth.copy()
+    opened[:, -3] += 0.25
+    item = dict(id="clip7", start=0, motion=truth, shape=np.zeros(flame.N_SHAPE, np.float32),
+                audio=np.zeros(frames * SAMPLE_RATE // FPS, np.float32), bgm=np.zeros(frames * SAMPLE_RATE // FPS, np.float32))
+    path = metrics.truth_and_takes(tmp_path / "sbs.mp4", head, item, np.stack([truth, opened, opened]))
+    assert f"wrote {path}: truth | take 0 | take 1 of clip clip7" in capsys.readouterr().out
+    video = iio.imread(path).astype(float)
+    size = render.PREVIEW_SIZE
+    assert video.shape == (frames, size, 3 * size, 3) and audio_streams(path) == ["aac"]
+    below_labels = slice(size // 4, size)
+    panel = lambda k: video[:, below_labels, k * size:(k + 1) * size]
+    assert np.abs(panel(1) - panel(0)).mean() < 0.5
+    assert np.abs(panel(2) - panel(0)).mean() > 2 * np.abs(panel(1) - panel(0)).mean() + 0.5
+
+
+def test_metrics_side_by_side_writes_each_scored_clips_truth_and_takes(tmp_path, monkeypatch, capsys):
+    """`metrics.py --pred DIR --side-by-side` hands every clip it scores, with the takes it read, to
+    truth_and_takes, into DIR/side_by_side_<clip id>.mp4; with --video (Table IV) it is refused."""
+    root = builtin.generate_dataset(tmp_path / "data", builtin.Recipe(
+        n_people=1, clips_per_person=3, with_video=False), verbose=False)
+    clip_id = data.read_split(root, "test")[0]
+    f = data.read_flame_pickle(root / "flame_seqs" / f"{clip_id}.pkl")
+    truth = np.concatenate([f["expression"], f["pose"]], axis=1)
+    (tmp_path / "pred" / clip_id).mkdir(parents=True)
+    for k in range(3):
+        np.savez(tmp_path / "pred" / clip_id / f"sample_{k}.npz", motion=truth + 0.01 * k)
+    written = []
+    monkeypatch.setattr(metrics, "truth_and_takes", lambda path, head, item, takes: written.append((path, item, takes)))
+    metrics.main(["--pred", str(tmp_path / "pred"), "--data", str(root), "--side-by-side",
+                  "--json", str(tmp_path / "t2.json")])
+    (path, item, takes), = written
+    assert path == tmp_path / "pred" / f"side_by_side_{clip_id}.mp4" and item["id"] == clip_id
+    np.testing.assert_allclose(takes, np.stack([truth + 0.01 * k for k in range(3)]), atol=1e-6)
+    with pytest.raises(SystemExit, match="--side-by-side"):
+        metrics.main(["--video", "--pred", str(tmp_path / "pred"), "--side-by-side"])
+
+
 
 # ==============================================================================================================
 # Tests of the motion stage: the CVAE's structure, whole-song generation, training, resume and learning.
@@ -2938,12 +3129,16 @@ def test_training_writes_best_and_last_checkpoints_that_load(trained_motion):
         assert set(trained.people) == {"id0", "id1", "id2", "id3"}
 
 
-def test_tiny_model_learns_singing_motion_and_uses_the_audio(trained_motion, motion_set):
+def test_tiny_model_learns_singing_motion_and_uses_the_audio(trained_motion, motion_set, tmp_path, capsys):
     """The learning bar on the test split: LVE <= half the mean-motion baseline's, much worse when deaf, and
-    diverse samples that stay close to the truth."""
-    args = train.parse_args(["--stage", "motion"])
+    diverse samples that stay close to the truth; the summary writes a held-out clip's truth beside two takes."""
+    args = train.parse_args(["--stage", "motion", "--out", str(tmp_path)])
     rows = train.motion_summary(load_checkpoint(trained_motion / "best.pt").model, motion_set, args)
     ours, base, deaf = rows["UniSinger"], rows["mean motion"], rows["UniSinger, silence"]
+    clip = data.SingingHead(motion_set, "test")[0]
+    video = tmp_path / f"test_{clip['id']}.mp4"                  # the held-out clip: truth | take 0 | take 1
+    assert f"wrote {video}: truth | take 0 | take 1 of clip {clip['id']}" in capsys.readouterr().out
+    assert imageio.get_reader(video).get_meta_data()["size"] == (3 * render.PREVIEW_SIZE, render.PREVIEW_SIZE)
     assert ours["LVE-mean"] <= 0.5 * base["LVE-mean"]
     assert deaf["LVE-mean"] >= 1.5 * ours["LVE-mean"]
     assert ours["Diversity"] > 0
@@ -3102,6 +3297,8 @@ UNISINGER_REFUSALS = [
     (["--samples", "0"], "error: --samples 0: must be at least 1"),
     (["--samples", "-1"], "error: --samples -1: must be at least 1"),
     (["--samples", "two"], "error: argument --samples: invalid int value: 'two'"),
+    (["--size", "301"], "error: --size 301: must be even (the video encoder's 4:2:0 colour) and at least 16"),
+    (["--size", "8"], "error: --size 8: must be even"),
     (["--image", "junk.png"], "error: --image without --renderer: the portrait video needs both"),
     (["--renderer", "junk.pt"], "error: --renderer without --image: the portrait video needs both"),
     (["--bgm", "missing.wav"], "error: missing.wav: no such audio file"),
@@ -3892,7 +4089,7 @@ def test_render_frames_are_decoded_once_and_again_only_for_a_changed_or_cut_file
     monkeypatch.setattr(train, "decode_frames", lambda root, seq, *rest: decoded.append(seq) or real(root, seq, *rest))
 
     def frames():
-        return train.portrait_frames(root, seqs, head, "cpu", SIZE, 2, cache)[0]
+        return train.portrait_frames(root, seqs, head, SIZE, 2, cache)[0]
     first = frames()
     assert decoded == seqs
     truth = np.concatenate([data.read_video(data.video_path(root, s), SIZE)[::2] for s in seqs])
@@ -3926,14 +4123,15 @@ def singer(tmp_path_factory):
 
 
 def test_render_training_learns_the_mouth(singer, tmp_path, monkeypatch):
-    """A small run (the tiny preset's widths at 128², 15 epochs of batch 4 on 30 frames) renders the held-out
-    mouths: inside the mouth box its error is at most 0.75 of copying the reference (the renderer trained without
+    """A small run (the tiny preset's widths and warp at 128², 15 epochs of batch 4 on 30 frames) renders the
+    held-out mouths: inside the mouth box its error is at most 0.75 of copying the reference (the renderer trained without
     the mouth-box weight, on the shaded clay head it had before the filmed person, stays near 0.9 here) and its
     brightness follows the truth's. Whole-frame SSIM / PSNR are the default run's bars: a run this small is
     within a few tenths of a dB of copying the reference, above or below (-0.29 dB in one clean run)."""
     monkeypatch.setattr(train, "RENDER_FRAME_STRIDE", 2)              # 30 frames of each split
-    monkeypatch.setitem(render.RENDERER_PRESETS, "small", render.RendererConfig(
-        tuple(c // render.TINY_DIVISOR for c in render.ENCODER_CHANNELS), MICRO.discriminator_channels, SIZE))
+    monkeypatch.setitem(render.RENDERER_PRESETS, "small", replace(render.RENDERER_PRESETS["tiny"],
+                                                                  discriminator_channels=MICRO.discriminator_channels,
+                                                                  image_size=SIZE))
     args = render_args(singer, tmp_path, "--epochs", "15", "--batch-size", "4", "--lr", "3e-3")
     args.preset = "small"
     result = train_render(args)
@@ -3944,27 +4142,56 @@ def test_render_training_learns_the_mouth(singer, tmp_path, monkeypatch):
     assert (tmp_path / s["video"]).is_file()
 
 
-def test_mouth_scores_follow_their_definitions():
-    """mouth_scores against sums written out here: the box's absolute error over copying's, and Pearson's
-    correlation of the boxes' mean brightness."""
+def test_box_scores_and_the_summary_are_known_on_frames_equal_to_the_truth_in_one_box_and_the_reference_in_another():
+    """Generated frames equal to the truth inside the eyes box and to the reference inside the nose box (random
+    elsewhere, each frame's boxes elsewhere): the eyes' error 0, SSIM 1, no speckle, brightness correlation 1; the
+    nose's error that of copying (ratio 1), its SSIM scikit-image's of reference against truth, its speckles the
+    share of pixels more than 40 grey levels off in some channel, counted here; the mouth's figures are sums
+    written out here. The printed summary shows them against their bars: the eyes' met, the nose's not."""
+    from skimage.metrics import structural_similarity
     rng = np.random.default_rng(0)
-    truth, generated = rng.integers(0, 256, (2, 5, 16, 16, 3), dtype=np.uint8)
-    reference = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    boxes = torch.tensor([[2, 9, 3, 12]] * 5)
-    s = train.mouth_scores(generated, truth, reference, boxes)
-    g, t = generated[:, 2:9, 3:12].astype(float), truth[:, 2:9, 3:12].astype(float)
-    r = reference[2:9, 3:12].astype(float)
-    assert s["l1_ratio"] == pytest.approx(np.abs(g - t).sum() / np.abs(r - t).sum())
-    assert s["l1"] == pytest.approx(np.abs(g - t).mean())
-    gm, tm = g.mean((1, 2, 3)), t.mean((1, 2, 3))
-    assert s["correlation"] == pytest.approx(((gm - gm.mean()) * (tm - tm.mean())).sum()
-                                             / np.sqrt(((gm - gm.mean()) ** 2).sum() * ((tm - tm.mean()) ** 2).sum()))
+    truth, generated = rng.integers(0, 256, (2, 5, 48, 64, 3), dtype=np.uint8)
+    reference = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    boxes = dict(mouth=torch.tensor([[30, 44, 20, 44 + k] for k in range(5)]),
+                 eyes=torch.tensor([[2 + k, 14 + k, 4, 60] for k in range(5)]),
+                 nose=torch.tensor([[18, 28, 24 + k, 36 + k] for k in range(5)]))
+    for i in range(5):
+        top, bottom, left, right = boxes["eyes"][i].tolist()
+        generated[i, top:bottom, left:right] = truth[i, top:bottom, left:right]
+        top, bottom, left, right = boxes["nose"][i].tolist()
+        generated[i, top:bottom, left:right] = reference[top:bottom, left:right]
+    s = {box: train.box_scores(generated, truth, reference, boxes[box]) for box in boxes}
+    assert (s["eyes"]["l1"], s["eyes"]["l1_ratio"], s["eyes"]["speckle"]) == (0, 0, 0)
+    assert s["eyes"]["ssim"] == pytest.approx(1) and s["eyes"]["correlation"] == pytest.approx(1)
+    crops = [(reference[t:b, l:r].astype(float), truth[i, t:b, l:r].astype(float))
+             for i, (t, b, l, r) in enumerate(boxes["nose"].tolist())]
+    assert s["nose"]["l1_ratio"] == pytest.approx(1) and s["nose"]["l1"] == pytest.approx(s["nose"]["copy_l1"])
+    assert s["nose"]["l1"] == pytest.approx(np.mean([np.abs(r - t).mean() for r, t in crops]))   # equal-sized crops
+    assert s["nose"]["ssim"] == pytest.approx(np.mean([structural_similarity(
+        r, t, channel_axis=-1, data_range=255) for r, t in crops]))
+    assert s["nose"]["speckle"] == pytest.approx(np.mean([(np.abs(r - t).max(-1) > 40).mean() for r, t in crops]))
+    g = [generated[i, t:b, l:r].astype(float) for i, (t, b, l, r) in enumerate(boxes["mouth"].tolist())]
+    t = [truth[i, t:b, l:r].astype(float) for i, (t, b, l, r) in enumerate(boxes["mouth"].tolist())]
+    r = [reference[t:b, l:r].astype(float) for t, b, l, r in boxes["mouth"].tolist()]
+    assert s["mouth"]["l1_ratio"] == pytest.approx(sum(np.abs(a - b).sum() for a, b in zip(g, t))
+                                                   / sum(np.abs(a - b).sum() for a, b in zip(r, t)))
+    assert s["mouth"]["l1"] == pytest.approx(sum(np.abs(a - b).sum() for a, b in zip(g, t)) / sum(a.size for a in g))
+    gm, tm = np.array([a.mean() for a in g]), np.array([a.mean() for a in t])
+    assert s["mouth"]["correlation"] == pytest.approx(np.corrcoef(gm, tm)[0, 1])
+    lines = []
+    run = SimpleNamespace(log=lambda *msg: lines.append(" ".join(map(str, msg))))
+    frame = dict(ssim=0.9, psnr=30.0)
+    train.print_render_summary(run, "id0", dict(renderer=frame, copy_reference=frame, frames=5, video="v.mp4", **s))
+    printed = {line.split()[0]: line for line in lines[0].splitlines() if " box " in line}
+    assert "ratio 0.000" in printed["eyes"] and "SSIM 1.000" in printed["eyes"] and printed["eyes"].endswith(": met")
+    assert "ratio 1.000" in printed["nose"] and printed["nose"].endswith("NOT met")
+    assert f"speckles {100 * s['nose']['speckle']:4.1f} %" in printed["nose"]
 
 
 def test_feature_boxes_hold_their_projected_landmarks_with_a_margin_and_weigh_their_pixels():
     """A frame's mouth box holds every projected mouth landmark's pixel (iBUG 48-67), widened by a quarter of the
-    mouth's width; the L1 weight is 1, plus 25 inside the mouth box and 25 inside the brows-and-eyes box
-    (iBUG 17-26 and 36-47, widened by a tenth)."""
+    mouth's width; the brows-and-eyes box (iBUG 17-26 and 36-47) is widened by a tenth, the nose's (iBUG 27-35) by a
+    quarter; the L1 weight is 1, plus 25 inside the mouth box and 25 inside the brows-and-eyes box."""
     head = stand_in_flame()
     verts = head.from_motion(torch.zeros(100), torch.zeros(2, 59))
     cam = torch.tensor(render.DEFAULT_CAM)
@@ -3981,6 +4208,8 @@ def test_feature_boxes_hold_their_projected_landmarks_with_a_margin_and_weigh_th
     mouth = train.landmark_box(landmarks[:, 48:68], 256, train.MOUTH_BOX_MARGIN)
     eyes = train.landmark_box(landmarks[:, brows_eyes], 256, train.EYES_BOX_MARGIN)
     assert mouth[0].tolist() == box(list(range(48, 68)), 0.25) and eyes[0].tolist() == box(brows_eyes, 0.1)
+    nose = train.landmark_box(landmarks[:, 27:36], 256, train.NOSE_BOX_MARGIN)
+    assert nose[0].tolist() == box(list(range(27, 36)), 0.25)
     weight = train.box_weight([(mouth, train.MOUTH_WEIGHT), (eyes, train.EYES_WEIGHT)], 256)
     expected = np.ones((256, 256))
     (t, b, l, r), (t2, b2, l2, r2) = box(list(range(48, 68)), 0.25), box(brows_eyes, 0.1)
@@ -4076,6 +4305,41 @@ def test_portrait_video_writes_frames_sound_and_the_depth_video(person, trained,
         expected = render.render_depth(verts, flame.faces, torch.tensor(cam), SIZE)[:, 0].numpy() * 255
     decoded = data.read_video(depth_video, SIZE)[..., 0].astype(np.float64)
     assert np.abs(decoded - expected).mean() < 3.0
+
+
+def test_portrait_video_of_a_warping_renderer_films_a_clip_as_the_render_stage_does(person, tmp_path):
+    """A warping renderer (one epoch, micro widths): portrait_video of a held-out clip's true motion with the clip's own
+    cameras hands the encoder the frames the render stage gives (the same depth and the same warp of the reference;
+    the stage keeps them in float16); its checkpoint keeps the reference head, frame 0 of the first training sequence."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(render.RENDERER_PRESETS, "micro", replace(MICRO, warp=True))
+        args = render_args(person, tmp_path / "run", "--epochs", "1", "--no-summary")
+        run = train.Run(args)
+        try:
+            train.train_render(args, run)
+        finally:
+            run.close()
+    trained = render.load_renderer(tmp_path / "run" / "best.pt")
+    first = data.read_flame_pickle(person / "flame_seqs" / f"{train.person_sequences(person, 'train', 'id0')[0]}.pkl")
+    assert torch.equal(trained.reference["motion"], torch.from_numpy(first["motion"][0]))
+    assert torch.equal(trained.reference["cam"], torch.from_numpy(first["cam"][0]))
+    flame = stand_in_flame()
+    seq = train.person_sequences(person, "test", "id0")[0]
+    params = data.read_flame_pickle(person / "flame_seqs" / f"{seq}.pkl")
+    pose = train.reference_pose(person, train.person_sequences(person, "train", "id0")[0], flame)
+    clip, _, _ = train.portrait_frames(person, [seq], flame, SIZE, 1, reference=pose)
+    image = imageio.imread(tmp_path / "run" / "reference.png")
+    stage = train.render_dataset(trained.generator, clip, render.image_tensor(image, SIZE), "cpu",
+                                 SimpleNamespace(autocast=contextlib.nullcontext))
+    written = {}                                      # the frames handed to the encoder, before its loss
+    encode = render.VideoWriter.write
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(render.VideoWriter, "write", lambda self, frames: (
+            written.setdefault(self.path.name, []).append(np.asarray(frames)), encode(self, frames))[1])
+        unisinger.portrait_video(trained, tmp_path / "run" / "reference.png", flame, params["shape"],
+                                 params["motion"], tmp_path / "p.mp4", cam=params["cam"])
+    frames = np.concatenate(written["p.mp4"]).astype(np.float64)
+    assert frames.shape == stage.shape and np.abs(frames - stage).mean() < 0.05
 
 
 def test_renderer_records_its_flame_and_portrait_video_refuses_another_head(person, trained, tmp_path):

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import weakref
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -44,14 +44,14 @@ import metrics
 import render
 from audio import SAMPLE_RATE, Wav2Vec2, load_audio, mfcc_at_fps
 from builtin import STAND_IN, builtin_data, flame_record, load_flame, require_head
-from flame import BROW_LANDMARKS, EYE_LANDMARKS, MOUTH_LANDMARKS
+from flame import BROW_LANDMARKS, EYE_LANDMARKS, MOUTH_LANDMARKS, NOSE_LANDMARKS
 from render import RATE_WINDOW, Parser, Progress, run_command
 from unisinger import MotionConfig, MotionCVAE, SongMix, load_checkpoint, motion_losses
 
 RENDER_FRAME_STRIDE = 6      # 1 frame in 6 (5 a second): neighbours at 30 fps are near copies; the 2-D metrics score these
 RENDER_SIZES = (256, 512, 1024)   # pixels a side the render stage trains at (--size): the paper's Table IV has 256 and 512
 DEPTH_BATCH = 32             # frames rasterized at once while precomputing the depth inputs
-FRAMES_VERSION = 1           # of the render stage's frame files; another version's are made again
+FRAMES_VERSION = 2           # of the render stage's frame files; another version's are made again
 FRAMES_PROGRESS_LINES = 10   # progress lines while a person's videos are decoded, at most
 FRAMES_PROGRESS_MIN = 10     # videos to prepare before progress lines are worth printing
 EVAL_BATCH = 16              # frames rendered at once for validation and the summary
@@ -60,12 +60,21 @@ ADAM_BETAS = (0.5, 0.999)    # pix2pix's GAN-friendly momentum
 SSIM_BAR, PSNR_BAR = 0.85, 25.0   # learning bars on held-out frames
 MOUTH_BOX_MARGIN = 0.25            # share of the mouth's width added on each side of its landmarks' box
 EYES_BOX_MARGIN = 0.1              # share of the brows-and-eyes width added on each side of theirs
-MOUTH_L1_BAR, MOUTH_CORRELATION_BAR = 0.5, 0.9   # learning bars inside the mouth box (error / copy, brightness)
+NOSE_BOX_MARGIN = 0.25             # share of the nostrils' width added on each side of the nose's box: it then
+                                   # holds the bridge's flanks from between the eyes down to below the nostrils
+SPECKLE_LEVELS = 40                # grey levels, in any channel, from the truth's that make a pixel a speckle
+# learning bars inside each box, the summary's: at most `l1_ratio` of copying the reference's error and `speckle`
+# (share of the box's pixels) speckled, at least `ssim` and `correlation` (of the box's brightness with the truth's)
+BOX_BARS = dict(mouth=dict(l1_ratio=0.5, correlation=0.9),
+                eyes=dict(l1_ratio=0.4, ssim=0.80, speckle=0.02),
+                nose=dict(l1_ratio=0.4, ssim=0.85, speckle=0.02))
 MOUTH_WEIGHT = 25.0                # photometric weight of a mouth-box pixel over 1 elsewhere: the box, ~3.5 % of
                                    # the frame, then carries about a quarter of the photometric loss
 EYES_WEIGHT = 25.0                 # the same for the brows-and-eyes box (~7 % of the frame, half of the loss):
                                    # small, sharp and moving with the head, the eyes otherwise come out as the
                                    # discriminator's speckles
+NOSE_WEIGHT = 25.0                 # the same for the nose box (~3 % of the frame): its bridge otherwise carries
+                                   # colour fringes
 VGG_URL = "https://download.pytorch.org/models/vgg19-dcbfe0e4.pth"
 SUMMARY_SAMPLES = 10       # samples per test clip in the closing summary (the paper's n)
 LOCK_FILE = "train.lock"   # in --out, locked by the run writing there; the kernel drops it when that run dies
@@ -243,7 +252,8 @@ def training_people(train_set):
 
 def motion_summary(model, root, args):
     """Does the model learn? Test split: the model, the mean-motion baseline and the model deaf (silence, no
-    music), Table II columns, then the verdict in sentences."""
+    music), Table II columns, then the verdict in sentences; and one held-out clip to look at, its true motion
+    beside the model's takes 0 and 1 (those the summary scores), written to <out>/test_<clip>.mp4."""
     flame = load_flame(args.flame)
     test = data.SingingHead(root, "test")
     baseline = metrics.mean_motion(root)
@@ -268,6 +278,9 @@ def motion_summary(model, root, args):
     print(metrics.score_table(rows, [c for c in metrics.MOTION_COLUMNS if c != "FPS"]))
     ours, base, deaf = (rows[k] for k in predictors)
     print(verdict(ours, base, deaf))
+    clip = test[0]
+    metrics.truth_and_takes(Path(args.out) / f"test_{clip['id']}.mp4", flame, clip,
+                            predictors["UniSinger"](clip))
     return rows
 
 
@@ -290,27 +303,33 @@ def verdict(ours, base, deaf):
 # ----------------------------------------------------------------------------- stage 2: render
 # Data: the person's sequences that have a video, every RENDER_FRAME_STRIDE-th frame; each frame's depth input
 # is rendered once from its pickle's FLAME parameters and camera and kept in memory (float16) beside the decoded
-# frame, with the boxes of its projected mouth and brows-and-eyes landmarks. The reference image is the first frame
-# of the person's first training sequence, saved as reference.png for `unisinger.py --image`. The L1 term weighs the
-# mouth box's pixels MOUTH_WEIGHT and the eyes box's EYES_WEIGHT times more (box_weight). best.pt is chosen by validation SSIM; at the end the best generator is
-# scored on the test split against copying the reference, over the whole frame and inside the mouth box
-# (mouth_scores), and a held-out clip is written side by side with its sound.
+# frame, with the boxes of its projected mouth, brows-and-eyes and nose landmarks. The reference image is the first
+# frame of the person's first training sequence, saved as reference.png for `unisinger.py --image`; a warping
+# renderer (RendererConfig.warp) also gets each frame's warp of it (render.reference_flow), kept beside the depth.
+# The L1 term weighs the mouth, eyes and nose boxes' pixels MOUTH_WEIGHT, EYES_WEIGHT and NOSE_WEIGHT times more
+# (box_weight). best.pt is chosen by
+# validation SSIM; at the end the best generator is scored on the test split against copying the reference, over
+# the whole frame and inside the mouth, eyes and nose boxes (box_scores), and a held-out clip is written side by side
+# with its sound.
 
 class PortraitFrames(Dataset):
-    """One person's frames with their depth inputs. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index, mouth and
-    eyes: each frame's mouth box and brows-and-eyes box (top, bottom, left, right) in pixels, bottom and right
-    excluded. depth and frames are tensors or FrameRows (read from files per item)."""
+    """One person's frames with their depth inputs. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index, mouth, eyes
+    and nose: each frame's mouth box, brows-and-eyes box and nose box (top, bottom, left, right) in pixels, bottom
+    and right excluded; flow (2,H,W), the reference's warp (render.reference_flow), when given. depth, frames and
+    flow are tensors or FrameRows (read from files per item)."""
 
-    def __init__(self, depth, frames, index, mouth, eyes):
+    def __init__(self, depth, frames, index, mouth, eyes, nose, flow=None):
         self.depth, self.frames, self.index = depth, frames, index   # (N,1,H,W) f16, (N,H,W,3) u8, (N,) long
-        self.mouth, self.eyes = mouth, eyes                          # (N, 4) long each
+        self.mouth, self.eyes, self.nose = mouth, eyes, nose         # (N, 4) long each
+        self.flow = flow                                             # (N,2,H,W) f16 or None
 
     def __len__(self):
         return len(self.frames)
 
     def __getitem__(self, i):
-        return dict(depth=self.depth[i].float(), frame=self.frames[i].permute(2, 0, 1).float() / 127.5 - 1,
-                    index=self.index[i], mouth=self.mouth[i], eyes=self.eyes[i])
+        item = dict(depth=self.depth[i].float(), frame=self.frames[i].permute(2, 0, 1).float() / 127.5 - 1,
+                    index=self.index[i], mouth=self.mouth[i], eyes=self.eyes[i], nose=self.nose[i])
+        return item if self.flow is None else dict(item, flow=self.flow[i].float())
 
 
 class FrameRows:
@@ -376,45 +395,50 @@ def person_sequences(root, split, person):
 
 
 @torch.no_grad()
-def portrait_frames(root, seqs, flame, device, size, stride, cache=None):
+def portrait_frames(root, seqs, flame, size, stride, cache=None, reference=None):
     """
-    Every stride-th frame of the sequences with its depth input, mouth and eyes boxes, one video at a time (with
-    progress): the frames (uint8) and depth inputs (float16) go to files in `cache` (a folder, None: a temporary
-    one that goes with the data set), the boxes stay in memory, so memory grows by ~100 bytes a frame. A
-    sequence's files are used again while its pickle and video, the head, size and stride are unchanged.
-    Returns (PortraitFrames reading frames and depth per item, cams (N, 3) float32, shape (100,) float32 of
-    the first sequence).
+    Every stride-th frame of the sequences with its depth input, mouth, eyes and nose boxes and, with reference
+    (reference_pose's), the reference's warp into it, one video at a time (with progress; on flame's device): the
+    frames (uint8), depth inputs and warps (float16) go to files in `cache` (a folder, None: a temporary one that
+    goes with the data set), the boxes stay in memory, so memory grows by ~100 bytes a frame. A sequence's files
+    are used again while its pickle and video, the head, the reference, size and stride are unchanged.
+    Returns (PortraitFrames reading frames, depth and warps per item, cams (N, 3) float32, shape (100,) float32
+    of the first sequence).
     """
     folder = Path(tempfile.mkdtemp(prefix="unisinger_frames_") if cache is None else
                   Path(cache) / f"frames_{size}px_1in{stride}")
     folder.mkdir(parents=True, exist_ok=True)
-    head = head_digest(flame)
+    key = frames_key(flame, reference, size, stride)
     progress = Progress(len(seqs), "video", lines=FRAMES_PROGRESS_LINES)
     entries = []
     with open(folder / "frames.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)      # torchrun's ranks: the first decodes, the others reuse its files
         for seq in seqs:
-            entries.append(cached_frames(root, seq, folder, head, size, stride)
-                           or decode_frames(root, seq, flame, device, folder, head, size, stride))
+            entries.append(cached_frames(root, seq, folder, key, size, reference is not None)
+                           or decode_frames(root, seq, flame, folder, key, size, stride, reference))
             if len(seqs) >= FRAMES_PROGRESS_MIN and progress.advance():
                 print(progress.line(f"frames of {seqs[0].split('_')[0]} at {size}² in {folder}:"), flush=True)
-    cat = lambda key, dtype: torch.from_numpy(np.concatenate([e[key] for e in entries]).astype(dtype))
-    dataset = PortraitFrames(FrameRows([(folder / f"{seq}.depth", len(e["index"])) for seq, e in zip(seqs, entries)],
-                                       (1, size, size), np.float16),
-                             FrameRows([(folder / f"{seq}.frames", len(e["index"])) for seq, e in zip(seqs, entries)],
-                                       (size, size, 3), np.uint8),
-                             cat("index", np.int64), cat("mouth", np.int64), cat("eyes", np.int64))
+    cat = lambda name: torch.from_numpy(np.concatenate([e[name] for e in entries]).astype(np.int64))
+    rows = lambda kind, shape, dtype: FrameRows([(folder / f"{seq}.{kind}", len(e["index"]))
+                                                 for seq, e in zip(seqs, entries)], shape, dtype)
+    dataset = PortraitFrames(rows("depth", (1, size, size), np.float16), rows("frames", (size, size, 3), np.uint8),
+                             cat("index"), cat("mouth"), cat("eyes"), cat("nose"),
+                             rows("flow", (2, size, size), np.float16) if reference is not None else None)
     if cache is None:                      # the files go when the data set does
         weakref.finalize(dataset, shutil.rmtree, folder, True)
     return dataset, np.concatenate([e["cam"] for e in entries]).astype(np.float32), entries[0]["shape"]
 
 
-def head_digest(flame):
-    """sha256 of a head's arrays: the depth inputs depend on them."""
-    digest = hashlib.sha256()
+def frames_key(flame, reference, size, stride):
+    """sha256 of what a sequence's frame files depend on besides its own files: the head's arrays, the reference
+    head (its motion, camera and shape; none without a warp), the size and the stride."""
+    digest = hashlib.sha256(f"{FRAMES_VERSION} {size} {stride}".encode())
     for name, tensor in sorted(flame.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for name in ("motion", "cam", "shape") if reference is not None else ():
+        digest.update(name.encode())
+        digest.update(reference[name].detach().cpu().float().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -423,29 +447,30 @@ def frame_stamps(root, seq):
     return data.file_stamps([data.flame_path(root, seq), data.video_path(root, seq)])
 
 
-def cached_frames(root, seq, folder, head, size, stride):
-    """The sequence's entry (index, mouth, eyes, cam, shape) when its files in `folder` were made from the same
-    pickle and video (stamps, and old enough to tell: data.RACY_NS), head, size and stride, whole; else None."""
+def cached_frames(root, seq, folder, key, size, warp):
+    """The sequence's entry (index, mouth, eyes, nose, cam, shape) when its files in `folder` were made from the
+    same pickle and video (stamps, and old enough to tell: data.RACY_NS) and frames_key, whole; else None."""
     meta = folder / f"{seq}.npz"
     try:
         with np.load(meta, allow_pickle=False) as z:
-            entry = {key: z[key] for key in z.files}
+            entry = {name: z[name] for name in z.files}
     except Exception:                         # absent, cut short or foreign: made again
         return None
     stamps = frame_stamps(root, seq)
-    same = (entry.get("version") == FRAMES_VERSION and str(entry.get("head")) == head and entry.get("size") == size
-            and entry.get("stride") == stride and np.array_equal(entry.get("stamps"), stamps)
+    same = (str(entry.get("key")) == key and np.array_equal(entry.get("stamps"), stamps)
             and stamps[1::2].max() < entry["checked"] - data.RACY_NS)
     rows = len(entry.get("index", ()))
+    kinds = (("frames", size * size * 3), ("depth", size * size * 2)) + ((("flow", size * size * 4),) if warp else ())
     whole = all((folder / f"{seq}.{kind}").is_file() and (folder / f"{seq}.{kind}").stat().st_size == rows * per_row
-                for kind, per_row in (("frames", size * size * 3), ("depth", size * size * 2)))
+                for kind, per_row in kinds)
     return entry if same and whole else None
 
 
-def decode_frames(root, seq, flame, device, folder, head, size, stride):
+def decode_frames(root, seq, flame, folder, key, size, stride, reference):
     """Decode the sequence's video at the stride into folder/<seq>.frames (uint8) a batch at a time, render the
-    depth inputs into folder/<seq>.depth (float16) and write folder/<seq>.npz (the boxes, the stamps) last: an
-    entry whose npz is there is whole. Returns the entry as cached_frames does."""
+    depth inputs into folder/<seq>.depth and, with a reference, its warps into folder/<seq>.flow (float16), and
+    write folder/<seq>.npz (the boxes, the stamps) last: an entry whose npz is there is whole. Returns the entry
+    as cached_frames does."""
     pkl, mp4 = data.flame_path(root, seq), data.video_path(root, seq)
     checked, stamps = time.time_ns(), frame_stamps(root, seq)      # before reading: a write during it is too new
     params = data.read_flame_pickle(pkl)
@@ -460,24 +485,38 @@ def decode_frames(root, seq, flame, device, folder, head, size, stride):
     motion = torch.from_numpy(params["motion"])[keep]                                      # (n', 59)
     cam = params["cam"] if params["cam"] is not None else np.broadcast_to(render.DEFAULT_CAM, (rows, 3))
     cam = torch.as_tensor(np.asarray(cam, dtype=np.float32))[keep]                         # (n', 3)
+    device = flame.faces.device
     beta = torch.from_numpy(params["shape"]).to(device)
-    mouth, eyes = [], []
-    with render.atomic_output(folder / f"{seq}.depth") as depth_tmp, open(depth_tmp, "wb") as file:
+    boxes = dict(mouth=[], eyes=[], nose=[])
+    with ExitStack() as files:                # each file appears whole, or not at all
+        written = lambda kind: files.enter_context(open(files.enter_context(
+            render.atomic_output(folder / f"{seq}.{kind}")), "wb"))
+        depth_file = written("depth")
+        flow_file = None if reference is None else written("flow")
         for lo in range(0, len(keep), DEPTH_BATCH):
             verts = flame.from_motion(beta, motion[lo:lo + DEPTH_BATCH].to(device))
             frame_cam = cam[lo:lo + DEPTH_BATCH].to(device)
             depth = render.render_depth(verts, flame.faces, frame_cam, size).half().cpu()    # (b, 1, H, W)
-            file.write(depth.numpy().tobytes())
-            landmarks = render.project(flame.landmarks(verts), frame_cam)                  # (b, 68, 3)
-            mouth.append(landmark_box(landmarks[:, MOUTH_LANDMARKS], size, MOUTH_BOX_MARGIN).cpu())
-            brows_eyes = torch.cat([landmarks[:, BROW_LANDMARKS], landmarks[:, EYE_LANDMARKS]], 1)
-            eyes.append(landmark_box(brows_eyes, size, EYES_BOX_MARGIN).cpu())
-    entry = dict(version=FRAMES_VERSION, head=head, size=size, stride=stride, stamps=stamps, checked=checked,
-                 index=keep.numpy(), mouth=torch.cat(mouth).numpy(), eyes=torch.cat(eyes).numpy(), cam=cam.numpy(),
-                 shape=params["shape"])
+            depth_file.write(depth.numpy().tobytes())
+            if flow_file is not None:
+                flow = render.reference_flow(verts, flame.faces, frame_cam, reference["verts"].to(device),
+                                             reference["cam"].to(device), size)                # (b, 2, H, W)
+                flow_file.write(flow.half().cpu().numpy().tobytes())
+            for name, box in feature_boxes(render.project(flame.landmarks(verts), frame_cam), size).items():
+                boxes[name].append(box.cpu())
+    entry = dict(key=key, stamps=stamps, checked=checked, index=keep.numpy(), cam=cam.numpy(), shape=params["shape"],
+                 **{name: torch.cat(box).numpy() for name, box in boxes.items()})
     with render.atomic_output(folder / f"{seq}.npz") as tmp:
         np.savez(tmp, **entry)
     return entry
+
+
+def feature_boxes(landmarks, size):
+    """Projected landmarks (N, 68, 3) -> the mouth, brows-and-eyes and nose boxes (N, 4) of landmark_box."""
+    brows_eyes = torch.cat([landmarks[:, BROW_LANDMARKS], landmarks[:, EYE_LANDMARKS]], 1)
+    return dict(mouth=landmark_box(landmarks[:, MOUTH_LANDMARKS], size, MOUTH_BOX_MARGIN),
+                eyes=landmark_box(brows_eyes, size, EYES_BOX_MARGIN),
+                nose=landmark_box(landmarks[:, NOSE_LANDMARKS], size, NOSE_BOX_MARGIN))
 
 
 def landmark_box(points, size, margin):
@@ -491,24 +530,56 @@ def landmark_box(points, size, margin):
     return box.round().clamp(0, size).long()
 
 
-def mouth_scores(generated, truth, reference, boxes):
+def reference_pose(root, seq, flame):
+    """The reference image's head, frame 0 of seq: dict of motion (59,), cam (3,), shape (100,) and verts (V, 3)."""
+    params = data.read_flame_pickle(data.flame_path(root, seq))
+    cam = params["cam"][0] if params["cam"] is not None else render.DEFAULT_CAM
+    pose = dict(motion=torch.from_numpy(params["motion"][0]), cam=torch.as_tensor(np.asarray(cam, dtype=np.float32)),
+                shape=torch.from_numpy(params["shape"]))
+    with torch.no_grad():
+        device = flame.faces.device
+        pose["verts"] = flame.from_motion(pose["shape"].to(device), pose["motion"].to(device)).cpu()
+    return pose
+
+
+def reference_record(pose):
+    """What a checkpoint keeps of reference_pose's head (nothing without one): portrait_video warps with it."""
+    return {} if pose is None else dict(reference_motion=pose["motion"], reference_cam=pose["cam"])
+
+
+def box_scores(generated, truth, reference, boxes):
     """
-    The mouth judged inside each frame's box: uint8 (N, H, W, 3) generated and true frames, the reference (H, W, 3),
-    boxes (N, 4). l1_ratio: mean absolute error of the generated mouth over that of copying the reference (< 1 is
-    closer to the truth than the reference is); correlation: Pearson's, over the frames, of the box's mean brightness
-    in the generated and the true frames (the mouth opening and closing in step with the truth).
+    One feature judged inside each frame's box: uint8 (N, H, W, 3) generated and true frames, the reference (H, W, 3),
+    boxes (N, 4). Errors are pooled over every box pixel of every frame (pixels: how many). l1: mean absolute
+    error in grey levels; l1_ratio: that over copying the reference's (< 1 is closer to the truth than the
+    reference is); ssim: mean over the frames of the box's SSIM (metrics.ssim of the crops), copy_ssim the
+    reference's; speckle: share of the box's pixels more than SPECKLE_LEVELS from the truth in some channel;
+    correlation: Pearson's, over the frames, of the box's mean brightness in the generated and the true frames (a
+    mouth opening and closing in step with the truth).
     """
-    error, copy_error, pixels, light, true_light = 0.0, 0.0, 0, [], []
+    error, copy_error, speckles, pixels, ssim, copy_ssim, light, true_light = 0.0, 0.0, 0, 0, [], [], [], []
     for gen, true, (top, bottom, left, right) in zip(generated, truth, boxes.tolist()):
-        g, t = (x[top:bottom, left:right].astype(np.float64) for x in (gen, true))
+        g, t, r = (x[top:bottom, left:right].astype(np.float64) for x in (gen, true, reference))
         error += np.abs(g - t).sum()
-        copy_error += np.abs(reference[top:bottom, left:right].astype(np.float64) - t).sum()
-        pixels += g.size
+        copy_error += np.abs(r - t).sum()
+        speckles += int((np.abs(g - t).max(-1) > SPECKLE_LEVELS).sum())
+        pixels += g.shape[0] * g.shape[1]
+        ssim.append(metrics.ssim(g, t))
+        copy_ssim.append(metrics.ssim(r, t))
         light.append(g.mean())
         true_light.append(t.mean())
     correlation = float(np.corrcoef(light, true_light)[0, 1]) if len(light) > 1 and np.std(light) > 0 else 0.0
-    return dict(l1=error / pixels, copy_l1=copy_error / pixels, l1_ratio=error / max(copy_error, 1e-9),
-                correlation=correlation)
+    error, copy_error = float(error), float(copy_error)      # plain floats: checkpoints hold no numpy scalars
+    return dict(l1=error / (3 * pixels), copy_l1=copy_error / (3 * pixels), l1_ratio=error / max(copy_error, 1e-9),
+                ssim=float(np.mean(ssim)), copy_ssim=float(np.mean(copy_ssim)), speckle=speckles / pixels,
+                correlation=correlation, pixels=pixels)
+
+
+def bars_met(scores, bars):
+    """Whether box_scores' figures meet a BOX_BARS entry: ratio and speckle share at most, SSIM and correlation at
+    least, their bars."""
+    at_most = ("l1_ratio", "speckle")
+    return all(scores[k] <= bar if k in at_most else scores[k] >= bar for k, bar in bars.items())
 
 
 def box_weight(boxes, size):
@@ -540,22 +611,31 @@ def rendered_batches(generator, dataset, reference, device, run):
         depth = dataset.depth[lo:lo + EVAL_BATCH].float().to(device)
         with run.autocast():
             index = dataset.index[lo:lo + EVAL_BATCH].to(device)
-            fake = generator(depth, reference.expand(len(depth), -1, -1, -1), index)
+            flow = None if dataset.flow is None else dataset.flow[lo:lo + EVAL_BATCH].float().to(device)
+            fake = generator(depth, reference.expand(len(depth), -1, -1, -1), index, flow)
         yield lo, render.to_uint8(fake).cpu().numpy()
     generator.train()
 
 
-def validate_render(generator, dataset, reference, run):
-    """frame_scores of the generated frames and the sample grid, a batch at a time: memory for one batch of
-    frames (and the grid's), whatever the split's size. Returns (scores, grid)."""
+def validate_render(generator, dataset, reference, reference_u8, run):
+    """frame_scores of the generated frames, each box's error over copying the reference's (box_scores' l1_ratio,
+    pooled over the split) and the sample grid, a batch at a time: memory for one batch of frames (and the
+    grid's), whatever the split's size. reference (3, H, W) in [-1, 1], reference_u8 the same image (H, W, 3).
+    Returns (scores, grid)."""
     pick = grid_picks(len(dataset))
     ssim, psnr, picked = [], [], {}
+    errors = {box: [0.0, 0.0] for box in BOX_BARS}            # summed over the box pixels: ours, copying's
     for lo, generated in rendered_batches(generator, dataset, reference, run.device, run):
         truth = dataset.frames[lo:lo + len(generated)].numpy()
         ssim.append(metrics.ssim(generated, truth))
         psnr.append(metrics.psnr(generated, truth))
+        for box, sums in errors.items():
+            scores = box_scores(generated, truth, reference_u8, getattr(dataset, box)[lo:lo + len(generated)])
+            sums[0] += scores["l1"] * scores["pixels"]
+            sums[1] += scores["copy_l1"] * scores["pixels"]
         picked.update({k: generated[k - lo] for k in pick if lo <= k < lo + len(generated)})
-    scores = dict(ssim=float(np.mean(np.concatenate(ssim))), psnr=float(np.mean(np.concatenate(psnr))))
+    scores = dict(ssim=float(np.mean(np.concatenate(ssim))), psnr=float(np.mean(np.concatenate(psnr))),
+                  **{box: ours / max(copy, 1e-9) for box, (ours, copy) in errors.items()})
     return scores, sample_grid(dataset, np.stack([picked[k] for k in pick]), pick)
 
 
@@ -596,22 +676,14 @@ def train_render(args, run):
     seed_everything(args.seed)
     vgg = load_vgg(args, run)
     flame = load_flame(args.flame).to(run.device)
-    cache = data.cache_folder(root, run.out / DATA_CACHE)
-
-    def split_frames(split):
-        return portrait_frames(root, person_sequences(root, split, args.person), flame, run.device, cfg.image_size,
-                               RENDER_FRAME_STRIDE, cache)
-
-    train_set, cams, shape = split_frames("train")
-    val_set, _, _ = split_frames("val")
-    cam = cams.mean(0)                                        # the person's camera, for portrait_video
+    train_set, val_set, cam, shape, ref_pose = person_frames(root, args, cfg, flame, run)
     reference_u8 = train_set.frames[0].numpy()                # first frame of the first training sequence
     reference = render.image_tensor(reference_u8, cfg.image_size).to(run.device)   # (3, H, W)
     if run.main:
         with render.atomic_output(run.out / "reference.png") as tmp:
             imageio.imwrite(tmp, reference_u8)
 
-    generator = render.FaceRenderer(cfg.channels).to(run.device)
+    generator = render.FaceRenderer(cfg.channels, cfg.warp).to(run.device)
     discriminator = render.PatchDiscriminator(channels=cfg.discriminator_channels).to(run.device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr, betas=ADAM_BETAS)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr, betas=ADAM_BETAS)
@@ -646,16 +718,17 @@ def train_render(args, run):
             n_batches += 1
             if progress.advance() or step == first_step:
                 log_progress(run, progress, epoch, losses)
-        val, grid = validate_render(generator, val_set, reference, run)
+        val, grid = validate_render(generator, val_set, reference, reference_u8, run)
         history.append(dict(train={k: v / n_batches for k, v in sums.items()}, val=val))
-        run.log(f"epoch {epoch} validation | SSIM {val['ssim']:.4f} | PSNR {val['psnr']:.2f} dB")
+        run.log(f"epoch {epoch} validation | SSIM {val['ssim']:.4f} | PSNR {val['psnr']:.2f} dB | error / copying's "
+                f"in the boxes: " + ", ".join(f"{box} {val[box]:.3f}" for box in BOX_BARS))
         if run.main:
             with render.atomic_output(run.out / f"samples_{epoch:03d}.png") as tmp:
                 imageio.imwrite(tmp, grid)
         improved = val["ssim"] > best
         best = max(best, val["ssim"])
         save_epoch(run, stateful, improved, renderer_config=asdict(cfg), epoch=epoch, step=step, best=best,
-                   cam=cam.tolist(), shape=torch.as_tensor(shape), person=args.person,
+                   cam=cam.tolist(), shape=torch.as_tensor(shape), person=args.person, **reference_record(ref_pose),
                    reference=torch.from_numpy(reference_u8), val=val, **head)
     run.log(f"render stage done: wrote {run.out / 'best.pt'} (the epoch with the highest validation SSIM, "
             f"{best:.4f}), {run.out / 'last.pt'} (epoch {args.epochs - 1}), the reference image "
@@ -665,24 +738,39 @@ def train_render(args, run):
     summary = None
     if run.main and args.summary and (run.out / "best.pt").is_file():
         generator.load_state_dict(render.read_checkpoint(run.out / "best.pt", run.device)["generator"])
-        summary = render_summary(generator, root, args.person, flame, reference_u8, cfg.image_size, run)
+        summary = render_summary(generator, root, args.person, flame, (reference_u8, ref_pose), cfg.image_size, run)
     return dict(history=history, summary=summary)
 
 
-def render_summary(generator, root, person, flame, reference_u8, size, run):
-    """The best generator on the person's test split against copying the reference, over the whole frame and
-    inside the mouth box, and a held-out clip written side by side with its sound; printed and returned."""
-    reference = render.image_tensor(reference_u8, size).to(run.device)
+def person_frames(root, args, cfg, flame, run):
+    """The render stage's training and validation frames of args.person (portrait_frames, kept in the data's
+    cache folder) and, for a warping renderer, the reference image's head (reference_pose of the first training
+    sequence), whose surface is moved into each frame. Returns (train set, val set, the person's mean camera (3,)
+    for portrait_video, the first sequence's shape (100,), the reference's head or None)."""
+    cache = data.cache_folder(root, run.out / DATA_CACHE)
+    ref_pose = reference_pose(root, person_sequences(root, "train", args.person)[0], flame) if cfg.warp else None
+    (train_set, cams, shape), (val_set, _, _) = (
+        portrait_frames(root, person_sequences(root, split, args.person), flame, cfg.image_size, RENDER_FRAME_STRIDE,
+                        cache, ref_pose) for split in ("train", "val"))
+    return train_set, val_set, cams.mean(0), shape, ref_pose
+
+
+def render_summary(generator, root, person, flame, reference, size, run):
+    """The best generator on the person's test split against copying the reference (reference: the image, uint8
+    (H, W, 3), and its reference_pose or None), over the whole frame and inside the mouth, eyes and nose boxes, and a
+    held-out clip written side by side with its sound; printed and returned."""
+    reference_u8, ref_pose = reference
     test_seqs = person_sequences(root, "test", person)
-    test_set, _, _ = portrait_frames(root, test_seqs, flame, run.device, size, RENDER_FRAME_STRIDE)
+    test_set, _, _ = portrait_frames(root, test_seqs, flame, size, RENDER_FRAME_STRIDE, reference=ref_pose)
     truth = test_set.frames.numpy()
-    generated = render_dataset(generator, test_set, reference, run.device, run)
+    generated = render_dataset(generator, test_set, render.image_tensor(reference_u8, size).to(run.device),
+                               run.device, run)
     video = run.out / f"test_{test_seqs[0]}.mp4"
     write_test_video(generator, root, test_seqs[0], flame, reference, size, video, run)
     summary = dict(renderer=frame_scores(generated, truth),
                    copy_reference=frame_scores(np.repeat(reference_u8[None], len(truth), 0), truth),
-                   mouth=mouth_scores(generated, truth, reference_u8, test_set.mouth), video=str(video),
-                   frames=len(test_set))
+                   video=str(video), frames=len(test_set),
+                   **{box: box_scores(generated, truth, reference_u8, getattr(test_set, box)) for box in BOX_BARS})
     print_render_summary(run, person, summary)
     return summary
 
@@ -701,17 +789,19 @@ class GanStep:
     grad_clip: float
 
     def __call__(self, batch, run):
-        depth, real, index, mouth, eyes = (batch[k].to(run.device) for k in ("depth", "frame", "index", "mouth", "eyes"))
+        depth, real, index, mouth, eyes, nose = (batch[k].to(run.device)
+                                                 for k in ("depth", "frame", "index", "mouth", "eyes", "nose"))
+        flow = batch["flow"].to(run.device) if "flow" in batch else None
         ref = self.reference.expand(len(depth), -1, -1, -1)
         with run.autocast():
-            fake = self.net_g(depth, ref, index)
+            fake = self.net_g(depth, ref, index, flow)
             condition = render.renderer_input(depth, ref, index)
             loss_d = render.discriminator_loss(self.net_d, condition, fake, real)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()
         with run.autocast():
-            pixel_weight = box_weight([(mouth, MOUTH_WEIGHT), (eyes, EYES_WEIGHT)], real.shape[-1])
+            pixel_weight = box_weight([(mouth, MOUTH_WEIGHT), (eyes, EYES_WEIGHT), (nose, NOSE_WEIGHT)], real.shape[-1])
             loss_g, parts = render.generator_loss(self.discriminator, condition, fake, real, self.vgg,
                                                   render.RendererLossWeights(), pixel_weight)
         self.opt_g.zero_grad(set_to_none=True)
@@ -723,9 +813,11 @@ class GanStep:
 
 @torch.no_grad()
 def write_test_video(generator, root, seq, flame, reference, size, path, run):
-    """Every frame of a held-out sequence side by side, depth | generated | truth, with its voice and music."""
-    clip, _, _ = portrait_frames(root, [seq], flame, run.device, size, 1)
-    generated = render_dataset(generator, clip, reference, run.device, run)
+    """Every frame of a held-out sequence side by side, depth | generated | truth, with its voice and music
+    (reference: render_summary's)."""
+    reference_u8, ref_pose = reference
+    clip, _, _ = portrait_frames(root, [seq], flame, size, 1, reference=ref_pose)
+    generated = render_dataset(generator, clip, render.image_tensor(reference_u8, size).to(run.device), run.device, run)
     depth = render.to_uint8(clip.depth.float()).numpy()                                # (T, H, W, 3)
     sound = SongMix(load_audio(data.audio_path(root, seq), SAMPLE_RATE),
                     load_audio(data.bgm_path(root, seq), SAMPLE_RATE))
@@ -733,20 +825,27 @@ def write_test_video(generator, root, seq, flame, reference, size, path, run):
 
 
 def print_render_summary(run, person, s):
-    ours, copy, mouth = s["renderer"], s["copy_reference"], s["mouth"]
+    ours, copy = s["renderer"], s["copy_reference"]
     met = ours["ssim"] >= SSIM_BAR and ours["psnr"] >= PSNR_BAR
-    mouth_met = mouth["l1_ratio"] <= MOUTH_L1_BAR and mouth["correlation"] >= MOUTH_CORRELATION_BAR
-    run.log(f"render summary of best.pt: person {person}, {s['frames']} held-out test frames "
-            f"(1 in {RENDER_FRAME_STRIDE})\n"
-            f"  face renderer   SSIM {ours['ssim']:.4f}   PSNR {ours['psnr']:.2f} dB\n"
-            f"  copy reference  SSIM {copy['ssim']:.4f}   PSNR {copy['psnr']:.2f} dB\n"
-            f"  renderer - copy SSIM {ours['ssim'] - copy['ssim']:+.4f}   PSNR {ours['psnr'] - copy['psnr']:+.2f} dB\n"
-            f"  bars SSIM >= {SSIM_BAR} and PSNR >= {PSNR_BAR} dB: {'met' if met else 'NOT met'}\n"
-            f"  mouth box       L1 {mouth['l1']:.2f} grey levels, copying the reference {mouth['copy_l1']:.2f}: "
-            f"ratio {mouth['l1_ratio']:.3f}; brightness correlation with the truth {mouth['correlation']:.3f}\n"
-            f"  mouth bars ratio <= {MOUTH_L1_BAR} and correlation >= {MOUTH_CORRELATION_BAR}: "
-            f"{'met' if mouth_met else 'NOT met'}\n"
-            f"  side by side (depth | generated | truth, with sound): {s['video']}")
+    names = dict(l1_ratio="ratio", ssim="SSIM", speckle="speckles", correlation="correlation")
+    lines = [f"render summary of best.pt: person {person}, {s['frames']} held-out test frames "
+             f"(1 in {RENDER_FRAME_STRIDE})",
+             f"  face renderer   SSIM {ours['ssim']:.4f}   PSNR {ours['psnr']:.2f} dB",
+             f"  copy reference  SSIM {copy['ssim']:.4f}   PSNR {copy['psnr']:.2f} dB",
+             f"  renderer - copy SSIM {ours['ssim'] - copy['ssim']:+.4f}   PSNR {ours['psnr'] - copy['psnr']:+.2f} dB",
+             f"  bars SSIM >= {SSIM_BAR} and PSNR >= {PSNR_BAR} dB: {'met' if met else 'NOT met'}",
+             "  inside the boxes: L1 in grey levels (copying the reference's), its ratio to copying's, SSIM "
+             f"(copying's), speckles (pixels > {SPECKLE_LEVELS} grey levels off), brightness correlation with the truth"]
+    for box, bars in BOX_BARS.items():
+        b = s[box]
+        wanted = ", ".join(f"{names[k]} {'<=' if k in ('l1_ratio', 'speckle') else '>='} "
+                           + (f"{100 * bar:g} %" if k == "speckle" else f"{bar:g}") for k, bar in bars.items())
+        lines.append(f"  {box + ' box':<9} L1 {b['l1']:5.2f} ({b['copy_l1']:5.2f})  ratio {b['l1_ratio']:.3f}  "
+                     f"SSIM {b['ssim']:.3f} ({b['copy_ssim']:.3f})  speckles {100 * b['speckle']:4.1f} %  "
+                     f"correlation {b['correlation']:.3f} | bars {wanted}: "
+                     f"{'met' if bars_met(b, bars) else 'NOT met'}")
+    lines.append(f"  side by side (depth | generated | truth, with sound): {s['video']}")
+    run.log("\n".join(lines))
 
 
 # ----------------------------------------------------------------------------- runs, checkpoints, resume, and the

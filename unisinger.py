@@ -42,15 +42,16 @@ from audio import FPS, N_MFCC, SAMPLE_RATE, AudioFile, Wav2Vec2, Wav2Vec2Config,
 from builtin import load_flame, resolve_flame
 from data import CLIP_FRAMES, clip_samples, fit_length, song_frames, write_flame_pickle
 from flame import EXPRESSION, HEAD_POSE, JAW_POSE, MM_PER_M, MOTION_DIM, N_SHAPE, save_glb
-from render import (AUDIO_BLOCK, BACKGROUND_RGB, IMAGE_SIZE, PREVIEW_BATCH, Parser, Progress, VideoWriter,
-                    atomic_output, load_reference, load_renderer, project, read_checkpoint, render_depth,
-                    render_preview, run_command, shade, to_uint8, write_wav)
+from render import (AUDIO_BLOCK, BACKGROUND_RGB, PREVIEW_BATCH, PREVIEW_CAM, PREVIEW_PRESET, PREVIEW_SIZE, Parser,
+                    Progress, VideoWriter, atomic_output, load_reference, load_renderer, project, read_checkpoint,
+                    reference_flow, render_depth, render_preview, run_command, shade, to_uint8, write_wav)
 
 RENDER_BATCH = 16                           # frames rasterized and rendered at once: memory flat for any song
 PPE_PERIOD = 30                             # periodic positional encoding repeats every second
 LOSS_SPACES = ("raw", "standardised")       # where the reconstruction and velocity losses compare motion
 DEFAULT_CHECKPOINT = Path(__file__).parent / "out" / "motion" / "best.pt"
 PROGRESS_LINES = 10                         # progress lines of each long step of the command line
+MIN_PREVIEW_SIZE = 16                       # pixels, the smallest --size the previews are written at
 
 WAV2VEC2_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                      conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
@@ -538,13 +539,14 @@ def stream_summary(stats, realtime):
 # ----------------------------------------------------------------------------- portrait video
 
 @torch.no_grad()
-def portrait_video(trained, image_path, flame, shape, motion, out_path, audio=None, progress=False):
+def portrait_video(trained, image_path, flame, shape, motion, out_path, audio=None, progress=False, cam=None):
     """
     The singing portrait: motion (T, 59) with shape (100,) -> FLAME meshes -> depth with the renderer's
-    camera -> FaceRenderer frames (trained: render.load_renderer's, on its device), RENDER_BATCH frames at a
-    time, streamed into out_path (mp4, audio float32 (N,) muxed in when given) and the depth video into
-    depth.mp4 beside it. Memory does not grow with T. Frame t gets temporal index t. progress=True prints
-    progress lines. Returns out_path as a Path.
+    camera (and, for a warping renderer, the reference's warp into each frame) -> FaceRenderer frames (trained:
+    render.load_renderer's, on its device), RENDER_BATCH frames at a time, streamed into out_path (mp4, audio
+    float32 (N,) muxed in when given) and the depth video into depth.mp4 beside it. Memory does not grow with T.
+    Frame t gets temporal index t. progress=True prints progress lines. cam: (3,) or per frame (T, 3) [scale, tx,
+    ty] in place of the renderer's camera (a tracked clip's own, to film it again). Returns out_path as a Path.
     """
     out_path = Path(out_path)
     if trained.flame_record["flame_sha256"] != flame.sha256:          # depth of another head than it learnt from
@@ -558,17 +560,27 @@ def portrait_video(trained, image_path, flame, shape, motion, out_path, audio=No
         raise ValueError(f"{out_path}: motion must be (frames, {MOTION_DIM}), got {tuple(motion.shape)}")
     shape = torch.as_tensor(np.asarray(shape), dtype=torch.float32, device=device)
     flame = copy.deepcopy(flame).to(device)  # leave the caller's model where it was
-    cam = torch.tensor(trained.cam, device=device)
+    cam = torch.as_tensor(np.asarray(trained.cam if cam is None else cam), dtype=torch.float32, device=device)
+    if cam.shape not in ((3,), (len(motion), 3)):
+        raise ValueError(f"{out_path}: cam must be (3,) or ({len(motion)}, 3), got {tuple(cam.shape)}")
+    reference_head = None                # a warping renderer's reference frame: its vertices and camera
+    if trained.reference is not None:
+        head = {k: v.to(device) for k, v in trained.reference.items()}
+        reference_head = (flame.from_motion(head["shape"], head["motion"]), head["cam"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     frames_done = Progress(len(motion), "frame", lines=PROGRESS_LINES)
     with VideoWriter(out_path, size, FPS, audio) as video, VideoWriter(out_path.with_name("depth.mp4"), size, FPS,
                                                                         audio) as depth_video:
         for start in range(0, len(motion), RENDER_BATCH):
             chunk = motion[start:start + RENDER_BATCH].to(device)                          # (b, 59)
-            depth = render_depth(flame.from_motion(shape, chunk), flame.faces, cam, size)  # (b, 1, H, W)
+            chunk_cam = cam if cam.dim() == 1 else cam[start:start + RENDER_BATCH]
+            verts = flame.from_motion(shape, chunk)
+            depth = render_depth(verts, flame.faces, chunk_cam, size)                      # (b, 1, H, W)
+            flow = None if reference_head is None else reference_flow(verts, flame.faces, chunk_cam,
+                                                                      *reference_head, size)
             index = torch.arange(start, start + len(chunk), device=device)
             with autocast:
-                frames = renderer(depth, reference.expand(len(chunk), -1, -1, -1), index)  # (b, 3, H, W)
+                frames = renderer(depth, reference.expand(len(chunk), -1, -1, -1), index, flow)  # (b, 3, H, W)
             video.write(to_uint8(frames))
             depth_video.write(to_uint8(depth))
             if frames_done.advance(len(chunk)) and progress:
@@ -609,9 +621,10 @@ def load_checkpoint(path, device="cpu"):
 
 # the command line
 
-def write_motion(out_dir, motion, flame, shape, song):
+def write_motion(out_dir, motion, flame, shape, song, size=PREVIEW_SIZE):
     """Each take k: sample_k.npz (motion, shape, landmarks), sample_k.pkl (the SingingHead keys) and
-    preview_k.mp4 (the shaded head with the song as sound: samples, or a SongMix read a block at a time); each
+    preview_k.mp4 (the shaded head, size x size, with the song as sound: samples, or a SongMix read a block at a
+    time); each
     file appears under its name only when complete and is announced then. Meshes and landmarks are made
     RENDER_BATCH frames at a time and never held whole, so memory does not grow with the song."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -637,7 +650,7 @@ def write_motion(out_dir, motion, flame, shape, song):
         with atomic_output(out_dir / f"sample_{k}.pkl") as tmp:
             write_flame_pickle(tmp, m, shape)
         announce(out_dir / f"sample_{k}.pkl", f"take {k} with the SingingHead keys (expcodes, posecodes, shapecode)")
-        render_preview(flame, meshes(), out_dir / f"preview_{k}.mp4", audio=song, on_frames=on_frames)
+        render_preview(flame, meshes(), out_dir / f"preview_{k}.mp4", audio=song, size=size, on_frames=on_frames)
         announce(out_dir / f"preview_{k}.mp4", f"take {k} as a shaded head, with sound")
 
 
@@ -692,7 +705,7 @@ class SongMix:
 GRID_COLUMNS = 4            # takes a row in the --grid preview
 
 
-def write_grid(path, motion, flame, shape, voice, size=IMAGE_SIZE):
+def write_grid(path, motion, flame, shape, voice, size=PREVIEW_SIZE):
     """All takes (S, T, 59) in one preview mp4 with the song, playing in sync so one can be picked by eye: take k
     at row k // GRID_COLUMNS, column k % GRID_COLUMNS, each panel size x size pixels, empty panels background."""
     n_takes, n_frames = motion.shape[:2]
@@ -700,14 +713,14 @@ def write_grid(path, motion, flame, shape, voice, size=IMAGE_SIZE):
     rows = -(-n_takes // cols)
     shape_t = torch.as_tensor(shape, dtype=torch.float32)
     background = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8)
-    with VideoWriter(path, (rows * size, cols * size), FPS, voice) as video:
+    with VideoWriter(path, (rows * size, cols * size), FPS, voice, preset=PREVIEW_PRESET) as video:
         for start in range(0, n_frames, PREVIEW_BATCH):
             batch = torch.from_numpy(motion[:, start:start + PREVIEW_BATCH])                       # (S, b, 59)
             frames = background.expand(batch.shape[1], rows * size, cols * size, 3).clone()      # (b, H, W, 3)
             for k, m in enumerate(batch):
                 r, c = divmod(k, cols)
                 with torch.no_grad():
-                    panel = shade(project(flame.from_motion(shape_t, m)), flame.faces, size)     # (b, s, s, 3)
+                    panel = shade(project(flame.from_motion(shape_t, m), PREVIEW_CAM), flame.faces, size)  # (b, s, s, 3)
                 frames[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = panel
             video.write(frames)
     return path
@@ -760,6 +773,7 @@ def parse_args(argv=None):
     knobs.add_argument("--expression-scale", type=float, default=1.0, help="scale of the expression and jaw")
     knobs.add_argument("--still", action="store_true", help="head pose held at the mean (as --pose-scale 0)")
     p.add_argument("--grid", action="store_true", help="also write grid.mp4: every take side by side, with sound")
+    p.add_argument("--size", type=int, default=PREVIEW_SIZE, help="pixels a side of the shaded previews")
     live = p.add_argument_group("live streaming (one take, fed in chunks, frames out as soon as they are final)")
     live.add_argument("--stream", action="store_true", help="generate through MotionStream instead of whole windows")
     live.add_argument("--chunk-ms", type=float, default=STREAM_CHUNK_MS, help="audio chunk size fed at a time")
@@ -783,6 +797,9 @@ def check_inputs(args):
     and music (AudioFiles, read a stretch at a time: any song length) and the --shape (or None)."""
     if args.samples < 1:
         raise ValueError(f"--samples {args.samples}: must be at least 1")
+    if args.size < MIN_PREVIEW_SIZE or args.size % 2:
+        raise ValueError(f"--size {args.size}: must be even (the video encoder's 4:2:0 colour) and at least "
+                         f"{MIN_PREVIEW_SIZE}")
     if bool(args.image) != bool(args.renderer):
         given, missing = ("--image", "--renderer") if args.image else ("--renderer", "--image")
         raise ValueError(f"{given} without {missing}: the portrait video needs both (the reference image of "
@@ -843,7 +860,7 @@ def command(argv=None):
     print(f"{motion.shape[0]} take(s) of {motion.shape[1]} frames in {seconds:.2f} s "
           f"({motion.shape[0] * motion.shape[1] / seconds:.0f} frames/s)", flush=True)
     song = voice if bgm is None or args.voice_only else SongMix(voice, bgm)
-    write_motion(out, motion, flame, shape, song)
+    write_motion(out, motion, flame, shape, song, args.size)
     if args.glb:
         for k, m in enumerate(motion):
             with atomic_output(out / f"sample_{k}.glb") as tmp, open(tmp, "wb") as file:
@@ -852,7 +869,7 @@ def command(argv=None):
             write_wav(out / f"sample_{k}.wav", song)
             announce(out / f"sample_{k}.wav", f"the sound of take {k}'s .glb")
     if args.grid:
-        grid = write_grid(out / "grid.mp4", motion, flame, shape, song)
+        grid = write_grid(out / "grid.mp4", motion, flame, shape, song, args.size)
         announce(grid, f"every take side by side, takes 0..{len(motion) - 1} left to right then down, with sound")
     if args.image:
         renderer = load_renderer(args.renderer, args.device)
