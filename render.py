@@ -950,7 +950,7 @@ class TrainedRenderer:
     """A face renderer checkpoint read back: the generator and what it was trained with."""
     generator: FaceRenderer       # in eval mode
     config: RendererConfig
-    cam: tuple                    # the person's camera [scale, tx, ty] in training
+    cam: tuple                    # the person's camera [scale, tx, ty] in training (or one per frame (T, 3))
     flame_record: dict            # the head its depth inputs came from: {'flame': file, 'flame_sha256'}
     source: str                   # the checkpoint file
     reference: dict = None        # a warping renderer's reference head: motion (59,), cam (3,), shape (100,) tensors

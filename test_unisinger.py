@@ -4336,8 +4336,8 @@ def test_portrait_video_of_a_warping_renderer_films_a_clip_as_the_render_stage_d
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(render.VideoWriter, "write", lambda self, frames: (
             written.setdefault(self.path.name, []).append(np.asarray(frames)), encode(self, frames))[1])
-        unisinger.portrait_video(trained, tmp_path / "run" / "reference.png", flame, params["shape"],
-                                 params["motion"], tmp_path / "p.mp4", cam=params["cam"])
+        unisinger.portrait_video(replace(trained, cam=params["cam"]), tmp_path / "run" / "reference.png",
+                                 flame, params["shape"], params["motion"], tmp_path / "p.mp4")
     frames = np.concatenate(written["p.mp4"]).astype(np.float64)
     assert frames.shape == stage.shape and np.abs(frames - stage).mean() < 0.05
 

@@ -539,14 +539,14 @@ def stream_summary(stats, realtime):
 # ----------------------------------------------------------------------------- portrait video
 
 @torch.no_grad()
-def portrait_video(trained, image_path, flame, shape, motion, out_path, audio=None, progress=False, cam=None):
+def portrait_video(trained, image_path, flame, shape, motion, out_path, audio=None, progress=False):
     """
     The singing portrait: motion (T, 59) with shape (100,) -> FLAME meshes -> depth with the renderer's
     camera (and, for a warping renderer, the reference's warp into each frame) -> FaceRenderer frames (trained:
     render.load_renderer's, on its device), RENDER_BATCH frames at a time, streamed into out_path (mp4, audio
     float32 (N,) muxed in when given) and the depth video into depth.mp4 beside it. Memory does not grow with T.
-    Frame t gets temporal index t. progress=True prints progress lines. cam: (3,) or per frame (T, 3) [scale, tx,
-    ty] in place of the renderer's camera (a tracked clip's own, to film it again). Returns out_path as a Path.
+    Frame t gets temporal index t. progress=True prints progress lines. Returns out_path as a Path. To film a
+    tracked clip again with its own cameras, give a TrainedRenderer whose cam is them (dataclasses.replace).
     """
     out_path = Path(out_path)
     if trained.flame_record["flame_sha256"] != flame.sha256:          # depth of another head than it learnt from
@@ -560,9 +560,9 @@ def portrait_video(trained, image_path, flame, shape, motion, out_path, audio=No
         raise ValueError(f"{out_path}: motion must be (frames, {MOTION_DIM}), got {tuple(motion.shape)}")
     shape = torch.as_tensor(np.asarray(shape), dtype=torch.float32, device=device)
     flame = copy.deepcopy(flame).to(device)  # leave the caller's model where it was
-    cam = torch.as_tensor(np.asarray(trained.cam if cam is None else cam), dtype=torch.float32, device=device)
+    cam = torch.as_tensor(np.asarray(trained.cam), dtype=torch.float32, device=device)
     if cam.shape not in ((3,), (len(motion), 3)):
-        raise ValueError(f"{out_path}: cam must be (3,) or ({len(motion)}, 3), got {tuple(cam.shape)}")
+        raise ValueError(f"{trained.source}: its camera must be (3,) or ({len(motion)}, 3), got {tuple(cam.shape)}")
     reference_head = None                # a warping renderer's reference frame: its vertices and camera
     if trained.reference is not None:
         head = {k: v.to(device) for k, v in trained.reference.items()}
