@@ -3117,8 +3117,10 @@ def motion_set(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_motion(motion_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("motion_run")
+    # --workers 0: a loader worker forked from this large test process every epoch cost 50 s here; the batches
+    # are the same with workers (test_workers_serve_exactly_the_batches_the_training_process_reads)
     train.main(["--stage", "motion", "--data", str(motion_set), "--out", str(out), "--epochs", str(LEARN_EPOCHS),
-                "--batch-size", "4", "--lr", "3e-3", "--no-summary"])
+                "--batch-size", "4", "--lr", "3e-3", "--no-summary", "--workers", "0"])
     return out
 
 
