@@ -786,21 +786,33 @@ RENDER_DATA_SIZE = 512                # pixels a side: the larger of the paper's
 RENDER_VIDEO_S = 8                    # seconds a portrait video lasts, as SingingHead's
 
 
+def process_tree(pid):
+    """A process and all its descendants, from /proc, each before its children; those that end while it is
+    read are left out."""
+    family, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            children = [int(c) for task in Path(f"/proc/{p}/task").iterdir()
+                        for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):            # the process ended while it was read
+            continue
+        family.append(p)
+        todo += children
+    return family
+
+
 def tree_memory_mb(pid):
     """(resident, proportional) memory in MB of a process and all its descendants, from /proc: VmRSS summed
     (a page a forked loader worker shares with its parent counts in both: an upper bound) and Pss summed (each
     shared page split among its sharers: what the tree costs). (0, 0) once it is gone."""
     rss = pss = 0.0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
+    for p in process_tree(pid):
         try:
             for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
                 if line.startswith(("Rss:", "Pss:")):
                     value = int(line.split()[1]) / 1024
                     rss, pss = (rss + value, pss) if line.startswith("Rss:") else (rss, pss + value)
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, ValueError):            # the process ended while it was read
             pass
     return rss, pss
@@ -829,13 +841,7 @@ def watch(cmd, until, timeout_s=600):
         seen.wait(POLL_S)
     seconds = time.perf_counter() - start
     if proc.poll() is None:
-        family, todo = [], [proc.pid]
-        while todo:                              # the workers first, so none outlives its parent unseen
-            p = todo.pop()
-            family.append(p)
-            for task in Path(f"/proc/{p}/task").glob("*/children"):
-                todo += [int(c) for c in task.read_text().split()]
-        for p in reversed(family):
+        for p in reversed(process_tree(proc.pid)):   # the workers first, so none outlives its parent unseen
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
