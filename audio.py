@@ -1,23 +1,14 @@
-"""Audio for UniSinger: reading sound files, wav2vec 2.0 features, MFCC and beats.
+"""Audio for UniSinger (paper IV-A), in the order data flows: sound files in (load_audio), the voice encoder
+(Wav2Vec2, wav2vec 2.0 in plain PyTorch, both checkpoint flavours: "base" group-norm + post-norm and
+"large/lv60" layer-norm + pre-norm; resample_features brings its 50 Hz features to the 30 fps motion frames),
+and the music encoder (mfcc / mfcc_at_fps: torch, batched, equal to librosa.feature.mfcc). Below the support
+banner: the beat pipeline of the beat-alignment metric (hpss, onset_strength, tempo, beat_track, beats: numpy,
+following librosa 0.11 step by step so that beat frames come out identical to librosa's), the sound file
+readers (AudioFile: a stretch at a time; formats libsndfile lacks are decoded by imageio-ffmpeg's ffmpeg) and the
+readers of Hugging Face checkpoints (our own safetensors reader and key mapping).
 
-Holds
-- load_audio: any sound file -> mono float32 at 16 kHz (polyphase resampling), bad files refused; AudioFile reads
-  the same samples a stretch at a time, for songs too long to hold. Formats libsndfile does not know (m4a, aac,
-  webm, the sound of a video) are decoded by the bundled ffmpeg (imageio-ffmpeg, needed only for them).
-- Wav2Vec2: the wav2vec 2.0 encoder in plain PyTorch, both checkpoint flavours ("base": group-norm feature
-  extractor + post-norm encoder, e.g. facebook/wav2vec2-base-960h; "large/lv60": layer-norm feature extractor +
-  pre-norm "stable layer norm" encoder), loading Hugging Face checkpoints (config.json + model.safetensors or
-  pytorch_model.bin) with our own safetensors reader and a hand-written key mapping.
-  resample_features brings its 50 Hz features to the motion frame rate.
-- mfcc / mfcc_at_fps: torch, batched (..., N), CPU or GPU; equal to librosa.feature.mfcc.
-- hpss, onset_strength, tempo, beat_track, beats: the beat pipeline the beat-alignment metric uses (median-filter
-  harmonic/percussive split -> onset strength of the percussive part, median over mel bands -> dynamic-
-  programming beat tracking), in numpy, following librosa 0.11's precision step by step so that beat frames
-  come out identical to librosa's, not merely close.
-
-Depends on torch, numpy, soundfile and scipy only (imageio-ffmpeg for the other formats); imports nothing else of
-ours, so it can be used alone:
-
+Depends on torch, numpy, soundfile and scipy (imageio-ffmpeg for m4a, aac, webm, video sound); imports nothing
+of ours, so it can be copied alone:
     wave = load_audio("song.wav")                                  # (N,) float32, 16 kHz
     w2v = Wav2Vec2.from_pretrained("wav2vec2-base-960h").eval()
     with torch.inference_mode():
@@ -43,10 +34,19 @@ import torch.nn.functional as F
 from scipy.signal import resample_poly
 
 SAMPLE_RATE = 16_000  # Hz, what wav2vec 2.0 was trained on
+FPS = 30                   # motion frames per second, the rate mfcc_at_fps resamples to
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# wav2vec 2.0
+def load_audio(path, sr=SAMPLE_RATE):
+    """Read a sound file as mono float32 at `sr` Hz: channels averaged, then polyphase resampling.
+
+    Refuses (ValueError naming the file) unreadable, empty, truncated and non-finite files. libsndfile quietly
+    shortens a WAV whose data is cut off, so for WAV the frames present are also checked against the header.
+    A format libsndfile does not know is decoded by ffmpeg (its first audio stream, mixed and resampled by it).
+    """
+    song = AudioFile(path, sr)
+    return song[0:len(song)]
+
 
 def normalize_wave(wave, eps=1e-7):
     """Zero mean, unit variance along the last axis, as the Hugging Face processor's do_normalize does.
@@ -58,10 +58,6 @@ def normalize_wave(wave, eps=1e-7):
     mean = wave.mean(-1)[..., None]
     var = ((wave - mean) ** 2).mean(-1)[..., None]
     return (wave - mean) / (var + eps) ** 0.5
-
-
-MAX_PARAMETERS = 4 * 10 ** 9    # a config.json that asks for more is damaged (the largest wav2vec 2.0, XLS-R 2B,
-                                # has 2.2e9)
 
 
 @dataclass
@@ -85,43 +81,8 @@ class Wav2Vec2Config:
 
     @classmethod
     def from_dict(cls, d):
-        """Build from a config.json dict, ignoring the keys that only training or task heads use. Types, sizes
-        that fit together and the parameter count (at most MAX_PARAMETERS) are checked before anything is made,
-        so a damaged file is refused rather than allocated (ValueError)."""
-        if not isinstance(d, dict):
-            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
-        known = {f.name: f for f in fields(cls)}
-        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
-        for name, f in known.items():
-            value, default = getattr(cfg, name), f.default
-            if isinstance(default, tuple):
-                ok = isinstance(value, tuple) and all(type(v) is int and v > 0 for v in value)
-            elif type(default) is int:
-                ok = type(value) is int and value > 0
-            else:
-                ok = type(value) is type(default)
-            if not ok:
-                raise ValueError(f"{name} = {str(value)[:80]}: expected {type(default).__name__}"
-                                 + (" of positive ints" if isinstance(default, tuple) else "")
-                                 + (", positive" if type(default) is int else ""))
-        if not len(cfg.conv_dim) == len(cfg.conv_kernel) == len(cfg.conv_stride):
-            raise ValueError("conv_dim, conv_kernel and conv_stride must have one entry per layer")
-        if cfg.feat_extract_norm not in ("group", "layer"):
-            raise ValueError(f"feat_extract_norm must be 'group' or 'layer', not {cfg.feat_extract_norm!r}")
-        h = cfg.hidden_size
-        if h % cfg.num_attention_heads or h % cfg.num_conv_pos_embedding_groups:
-            raise ValueError(f"hidden_size {h} must be a multiple of num_attention_heads "
-                             f"{cfg.num_attention_heads} and num_conv_pos_embedding_groups "
-                             f"{cfg.num_conv_pos_embedding_groups}")
-        dims = (1,) + cfg.conv_dim
-        n = sum(dims[i] * dims[i + 1] * k for i, k in enumerate(cfg.conv_kernel))          # feature extractor
-        n += cfg.conv_dim[-1] * h + h * h // cfg.num_conv_pos_embedding_groups * cfg.num_conv_pos_embeddings
-        n += cfg.num_hidden_layers * (4 * h * h + 2 * h * cfg.intermediate_size)            # transformer layers
-        if n > MAX_PARAMETERS:
-            raise ValueError(f"sizes that make {n:.3g} parameters, more than any wav2vec 2.0 "
-                             f"({MAX_PARAMETERS:.0e}): hidden_size {h}, {cfg.num_hidden_layers} layers, "
-                             f"intermediate_size {cfg.intermediate_size}, conv_dim {cfg.conv_dim}")
-        return cfg
+        """From a config.json dict, checked before anything is made (config_from_dict)."""
+        return config_from_dict(cls, d)
 
 
 # In place: every call site applies them to a tensor it has just made, and a second buffer the size of the
@@ -330,60 +291,10 @@ class Wav2Vec2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, config=None):
-        """Load a Hugging Face wav2vec 2.0 checkpoint.
-
-        path: a directory with config.json and model.safetensors or pytorch_model.bin, or one such weights file
-        (its config from `config`, a Wav2Vec2Config or config.json dict, else config.json beside it).
-        Base-model keys with or without the 'wav2vec2.' prefix (e.g. Wav2Vec2ForCTC checkpoints); task heads
-        and pre-training parts are ignored. Anything else missing or left over raises ValueError listing it.
-        """
-        path = Path(path)
-        if path.is_dir():
-            weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()),
-                           None)
-            if weights is None:
-                raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
-        elif path.is_file():
-            weights = path
-        else:
-            raise ValueError(f"{path}: no such checkpoint file or directory")
-        config_file = "the config given"                        # names the config in errors
-        if config is None:
-            config_file = weights.parent / "config.json"
-            if not config_file.is_file():
-                raise ValueError(f"{weights}: no config.json beside it and no config given")
-            try:
-                config = json.loads(config_file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-        if not isinstance(config, Wav2Vec2Config):
-            try:
-                config = Wav2Vec2Config.from_dict(config)
-            except (TypeError, ValueError) as e:                 # TypeError: a key's value of the wrong kind
-                raise ValueError(f"{config_file}: not a usable wav2vec 2.0 config ({e})") from None
-        cfg = config
-        if weights.suffix == ".safetensors":
-            state = read_safetensors(weights)
-        else:
-            try:                                               # data only: tensors and plain containers
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-            except Exception as e:                             # torch raises many kinds on damaged bytes
-                raise ValueError(f"{weights}: not a readable PyTorch weights file ({_first_line(e)})") from None
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-                raise ValueError(f"{weights}: not a flat state dict of tensors")
-        model = cls(cfg)
-        try:
-            model.load_state_dict(hf_to_ours(state, cfg, model.state_dict(), weights))
-        except (ValueError, RuntimeError, IndexError, TypeError) as e:  # a tensor that does not fit where it goes
-            detail = str(e).removeprefix(f"{weights}: ") if isinstance(e, ValueError) else _first_line(e)
-            raise ValueError(f"{weights}: does not fit {config_file} ({detail})") from None
-        return model
-
-
-def _first_line(error):
-    """An exception's kind and the first line of its message, for one-line refusals."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        """A Hugging Face wav2vec 2.0 checkpoint: a folder with config.json and model.safetensors or
+        pytorch_model.bin, or one such weights file (its config from `config` or config.json beside it); see
+        load_pretrained."""
+        return load_pretrained(cls, path, config)
 
 
 def resample_features(feats, n_frames):
@@ -391,31 +302,16 @@ def resample_features(feats, n_frames):
     return F.interpolate(feats.transpose(1, 2), size=n_frames, mode="linear", align_corners=True).transpose(1, 2)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# MFCC, harmonic/percussive separation, onset strength and beats
-
-FPS = 30                   # motion frames per second, the rate mfcc_at_fps resamples to
 N_FFT = 2048               # samples per analysis window
 HOP_LENGTH = 512           # samples between analysis frames (31.25 frames per second at 16 kHz)
 N_MELS = 128               # mel bands
 N_MFCC = 64                # cepstral coefficients kept
 AMIN = 1e-10               # power floor before taking dB
 TOP_DB = 80.0              # dB below each signal's peak that the log-mel spectrogram keeps
-HPSS_KERNEL = 31           # median-filter length: frames for the harmonic part, bins for the percussive part
-TEMPO_WINDOW_S = 8.0       # seconds of onset envelope per autocorrelation window
-START_BPM = 120.0          # centre of the log-normal tempo prior, beats per minute
-MAX_BPM = 320.0            # tempi at or above this are never chosen
-TIGHTNESS = 100.0          # how strongly beat spacing is held to the tempo
-PRIOR_STD_OCTAVES = 1.0    # width of the tempo prior, in octaves of bpm
-AC_LOG_GAIN = 1e6          # autocorrelation is compressed as log1p(gain * ac) before the prior is added
 MEL_LINEAR_HZ = 200.0 / 3   # Hz per mel below MEL_LOG_START
 MEL_LOG_START = 1000.0      # Hz where the mel scale turns logarithmic
 MEL_LOG_STEP = np.log(6.4) / 27.0   # natural-log Hz per mel above MEL_LOG_START
-MEDIAN_BLOCK = 4            # neighbouring median windows sharing one selection network (fastest here)
-BEAT_SMOOTH = np.array([0.0, 0.5, 1.0, 0.5, 0.0])   # 5-point Hann used to judge weak edge beats
 
-
-# ----------------------------------------------------------------------------- shared spectral constants
 
 @functools.lru_cache(maxsize=None)
 def hann_window(n):
@@ -480,8 +376,6 @@ def _mfcc_operators(sr, n_fft, n_mels, n_mfcc, device, dtype):
     return window, mel, dct
 
 
-# ----------------------------------------------------------------------------- MFCC (torch)
-
 def mfcc(y, sr=SAMPLE_RATE, n_mfcc=N_MFCC, hop_length=HOP_LENGTH, n_fft=N_FFT, n_mels=N_MELS):
     """MFCCs of y (..., N) (numpy or tensor) -> tensor (..., n_mfcc, 1 + N // hop_length), librosa layout.
 
@@ -535,7 +429,119 @@ def mfcc_at_fps(y, sr=SAMPLE_RATE, n_frames=None, n_mfcc=N_MFCC):
     return resampled.transpose(-1, -2).contiguous()
 
 
-# ----------------------------------------------------------------------------- STFT pair (numpy, librosa precision)
+# ------------------------------------------------------------ support: beats (Table II's BA), file readers, weights files
+
+MAX_PARAMETERS = 4 * 10 ** 9    # a config.json that asks for more is damaged (the largest wav2vec 2.0, XLS-R 2B,
+                                # has 2.2e9)
+
+
+def config_from_dict(cls, d):
+    """A Wav2Vec2Config (cls) from a config.json dict, ignoring the keys that only training or task heads use.
+    Types, sizes that fit together and the parameter count (at most MAX_PARAMETERS) are checked before anything
+    is made, so a damaged file is refused rather than allocated (ValueError)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+    for name, f in known.items():
+        value, default = getattr(cfg, name), f.default
+        if isinstance(default, tuple):
+            ok = isinstance(value, tuple) and all(type(v) is int and v > 0 for v in value)
+        elif type(default) is int:
+            ok = type(value) is int and value > 0
+        else:
+            ok = type(value) is type(default)
+        if not ok:
+            raise ValueError(f"{name} = {str(value)[:80]}: expected {type(default).__name__}"
+                             + (" of positive ints" if isinstance(default, tuple) else "")
+                             + (", positive" if type(default) is int else ""))
+    if not len(cfg.conv_dim) == len(cfg.conv_kernel) == len(cfg.conv_stride):
+        raise ValueError("conv_dim, conv_kernel and conv_stride must have one entry per layer")
+    if cfg.feat_extract_norm not in ("group", "layer"):
+        raise ValueError(f"feat_extract_norm must be 'group' or 'layer', not {cfg.feat_extract_norm!r}")
+    h = cfg.hidden_size
+    if h % cfg.num_attention_heads or h % cfg.num_conv_pos_embedding_groups:
+        raise ValueError(f"hidden_size {h} must be a multiple of num_attention_heads "
+                         f"{cfg.num_attention_heads} and num_conv_pos_embedding_groups "
+                         f"{cfg.num_conv_pos_embedding_groups}")
+    dims = (1,) + cfg.conv_dim
+    n = sum(dims[i] * dims[i + 1] * k for i, k in enumerate(cfg.conv_kernel))          # feature extractor
+    n += cfg.conv_dim[-1] * h + h * h // cfg.num_conv_pos_embedding_groups * cfg.num_conv_pos_embeddings
+    n += cfg.num_hidden_layers * (4 * h * h + 2 * h * cfg.intermediate_size)            # transformer layers
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"sizes that make {n:.3g} parameters, more than any wav2vec 2.0 "
+                         f"({MAX_PARAMETERS:.0e}): hidden_size {h}, {cfg.num_hidden_layers} layers, "
+                         f"intermediate_size {cfg.intermediate_size}, conv_dim {cfg.conv_dim}")
+    return cfg
+
+
+def load_pretrained(cls, path, config=None):
+    """A Hugging Face wav2vec 2.0 checkpoint -> the model class cls with its weights.
+
+    path: a directory with config.json and model.safetensors or pytorch_model.bin, or one such weights file
+    (its config from `config`, a Wav2Vec2Config or config.json dict, else config.json beside it).
+    Base-model keys with or without the 'wav2vec2.' prefix (e.g. Wav2Vec2ForCTC checkpoints); task heads
+    and pre-training parts are ignored. Anything else missing or left over raises ValueError listing it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()),
+                       None)
+        if weights is None:
+            raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
+    elif path.is_file():
+        weights = path
+    else:
+        raise ValueError(f"{path}: no such checkpoint file or directory")
+    config_file = "the config given"                        # names the config in errors
+    if config is None:
+        config_file = weights.parent / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{weights}: no config.json beside it and no config given")
+        try:
+            config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(config, Wav2Vec2Config):
+        try:
+            config = Wav2Vec2Config.from_dict(config)
+        except (TypeError, ValueError) as e:                 # TypeError: a key's value of the wrong kind
+            raise ValueError(f"{config_file}: not a usable wav2vec 2.0 config ({e})") from None
+    cfg = config
+    if weights.suffix == ".safetensors":
+        state = read_safetensors(weights)
+    else:
+        try:                                               # data only: tensors and plain containers
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:                             # torch raises many kinds on damaged bytes
+            raise ValueError(f"{weights}: not a readable PyTorch weights file ({first_line(e)})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{weights}: not a flat state dict of tensors")
+    model = cls(cfg)
+    try:
+        model.load_state_dict(hf_to_ours(state, cfg, model.state_dict(), weights))
+    except (ValueError, RuntimeError, IndexError, TypeError) as e:  # a tensor that does not fit where it goes
+        detail = str(e).removeprefix(f"{weights}: ") if isinstance(e, ValueError) else first_line(e)
+        raise ValueError(f"{weights}: does not fit {config_file} ({detail})") from None
+    return model
+
+
+def first_line(error):
+    """An exception's kind and the first line of its message, for one-line refusals."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+HPSS_KERNEL = 31           # median-filter length: frames for the harmonic part, bins for the percussive part
+TEMPO_WINDOW_S = 8.0       # seconds of onset envelope per autocorrelation window
+START_BPM = 120.0          # centre of the log-normal tempo prior, beats per minute
+MAX_BPM = 320.0            # tempi at or above this are never chosen
+TIGHTNESS = 100.0          # how strongly beat spacing is held to the tempo
+PRIOR_STD_OCTAVES = 1.0    # width of the tempo prior, in octaves of bpm
+AC_LOG_GAIN = 1e6          # autocorrelation is compressed as log1p(gain * ac) before the prior is added
+MEDIAN_BLOCK = 4            # neighbouring median windows sharing one selection network (fastest here)
+BEAT_SMOOTH = np.array([0.0, 0.5, 1.0, 0.5, 0.0])   # 5-point Hann used to judge weak edge beats
+
 
 def _complex_dtype(real_dtype):
     return np.complex128 if real_dtype == np.float64 else np.complex64
@@ -595,8 +601,6 @@ def _as_waveform(y, who):
         raise ValueError(f"{who}: waveform holds NaN or infinite samples")
     return y
 
-
-# ----------------------------------------------------------------------------- harmonic / percussive separation
 
 def _merge_sort_comparators(wires):
     """Batcher's odd-even merge sort on a power-of-two number of wires: (lo, hi) pairs, min to lo."""
@@ -724,8 +728,6 @@ def hpss(y, kernel_size=HPSS_KERNEL, n_fft=N_FFT, hop_length=HOP_LENGTH):
     return (_istft(harmonic, n_fft, hop_length, y.shape[-1], y.dtype),
             _istft(percussive, n_fft, hop_length, y.shape[-1], y.dtype))
 
-
-# ----------------------------------------------------------------------------- onsets and beats
 
 def onset_strength(y, sr=SAMPLE_RATE, aggregate=np.median, n_fft=N_FFT, hop_length=HOP_LENGTH, n_mels=N_MELS):
     """Spectral-flux onset envelope of y (..., N) -> (..., 1 + N // hop_length) numpy.
@@ -878,7 +880,6 @@ def beats(y, sr=SAMPLE_RATE):
     return frames, frames * (HOP_LENGTH / sr)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Reading: sound files (load_audio, AudioFile) and Hugging Face checkpoints (read_safetensors, hf_to_ours)
 
 def _wav_declared_frames(path, info):
@@ -901,8 +902,6 @@ def _wav_declared_frames(path, info):
 
 
 _SUBTYPE_BYTES = {"PCM_U8": 1, "PCM_S8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8}
-
-
 MIN_RATE, MAX_RATE = 1_000, 768_000   # Hz, the sample rates accepted; outside them a header is damaged
 SCAN_FRAMES = 1 << 20                 # frames checked at a time when a sound file is opened
 # The containers ffmpeg may open for us: none of them opens another file, as playlists (hls), concat scripts or
@@ -945,17 +944,6 @@ def _decode_with_ffmpeg(path, sr):
         # Mapped before the file is removed on leaving this block: the mapping keeps its pages, and the disk space
         # is freed when the AudioFile goes, whatever ends the program.
         return np.memmap(raw.name, np.float32, 'r')
-
-
-def load_audio(path, sr=SAMPLE_RATE):
-    """Read a sound file as mono float32 at `sr` Hz: channels averaged, then polyphase resampling.
-
-    Refuses (ValueError naming the file) unreadable, empty, truncated and non-finite files. libsndfile quietly
-    shortens a WAV whose data is cut off, so for WAV the frames present are also checked against the header.
-    A format libsndfile does not know is decoded by ffmpeg (its first audio stream, mixed and resampled by it).
-    """
-    song = AudioFile(path, sr)
-    return song[0:len(song)]
 
 
 class AudioFile:
@@ -1028,11 +1016,9 @@ class AudioFile:
         return np.ascontiguousarray(wave.mean(axis=1), dtype=np.float32)
 
 
-
 # Parts of HF checkpoints outside the base encoder: CTC / classification heads and pre-training modules.
 HF_IGNORED = ("lm_head.", "quantizer.", "project_q.", "project_hid.", "masked_spec_embed", "classifier.",
               "projector.", "layer_weights")
-
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
                        "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
                        "BOOL": np.bool_}

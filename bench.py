@@ -40,10 +40,11 @@ import builtin
 import data
 import metrics
 import render
+import unisinger
 from audio import SAMPLE_RATE
 from builtin import procedural_head, stand_in_flame
 from flame import MOTION_DIM, N_EXPR, N_SHAPE
-from render import format_duration
+from data import format_duration
 from unisinger import (DEFAULT_CHECKPOINT, STREAM_CHUNK_MS, STREAM_LOOKAHEAD, Controls, MotionConfig, MotionCVAE,
                        MotionStream, generate, load_checkpoint, portrait_video, stream_song)
 
@@ -194,7 +195,7 @@ RASTER_REF_FRAMES = 2       # frames ray cast by trimesh (seconds each)
 def head_frames(n_frames, device):
     """(T, V, 3) projected vertices of the procedural head talking and nodding, and its faces."""
     head, verts = talking_head(n_frames, device)
-    return render.project(verts, render.DEFAULT_CAM), head.faces
+    return render.project(verts, data.DEFAULT_CAM), head.faces
 
 
 def talking_head(n_frames, device):
@@ -284,12 +285,12 @@ def _preview_seconds(which, folder):
     path = Path(folder) / f"{which}.mp4"
 
     def flat():
-        with render.VideoWriter(path, FLAT_SIZE) as video:
-            for lo in range(0, len(verts), render.PREVIEW_BATCH):
-                video.write(flat_shade(render.project(verts[lo:lo + render.PREVIEW_BATCH], render.DEFAULT_CAM),
+        with data.VideoWriter(path, FLAT_SIZE) as video:
+            for lo in range(0, len(verts), unisinger.PREVIEW_BATCH):
+                video.write(flat_shade(render.project(verts[lo:lo + unisinger.PREVIEW_BATCH], data.DEFAULT_CAM),
                                        head.faces, FLAT_SIZE))
 
-    ours = lambda: render.render_preview(head, verts, path)
+    ours = lambda: unisinger.render_preview(head, verts, path)
     (wall,), _ = best_times([ours if which == "ours" else flat], "cpu", 0, 1)
     return wall
 
@@ -708,7 +709,7 @@ def renderer_seconds_per_frame(preset, device="cpu", batch=STAGE_BATCH):
     reference = torch.zeros(batch, 3, render.IMAGE_SIZE, render.IMAGE_SIZE, device=device)
     shape = torch.zeros(N_SHAPE, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
-    cam = torch.tensor(render.DEFAULT_CAM, device=device)
+    cam = torch.tensor(data.DEFAULT_CAM, device=device)
 
     def one_batch():        # as portrait_video: meshes, depth and warp in float32, the renderer in bf16 on a GPU
         verts = flame.from_motion(shape, motion)
@@ -726,8 +727,8 @@ def untrained_checkpoint(folder):
     cfg = render.RendererConfig.preset("tiny")
     ckpt, image = Path(folder) / "renderer.pt", Path(folder) / "reference.png"
     torch.save(dict(generator=render.FaceRenderer(cfg.channels, cfg.warp).state_dict(), renderer_config=asdict(cfg),
-                    cam=list(render.DEFAULT_CAM), reference_motion=torch.zeros(MOTION_DIM),
-                    reference_cam=torch.tensor(render.DEFAULT_CAM), shape=torch.zeros(N_SHAPE)), ckpt)
+                    cam=list(data.DEFAULT_CAM), reference_motion=torch.zeros(MOTION_DIM),
+                    reference_cam=torch.tensor(data.DEFAULT_CAM), shape=torch.zeros(N_SHAPE)), ckpt)
     imageio.imwrite(image, np.full((render.IMAGE_SIZE, render.IMAGE_SIZE, 3), 128, np.uint8))
     return ckpt, image
 
@@ -739,7 +740,7 @@ def _portrait_peak_mb(seconds, ckpt, image, out):
     motion[:, :10] = 0.5 * np.sin(np.arange(frames)[:, None] / 7.0 + np.arange(10))
     motion[:, -3] = 0.15 * (1 + np.sin(np.arange(frames) / 3.0))                        # jaw opening and closing
     voice = (0.1 * np.sin(np.arange(round(frames / render.FPS * SAMPLE_RATE)) * 0.05)).astype(np.float32)
-    portrait_video(render.load_renderer(ckpt), image, stand_in_flame(), np.zeros(N_SHAPE, np.float32), motion, out,
+    portrait_video(unisinger.load_renderer(ckpt), image, stand_in_flame(), np.zeros(N_SHAPE, np.float32), motion, out,
                    audio=voice)
     return peak_mb()
 

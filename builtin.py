@@ -44,10 +44,10 @@ from scipy.signal import lfilter
 
 import render
 from audio import FPS, SAMPLE_RATE
-from data import (CLIP_SECONDS, N_POSE, SPLITS, SingingHead, audio_path, bgm_path, flame_path, split_path, video_path,
-                  write_flame_pickle)
+from data import (CLIP_SECONDS, DEFAULT_CAM, N_POSE, SPLITS, Progress, SingingHead, audio_path, bgm_path, flame_path,
+                  split_path, video_path, write_flame_pickle, write_video, write_wav)
 from flame import MOTION_DIM, N_EXPR, N_JOINTS, N_POSE_FEATURES, N_SHAPE, Flame, file_sha256
-from render import FILL_LIGHT, KEY_LIGHT, Progress, vertex_normals, write_wav
+from render import FILL_LIGHT, KEY_LIGHT, vertex_normals
 
 BUILTIN_ROOT = Path(__file__).parent / "data" / "builtin"
 BUILTIN_VERSION = 2                   # bump when the generator changes: an older built-in set is rebuilt
@@ -469,7 +469,7 @@ def make_person(index, seed):
     rng = np.random.default_rng([seed, index, 0])
     shape = np.zeros(N_SHAPE)
     shape[:10] = rng.normal(0, 1, 10)
-    cam = np.array(render.DEFAULT_CAM, dtype=np.float64)
+    cam = np.array(DEFAULT_CAM, dtype=np.float64)
     cam[0] *= 1 + rng.uniform(-0.06, 0.06)
     cam[1:] += rng.uniform(-0.01, 0.01, 2)                     # metres, before scaling
     expression_offset = np.zeros(N_EXPR)
@@ -1011,7 +1011,7 @@ def generate_dataset(root, recipe=Recipe(), verbose=True):
     # filming a clip costs a hundred times a song's sound and motion: counted apart, so each ETA holds
     filming_progress = Progress(len(to_film), "video", lines=10)
     for path, body, person, motion, cam in to_film:
-        render.write_video(path, render_portrait(body, person, motion, cam, recipe.video_size))
+        write_video(path, render_portrait(body, person, motion, cam, recipe.video_size))
         if filming_progress.advance() and verbose:
             print(f"  {filming_progress.line('filmed')} ({path.name})", flush=True)
     for name in SPLITS:

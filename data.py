@@ -33,23 +33,33 @@ Use alone:
     clips = SingingHead(root, "train")   # torch Dataset; clips[0]["motion"] is float32 (240, 59)
     frames = read_video(video_path(root, clips[0]["id"]), size=256)   # uint8 (T, 256, 256, 3)
 """
+import argparse
+import contextlib
+import errno
 import fcntl
 import multiprocessing
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+import zipfile
+from collections import deque
+from fractions import Fraction
 from pathlib import Path
 
 import imageio.v2 as imageio
+import imageio_ffmpeg
 import numpy as np
 import soundfile
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-import render
 from audio import FPS, SAMPLE_RATE, AudioFile, load_audio
-from flame import MOTION_DIM, N_EXPR, N_SHAPE, load_data_pickle
+from flame import MOTION_DIM, N_EXPR, N_SHAPE, load_data_pickle, read_torch_data
 
 CLIP_SECONDS = 8                      # the release's sequence length
 CLIP_FRAMES = CLIP_SECONDS * FPS      # 240 frames a clip
@@ -59,6 +69,7 @@ EXPRESSION_KEYS = ("expcodes", "expression")
 POSE_KEYS = ("posecodes", "pose")
 SHAPE_KEYS = ("shapecode", "shape")
 CAM_KEYS = ("cam", "camcodes")
+DEFAULT_CAM = (6.5, 0.0, 0.035)  # [scale, tx (m), ty (m)], DECA's camera of a pickle without one: crown near the top edge, neck near the bottom
 N_POSE = 9                            # global 3 | neck 3 | jaw 3
 CACHE_DIR = ".unisinger"              # in a writable data folder: the index and the render stage's frames
 INDEX_VERSION = 1                     # of the index files' layout; another version's file is made again
@@ -280,7 +291,7 @@ class _InProcess:
 def _entry_pool(n_jobs):
     """Processes that make n_jobs index entries: one per core this process may use when there are many (reading
     a pickle is pure Python, so threads would not help), else this process alone."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cpu_cores()
     if n_jobs < INDEX_PARALLEL_MIN or cores < 2:
         return _InProcess()
     from concurrent.futures import ProcessPoolExecutor
@@ -318,7 +329,7 @@ class SplitIndex:
             started = time.perf_counter()
             index, made = cls._update(root, split, sequences, clip_frames, cls._read(path, clip_frames))
             if made:
-                with render.atomic_output(path) as tmp:
+                with atomic_output(path) as tmp:
                     np.savez(tmp, version=INDEX_VERSION, clip_frames=clip_frames, ids=np.array(sequences),
                              **{key: getattr(index, key) for key in cls.FIELDS})
                 print(f"indexed {made} of the {len(sequences)} sequences of {Path(root) / f'{split}.txt'} in "
@@ -357,7 +368,7 @@ class SplitIndex:
             if not fresh:
                 todo.append(i)
         # the rate over every entry so far: the pool hands entries back a chunk at a time, in bursts
-        progress = render.Progress(len(todo), "sequence", lines=INDEX_PROGRESS_LINES, window=len(todo))
+        progress = Progress(len(todo), "sequence", lines=INDEX_PROGRESS_LINES, window=len(todo))
         with _entry_pool(len(todo)) as pool:
             made = pool.map(_stamped_entry, [(root, sequences[i], clip_frames) for i in todo],
                             chunksize=INDEX_CHUNK)
@@ -426,7 +437,7 @@ class SingingHead(Dataset):
                              f"file changed while in use")
         cam = flame["cam"]
         if cam is None:
-            cam = np.broadcast_to(np.asarray(render.DEFAULT_CAM, dtype=np.float32), (n_frames, 3))
+            cam = np.broadcast_to(np.asarray(DEFAULT_CAM, dtype=np.float32), (n_frames, 3))
         return flame["motion"], flame["shape"], np.ascontiguousarray(cam)
 
     def sequence(self, seq):
@@ -519,3 +530,259 @@ class VideoFrames:
 def read_video(path, size=256, batch=32):
     """mp4 -> uint8 (T, size, size, 3) (centre-cropped to a square if needed; size=None keeps the original)."""
     return np.concatenate(list(VideoFrames(path, size, batch=batch)))
+
+# ---------------------------------------------------------------------------------------------- support
+# What every command shares: files that appear whole, checkpoints, videos and sounds written, progress lines,
+# core counting and the one-line error exit.
+
+VIDEO_CRF = 10                   # libx264 quality (0 lossless .. 51 worst): near transparent
+VIDEO_PRESET = "medium"          # libx264 speed preset of videos (its default)
+AUDIO_BLOCK = 1 << 20            # samples of a long sound copied into a file at a time
+MAX_PROGRESS_LINES = 50          # progress lines a whole job prints, at most
+RATE_WINDOW = 20                 # steps whose timing gives the rate: recent enough to forget start-up, enough to smooth
+
+
+def cpu_cores():
+    """The cores this process may run on (its affinity where the system tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def read_checkpoint(path, device="cpu"):
+    """A checkpoint file written by train.py -> its dict, read as data only (flame.read_torch_data: a file
+    that names anything but tensors and plain containers is refused before any of it runs)."""
+    if not zipfile.is_zipfile(path):                        # torch.save writes a zip archive
+        raise ValueError(f"{path}: not a checkpoint torch.save wrote (not a zip archive, or one cut short)")
+    try:
+        ckpt = read_torch_data(path, device)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path}: {error}" if str(error).startswith("refused") else
+                         f"{path}: not a readable checkpoint ({error})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: not a checkpoint (a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """
+    A temporary path beside `path` (same suffix, so writers that go by it still do) to write the file to; it
+    is renamed onto `path` when the block ends without error and removed when it does not. Readers never see
+    a half-written file, and a crash or a full disk leaves the previous one intact; a failed write raises
+    OSError naming `path` (writers such as np.savez and pickle leave the file name out of theirs).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_wav(path, audio, sample_rate=SAMPLE_RATE):
+    """Mono audio in [-1, 1] as a 16-bit PCM wav that appears whole at path: an array (N,), or a sound with len()
+    and slices [a:b] (e.g. audio.AudioFile) copied AUDIO_BLOCK samples at a time, so a long song is never held
+    whole. A failed write raises OSError naming path."""
+    if isinstance(audio, (np.ndarray, list, tuple)) or torch.is_tensor(audio):
+        audio = np.asarray(audio)
+        if audio.ndim != 1:
+            raise ValueError(f"{path}: audio must be mono (N,), got shape {audio.shape}")
+    with atomic_output(path) as tmp:
+        try:
+            with soundfile.SoundFile(tmp, "w", int(sample_rate), 1, "PCM_16", format="WAV") as sink:
+                for start in range(0, len(audio), AUDIO_BLOCK):
+                    sink.write(np.asarray(audio[start:start + AUDIO_BLOCK]))
+        except RuntimeError as error:                           # soundfile's write errors
+            raise OSError(errno.EIO, " ".join(str(error).split())) from None
+
+
+class VideoWriter:
+    """
+    Streams uint8 frames into an mp4 (libx264, yuv420p) and muxes optional mono audio as AAC on close: float32
+    samples (N,) at sample_rate, or a sound read a block at a time (anything with len() and slices [a:b] of
+    float32 samples, e.g. audio.AudioFile), so that a long song is never held whole. The file appears at `path`
+    only when complete (written beside it, then renamed); a failed write (ffmpeg's exit status, a full disk)
+    raises OSError naming `path`. Our own ffmpeg process rather than imageio_ffmpeg.write_frames, which ignores
+    ffmpeg's exit status (a full disk must not leave a cut-off video under the final name) and lets its
+    complaints through to the console.
+    """
+
+    def __init__(self, path, size, fps=FPS, audio=None, sample_rate=SAMPLE_RATE, preset=VIDEO_PRESET):
+        self.path, self.frames = Path(path), 0
+        self.height, self.width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.mp4")
+        self.wav = None if audio is None else self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.wav")
+        self.log = self.encoder = None
+        try:
+            if audio is not None:
+                try:
+                    write_wav(self.wav, audio, sample_rate)
+                except OSError as error:
+                    raise OSError(error.errno, f"soundtrack not written ({error.strerror})", str(path)) from None
+            cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
+                   "-s", f"{self.width}x{self.height}", "-pix_fmt", "rgb24",
+                   "-r", str(Fraction(fps).limit_denominator()), "-i", "-"]
+            cmd += ["-an"] if self.wav is None else ["-i", str(self.wav)]
+            cmd += ["-vcodec", "libx264", "-preset", preset, "-pix_fmt", "yuv420p", "-crf", str(VIDEO_CRF), "-v", "error"]
+            if self.wav is not None:
+                cmd += ["-acodec", "aac", "-map", "0:v:0", "-map", "1:a:0", "-shortest"]
+            self.log = tempfile.TemporaryFile()                  # ffmpeg's complaints, for the error message
+            self.encoder = subprocess.Popen(cmd + [str(self.tmp)], stdin=subprocess.PIPE,
+                                            stdout=subprocess.DEVNULL, stderr=self.log)
+        except OSError as error:
+            self._clean()
+            raise OSError(error.errno, error.strerror, str(self.path)) from None
+        except BaseException:
+            self._clean()
+            raise
+
+    def _failed(self):
+        """OSError naming the video, with ffmpeg's last complaint (or the signal that ended it)."""
+        self.log.seek(0)
+        said = [line.strip() for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
+        status = self.encoder.returncode
+        why = said[-1] if said else f"killed by {signal.Signals(-status).name}" if status < 0 else f"status {status}"
+        return OSError(errno.EIO, f"ffmpeg could not write the video ({why})", str(self.path))
+
+    def write(self, frames):
+        """frames uint8 (T, H, W, 3) numpy or tensor."""
+        frames = frames.cpu().numpy() if torch.is_tensor(frames) else np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
+            raise ValueError(f"{self.path}: frames must be uint8 (T, {self.height}, {self.width}, 3), "
+                             f"got {frames.dtype} {frames.shape}")
+        try:
+            self.encoder.stdin.write(np.ascontiguousarray(frames).tobytes())
+        except OSError:                                          # ffmpeg stopped reading: it failed
+            self.encoder.wait()
+            raise self._failed() from None
+        self.frames += len(frames)
+
+    def close(self, keep=True):
+        """Finish the file and move it into place; keep=False discards it (used after an error)."""
+        try:
+            if not keep:
+                self.encoder.kill()
+            with contextlib.suppress(OSError):                   # it failed already: its exit status says so
+                self.encoder.stdin.close()
+            if self.encoder.wait() != 0 and keep:
+                raise self._failed()
+            if keep and self.frames == 0:
+                raise ValueError(f"{self.path}: no frames written")
+            if keep:
+                try:
+                    os.replace(self.tmp, self.path)
+                except OSError as error:
+                    raise OSError(error.errno, error.strerror, str(self.path)) from None
+        finally:
+            self._clean()
+
+    def _clean(self):
+        for tmp in (self.tmp, self.wav):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        if self.log is not None:
+            self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(keep=exc_type is None)
+
+
+def write_video(path, frames, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
+    """frames uint8 (T, H, W, 3) -> mp4 at path, with audio float32 (N,) at sample_rate muxed in if given."""
+    if frames.ndim != 4:
+        raise ValueError(f"{path}: frames must be (T, H, W, 3), got shape {tuple(frames.shape)}")
+    with VideoWriter(path, frames.shape[1:3], fps, audio, sample_rate) as video:
+        video.write(frames)
+
+
+# Progress counts the steps of a long job (building the built-in data set, training, an evaluation, a long song) and says
+# how far, how fast lately and when it will end:
+#     progress = Progress(480, "step")
+#     for batch in batches:
+#         train_step(batch)
+#         if progress.advance():                # True when a line is due (MAX_PROGRESS_LINES lines a run, and the last step)
+#             print(progress.line("train"))
+# The rate is measured over the last `window` steps and never counts the first one: the first step carries the
+# start-up (first calls, caches filling, memory being allocated), and an average since the start lets it dominate
+# the early estimates (an ETA six times too long on the first line of a 9-minute training run). Whatever happens
+# between two steps (a validation pass between epochs) is part of the step after it, so a window longer than an
+# epoch spreads that cost over the remaining steps as it will really fall.
+
+
+def format_duration(seconds):
+    """Seconds -> '42s', '8m30s' or '1h05m'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Counts steps of a job of `total` steps (`done` already done, e.g. after a resume) and times them."""
+
+    def __init__(self, total, unit="step", done=0, lines=MAX_PROGRESS_LINES, window=RATE_WINDOW, clock=time.perf_counter):
+        self.total, self.unit, self.done = total, unit, done
+        self.every = max(1, -(-(total - done) // lines))    # ceil: at most `lines` lines
+        self.clock = clock
+        self.times = deque(maxlen=max(2, window + 1))       # (steps done, clock) after each step, from the first
+        self.start = clock()
+
+    def advance(self, n=1):
+        """Record n more steps done; True when a progress line is due."""
+        self.done += n
+        self.times.append((self.done, self.clock()))
+        return self.done >= self.total or self.done % self.every < n
+
+    def rate(self):
+        """Steps a second over the recent window (the first step excluded), or None before two steps are timed."""
+        if len(self.times) < 2:
+            return None
+        (d0, t0), (d1, t1) = self.times[0], self.times[-1]
+        return (d1 - d0) / max(t1 - t0, 1e-9)
+
+    def eta(self):
+        """Seconds left at the recent rate, or None while unknown."""
+        rate = self.rate()
+        return None if rate is None else (self.total - self.done) / rate
+
+    def elapsed(self):
+        return self.clock() - self.start
+
+    def status(self):
+        """'0.85 step/s | ETA 8m30s'; the time so far while the rate is unknown; the whole time at the end."""
+        rate, eta = self.rate(), self.eta()
+        if rate is None:
+            return f"first {self.unit} took {format_duration(self.elapsed())}, ETA from the next"
+        speed = f"{rate:.2f} {self.unit}/s" if rate >= 1 else f"{1 / rate:.2f} s/{self.unit}"
+        if self.done >= self.total:
+            return f"{speed} | done in {format_duration(self.elapsed())}"
+        return f"{speed} | ETA {format_duration(eta)}"
+
+    def line(self, label):
+        """'label 12/480 steps | 0.85 step/s | ETA 8m30s'."""
+        return f"{label} {self.done}/{self.total} {self.unit}s | {self.status()}"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose refusals end in one line with exit status 1, like the commands' own errors."""
+
+    def error(self, message):
+        sys.exit(f"error: {message}")
+
+
+def run_command(command, argv=None):
+    """command(argv), where bad input or a failed write (a full disk, a read-only folder) ends in one line,
+    `error: <file>: <problem>`, and exit status 1, not a traceback."""
+    try:
+        command(argv)
+    except (ValueError, OSError) as err:
+        named = isinstance(err, OSError) and err.filename
+        sys.exit("error: " + " ".join((f"{err.filename}: {err.strerror}" if named else str(err)).split()))

@@ -220,7 +220,17 @@ class Flame(nn.Module):
         return (corners * self.lmk_bary.to(verts.dtype)[..., None]).sum(-2)
 
 
+def split_motion(m, n_expr=N_EXPR):
+    """59-d motion (..., 59) -> expression (..., 50), global (..., 3), neck (..., 3), jaw (..., 3)."""
+    if m.shape[-1] != n_expr + 9:
+        raise ValueError(f"motion: expected last dim {n_expr + 9}, got {tuple(m.shape)}")
+    return m[..., :n_expr], m[..., n_expr:n_expr + 3], m[..., n_expr + 3:n_expr + 6], m[..., n_expr + 6:n_expr + 9]
 
+
+
+# ---------------------------------------------------------------------------------------------- support
+# Reading FLAME's files, and writing takes (OBJ, glTF 2.0)
+#
 def file_sha256(path, chunk=1 << 20):
     """Hex sha256 of a file's bytes: identifies a FLAME file wherever it was copied."""
     digest = hashlib.sha256()
@@ -230,17 +240,6 @@ def file_sha256(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
-def split_motion(m, n_expr=N_EXPR):
-    """59-d motion (..., 59) -> expression (..., 50), global (..., 3), neck (..., 3), jaw (..., 3)."""
-    if m.shape[-1] != n_expr + 9:
-        raise ValueError(f"motion: expected last dim {n_expr + 9}, got {tuple(m.shape)}")
-    return m[..., :n_expr], m[..., n_expr:n_expr + 3], m[..., n_expr + 3:n_expr + 6], m[..., n_expr + 6:n_expr + 9]
-
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading FLAME's files, and writing takes (OBJ, glTF 2.0)
-#
 # Reading pickles as data: model files without chumpy, and nothing that runs code.
 
 # Unpickling calls whatever callable a file names, so a pickle from elsewhere could run any program.
@@ -302,20 +301,34 @@ TENSOR_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, 
                  torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 
+def read_torch_data(file, map_location='cpu'):
+    """torch.load of a file from elsewhere as data only: torch's weights-only reader, which refuses every global
+    but tensors' own data types. Its refusal or damage -> pickle.UnpicklingError: 'refused to load <name>', or
+    the line of torch's paragraph that says what it met (never its advice to load the file unsafely)."""
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as error:                                   # torch raises many kinds on damaged bytes
+        named = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if named:
+            raise pickle.UnpicklingError(f"refused to load {named[1].rstrip('.')}: a data file holds only "
+                                         f"tensors, numbers, strings and containers") from None
+        said = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(error))
+        lines = str(error).strip().splitlines()
+        raise pickle.UnpicklingError(said[1].strip() if said else
+                                     f"{type(error).__name__}: {lines[0] if lines else ''}") from None
+
+
 def _storage_from_bytes(b):
     """torch.storage._load_from_bytes without its torch.load(weights_only=False): the bytes (a torch.save file)
-    are read by torch's weights-only reader, which refuses every global but its own data types, and only a
-    typed storage of numbers is kept."""
+    are read by read_torch_data, and only a typed storage of numbers is kept."""
     if type(b) is not bytes:
         raise pickle.UnpicklingError(f"refused a tensor storage made from {type(b).__name__}, not bytes")
     try:
-        storage = torch.load(io.BytesIO(b), map_location='cpu', weights_only=True)
-    except Exception as error:
-        named = re.search(r"GLOBAL ([\w.]+)", str(error))
-        if named:
-            raise pickle.UnpicklingError(f"refused to load {named[1].rstrip('.')} inside a tensor's storage bytes: "
-                                         f"a data file holds only arrays, numbers, strings and containers") from None
-        raise pickle.UnpicklingError(f"unreadable tensor storage bytes ({type(error).__name__})") from None
+        storage = read_torch_data(io.BytesIO(b))
+    except pickle.UnpicklingError as error:
+        if str(error).startswith('refused to load'):
+            raise pickle.UnpicklingError(str(error).replace(':', " inside a tensor's storage bytes:", 1)) from None
+        raise pickle.UnpicklingError(f"unreadable tensor storage bytes ({str(error).split(':')[0]})") from None
     if not isinstance(storage, torch.TypedStorage) or storage.dtype not in TENSOR_DTYPES:
         what = storage.dtype if isinstance(storage, torch.TypedStorage) else type(storage).__name__
         raise pickle.UnpicklingError(f"refused tensor storage bytes holding {what}, not a storage of numbers")
@@ -419,6 +432,21 @@ def load_data_pickle(path, file=None):
         raise ValueError(f"{path}: not a readable pickle ({type(error).__name__}: {error})") from None
 
 
+def read_npy_header(file, size=None):
+    """(shape, dtype) from the header of the .npy file open at its start, leaving it at the data. A version other
+    than 1.0 / 2.0, or a header claiming more values than the file's `size` bytes hold, raises ValueError before
+    anything is allocated."""
+    version = np.lib.format.read_magic(file)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"format version {version}, not 1.0 or 2.0")
+    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = header(file)
+    values = math.prod(shape)
+    if size is not None and not dtype.hasobject and values * dtype.itemsize > size - file.tell():
+        raise ValueError(f"its header claims {values} values of {dtype} but the file holds {size} bytes")
+    return shape, dtype
+
+
 def load_npy_object(path):
     """
     The object inside a .npy file of a pickled object (np.save of a dict, e.g. DECA's landmark_embedding.npy),
@@ -426,11 +454,7 @@ def load_npy_object(path):
     """
     with open(path, 'rb') as fh:
         try:
-            version = np.lib.format.read_magic(fh)
-            if version not in ((1, 0), (2, 0)):
-                raise ValueError(f"format version {version}, not 1.0 or 2.0")
-            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = header(fh)
+            shape, dtype = read_npy_header(fh)
         except ValueError as error:
             raise ValueError(f"{path}: not a readable .npy file ({error})") from None
         if not dtype.hasobject:
@@ -463,15 +487,12 @@ def read_npz(path):
             data = {}
             for info in z.infolist():
                 with z.open(info) as f:
-                    version = np.lib.format.read_magic(f)
-                    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                        np.lib.format.read_array_header_2_0
-                    shape, _, dtype = header(f)
+                    try:
+                        _, dtype = read_npy_header(f, info.file_size)
+                    except ValueError as error:
+                        raise ValueError(f"array {info.filename}: {error}") from None
                     if dtype.hasobject:
                         raise ValueError(f"array {info.filename} holds Python objects")
-                    if math.prod(shape) * dtype.itemsize > info.file_size:
-                        raise ValueError(f"array {info.filename} claims {math.prod(shape)} values of {dtype} but "
-                                         f"holds {info.file_size} bytes")
                 with z.open(info) as f:
                     data[info.filename.removesuffix('.npy')] = np.lib.format.read_array(f, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as e:

@@ -47,10 +47,9 @@ from scipy import ndimage
 import data
 from audio import FPS, SAMPLE_RATE, beats
 from builtin import builtin_data, load_flame, require_head, resolve_flame
-from data import video_path
+from data import Parser, Progress, atomic_output, run_command, video_path
 from flame import HEAD_POSE, MM_PER_M, MOUTH_LANDMARKS, read_npz
-from render import PREVIEW_BATCH, Parser, Progress, atomic_output, run_command, write_side_by_side
-from unisinger import DEFAULT_CHECKPOINT, Controls, SongMix, generate, load_checkpoint
+from unisinger import DEFAULT_CHECKPOINT, PREVIEW_BATCH, Controls, SongMix, generate, load_checkpoint, write_side_by_side
 
 BEAT_SIGMA_FRAMES = 5.0     # Gaussian smoothing of the motion speed before picking its minima
 BA_SIGMA2 = 9.0             # beat-align tolerance, frames^2
@@ -58,10 +57,8 @@ N_SAMPLES = 10              # samples per clip in Table II (the paper's n)
 VIDEO_SIZES = (256, 512)    # Table IV is measured with frames resized to each of these squares
 LMK_SIZE = 256              # landmark files are in pixels of the 256-pixel frame
 FRAME_STEP = 6              # every 6th frame enters the 2-D image metrics
-
 SSIM_WINDOW = 7
 SSIM_K1, SSIM_K2 = 0.01, 0.03
-
 CPBD_BLOCK = 64             # pixels per block side
 CPBD_EDGE_BLOCK = 0.002     # a block counts when more than this fraction of its pixels are edges
 CPBD_JNB_LOW_CONTRAST = 5   # just-noticeable-blur width (pixels) when block contrast <= 50 grey levels
@@ -72,26 +69,6 @@ CPBD_THRESHOLD = 0.63       # blur is "not detected" at an edge while its probab
 CPBD_MAX_STEP = 100         # an edge side is followed at most this many pixels
 CPBD_EDGE_FLOOR = 0.2       # edge-map gradient floor (grey levels per pixel, Sobel scale)
 
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
-LPIPS_FILE = "alex.pth"
-# Table II: the paper's columns, each the release's metric_dict value (metres, m^2, radians) times a factor.
-# LVE / FVE print in mm; FDD is printed "x10^-2 mm" in the paper: the m^2 value x 1000 like the others, in
-# units of 10^-2; BA, PPE (rad) and diversity (m) print as they are.
-PAPER_COLUMNS = {"LVE-mean": ("lve_mean", 1e3), "LVE-min": ("lve_min", 1e3), "FVE-mean": ("ve_mean", 1e3),
-                 "FVE-min": ("ve_min", 1e3), "FDD(x1e-2)": ("fdd", 1e5), "BA": ("ba_pose", 1.0),
-                 "PPE": ("meandist_pose", 1.0), "Diversity": ("diversity_lmk", 1.0)}
-MOTION_COLUMNS = list(PAPER_COLUMNS) + ["FPS"]
-# Our variants, never under the paper's names: BA with beat times x 30 fps (time-correct) and BA on the
-# background music, both against the same pose beats; FDD on displacements from the neutral face (CodeTalker),
-# x1e5 like the paper's column; diversity of head-pose-free landmarks in mm.
-VARIANT_COLUMNS = ["BA(time)", "BA(music)", "FDD(disp)", "Div(mm)"]
-EVAL_SEED = 0               # base seed of the evaluation's latent draws (each clip derives its own)
-SIDE_BY_SIDE_TAKES = 2      # takes shown beside the truth in a clip's side-by-side video
-VIDEO_COLUMNS = ["FID", "LPIPS", "SSIM", "PSNR", "CPBD", "M-LMD", "F-LMD", "BA"]
-
-
-# ----------------------------------------------------------------------------- 3-D motion metrics
 
 class RegionMeshes:
     """The vertices the 3-D metrics read (lips, face, upper face, landmark triangles), head pose zeroed.
@@ -227,7 +204,37 @@ def diversity(samples):
     return (x[i] - x[j]).norm(dim=1).mean().item()
 
 
-# ----------------------------------------------------------------------------- 2-D frame metrics
+def clip_motion_scores(regions, shape, gt_motion, samples, audio_beats):
+    """Table II of one clip: {'official': the release's metric_dict (raw units), variant column: value}.
+
+    regions: RegionMeshes of the FLAME model; shape (100,), gt_motion (T,59), samples (S,T,59); audio_beats: BA
+    column -> audio beats in motion-frame units (clip_beats), each column present is scored against the samples'
+    pose beats (the release averages BA over samples).
+    """
+    shape = torch.as_tensor(shape, dtype=torch.float32)
+    gt_motion = torch.as_tensor(gt_motion, dtype=torch.float32)
+    samples = torch.as_tensor(samples, dtype=torch.float32)
+    with torch.no_grad():
+        gt = regions(shape, gt_motion)                                                   # (T,U,3) m
+        pred = regions(shape, samples)                                                   # (S,T,U,3) m
+        neutral = regions(shape, torch.zeros(1, gt_motion.shape[-1]))[0]                 # (U,3) m
+        lve_mean, lve_min = lve(pred, gt, regions.lips)
+        fve_mean, fve_min = fve(pred, gt, regions.face)
+        pose_beats = [motion_beats(s[:, HEAD_POSE]) for s in samples.numpy()]
+        ba = {k: float(np.mean([beat_align(m, b, len(gt_motion) - 1) for m in pose_beats])) for k, b in audio_beats.items()}
+        ba_pose = ba.pop("BA", None)                                                     # the rest are variants
+        official = {
+            "lve_mean": lve_mean / MM_PER_M, "lve_min": lve_min / MM_PER_M,
+            "ve_mean": fve_mean / MM_PER_M, "ve_min": fve_min / MM_PER_M,
+            "fdd": fdd(pred, gt, regions.forehead_eyes),
+            "meandist_pose": ppe(samples[..., HEAD_POSE], gt_motion[..., HEAD_POSE]),
+            "ba_pose": ba_pose,
+            "diversity_lmk": diversity(regions.posed_landmarks(shape, samples)),          # (S,T,68,3) m
+        }
+        return dict(ba, official=official, **{
+            "FDD(disp)": fdd(pred, gt, regions.upper_face, neutral) * PAPER_COLUMNS["FDD(x1e-2)"][1],
+            "Div(mm)": diversity(regions.landmarks(pred) * MM_PER_M)})
+
 
 def as_batch(a):
     """Frames (H,W,C) or (N,H,W,C) -> float64 tensor (N,C,H,W) and whether a single frame came in."""
@@ -271,6 +278,171 @@ def ssim(a, b, data_range=255.0):
     # one frame at a time: the intermediates of a frame stay in cache, those of a batch do not
     out = torch.cat([ssim_frames(x[i:i + 1].contiguous(), y[i:i + 1].contiguous(), data_range) for i in range(len(x))])
     return out[0].item() if single else out.numpy()
+
+
+def cpbd(gray):
+    """Cumulative probability of blur detection of one grey frame (H,W) in grey levels 0-255; higher is sharper.
+
+    Blocks of 64x64 pixels with enough edges contribute the blur-detection probability 1 - exp(-(w/JNB)^3.6) of
+    each edge width w (JNB 5 for block contrast <= 50 grey levels, else 3); the score is the share of edges whose
+    probability, rounded to a percent, stays at or below 0.63. 0 when the frame has no edge.
+    """
+    img = np.asarray(gray, dtype=np.float64)
+    if img.ndim != 2:
+        raise ValueError(f"cpbd: expected one grey frame (H,W), got shape {img.shape}")
+    edges, widths = cpbd_edge_map(img), cpbd_edge_widths(img)
+    probs = []
+    for r in range(0, img.shape[0] - CPBD_BLOCK + 1, CPBD_BLOCK):
+        for c in range(0, img.shape[1] - CPBD_BLOCK + 1, CPBD_BLOCK):
+            block = (slice(r, r + CPBD_BLOCK), slice(c, c + CPBD_BLOCK))
+            if np.count_nonzero(edges[block]) <= CPBD_EDGE_BLOCK * CPBD_BLOCK ** 2:
+                continue
+            w = widths[block][widths[block] > 0]
+            contrast = int(img[block].max() - img[block].min())
+            jnb = CPBD_JNB_LOW_CONTRAST if contrast <= CPBD_LOW_CONTRAST else CPBD_JNB
+            probs.append(1 - np.exp(-(w / jnb) ** CPBD_BETA))
+    p = np.concatenate(probs) if probs else np.empty(0)
+    return float(np.mean(np.round(p * 100) <= CPBD_THRESHOLD * 100)) if p.size else 0.0
+
+
+def lmd_frames(pred_lmk, gt_lmk, mouth=False):
+    """Landmark distance per frame (pixels), the release's centring included: it centres the 68 points on their
+    mean, then centres the mouth (points 48-67, a view into the same array) on its own mean in place, so the
+    mouth is centred on itself for M-LMD (mouth=True, points 48-67) AND for F-LMD (all 68: points 0-47 on the
+    face's mean, 48-67 on the mouth's). The mean L2 distance over the points: (T,68,2) pairs -> (T,); nan
+    where a set is missing (non-finite)."""
+    def centred(lmk):
+        x = torch.as_tensor(np.asarray(lmk, dtype=np.float64))
+        x = x - x.mean(dim=-2, keepdim=True)
+        mouth = x[..., MOUTH_LANDMARKS, :]
+        return torch.cat([x[..., :MOUTH_LANDMARKS.start, :], mouth - mouth.mean(dim=-2, keepdim=True)], -2)
+
+    p, g = centred(pred_lmk), centred(gt_lmk)
+    if mouth:
+        p, g = p[..., MOUTH_LANDMARKS, :], g[..., MOUTH_LANDMARKS, :]
+    return (p - g).norm(dim=-1).mean(dim=-1).numpy()
+
+
+def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
+    """Frechet distance of two Gaussians: |mu1-mu2|^2 + tr(s1 + s2 - 2 sqrtm(s1 s2)).
+
+    scipy.linalg.sqrtm of the product; when that is not finite (singular covariances, fewer samples than
+    dimensions) eps is added to both diagonals first, and a numerically imaginary part is dropped.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(s1, np.float64), np.asarray(s2, np.float64)
+    root = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(root).all():
+        offset = eps * np.eye(len(s1))
+        root = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    root = root.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root))
+
+
+def fid(feats_a, feats_b):
+    """Frechet Inception distance of two feature sets (N,D), (M,D)."""
+    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def evaluate_video(pred_dir, root, ids, weights_dir):
+    """Table IV rows '<DIR> (256)' and '<DIR> (512)' for DIR/<id>.mp4 against <data>/video_seqs/<id>.mp4, as the
+    release scores them: every FRAME_STEP-th frame resized to each size, PSNR / SSIM / CPBD / LPIPS / LMD pooled
+    over all those frames of all videos, FID over their features, BA per video (all frames' landmarks against
+    the beats of the video's own soundtrack), then averaged over videos."""
+    pred_dir, root, weights_dir = Path(pred_dir), Path(root), Path(weights_dir)
+    progress = Progress(len(ids), "video", lines=20)
+    inception_file = weights_dir / INCEPTION_FILE
+    alexnet_file, lpips_file = weights_dir / ALEXNET_FILE, weights_dir / LPIPS_FILE
+    inception = InceptionV3.load(inception_file) if inception_file.exists() else None
+    lpips_net = LPIPS.load(alexnet_file, lpips_file) if alexnet_file.exists() and lpips_file.exists() else None
+    scores = {size: {k: [] for k in ("LPIPS", "SSIM", "PSNR", "CPBD", "M-LMD", "F-LMD")} for size in VIDEO_SIZES}
+    feats = {size: ([], []) for size in VIDEO_SIZES}
+    ba, missing = [], None
+    for clip_id in ids:
+        pred_file, gt_file = pred_dir / f"{clip_id}.mp4", video_path(root, clip_id)
+        n = min(count_frames(pred_file), count_frames(gt_file))
+        picked = sampled_frames(n)
+        pred, gt = read_frames(pred_file, picked), read_frames(gt_file, picked)
+        lmk_files = (pred_dir / f"{clip_id}_lmk.npy", root / "landmark_seqs" / f"{clip_id}.npy")
+        absent = [f for f in lmk_files if not f.exists()]
+        missing = missing or (absent[0] if absent else None)
+        lp, lg = (None, None) if absent else (np.load(f)[:n] for f in lmk_files)
+        for size in VIDEO_SIZES:
+            p, g = pred[size], gt[size]                                                  # (N,size,size,3) uint8
+            row = scores[size]
+            row["SSIM"] += list(ssim(g, p))
+            row["PSNR"] += list(psnr(g, p))
+            row["CPBD"] += [cpbd(f) for f in pil_gray(p)]
+            pt, gtt = (torch.from_numpy(v).permute(0, 3, 1, 2).float() / 255 for v in (p, g))   # [0, 1]
+            with torch.no_grad():
+                if inception is not None:
+                    feats[size][0].append(inception(pt).numpy())
+                    feats[size][1].append(inception(gtt).numpy())
+                if lpips_net is not None:               # the release feeds [0, 1] to a net that expects [-1, 1]
+                    row["LPIPS"] += lpips_net(pt, gtt).tolist()
+            if lp is not None:
+                scale = size / LMK_SIZE
+                row["M-LMD"] += list(lmd_frames(lp[picked] * scale, lg[picked] * scale, mouth=True))
+                row["F-LMD"] += list(lmd_frames(lp[picked] * scale, lg[picked] * scale))
+        if lp is not None:
+            track, audio = filled_landmarks(np.load(lmk_files[0])), read_soundtrack(pred_file)
+            if audio is None:
+                raise ValueError(f"{pred_file}: no audio track for the 2-D beat-align score")
+            if track is not None:
+                ba.append(beat_align(motion_beats(track), music_beats(audio), len(track) - 1))
+        if progress.advance():
+            print(progress.line("  Table IV:"), file=sys.stderr, flush=True)
+    rows = {}
+    for size in VIDEO_SIZES:
+        # a frame without landmarks (nan) adds 0 to LMD but counts, as in the release
+        row = {k: float(np.mean(np.where(np.isnan(v), 0.0, v))) if v else None for k, v in scores[size].items()}
+        row["BA"] = float(np.mean(ba)) if ba else None
+        row["FID"] = (fid(np.concatenate(feats[size][0]), np.concatenate(feats[size][1])) if inception is not None
+                      else f"needs weights: {inception_file}")
+        if lpips_net is None:
+            row["LPIPS"] = f"needs weights: {alexnet_file if not alexnet_file.exists() else lpips_file}"
+        if missing is not None:
+            for k in ("M-LMD", "F-LMD", "BA"):
+                row[k] = f"needs landmarks: {missing}"
+        rows[f"{pred_dir.name} ({size})"] = dict(row, clips=len(ids))
+    return rows
+
+
+# ------------------------------------------------------------ support: feature networks, readers, tables, command line
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+LPIPS_FILE = "alex.pth"
+# Table II: the paper's columns, each the release's metric_dict value (metres, m^2, radians) times a factor.
+# LVE / FVE print in mm; FDD is printed "x10^-2 mm" in the paper: the m^2 value x 1000 like the others, in
+# units of 10^-2; BA, PPE (rad) and diversity (m) print as they are.
+PAPER_COLUMNS = {"LVE-mean": ("lve_mean", 1e3), "LVE-min": ("lve_min", 1e3), "FVE-mean": ("ve_mean", 1e3),
+                 "FVE-min": ("ve_min", 1e3), "FDD(x1e-2)": ("fdd", 1e5), "BA": ("ba_pose", 1.0),
+                 "PPE": ("meandist_pose", 1.0), "Diversity": ("diversity_lmk", 1.0)}
+MOTION_COLUMNS = list(PAPER_COLUMNS) + ["FPS"]
+# Our variants, never under the paper's names: BA with beat times x 30 fps (time-correct) and BA on the
+# background music, both against the same pose beats; FDD on displacements from the neutral face (CodeTalker),
+# x1e5 like the paper's column; diversity of head-pose-free landmarks in mm.
+VARIANT_COLUMNS = ["BA(time)", "BA(music)", "FDD(disp)", "Div(mm)"]
+EVAL_SEED = 0               # base seed of the evaluation's latent draws (each clip derives its own)
+SIDE_BY_SIDE_TAKES = 2      # takes shown beside the truth in a clip's side-by-side video
+VIDEO_COLUMNS = ["FID", "LPIPS", "SSIM", "PSNR", "CPBD", "M-LMD", "F-LMD", "BA"]
+
+
+def clip_beats(item):
+    """Audio beats of a dataset item in motion-frame units for each BA column: the singing voice's onset frames
+    ('BA', the release), its beat times x 30 fps ('BA(time)') and the background music's onset frames."""
+    frames, times = beats(np.asarray(item["audio"], dtype=np.float32), SAMPLE_RATE)      # the voice tracked once
+    return {"BA": np.asarray(frames), "BA(time)": np.asarray(times, dtype=np.float64) * FPS,
+            "BA(music)": music_beats(item["bgm"])}
+
+
+def lmd(pred_lmk, gt_lmk, mouth=False):
+    """The release's LMD over frames: the sum of lmd_frames over frames with both sets found, divided by the
+    number of ALL frames (a frame whose detection failed adds nothing but still counts)."""
+    d = lmd_frames(pred_lmk, gt_lmk, mouth)
+    return float(np.nan_to_num(d, nan=0.0).sum() / len(d))
 
 
 def to_gray(rgb):
@@ -337,80 +509,6 @@ def cpbd_edge_map(img):
         keep |= (sector == k) & (mag >= ahead) & (mag >= behind)
     return keep & (mag > CPBD_EDGE_FLOOR)
 
-
-def cpbd(gray):
-    """Cumulative probability of blur detection of one grey frame (H,W) in grey levels 0-255; higher is sharper.
-
-    Blocks of 64x64 pixels with enough edges contribute the blur-detection probability 1 - exp(-(w/JNB)^3.6) of
-    each edge width w (JNB 5 for block contrast <= 50 grey levels, else 3); the score is the share of edges whose
-    probability, rounded to a percent, stays at or below 0.63. 0 when the frame has no edge.
-    """
-    img = np.asarray(gray, dtype=np.float64)
-    if img.ndim != 2:
-        raise ValueError(f"cpbd: expected one grey frame (H,W), got shape {img.shape}")
-    edges, widths = cpbd_edge_map(img), cpbd_edge_widths(img)
-    probs = []
-    for r in range(0, img.shape[0] - CPBD_BLOCK + 1, CPBD_BLOCK):
-        for c in range(0, img.shape[1] - CPBD_BLOCK + 1, CPBD_BLOCK):
-            block = (slice(r, r + CPBD_BLOCK), slice(c, c + CPBD_BLOCK))
-            if np.count_nonzero(edges[block]) <= CPBD_EDGE_BLOCK * CPBD_BLOCK ** 2:
-                continue
-            w = widths[block][widths[block] > 0]
-            contrast = int(img[block].max() - img[block].min())
-            jnb = CPBD_JNB_LOW_CONTRAST if contrast <= CPBD_LOW_CONTRAST else CPBD_JNB
-            probs.append(1 - np.exp(-(w / jnb) ** CPBD_BETA))
-    p = np.concatenate(probs) if probs else np.empty(0)
-    return float(np.mean(np.round(p * 100) <= CPBD_THRESHOLD * 100)) if p.size else 0.0
-
-
-def lmd_frames(pred_lmk, gt_lmk, mouth=False):
-    """Landmark distance per frame (pixels), the release's centring included: it centres the 68 points on their
-    mean, then centres the mouth (points 48-67, a view into the same array) on its own mean in place, so the
-    mouth is centred on itself for M-LMD (mouth=True, points 48-67) AND for F-LMD (all 68: points 0-47 on the
-    face's mean, 48-67 on the mouth's). The mean L2 distance over the points: (T,68,2) pairs -> (T,); nan
-    where a set is missing (non-finite)."""
-    def centred(lmk):
-        x = torch.as_tensor(np.asarray(lmk, dtype=np.float64))
-        x = x - x.mean(dim=-2, keepdim=True)
-        mouth = x[..., MOUTH_LANDMARKS, :]
-        return torch.cat([x[..., :MOUTH_LANDMARKS.start, :], mouth - mouth.mean(dim=-2, keepdim=True)], -2)
-
-    p, g = centred(pred_lmk), centred(gt_lmk)
-    if mouth:
-        p, g = p[..., MOUTH_LANDMARKS, :], g[..., MOUTH_LANDMARKS, :]
-    return (p - g).norm(dim=-1).mean(dim=-1).numpy()
-
-
-def lmd(pred_lmk, gt_lmk, mouth=False):
-    """The release's LMD over frames: the sum of lmd_frames over frames with both sets found, divided by the
-    number of ALL frames (a frame whose detection failed adds nothing but still counts)."""
-    d = lmd_frames(pred_lmk, gt_lmk, mouth)
-    return float(np.nan_to_num(d, nan=0.0).sum() / len(d))
-
-
-def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
-    """Frechet distance of two Gaussians: |mu1-mu2|^2 + tr(s1 + s2 - 2 sqrtm(s1 s2)).
-
-    scipy.linalg.sqrtm of the product; when that is not finite (singular covariances, fewer samples than
-    dimensions) eps is added to both diagonals first, and a numerically imaginary part is dropped.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.asarray(s1, np.float64), np.asarray(s2, np.float64)
-    root = scipy.linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(root).all():
-        offset = eps * np.eye(len(s1))
-        root = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    root = root.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root))
-
-
-def fid(feats_a, feats_b):
-    """Frechet Inception distance of two feature sets (N,D), (M,D)."""
-    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
-    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
-
-
-# ----------------------------------------------------------------------------- feature networks
 
 def load_state(module, path, state, skip=()):
     """Copy a state dict into module by name; one error lists what is missing, extra or of the wrong shape."""
@@ -649,48 +747,6 @@ class LPIPS(nn.Module):
         return total                                                                     # (N,)
 
 
-# ----------------------------------------------------------------------------- Table II: motion
-
-def clip_beats(item):
-    """Audio beats of a dataset item in motion-frame units for each BA column: the singing voice's onset frames
-    ('BA', the release), its beat times x 30 fps ('BA(time)') and the background music's onset frames."""
-    frames, times = beats(np.asarray(item["audio"], dtype=np.float32), SAMPLE_RATE)      # the voice tracked once
-    return {"BA": np.asarray(frames), "BA(time)": np.asarray(times, dtype=np.float64) * FPS,
-            "BA(music)": music_beats(item["bgm"])}
-
-
-def clip_motion_scores(regions, shape, gt_motion, samples, audio_beats):
-    """Table II of one clip: {'official': the release's metric_dict (raw units), variant column: value}.
-
-    regions: RegionMeshes of the FLAME model; shape (100,), gt_motion (T,59), samples (S,T,59); audio_beats: BA
-    column -> audio beats in motion-frame units (clip_beats), each column present is scored against the samples'
-    pose beats (the release averages BA over samples).
-    """
-    shape = torch.as_tensor(shape, dtype=torch.float32)
-    gt_motion = torch.as_tensor(gt_motion, dtype=torch.float32)
-    samples = torch.as_tensor(samples, dtype=torch.float32)
-    with torch.no_grad():
-        gt = regions(shape, gt_motion)                                                   # (T,U,3) m
-        pred = regions(shape, samples)                                                   # (S,T,U,3) m
-        neutral = regions(shape, torch.zeros(1, gt_motion.shape[-1]))[0]                 # (U,3) m
-        lve_mean, lve_min = lve(pred, gt, regions.lips)
-        fve_mean, fve_min = fve(pred, gt, regions.face)
-        pose_beats = [motion_beats(s[:, HEAD_POSE]) for s in samples.numpy()]
-        ba = {k: float(np.mean([beat_align(m, b, len(gt_motion) - 1) for m in pose_beats])) for k, b in audio_beats.items()}
-        ba_pose = ba.pop("BA", None)                                                     # the rest are variants
-        official = {
-            "lve_mean": lve_mean / MM_PER_M, "lve_min": lve_min / MM_PER_M,
-            "ve_mean": fve_mean / MM_PER_M, "ve_min": fve_min / MM_PER_M,
-            "fdd": fdd(pred, gt, regions.forehead_eyes),
-            "meandist_pose": ppe(samples[..., HEAD_POSE], gt_motion[..., HEAD_POSE]),
-            "ba_pose": ba_pose,
-            "diversity_lmk": diversity(regions.posed_landmarks(shape, samples)),          # (S,T,68,3) m
-        }
-        return dict(ba, official=official, **{
-            "FDD(disp)": fdd(pred, gt, regions.upper_face, neutral) * PAPER_COLUMNS["FDD(x1e-2)"][1],
-            "Div(mm)": diversity(regions.landmarks(pred) * MM_PER_M)})
-
-
 def average_rows(rows):
     """Per clip, then the mean over clips, of every official value and variant column; the paper's columns
     are the official means in the paper's units. A value a clip cannot have (None) is left out of its mean."""
@@ -822,8 +878,6 @@ def writing_side_by_side(predict, flame, folder):
     return predict_and_write
 
 
-# ----------------------------------------------------------------------------- Table IV: video
-
 def sampled_frames(n):
     """Ids of the frames the release scores, in frame order: every FRAME_STEP-th of its frame list, which it sorts
     by the digit lists of 3-digit zero-padded names, so from frame 1000 on '1000' sorts between '100' and '101'."""
@@ -888,72 +942,6 @@ def filled_landmarks(lmk):
         lmk[t] = lmk[t - 1]
     return lmk
 
-
-def evaluate_video(pred_dir, root, ids, weights_dir):
-    """Table IV rows '<DIR> (256)' and '<DIR> (512)' for DIR/<id>.mp4 against <data>/video_seqs/<id>.mp4, as the
-    release scores them: every FRAME_STEP-th frame resized to each size, PSNR / SSIM / CPBD / LPIPS / LMD pooled
-    over all those frames of all videos, FID over their features, BA per video (all frames' landmarks against
-    the beats of the video's own soundtrack), then averaged over videos."""
-    pred_dir, root, weights_dir = Path(pred_dir), Path(root), Path(weights_dir)
-    progress = Progress(len(ids), "video", lines=20)
-    inception_file = weights_dir / INCEPTION_FILE
-    alexnet_file, lpips_file = weights_dir / ALEXNET_FILE, weights_dir / LPIPS_FILE
-    inception = InceptionV3.load(inception_file) if inception_file.exists() else None
-    lpips_net = LPIPS.load(alexnet_file, lpips_file) if alexnet_file.exists() and lpips_file.exists() else None
-    scores = {size: {k: [] for k in ("LPIPS", "SSIM", "PSNR", "CPBD", "M-LMD", "F-LMD")} for size in VIDEO_SIZES}
-    feats = {size: ([], []) for size in VIDEO_SIZES}
-    ba, missing = [], None
-    for clip_id in ids:
-        pred_file, gt_file = pred_dir / f"{clip_id}.mp4", video_path(root, clip_id)
-        n = min(count_frames(pred_file), count_frames(gt_file))
-        picked = sampled_frames(n)
-        pred, gt = read_frames(pred_file, picked), read_frames(gt_file, picked)
-        lmk_files = (pred_dir / f"{clip_id}_lmk.npy", root / "landmark_seqs" / f"{clip_id}.npy")
-        absent = [f for f in lmk_files if not f.exists()]
-        missing = missing or (absent[0] if absent else None)
-        lp, lg = (None, None) if absent else (np.load(f)[:n] for f in lmk_files)
-        for size in VIDEO_SIZES:
-            p, g = pred[size], gt[size]                                                  # (N,size,size,3) uint8
-            row = scores[size]
-            row["SSIM"] += list(ssim(g, p))
-            row["PSNR"] += list(psnr(g, p))
-            row["CPBD"] += [cpbd(f) for f in pil_gray(p)]
-            pt, gtt = (torch.from_numpy(v).permute(0, 3, 1, 2).float() / 255 for v in (p, g))   # [0, 1]
-            with torch.no_grad():
-                if inception is not None:
-                    feats[size][0].append(inception(pt).numpy())
-                    feats[size][1].append(inception(gtt).numpy())
-                if lpips_net is not None:               # the release feeds [0, 1] to a net that expects [-1, 1]
-                    row["LPIPS"] += lpips_net(pt, gtt).tolist()
-            if lp is not None:
-                scale = size / LMK_SIZE
-                row["M-LMD"] += list(lmd_frames(lp[picked] * scale, lg[picked] * scale, mouth=True))
-                row["F-LMD"] += list(lmd_frames(lp[picked] * scale, lg[picked] * scale))
-        if lp is not None:
-            track, audio = filled_landmarks(np.load(lmk_files[0])), read_soundtrack(pred_file)
-            if audio is None:
-                raise ValueError(f"{pred_file}: no audio track for the 2-D beat-align score")
-            if track is not None:
-                ba.append(beat_align(motion_beats(track), music_beats(audio), len(track) - 1))
-        if progress.advance():
-            print(progress.line("  Table IV:"), file=sys.stderr, flush=True)
-    rows = {}
-    for size in VIDEO_SIZES:
-        # a frame without landmarks (nan) adds 0 to LMD but counts, as in the release
-        row = {k: float(np.mean(np.where(np.isnan(v), 0.0, v))) if v else None for k, v in scores[size].items()}
-        row["BA"] = float(np.mean(ba)) if ba else None
-        row["FID"] = (fid(np.concatenate(feats[size][0]), np.concatenate(feats[size][1])) if inception is not None
-                      else f"needs weights: {inception_file}")
-        if lpips_net is None:
-            row["LPIPS"] = f"needs weights: {alexnet_file if not alexnet_file.exists() else lpips_file}"
-        if missing is not None:
-            for k in ("M-LMD", "F-LMD", "BA"):
-                row[k] = f"needs landmarks: {missing}"
-        rows[f"{pred_dir.name} ({size})"] = dict(row, clips=len(ids))
-    return rows
-
-
-# ----------------------------------------------------------------------------- command line
 
 def format_table(header, lines, left=(0,)):
     """header (list of titles) and lines (lists of cell strings) -> text columns aligned to their widest cell:

@@ -1,15 +1,11 @@
 """
-Rendering for UniSinger, in the order data flows: the depth rasterizer (rasterize, interpolate), the
-orthographic camera (project), vertex normals and the previews' shading (shade: Phong-interpolated normals, a
-key and a fill light, a slight highlight, anti-aliased edges), the renderer's depth input (render_depth), then the
-paper's per-person face renderer (FaceRenderer, a UNet; PatchDiscriminator; VGG19; the losses) and its size
-presets (RendererConfig). Below one banner: reading images and checkpoints (read_checkpoint: data only;
-load_renderer), and the output every command shares: files that appear whole (atomic_output), videos
-(VideoWriter, render_preview, side_by_side / write_side_by_side: heads side by side, labelled with draw_text),
-WAVs (write_wav), progress lines (Progress) and one-line errors (run_command).
+Rendering for UniSinger (paper IV-B), in the order data flows: the depth rasterizer (rasterize, interpolate),
+the orthographic camera (project), the renderer's depth input (render_depth) and the reference warped into
+place (reference_flow, warp_image), then the per-person face renderer (FaceRenderer, a UNet; PatchDiscriminator;
+VGG19; the losses) and its size presets (RendererConfig). Below the support banner: the previews' shading
+(shade: Phong-interpolated normals, a key and a fill light, a slight highlight, anti-aliased edges).
 
-Depends on torch, numpy, imageio (+ imageio-ffmpeg for the encoder and its ffmpeg binary) and soundfile.
-Of ours it imports only audio.py's frame and sample rates; `render_preview` takes a Flame only for its `.faces`.
+Depends on torch and numpy; imports nothing of ours, so it can be copied alone.
 
 Conventions (shared with the rest of the project):
 - Projected space: x, y in [-1, 1] map to the image's left/right and bottom/top edges; pixel (i, j) has
@@ -20,62 +16,25 @@ Conventions (shared with the rest of the project):
 - The camera is orthographic as in DECA/EMOCA, cam = [scale, tx, ty]: x = s (X + tx), y = s (Y + ty), and it
   sits CAMERA_DISTANCE in front of the head's origin on +Z looking toward -Z: z = CAMERA_DISTANCE - s Z.
 
-Use alone (with audio.py beside it):
+Use alone:
     verts = torch.rand(1, 100, 3) * 2 - 1; faces = torch.randint(0, 100, (50, 3))
     depth, face_id = rasterize(verts, faces, 256)          # (1,256,256) float, (1,256,256) long
-    write_video("out.mp4", shade(verts, faces, 256))        # one shaded frame
+    frames = shade(verts, faces, 256)                       # (1,256,256,3) uint8, one shaded frame
 """
-import argparse
-import contextlib
-import errno
 import functools
-import os
-import pickle
-import re
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-import zipfile
-from collections import deque
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
-import imageio.v2 as imageio
-import imageio_ffmpeg
 import numpy as np
-import soundfile
 import torch
-
-from audio import FPS, SAMPLE_RATE
 
 IMAGE_SIZE = 256                 # pixels, the renderer's resolution
 CAMERA_DISTANCE = 3.0            # half image widths from the camera plane to the head's origin
-DEFAULT_CAM = (6.5, 0.0, 0.035)  # [scale, tx (m), ty (m)]: crown near the top edge, neck near the bottom
 DEPTH_NEAR = CAMERA_DISTANCE - 1.0   # depth_to_image maps this depth to 1 (nearest shown)
 DEPTH_FAR = CAMERA_DISTANCE + 1.0    # ... and this one to 0, like the background
-PREVIEW_SIZE = 512               # pixels a side of the shaded previews (unisinger.py --size)
-PREVIEW_CAM = (5.5, 0.0, 0.042)  # [scale, tx (m), ty (m)]: the previews' camera, head and neck whole inside the frame
-SKIN_RGB = (224, 172, 150)       # preview surface colour
-BACKGROUND_RGB = (40, 40, 40)    # preview background
-KEY_LIGHT = (-0.55, 0.45, 0.70)  # toward the previews' (and the filmed person's) key light, camera on +Z: above left
-FILL_LIGHT = (0.80, -0.10, 0.60) # toward their fill light: to the right, a little below
-KEY, FILL, AMBIENT = 0.65, 0.25, 0.25   # shares of the surface colour each light gives a surface facing it
-SHININESS, GLOSS = 24.0, 0.07    # the key light's Blinn-Phong highlight: exponent, share of white at its peak
-INSIDE_SHARE = 0.45              # share of its light a surface seen from behind keeps (a mouth's, a neck's inside)
-SUPERSAMPLE = 2                  # samples a side of a pixel on a silhouette or occlusion edge, box-filtered
-EDGE_DEPTH_STEP = 16.0           # pixel widths of depth within 3x3 pixels that mark an occlusion edge among them
-SHADE_PIXELS = 1 << 22           # pixels shade works on at once (16 frames at 512²); bounds its memory
-PREVIEW_BATCH = 64               # frames render_preview meshes and writes at once
-VIDEO_CRF = 10                   # libx264 quality (0 lossless .. 51 worst): near transparent
-VIDEO_PRESET = "medium"          # libx264 speed preset of videos (its default)
-PREVIEW_PRESET = "veryfast"      # ... of shaded previews: smooth synthetic frames, about half of medium.s encoding work
 WINDOW_ELEMENTS = 1 << 20        # (triangle, pixel) pairs tested at once; bounds rasterizer memory
 EMPTY_KEY = (1 << 63) - 1        # the z-buffer's key of a pixel no triangle covers
 HIDDEN_MARGIN = 1e-4             # depth a culled triangle must lie behind, relative to 1 + |its depth|: rounding's room
-AUDIO_BLOCK = 1 << 20            # samples of a long sound copied into a video's soundtrack at a time
 
 
 def _image_size(size):
@@ -142,53 +101,6 @@ def _zbuffer(verts, faces, height, width, front=None):
             key.scatter_reduce_(0, pixel, _depth_key(depth, face), "amin")
     pixel = (key != EMPTY_KEY).nonzero().squeeze(1)
     return (pixel, *_unkey(key.index_select(0, pixel)))
-
-
-def _front(verts, faces):
-    """(B, F) bool: the faces turned the way (by their winding, in projected x, y) whose faces lie nearer the
-    camera on average in that frame: the outside of a closed mesh facing the camera, whichever its winding."""
-    tri = face_corners(verts, faces)                                                    # (B, F, 3, 3)
-    d1, d2 = tri[:, :, 1, :2] - tri[:, :, 0, :2], tri[:, :, 2, :2] - tri[:, :, 0, :2]
-    turned = d1[..., 0] * d2[..., 1] > d2[..., 0] * d1[..., 1]                          # (B, F)
-    z = tri[..., 2].mean(-1)
-    mean_z = lambda way: torch.where(way.any(1), (z * way).sum(1) / way.sum(1).clamp_min(1), float("inf"))
-    return turned == (mean_z(turned) <= mean_z(~turned))[:, None]
-
-
-def _hidden(key, ints, box_w, box_h, near, candidates, size):
-    """(N,) bool: the candidate triangles whose nearest corner lies behind (by more than rounding) the farthest
-    depth the keys hold anywhere in the triangle's box, so that none of its pixels can win. Keys order as
-    depths (EMPTY_KEY above all), so the farthest over a box is the largest key, read from a pyramid of 2x2
-    maxima at the level where the box spans at most 3x3 cells."""
-    (height, width), batch = size, len(key) // (size[0] * size[1])
-    levels = [key.view(batch, height, width)]
-    while max(levels[-1].shape[1:]) > 1:
-        level = levels[-1]
-        if level.shape[1] % 2 or level.shape[2] % 2:                     # odd sides: a smallest key beyond
-            level = torch.nn.functional.pad(level, (0, level.shape[2] % 2, 0, level.shape[1] % 2), value=-1 << 62)
-        levels.append(torch.maximum(torch.maximum(level[:, 0::2, 0::2], level[:, 0::2, 1::2]),
-                                    torch.maximum(level[:, 1::2, 0::2], level[:, 1::2, 1::2])))
-    tri = candidates.nonzero().squeeze(1)
-    start = ints[:, 0].index_select(0, tri)
-    frame, y0, x0 = start // (height * width), start % (height * width) // width, start % width
-    x1, y1 = x0 + box_w.index_select(0, tri).long() - 1, y0 + box_h.index_select(0, tri).long() - 1
-    which = (torch.maximum(x1 - x0, y1 - y0) + 1).float().log2().ceil().long().sub(1).clamp_min(0)  # 3x3 cells
-    farthest = torch.empty_like(tri)
-    for k in which.unique().tolist():
-        at, level = (which == k).nonzero().squeeze(1), levels[min(k, len(levels) - 1)]
-        f, r0, r1, c0, c1 = (v.index_select(0, at) >> (0 if v is frame else k) for v in (frame, y0, y1, x0, x1))
-        rows, cols = level.shape[1:]
-        cells = level.reshape(-1)
-        most = None
-        for r in (r0, (r0 + 1).minimum(r1), r1):
-            for c in (c0, (c0 + 1).minimum(c1), c1):
-                cell = cells.index_select(0, (f * rows + r.clamp(max=rows - 1)) * cols + c.clamp(max=cols - 1))
-                most = cell if most is None else torch.maximum(most, cell)
-        farthest[at] = most
-    near = near.index_select(0, tri)
-    hidden = torch.zeros_like(candidates)
-    hidden[tri] = _depth_key(near - HIDDEN_MARGIN * (1 + near.abs()), torch.zeros_like(tri)) > farthest
-    return hidden
 
 
 def _depth_key(z, face):
@@ -335,18 +247,7 @@ def face_corners(values, faces):
     return values.index_select(-2, faces.reshape(-1)).unflatten(-2, (len(faces), 3))
 
 
-def vertex_normals(verts, faces):
-    """verts (..., V, 3), faces (F, 3) long -> unit vertex normals (..., V, 3), the area-weighted mean of the
-    normals of the faces around each vertex."""
-    tri = face_corners(verts, faces)                                                    # (..., F, 3, 3)
-    face_normal = torch.linalg.cross(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :])
-    normals = torch.zeros_like(verts)
-    for k in range(3):
-        normals.index_add_(-2, faces[:, k], face_normal)
-    return normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def project(verts, cam=DEFAULT_CAM):
+def project(verts, cam):
     """
     Orthographic DECA/EMOCA camera. verts (..., V, 3) metres, cam (..., 3) = [scale, tx, ty] (or a
     3-sequence) -> (..., V, 3) projected: x = s (X + tx), y = s (Y + ty), z = CAMERA_DISTANCE - s Z.
@@ -358,6 +259,376 @@ def project(verts, cam=DEFAULT_CAM):
     xy = scale * (verts[..., :2] + shift)
     z = CAMERA_DISTANCE - scale * verts[..., 2:]
     return torch.cat([xy, z], dim=-1)
+
+
+def depth_to_image(depth):
+    """
+    depth (B, H, W) from rasterize -> (B, 1, H, W) float in [0, 1]: 1 at DEPTH_NEAR, 0 at DEPTH_FAR and
+    beyond and for the background. The range is fixed, so equal depths give equal values in every frame.
+    """
+    image = ((DEPTH_FAR - depth) / (DEPTH_FAR - DEPTH_NEAR)).clamp(0, 1)
+    image = torch.where(torch.isinf(depth), torch.zeros_like(image), image)
+    return image[:, None].float()
+
+
+def render_depth(verts, faces, cam, size=IMAGE_SIZE):
+    """FLAME vertices (B, V, 3) metres, cam (B, 3) or (3,) -> the renderer's depth input (B, 1, H, W)."""
+    depth, _ = rasterize(project(verts, cam), faces, size)
+    return depth_to_image(depth)
+
+
+def reference_flow(verts, faces, cam, reference_verts, reference_cam, size=IMAGE_SIZE):
+    """
+    Where each pixel's point of the head lies in the reference frame: FLAME vertices (B, V, 3) metres under cam
+    (B, 3) or (3,), the reference frame's vertices (V, 3) under reference_cam (3,) -> (B, 2, H, W), x then y in
+    grid_sample's units (2 is the image's width or height, y downward), the offset from the pixel's own centre to
+    the same surface point in the reference; 0 off the head. warp_image(reference, flow) moves the reference there.
+    """
+    projected = project(verts, cam)
+    _, face_id = rasterize(projected, faces, size)
+    there = project(reference_verts, reference_cam)[..., :2]                             # (V, 2), y upward
+    there = interpolate(projected, faces, face_id, there.reshape(-1, 2))                  # (B, H, W, 2)
+    here = pixel_grid(face_id.shape[-2:], verts.device)                                   # (H, W, 2), y downward
+    flow = torch.stack([there[..., 0], -there[..., 1]], -1) - here
+    return torch.where((face_id >= 0)[..., None], flow, torch.zeros_like(flow)).permute(0, 3, 1, 2)
+
+
+def pixel_grid(size, device=None):
+    """The pixels' centres in grid_sample's units (align_corners=False): (H, W, 2), x then y, y downward."""
+    height, width = _image_size(size)
+    rows = (torch.arange(height, device=device) * 2 + 1) / height - 1
+    columns = (torch.arange(width, device=device) * 2 + 1) / width - 1
+    return torch.stack([columns[None].expand(height, -1), rows[:, None].expand(-1, width)], -1)
+
+
+def warp_image(image, flow):
+    """image (B, C, H, W) sampled bilinearly at each pixel's centre moved by flow (B, 2, H, W) (reference_flow's
+    units); outside the image the border repeats."""
+    grid = pixel_grid(image.shape[-2:], image.device) + flow.float().permute(0, 2, 3, 1)
+    return torch.nn.functional.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border",
+                                           align_corners=False)
+
+
+# Face renderer (the paper's, section IV-B): depth + reference image + temporal encoding -> portrait frame
+TPE_CHANNELS = 8                 # temporal positional encoding channels (sin/cos pairs)
+TPE_BASE = 1000.0                # longest TPE period is ~2*pi*TPE_BASE**(3/4) frames (~37 s at 30 fps)
+RENDERER_IN_CHANNELS = 1 + 3 + TPE_CHANNELS  # depth, reference RGB, TPE
+ENCODER_CHANNELS = (64, 128, 256, 512, 512, 512, 512, 512)  # levels at 256², 128², ..., 2²
+DISCRIMINATOR_CHANNELS = (64, 128, 256, 512)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision vgg19 `features`: numbers are 3x3 conv widths (each followed by ReLU), "M" a 2x2 max pool
+VGG19_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+                512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+VGG19_TAPS = (1, 6, 11, 20, 29)  # indices in `features` of relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
+VGG_LAYER_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)  # pix2pixHD's balance of the five layers
+
+
+def temporal_encoding(frame_index, size):
+    """
+    MODA-style temporal positional encoding: frame_index (B,) -> (B, TPE_CHANNELS, H, W), sin/cos of the
+    frame index at geometric frequencies, constant over the image.
+    """
+    height, width = _image_size(size)
+    index = torch.as_tensor(frame_index, dtype=torch.float32).reshape(-1, 1)             # (B, 1)
+    freq = TPE_BASE ** (-torch.arange(TPE_CHANNELS // 2, dtype=torch.float32) / (TPE_CHANNELS // 2))
+    angle = index * freq.to(index.device)                                                # (B, C/2)
+    code = torch.cat([angle.sin(), angle.cos()], dim=1)                                  # (B, C)
+    return code[:, :, None, None].expand(-1, -1, height, width)
+
+
+def _norm(channels):
+    """GroupNorm: independent of batch size and still defined at the 2x2 level."""
+    return torch.nn.GroupNorm(min(32, channels // 4), channels)
+
+
+class ResidualBlock(torch.nn.Module):
+    """Two 3x3 convs with a projected shortcut; stride 2 halves the resolution."""
+
+    def __init__(self, in_channels, out_channels, stride=1):
+        super().__init__()
+        nn = torch.nn
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride, 1), _norm(out_channels), nn.LeakyReLU(0.2),
+            nn.Conv2d(out_channels, out_channels, 3, 1, 1), _norm(out_channels))
+        self.shortcut = nn.Sequential(nn.AvgPool2d(stride) if stride > 1 else nn.Identity(),
+                                      nn.Conv2d(in_channels, out_channels, 1))
+        self.act = nn.LeakyReLU(0.2)
+
+    def forward(self, x):
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class UpBlock(torch.nn.Module):
+    """Upsample x2, concatenate the encoder's skip of that resolution, residual block."""
+
+    def __init__(self, in_channels, skip_channels, out_channels):
+        super().__init__()
+        self.block = ResidualBlock(in_channels + skip_channels, out_channels)
+
+    def forward(self, x, skip):
+        x = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        return self.block(torch.cat([x, skip], dim=1))
+
+
+class FaceRenderer(torch.nn.Module):
+    """
+    The paper's UNet generator. Encoder: 8 residual down blocks; the first keeps 256² and the other seven
+    halve it, so the levels sit at 256², 128², ..., 2² with ENCODER_CHANNELS. Decoder: 7 residual up blocks
+    mirroring the 7 halvings (the 2² level is the bottleneck), each joined by the encoder level of its
+    resolution, back to 64 channels at 256²; a 3x3 conv and tanh give RGB in [-1, 1].
+    warp=True (our addition): the reference image moved by the FLAME meshes' correspondence (reference_flow) is
+    three more input channels, and a fourth output channel is a mask that mixes it with the generated colours, as
+    few-shot vid2vid mixes its warped reference: eyes, brows and skin come from the reference, moved into place,
+    and the UNet draws what the reference cannot show (the open mouth).
+    Input sides must be multiples of 128 (256 is the trained size).
+    """
+
+    def __init__(self, channels=ENCODER_CHANNELS, warp=False):
+        super().__init__()
+        self.warp = warp
+        ins = (RENDERER_IN_CHANNELS + (3 if warp else 0),) + tuple(channels[:-1])
+        self.down = torch.nn.ModuleList(
+            ResidualBlock(i, o, 1 if level == 0 else 2) for level, (i, o) in enumerate(zip(ins, channels)))
+        self.up = torch.nn.ModuleList(
+            UpBlock(channels[level + 1], channels[level], channels[level]) for level in reversed(range(len(channels) - 1)))
+        self.to_rgb = torch.nn.Conv2d(channels[0], 4 if warp else 3, 3, 1, 1)
+
+    def forward(self, depth, reference, frame_index, flow=None, parts=False):
+        """
+        depth (B,1,H,W) in [0,1], reference (B,3,H,W) in [-1,1], frame_index (B,), flow (B,2,H,W) from
+        reference_flow (a warping renderer needs it) -> (B,3,H,W) in [-1,1]; parts=True returns (frame, the
+        warped reference or None).
+        """
+        x = renderer_input(depth, reference, frame_index)
+        warped = None
+        if self.warp:
+            if flow is None:
+                raise ValueError("FaceRenderer: this renderer warps the reference; give it reference_flow's flow")
+            warped = warp_image(reference, flow)
+            x = torch.cat([x, warped.to(x)], 1)
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        for block, skip in zip(self.up, reversed(skips[:-1])):
+            x = block(x, skip)
+        out = self.to_rgb(x)
+        if warped is None:
+            frame = torch.tanh(out)
+        else:
+            mask = torch.sigmoid(out[:, 3:].float())
+            frame = mask * warped + (1 - mask) * torch.tanh(out[:, :3].float())
+        return (frame, warped) if parts else frame
+
+
+def renderer_input(depth, reference, frame_index):
+    """The generator's (and discriminator's condition) channels: (B, RENDERER_IN_CHANNELS, H, W)."""
+    if depth.shape[-1] % 128 or depth.shape[-2] % 128:
+        raise ValueError(f"FaceRenderer: image sides must be multiples of 128, got {tuple(depth.shape[-2:])}")
+    tpe = temporal_encoding(frame_index, depth.shape[-2:]).to(depth)
+    return torch.cat([depth, reference.to(depth), tpe], dim=1)
+
+
+class PatchDiscriminator(torch.nn.Module):
+    """
+    pix2pix 70x70 PatchGAN, conditional: sees the renderer's input channels beside the image.
+    forward returns the four intermediate activations (for feature matching) and, last, the patch logits.
+    """
+
+    def __init__(self, in_channels=RENDERER_IN_CHANNELS + 3, channels=DISCRIMINATOR_CHANNELS):
+        super().__init__()
+        nn = torch.nn
+        layers, previous = [], in_channels
+        for k, c in enumerate(channels):
+            stride = 1 if k == len(channels) - 1 else 2
+            norm = nn.Identity() if k == 0 else nn.InstanceNorm2d(c)
+            layers.append(nn.Sequential(nn.Conv2d(previous, c, 4, stride, 1), norm, nn.LeakyReLU(0.2)))
+            previous = c
+        layers.append(nn.Conv2d(previous, 1, 4, 1, 1))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, condition, image):
+        x = torch.cat([condition, image], dim=1)
+        features = []
+        for layer in self.layers:
+            x = layer(x)
+            features.append(x)
+        return features
+
+
+class VGG19(torch.nn.Module):
+    """torchvision's vgg19 `features` (same indices), for the perceptual loss; weights from the user's file."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        layers, previous = [], 3
+        for item in VGG19_LAYOUT:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(previous, item, 3, 1, 1), nn.ReLU()]
+                previous = item
+        self.features = nn.Sequential(*layers)
+        self.requires_grad_(False)
+
+    @classmethod
+    def load(cls, path):
+        """A torchvision vgg19 state-dict file -> VGG19, eval (read_vgg19)."""
+        return read_vgg19(cls, path)
+
+    def forward(self, x):
+        """x (B,3,H,W) ImageNet-normalised RGB -> [relu1_1, relu2_1, relu3_1, relu4_1, relu5_1]."""
+        taps = []
+        for index, layer in enumerate(self.features[:VGG19_TAPS[-1] + 1]):
+            x = layer(x)
+            if index in VGG19_TAPS:
+                taps.append(x)
+        return taps
+
+
+def gan_loss(logits, real):
+    """LSGAN (pix2pixHD's choice, steadier than the log loss): mean (D - 1)^2 for real, mean D^2 for fake."""
+    logits = logits.float()  # losses in float32 even under bf16 autocast
+    return ((logits - 1) ** 2).mean() if real else (logits ** 2).mean()
+
+
+def feature_matching_loss(fake_features, real_features):
+    """pix2pixHD feature matching: mean L1 over the discriminator's intermediate activations (real detached)."""
+    pairs = list(zip(fake_features[:-1], real_features[:-1]))
+    return sum((f.float() - r.detach().float()).abs().mean() for f, r in pairs) / len(pairs)
+
+
+def photometric_loss(fake, real, weight=None):
+    """Pixel L1; with weight (B or 1, 1, H, W), the weighted mean over the pixels."""
+    error = (fake.float() - real.float()).abs()
+    if weight is None:
+        return error.mean()
+    weight = weight.float().expand(len(error), 1, -1, -1)
+    return (weight * error).mean() / weight.mean()
+
+
+def perceptual_loss(vgg, fake, real):
+    """L1 between VGG-19 relu1_1..relu5_1 of images in [-1, 1], ImageNet-normalised, layers weighted by VGG_LAYER_WEIGHTS."""
+    mean = torch.tensor(IMAGENET_MEAN, device=fake.device, dtype=fake.dtype)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=fake.device, dtype=fake.dtype)[:, None, None]
+    fake_taps = vgg(((fake + 1) / 2 - mean) / std)
+    real_taps = vgg(((real + 1) / 2 - mean) / std)
+    return sum(w * (f.float() - r.detach().float()).abs().mean()
+               for w, f, r in zip(VGG_LAYER_WEIGHTS, fake_taps, real_taps))
+
+
+@dataclass
+class RendererLossWeights:
+    """Weights of the generator's loss terms (pix2pixHD's 10 for feature matching and VGG; L1 alike)."""
+    gan: float = 1.0
+    feature_matching: float = 10.0
+    perceptual: float = 10.0
+    photometric: float = 10.0
+
+
+def generator_loss(discriminator, condition, fake, real, vgg=None, weights=None, pixel_weight=None):
+    """
+    The renderer's training objective for one batch; vgg None drops the perceptual term; pixel_weight
+    (B or 1, 1, H, W) weights the photometric term's pixels.
+    Returns (total, dict of the unweighted terms as floats).
+    """
+    weights = weights or RendererLossWeights()
+    fake_features = discriminator(condition, fake)
+    with torch.no_grad():
+        real_features = discriminator(condition, real)
+    terms = {"gan": gan_loss(fake_features[-1], True),
+             "feature_matching": feature_matching_loss(fake_features, real_features),
+             "photometric": photometric_loss(fake, real, pixel_weight)}
+    if vgg is not None:
+        terms["perceptual"] = perceptual_loss(vgg, fake, real)
+    total = sum(getattr(weights, name) * value for name, value in terms.items())
+    return total, {name: value.item() for name, value in terms.items()}
+
+
+def discriminator_loss(discriminator, condition, fake, real):
+    """LSGAN discriminator objective: real patches toward 1, generated (detached) toward 0."""
+    return 0.5 * (gan_loss(discriminator(condition, real)[-1], True)
+                  + gan_loss(discriminator(condition, fake.detach())[-1], False))
+
+
+TINY_DIVISOR = 8        # the tiny preset's widths are the paper's divided by this (0.92 M generator parameters)
+
+
+@dataclass
+class RendererConfig:
+    """
+    Widths of the face renderer and its discriminator, and whether it warps the reference. Presets: 'paper' is
+    the paper's (58.6 M generator parameters, for GPUs); 'tiny' keeps the same 8 levels and layout at
+    1/TINY_DIVISOR of the widths, which trains on two CPU cores in minutes, and warps the reference.
+    """
+    channels: tuple = ENCODER_CHANNELS
+    discriminator_channels: tuple = DISCRIMINATOR_CHANNELS
+    image_size: int = IMAGE_SIZE          # pixels a side; a multiple of 128 (the 8 levels halve it 7 times)
+    warp: bool = False                    # FaceRenderer's mesh-guided warp of the reference (ours; not the paper's)
+
+    @classmethod
+    def preset(cls, name):
+        if name not in RENDERER_PRESETS:
+            raise ValueError(f"unknown renderer preset {name!r} ({', '.join(RENDERER_PRESETS)})")
+        return RENDERER_PRESETS[name]
+
+
+RENDERER_PRESETS = dict(
+    paper=RendererConfig(),
+    tiny=RendererConfig(tuple(c // TINY_DIVISOR for c in ENCODER_CHANNELS),
+                        tuple(c // TINY_DIVISOR for c in DISCRIMINATOR_CHANNELS), warp=True))
+
+
+# ------------------------------------------------------------ support: the previews' shading
+
+PREVIEW_SIZE = 512               # pixels a side of the shaded previews (unisinger.py --size)
+PREVIEW_CAM = (5.5, 0.0, 0.042)  # [scale, tx (m), ty (m)]: the previews' camera, head and neck whole inside the frame
+SKIN_RGB = (224, 172, 150)       # preview surface colour
+BACKGROUND_RGB = (40, 40, 40)    # preview background
+KEY_LIGHT = (-0.55, 0.45, 0.70)  # toward the previews' (and the filmed person's) key light, camera on +Z: above left
+FILL_LIGHT = (0.80, -0.10, 0.60) # toward their fill light: to the right, a little below
+KEY, FILL, AMBIENT = 0.65, 0.25, 0.25   # shares of the surface colour each light gives a surface facing it
+SHININESS, GLOSS = 24.0, 0.07    # the key light's Blinn-Phong highlight: exponent, share of white at its peak
+INSIDE_SHARE = 0.45              # share of its light a surface seen from behind keeps (a mouth's, a neck's inside)
+SUPERSAMPLE = 2                  # samples a side of a pixel on a silhouette or occlusion edge, box-filtered
+EDGE_DEPTH_STEP = 16.0           # pixel widths of depth within 3x3 pixels that mark an occlusion edge among them
+SHADE_PIXELS = 1 << 22           # pixels shade works on at once (16 frames at 512²); bounds its memory
+
+
+def image_tensor(image, size=IMAGE_SIZE):
+    """uint8 (H, W, 3|4) or (H, W) image -> float (3, size, size) in [-1, 1], centre square crop, resized."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    x = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float()   # (3, H, W)
+    height, width = x.shape[1:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    x = x[:, top:top + side, left:left + side]
+    if side != size:
+        x = torch.nn.functional.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return x.clamp(0, 255) / 127.5 - 1
+
+
+def to_uint8(images):
+    """float (B, C, H, W) in [-1, 1] (C = 3) or [0, 1] depth (C = 1) -> uint8 (B, H, W, 3)."""
+    if images.shape[1] == 1:
+        images = images * 2 - 1
+    images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1)
+
+
+def vertex_normals(verts, faces):
+    """verts (..., V, 3), faces (F, 3) long -> unit vertex normals (..., V, 3), the area-weighted mean of the
+    normals of the faces around each vertex."""
+    tri = face_corners(verts, faces)                                                    # (..., F, 3, 3)
+    face_normal = torch.linalg.cross(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :])
+    normals = torch.zeros_like(verts)
+    for k in range(3):
+        normals.index_add_(-2, faces[:, k], face_normal)
+    return normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def shade(verts, faces, size):
@@ -539,762 +810,73 @@ def _supersampled(verts, faces, planes, candidates, frame, row, col, size):
     return colour.view(-1, ss * ss, 3).mean(1)
 
 
-def depth_to_image(depth):
-    """
-    depth (B, H, W) from rasterize -> (B, 1, H, W) float in [0, 1]: 1 at DEPTH_NEAR, 0 at DEPTH_FAR and
-    beyond and for the background. The range is fixed, so equal depths give equal values in every frame.
-    """
-    image = ((DEPTH_FAR - depth) / (DEPTH_FAR - DEPTH_NEAR)).clamp(0, 1)
-    image = torch.where(torch.isinf(depth), torch.zeros_like(image), image)
-    return image[:, None].float()
-
-
-def render_depth(verts, faces, cam=DEFAULT_CAM, size=IMAGE_SIZE):
-    """FLAME vertices (B, V, 3) metres, cam (B, 3) or (3,) -> the renderer's depth input (B, 1, H, W)."""
-    depth, _ = rasterize(project(verts, cam), faces, size)
-    return depth_to_image(depth)
-
-
-def reference_flow(verts, faces, cam, reference_verts, reference_cam, size=IMAGE_SIZE):
-    """
-    Where each pixel's point of the head lies in the reference frame: FLAME vertices (B, V, 3) metres under cam
-    (B, 3) or (3,), the reference frame's vertices (V, 3) under reference_cam (3,) -> (B, 2, H, W), x then y in
-    grid_sample's units (2 is the image's width or height, y downward), the offset from the pixel's own centre to
-    the same surface point in the reference; 0 off the head. warp_image(reference, flow) moves the reference there.
-    """
-    projected = project(verts, cam)
-    _, face_id = rasterize(projected, faces, size)
-    there = project(reference_verts, reference_cam)[..., :2]                             # (V, 2), y upward
-    there = interpolate(projected, faces, face_id, there.reshape(-1, 2))                  # (B, H, W, 2)
-    here = pixel_grid(face_id.shape[-2:], verts.device)                                   # (H, W, 2), y downward
-    flow = torch.stack([there[..., 0], -there[..., 1]], -1) - here
-    return torch.where((face_id >= 0)[..., None], flow, torch.zeros_like(flow)).permute(0, 3, 1, 2)
-
-
-def pixel_grid(size, device=None):
-    """The pixels' centres in grid_sample's units (align_corners=False): (H, W, 2), x then y, y downward."""
-    height, width = _image_size(size)
-    rows = (torch.arange(height, device=device) * 2 + 1) / height - 1
-    columns = (torch.arange(width, device=device) * 2 + 1) / width - 1
-    return torch.stack([columns[None].expand(height, -1), rows[:, None].expand(-1, width)], -1)
-
-
-def warp_image(image, flow):
-    """image (B, C, H, W) sampled bilinearly at each pixel's centre moved by flow (B, 2, H, W) (reference_flow's
-    units); outside the image the border repeats."""
-    grid = pixel_grid(image.shape[-2:], image.device) + flow.float().permute(0, 2, 3, 1)
-    return torch.nn.functional.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border",
-                                           align_corners=False)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Face renderer (the paper's, section IV-B): depth + reference image + temporal encoding -> portrait frame
-
-TPE_CHANNELS = 8                 # temporal positional encoding channels (sin/cos pairs)
-TPE_BASE = 1000.0                # longest TPE period is ~2*pi*TPE_BASE**(3/4) frames (~37 s at 30 fps)
-RENDERER_IN_CHANNELS = 1 + 3 + TPE_CHANNELS  # depth, reference RGB, TPE
-ENCODER_CHANNELS = (64, 128, 256, 512, 512, 512, 512, 512)  # levels at 256², 128², ..., 2²
-DISCRIMINATOR_CHANNELS = (64, 128, 256, 512)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# torchvision vgg19 `features`: numbers are 3x3 conv widths (each followed by ReLU), "M" a 2x2 max pool
-VGG19_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-                512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
-VGG19_TAPS = (1, 6, 11, 20, 29)  # indices in `features` of relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
-VGG_LAYER_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)  # pix2pixHD's balance of the five layers
-
-
-def temporal_encoding(frame_index, size):
-    """
-    MODA-style temporal positional encoding: frame_index (B,) -> (B, TPE_CHANNELS, H, W), sin/cos of the
-    frame index at geometric frequencies, constant over the image.
-    """
-    height, width = _image_size(size)
-    index = torch.as_tensor(frame_index, dtype=torch.float32).reshape(-1, 1)             # (B, 1)
-    freq = TPE_BASE ** (-torch.arange(TPE_CHANNELS // 2, dtype=torch.float32) / (TPE_CHANNELS // 2))
-    angle = index * freq.to(index.device)                                                # (B, C/2)
-    code = torch.cat([angle.sin(), angle.cos()], dim=1)                                  # (B, C)
-    return code[:, :, None, None].expand(-1, -1, height, width)
-
-
-def _norm(channels):
-    """GroupNorm: independent of batch size and still defined at the 2x2 level."""
-    return torch.nn.GroupNorm(min(32, channels // 4), channels)
-
-
-class ResidualBlock(torch.nn.Module):
-    """Two 3x3 convs with a projected shortcut; stride 2 halves the resolution."""
-
-    def __init__(self, in_channels, out_channels, stride=1):
-        super().__init__()
-        nn = torch.nn
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, stride, 1), _norm(out_channels), nn.LeakyReLU(0.2),
-            nn.Conv2d(out_channels, out_channels, 3, 1, 1), _norm(out_channels))
-        self.shortcut = nn.Sequential(nn.AvgPool2d(stride) if stride > 1 else nn.Identity(),
-                                      nn.Conv2d(in_channels, out_channels, 1))
-        self.act = nn.LeakyReLU(0.2)
-
-    def forward(self, x):
-        return self.act(self.body(x) + self.shortcut(x))
-
-
-class UpBlock(torch.nn.Module):
-    """Upsample x2, concatenate the encoder's skip of that resolution, residual block."""
-
-    def __init__(self, in_channels, skip_channels, out_channels):
-        super().__init__()
-        self.block = ResidualBlock(in_channels + skip_channels, out_channels)
-
-    def forward(self, x, skip):
-        x = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
-        return self.block(torch.cat([x, skip], dim=1))
-
-
-class FaceRenderer(torch.nn.Module):
-    """
-    The paper's UNet generator. Encoder: 8 residual down blocks; the first keeps 256² and the other seven
-    halve it, so the levels sit at 256², 128², ..., 2² with ENCODER_CHANNELS. Decoder: 7 residual up blocks
-    mirroring the 7 halvings (the 2² level is the bottleneck), each joined by the encoder level of its
-    resolution, back to 64 channels at 256²; a 3x3 conv and tanh give RGB in [-1, 1].
-    warp=True (our addition): the reference image moved by the FLAME meshes' correspondence (reference_flow) is
-    three more input channels, and a fourth output channel is a mask that mixes it with the generated colours, as
-    few-shot vid2vid mixes its warped reference: eyes, brows and skin come from the reference, moved into place,
-    and the UNet draws what the reference cannot show (the open mouth).
-    Input sides must be multiples of 128 (256 is the trained size).
-    """
-
-    def __init__(self, channels=ENCODER_CHANNELS, warp=False):
-        super().__init__()
-        self.warp = warp
-        ins = (RENDERER_IN_CHANNELS + (3 if warp else 0),) + tuple(channels[:-1])
-        self.down = torch.nn.ModuleList(
-            ResidualBlock(i, o, 1 if level == 0 else 2) for level, (i, o) in enumerate(zip(ins, channels)))
-        self.up = torch.nn.ModuleList(
-            UpBlock(channels[level + 1], channels[level], channels[level]) for level in reversed(range(len(channels) - 1)))
-        self.to_rgb = torch.nn.Conv2d(channels[0], 4 if warp else 3, 3, 1, 1)
-
-    def forward(self, depth, reference, frame_index, flow=None, parts=False):
-        """
-        depth (B,1,H,W) in [0,1], reference (B,3,H,W) in [-1,1], frame_index (B,), flow (B,2,H,W) from
-        reference_flow (a warping renderer needs it) -> (B,3,H,W) in [-1,1]; parts=True returns (frame, the
-        warped reference or None).
-        """
-        x = renderer_input(depth, reference, frame_index)
-        warped = None
-        if self.warp:
-            if flow is None:
-                raise ValueError("FaceRenderer: this renderer warps the reference; give it reference_flow's flow")
-            warped = warp_image(reference, flow)
-            x = torch.cat([x, warped.to(x)], 1)
-        skips = []
-        for block in self.down:
-            x = block(x)
-            skips.append(x)
-        for block, skip in zip(self.up, reversed(skips[:-1])):
-            x = block(x, skip)
-        out = self.to_rgb(x)
-        if warped is None:
-            frame = torch.tanh(out)
-        else:
-            mask = torch.sigmoid(out[:, 3:].float())
-            frame = mask * warped + (1 - mask) * torch.tanh(out[:, :3].float())
-        return (frame, warped) if parts else frame
-
-
-def renderer_input(depth, reference, frame_index):
-    """The generator's (and discriminator's condition) channels: (B, RENDERER_IN_CHANNELS, H, W)."""
-    if depth.shape[-1] % 128 or depth.shape[-2] % 128:
-        raise ValueError(f"FaceRenderer: image sides must be multiples of 128, got {tuple(depth.shape[-2:])}")
-    tpe = temporal_encoding(frame_index, depth.shape[-2:]).to(depth)
-    return torch.cat([depth, reference.to(depth), tpe], dim=1)
-
-
-class PatchDiscriminator(torch.nn.Module):
-    """
-    pix2pix 70x70 PatchGAN, conditional: sees the renderer's input channels beside the image.
-    forward returns the four intermediate activations (for feature matching) and, last, the patch logits.
-    """
-
-    def __init__(self, in_channels=RENDERER_IN_CHANNELS + 3, channels=DISCRIMINATOR_CHANNELS):
-        super().__init__()
-        nn = torch.nn
-        layers, previous = [], in_channels
-        for k, c in enumerate(channels):
-            stride = 1 if k == len(channels) - 1 else 2
-            norm = nn.Identity() if k == 0 else nn.InstanceNorm2d(c)
-            layers.append(nn.Sequential(nn.Conv2d(previous, c, 4, stride, 1), norm, nn.LeakyReLU(0.2)))
-            previous = c
-        layers.append(nn.Conv2d(previous, 1, 4, 1, 1))
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, condition, image):
-        x = torch.cat([condition, image], dim=1)
-        features = []
-        for layer in self.layers:
-            x = layer(x)
-            features.append(x)
-        return features
-
-
-class VGG19(torch.nn.Module):
-    """torchvision's vgg19 `features` (same indices), for the perceptual loss; weights from the user's file."""
-
-    def __init__(self):
-        super().__init__()
-        nn = torch.nn
-        layers, previous = [], 3
-        for item in VGG19_LAYOUT:
-            if item == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(previous, item, 3, 1, 1), nn.ReLU()]
-                previous = item
-        self.features = nn.Sequential(*layers)
-        self.requires_grad_(False)
-
-    @classmethod
-    def load(cls, path):
-        """A torchvision vgg19 state-dict file (features.N.weight/bias; classifier.* ignored) -> VGG19, eval."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"{path}: VGG-19 weights file not found")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"{path}: not a readable torch state-dict file ({error})") from error
-        vgg = cls()
-        wanted = vgg.state_dict()
-        features = {k: v for k, v in state.items() if k.startswith("features.")}
-        missing = sorted(set(wanted) - set(features), key=lambda k: int(k.split(".")[1]))
-        if missing:
-            raise ValueError(f"{path}: not a torchvision vgg19 state dict (missing {missing[0]})")
-        for key, value in wanted.items():
-            if features[key].shape != value.shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(features[key].shape)}, "
-                                 f"vgg19 needs {tuple(value.shape)}")
-        vgg.load_state_dict({k: features[k] for k in wanted})
-        return vgg.eval()
-
-    def forward(self, x):
-        """x (B,3,H,W) ImageNet-normalised RGB -> [relu1_1, relu2_1, relu3_1, relu4_1, relu5_1]."""
-        taps = []
-        for index, layer in enumerate(self.features[:VGG19_TAPS[-1] + 1]):
-            x = layer(x)
-            if index in VGG19_TAPS:
-                taps.append(x)
-        return taps
-
-
-def gan_loss(logits, real):
-    """LSGAN (pix2pixHD's choice, steadier than the log loss): mean (D - 1)^2 for real, mean D^2 for fake."""
-    logits = logits.float()  # losses in float32 even under bf16 autocast
-    return ((logits - 1) ** 2).mean() if real else (logits ** 2).mean()
-
-
-def feature_matching_loss(fake_features, real_features):
-    """pix2pixHD feature matching: mean L1 over the discriminator's intermediate activations (real detached)."""
-    pairs = list(zip(fake_features[:-1], real_features[:-1]))
-    return sum((f.float() - r.detach().float()).abs().mean() for f, r in pairs) / len(pairs)
-
-
-def photometric_loss(fake, real, weight=None):
-    """Pixel L1; with weight (B or 1, 1, H, W), the weighted mean over the pixels."""
-    error = (fake.float() - real.float()).abs()
-    if weight is None:
-        return error.mean()
-    weight = weight.float().expand(len(error), 1, -1, -1)
-    return (weight * error).mean() / weight.mean()
-
-
-def perceptual_loss(vgg, fake, real):
-    """L1 between VGG-19 relu1_1..relu5_1 of images in [-1, 1], ImageNet-normalised, layers weighted by VGG_LAYER_WEIGHTS."""
-    mean = torch.tensor(IMAGENET_MEAN, device=fake.device, dtype=fake.dtype)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=fake.device, dtype=fake.dtype)[:, None, None]
-    fake_taps = vgg(((fake + 1) / 2 - mean) / std)
-    real_taps = vgg(((real + 1) / 2 - mean) / std)
-    return sum(w * (f.float() - r.detach().float()).abs().mean()
-               for w, f, r in zip(VGG_LAYER_WEIGHTS, fake_taps, real_taps))
-
-
-@dataclass
-class RendererLossWeights:
-    """Weights of the generator's loss terms (pix2pixHD's 10 for feature matching and VGG; L1 alike)."""
-    gan: float = 1.0
-    feature_matching: float = 10.0
-    perceptual: float = 10.0
-    photometric: float = 10.0
-
-
-def generator_loss(discriminator, condition, fake, real, vgg=None, weights=None, pixel_weight=None):
-    """
-    The renderer's training objective for one batch; vgg None drops the perceptual term; pixel_weight
-    (B or 1, 1, H, W) weights the photometric term's pixels.
-    Returns (total, dict of the unweighted terms as floats).
-    """
-    weights = weights or RendererLossWeights()
-    fake_features = discriminator(condition, fake)
-    with torch.no_grad():
-        real_features = discriminator(condition, real)
-    terms = {"gan": gan_loss(fake_features[-1], True),
-             "feature_matching": feature_matching_loss(fake_features, real_features),
-             "photometric": photometric_loss(fake, real, pixel_weight)}
-    if vgg is not None:
-        terms["perceptual"] = perceptual_loss(vgg, fake, real)
-    total = sum(getattr(weights, name) * value for name, value in terms.items())
-    return total, {name: value.item() for name, value in terms.items()}
-
-
-def discriminator_loss(discriminator, condition, fake, real):
-    """LSGAN discriminator objective: real patches toward 1, generated (detached) toward 0."""
-    return 0.5 * (gan_loss(discriminator(condition, real)[-1], True)
-                  + gan_loss(discriminator(condition, fake.detach())[-1], False))
-
-
-TINY_DIVISOR = 8        # the tiny preset's widths are the paper's divided by this (0.92 M generator parameters)
-
-
-@dataclass
-class RendererConfig:
-    """
-    Widths of the face renderer and its discriminator, and whether it warps the reference. Presets: 'paper' is
-    the paper's (58.6 M generator parameters, for GPUs); 'tiny' keeps the same 8 levels and layout at
-    1/TINY_DIVISOR of the widths, which trains on two CPU cores in minutes, and warps the reference.
-    """
-    channels: tuple = ENCODER_CHANNELS
-    discriminator_channels: tuple = DISCRIMINATOR_CHANNELS
-    image_size: int = IMAGE_SIZE          # pixels a side; a multiple of 128 (the 8 levels halve it 7 times)
-    warp: bool = False                    # FaceRenderer's mesh-guided warp of the reference (ours; not the paper's)
-
-    @classmethod
-    def preset(cls, name):
-        if name not in RENDERER_PRESETS:
-            raise ValueError(f"unknown renderer preset {name!r} ({', '.join(RENDERER_PRESETS)})")
-        return RENDERER_PRESETS[name]
-
-
-RENDERER_PRESETS = dict(
-    paper=RendererConfig(),
-    tiny=RendererConfig(tuple(c // TINY_DIVISOR for c in ENCODER_CHANNELS),
-                        tuple(c // TINY_DIVISOR for c in DISCRIMINATOR_CHANNELS), warp=True))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reading and writing: images, checkpoints, files that appear whole, videos, sounds, progress lines and the
-# command lines' one-line errors
-
-def image_tensor(image, size=IMAGE_SIZE):
-    """uint8 (H, W, 3|4) or (H, W) image -> float (3, size, size) in [-1, 1], centre square crop, resized."""
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    x = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float()   # (3, H, W)
-    height, width = x.shape[1:]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    x = x[:, top:top + side, left:left + side]
-    if side != size:
-        x = torch.nn.functional.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    return x.clamp(0, 255) / 127.5 - 1
-
-
-def load_reference(path, size=IMAGE_SIZE):
-    """Reference portrait file (png/jpg, any size) -> float (3, size, size) in [-1, 1]."""
+# The rasterizer's culling: faces facing away drawn second, unless a depth pyramid shows them hidden
+
+def _front(verts, faces):
+    """(B, F) bool: the faces turned the way (by their winding, in projected x, y) whose faces lie nearer the
+    camera on average in that frame: the outside of a closed mesh facing the camera, whichever its winding."""
+    tri = face_corners(verts, faces)                                                    # (B, F, 3, 3)
+    d1, d2 = tri[:, :, 1, :2] - tri[:, :, 0, :2], tri[:, :, 2, :2] - tri[:, :, 0, :2]
+    turned = d1[..., 0] * d2[..., 1] > d2[..., 0] * d1[..., 1]                          # (B, F)
+    z = tri[..., 2].mean(-1)
+    mean_z = lambda way: torch.where(way.any(1), (z * way).sum(1) / way.sum(1).clamp_min(1), float("inf"))
+    return turned == (mean_z(turned) <= mean_z(~turned))[:, None]
+
+
+def _hidden(key, ints, box_w, box_h, near, candidates, size):
+    """(N,) bool: the candidate triangles whose nearest corner lies behind (by more than rounding) the farthest
+    depth the keys hold anywhere in the triangle's box, so that none of its pixels can win. Keys order as
+    depths (EMPTY_KEY above all), so the farthest over a box is the largest key, read from a pyramid of 2x2
+    maxima at the level where the box spans at most 3x3 cells."""
+    (height, width), batch = size, len(key) // (size[0] * size[1])
+    levels = [key.view(batch, height, width)]
+    while max(levels[-1].shape[1:]) > 1:
+        level = levels[-1]
+        if level.shape[1] % 2 or level.shape[2] % 2:                     # odd sides: a smallest key beyond
+            level = torch.nn.functional.pad(level, (0, level.shape[2] % 2, 0, level.shape[1] % 2), value=-1 << 62)
+        levels.append(torch.maximum(torch.maximum(level[:, 0::2, 0::2], level[:, 0::2, 1::2]),
+                                    torch.maximum(level[:, 1::2, 0::2], level[:, 1::2, 1::2])))
+    tri = candidates.nonzero().squeeze(1)
+    start = ints[:, 0].index_select(0, tri)
+    frame, y0, x0 = start // (height * width), start % (height * width) // width, start % width
+    x1, y1 = x0 + box_w.index_select(0, tri).long() - 1, y0 + box_h.index_select(0, tri).long() - 1
+    which = (torch.maximum(x1 - x0, y1 - y0) + 1).float().log2().ceil().long().sub(1).clamp_min(0)  # 3x3 cells
+    farthest = torch.empty_like(tri)
+    for k in which.unique().tolist():
+        at, level = (which == k).nonzero().squeeze(1), levels[min(k, len(levels) - 1)]
+        f, r0, r1, c0, c1 = (v.index_select(0, at) >> (0 if v is frame else k) for v in (frame, y0, y1, x0, x1))
+        rows, cols = level.shape[1:]
+        cells = level.reshape(-1)
+        most = None
+        for r in (r0, (r0 + 1).minimum(r1), r1):
+            for c in (c0, (c0 + 1).minimum(c1), c1):
+                cell = cells.index_select(0, (f * rows + r.clamp(max=rows - 1)) * cols + c.clamp(max=cols - 1))
+                most = cell if most is None else torch.maximum(most, cell)
+        farthest[at] = most
+    near = near.index_select(0, tri)
+    hidden = torch.zeros_like(candidates)
+    hidden[tri] = _depth_key(near - HIDDEN_MARGIN * (1 + near.abs()), torch.zeros_like(tri)) > farthest
+    return hidden
+
+
+def read_vgg19(cls, path):
+    """A torchvision vgg19 state-dict file (features.N.weight/bias; classifier.* ignored) -> cls (VGG19), eval."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such reference image")
+        raise ValueError(f"{path}: VGG-19 weights file not found")
     try:
-        image = imageio.imread(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path}: not a readable image ({str(error).splitlines()[0]})") from None
-    if image.dtype != np.uint8 or image.ndim not in (2, 3):
-        raise ValueError(f"{path}: expected an 8-bit grey or RGB image, got {image.dtype} {image.shape}")
-    return image_tensor(image, size)
-
-
-def to_uint8(images):
-    """float (B, C, H, W) in [-1, 1] (C = 3) or [0, 1] depth (C = 1) -> uint8 (B, H, W, 3)."""
-    if images.shape[1] == 1:
-        images = images * 2 - 1
-    images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1)
-
-
-def read_checkpoint(path, device="cpu"):
-    """
-    A checkpoint file written by train.py -> its dict, read as data only (torch's weights_only reader:
-    tensors and plain containers). Unpickling may call whatever a file names, so a file that names anything
-    else is refused, naming what it would have loaded, before any of it runs.
-    """
-    if not zipfile.is_zipfile(path):                        # torch.save writes a zip archive
-        raise ValueError(f"{path}: not a checkpoint torch.save wrote (not a zip archive, or one cut short)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:                              # torch raises many kinds on damaged bytes
-        found = re.search(r"GLOBAL ([\w.]+)", str(error)) if isinstance(error, pickle.UnpicklingError) else None
-        if found:
-            raise ValueError(f"{path}: refused: it would load {found.group(1)}, and a checkpoint holds only "
-                             f"tensors and plain containers") from None
-        # torch's weights-only refusal is a paragraph; the line after "WeightsUnpickler error:" says what it met
-        said = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(error))
-        lines = str(error).strip().splitlines()
-        why = said.group(1).strip() if said else f"{type(error).__name__}: {lines[0] if lines else ''}"
-        raise ValueError(f"{path}: not a readable checkpoint ({why})") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: not a checkpoint (a {type(ckpt).__name__}, not a dict)")
-    return ckpt
-
-
-@dataclass
-class TrainedRenderer:
-    """A face renderer checkpoint read back: the generator and what it was trained with."""
-    generator: FaceRenderer       # in eval mode
-    config: RendererConfig
-    cam: tuple                    # the person's camera [scale, tx, ty] in training (or one per frame (T, 3))
-    flame_record: dict            # the head its depth inputs came from: {'flame': file, 'flame_sha256'}
-    source: str                   # the checkpoint file
-    reference: dict = None        # a warping renderer's reference head: motion (59,), cam (3,), shape (100,) tensors
-
-
-def load_renderer(path, device="cpu"):
-    """Checkpoint from `train.py --stage render` -> TrainedRenderer, the generator on device."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no renderer checkpoint; train one with `python train.py --stage render`")
-    ckpt = read_checkpoint(path, device)
-    if "generator" not in ckpt or "renderer_config" not in ckpt:
-        raise ValueError(f"{path}: not a face renderer checkpoint (no 'generator' / 'renderer_config')")
-    try:
-        config = RendererConfig(**ckpt["renderer_config"])
-        generator = FaceRenderer(config.channels, config.warp).to(device)
-        generator.load_state_dict(ckpt["generator"])
-    except (TypeError, ValueError, RuntimeError) as e:      # a damaged config or weights that do not fit it
-        raise ValueError(f"{path}: not a usable face renderer checkpoint ({str(e).strip().splitlines()[0]})") from None
-    record = dict(flame=ckpt.get("flame"), flame_sha256=ckpt.get("flame_sha256"))
-    reference = None
-    if config.warp:
-        reference = dict(motion=ckpt.get("reference_motion"), cam=ckpt.get("reference_cam"), shape=ckpt.get("shape"))
-        sizes = dict(motion=59, cam=3, shape=100)
-        bad = [k for k, v in reference.items() if not isinstance(v, torch.Tensor) or v.shape != (sizes[k],)]
-        if bad:
-            raise ValueError(f"{path}: a warping face renderer without its reference head ({', '.join(bad)} missing "
-                             f"or of the wrong size)")
-        reference = {k: v.float() for k, v in reference.items()}
-    return TrainedRenderer(generator.eval(), config, tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM)), record,
-                           str(path), reference)
-
-
-def _file_mode():
-    """The mode a plainly created file gets under this process's umask (0o644 under the usual 022)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-@contextlib.contextmanager
-def atomic_output(path):
-    """
-    A temporary path beside `path` (same suffix, so writers that go by it still do) to write the file to; it
-    is renamed onto `path` when the block ends without error and removed when it does not. Readers never see
-    a half-written file, and a crash or a full disk leaves the previous one intact; a failed write raises
-    OSError naming `path` (writers such as np.savez and pickle leave the file name out of theirs).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as error:
-        raise OSError(error.errno, error.strerror, str(path)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_wav(path, audio, sample_rate=SAMPLE_RATE):
-    """Mono audio in [-1, 1] as a 16-bit PCM wav that appears whole at path: an array (N,), or a sound with len()
-    and slices [a:b] (e.g. audio.AudioFile) copied AUDIO_BLOCK samples at a time, so a long song is never held
-    whole. A failed write raises OSError naming path."""
-    if isinstance(audio, (np.ndarray, list, tuple)) or torch.is_tensor(audio):
-        audio = np.asarray(audio)
-        if audio.ndim != 1:
-            raise ValueError(f"{path}: audio must be mono (N,), got shape {audio.shape}")
-    with atomic_output(path) as tmp:
-        try:
-            with soundfile.SoundFile(tmp, "w", int(sample_rate), 1, "PCM_16", format="WAV") as sink:
-                for start in range(0, len(audio), AUDIO_BLOCK):
-                    sink.write(np.asarray(audio[start:start + AUDIO_BLOCK]))
-        except RuntimeError as error:                           # soundfile's write errors
-            raise OSError(errno.EIO, " ".join(str(error).split())) from None
-
-
-class VideoWriter:
-    """
-    Streams uint8 frames into an mp4 (libx264, yuv420p) and muxes optional mono audio as AAC on close: float32
-    samples (N,) at sample_rate, or a sound read a block at a time (anything with len() and slices [a:b] of
-    float32 samples, e.g. audio.AudioFile), so that a long song is never held whole. The file appears at `path`
-    only when complete (written beside it, then renamed); a failed write (ffmpeg's exit status, a full disk)
-    raises OSError naming `path`.
-    """
-
-    def __init__(self, path, size, fps=FPS, audio=None, sample_rate=SAMPLE_RATE, preset=VIDEO_PRESET):
-        self.path = Path(path)
-        self.height, self.width = _image_size(size)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.wav = self.log = self.encoder = None
-        try:
-            fd, tmp = tempfile.mkstemp(suffix=".mp4", prefix=f".{self.path.stem}.", dir=self.path.parent)
-            os.close(fd)
-            self.tmp = Path(tmp)
-            if audio is not None:
-                fd, wav = tempfile.mkstemp(suffix=".wav", prefix=f".{self.path.stem}.", dir=self.path.parent)
-                os.close(fd)
-                self.wav = Path(wav)
-                try:
-                    write_wav(self.wav, audio, sample_rate)
-                except OSError as error:
-                    raise OSError(error.errno, f"soundtrack not written ({error.strerror})", str(path)) from None
-            # Our own ffmpeg process rather than imageio's writer, which ignores ffmpeg's exit status: a full
-            # disk must not leave a cut-off video under the final name.
-            cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
-                   "-s", f"{self.width}x{self.height}", "-pix_fmt", "rgb24",
-                   "-r", str(Fraction(fps).limit_denominator()), "-i", "-"]
-            cmd += ["-an"] if self.wav is None else ["-i", str(self.wav)]
-            cmd += ["-vcodec", "libx264", "-preset", preset, "-pix_fmt", "yuv420p", "-crf", str(VIDEO_CRF), "-v", "error"]
-            if self.wav is not None:
-                cmd += ["-acodec", "aac", "-map", "0:v:0", "-map", "1:a:0", "-shortest"]
-            self.log = tempfile.TemporaryFile()                  # ffmpeg's complaints, for the error message
-            self.encoder = subprocess.Popen(cmd + [str(self.tmp)], stdin=subprocess.PIPE,
-                                            stdout=subprocess.DEVNULL, stderr=self.log)
-        except OSError as error:
-            self._clean()
-            raise OSError(error.errno, error.strerror, str(self.path)) from None
-        except BaseException:
-            self._clean()
-            raise
-        self.frames = 0
-
-    def _failed(self):
-        """OSError naming the video, with ffmpeg's last complaint (or the signal that ended it)."""
-        self.log.seek(0)
-        said = [line.strip() for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
-        status = self.encoder.returncode
-        why = said[-1] if said else f"killed by {signal.Signals(-status).name}" if status < 0 else f"status {status}"
-        return OSError(errno.EIO, f"ffmpeg could not write the video ({why})", str(self.path))
-
-    def write(self, frames):
-        """frames uint8 (T, H, W, 3) numpy or tensor."""
-        frames = frames.cpu().numpy() if torch.is_tensor(frames) else np.asarray(frames)
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
-            raise ValueError(f"{self.path}: frames must be uint8 (T, {self.height}, {self.width}, 3), "
-                             f"got {frames.dtype} {frames.shape}")
-        try:
-            self.encoder.stdin.write(np.ascontiguousarray(frames).tobytes())
-        except OSError:                                          # ffmpeg stopped reading: it failed
-            self.encoder.wait()
-            raise self._failed() from None
-        self.frames += len(frames)
-
-    def close(self, keep=True):
-        """Finish the file and move it into place; keep=False discards it (used after an error)."""
-        try:
-            if not keep:
-                self.encoder.kill()
-            try:
-                self.encoder.stdin.close()
-            except OSError:
-                pass                                             # it failed already: its exit status says so
-            if self.encoder.wait() != 0 and keep:
-                raise self._failed()
-            if keep and self.frames == 0:
-                raise ValueError(f"{self.path}: no frames written")
-            if keep:
-                try:
-                    os.chmod(self.tmp, _file_mode())   # mkstemp made it owner-only; give it the usual mode
-                    os.replace(self.tmp, self.path)
-                except OSError as error:
-                    raise OSError(error.errno, error.strerror, str(self.path)) from None
-        finally:
-            self._clean()
-
-    def _clean(self):
-        for tmp in (self.tmp, self.wav):
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-        if self.log is not None:
-            self.log.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self.close(keep=exc_type is None)
-
-
-def write_video(path, frames, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
-    """frames uint8 (T, H, W, 3) -> mp4 at path, with audio float32 (N,) at sample_rate muxed in if given."""
-    if frames.ndim != 4:
-        raise ValueError(f"{path}: frames must be (T, H, W, 3), got shape {tuple(frames.shape)}")
-    with VideoWriter(path, frames.shape[1:3], fps, audio, sample_rate) as video:
-        video.write(frames)
-
-
-def render_preview(flame, verts, path, audio=None, cam=PREVIEW_CAM, size=PREVIEW_SIZE, on_frames=None):
-    """
-    Shaded preview mp4 of a vertex sequence at FPS, PREVIEW_BATCH frames at a time: verts (T, V, 3) metres, or
-    an iterable of (t, V, 3) pieces in order, so that a long song's meshes are never held all at once; audio at
-    SAMPLE_RATE. cam (3,) or one per frame (T, 3). on_frames(n), when given, hears of every n frames written.
-    """
-    pieces = (verts[lo:lo + PREVIEW_BATCH] for lo in range(0, len(verts), PREVIEW_BATCH)) \
-        if torch.is_tensor(verts) else verts
-    cam = torch.as_tensor(cam, dtype=torch.float32)
-    start = 0
-    with VideoWriter(path, size, FPS, audio, preset=PREVIEW_PRESET) as video:
-        for piece in pieces:
-            frame_cam = cam[start:start + len(piece)] if cam.dim() == 2 else cam
-            with torch.no_grad():
-                video.write(shade(project(piece, frame_cam.to(piece)), flame.faces, size))
-            start += len(piece)
-            if on_frames is not None:
-                on_frames(len(piece))
-
-
-def side_by_side(verts, faces, labels, cam=PREVIEW_CAM, size=PREVIEW_SIZE):
-    """Heads side by side under one light and one camera: verts (K, T, V, 3) metres, one sequence a panel ->
-    uint8 (T, size, K*size, 3), panel k the shaded preview of verts[k] with labels[k] written at its top left."""
-    cam = torch.as_tensor(cam, dtype=torch.float32)
-    frames = torch.cat([shade(project(panel, cam.to(panel)), faces, size) for panel in verts], 2)
-    for k, label in enumerate(labels):
-        draw_text(frames, label, LABEL_MARGIN * size, k * size + LABEL_MARGIN * size, max(1, size // LABEL_CELLS))
-    return frames
-
-
-def write_side_by_side(path, pieces, faces, labels, audio=None, cam=PREVIEW_CAM, size=PREVIEW_SIZE):
-    """side_by_side as an mp4 at FPS with audio (as VideoWriter takes it): pieces an iterable of (K, t, V, 3)
-    vertex sequences in order, so that a long take's meshes are never held all at once."""
-    with VideoWriter(path, (size, len(labels) * size), FPS, audio, preset=PREVIEW_PRESET) as video:
-        for piece in pieces:
-            with torch.no_grad():
-                video.write(side_by_side(piece, faces, labels, cam, size))
-    return Path(path)
-
-
-# A 5x7 pixel font for the few characters the previews' labels use: one string a glyph, rows top to bottom.
-GLYPHS = {c: rows.split() for c, rows in {
-    "a": "..... ..... .###. ....# .#### #...# .####", "e": "..... ..... .###. #...# ##### #.... .###.",
-    "h": "#.... #.... #.##. ##..# #...# #...# #...#", "k": "#.... #.... #..#. #.#.. ##... #.#.. #..#.",
-    "r": "..... ..... #.##. ##..# #.... #.... #....", "t": ".#... .#... ####. .#... .#... .#..# ..##.",
-    "u": "..... ..... #...# #...# #...# #..## .##.#", " ": "..... ..... ..... ..... ..... ..... .....",
-    "0": ".###. #...# #..## #.#.# ##..# #...# .###.", "1": "..#.. .##.. ..#.. ..#.. ..#.. ..#.. .###.",
-    "2": ".###. #...# ....# ...#. ..#.. .#... #####", "3": "##### ...#. ..#.. ...#. ....# #...# .###.",
-    "4": "...#. ..##. .#.#. #..#. ##### ...#. ...#.", "5": "##### #.... ####. ....# ....# #...# .###.",
-    "6": "..##. .#... #.... ####. #...# #...# .###.", "7": "##### ....# ...#. ..#.. .#... .#... .#...",
-    "8": ".###. #...# #...# .###. #...# #...# .###.", "9": ".###. #...# #...# .#### ....# ...#. .##..",
-}.items()}
-LABEL_CELLS = 128                # a label's font pixel is this many times smaller than the panel (4 px at 512²)
-LABEL_MARGIN = 0.03              # share of the panel between a label and the panel's top and left edges
-LABEL_RGB = (235, 235, 235)      # label colour
-
-
-def draw_text(frames, text, top, left, scale):
-    """Write text (the characters of GLYPHS) into uint8 frames (T, H, W, 3) in place, LABEL_RGB, its top left
-    corner at pixel (top, left), each font pixel scale x scale pixels, one font pixel between characters."""
-    top, left = int(top), int(left)
-    for i, char in enumerate(text):
-        if char not in GLYPHS:
-            raise ValueError(f"draw_text: no glyph for {char!r} (has {''.join(sorted(GLYPHS))})")
-        glyph = torch.tensor([[c == "#" for c in row] for row in GLYPHS[char]])
-        mask = glyph.repeat_interleave(scale, 0).repeat_interleave(scale, 1)           # (7 scale, 5 scale)
-        x = left + i * 6 * scale
-        region = frames[:, top:top + mask.shape[0], x:x + mask.shape[1]]
-        region[:, mask[:region.shape[1], :region.shape[2]]] = torch.tensor(LABEL_RGB, dtype=frames.dtype)
-    return frames
-
-
-# Progress counts the steps of a long job (building the built-in data set, training, an evaluation, a long song) and says
-# how far, how fast lately and when it will end:
-#     progress = Progress(480, "step")
-#     for batch in batches:
-#         train_step(batch)
-#         if progress.advance():                # True when a line is due (MAX_PROGRESS_LINES lines a run, and the last step)
-#             print(progress.line("train"))
-# The rate is measured over the last `window` steps and never counts the first one: the first step carries the
-# start-up (first calls, caches filling, memory being allocated), and an average since the start lets it dominate
-# the early estimates (an ETA six times too long on the first line of a 9-minute training run). Whatever happens
-# between two steps (a validation pass between epochs) is part of the step after it, so a window longer than an
-# epoch spreads that cost over the remaining steps as it will really fall.
-
-MAX_PROGRESS_LINES = 50     # progress lines a whole job prints, at most
-RATE_WINDOW = 20            # steps whose timing gives the rate: recent enough to forget start-up, enough to smooth
-
-
-def format_duration(seconds):
-    """Seconds -> '42s', '8m30s' or '1h05m'."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-class Progress:
-    """Counts steps of a job of `total` steps (`done` already done, e.g. after a resume) and times them."""
-
-    def __init__(self, total, unit="step", done=0, lines=MAX_PROGRESS_LINES, window=RATE_WINDOW, clock=time.perf_counter):
-        self.total, self.unit, self.done = total, unit, done
-        self.every = max(1, -(-(total - done) // lines))    # ceil: at most `lines` lines
-        self.clock = clock
-        self.times = deque(maxlen=max(2, window + 1))       # (steps done, clock) after each step, from the first
-        self.start = clock()
-
-    def advance(self, n=1):
-        """Record n more steps done; True when a progress line is due."""
-        self.done += n
-        self.times.append((self.done, self.clock()))
-        return self.done >= self.total or self.done % self.every < n
-
-    def rate(self):
-        """Steps a second over the recent window (the first step excluded), or None before two steps are timed."""
-        if len(self.times) < 2:
-            return None
-        (d0, t0), (d1, t1) = self.times[0], self.times[-1]
-        return (d1 - d0) / max(t1 - t0, 1e-9)
-
-    def eta(self):
-        """Seconds left at the recent rate, or None while unknown."""
-        rate = self.rate()
-        return None if rate is None else (self.total - self.done) / rate
-
-    def elapsed(self):
-        return self.clock() - self.start
-
-    def status(self):
-        """'0.85 step/s | ETA 8m30s'; the time so far while the rate is unknown; the whole time at the end."""
-        rate, eta = self.rate(), self.eta()
-        if rate is None:
-            return f"first {self.unit} took {format_duration(self.elapsed())}, ETA from the next"
-        speed = f"{rate:.2f} {self.unit}/s" if rate >= 1 else f"{1 / rate:.2f} s/{self.unit}"
-        if self.done >= self.total:
-            return f"{speed} | done in {format_duration(self.elapsed())}"
-        return f"{speed} | ETA {format_duration(eta)}"
-
-    def line(self, label):
-        """'label 12/480 steps | 0.85 step/s | ETA 8m30s'."""
-        return f"{label} {self.done}/{self.total} {self.unit}s | {self.status()}"
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose refusals end in one line with exit status 1, like the commands' own errors."""
-
-    def error(self, message):
-        sys.exit(f"error: {message}")
-
-
-def run_command(command, argv=None):
-    """command(argv), where bad input or a failed write (a full disk, a read-only folder) ends in one line,
-    `error: <file>: <problem>`, and exit status 1, not a traceback."""
-    try:
-        command(argv)
-    except (ValueError, OSError) as err:
-        named = isinstance(err, OSError) and err.filename
-        sys.exit("error: " + " ".join((f"{err.filename}: {err.strerror}" if named else str(err)).split()))
+        raise ValueError(f"{path}: not a readable torch state-dict file ({error})") from error
+    vgg = cls()
+    wanted = vgg.state_dict()
+    features = {k: v for k, v in state.items() if k.startswith("features.")}
+    missing = sorted(set(wanted) - set(features), key=lambda k: int(k.split(".")[1]))
+    if missing:
+        raise ValueError(f"{path}: not a torchvision vgg19 state dict (missing {missing[0]})")
+    for key, value in wanted.items():
+        if features[key].shape != value.shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(features[key].shape)}, "
+                             f"vgg19 needs {tuple(value.shape)}")
+    vgg.load_state_dict({k: features[k] for k in wanted})
+    return vgg.eval()

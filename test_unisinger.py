@@ -47,7 +47,7 @@ from audio import (SAMPLE_RATE, Wav2Vec2, beat_track, beats, hpss, load_audio, m
                    mfcc_at_fps, normalize_wave, onset_strength, read_safetensors, resample_features)
 from builtin import procedural_head, stand_in_flame
 from flame import Flame, read_flame_arrays, save_obj, split_motion
-from render import Progress
+from data import Progress
 from unisinger import CLIP_FRAMES, FPS, Controls, MotionConfig, MotionCVAE, alignment_mask, generate, load_checkpoint
 
 # Deprecation warnings raised inside a reference package are its maintainers' to fix: silenced for that package
@@ -736,8 +736,8 @@ def test_glb_playback_check_catches_swapped_joints_and_dropped_correctives(tmp_p
 
 def test_wav_writer_gives_16_bit_pcm_mono_within_one_step_of_the_sound_read_a_block_at_a_time(tmp_path, monkeypatch):
     song = np.sin(np.arange(40000) * 2 * math.pi * 440 / 16000) * 0.5
-    monkeypatch.setattr(render, "AUDIO_BLOCK", 4096)                       # several blocks, the last one short
-    render.write_wav(tmp_path / 'take.wav', song, 16000)
+    monkeypatch.setattr(data, "AUDIO_BLOCK", 4096)                       # several blocks, the last one short
+    data.write_wav(tmp_path / 'take.wav', song, 16000)
     wav, rate = sf.read(tmp_path / 'take.wav', dtype='float64')
     info = sf.info(tmp_path / 'take.wav')
     assert rate == 16000 and info.subtype == 'PCM_16' and info.channels == 1 and len(wav) == len(song)
@@ -1064,7 +1064,7 @@ def test_side_by_side_panels_equal_separate_previews(tmp_path):
     motions[2][:, flame.N_EXPR:flame.N_EXPR + 1] = 0.4 * t                                  # the head turning
     verts = torch.stack([head.from_motion(torch.zeros(flame.N_SHAPE), m) for m in motions])   # (3, 6, V, 3)
     size, labels = 128, ["truth", "take 0", "take 1"]
-    frames = render.side_by_side(verts, head.faces, labels, size=size)
+    frames = unisinger.side_by_side(verts, head.faces, labels, size=size)
     assert frames.shape == (6, size, 3 * size, 3)
     label = np.zeros((size, size), bool)
     label[:int(0.25 * size), :int(0.75 * size)] = True                                     # where labels may be
@@ -1073,28 +1073,28 @@ def test_side_by_side_panels_equal_separate_previews(tmp_path):
         panel = frames[:, :, k * size:(k + 1) * size]
         assert torch.equal(panel[:, ~label], alone[:, ~label])
         assert (panel[:, label] != alone[:, label]).any()                                    # the label is there
-    path = render.write_side_by_side(tmp_path / "sbs.mp4", iter([verts[:, :3], verts[:, 3:]]), head.faces, labels,
+    path = unisinger.write_side_by_side(tmp_path / "sbs.mp4", iter([verts[:, :3], verts[:, 3:]]), head.faces, labels,
                                      audio=np.zeros(3200, np.float32), size=size)
     both = iio.imread(path).astype(float)
     assert both.shape == (6, size, 3 * size, 3) and audio_streams(path) == ["aac"]
     for k in range(3):
-        render.render_preview(head, verts[k], tmp_path / f"alone_{k}.mp4", size=size)
+        unisinger.render_preview(head, verts[k], tmp_path / f"alone_{k}.mp4", size=size)
         alone = iio.imread(tmp_path / f"alone_{k}.mp4").astype(float)
         difference = np.abs(both[:, :, k * size:(k + 1) * size] - alone)[:, ~label]
         assert difference.mean() < 1.0 and np.percentile(difference, 99) < 8
 
 
-def test_draw_text_writes_the_glyphs_and_refuses_unknown_characters():
-    frames = torch.zeros(1, 20, 40, 3, dtype=torch.uint8)
-    render.draw_text(frames, "t1", 2, 3, 2)
-    on = (frames[0, :, :, 0] > 0).numpy()
-    expected = np.zeros((20, 40), bool)
-    for i, char in enumerate("t1"):
-        glyph = np.array([[c == "#" for c in row] for row in render.GLYPHS[char]])
-        expected[2:16, 3 + 12 * i:13 + 12 * i] = glyph.repeat(2, 0).repeat(2, 1)
-    assert (on == expected).all()
-    with pytest.raises(ValueError, match="no glyph for 'Q'"):
-        render.draw_text(frames, "Q", 0, 0, 1)
+def test_draw_text_writes_pillows_glyphs_in_its_box_only():
+    """The label is Pillow's own drawing of the text, in LABEL_RGB blended by its coverage, at (top, left)."""
+    from PIL import Image, ImageDraw, ImageFont
+    frames = torch.full((2, 40, 90, 3), 30, dtype=torch.uint8)
+    unisinger.draw_text(frames, "take 1", 5, 7, 16)
+    reference = Image.new("L", (90, 40))
+    ImageDraw.Draw(reference).text((7, 5), "take 1", fill=255, font=ImageFont.load_default(size=16))
+    coverage = np.asarray(reference, dtype=np.float64) / 255                                # (40, 90)
+    expected = 30 * (1 - coverage[..., None]) + np.array(unisinger.LABEL_RGB) * coverage[..., None]
+    assert coverage.sum() > 50                                                             # something was drawn
+    assert np.abs(frames[0].numpy() - expected).max() <= 1 and torch.equal(frames[0], frames[1])
 
 
 def test_depth_to_image_fixed_range_nearer_brighter():
@@ -1119,7 +1119,7 @@ def test_write_video_round_trip_with_audio(tmp_path):
     frames[6:, 32:] = [20, 200, 90]
     audio = (0.3 * np.sin(np.linspace(0, 2 * np.pi * 440, 6400))).astype(np.float32)
     path = tmp_path / "clip.mp4"
-    render.write_video(path, frames, fps=30, audio=audio, sample_rate=16_000)
+    data.write_video(path, frames, fps=30, audio=audio, sample_rate=16_000)
     back = np.stack(list(iio.imiter(path)))
     assert back.shape == frames.shape
     assert np.abs(back.astype(int) - frames).mean() < 4
@@ -1131,7 +1131,7 @@ def test_write_video_round_trip_with_audio(tmp_path):
 def test_video_files_get_the_mode_the_umask_gives_any_new_file(tmp_path, umask):
     old = os.umask(umask)
     try:
-        render.write_video(tmp_path / "clip.mp4", np.zeros((2, 16, 16, 3), np.uint8))
+        data.write_video(tmp_path / "clip.mp4", np.zeros((2, 16, 16, 3), np.uint8))
         (tmp_path / "plain.txt").write_text("x")
     finally:
         os.umask(old)
@@ -1141,7 +1141,7 @@ def test_video_files_get_the_mode_the_umask_gives_any_new_file(tmp_path, umask):
 
 def test_render_preview_streams_batches(tmp_path, monkeypatch):
     import imageio.v3 as iio
-    monkeypatch.setattr(render, "PREVIEW_BATCH", 2)
+    monkeypatch.setattr(unisinger, "PREVIEW_BATCH", 2)
     verts, faces = perturbed_sphere(4, 2, 0.1, [0.0, 0.0, 0.0])
 
     class Mesh:
@@ -1150,7 +1150,7 @@ def test_render_preview_streams_batches(tmp_path, monkeypatch):
     head.faces = torch.from_numpy(faces)
     verts = torch.from_numpy(verts).float()[None] + torch.linspace(-0.02, 0.02, 5)[:, None, None]
     path = tmp_path / "preview.mp4"
-    render.render_preview(head, verts, path, audio=np.zeros(8000, np.float32), size=64)
+    unisinger.render_preview(head, verts, path, audio=np.zeros(8000, np.float32), size=64)
     back = np.stack(list(iio.imiter(path)))
     assert back.shape == (5, 64, 64, 3)
     centre, corner = back[:, 32, 32].astype(int), back[:, 0, 0].astype(int)
@@ -1161,7 +1161,7 @@ def test_render_preview_streams_batches(tmp_path, monkeypatch):
 def test_default_cam_frames_procedural_head():
     head = stand_in_flame()
     verts = head.from_motion(torch.zeros(flame.N_SHAPE), torch.zeros(1, flame.MOTION_DIM))
-    projected = render.project(verts, render.DEFAULT_CAM)
+    projected = render.project(verts, data.DEFAULT_CAM)
     assert projected[..., :2].abs().max() < 1
     depth, _ = render.rasterize(projected, head.faces, render.IMAGE_SIZE)
     image = render.depth_to_image(depth)
@@ -1198,7 +1198,7 @@ def test_reference_flow_moves_the_reference_surface_onto_each_frame():
     motion[1, 50:53] = torch.tensor([0.1, 0.15, 0.0])                  # global rotation (rad)
     motion[1, 56] = 0.2                                                 # jaw open
     verts = head.from_motion(torch.zeros(100), motion)                  # (2, V, 3)
-    cams = torch.tensor([render.DEFAULT_CAM, (6.8, 0.01, 0.02)])
+    cams = torch.tensor([data.DEFAULT_CAM, (6.8, 0.01, 0.02)])
     paint = verts[0]                                                    # rest positions as colours (m)
 
     def painted(v, cam):
@@ -1228,7 +1228,7 @@ def test_warping_renderer_needs_its_flow_and_its_checkpoint_its_reference_head(t
     torch.save(dict(generator=generator.state_dict(), renderer_config=asdict(cfg), shape=torch.zeros(100)),
                tmp_path / "r.pt")
     with pytest.raises(ValueError, match=r"r\.pt: a warping face renderer without its reference head \(motion, cam"):
-        render.load_renderer(tmp_path / "r.pt")
+        unisinger.load_renderer(tmp_path / "r.pt")
 
 
 def test_temporal_encoding_is_sinusoidal_and_constant_over_image():
@@ -1542,7 +1542,7 @@ def real_inputs(tmp_path_factory, kill_set, person):
     torch.save(dict(model=MotionCVAE(cfg).state_dict(), config=asdict(cfg)), root / "m.pt")
     micro = asdict(MICRO)
     torch.save(dict(generator=render.FaceRenderer(MICRO.channels).state_dict(), renderer_config=micro,
-                    cam=list(render.DEFAULT_CAM)), root / "r.pt")
+                    cam=list(data.DEFAULT_CAM)), root / "r.pt")
     imageio.imwrite(root / "ref.png", np.full((SIZE, SIZE, 3), 128, np.uint8))
     sf.write(root / "v.wav", rng.normal(0, 0.1, SAMPLE_RATE // 2).astype(np.float32), SAMPLE_RATE, subtype="FLOAT")
     hf = _hf_model(False)
@@ -2582,10 +2582,10 @@ def test_table_iv_rows_at_both_sizes_with_lpips_on_unit_range_and_ba_on_the_vide
     root, out = tmp_path / "data", tmp_path / "pred"
     for folder in (root / "video_seqs", root / "landmark_seqs", out):
         folder.mkdir(parents=True)
-    render.write_video(root / "video_seqs" / "c0.mp4", gt.astype(np.uint8))
+    data.write_video(root / "video_seqs" / "c0.mp4", gt.astype(np.uint8))
     np.save(root / "landmark_seqs" / "c0.npy", lmk + 1.0)
     clicks = librosa.clicks(times=beats * 512 / sr, sr=sr, length=n * sr // 30)  # onsets at frames (hop 512) b
-    render.write_video(out / "c0.mp4", pred.astype(np.uint8), audio=clicks.astype(np.float32), sample_rate=sr)
+    data.write_video(out / "c0.mp4", pred.astype(np.uint8), audio=clicks.astype(np.float32), sample_rate=sr)
     np.save(out / "c0_lmk.npy", lmk)
     trunk, heads = alexnet_and_lpips_states(torch.Generator().manual_seed(8))
     torch.save(trunk, tmp_path / metrics.ALEXNET_FILE)
@@ -3265,7 +3265,7 @@ def test_song_mix_is_voice_plus_music_fitted_and_scaled_only_when_it_would_clip(
     """SongMix read a stretch at a time: voice + music cut or zero-padded to the voice's length, divided by the
     whole mix's peak only when that peak exceeds 1."""
     rng = np.random.default_rng(4)
-    voice = rng.uniform(-0.5, 0.5, 3 * render.AUDIO_BLOCK // 2).astype(np.float32)
+    voice = rng.uniform(-0.5, 0.5, 3 * data.AUDIO_BLOCK // 2).astype(np.float32)
     for music in (rng.uniform(-0.4, 0.4, 1000), rng.uniform(-0.9, 0.9, 2 * len(voice))):
         music = music.astype(np.float32)
         mix = voice + np.pad(music, (0, max(0, len(voice) - len(music))))[:len(voice)]
@@ -4196,7 +4196,7 @@ def test_feature_boxes_hold_their_projected_landmarks_with_a_margin_and_weigh_th
     quarter; the L1 weight is 1, plus 25 inside the mouth box and 25 inside the brows-and-eyes box."""
     head = stand_in_flame()
     verts = head.from_motion(torch.zeros(100), torch.zeros(2, 59))
-    cam = torch.tensor(render.DEFAULT_CAM)
+    cam = torch.tensor(data.DEFAULT_CAM)
     landmarks = render.project(head.landmarks(verts), cam)
 
     def box(ids, share):
@@ -4292,7 +4292,7 @@ def test_portrait_video_writes_frames_sound_and_the_depth_video(person, trained,
     voice = (0.1 * np.sin(np.arange(round(21 / 30 * 16000)) * 0.05)).astype(np.float32)
     flame = stand_in_flame()
     monkeypatch.setattr(unisinger, "RENDER_BATCH", 8)
-    video = unisinger.portrait_video(render.load_renderer(out / "best.pt"), out / "reference.png", flame,
+    video = unisinger.portrait_video(unisinger.load_renderer(out / "best.pt"), out / "reference.png", flame,
                                      params["shape"], motion, tmp_path / "song" / "portrait.mp4", audio=voice)
     depth_video = tmp_path / "song" / "depth.mp4"
     assert video == tmp_path / "song" / "portrait.mp4"
@@ -4321,7 +4321,7 @@ def test_portrait_video_of_a_warping_renderer_films_a_clip_as_the_render_stage_d
             train.train_render(args, run)
         finally:
             run.close()
-    trained = render.load_renderer(tmp_path / "run" / "best.pt")
+    trained = unisinger.load_renderer(tmp_path / "run" / "best.pt")
     first = data.read_flame_pickle(person / "flame_seqs" / f"{train.person_sequences(person, 'train', 'id0')[0]}.pkl")
     assert torch.equal(trained.reference["motion"], torch.from_numpy(first["motion"][0]))
     assert torch.equal(trained.reference["cam"], torch.from_numpy(first["cam"][0]))
@@ -4334,9 +4334,9 @@ def test_portrait_video_of_a_warping_renderer_films_a_clip_as_the_render_stage_d
     stage = train.render_dataset(trained.generator, clip, render.image_tensor(image, SIZE), "cpu",
                                  SimpleNamespace(autocast=contextlib.nullcontext))
     written = {}                                      # the frames handed to the encoder, before its loss
-    encode = render.VideoWriter.write
+    encode = data.VideoWriter.write
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(render.VideoWriter, "write", lambda self, frames: (
+        patch.setattr(data.VideoWriter, "write", lambda self, frames: (
             written.setdefault(self.path.name, []).append(np.asarray(frames)), encode(self, frames))[1])
         unisinger.portrait_video(replace(trained, cam=params["cam"]), tmp_path / "run" / "reference.png",
                                  flame, params["shape"], params["motion"], tmp_path / "p.mp4")
@@ -4346,7 +4346,7 @@ def test_portrait_video_of_a_warping_renderer_films_a_clip_as_the_render_stage_d
 
 def test_renderer_records_its_flame_and_portrait_video_refuses_another_head(person, trained, tmp_path):
     out, _, _ = trained
-    renderer = render.load_renderer(out / "best.pt")
+    renderer = unisinger.load_renderer(out / "best.pt")
     assert renderer.flame_record == dict(flame="procedural", flame_sha256=None)
     other = Flame.load(write_flame_file(tmp_path / "flame"))
     with pytest.raises(ValueError, match=f"{re.escape(str(out / 'best.pt'))}: trained on depth images of procedural"):

@@ -45,29 +45,16 @@ import render
 from audio import SAMPLE_RATE, Wav2Vec2, load_audio, mfcc_at_fps
 from builtin import STAND_IN, builtin_data, flame_record, load_flame, require_head
 from flame import BROW_LANDMARKS, EYE_LANDMARKS, MOUTH_LANDMARKS, NOSE_LANDMARKS
-from render import RATE_WINDOW, Parser, Progress, run_command
+from data import RATE_WINDOW, Parser, Progress, cpu_cores, run_command
 from unisinger import MotionConfig, MotionCVAE, SongMix, load_checkpoint, motion_losses
 
 RENDER_FRAME_STRIDE = 6      # 1 frame in 6 (5 a second): neighbours at 30 fps are near copies; the 2-D metrics score these
 RENDER_SIZES = (256, 512, 1024)   # pixels a side the render stage trains at (--size): the paper's Table IV has 256 and 512
-DEPTH_BATCH = 32             # frames rasterized at once while precomputing the depth inputs
-FRAMES_VERSION = 2           # of the render stage's frame files; another version's are made again
-FRAMES_PROGRESS_LINES = 10   # progress lines while a person's videos are decoded, at most
-FRAMES_PROGRESS_MIN = 10     # videos to prepare before progress lines are worth printing
-EVAL_BATCH = 16              # frames rendered at once for validation and the summary
-GRID_ROWS = 4                # validation frames in each epoch's sample grid
 ADAM_BETAS = (0.5, 0.999)    # pix2pix's GAN-friendly momentum
-SSIM_BAR, PSNR_BAR = 0.85, 25.0   # learning bars on held-out frames
 MOUTH_BOX_MARGIN = 0.25            # share of the mouth's width added on each side of its landmarks' box
 EYES_BOX_MARGIN = 0.1              # share of the brows-and-eyes width added on each side of theirs
 NOSE_BOX_MARGIN = 0.25             # share of the nostrils' width added on each side of the nose's box: it then
                                    # holds the bridge's flanks from between the eyes down to below the nostrils
-SPECKLE_LEVELS = 40                # grey levels, in any channel, from the truth's that make a pixel a speckle
-# learning bars inside each box, the summary's: at most `l1_ratio` of copying the reference's error and `speckle`
-# (share of the box's pixels) speckled, at least `ssim` and `correlation` (of the box's brightness with the truth's)
-BOX_BARS = dict(mouth=dict(l1_ratio=0.5, correlation=0.9),
-                eyes=dict(l1_ratio=0.4, ssim=0.80, speckle=0.02),
-                nose=dict(l1_ratio=0.4, ssim=0.85, speckle=0.02))
 MOUTH_WEIGHT = 25.0                # photometric weight of a mouth-box pixel over 1 elsewhere: the box, ~3.5 % of
                                    # the frame, then carries about a quarter of the photometric loss
 EYES_WEIGHT = 25.0                 # the same for the brows-and-eyes box (~7 % of the frame, half of the loss):
@@ -75,16 +62,8 @@ EYES_WEIGHT = 25.0                 # the same for the brows-and-eyes box (~7 % o
                                    # discriminator's speckles
 NOSE_WEIGHT = 25.0                 # the same for the nose box (~3 % of the frame): its bridge otherwise carries
                                    # colour fringes
-VGG_URL = "https://download.pytorch.org/models/vgg19-dcbfe0e4.pth"
-SUMMARY_SAMPLES = 10       # samples per test clip in the closing summary (the paper's n)
-LOCK_FILE = "train.lock"   # in --out, locked by the run writing there; the kernel drops it when that run dies
-DATA_CACHE = "data_cache"  # in --out: the data set's index and frames when the data folder is not writable
-MAX_WORKERS = 4            # loader worker processes by default, at most
-PR_SET_PDEATHSIG = 1       # Linux prctl option: the signal the kernel sends a process when its parent dies
-LEARNT_LVE_RATIO = 0.5     # learning: test LVE-mean at most this share of the mean-motion baseline's
+EVAL_BATCH = 16              # frames rendered at once for validation and the summary
 
-
-# ----------------------------------------------------------------------------- stage 1: motion
 
 class MotionClips(Dataset):
     """SingingHead clips read from the files per item, with the background music's MFCC at 30 fps computed per
@@ -103,27 +82,6 @@ class MotionClips(Dataset):
             music = mfcc_at_fps(item["bgm"], SAMPLE_RATE, len(item["motion"]))
         return dict(voice=torch.as_tensor(item["audio"]), music=music, motion=torch.as_tensor(item["motion"]),
                     shape=torch.as_tensor(item["shape"]), person=item["person"], index=i)
-
-
-@contextmanager
-def one_thread():
-    """torch on one thread inside the block: a matrix product's rounding may depend on how many threads share
-    it, and items must not depend on where they are made."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def cache_voice_features(model, dataset, device, batch_size=8, workers=0):
-    """Frozen wav2vec 2.0 features of every clip, computed once: (N, T, C) on the CPU."""
-    feats = []
-    with torch.no_grad():
-        for batch in DataLoader(dataset, batch_size, num_workers=workers):
-            feats.append(model.voice_features(batch["voice"].to(device), batch["motion"].shape[1]).float().cpu())
-    return torch.cat(feats)
 
 
 @torch.no_grad()
@@ -147,19 +105,6 @@ def validate_motion(model, meshes, face, dataset, device, voice_cache=None, seed
         n += len(motion)
     model.train()
     return dict(lve=lve / n, fve=fve / n, loss=loss / n)
-
-
-def motion_stats(dataset):
-    """Per-dimension mean and std of the training motion, (59,) each: from the data set's index, which holds
-    each sequence's sums, so no clip is read here."""
-    return dataset.clips.index.motion_stats()
-
-
-def motion_config(args):
-    """The preset with the command line's model and loss switches applied (those given)."""
-    switches = dict(use_music=args.music, loss_space=args.loss_space, mesh_head_pose=args.mesh_head_pose,
-                    w_kl=args.w_kl, w_rec=args.w_rec, w_vel=args.w_vel, w_mesh=args.w_mesh)
-    return replace(MotionConfig.preset(args.preset), **{k: v for k, v in switches.items() if v is not None})
 
 
 def train_motion(args, run):
@@ -244,10 +189,325 @@ def train_motion(args, run):
     return history
 
 
+# Data: the person's sequences that have a video, every RENDER_FRAME_STRIDE-th frame; each frame's depth input
+# is rendered once from its pickle's FLAME parameters and camera and kept in memory (float16) beside the decoded
+# frame, with the boxes of its projected mouth, brows-and-eyes and nose landmarks. The reference image is the first
+# frame of the person's first training sequence, saved as reference.png for `unisinger.py --image`; a warping
+# renderer (RendererConfig.warp) also gets each frame's warp of it (render.reference_flow), kept beside the depth.
+# The L1 term weighs the mouth, eyes and nose boxes' pixels MOUTH_WEIGHT, EYES_WEIGHT and NOSE_WEIGHT times more
+# (box_weight). best.pt is chosen by validation SSIM; at the end the best generator is scored on the test split
+# against copying the reference, over the whole frame and inside the mouth, eyes and nose boxes (box_scores), and a
+# held-out clip is written side by side with its sound.
+
+class PortraitFrames(Dataset):
+    """One person's frames with their depth inputs. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index, mouth, eyes
+    and nose: each frame's mouth box, brows-and-eyes box and nose box (top, bottom, left, right) in pixels, bottom
+    and right excluded; flow (2,H,W), the reference's warp (render.reference_flow), when given. depth, frames and
+    flow are tensors or FrameRows (read from files per item)."""
+
+    def __init__(self, depth, frames, index, mouth, eyes, nose, flow=None):
+        self.depth, self.frames, self.index = depth, frames, index   # (N,1,H,W) f16, (N,H,W,3) u8, (N,) long
+        self.mouth, self.eyes, self.nose = mouth, eyes, nose         # (N, 4) long each
+        self.flow = flow                                             # (N,2,H,W) f16 or None
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __getitem__(self, i):
+        item = dict(depth=self.depth[i].float(), frame=self.frames[i].permute(2, 0, 1).float() / 127.5 - 1,
+                    index=self.index[i], mouth=self.mouth[i], eyes=self.eyes[i], nose=self.nose[i])
+        return item if self.flow is None else dict(item, flow=self.flow[i].float())
+
+
+@torch.no_grad()
+def portrait_frames(root, seqs, flame, size, stride, cache=None, reference=None):
+    """
+    Every stride-th frame of the sequences with its depth input, mouth, eyes and nose boxes and, with reference
+    (reference_pose's), the reference's warp into it, one video at a time (with progress; on flame's device): the
+    frames (uint8), depth inputs and warps (float16) go to files in `cache` (a folder, None: a temporary one that
+    goes with the data set), the boxes stay in memory, so memory grows by ~100 bytes a frame. A sequence's files
+    are used again while its pickle and video, the head, the reference, size and stride are unchanged.
+    Returns (PortraitFrames reading frames, depth and warps per item, cams (N, 3) float32, shape (100,) float32
+    of the first sequence).
+    """
+    folder = Path(tempfile.mkdtemp(prefix="unisinger_frames_") if cache is None else
+                  Path(cache) / f"frames_{size}px_1in{stride}")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = frames_key(flame, reference, size, stride)
+    progress = Progress(len(seqs), "video", lines=FRAMES_PROGRESS_LINES)
+    entries = []
+    with open(folder / "frames.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)      # torchrun's ranks: the first decodes, the others reuse its files
+        for seq in seqs:
+            entries.append(cached_frames(root, seq, folder, key, size, reference is not None)
+                           or decode_frames(root, seq, flame, folder, key, size, stride, reference))
+            if len(seqs) >= FRAMES_PROGRESS_MIN and progress.advance():
+                print(progress.line(f"frames of {seqs[0].split('_')[0]} at {size}² in {folder}:"), flush=True)
+    cat = lambda name: torch.from_numpy(np.concatenate([e[name] for e in entries]).astype(np.int64))
+    rows = lambda kind, shape, dtype: FrameRows([(folder / f"{seq}.{kind}", len(e["index"]))
+                                                 for seq, e in zip(seqs, entries)], shape, dtype)
+    dataset = PortraitFrames(rows("depth", (1, size, size), np.float16), rows("frames", (size, size, 3), np.uint8),
+                             cat("index"), cat("mouth"), cat("eyes"), cat("nose"),
+                             rows("flow", (2, size, size), np.float16) if reference is not None else None)
+    if cache is None:                      # the files go when the data set does
+        weakref.finalize(dataset, shutil.rmtree, folder, True)
+    return dataset, np.concatenate([e["cam"] for e in entries]).astype(np.float32), entries[0]["shape"]
+
+
+def box_weight(boxes, size):
+    """
+    The photometric loss's pixel weights (B, 1, size, size): 1, plus w inside each frame's box for each (boxes
+    (B, 4), w) given. Most of a portrait never moves; without this the mouth, a few percent of the frame, barely
+    counts in the loss and comes out as the reference's, shut, and the eyes as the discriminator's speckles.
+    """
+    at = torch.arange(size, device=boxes[0][0].device)
+    weight = 1.0
+    for box, w in boxes:
+        top, bottom, left, right = (box[:, k, None, None] for k in range(4))           # (B, 1, 1) each
+        inside = (at[:, None] >= top) & (at[:, None] < bottom) & (at >= left) & (at < right)   # (B, size, size)
+        weight = weight + w * inside.float()
+    return weight[:, None]
+
+
+def person_frames(root, args, cfg, flame, run):
+    """The render stage's training and validation frames of args.person (portrait_frames, kept in the data's
+    cache folder) and, for a warping renderer, the reference image's head (reference_pose of the first training
+    sequence), whose surface is moved into each frame. Returns (train set, val set, the person's mean camera (3,)
+    for portrait_video, the first sequence's shape (100,), the reference's head or None)."""
+    cache = data.cache_folder(root, run.out / DATA_CACHE)
+    ref_pose = reference_pose(root, person_sequences(root, "train", args.person)[0], flame) if cfg.warp else None
+    (train_set, cams, shape), (val_set, _, _) = (
+        portrait_frames(root, person_sequences(root, split, args.person), flame, cfg.image_size, RENDER_FRAME_STRIDE,
+                        cache, ref_pose) for split in ("train", "val"))
+    return train_set, val_set, cams.mean(0), shape, ref_pose
+
+
+def train_render(args, run):
+    root = Path(args.data) if args.data else builtin_data()
+    require_head(root, args.flame, args.procedural_head)
+    cfg = render.RendererConfig.preset(args.preset)
+    cfg = replace(cfg, image_size=args.size) if args.size else cfg
+    seed_everything(args.seed)
+    vgg = load_vgg(args, run)
+    flame = load_flame(args.flame).to(run.device)
+    train_set, val_set, cam, shape, ref_pose = person_frames(root, args, cfg, flame, run)
+    reference_u8 = train_set.frames[0].numpy()                # first frame of the first training sequence
+    reference = render.image_tensor(reference_u8, cfg.image_size).to(run.device)   # (3, H, W)
+    if run.main:
+        with data.atomic_output(run.out / "reference.png") as tmp:
+            imageio.imwrite(tmp, reference_u8)
+
+    generator = render.FaceRenderer(cfg.channels, cfg.warp).to(run.device)
+    discriminator = render.PatchDiscriminator(channels=cfg.discriminator_channels).to(run.device)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr, betas=ADAM_BETAS)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr, betas=ADAM_BETAS)
+    steps_per_epoch = len(loader(train_set, args.batch_size, run, args.seed, 0))
+    total_steps = steps_per_epoch * args.epochs
+    sched_g, sched_d = cosine_schedule(opt_g, total_steps), cosine_schedule(opt_d, total_steps)
+    stateful = dict(generator=generator, discriminator=discriminator, optimizer_g=opt_g, optimizer_d=opt_d,
+                 schedule_g=sched_g, schedule_d=sched_d)
+    start_epoch, step, best = resume(args, run, stateful)
+    best = -1.0 if best is None else best              # the highest validation SSIM so far
+    # D's weights get gradients in G's step too; G's step uses the bare D so those are never all-reduced
+    net_g = DistributedDataParallel(generator) if run.ddp else generator
+    net_d = DistributedDataParallel(discriminator) if run.ddp else discriminator
+    n_params = sum(p.numel() for p in generator.parameters())
+    run.log(f"face renderer '{args.preset}': {n_params / 1e6:.2f} M generator parameters, person {args.person}: "
+            f"{len(train_set)} train / {len(val_set)} val frames (1 in {RENDER_FRAME_STRIDE}) from {root}, "
+            f"{args.epochs} epochs of {steps_per_epoch} steps on {run.device}")
+    progress = Progress(total_steps, "step", done=step, window=epochs_window(steps_per_epoch))
+    first_step = step + 1                          # always said: how long start-up took
+    history = []
+    head = flame_record(args.flame)                # the depth inputs' head: inference must render with it
+    gan = GanStep(net_g, net_d, discriminator, opt_g, opt_d, vgg, reference, args.grad_clip)
+    for epoch in range(start_epoch, args.epochs):
+        sums, n_batches = {}, 0
+        for batch in loader(train_set, args.batch_size, run, args.seed, epoch, workers=args.workers):
+            losses = gan(batch, run)
+            sched_g.step()
+            sched_d.step()
+            step += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_batches += 1
+            if progress.advance() or step == first_step:
+                log_progress(run, progress, epoch, losses)
+        val, grid = validate_render(generator, val_set, reference, reference_u8, run)
+        history.append(dict(train={k: v / n_batches for k, v in sums.items()}, val=val))
+        run.log(f"epoch {epoch} validation | SSIM {val['ssim']:.4f} | PSNR {val['psnr']:.2f} dB | error / copying's "
+                f"in the boxes: " + ", ".join(f"{box} {val[box]:.3f}" for box in BOX_BARS))
+        if run.main:
+            with data.atomic_output(run.out / f"samples_{epoch:03d}.png") as tmp:
+                imageio.imwrite(tmp, grid)
+        improved = val["ssim"] > best
+        best = max(best, val["ssim"])
+        save_epoch(run, stateful, improved, renderer_config=asdict(cfg), epoch=epoch, step=step, best=best,
+                   cam=cam.tolist(), shape=torch.as_tensor(shape), person=args.person, **reference_record(ref_pose),
+                   reference=torch.from_numpy(reference_u8), val=val, **head)
+    run.log(f"render stage done: wrote {run.out / 'best.pt'} (the epoch with the highest validation SSIM, "
+            f"{best:.4f}), {run.out / 'last.pt'} (epoch {args.epochs - 1}), the reference image "
+            f"{run.out / 'reference.png'} and a sample grid per epoch ({run.out / 'samples_<epoch>.png'}: rows of "
+            f"depth | generated | true frame)")
+
+    summary = None
+    if run.main and args.summary and (run.out / "best.pt").is_file():
+        generator.load_state_dict(data.read_checkpoint(run.out / "best.pt", run.device)["generator"])
+        summary = render_summary(generator, root, args.person, flame, (reference_u8, ref_pose), cfg.image_size, run)
+    return dict(history=history, summary=summary)
+
+
+@dataclass
+class GanStep:
+    """One training step of the renderer: the discriminator on real and generated frames, then the generator
+    (GAN, feature-matching, photometric with the mouth and eyes boxes weighed up, perceptual when vgg is given)."""
+    net_g: torch.nn.Module            # the generator as trained (DDP-wrapped under torchrun)
+    net_d: torch.nn.Module            # the discriminator as trained
+    discriminator: torch.nn.Module    # the bare one: G's step uses it, so D's gradients there are never all-reduced
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    vgg: torch.nn.Module              # or None: no perceptual term
+    reference: torch.Tensor           # (3, H, W) in [-1, 1]
+    grad_clip: float
+
+    def __call__(self, batch, run):
+        depth, real, index, mouth, eyes, nose = (batch[k].to(run.device)
+                                                 for k in ("depth", "frame", "index", "mouth", "eyes", "nose"))
+        flow = batch["flow"].to(run.device) if "flow" in batch else None
+        ref = self.reference.expand(len(depth), -1, -1, -1)
+        with run.autocast():
+            fake = self.net_g(depth, ref, index, flow)
+            condition = render.renderer_input(depth, ref, index)
+            loss_d = render.discriminator_loss(self.net_d, condition, fake, real)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+        with run.autocast():
+            pixel_weight = box_weight([(mouth, MOUTH_WEIGHT), (eyes, EYES_WEIGHT), (nose, NOSE_WEIGHT)], real.shape[-1])
+            loss_g, parts = render.generator_loss(self.discriminator, condition, fake, real, self.vgg,
+                                                  render.RendererLossWeights(), pixel_weight)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        torch.nn.utils.clip_grad_norm_(self.net_g.parameters(), self.grad_clip)
+        self.opt_g.step()
+        return dict(g=loss_g.item(), d=loss_d.item(), **parts)
+
+
+@torch.no_grad()
+def rendered_batches(generator, dataset, reference, device, run):
+    """(first item, generated uint8 (b, H, W, 3)) for the items of a PortraitFrames, EVAL_BATCH at a time."""
+    generator.eval()
+    for lo in range(0, len(dataset), EVAL_BATCH):
+        depth = dataset.depth[lo:lo + EVAL_BATCH].float().to(device)
+        with run.autocast():
+            index = dataset.index[lo:lo + EVAL_BATCH].to(device)
+            flow = None if dataset.flow is None else dataset.flow[lo:lo + EVAL_BATCH].float().to(device)
+            fake = generator(depth, reference.expand(len(depth), -1, -1, -1), index, flow)
+        yield lo, render.to_uint8(fake).cpu().numpy()
+    generator.train()
+
+
+def validate_render(generator, dataset, reference, reference_u8, run):
+    """frame_scores of the generated frames, each box's error over copying the reference's (box_scores' l1_ratio,
+    pooled over the split) and the sample grid, a batch at a time: memory for one batch of frames (and the
+    grid's), whatever the split's size. reference (3, H, W) in [-1, 1], reference_u8 the same image (H, W, 3).
+    Returns (scores, grid)."""
+    pick = grid_picks(len(dataset))
+    ssim, psnr, picked = [], [], {}
+    errors = {box: [0.0, 0.0] for box in BOX_BARS}            # summed over the box pixels: ours, copying's
+    for lo, generated in rendered_batches(generator, dataset, reference, run.device, run):
+        truth = dataset.frames[lo:lo + len(generated)].numpy()
+        ssim.append(metrics.ssim(generated, truth))
+        psnr.append(metrics.psnr(generated, truth))
+        for box, sums in errors.items():
+            scores = box_scores(generated, truth, reference_u8, getattr(dataset, box)[lo:lo + len(generated)])
+            sums[0] += scores["l1"] * scores["pixels"]
+            sums[1] += scores["copy_l1"] * scores["pixels"]
+        picked.update({k: generated[k - lo] for k in pick if lo <= k < lo + len(generated)})
+    scores = dict(ssim=float(np.mean(np.concatenate(ssim))), psnr=float(np.mean(np.concatenate(psnr))),
+                  **{box: ours / max(copy, 1e-9) for box, (ours, copy) in errors.items()})
+    return scores, sample_grid(dataset, np.stack([picked[k] for k in pick]), pick)
+
+
+# ------------------------------------------------------------ support: frame files, summaries, runs, checkpoints, command line
+
+DEPTH_BATCH = 32             # frames rasterized at once while precomputing the depth inputs
+FRAMES_VERSION = 2           # of the render stage's frame files; another version's are made again
+FRAMES_PROGRESS_LINES = 10   # progress lines while a person's videos are decoded, at most
+FRAMES_PROGRESS_MIN = 10     # videos to prepare before progress lines are worth printing
+GRID_ROWS = 4                # validation frames in each epoch's sample grid
+SSIM_BAR, PSNR_BAR = 0.85, 25.0   # learning bars on held-out frames
+SPECKLE_LEVELS = 40                # grey levels, in any channel, from the truth's that make a pixel a speckle
+# learning bars inside each box, the summary's: at most `l1_ratio` of copying the reference's error and `speckle`
+# (share of the box's pixels) speckled, at least `ssim` and `correlation` (of the box's brightness with the truth's)
+BOX_BARS = dict(mouth=dict(l1_ratio=0.5, correlation=0.9),
+                eyes=dict(l1_ratio=0.4, ssim=0.80, speckle=0.02),
+                nose=dict(l1_ratio=0.4, ssim=0.85, speckle=0.02))
+VGG_URL = "https://download.pytorch.org/models/vgg19-dcbfe0e4.pth"
+SUMMARY_SAMPLES = 10       # samples per test clip in the closing summary (the paper's n)
+LOCK_FILE = "train.lock"   # in --out, locked by the run writing there; the kernel drops it when that run dies
+DATA_CACHE = "data_cache"  # in --out: the data set's index and frames when the data folder is not writable
+MAX_WORKERS = 4            # loader worker processes by default, at most
+PR_SET_PDEATHSIG = 1       # Linux prctl option: the signal the kernel sends a process when its parent dies
+LEARNT_LVE_RATIO = 0.5     # learning: test LVE-mean at most this share of the mean-motion baseline's
+
+
+def feature_boxes(landmarks, size):
+    """Projected landmarks (N, 68, 3) -> the mouth, brows-and-eyes and nose boxes (N, 4) of landmark_box."""
+    brows_eyes = torch.cat([landmarks[:, BROW_LANDMARKS], landmarks[:, EYE_LANDMARKS]], 1)
+    return dict(mouth=landmark_box(landmarks[:, MOUTH_LANDMARKS], size, MOUTH_BOX_MARGIN),
+                eyes=landmark_box(brows_eyes, size, EYES_BOX_MARGIN),
+                nose=landmark_box(landmarks[:, NOSE_LANDMARKS], size, NOSE_BOX_MARGIN))
+
+
+def landmark_box(points, size, margin):
+    """Projected landmarks (N, K, 3) -> (N, 4) long boxes (top, bottom, left, right) in pixels, bottom and right
+    excluded: the points' bounding box widened on every side by `margin` times its width."""
+    column = (points[..., 0] + 1) * (size / 2) - 0.5                 # (N, K) pixel coordinates, as rasterize's
+    row = (1 - points[..., 1]) * (size / 2) - 0.5
+    margin = margin * (column.amax(1) - column.amin(1))
+    box = torch.stack([row.amin(1) - margin, row.amax(1) + margin + 1, column.amin(1) - margin,
+                       column.amax(1) + margin + 1], 1)
+    return box.round().clamp(0, size).long()
+
+
+@contextmanager
+def one_thread():
+    """torch on one thread inside the block: a matrix product's rounding may depend on how many threads share
+    it, and items must not depend on where they are made."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cache_voice_features(model, dataset, device, batch_size=8, workers=0):
+    """Frozen wav2vec 2.0 features of every clip, computed once: (N, T, C) on the CPU."""
+    feats = []
+    with torch.no_grad():
+        for batch in DataLoader(dataset, batch_size, num_workers=workers):
+            feats.append(model.voice_features(batch["voice"].to(device), batch["motion"].shape[1]).float().cpu())
+    return torch.cat(feats)
+
+
+def motion_config(args):
+    """The preset with the command line's model and loss switches applied (those given)."""
+    switches = dict(use_music=args.music, loss_space=args.loss_space, mesh_head_pose=args.mesh_head_pose,
+                    w_kl=args.w_kl, w_rec=args.w_rec, w_vel=args.w_vel, w_mesh=args.w_mesh)
+    return replace(MotionConfig.preset(args.preset), **{k: v for k, v in switches.items() if v is not None})
+
+
 def training_people(train_set):
     """name -> FLAME shape (100,) float32 of each person in the training clips (the checkpoint keeps them): the
     shape of their first clip's sequence, from the data set's index."""
     return {person: torch.from_numpy(shape) for person, shape in train_set.clips.first_shapes().items()}
+
+
+def motion_stats(dataset):
+    """Per-dimension mean and std of the training motion, (59,) each: from the data set's index, which holds
+    each sequence's sums, so no clip is read here."""
+    return dataset.clips.index.motion_stats()
 
 
 def motion_summary(model, root, args):
@@ -298,38 +558,6 @@ def verdict(ours, base, deaf):
         f"left out; the table's Diversity, {ours['Diversity']:.4f} m, keeps it), and "
         f"the best take is {'closer to' if ours['LVE-min'] < ours['LVE-mean'] else 'NOT closer to'} the truth "
         f"than the average one (LVE-min {ours['LVE-min']:.2f} mm, LVE-mean {ours['LVE-mean']:.2f} mm)."])
-
-
-# ----------------------------------------------------------------------------- stage 2: render
-# Data: the person's sequences that have a video, every RENDER_FRAME_STRIDE-th frame; each frame's depth input
-# is rendered once from its pickle's FLAME parameters and camera and kept in memory (float16) beside the decoded
-# frame, with the boxes of its projected mouth, brows-and-eyes and nose landmarks. The reference image is the first
-# frame of the person's first training sequence, saved as reference.png for `unisinger.py --image`; a warping
-# renderer (RendererConfig.warp) also gets each frame's warp of it (render.reference_flow), kept beside the depth.
-# The L1 term weighs the mouth, eyes and nose boxes' pixels MOUTH_WEIGHT, EYES_WEIGHT and NOSE_WEIGHT times more
-# (box_weight). best.pt is chosen by
-# validation SSIM; at the end the best generator is scored on the test split against copying the reference, over
-# the whole frame and inside the mouth, eyes and nose boxes (box_scores), and a held-out clip is written side by side
-# with its sound.
-
-class PortraitFrames(Dataset):
-    """One person's frames with their depth inputs. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index, mouth, eyes
-    and nose: each frame's mouth box, brows-and-eyes box and nose box (top, bottom, left, right) in pixels, bottom
-    and right excluded; flow (2,H,W), the reference's warp (render.reference_flow), when given. depth, frames and
-    flow are tensors or FrameRows (read from files per item)."""
-
-    def __init__(self, depth, frames, index, mouth, eyes, nose, flow=None):
-        self.depth, self.frames, self.index = depth, frames, index   # (N,1,H,W) f16, (N,H,W,3) u8, (N,) long
-        self.mouth, self.eyes, self.nose = mouth, eyes, nose         # (N, 4) long each
-        self.flow = flow                                             # (N,2,H,W) f16 or None
-
-    def __len__(self):
-        return len(self.frames)
-
-    def __getitem__(self, i):
-        item = dict(depth=self.depth[i].float(), frame=self.frames[i].permute(2, 0, 1).float() / 127.5 - 1,
-                    index=self.index[i], mouth=self.mouth[i], eyes=self.eyes[i], nose=self.nose[i])
-        return item if self.flow is None else dict(item, flow=self.flow[i].float())
 
 
 class FrameRows:
@@ -394,41 +622,6 @@ def person_sequences(root, split, person):
     return sorted(seqs)
 
 
-@torch.no_grad()
-def portrait_frames(root, seqs, flame, size, stride, cache=None, reference=None):
-    """
-    Every stride-th frame of the sequences with its depth input, mouth, eyes and nose boxes and, with reference
-    (reference_pose's), the reference's warp into it, one video at a time (with progress; on flame's device): the
-    frames (uint8), depth inputs and warps (float16) go to files in `cache` (a folder, None: a temporary one that
-    goes with the data set), the boxes stay in memory, so memory grows by ~100 bytes a frame. A sequence's files
-    are used again while its pickle and video, the head, the reference, size and stride are unchanged.
-    Returns (PortraitFrames reading frames, depth and warps per item, cams (N, 3) float32, shape (100,) float32
-    of the first sequence).
-    """
-    folder = Path(tempfile.mkdtemp(prefix="unisinger_frames_") if cache is None else
-                  Path(cache) / f"frames_{size}px_1in{stride}")
-    folder.mkdir(parents=True, exist_ok=True)
-    key = frames_key(flame, reference, size, stride)
-    progress = Progress(len(seqs), "video", lines=FRAMES_PROGRESS_LINES)
-    entries = []
-    with open(folder / "frames.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)      # torchrun's ranks: the first decodes, the others reuse its files
-        for seq in seqs:
-            entries.append(cached_frames(root, seq, folder, key, size, reference is not None)
-                           or decode_frames(root, seq, flame, folder, key, size, stride, reference))
-            if len(seqs) >= FRAMES_PROGRESS_MIN and progress.advance():
-                print(progress.line(f"frames of {seqs[0].split('_')[0]} at {size}² in {folder}:"), flush=True)
-    cat = lambda name: torch.from_numpy(np.concatenate([e[name] for e in entries]).astype(np.int64))
-    rows = lambda kind, shape, dtype: FrameRows([(folder / f"{seq}.{kind}", len(e["index"]))
-                                                 for seq, e in zip(seqs, entries)], shape, dtype)
-    dataset = PortraitFrames(rows("depth", (1, size, size), np.float16), rows("frames", (size, size, 3), np.uint8),
-                             cat("index"), cat("mouth"), cat("eyes"), cat("nose"),
-                             rows("flow", (2, size, size), np.float16) if reference is not None else None)
-    if cache is None:                      # the files go when the data set does
-        weakref.finalize(dataset, shutil.rmtree, folder, True)
-    return dataset, np.concatenate([e["cam"] for e in entries]).astype(np.float32), entries[0]["shape"]
-
-
 def frames_key(flame, reference, size, stride):
     """sha256 of what a sequence's frame files depend on besides its own files: the head's arrays, the reference
     head (its motion, camera and shape; none without a warp), the size and the stride."""
@@ -476,21 +669,21 @@ def decode_frames(root, seq, flame, folder, key, size, stride, reference):
     params = data.read_flame_pickle(pkl)
     rows = len(params["expression"])
     video = data.VideoFrames(mp4, size, stride, stop=rows, batch=DEPTH_BATCH)
-    with render.atomic_output(folder / f"{seq}.frames") as frames_tmp, open(frames_tmp, "wb") as file:
+    with data.atomic_output(folder / f"{seq}.frames") as frames_tmp, open(frames_tmp, "wb") as file:
         for batch in video:
             file.write(batch.tobytes())
         if abs(video.count - rows) > 1:
             raise ValueError(f"{mp4}: {video.count} frames but {pkl.name} has {rows} rows")
     keep = torch.arange(0, min(video.count, rows), stride)                                 # (n',)
     motion = torch.from_numpy(params["motion"])[keep]                                      # (n', 59)
-    cam = params["cam"] if params["cam"] is not None else np.broadcast_to(render.DEFAULT_CAM, (rows, 3))
+    cam = params["cam"] if params["cam"] is not None else np.broadcast_to(data.DEFAULT_CAM, (rows, 3))
     cam = torch.as_tensor(np.asarray(cam, dtype=np.float32))[keep]                         # (n', 3)
     device = flame.faces.device
     beta = torch.from_numpy(params["shape"]).to(device)
     boxes = dict(mouth=[], eyes=[], nose=[])
     with ExitStack() as files:                # each file appears whole, or not at all
         written = lambda kind: files.enter_context(open(files.enter_context(
-            render.atomic_output(folder / f"{seq}.{kind}")), "wb"))
+            data.atomic_output(folder / f"{seq}.{kind}")), "wb"))
         depth_file = written("depth")
         flow_file = None if reference is None else written("flow")
         for lo in range(0, len(keep), DEPTH_BATCH):
@@ -506,34 +699,15 @@ def decode_frames(root, seq, flame, folder, key, size, stride, reference):
                 boxes[name].append(box.cpu())
     entry = dict(key=key, stamps=stamps, checked=checked, index=keep.numpy(), cam=cam.numpy(), shape=params["shape"],
                  **{name: torch.cat(box).numpy() for name, box in boxes.items()})
-    with render.atomic_output(folder / f"{seq}.npz") as tmp:
+    with data.atomic_output(folder / f"{seq}.npz") as tmp:
         np.savez(tmp, **entry)
     return entry
-
-
-def feature_boxes(landmarks, size):
-    """Projected landmarks (N, 68, 3) -> the mouth, brows-and-eyes and nose boxes (N, 4) of landmark_box."""
-    brows_eyes = torch.cat([landmarks[:, BROW_LANDMARKS], landmarks[:, EYE_LANDMARKS]], 1)
-    return dict(mouth=landmark_box(landmarks[:, MOUTH_LANDMARKS], size, MOUTH_BOX_MARGIN),
-                eyes=landmark_box(brows_eyes, size, EYES_BOX_MARGIN),
-                nose=landmark_box(landmarks[:, NOSE_LANDMARKS], size, NOSE_BOX_MARGIN))
-
-
-def landmark_box(points, size, margin):
-    """Projected landmarks (N, K, 3) -> (N, 4) long boxes (top, bottom, left, right) in pixels, bottom and right
-    excluded: the points' bounding box widened on every side by `margin` times its width."""
-    column = (points[..., 0] + 1) * (size / 2) - 0.5                 # (N, K) pixel coordinates, as rasterize's
-    row = (1 - points[..., 1]) * (size / 2) - 0.5
-    margin = margin * (column.amax(1) - column.amin(1))
-    box = torch.stack([row.amin(1) - margin, row.amax(1) + margin + 1, column.amin(1) - margin,
-                       column.amax(1) + margin + 1], 1)
-    return box.round().clamp(0, size).long()
 
 
 def reference_pose(root, seq, flame):
     """The reference image's head, frame 0 of seq: dict of motion (59,), cam (3,), shape (100,) and verts (V, 3)."""
     params = data.read_flame_pickle(data.flame_path(root, seq))
-    cam = params["cam"][0] if params["cam"] is not None else render.DEFAULT_CAM
+    cam = params["cam"][0] if params["cam"] is not None else data.DEFAULT_CAM
     pose = dict(motion=torch.from_numpy(params["motion"][0]), cam=torch.as_tensor(np.asarray(cam, dtype=np.float32)),
                 shape=torch.from_numpy(params["shape"]))
     with torch.no_grad():
@@ -545,6 +719,12 @@ def reference_pose(root, seq, flame):
 def reference_record(pose):
     """What a checkpoint keeps of reference_pose's head (nothing without one): portrait_video warps with it."""
     return {} if pose is None else dict(reference_motion=pose["motion"], reference_cam=pose["cam"])
+
+
+@torch.no_grad()
+def render_dataset(generator, dataset, reference, device, run):
+    """Generated frames for every item of a PortraitFrames: uint8 (N, H, W, 3)."""
+    return np.concatenate([batch for _, batch in rendered_batches(generator, dataset, reference, device, run)])
 
 
 def box_scores(generated, truth, reference, boxes):
@@ -582,63 +762,6 @@ def bars_met(scores, bars):
     return all(scores[k] <= bar if k in at_most else scores[k] >= bar for k, bar in bars.items())
 
 
-def box_weight(boxes, size):
-    """
-    The photometric loss's pixel weights (B, 1, size, size): 1, plus w inside each frame's box for each (boxes
-    (B, 4), w) given. Most of a portrait never moves; without this the mouth, a few percent of the frame, barely
-    counts in the loss and comes out as the reference's, shut, and the eyes as the discriminator's speckles.
-    """
-    at = torch.arange(size, device=boxes[0][0].device)
-    weight = 1.0
-    for box, w in boxes:
-        top, bottom, left, right = (box[:, k, None, None] for k in range(4))           # (B, 1, 1) each
-        inside = (at[:, None] >= top) & (at[:, None] < bottom) & (at >= left) & (at < right)   # (B, size, size)
-        weight = weight + w * inside.float()
-    return weight[:, None]
-
-
-@torch.no_grad()
-def render_dataset(generator, dataset, reference, device, run):
-    """Generated frames for every item of a PortraitFrames: uint8 (N, H, W, 3)."""
-    return np.concatenate([batch for _, batch in rendered_batches(generator, dataset, reference, device, run)])
-
-
-@torch.no_grad()
-def rendered_batches(generator, dataset, reference, device, run):
-    """(first item, generated uint8 (b, H, W, 3)) for the items of a PortraitFrames, EVAL_BATCH at a time."""
-    generator.eval()
-    for lo in range(0, len(dataset), EVAL_BATCH):
-        depth = dataset.depth[lo:lo + EVAL_BATCH].float().to(device)
-        with run.autocast():
-            index = dataset.index[lo:lo + EVAL_BATCH].to(device)
-            flow = None if dataset.flow is None else dataset.flow[lo:lo + EVAL_BATCH].float().to(device)
-            fake = generator(depth, reference.expand(len(depth), -1, -1, -1), index, flow)
-        yield lo, render.to_uint8(fake).cpu().numpy()
-    generator.train()
-
-
-def validate_render(generator, dataset, reference, reference_u8, run):
-    """frame_scores of the generated frames, each box's error over copying the reference's (box_scores' l1_ratio,
-    pooled over the split) and the sample grid, a batch at a time: memory for one batch of frames (and the
-    grid's), whatever the split's size. reference (3, H, W) in [-1, 1], reference_u8 the same image (H, W, 3).
-    Returns (scores, grid)."""
-    pick = grid_picks(len(dataset))
-    ssim, psnr, picked = [], [], {}
-    errors = {box: [0.0, 0.0] for box in BOX_BARS}            # summed over the box pixels: ours, copying's
-    for lo, generated in rendered_batches(generator, dataset, reference, run.device, run):
-        truth = dataset.frames[lo:lo + len(generated)].numpy()
-        ssim.append(metrics.ssim(generated, truth))
-        psnr.append(metrics.psnr(generated, truth))
-        for box, sums in errors.items():
-            scores = box_scores(generated, truth, reference_u8, getattr(dataset, box)[lo:lo + len(generated)])
-            sums[0] += scores["l1"] * scores["pixels"]
-            sums[1] += scores["copy_l1"] * scores["pixels"]
-        picked.update({k: generated[k - lo] for k in pick if lo <= k < lo + len(generated)})
-    scores = dict(ssim=float(np.mean(np.concatenate(ssim))), psnr=float(np.mean(np.concatenate(psnr))),
-                  **{box: ours / max(copy, 1e-9) for box, (ours, copy) in errors.items()})
-    return scores, sample_grid(dataset, np.stack([picked[k] for k in pick]), pick)
-
-
 def frame_scores(generated, truth):
     """Mean SSIM and PSNR (dB) of uint8 (N, H, W, 3) frames against the true ones."""
     return dict(ssim=float(np.mean(metrics.ssim(generated, truth))),
@@ -668,93 +791,6 @@ def load_vgg(args, run):
     return None
 
 
-def train_render(args, run):
-    root = Path(args.data) if args.data else builtin_data()
-    require_head(root, args.flame, args.procedural_head)
-    cfg = render.RendererConfig.preset(args.preset)
-    cfg = replace(cfg, image_size=args.size) if args.size else cfg
-    seed_everything(args.seed)
-    vgg = load_vgg(args, run)
-    flame = load_flame(args.flame).to(run.device)
-    train_set, val_set, cam, shape, ref_pose = person_frames(root, args, cfg, flame, run)
-    reference_u8 = train_set.frames[0].numpy()                # first frame of the first training sequence
-    reference = render.image_tensor(reference_u8, cfg.image_size).to(run.device)   # (3, H, W)
-    if run.main:
-        with render.atomic_output(run.out / "reference.png") as tmp:
-            imageio.imwrite(tmp, reference_u8)
-
-    generator = render.FaceRenderer(cfg.channels, cfg.warp).to(run.device)
-    discriminator = render.PatchDiscriminator(channels=cfg.discriminator_channels).to(run.device)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr, betas=ADAM_BETAS)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr, betas=ADAM_BETAS)
-    steps_per_epoch = len(loader(train_set, args.batch_size, run, args.seed, 0))
-    total_steps = steps_per_epoch * args.epochs
-    sched_g, sched_d = cosine_schedule(opt_g, total_steps), cosine_schedule(opt_d, total_steps)
-    stateful = dict(generator=generator, discriminator=discriminator, optimizer_g=opt_g, optimizer_d=opt_d,
-                 schedule_g=sched_g, schedule_d=sched_d)
-    start_epoch, step, best = resume(args, run, stateful)
-    best = -1.0 if best is None else best              # the highest validation SSIM so far
-    # D's weights get gradients in G's step too; G's step uses the bare D so those are never all-reduced
-    net_g = DistributedDataParallel(generator) if run.ddp else generator
-    net_d = DistributedDataParallel(discriminator) if run.ddp else discriminator
-    n_params = sum(p.numel() for p in generator.parameters())
-    run.log(f"face renderer '{args.preset}': {n_params / 1e6:.2f} M generator parameters, person {args.person}: "
-            f"{len(train_set)} train / {len(val_set)} val frames (1 in {RENDER_FRAME_STRIDE}) from {root}, "
-            f"{args.epochs} epochs of {steps_per_epoch} steps on {run.device}")
-    progress = Progress(total_steps, "step", done=step, window=epochs_window(steps_per_epoch))
-    first_step = step + 1                          # always said: how long start-up took
-    history = []
-    head = flame_record(args.flame)                # the depth inputs' head: inference must render with it
-    gan = GanStep(net_g, net_d, discriminator, opt_g, opt_d, vgg, reference, args.grad_clip)
-    for epoch in range(start_epoch, args.epochs):
-        sums, n_batches = {}, 0
-        for batch in loader(train_set, args.batch_size, run, args.seed, epoch, workers=args.workers):
-            losses = gan(batch, run)
-            sched_g.step()
-            sched_d.step()
-            step += 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n_batches += 1
-            if progress.advance() or step == first_step:
-                log_progress(run, progress, epoch, losses)
-        val, grid = validate_render(generator, val_set, reference, reference_u8, run)
-        history.append(dict(train={k: v / n_batches for k, v in sums.items()}, val=val))
-        run.log(f"epoch {epoch} validation | SSIM {val['ssim']:.4f} | PSNR {val['psnr']:.2f} dB | error / copying's "
-                f"in the boxes: " + ", ".join(f"{box} {val[box]:.3f}" for box in BOX_BARS))
-        if run.main:
-            with render.atomic_output(run.out / f"samples_{epoch:03d}.png") as tmp:
-                imageio.imwrite(tmp, grid)
-        improved = val["ssim"] > best
-        best = max(best, val["ssim"])
-        save_epoch(run, stateful, improved, renderer_config=asdict(cfg), epoch=epoch, step=step, best=best,
-                   cam=cam.tolist(), shape=torch.as_tensor(shape), person=args.person, **reference_record(ref_pose),
-                   reference=torch.from_numpy(reference_u8), val=val, **head)
-    run.log(f"render stage done: wrote {run.out / 'best.pt'} (the epoch with the highest validation SSIM, "
-            f"{best:.4f}), {run.out / 'last.pt'} (epoch {args.epochs - 1}), the reference image "
-            f"{run.out / 'reference.png'} and a sample grid per epoch ({run.out / 'samples_<epoch>.png'}: rows of "
-            f"depth | generated | true frame)")
-
-    summary = None
-    if run.main and args.summary and (run.out / "best.pt").is_file():
-        generator.load_state_dict(render.read_checkpoint(run.out / "best.pt", run.device)["generator"])
-        summary = render_summary(generator, root, args.person, flame, (reference_u8, ref_pose), cfg.image_size, run)
-    return dict(history=history, summary=summary)
-
-
-def person_frames(root, args, cfg, flame, run):
-    """The render stage's training and validation frames of args.person (portrait_frames, kept in the data's
-    cache folder) and, for a warping renderer, the reference image's head (reference_pose of the first training
-    sequence), whose surface is moved into each frame. Returns (train set, val set, the person's mean camera (3,)
-    for portrait_video, the first sequence's shape (100,), the reference's head or None)."""
-    cache = data.cache_folder(root, run.out / DATA_CACHE)
-    ref_pose = reference_pose(root, person_sequences(root, "train", args.person)[0], flame) if cfg.warp else None
-    (train_set, cams, shape), (val_set, _, _) = (
-        portrait_frames(root, person_sequences(root, split, args.person), flame, cfg.image_size, RENDER_FRAME_STRIDE,
-                        cache, ref_pose) for split in ("train", "val"))
-    return train_set, val_set, cams.mean(0), shape, ref_pose
-
-
 def render_summary(generator, root, person, flame, reference, size, run):
     """The best generator on the person's test split against copying the reference (reference: the image, uint8
     (H, W, 3), and its reference_pose or None), over the whole frame and inside the mouth, eyes and nose boxes, and a
@@ -775,42 +811,6 @@ def render_summary(generator, root, person, flame, reference, size, run):
     return summary
 
 
-@dataclass
-class GanStep:
-    """One training step of the renderer: the discriminator on real and generated frames, then the generator
-    (GAN, feature-matching, photometric with the mouth and eyes boxes weighed up, perceptual when vgg is given)."""
-    net_g: torch.nn.Module            # the generator as trained (DDP-wrapped under torchrun)
-    net_d: torch.nn.Module            # the discriminator as trained
-    discriminator: torch.nn.Module    # the bare one: G's step uses it, so D's gradients there are never all-reduced
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    vgg: torch.nn.Module              # or None: no perceptual term
-    reference: torch.Tensor           # (3, H, W) in [-1, 1]
-    grad_clip: float
-
-    def __call__(self, batch, run):
-        depth, real, index, mouth, eyes, nose = (batch[k].to(run.device)
-                                                 for k in ("depth", "frame", "index", "mouth", "eyes", "nose"))
-        flow = batch["flow"].to(run.device) if "flow" in batch else None
-        ref = self.reference.expand(len(depth), -1, -1, -1)
-        with run.autocast():
-            fake = self.net_g(depth, ref, index, flow)
-            condition = render.renderer_input(depth, ref, index)
-            loss_d = render.discriminator_loss(self.net_d, condition, fake, real)
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.opt_d.step()
-        with run.autocast():
-            pixel_weight = box_weight([(mouth, MOUTH_WEIGHT), (eyes, EYES_WEIGHT), (nose, NOSE_WEIGHT)], real.shape[-1])
-            loss_g, parts = render.generator_loss(self.discriminator, condition, fake, real, self.vgg,
-                                                  render.RendererLossWeights(), pixel_weight)
-        self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        torch.nn.utils.clip_grad_norm_(self.net_g.parameters(), self.grad_clip)
-        self.opt_g.step()
-        return dict(g=loss_g.item(), d=loss_d.item(), **parts)
-
-
 @torch.no_grad()
 def write_test_video(generator, root, seq, flame, reference, size, path, run):
     """Every frame of a held-out sequence side by side, depth | generated | truth, with its voice and music
@@ -821,7 +821,7 @@ def write_test_video(generator, root, seq, flame, reference, size, path, run):
     depth = render.to_uint8(clip.depth.float()).numpy()                                # (T, H, W, 3)
     sound = SongMix(load_audio(data.audio_path(root, seq), SAMPLE_RATE),
                     load_audio(data.bgm_path(root, seq), SAMPLE_RATE))
-    render.write_video(path, np.concatenate([depth, generated, clip.frames.numpy()], axis=2), audio=sound)
+    data.write_video(path, np.concatenate([depth, generated, clip.frames.numpy()], axis=2), audio=sound)
 
 
 def print_render_summary(run, person, s):
@@ -847,9 +847,6 @@ def print_render_summary(run, person, s):
     lines.append(f"  side by side (depth | generated | truth, with sound): {s['video']}")
     run.log("\n".join(lines))
 
-
-# ----------------------------------------------------------------------------- runs, checkpoints, resume, and the
-# command line
 
 class Run:
     """Device, DDP rank and the helpers every stage needs: logging, progress, atomic checkpoints."""
@@ -943,7 +940,7 @@ def save_checkpoint(state, path):
     `path`, with the previous file still in place.
     """
     try:
-        with render.atomic_output(path) as tmp, open(tmp, "wb") as file:
+        with data.atomic_output(path) as tmp, open(tmp, "wb") as file:
             sink = _KeepWriteError(file)
             try:
                 torch.save(state, sink)
@@ -1028,7 +1025,7 @@ def die_with_parent(worker_id):
 def default_workers():
     """Loader workers a process gets by default: its share of the cores it may run on (torchrun's processes
     split them), less one for itself, at most MAX_WORKERS."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cpu_cores()
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     return max(0, min(MAX_WORKERS, cores // processes - 1))
 
@@ -1056,7 +1053,7 @@ def resume(args, run, stateful):
                 f"beginning")
     if not (args.resume and last.is_file()):
         return 0, 0, None
-    ckpt = render.read_checkpoint(last, run.device)
+    ckpt = data.read_checkpoint(last, run.device)
     same_head(ckpt, args.flame, last)
     for key, obj in stateful.items():
         obj.load_state_dict(ckpt[key])
@@ -1075,7 +1072,6 @@ def save_epoch(run, stateful, improved, **record):
 
 
 # the command line
-
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", choices=["motion", "render"], default="motion")

@@ -33,26 +33,23 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import imageio.v2 as imageio
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
-from audio import FPS, N_MFCC, SAMPLE_RATE, AudioFile, Wav2Vec2, Wav2Vec2Config, mfcc_at_fps, normalize_wave
-from builtin import load_flame, resolve_flame
-from data import CLIP_FRAMES, clip_samples, fit_length, song_frames, write_flame_pickle
+from audio import FPS, N_MFCC, SAMPLE_RATE, AudioFile, Wav2Vec2, Wav2Vec2Config, first_line, mfcc_at_fps, normalize_wave
+from data import (AUDIO_BLOCK, CLIP_FRAMES, DEFAULT_CAM, Parser, Progress, VideoWriter, atomic_output, clip_samples,
+                  fit_length, read_checkpoint, run_command, song_frames, write_flame_pickle, write_wav)
 from flame import EXPRESSION, HEAD_POSE, JAW_POSE, MM_PER_M, MOTION_DIM, N_SHAPE, save_glb
-from render import (AUDIO_BLOCK, BACKGROUND_RGB, PREVIEW_BATCH, PREVIEW_CAM, PREVIEW_PRESET, PREVIEW_SIZE, Parser,
-                    Progress, VideoWriter, atomic_output, load_reference, load_renderer, project, read_checkpoint,
-                    reference_flow, render_depth, render_preview, run_command, shade, to_uint8, write_wav)
+from render import (BACKGROUND_RGB, IMAGE_SIZE, PREVIEW_CAM, PREVIEW_SIZE, FaceRenderer, RendererConfig, image_tensor,
+                    project, reference_flow, render_depth, shade, to_uint8)
 
 RENDER_BATCH = 16                           # frames rasterized and rendered at once: memory flat for any song
 PPE_PERIOD = 30                             # periodic positional encoding repeats every second
 LOSS_SPACES = ("raw", "standardised")       # where the reconstruction and velocity losses compare motion
-DEFAULT_CHECKPOINT = Path(__file__).parent / "out" / "motion" / "best.pt"
-PROGRESS_LINES = 10                         # progress lines of each long step of the command line
-MIN_PREVIEW_SIZE = 16                       # pixels, the smallest --size the previews are written at
-
 WAV2VEC2_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                      conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
                      feat_extract_norm="group", num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
@@ -253,8 +250,6 @@ def motion_losses(model, face, pred, target, shape, mu, logvar):
     return total, {k: v.item() for k, v in terms.items()}
 
 
-# ----------------------------------------------------------------------------- controls
-
 @dataclass
 class Controls:
     """What a user chooses of a generation: how many takes from which seed, how far z strays (temperature), and
@@ -288,9 +283,6 @@ def apply_controls(motion, mean, controls):
         if scale != 1.0:
             out[..., part] = mean[part] + scale * (motion[..., part] - mean[part])
     return out
-
-
-# ----------------------------------------------------------------------------- inference on whole songs
 
 
 def window_starts(n_frames, window, overlap):
@@ -380,8 +372,61 @@ def stretch(x, start, stop, end):
     return out
 
 
-# ----------------------------------------------------------------------------- live streaming
+@torch.no_grad()
+def portrait_video(trained, image_path, flame, shape, motion, out_path, audio=None, progress=False):
+    """
+    The singing portrait: motion (T, 59) with shape (100,) -> FLAME meshes -> depth with the renderer's
+    camera (and, for a warping renderer, the reference's warp into each frame) -> FaceRenderer frames (trained:
+    render.load_renderer's, on its device), RENDER_BATCH frames at a time, streamed into out_path (mp4, audio
+    float32 (N,) muxed in when given) and the depth video into depth.mp4 beside it. Memory does not grow with T.
+    Frame t gets temporal index t. progress=True prints progress lines. Returns out_path as a Path. To film a
+    tracked clip again with its own cameras, give a TrainedRenderer whose cam is them (dataclasses.replace).
+    """
+    out_path = Path(out_path)
+    if trained.flame_record["flame_sha256"] != flame.sha256:          # depth of another head than it learnt from
+        raise ValueError(f"{trained.source}: trained on depth images of {trained.flame_record['flame']}, not of "
+                         f"{flame.source}; use the FLAME it was trained with (--flame) or a renderer trained with it")
+    renderer, size = trained.generator, trained.config.image_size
+    device = next(renderer.parameters()).device
+    reference = load_reference(image_path, size).to(device)                               # (3, H, W)
+    motion = torch.as_tensor(np.asarray(motion), dtype=torch.float32)
+    if motion.ndim != 2 or motion.shape[1] != MOTION_DIM:
+        raise ValueError(f"{out_path}: motion must be (frames, {MOTION_DIM}), got {tuple(motion.shape)}")
+    shape = torch.as_tensor(np.asarray(shape), dtype=torch.float32, device=device)
+    flame = copy.deepcopy(flame).to(device)  # leave the caller's model where it was
+    cam = torch.as_tensor(np.asarray(trained.cam), dtype=torch.float32, device=device)
+    if cam.shape not in ((3,), (len(motion), 3)):
+        raise ValueError(f"{trained.source}: its camera must be (3,) or ({len(motion)}, 3), got {tuple(cam.shape)}")
+    reference_head = None                # a warping renderer's reference frame: its vertices and camera
+    if trained.reference is not None:
+        head = {k: v.to(device) for k, v in trained.reference.items()}
+        reference_head = (flame.from_motion(head["shape"], head["motion"]), head["cam"])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    frames_done = Progress(len(motion), "frame", lines=PROGRESS_LINES)
+    with VideoWriter(out_path, size, FPS, audio) as video, VideoWriter(out_path.with_name("depth.mp4"), size, FPS,
+                                                                        audio) as depth_video:
+        for start in range(0, len(motion), RENDER_BATCH):
+            chunk = motion[start:start + RENDER_BATCH].to(device)                          # (b, 59)
+            chunk_cam = cam if cam.dim() == 1 else cam[start:start + RENDER_BATCH]
+            verts = flame.from_motion(shape, chunk)
+            depth = render_depth(verts, flame.faces, chunk_cam, size)                      # (b, 1, H, W)
+            flow = None if reference_head is None else reference_flow(verts, flame.faces, chunk_cam,
+                                                                      *reference_head, size)
+            index = torch.arange(start, start + len(chunk), device=device)
+            with autocast:
+                frames = renderer(depth, reference.expand(len(chunk), -1, -1, -1), index, flow)  # (b, 3, H, W)
+            video.write(to_uint8(frames))
+            depth_video.write(to_uint8(depth))
+            if frames_done.advance(len(chunk)) and progress:
+                print(frames_done.line("portrait video:"), flush=True)
+    return out_path
 
+
+# ------------------------------------------------------------ support: streaming, checkpoints, outputs, command line
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "out" / "motion" / "best.pt"
+PROGRESS_LINES = 10                         # progress lines of each long step of the command line
+MIN_PREVIEW_SIZE = 16                       # pixels, the smallest --size the previews are written at
 STREAM_LOOKAHEAD = 4        # frames (133 ms) of audio past a frame before the stream makes it final
 STREAM_CHUNK_MS = 100       # default size of the audio chunks the command line feeds a stream
 
@@ -536,61 +581,6 @@ def stream_summary(stats, realtime):
             f"{ms['latency_mean_s']:.0f} ms mean, {ms['latency_max_s']:.0f} ms max")
 
 
-# ----------------------------------------------------------------------------- portrait video
-
-@torch.no_grad()
-def portrait_video(trained, image_path, flame, shape, motion, out_path, audio=None, progress=False):
-    """
-    The singing portrait: motion (T, 59) with shape (100,) -> FLAME meshes -> depth with the renderer's
-    camera (and, for a warping renderer, the reference's warp into each frame) -> FaceRenderer frames (trained:
-    render.load_renderer's, on its device), RENDER_BATCH frames at a time, streamed into out_path (mp4, audio
-    float32 (N,) muxed in when given) and the depth video into depth.mp4 beside it. Memory does not grow with T.
-    Frame t gets temporal index t. progress=True prints progress lines. Returns out_path as a Path. To film a
-    tracked clip again with its own cameras, give a TrainedRenderer whose cam is them (dataclasses.replace).
-    """
-    out_path = Path(out_path)
-    if trained.flame_record["flame_sha256"] != flame.sha256:          # depth of another head than it learnt from
-        raise ValueError(f"{trained.source}: trained on depth images of {trained.flame_record['flame']}, not of "
-                         f"{flame.source}; use the FLAME it was trained with (--flame) or a renderer trained with it")
-    renderer, size = trained.generator, trained.config.image_size
-    device = next(renderer.parameters()).device
-    reference = load_reference(image_path, size).to(device)                               # (3, H, W)
-    motion = torch.as_tensor(np.asarray(motion), dtype=torch.float32)
-    if motion.ndim != 2 or motion.shape[1] != MOTION_DIM:
-        raise ValueError(f"{out_path}: motion must be (frames, {MOTION_DIM}), got {tuple(motion.shape)}")
-    shape = torch.as_tensor(np.asarray(shape), dtype=torch.float32, device=device)
-    flame = copy.deepcopy(flame).to(device)  # leave the caller's model where it was
-    cam = torch.as_tensor(np.asarray(trained.cam), dtype=torch.float32, device=device)
-    if cam.shape not in ((3,), (len(motion), 3)):
-        raise ValueError(f"{trained.source}: its camera must be (3,) or ({len(motion)}, 3), got {tuple(cam.shape)}")
-    reference_head = None                # a warping renderer's reference frame: its vertices and camera
-    if trained.reference is not None:
-        head = {k: v.to(device) for k, v in trained.reference.items()}
-        reference_head = (flame.from_motion(head["shape"], head["motion"]), head["cam"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    frames_done = Progress(len(motion), "frame", lines=PROGRESS_LINES)
-    with VideoWriter(out_path, size, FPS, audio) as video, VideoWriter(out_path.with_name("depth.mp4"), size, FPS,
-                                                                        audio) as depth_video:
-        for start in range(0, len(motion), RENDER_BATCH):
-            chunk = motion[start:start + RENDER_BATCH].to(device)                          # (b, 59)
-            chunk_cam = cam if cam.dim() == 1 else cam[start:start + RENDER_BATCH]
-            verts = flame.from_motion(shape, chunk)
-            depth = render_depth(verts, flame.faces, chunk_cam, size)                      # (b, 1, H, W)
-            flow = None if reference_head is None else reference_flow(verts, flame.faces, chunk_cam,
-                                                                      *reference_head, size)
-            index = torch.arange(start, start + len(chunk), device=device)
-            with autocast:
-                frames = renderer(depth, reference.expand(len(chunk), -1, -1, -1), index, flow)  # (b, 3, H, W)
-            video.write(to_uint8(frames))
-            depth_video.write(to_uint8(depth))
-            if frames_done.advance(len(chunk)) and progress:
-                print(frames_done.line("portrait video:"), flush=True)
-    return out_path
-
-
-# ----------------------------------------------------------------------------- checkpoints, outputs and the
-# command line
-
 @dataclass
 class TrainedMotion:
     """A motion checkpoint read back: the model and what it was trained with."""
@@ -605,21 +595,80 @@ def load_checkpoint(path, device="cpu"):
     if not path.exists():
         raise FileNotFoundError(f"{path}: no motion checkpoint here; train one with `python train.py --stage "
                                 f"motion` (writes out/motion/best.pt) or pass --checkpoint PATH")
-    ckpt = read_checkpoint(path, device)
-    for key in ("model", "config"):
-        if not isinstance(ckpt, dict) or key not in ckpt:
-            raise ValueError(f"{path}: not a motion checkpoint (missing key {key!r})")
-    try:
-        model = MotionCVAE(MotionConfig(**ckpt["config"])).to(device)
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:      # a damaged config or weights that do not fit it
-        raise ValueError(f"{path}: not a usable motion checkpoint ({str(e).strip().splitlines()[0]})") from None
+    ckpt, model = read_model(path, device, "motion", ("model", "config"),
+                             lambda c: _loaded(MotionCVAE(MotionConfig(**c["config"])), c["model"]))
     people = {k: np.asarray(v.cpu(), dtype=np.float32) for k, v in ckpt.get("people", {}).items()}
-    record = dict(flame=ckpt.get("flame"), flame_sha256=ckpt.get("flame_sha256"))
-    return TrainedMotion(model.eval(), people, record)
+    return TrainedMotion(model, people, dict(flame=ckpt.get("flame"), flame_sha256=ckpt.get("flame_sha256")))
 
 
-# the command line
+def read_model(path, device, kind, keys, build):
+    """A checkpoint of either stage -> (its dict, build(dict) on device in eval mode): one of the other stage,
+    damaged settings or weights that do not fit them are refused naming the file."""
+    ckpt = read_checkpoint(path, device)
+    missing = [key for key in keys if key not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a {kind} checkpoint (missing key {missing[0]!r})")
+    try:
+        model = build(ckpt).to(device)
+    except (TypeError, ValueError, RuntimeError) as e:      # a damaged config or weights that do not fit it
+        raise ValueError(f"{path}: not a usable {kind} checkpoint ({first_line(e)})") from None
+    return ckpt, model.eval()
+
+
+def _loaded(model, state):
+    model.load_state_dict(state)
+    return model
+
+
+@dataclass
+class TrainedRenderer:
+    """A face renderer checkpoint read back: the generator and what it was trained with."""
+    generator: FaceRenderer       # in eval mode
+    config: RendererConfig
+    cam: tuple                    # the person's camera [scale, tx, ty] in training (or one per frame (T, 3))
+    flame_record: dict            # the head its depth inputs came from: {'flame': file, 'flame_sha256'}
+    source: str                   # the checkpoint file
+    reference: dict = None        # a warping renderer's reference head: motion (59,), cam (3,), shape (100,) tensors
+
+
+def load_renderer(path, device="cpu"):
+    """Checkpoint from `train.py --stage render` -> TrainedRenderer, the generator on device."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no renderer checkpoint; train one with `python train.py --stage render`")
+
+    def build(ckpt):
+        config = RendererConfig(**ckpt["renderer_config"])
+        return _loaded(FaceRenderer(config.channels, config.warp), ckpt["generator"])
+
+    ckpt, generator = read_model(path, device, "face renderer", ("generator", "renderer_config"), build)
+    config, reference = RendererConfig(**ckpt["renderer_config"]), None      # build checked it
+    if config.warp:
+        reference = dict(motion=ckpt.get("reference_motion"), cam=ckpt.get("reference_cam"), shape=ckpt.get("shape"))
+        sizes = dict(motion=MOTION_DIM, cam=3, shape=N_SHAPE)
+        bad = [k for k, v in reference.items() if not isinstance(v, torch.Tensor) or v.shape != (sizes[k],)]
+        if bad:
+            raise ValueError(f"{path}: a warping face renderer without its reference head ({', '.join(bad)} missing "
+                             f"or of the wrong size)")
+        reference = {k: v.float() for k, v in reference.items()}
+    return TrainedRenderer(generator, config,
+                           tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM)),
+                           dict(flame=ckpt.get("flame"), flame_sha256=ckpt.get("flame_sha256")), str(path), reference)
+
+
+def load_reference(path, size=IMAGE_SIZE):
+    """Reference portrait file (png/jpg, any size) -> float (3, size, size) in [-1, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such reference image")
+    try:
+        image = imageio.imread(path)
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable image ({str(error).splitlines()[0]})") from None
+    if image.dtype != np.uint8 or image.ndim not in (2, 3):
+        raise ValueError(f"{path}: expected an 8-bit grey or RGB image, got {image.dtype} {image.shape}")
+    return image_tensor(image, size)
+
 
 def write_motion(out_dir, motion, flame, shape, song, size=PREVIEW_SIZE):
     """Each take k: sample_k.npz (motion, shape, landmarks), sample_k.pkl (the SingingHead keys) and
@@ -724,6 +773,68 @@ def write_grid(path, motion, flame, shape, voice, size=PREVIEW_SIZE):
                 frames[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = panel
             video.write(frames)
     return path
+
+
+PREVIEW_BATCH = 64               # frames render_preview meshes and writes at once
+PREVIEW_PRESET = "veryfast"      # libx264 speed preset of shaded previews: smooth synthetic frames, about half of medium.s encoding work
+
+
+def render_preview(flame, verts, path, audio=None, cam=PREVIEW_CAM, size=PREVIEW_SIZE, on_frames=None):
+    """
+    Shaded preview mp4 of a vertex sequence at FPS, PREVIEW_BATCH frames at a time: verts (T, V, 3) metres, or
+    an iterable of (t, V, 3) pieces in order, so that a long song's meshes are never held all at once; audio at
+    SAMPLE_RATE. cam (3,) or one per frame (T, 3). on_frames(n), when given, hears of every n frames written.
+    """
+    pieces = (verts[lo:lo + PREVIEW_BATCH] for lo in range(0, len(verts), PREVIEW_BATCH)) \
+        if torch.is_tensor(verts) else verts
+    cam = torch.as_tensor(cam, dtype=torch.float32)
+    start = 0
+    with VideoWriter(path, size, FPS, audio, preset=PREVIEW_PRESET) as video:
+        for piece in pieces:
+            frame_cam = cam[start:start + len(piece)] if cam.dim() == 2 else cam
+            with torch.no_grad():
+                video.write(shade(project(piece, frame_cam.to(piece)), flame.faces, size))
+            start += len(piece)
+            if on_frames is not None:
+                on_frames(len(piece))
+
+
+def side_by_side(verts, faces, labels, cam=PREVIEW_CAM, size=PREVIEW_SIZE):
+    """Heads side by side under one light and one camera: verts (K, T, V, 3) metres, one sequence a panel ->
+    uint8 (T, size, K*size, 3), panel k the shaded preview of verts[k] with labels[k] written at its top left."""
+    cam = torch.as_tensor(cam, dtype=torch.float32)
+    frames = torch.cat([shade(project(panel, cam.to(panel)), faces, size) for panel in verts], 2)
+    for k, label in enumerate(labels):
+        draw_text(frames, label, LABEL_MARGIN * size, k * size + LABEL_MARGIN * size, round(size * LABEL_HEIGHT))
+    return frames
+
+
+def write_side_by_side(path, pieces, faces, labels, audio=None, cam=PREVIEW_CAM, size=PREVIEW_SIZE):
+    """side_by_side as an mp4 at FPS with audio (as VideoWriter takes it): pieces an iterable of (K, t, V, 3)
+    vertex sequences in order, so that a long take's meshes are never held all at once."""
+    with VideoWriter(path, (size, len(labels) * size), FPS, audio, preset=PREVIEW_PRESET) as video:
+        for piece in pieces:
+            with torch.no_grad():
+                video.write(side_by_side(piece, faces, labels, cam, size))
+    return Path(path)
+
+
+LABEL_HEIGHT = 1 / 16            # a label's height, a share of the panel's side (32 px at 512²)
+LABEL_MARGIN = 0.03              # share of the panel between a label and the panel's top and left edges
+LABEL_RGB = (235, 235, 235)      # label colour
+
+
+def draw_text(frames, text, top, left, height):
+    """Write text into uint8 frames (T, H, W, 3) in place, LABEL_RGB in Pillow's default font `height` pixels
+    tall, its top left corner at pixel (top, left); anti-aliased, cut at the frames' edges."""
+    font = ImageFont.load_default(size=height)
+    mask = Image.new("L", font.getbbox(text)[2:])
+    ImageDraw.Draw(mask).text((0, 0), text, fill=255, font=font)
+    alpha = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[..., None]            # (h, w, 1)
+    region = frames[:, int(top):int(top) + alpha.shape[0], int(left):int(left) + alpha.shape[1]]
+    alpha = alpha[:region.shape[1], :region.shape[2]]
+    region[:] = (region * (1 - alpha) + torch.tensor(LABEL_RGB) * alpha).round().to(frames.dtype)
+    return frames
 
 
 def read_shape(path):
@@ -842,7 +953,8 @@ def command(argv=None):
     voice, bgm, shape = check_inputs(args)
     out, n_frames = Path(args.out), song_frames(len(voice))
     trained = load_checkpoint(args.checkpoint, args.device)
-    flame = load_flame(resolve_flame(trained.flame_record, args.flame, args.checkpoint))
+    import builtin           # the head a checkpoint names, or the stand-in head of one trained on built-in data
+    flame = builtin.load_flame(builtin.resolve_flame(trained.flame_record, args.flame, args.checkpoint))
     shape = person_shape(trained, shape, args.person, args.checkpoint)
     if n_frames < CLIP_FRAMES:
         print(f"note: {args.audio} is {len(voice) / SAMPLE_RATE:.2f} s, shorter than one motion window "
