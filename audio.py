@@ -1,11 +1,9 @@
 """Audio for UniSinger (paper IV-A), in the order data flows: sound files in (load_audio), the voice encoder
-(Wav2Vec2, wav2vec 2.0 in plain PyTorch, both checkpoint flavours: "base" group-norm + post-norm and
-"large/lv60" layer-norm + pre-norm; resample_features brings its 50 Hz features to the 30 fps motion frames),
-and the music encoder (mfcc / mfcc_at_fps: torch, batched, equal to librosa.feature.mfcc). Below the support
-banner: the beat pipeline of the beat-alignment metric (hpss, onset_strength, tempo, beat_track, beats: numpy,
-following librosa 0.11 step by step so that beat frames come out identical to librosa's), the sound file
-readers (AudioFile: a stretch at a time; formats libsndfile lacks are decoded by imageio-ffmpeg's ffmpeg) and the
-readers of Hugging Face checkpoints (our own safetensors reader and key mapping).
+(Wav2Vec2, wav2vec 2.0 in plain PyTorch, "base" group-norm + post-norm and "large/lv60" layer-norm + pre-norm
+checkpoints) and the music encoder (mfcc / mfcc_at_fps: torch, batched, equal to librosa.feature.mfcc). Below the
+support banner: the beat pipeline of the beat-alignment metric (hpss ... beats: numpy, following librosa 0.11 step
+by step so that beat frames equal librosa's), the sound file readers (AudioFile; formats libsndfile lacks are
+decoded by imageio-ffmpeg's ffmpeg) and the Hugging Face checkpoint readers (safetensors, key mapping).
 
 Depends on torch, numpy, soundfile and scipy (imageio-ffmpeg for m4a, aac, webm, video sound); imports nothing
 of ours, so it can be copied alone:
@@ -31,6 +29,7 @@ import soundfile as sf
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.fft import next_fast_len
 from scipy.signal import resample_poly
 
 SAMPLE_RATE = 16_000  # Hz, what wav2vec 2.0 was trained on
@@ -38,23 +37,19 @@ FPS = 30                   # motion frames per second, the rate mfcc_at_fps resa
 
 
 def load_audio(path, sr=SAMPLE_RATE):
-    """Read a sound file as mono float32 at `sr` Hz: channels averaged, then polyphase resampling.
+    """Read a sound file as mono float32 at `sr` Hz: channels averaged, then polyphase resampling (AudioFile).
 
-    Refuses (ValueError naming the file) unreadable, empty, truncated and non-finite files. libsndfile quietly
-    shortens a WAV whose data is cut off, so for WAV the frames present are also checked against the header.
-    A format libsndfile does not know is decoded by ffmpeg (its first audio stream, mixed and resampled by it).
+    Refuses (ValueError naming the file) unreadable, empty, truncated (WAV: checked against its header, which
+    libsndfile ignores) and non-finite files. Formats libsndfile does not know are decoded by ffmpeg.
     """
     song = AudioFile(path, sr)
     return song[0:len(song)]
 
 
 def normalize_wave(wave, eps=1e-7):
-    """Zero mean, unit variance along the last axis, as the Hugging Face processor's do_normalize does.
-
-    Checkpoints whose preprocessor_config.json says do_normalize=true (all the "base" ones, e.g.
-    wav2vec2-base-960h) expect their input like this; Wav2Vec2.forward takes the wave as given.
-    Works on numpy arrays and torch tensors.
-    """
+    """Zero mean, unit variance along the last axis (numpy or torch), as the Hugging Face processor's
+    do_normalize does: checkpoints with do_normalize=true (all "base" ones) expect it; Wav2Vec2 takes the wave
+    as given."""
     mean = wave.mean(-1)[..., None]
     var = ((wave - mean) ** 2).mean(-1)[..., None]
     return (wave - mean) / (var + eps) ** 0.5
@@ -85,8 +80,7 @@ class Wav2Vec2Config:
         return config_from_dict(cls, d)
 
 
-# In place: every call site applies them to a tensor it has just made, and a second buffer the size of the
-# feature extractor's first activations (25 600 x 512 floats for 8 s) costs more in page faults than the maths.
+# In place: every call site applies them to a tensor it has just made, so no second buffer of that size is needed.
 ACTIVATIONS = {"gelu": torch.ops.aten.gelu_, "gelu_new": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
                "relu": torch.relu_, "silu": lambda x: F.silu(x, inplace=True)}
 ACTIVATIONS["swish"] = ACTIVATIONS["silu"]
@@ -98,22 +92,12 @@ def _activation(name):
     return ACTIVATIONS[name]
 
 
-def _windows(x, kernel, stride):
-    """(B, N, C) channels-last -> (B, T, kernel*C) view of a conv's input windows (overlapping, no copy)."""
-    B, N, C = x.shape
-    x = x.contiguous()
-    T = (N - kernel) // stride + 1
-    return x.as_strided((B, T, kernel * C), (N * C, stride * C, 1))
-
-
 class ConvLayer(nn.Module):
     """One layer of the feature extractor: strided conv over time, optional norm, activation.
 
-    Runs channels-last (B, T, C), as matrix products, which beats conv1d's channels-first kernels here and needs
-    no transposes between layers. weight is (kernel*C_in, C_out), tap-major: the HF conv weight
-    (C_out, C_in, kernel) permuted to (kernel, C_in, C_out).
-    norm: None, 'group' (GroupNorm with one group per channel: each channel normalised over time; only ever on
-    the first layer) or 'layer' (LayerNorm over channels at each time step).
+    Runs channels-last (B, T, C) as matrix products (no transposes between layers). weight is (kernel*C_in,
+    C_out), tap-major: the HF conv weight (C_out, C_in, kernel) permuted. norm: None, 'group' (one group per
+    channel, each normalised over time; first layer only) or 'layer' (LayerNorm over channels per time step).
     """
 
     def __init__(self, c_in, c_out, kernel, stride, bias, norm, activation):
@@ -134,15 +118,15 @@ class ConvLayer(nn.Module):
 
     def _conv(self, x):
         B, N, c_in = x.shape
-        if c_in == 1:  # the raw wave: its window matrix is small, so copy it and do one product
-            return F.linear(_windows(x, self.kernel, self.stride), self.weight.t(), self.bias)
-        # wide inputs: sum one product per tap over strided views of x, no window copy (kernel/stride times x).
-        # Everything in one dtype, autocast's when it is on: the in-place sums below are not autocast, and x
-        # arrives in float32 or bf16 depending on the device's autocast policy for the layer before.
+        T = (N - self.kernel) // self.stride + 1
+        if c_in == 1:  # the raw wave: its (overlapping) window matrix is small, so one product over it
+            windows = x.contiguous().as_strided((B, T, self.kernel), (N, self.stride, 1))
+            return F.linear(windows, self.weight.t(), self.bias)
+        # wide inputs: one product per tap over strided views of x, no window copy. All in autocast's dtype when
+        # it is on: the in-place sums below are not autocast, and x may arrive in float32 or bf16.
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         x = x.to(dtype).contiguous()
-        T = (N - self.kernel) // self.stride + 1
         w = self.weight.to(dtype).view(self.kernel, c_in, -1)  # (kernel, C_in, C_out)
         taps = [x[:, k:k + self.stride * (T - 1) + 1:self.stride] for k in range(self.kernel)]  # (B, T, C_in) each
         w = [w_k.expand(B, -1, -1) for w_k in w]
@@ -178,9 +162,8 @@ class FeatureExtractor(nn.Module):
 class PositionalConv(nn.Module):
     """Relative position information: a wide grouped conv over time with 'same' length, then activation.
 
-    HF pads kernel//2 on both sides and drops the last frame for even kernels: that is left kernel//2,
-    right (kernel-1)//2. weight is the plain conv weight (C, C/groups, kernel); the checkpoint's weight norm is
-    folded into it at load time.
+    HF's padding: left kernel//2, right (kernel-1)//2. weight is the plain conv weight (C, C/groups, kernel), the
+    checkpoint's weight norm folded in at load time.
     """
 
     def __init__(self, channels, kernel, groups, activation):
@@ -242,11 +225,9 @@ class EncoderLayer(nn.Module):
 class Wav2Vec2(nn.Module):
     """wav2vec 2.0 encoder, inference only (no dropout, no masking), equal to transformers' Wav2Vec2Model.
 
-    forward(wave (B, N), n_frames=None):
-      wave: raw samples at 16 kHz, taken as given (see normalize_wave for what base checkpoints expect).
-      returns the last hidden state (B, frames, hidden_size), frames = 50 per second of audio; or, with
-      n_frames, exactly n_frames: the conv features are linearly interpolated in time to n_frames BEFORE the
-      feature projection and the transformer, as FaceFormer does to get features at the motion frame rate.
+    forward(wave (B, N) at 16 kHz, taken as given (see normalize_wave), n_frames=None) -> the last hidden state
+    (B, frames, hidden_size), 50 frames per second; with n_frames, exactly n_frames: the conv features are
+    interpolated in time to n_frames BEFORE the projection and the transformer, as FaceFormer does.
     """
 
     def __init__(self, cfg=None):
@@ -263,8 +244,8 @@ class Wav2Vec2(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Random initialisation for training from scratch (what transformers does): He-normal convolutions,
-        N(0, 0.02) linear layers, the positional conv scaled to its fan-in. from_pretrained overwrites it all."""
+        """transformers' initialisation for training from scratch: He-normal convolutions, N(0, 0.02) linear
+        layers, the positional conv scaled to its fan-in."""
         for module in self.modules():
             if isinstance(module, ConvLayer):
                 nn.init.kaiming_normal_(module.weight.T)
@@ -291,9 +272,7 @@ class Wav2Vec2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, config=None):
-        """A Hugging Face wav2vec 2.0 checkpoint: a folder with config.json and model.safetensors or
-        pytorch_model.bin, or one such weights file (its config from `config` or config.json beside it); see
-        load_pretrained."""
+        """A Hugging Face wav2vec 2.0 checkpoint folder or weights file; see load_pretrained."""
         return load_pretrained(cls, path, config)
 
 
@@ -377,11 +356,10 @@ def _mfcc_operators(sr, n_fft, n_mels, n_mfcc, device, dtype):
 
 
 def mfcc(y, sr=SAMPLE_RATE, n_mfcc=N_MFCC, hop_length=HOP_LENGTH, n_fft=N_FFT, n_mels=N_MELS):
-    """MFCCs of y (..., N) (numpy or tensor) -> tensor (..., n_mfcc, 1 + N // hop_length), librosa layout.
+    """MFCCs of y (..., N) (numpy or tensor) -> tensor (..., n_mfcc, 1 + N // hop_length) on y's device.
 
-    Centred frames (zero padding), periodic Hann, power spectrum, Slaney mel filters, dB with a floor of
-    TOP_DB below each signal's own peak, orthonormal DCT-II. float64 input stays float64, anything else is
-    float32; the result lives on y's device (CPU for numpy input).
+    Centred frames (zero padding), periodic Hann, power spectrum, Slaney mel filters, dB floored TOP_DB below
+    each signal's own peak, orthonormal DCT-II. float64 input stays float64, anything else is float32.
     """
     x = torch.as_tensor(y)
     if not x.is_floating_point() or x.ndim == 0 or x.shape[-1] == 0:
@@ -391,15 +369,14 @@ def mfcc(y, sr=SAMPLE_RATE, n_mfcc=N_MFCC, hop_length=HOP_LENGTH, n_fft=N_FFT, n
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     window, mel, dct = _mfcc_operators(sr, n_fft, n_mels, n_mfcc, x.device, dtype)
     lead = x.shape[:-1]
-    # the transform and |S|^2 run in float64 and are then rounded: librosa's float64 rfft is stored as
-    # complex64 before squaring, a difference within float32 rounding (1e-7 dB), and complex abs is slow
+    # |S|^2 in float64, then rounded: librosa's complex64 rounding before squaring is within float32's (1e-7 dB)
     spec = torch.stft(x.reshape(-1, x.shape[-1]).to(torch.float64), n_fft, hop_length, window=window,
                       center=True, pad_mode="constant", return_complex=True)          # (B, F, T)
     re_im = torch.view_as_real(spec)                                                 # (B, F, T, 2)
     power = (re_im[..., 0] ** 2).addcmul_(re_im[..., 1], re_im[..., 1]).to(dtype)     # (B, F, T)
     db = (mel @ power).clamp_(min=AMIN).log10_().mul_(10.0)                          # (B, n_mels, T)
     db = torch.maximum(db, db.amax(dim=(-2, -1), keepdim=True) - TOP_DB)
-    # a float32 product drifts ~1e-3 dB from scipy's DCT on loud frames; float64 then rounding stays ~1e-5
+    # in float64: a float32 product drifts ~1e-3 dB from scipy's DCT on loud frames
     coeffs = (dct @ db.to(torch.float64)).to(dtype)                                  # (B, n_mfcc, T)
     return coeffs.reshape(*lead, n_mfcc, coeffs.shape[-1])
 
@@ -407,10 +384,9 @@ def mfcc(y, sr=SAMPLE_RATE, n_mfcc=N_MFCC, hop_length=HOP_LENGTH, n_fft=N_FFT, n
 def mfcc_at_fps(y, sr=SAMPLE_RATE, n_frames=None, n_mfcc=N_MFCC):
     """MFCCs at the motion frame rate: y (..., N) -> float32 tensor (..., n_frames, n_mfcc).
 
-    Rule: MFCCs are taken with hop round(sr / FPS) (533 samples at 16 kHz), so frame j is centred at
-    j * hop / sr seconds; motion frame t sits at t / FPS seconds and gets the linear interpolation of
-    the MFCC track at that time, holding the last MFCC frame past the end. n_frames defaults to
-    round(N * FPS / sr), e.g. 240 for 8 s.
+    MFCCs are taken with hop round(sr / FPS), frame j centred at j * hop / sr seconds; motion frame t (at t / FPS
+    seconds) gets the track linearly interpolated there, the last frame held past the end. n_frames defaults
+    to round(N * FPS / sr).
     """
     x = torch.as_tensor(y)
     if n_frames is None:
@@ -429,16 +405,14 @@ def mfcc_at_fps(y, sr=SAMPLE_RATE, n_frames=None, n_mfcc=N_MFCC):
     return resampled.transpose(-1, -2).contiguous()
 
 
-# ------------------------------------------------------------ support: beats (Table II's BA), file readers, weights files
+# -------------------------------------------------------- support: beats (Table II's BA), file readers, weights files
 
-MAX_PARAMETERS = 4 * 10 ** 9    # a config.json that asks for more is damaged (the largest wav2vec 2.0, XLS-R 2B,
-                                # has 2.2e9)
+MAX_PARAMETERS = 4 * 10 ** 9    # a config.json asking for more is damaged (the largest wav2vec 2.0 has 2.2e9)
 
 
 def config_from_dict(cls, d):
-    """A Wav2Vec2Config (cls) from a config.json dict, ignoring the keys that only training or task heads use.
-    Types, sizes that fit together and the parameter count (at most MAX_PARAMETERS) are checked before anything
-    is made, so a damaged file is refused rather than allocated (ValueError)."""
+    """A Wav2Vec2Config (cls) from a config.json dict, ignoring keys only training or task heads use. Types, sizes
+    and the parameter count (at most MAX_PARAMETERS) are checked first: a damaged file is refused (ValueError)."""
     if not isinstance(d, dict):
         raise ValueError(f"expected a JSON object, got {type(d).__name__}")
     known = {f.name: f for f in fields(cls)}
@@ -478,10 +452,9 @@ def config_from_dict(cls, d):
 def load_pretrained(cls, path, config=None):
     """A Hugging Face wav2vec 2.0 checkpoint -> the model class cls with its weights.
 
-    path: a directory with config.json and model.safetensors or pytorch_model.bin, or one such weights file
-    (its config from `config`, a Wav2Vec2Config or config.json dict, else config.json beside it).
-    Base-model keys with or without the 'wav2vec2.' prefix (e.g. Wav2Vec2ForCTC checkpoints); task heads
-    and pre-training parts are ignored. Anything else missing or left over raises ValueError listing it.
+    path: a directory with config.json and model.safetensors or pytorch_model.bin, or one such weights file (its
+    config from `config`, a Wav2Vec2Config or config.json dict, else config.json beside it). Keys with or without
+    'wav2vec2.'; task heads and pre-training parts are ignored; anything else missing or left over: ValueError.
     """
     path = Path(path)
     if path.is_dir():
@@ -507,7 +480,6 @@ def load_pretrained(cls, path, config=None):
             config = Wav2Vec2Config.from_dict(config)
         except (TypeError, ValueError) as e:                 # TypeError: a key's value of the wrong kind
             raise ValueError(f"{config_file}: not a usable wav2vec 2.0 config ({e})") from None
-    cfg = config
     if weights.suffix == ".safetensors":
         state = read_safetensors(weights)
     else:
@@ -517,9 +489,9 @@ def load_pretrained(cls, path, config=None):
             raise ValueError(f"{weights}: not a readable PyTorch weights file ({first_line(e)})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{weights}: not a flat state dict of tensors")
-    model = cls(cfg)
+    model = cls(config)
     try:
-        model.load_state_dict(hf_to_ours(state, cfg, model.state_dict(), weights))
+        model.load_state_dict(hf_to_ours(state, config, model.state_dict(), weights))
     except (ValueError, RuntimeError, IndexError, TypeError) as e:  # a tensor that does not fit where it goes
         detail = str(e).removeprefix(f"{weights}: ") if isinstance(e, ValueError) else first_line(e)
         raise ValueError(f"{weights}: does not fit {config_file} ({detail})") from None
@@ -539,12 +511,8 @@ MAX_BPM = 320.0            # tempi at or above this are never chosen
 TIGHTNESS = 100.0          # how strongly beat spacing is held to the tempo
 PRIOR_STD_OCTAVES = 1.0    # width of the tempo prior, in octaves of bpm
 AC_LOG_GAIN = 1e6          # autocorrelation is compressed as log1p(gain * ac) before the prior is added
-MEDIAN_BLOCK = 4            # neighbouring median windows sharing one selection network (fastest here)
+MEDIAN_BLOCK = 4           # neighbouring median windows sharing one selection network
 BEAT_SMOOTH = np.array([0.0, 0.5, 1.0, 0.5, 0.0])   # 5-point Hann used to judge weak edge beats
-
-
-def _complex_dtype(real_dtype):
-    return np.complex128 if real_dtype == np.float64 else np.complex64
 
 
 def _stft(y, n_fft, hop_length):
@@ -555,7 +523,7 @@ def _stft(y, n_fft, hop_length):
     pad = [(0, 0)] * (y.ndim - 1) + [(n_fft // 2, n_fft // 2)]
     frames = np.lib.stride_tricks.sliding_window_view(np.pad(y, pad), n_fft, axis=-1)[..., ::hop_length, :]
     spec = np.fft.rfft(frames * hann_window(n_fft), axis=-1)                         # (..., T, F)
-    return np.swapaxes(spec, -1, -2).astype(_complex_dtype(y.dtype))
+    return np.swapaxes(spec, -1, -2).astype(np.complex128 if y.dtype == np.float64 else np.complex64)
 
 
 @functools.lru_cache(maxsize=32)
@@ -571,10 +539,7 @@ def _window_envelope(n_fft, hop_length, n_frames, dtype):
 
 def _istft(spec, n_fft, hop_length, length, dtype):
     """Inverse of _stft by windowed overlap-add, normalised by the summed squared window -> (..., length).
-
-    Frames are added one after another into a `dtype` buffer, the order and rounding librosa uses, so a
-    float32 result is bit-identical to librosa.istft.
-    """
+    Frames are added one by one into a `dtype` buffer, librosa's order and rounding (bit-identical results)."""
     n_frames = spec.shape[-1]
     chunks = hann_window(n_fft) * np.fft.irfft(np.swapaxes(spec, -1, -2), n=n_fft, axis=-1)  # (..., T, n_fft)
     signal = np.zeros(spec.shape[:-2] + (n_fft + hop_length * (n_frames - 1),), dtype=dtype)
@@ -660,13 +625,11 @@ def _select(values, ranks):
 
 def median_filter(x, size, axis):
     """Running median of odd length `size` along `axis`, edges mirrored (x[1] x[0] | x[0] x[1] ...), equal to
-    scipy.ndimage.median_filter(mode='reflect') with a 1-D kernel (axes of 3 or more samples: on 2-sample axes
-    scipy's own 1-D path departs from its mirror rule).
+    scipy.ndimage.median_filter(mode='reflect') with a 1-D kernel on axes of 3 or more samples.
 
-    Selection networks of elementwise min/max run over whole planes. Windows come in groups of MEDIAN_BLOCK
-    neighbours that share size - MEDIAN_BLOCK + 1 samples: one network finds the MEDIAN_BLOCK ranks of the
-    shared part that can still be the median, and each window's median is then the median of those and its
-    own MEDIAN_BLOCK - 1 other samples.
+    Selection networks of elementwise min/max over whole planes. Groups of MEDIAN_BLOCK neighbouring windows
+    share size - MEDIAN_BLOCK + 1 samples: one network finds the shared part's ranks that can still be the
+    median, and each window's median is that of those and its own MEDIAN_BLOCK - 1 other samples.
     """
     if size % 2 == 0 or size < 1:
         raise ValueError(f"median_filter: size must be odd and positive, got {size}")
@@ -754,7 +717,7 @@ def tempo(onset_envelope, sr=SAMPLE_RATE, hop_length=HOP_LENGTH, start_bpm=START
     width = int(TEMPO_WINDOW_S * sr) // hop_length                                   # lags per window
     padded = np.pad(env, (width // 2, width // 2), mode="linear_ramp", end_values=0)
     frames = np.lib.stride_tricks.sliding_window_view(padded, width)[:n] * hann_window(width)   # (n, width)
-    n_fft = _next_fast_len(2 * width - 1)
+    n_fft = next_fast_len(2 * width - 1, real=True)
     spectrum = np.fft.rfft(frames, n=n_fft, axis=-1)
     autocorr = np.fft.irfft(spectrum.real ** 2 + spectrum.imag ** 2, n=n_fft, axis=-1)[:, :width]
     peak = np.abs(autocorr).max(axis=-1, keepdims=True)
@@ -765,19 +728,6 @@ def tempo(onset_envelope, sr=SAMPLE_RATE, hop_length=HOP_LENGTH, start_bpm=START
     log_prior = -0.5 * ((np.log2(bpms) - np.log2(start_bpm)) / PRIOR_STD_OCTAVES) ** 2
     log_prior[:int(np.argmax(bpms < MAX_BPM))] = -np.inf
     return float(bpms[np.argmax(np.log1p(AC_LOG_GAIN * mean_ac) + log_prior)])
-
-
-def _next_fast_len(n):
-    """Smallest 2^a 3^b 5^c >= n, the real-FFT size scipy.fft.next_fast_len(n, real=True) picks."""
-    size = n
-    while True:
-        rest = size
-        for prime in (2, 3, 5):
-            while rest % prime == 0:
-                rest //= prime
-        if rest == 1:
-            return size
-        size += 1
 
 
 def _local_score(onsets, period):
@@ -798,9 +748,8 @@ def _local_score(onsets, period):
 def _beat_dp(score, period, tightness):
     """Best predecessor of every frame: cumulative score and back-link (-1: none), by dynamic programming.
 
-    A frame may follow any frame 0.5..2 periods back, paying tightness * log(gap / period)². All frames of
-    one block shorter than the minimum gap depend only on earlier blocks, so each block is one numpy step;
-    ties go to the nearest predecessor, as in librosa's scan.
+    A frame may follow any frame 0.5..2 periods back, paying tightness * log(gap / period)². A block shorter than
+    the minimum gap depends only on earlier blocks: one numpy step each; ties go to the nearest, as in librosa.
     """
     n = len(score)
     nearest = int(np.round(period / 2))
@@ -904,29 +853,26 @@ def _wav_declared_frames(path, info):
 _SUBTYPE_BYTES = {"PCM_U8": 1, "PCM_S8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8}
 MIN_RATE, MAX_RATE = 1_000, 768_000   # Hz, the sample rates accepted; outside them a header is damaged
 SCAN_FRAMES = 1 << 20                 # frames checked at a time when a sound file is opened
-# The containers ffmpeg may open for us: none of them opens another file, as playlists (hls), concat scripts or
-# image sequences would, whatever a file claims to be.
+# The containers ffmpeg may open for us: none opens another file, as playlists, concat scripts or image sequences do.
 FFMPEG_FORMATS = "mov,matroska,webm,mp3,aac,ogg,flac,wav,w64,aiff,caf,asf,avi,flv,mpegts,mpeg,amr,ac3,eac3,wv,ape,tta"
 AAC_PRIMING = 1024                    # samples an AAC encoder puts before the sound; ADTS has no field to say so
 
 
 def _decode_with_ffmpeg(path, sr):
-    """
-    The first audio stream of a file libsndfile does not know (m4a, aac, webm, mp4, mkv, ...) decoded by the
-    bundled ffmpeg to mono float32 at `sr` Hz, as a read-only memory map of a temporary raw file: memory is
-    spent only on the stretches read, and every stretch holds the same samples. The path goes to ffmpeg as
-    'file:' plus the absolute path with only the file protocol allowed, so a file named 'concat:a|b', 'http://..'
-    or '-i' is that file. Refusals (ValueError naming the file): no audio stream, or not readable by ffmpeg.
-    """
+    """The first audio stream of a file libsndfile does not know (m4a, aac, webm, mp4, ...) decoded by ffmpeg to
+    mono float32 at `sr` Hz, as a read-only memory map of a temporary raw file. The path goes as 'file:' + the
+    absolute path, only the file protocol allowed, so a file named 'concat:a|b', 'http://..' or '-i' is that file.
+    Refusals (ValueError naming the file): no audio stream, or not readable by ffmpeg."""
     try:
         import imageio_ffmpeg    # only for formats libsndfile lacks: audio.py alone still reads wav without it
     except ImportError:
         raise ValueError(f"{path}: unreadable audio (libsndfile does not know it, and imageio-ffmpeg, which "
                          f"would decode it, is not installed)") from None
-    with open(path, 'rb') as f:                   # a raw AAC (ADTS) stream opens with the 12-bit sync word
-        adts = f.read(2)
-    trim = ['-af', f'atrim=start_sample={AAC_PRIMING}'] if adts[:1] == b'\xff' and adts[1:2] and adts[1] & 0xF6 == 0xF0 \
-        else []                                   # mp4 / m4a say the priming in an edit list, which ffmpeg honours
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    # A raw AAC (ADTS) stream opens with the 12-bit sync word; mp4 / m4a say their priming in an edit list instead
+    adts = len(head) == 2 and head[0] == 0xFF and head[1] & 0xF6 == 0xF0
+    trim = ['-af', f'atrim=start_sample={AAC_PRIMING}'] if adts else []
     with tempfile.NamedTemporaryFile(suffix='.f32') as raw:
         command = [imageio_ffmpeg.get_ffmpeg_exe(), '-nostdin', '-v', 'error', '-protocol_whitelist', 'file',
                    '-format_whitelist', FFMPEG_FORMATS, '-i', f"file:{Path(path).resolve()}", '-map', '0:a:0',
@@ -941,18 +887,14 @@ def _decode_with_ffmpeg(path, sr):
             raise ValueError(f"{path}: unreadable audio (neither libsndfile nor ffmpeg reads it: {reason})")
         if Path(raw.name).stat().st_size == 0:
             return np.zeros(0, np.float32)
-        # Mapped before the file is removed on leaving this block: the mapping keeps its pages, and the disk space
-        # is freed when the AudioFile goes, whatever ends the program.
+        # Mapped before the file is removed on leaving this block: its disk space goes with the mapping.
         return np.memmap(raw.name, np.float32, 'r')
 
 
 class AudioFile:
-    """
-    A sound file read the way load_audio reads it (mono float32 at `sr` Hz, the same samples), a stretch at a
-    time: song[a:b] holds samples a..b-1 (fewer past the end), len(song) counts them. A song of any length
-    costs memory for the stretch read only. Opening refuses (ValueError naming the file) unreadable, empty and
-    truncated files, sample rates no recorder writes and NaN or infinite samples.
-    """
+    """A sound file read as load_audio reads it (mono float32 at `sr` Hz), a stretch at a time: song[a:b] holds
+    samples a..b-1 (fewer past the end), len(song) counts them. Opening refuses (ValueError naming the file)
+    unreadable, empty and truncated files, sample rates no recorder writes and NaN or infinite samples."""
 
     def __init__(self, path, sr=SAMPLE_RATE):
         self.path = Path(path)
@@ -975,8 +917,7 @@ class AudioFile:
         g = math.gcd(int(sr), int(info.samplerate))
         self.up, self.down = int(sr) // g, int(info.samplerate) // g
         self.length = -(-self.frames * self.up // self.down)        # resample_poly's output length
-        # One pass over the samples, a block at a time: damage (a NaN, data cut short) is refused on opening,
-        # before any model runs on the song, not an hour into it.
+        # One pass over the samples: damage (a NaN, data cut short) is refused before any model runs on the song.
         for start in range(0, self.frames, SCAN_FRAMES):
             self._read(start, min(self.frames, start + SCAN_FRAMES))
 
@@ -989,8 +930,8 @@ class AudioFile:
             raise IndexError(f"{self.path}: read a stretch song[a:b] with a < b, not {index}")
         if self.up == self.down:
             return self._read(start, stop)
-        # Resample a stretch with the filter's reach of context on both sides, starting on an input sample that
-        # maps to a whole output sample: its outputs are then those of resampling the whole file.
+        # The filter's reach of context on both sides, from an input sample that maps to a whole output sample:
+        # the outputs are then those of resampling the whole file.
         reach = 10 * max(self.up, self.down) // self.up + 2          # resample_poly's half filter, input samples
         first = max(0, start * self.down // self.up - reach) // self.down * self.down
         last = min(self.frames, -(-stop * self.down // self.up) + reach)
@@ -1025,11 +966,9 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, 
 
 
 def read_safetensors(path):
-    """Read a .safetensors file into a dict of CPU tensors (numpy only, no safetensors package).
-
-    Layout: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
-    raw little-endian data; offsets count from the end of the header. BF16 is widened to float32 (bit shift).
-    """
+    """Read a .safetensors file into a dict of CPU tensors (numpy only): an 8-byte little-endian header length, a
+    JSON header {name: {dtype, shape, data_offsets}}, then the little-endian data, offsets counted from the end of
+    the header. BF16 is widened to float32."""
     path = Path(path)
     data = np.fromfile(path, dtype=np.uint8)
     if data.size < 8:
@@ -1068,72 +1007,62 @@ def read_safetensors(path):
     return tensors
 
 
-def _fold_weight_norm(g, v):
-    """torch weight_norm(dim=2), as HF applies it to the positional conv: w = g * v / ||v||, the norm taken over
-    all dims but 2 (one norm per kernel tap)."""
-    return g * v / v.norm(dim=(0, 1), keepdim=True)
-
-
 def hf_to_ours(state, cfg, expected, source):
     """Map a Hugging Face Wav2Vec2Model state dict to ours, by name: strips 'wav2vec2.', drops HF_IGNORED parts,
     permutes conv weights to channels-last, folds the positional conv's weight norm (either spelling) and
     stacks q/k/v. `expected` is our state dict (for shapes); `source` names the file in errors."""
     hf = {k.removeprefix("wav2vec2."): v for k, v in state.items()}
     hf = {k: v for k, v in hf.items() if not k.startswith(HF_IGNORED)}
-    used, missing = set(), []
+    used, missing, ours = set(), [], {}  # ours: our name -> (tensor, the HF names it came from)
 
-    def take(key):
-        if key not in hf:
-            missing.append(key)
-            return None
-        used.add(key)
-        return hf[key]
+    def put(name, *keys, make=lambda t: t):
+        """ours[name] = make(the HF tensors of keys) when all of them are there."""
+        used.update(k for k in keys if k in hf)
+        missing.extend(k for k in keys if k not in hf)
+        if all(k in hf for k in keys):
+            ours[name] = (make(*(hf[k] for k in keys)), keys)
 
-    ours = {}  # our name -> (tensor, the HF names it came from)
+    def tap_major(w):  # (C_out, C_in, kernel) -> (kernel*C_in, C_out)
+        return w.permute(2, 1, 0).reshape(-1, w.shape[0]) if w.dim() == 3 else w
 
-    def put(name, tensor, *hf_names):
-        if tensor is not None:
-            ours[name] = (tensor, hf_names)
+    def fold_weight_norm(g, v):  # torch weight_norm(dim=2), as HF applies it: w = g * v / ||v||, a norm per tap
+        if g.shape != (1, 1, v.shape[2]):
+            raise ValueError(f"{source}: {g_v[0]} has shape {tuple(g.shape)}, expected {(1, 1, v.shape[2])}")
+        g32, v32 = g.float(), v.float()
+        return (g32 * v32 / v32.norm(dim=(0, 1), keepdim=True)).to(v.dtype)
 
     for i in range(len(cfg.conv_dim)):
         hf_l, our_l = f"feature_extractor.conv_layers.{i}", f"features.layers.{i}"
-        w = take(f"{hf_l}.conv.weight")  # (C_out, C_in, kernel)
-        if w is not None and w.dim() == 3:
-            w = w.permute(2, 1, 0).reshape(-1, w.shape[0])  # (kernel*C_in, C_out), tap-major
-        put(f"{our_l}.weight", w, f"{hf_l}.conv.weight")
+        put(f"{our_l}.weight", f"{hf_l}.conv.weight", make=tap_major)
         if cfg.conv_bias:
-            put(f"{our_l}.bias", take(f"{hf_l}.conv.bias"), f"{hf_l}.conv.bias")
+            put(f"{our_l}.bias", f"{hf_l}.conv.bias")
         if cfg.feat_extract_norm == "layer" or i == 0:
             for p in ("weight", "bias"):
-                put(f"{our_l}.norm.{p}", take(f"{hf_l}.layer_norm.{p}"), f"{hf_l}.layer_norm.{p}")
+                put(f"{our_l}.norm.{p}", f"{hf_l}.layer_norm.{p}")
     for hf_n, our_n in (("feature_projection.layer_norm", "proj_norm"), ("feature_projection.projection", "proj"),
                         ("encoder.layer_norm", "encoder_norm")):
         for p in ("weight", "bias"):
-            put(f"{our_n}.{p}", take(f"{hf_n}.{p}"), f"{hf_n}.{p}")
+            put(f"{our_n}.{p}", f"{hf_n}.{p}")
 
     pos = "encoder.pos_conv_embed.conv"
     spellings = [(f"{pos}.weight_g", f"{pos}.weight_v"),
                  (f"{pos}.parametrizations.weight.original0", f"{pos}.parametrizations.weight.original1")]
     g_v = next((s for s in spellings if s[0] in hf and s[1] in hf), None)
     if g_v is not None:
-        g, v = take(g_v[0]), take(g_v[1])
-        if g.shape != (1, 1, v.shape[2]):
-            raise ValueError(f"{source}: {g_v[0]} has shape {tuple(g.shape)}, expected {(1, 1, v.shape[2])}")
-        put("pos_conv.weight", _fold_weight_norm(g.float(), v.float()).to(v.dtype), *g_v)
+        put("pos_conv.weight", *g_v, make=fold_weight_norm)
     else:
-        put("pos_conv.weight", take(f"{pos}.weight"), f"{pos}.weight")  # weight norm already removed
-    put("pos_conv.bias", take(f"{pos}.bias"), f"{pos}.bias")
+        put("pos_conv.weight", f"{pos}.weight")  # weight norm already removed
+    put("pos_conv.bias", f"{pos}.bias")
 
     for i in range(cfg.num_hidden_layers):
         hf_l, our_l = f"encoder.layers.{i}", f"layers.{i}"
         for p in ("weight", "bias"):
-            qkv = [take(f"{hf_l}.attention.{n}_proj.{p}") for n in "qkv"]
-            if all(t is not None for t in qkv):
-                put(f"{our_l}.attn.qkv.{p}", torch.cat(qkv), *(f"{hf_l}.attention.{n}_proj.{p}" for n in "qkv"))
+            put(f"{our_l}.attn.qkv.{p}", *(f"{hf_l}.attention.{n}_proj.{p}" for n in "qkv"),
+                make=lambda *qkv: torch.cat(qkv))
             for hf_n, our_n in (("attention.out_proj", "attn.out"), ("layer_norm", "attn_norm"),
                                 ("feed_forward.intermediate_dense", "ffn.fc1"),
                                 ("feed_forward.output_dense", "ffn.fc2"), ("final_layer_norm", "ffn_norm")):
-                put(f"{our_l}.{our_n}.{p}", take(f"{hf_l}.{hf_n}.{p}"), f"{hf_l}.{hf_n}.{p}")
+                put(f"{our_l}.{our_n}.{p}", f"{hf_l}.{hf_n}.{p}")
 
     unexpected = sorted(set(hf) - used)
     if missing or unexpected:

@@ -41,7 +41,7 @@ import data
 import metrics
 import render
 import unisinger
-from audio import SAMPLE_RATE
+from audio import FPS, SAMPLE_RATE
 from builtin import procedural_head, stand_in_flame
 from flame import MOTION_DIM, N_EXPR, N_SHAPE
 from data import format_duration
@@ -257,7 +257,7 @@ def bench_render(device="cpu"):
 # ----------------------------------------------------------------------------- preview: the shaded previews
 
 PREVIEW_FRAMES = 300        # frames written (10 s of song) in each timed preview
-SONG_FRAMES = 3 * 60 * render.FPS   # a 3-minute song's frames, what the row extrapolates to
+SONG_FRAMES = 3 * 60 * FPS   # a 3-minute song's frames, what the row extrapolates to
 FLAT_SIZE = 256             # pixels a side of the previews before (the reference)
 FLAT_AMBIENT = 0.25         # their share of the skin colour lit regardless of orientation
 
@@ -735,11 +735,11 @@ def untrained_checkpoint(folder):
 
 def _portrait_peak_mb(seconds, ckpt, image, out):
     """In a child: peak resident MB of the process writing a portrait video of `seconds` seconds of motion."""
-    frames = seconds * render.FPS
+    frames = seconds * FPS
     motion = np.zeros((frames, MOTION_DIM), np.float32)
     motion[:, :10] = 0.5 * np.sin(np.arange(frames)[:, None] / 7.0 + np.arange(10))
     motion[:, -3] = 0.15 * (1 + np.sin(np.arange(frames) / 3.0))                        # jaw opening and closing
-    voice = (0.1 * np.sin(np.arange(round(frames / render.FPS * SAMPLE_RATE)) * 0.05)).astype(np.float32)
+    voice = (0.1 * np.sin(np.arange(round(frames / FPS * SAMPLE_RATE)) * 0.05)).astype(np.float32)
     portrait_video(unisinger.load_renderer(ckpt), image, stand_in_flame(), np.zeros(N_SHAPE, np.float32), motion, out,
                    audio=voice)
     return peak_mb()

@@ -1,23 +1,20 @@
 """
 The built-in world: a stand-in FLAME head and a SingingHead-layout data set made from nothing, so that every
-command runs with no download. Nothing of the method lives here; the rest of the library sees it through
-`stand_in_flame`, `load_flame` and `builtin_data`.
+command runs with no download. Nothing of the method lives here; the library sees it through `stand_in_flame`,
+`load_flame` and `builtin_data`. Holds, in the order the data set is made:
+- the stand-in head (`procedural_head`): FLAME-format arrays of a deformed sphere with a face, 100 shape and
+  50 expression blendshapes, pose correctives, 5 joints, 68 landmarks, region masks, lips cut to open;
+- the singers (`make_person`), their songs (`compose_song`), voices (`sing`), background music (`play_music`)
+  and the motion law, a known function of the sound (`song_motion`);
+- the filmed person (`filmed_body`, `film`): the stand-in head made up, dressed and lit like a portrait video;
+- `generate_dataset` / `builtin_data` (made once, rebuilt when BUILTIN_VERSION changes), and which head a data
+  set or a checkpoint needs (`require_head`, `flame_record`, `resolve_flame`).
 
-Holds, in the order the data set is made:
-- the stand-in head: FLAME-format arrays of a deformed sphere with a face (`procedural_head`): 100 shape and
-  50 expression blendshapes, pose correctives, 5 joints, 68 landmarks and region masks, lips cut to open;
-- the singers (`make_person`), their songs (`compose_song`), source-filter voices (`sing`), the background
-  music (`play_music`) and the motion law, a known function of the sound (`song_motion`);
-- the filmed person: the stand-in head made up, dressed and lit like a portrait recording (`filmed_body`,
-  `film`), for the render stage;
-- `generate_dataset` / `builtin_data` (the data set, made once and rebuilt when BUILTIN_VERSION changes),
-  and which head a data set or a checkpoint needs (`require_head`, `flame_record`, `resolve_flame`).
-
-The motion law, per frame t (frame t covers audio [t/30, (t+1)/30) s): the jaw opens by jaw_gain * 0.3 rad *
-envelope * the vowel's openness; the mouth's expressions follow the vowel (/a/ open, /e/ /i/ spread, /o/ /u/
-rounded); the brows rise with the pitch; the head nods (global and half as much neck x-rotation) at every
-beat; plus each person's offsets and a little smooth noise. Files are written in the release's layout
-(data.py), the videos for one person's val, test and first train sequences.
+The motion law, per frame t (covering audio [t/30, (t+1)/30) s): the jaw opens by jaw_gain * 0.3 rad *
+envelope * the vowel's openness; the mouth follows the vowel (/a/ open, /e/ /i/ spread, /o/ /u/ rounded); the
+brows rise with the pitch; the head nods (global and half as much neck x-rotation) at every beat; plus each
+person's offsets and a little smooth noise. Files are in the release's layout (data.py), with videos of one
+person's val, test and first train sequences.
 
 Depends on numpy, scipy, torch and our flame.py, audio.py, render.py and data.py.
 
@@ -54,9 +51,7 @@ BUILTIN_VERSION = 2                   # bump when the generator changes: an olde
 TEST_SHARE, VAL_SHARE = 0.15, 0.05    # the release's 80 / 5 / 15 % split by sequence
 
 
-
-# ----------------------------------------------------------------------------------------------
-# Procedural stand-in head
+# ----------------------------------------------------------------------------- the stand-in head
 
 # Grid of a deformed UV sphere, polar angle a from +y (0 top, pi bottom), azimuth phi from +z towards +x.
 N_RINGS, N_LON = 68, 74
@@ -64,11 +59,9 @@ RING_DENSITY, LON_DENSITY = 0.45, 0.5     # how much denser rings/meridians are 
 FACE_CENTRE_U = 0.55                      # ring parameter where rings are densest (between eyes and mouth)
 HEAD_RADII = np.array([0.078, 0.112, 0.098])  # m: half width, half height, half depth of the head ellipsoid
 NECK_RADIUS, NECK_Z, NECK_BOTTOM = 0.052, -0.02, -0.185  # m
-MOUTH_A = 0.64 * math.pi                  # polar angle of the lips' seam (y ~ -4.3 cm)
-MOUTH_HALF_WIDTH = 0.26                   # rad of azimuth (~2.4 cm)
+MOUTH_A, MOUTH_HALF_WIDTH = 0.64 * math.pi, 0.26   # lips' seam: polar angle (y ~ -4.3 cm), half azimuth (~2.4 cm)
 EYE_A, EYE_PHI = 0.385 * math.pi, 0.36    # eye socket centres (y ~ +3.7 cm, x ~ +-3.4 cm)
-BROW_A = 0.33 * math.pi
-CHIN_A = 0.76 * math.pi
+BROW_A, CHIN_A = 0.33 * math.pi, 0.76 * math.pi   # polar angles of the brows and the chin
 JAW_PIVOT = np.array([0.072, -0.02, 0.0])  # m, right-hand TMJ; mirrored for the left one
 
 
@@ -93,7 +86,8 @@ def _nose(a, phi):
 
 def _relief(a, phi):
     """Radial relief (m) of the face features, a function of direction only."""
-    relief = 0.022 * _nose(a, phi) + 0.006 * (_bump(a, phi, 0.53 * math.pi, 0.14, 0.03, 0.05) + _bump(a, phi, 0.53 * math.pi, -0.14, 0.03, 0.05))
+    wings = _bump(a, phi, 0.53 * math.pi, 0.14, 0.03, 0.05) + _bump(a, phi, 0.53 * math.pi, -0.14, 0.03, 0.05)
+    relief = 0.022 * _nose(a, phi) + 0.006 * wings
     for side in (-1, 1):
         relief += -0.010 * _bump(a, phi, EYE_A, side * EYE_PHI, 0.05 * math.pi, 0.14)        # socket
         relief += 0.006 * _bump(a, phi, EYE_A, side * EYE_PHI, 0.022 * math.pi, 0.06)        # eyeball
@@ -122,7 +116,8 @@ def _radius(d):
 def _grid():
     """Polar angles (R,) of the rings and azimuths (L,) of the meridians, denser over the face."""
     u = np.arange(1, N_RINGS + 1) / (N_RINGS + 1)
-    u = u - RING_DENSITY * (np.sin(2 * math.pi * (u - FACE_CENTRE_U)) + math.sin(2 * math.pi * FACE_CENTRE_U)) / (2 * math.pi)
+    u = u - RING_DENSITY * (np.sin(2 * math.pi * (u - FACE_CENTRE_U))
+                            + math.sin(2 * math.pi * FACE_CENTRE_U)) / (2 * math.pi)
     x = -1 + 2 * np.arange(N_LON) / N_LON
     return math.pi * u, math.pi * (x - LON_DENSITY * np.sin(math.pi * x) / math.pi)
 
@@ -150,12 +145,10 @@ def _landmark_chart(a_mouth):
     pts += [(a, 0.0, 0) for a in np.linspace(0.40, 0.52, 4) * math.pi]                # 27-30 nose ridge
     pts += [(0.545 * math.pi, p, 0) for p in (-0.12, -0.06, 0.0, 0.06, 0.12)]          # 31-35 nostrils
     h, w, m = 0.02 * math.pi, 0.13, 0.045
-    for c, outer in ((-EYE_PHI, -1), (EYE_PHI, 1)):                                    # 36-47 eyes, iBUG order
+    for c, outer in ((-EYE_PHI, -1), (EYE_PHI, 1)):   # 36-47 eyes in iBUG order: the left one from its inner corner
         ring = [(EYE_A, c + outer * w), (EYE_A - h, c + outer * m), (EYE_A - h, c - outer * m),
                 (EYE_A, c - outer * w), (EYE_A + h, c - outer * m), (EYE_A + h, c + outer * m)]
-        if outer == 1:  # left eye starts at its inner corner
-            ring = ring[3:4] + ring[2:3] + ring[1:2] + ring[0:1] + ring[5:6] + ring[4:5]
-        pts += [(a, p, 0) for a, p in ring]
+        pts += [(*ring[k], 0) for k in ((0, 1, 2, 3, 4, 5) if outer < 0 else (3, 2, 1, 0, 5, 4))]
     pw = MOUTH_HALF_WIDTH
     pts += [(a_mouth, -pw, 0)] + [(a_mouth - 0.045, p, 0) for p in (-0.17, -0.08, 0, 0.08, 0.17)]   # 48-53
     pts += [(a_mouth, pw, 0)] + [(a_mouth + 0.055, p, 0) for p in (0.17, 0.08, 0, -0.08, -0.17)]    # 54-59
@@ -174,8 +167,7 @@ def _embed_landmarks(pts, rings_a, lon_phi, L, mouth_ring):
             u = float(np.interp(a, rings_a, np.arange(len(rings_a))))
             i, fu = int(u), u - int(u)
         v = float(np.interp(phi, lon_phi, np.arange(L)))
-        j = int(v)
-        fv = v - j
+        j, fv = int(v), v - int(v)
         first = L + 2 * (i * L + j)
         if fu + fv <= 1:
             faces.append(first), bary.append((1 - fu - fv, fu, fv))          # triangle (a, c, b)
@@ -185,24 +177,18 @@ def _embed_landmarks(pts, rings_a, lon_phi, L, mouth_ring):
 
 
 def procedural_head(seed=0):
-    """FLAME-format arrays of the stand-in head (dict of numpy float64 arrays plus landmarks and masks).
-
-    A deformed UV sphere united with a neck, with nose, eye sockets, brows, cheekbones, ears, lips and chin.
-    The lips' seam is cut (its lower edge duplicated) so the mouth opens when the jaw rotates: jaw weights
-    cover the lower lip, chin and lower cheeks. Shape blendshapes 0-14 are hand-made (width, height, depth,
-    nose, chin, jaw, forehead, cheeks, eyes, mouth, neck, crown, lower face, brows, ears), the rest smooth
-    random fields; expressions 0-15 are hand-made (mouth open, smile, frown, pucker, lip raise/depress,
-    brows, cheek puff, lip stretch, one-sided smiles, squint, nose wrinkle, jaw shift, funnel), the rest
-    smooth localized random bumps. Only those random parts depend on the seed.
-    """
+    """FLAME-format arrays of the stand-in head (dict of numpy float64 arrays plus landmarks and masks): a
+    deformed UV sphere united with a neck, with nose, eye sockets, brows, cheekbones, ears, lips and chin. The
+    lips' seam is cut so the mouth opens when the jaw rotates. Hand-made: shape blendshapes 0-14 (width, height,
+    depth, nose, chin, jaw, forehead, cheeks, eyes, mouth, neck, crown, lower face, brows, ears) and expressions
+    0-15 (mouth open, smile, frown, pucker, lip raise/depress, brows, cheek puff, lip stretch, one-sided smiles,
+    squint, nose wrinkle, jaw shift, funnel); the rest are smooth random fields, the only part the seed sets."""
     rng = np.random.default_rng(seed)
     h = _head_surface()
     weights, jaw, root = _skinning_weights(h)
-    shape = _shape_dirs(h, rng)
-    expr = _expression_dirs(h, jaw, rng)
     lmk_faces, lmk_bary = _embed_landmarks(_landmark_chart(h.a_mouth), h.rings_a, h.lon_phi, h.L, h.mouth_ring)
-    return {
-        'v_template': h.verts, 'shapedirs': np.stack(shape + expr, 2), 'posedirs': _pose_dirs(h, jaw, root, rng),
+    return {   # the blendshapes draw from rng before the pose correctives
+        'v_template': h.verts, 'shapedirs': _blendshapes(h, jaw, rng), 'posedirs': _pose_dirs(h, jaw, root, rng),
         'J_regressor': _joint_regressor(h.verts), 'weights': weights,
         'kintree_table': np.array([[-1, 0, 1, 1, 1], np.arange(5)]),
         'f': h.faces, 'lmk_faces_idx': lmk_faces, 'lmk_bary_coords': lmk_bary, 'masks': _head_masks(h),
@@ -276,15 +262,15 @@ def _joint_regressor(verts):
     """(5, V): each joint the mean of a few surface vertices around it."""
     def nearest(points):
         return [int(np.argmin(((verts - p) ** 2).sum(1))) for p in points]
-    mirror = np.array([-1, 1, 1])
     def surface(a0, phi0):
         d0 = np.array([math.sin(a0) * math.sin(phi0), math.cos(a0), math.sin(a0) * math.cos(phi0)])
         return d0 * (_radius(d0[None])[0] + _relief(a0, phi0))
     rim = lambda s: [surface(EYE_A + da, s * EYE_PHI + dp) for da, dp in ((-0.06, 0), (0.06, 0), (0, -0.12), (0, 0.12))]
     joint_sets = [
-        nearest([(0.03, NECK_BOTTOM, NECK_Z), (-0.03, NECK_BOTTOM, NECK_Z), (0, NECK_BOTTOM, NECK_Z + 0.03), (0, NECK_BOTTOM, NECK_Z - 0.03)]),
+        nearest([(0.03, NECK_BOTTOM, NECK_Z), (-0.03, NECK_BOTTOM, NECK_Z),
+                 (0, NECK_BOTTOM, NECK_Z + 0.03), (0, NECK_BOTTOM, NECK_Z - 0.03)]),
         nearest([(NECK_RADIUS, -0.11, NECK_Z), (-NECK_RADIUS, -0.11, NECK_Z)]),
-        nearest([JAW_PIVOT, JAW_PIVOT * mirror]),
+        nearest([JAW_PIVOT, JAW_PIVOT * [-1, 1, 1]]),
         nearest(rim(1)),
         nearest(rim(-1)),
     ]
@@ -294,8 +280,9 @@ def _joint_regressor(verts):
     return J_regressor
 
 
-def _shape_dirs(h, rng):
-    """Shape blendshapes: a list of N_SHAPE (V, 3) fields, metres per unit coefficient."""
+def _blendshapes(h, jaw, rng):
+    """shapedirs (V, 3, N_SHAPE + N_EXPR), metres per unit coefficient: the shape blendshapes, then the expression
+    ones (those that differ across the lips' seam vanish at the mouth corners)."""
     x, y, z = h.verts.T
     side_x = np.sign(x)
     g = lambda a0, p0, sa, sp: _bump(h.a, h.phi, a0, p0, sa, sp)
@@ -324,18 +311,7 @@ def _shape_dirs(h, rng):
         waves = rng.normal(size=(3, 3)) * 20.0                                   # rad/m: wavelengths ~10-30 cm
         field = sum(np.cos(h.verts @ w + rng.uniform(0, 2 * math.pi)) for w in waves) / 3
         shape.append(normals * (0.003 / (1 + (k - 15) / 15) * field)[:, None])
-    return shape
-
-
-def _expression_dirs(h, jaw, rng):
-    """Expression blendshapes: a list of N_EXPR (V, 3) fields. Those that differ across the seam vanish at the
-    mouth corners."""
-    x = h.verts[:, 0]
-    side_x = np.sign(x)
-    g = lambda a0, p0, sa, sp: _bump(h.a, h.phi, a0, p0, sa, sp)
-    pair = lambda a0, p0, sa, sp: g(a0, p0, sa, sp) + g(a0, -p0, sa, sp)
-    col = lambda v: np.stack(v, 1)
-    zeros, lower, a_mouth = np.zeros(len(h.verts)), h.lower, h.a_mouth
+    lower, a_mouth = h.lower, h.a_mouth
     corner = lambda s: g(a_mouth, s * MOUTH_HALF_WIDTH, 0.05 * math.pi, 0.1)
     corners = corner(1) + corner(-1)
     in_mouth = np.cos(np.clip(h.phi / (MOUTH_HALF_WIDTH + 0.05), -1, 1) * math.pi / 2) ** 2
@@ -346,6 +322,7 @@ def _expression_dirs(h, jaw, rng):
     inner_brows = pair(BROW_A + 0.02 * math.pi, 0.15, 0.03 * math.pi, 0.12)
     lids = pair(EYE_A + 0.01 * math.pi, EYE_PHI, 0.025 * math.pi, 0.12)
     mouth_area = in_mouth * g(a_mouth, 0, 0.08, 10.0)
+    nose_root = g(0.45 * math.pi, 0, 0.04 * math.pi, 0.15)
     expr = [
         col([zeros, -0.006 * lower_lip - 0.004 * chin_down + 0.0015 * upper_lip, zeros]),
         col([0.002 * side_x * corners, 0.004 * corners, -0.001 * corners]),
@@ -360,7 +337,7 @@ def _expression_dirs(h, jaw, rng):
         col([0.002 * corner(1), 0.004 * corner(1), zeros]),
         col([-0.002 * corner(-1), 0.004 * corner(-1), zeros]),
         col([zeros, 0.002 * lids, zeros]),
-        col([zeros, 0.003 * g(0.45 * math.pi, 0, 0.04 * math.pi, 0.15), -0.001 * g(0.45 * math.pi, 0, 0.04 * math.pi, 0.15)]),
+        col([zeros, 0.003 * nose_root, -0.001 * nose_root]),
         col([0.003 * jaw, zeros, zeros]),
         col([zeros, 0.003 * upper_lip - 0.004 * lower_lip, 0.003 * (upper_lip + lower_lip)]),
     ]
@@ -369,12 +346,12 @@ def _expression_dirs(h, jaw, rng):
         width = rng.uniform(0.15, 0.3)
         direction = rng.normal(size=3) * 0.002 / (1 + (k - 16) / 20)
         expr.append(g(centre[0], centre[1], width, width)[:, None] * direction)
-    return expr
+    return np.stack(shape + expr, 2)
 
 
 def _pose_dirs(h, jaw, root, rng):
-    """Pose correctives (V, 3, 36), columns 9·(joint - 1) + entry of (R - I): smooth fields where skinning
-    weights blend, so they fix the crease where neck meets head and the cheeks stretched by the jaw."""
+    """Pose correctives (V, 3, 36), columns 9·(joint - 1) + entry of (R - I): smooth fields where skinning weights
+    blend (the crease where neck meets head, the cheeks the jaw stretches)."""
     posedirs = np.zeros((len(h.verts), 3, N_POSE_FEATURES))
     for joint, influence in ((1, root * (1 - root) * 4), (2, jaw * (1 - jaw) * 4 + 0.5 * jaw)):
         for entry in range(9):
@@ -409,24 +386,18 @@ def stand_in_flame(seed=0, dtype=torch.float32):
 # ----------------------------------------------------------------------------- the generated data set
 
 VOWELS = ("a", "e", "i", "o", "u")
-FORMANTS = np.array([[800, 1200, 2600],           # a   (F1, F2, F3 in Hz)
-                     [450, 2000, 2700],           # e
-                     [300, 2300, 3000],           # i
-                     [500, 850, 2500],            # o
-                     [320, 750, 2400]])           # u
+FORMANTS = np.array([[800, 1200, 2600], [450, 2000, 2700], [300, 2300, 3000],   # a, e, i: F1, F2, F3 in Hz
+                     [500, 850, 2500], [320, 750, 2400]])                         # o, u
 BANDWIDTHS = np.array([80, 100, 150])             # Hz, per formant
 OPENNESS = np.array([1.0, 0.75, 0.55, 0.8, 0.6])  # jaw opening per vowel, times 0.3 rad at full voice
 JAW_OPEN = 0.3                                    # rad
 MAJOR = np.array([0, 2, 4, 5, 7, 9, 11])          # semitones of the scale degrees
 PROGRESSION = ((0, 4, 7), (7, 11, 14), (9, 12, 16), (5, 9, 12))   # I V vi IV, semitones above the key
-VIBRATO_DEPTH = 0.3                               # semitones
-NOD_SIGMA = 0.07                                  # s, width of the nod at each beat
-BREATH = 0.03                                     # noise share of the glottal source
-VOICE_GAIN = 0.25                                 # voice RMS at full envelope
+VIBRATO_DEPTH, NOD_SIGMA = 0.3, 0.07              # semitones; s, width of the nod at each beat
+BREATH, VOICE_GAIN = 0.03, 0.25                   # noise share of the glottal source; voice RMS at full envelope
 CONTROL_RATE = 1000                               # Hz, rate of the envelope / note / vowel controls
 ATTACK, RELEASE = 0.04, 0.06                      # s, syllable envelope ramps
-LEVEL_WINDOW = 0.025                              # s, window of the voice's level normalisation
-HISS = 0.15                                       # consonant noise burst at each syllable onset
+LEVEL_WINDOW, HISS = 0.025, 0.15                  # s, window of the voice's level normalisation; onset noise burst
 MOUTH_DIMS = [0, 1, 3, 9, 15]                     # procedural head's expressions: open, smile, pucker, stretch, funnel
 VOWEL_MOUTH = np.array([[1.2, 0.0, 0.0, 0.3, 0.0],   # a: wide open
                         [0.5, 0.3, 0.0, 1.0, 0.0],   # e: spread
@@ -436,13 +407,6 @@ VOWEL_MOUTH = np.array([[1.2, 0.0, 0.0, 0.3, 0.0],   # a: wide open
 BROW_DIM = 6                                      # procedural head's expression that raises the brows
 VOICED = 0.1                                      # envelope above which a frame counts as sung
 NOISE_EXPRESSION, NOISE_HEAD, NOISE_JAW = 0.03, 0.005, 0.003   # std of the smooth motion noise (-, rad, rad)
-
-
-def _vowel_expression():
-    """(5, 50) mouth expression per vowel at full voice, on the procedural head's mouth dimensions."""
-    table = np.zeros((len(VOWELS), N_EXPR))
-    table[:, MOUTH_DIMS] = VOWEL_MOUTH
-    return table
 
 
 @dataclass
@@ -460,28 +424,23 @@ class Person:
     pose_offset: np.ndarray         # (9,)
     skin: np.ndarray           # (3,) RGB of a fully lit surface
     background: np.ndarray     # (3,) RGB
-    looks: dict                # the filmed appearance: colours (3,) RGB of lips, hair, iris, clothing, backdrop
-                               # accent, and backdrop / cloth pattern seeds (make_looks)
+    looks: dict                # the filmed appearance: lips, hair, iris, clothing, accent RGB, a pattern seed
 
 
 def make_person(index, seed):
     """Person id<index>: shape, camera, voice and motion style, colours; depends only on (seed, index)."""
     rng = np.random.default_rng([seed, index, 0])
-    shape = np.zeros(N_SHAPE)
-    shape[:10] = rng.normal(0, 1, 10)
+    shape = np.pad(rng.normal(0, 1, 10), (0, N_SHAPE - 10))
     cam = np.array(DEFAULT_CAM, dtype=np.float64)
     cam[0] *= 1 + rng.uniform(-0.06, 0.06)
     cam[1:] += rng.uniform(-0.01, 0.01, 2)                     # metres, before scaling
-    expression_offset = np.zeros(N_EXPR)
-    expression_offset[:10] = rng.normal(0, 0.1, 10)
-    pose_offset = np.zeros(N_POSE)
-    pose_offset[:6] = rng.normal(0, 0.03, 6)
+    expression_offset = np.pad(rng.normal(0, 0.1, 10), (0, N_EXPR - 10))
+    pose_offset = np.pad(rng.normal(0, 0.03, 6), (0, N_POSE - 6))
     return Person(name=f"id{index}", shape=shape, cam=cam, register=int(rng.integers(50, 62)),
-                  vibrato_rate=rng.uniform(5.0, 6.0), jaw_gain=rng.uniform(0.8, 1.2),
-                  mouth_gain=rng.uniform(0.8, 1.2), brow_gain=rng.uniform(0.6, 1.0),
-                  nod_gain=rng.uniform(0.05, 0.09), expression_offset=expression_offset, pose_offset=pose_offset,
-                  skin=rng.uniform([170, 120, 100], [240, 190, 170]), background=rng.uniform(20, 90, 3),
-                  looks=make_looks(np.random.default_rng([seed, index, 0, 1])))
+                  vibrato_rate=rng.uniform(5.0, 6.0), jaw_gain=rng.uniform(0.8, 1.2), mouth_gain=rng.uniform(0.8, 1.2),
+                  brow_gain=rng.uniform(0.6, 1.0), nod_gain=rng.uniform(0.05, 0.09), pose_offset=pose_offset,
+                  expression_offset=expression_offset, skin=rng.uniform([170, 120, 100], [240, 190, 170]),
+                  background=rng.uniform(20, 90, 3), looks=make_looks(np.random.default_rng([seed, index, 0, 1])))
 
 
 def make_looks(rng):
@@ -532,12 +491,8 @@ def compose_song(rng, duration, register):
 def _sawtooth(phase, step):
     """Band-limited (PolyBLEP) sawtooth in [-1, 1] for a running phase in cycles and its per-sample step."""
     t = phase % 1.0
-    saw = 2 * t - 1
-    x = t / step
-    saw -= np.where(t < step, 2 * x - x * x - 1, 0)
-    x = (t - 1) / step
-    saw -= np.where(t > 1 - step, x * x + 2 * x + 1, 0)
-    return saw
+    x, y = t / step, (t - 1) / step
+    return 2 * t - 1 - np.where(t < step, 2 * x - x * x - 1, 0) - np.where(t > 1 - step, y * y + 2 * y + 1, 0)
 
 
 def _resonate(x, freq, bandwidth):
@@ -553,10 +508,8 @@ def _raised_cosine(x):
 
 
 def sing(song, person, rng):
-    """
-    Source-filter singing. Returns the voice (N,) float32 and its controls at CONTROL_RATE: envelope (M,) in
-    [0, 1], vowel weights (5, M) summing to 1, note contour (M,) in MIDI numbers (without vibrato).
-    """
+    """Source-filter singing -> the voice (N,) float32 and its controls at CONTROL_RATE: envelope (M,) in [0, 1],
+    vowel weights (5, M) summing to 1, note contour (M,) in MIDI numbers (without vibrato)."""
     n, m = round(song.duration * SAMPLE_RATE), round(song.duration * CONTROL_RATE)
     tc = np.arange(m) / CONTROL_RATE
     envelope, vibrato = np.zeros(m), np.zeros(m)
@@ -654,8 +607,10 @@ def song_motion(song, person, envelope, weights, contour, rng):
     t = (np.arange(n_frames) + 0.5) / FPS
     accents = np.where(song.kick, 1.0, 0.6)
     nod = (accents[None] * np.exp(-(t[:, None] - song.beats[None]) ** 2 / (2 * NOD_SIGMA ** 2))).sum(1)
+    vowel_expression = np.zeros((len(VOWELS), N_EXPR))                    # (5, 50) at full voice
+    vowel_expression[:, MOUTH_DIMS] = VOWEL_MOUTH
     motion = np.zeros((n_frames, MOTION_DIM))
-    motion[:, :N_EXPR] = person.mouth_gain * env[:, None] * (w.T @ _vowel_expression())
+    motion[:, :N_EXPR] = person.mouth_gain * env[:, None] * (w.T @ vowel_expression)
     motion[:, BROW_DIM] += person.brow_gain * (pitch - 60) / 12 * voiced
     motion[:, N_EXPR] = person.nod_gain * nod                               # global x: nod down
     motion[:, N_EXPR + 3] = 0.5 * person.nod_gain * nod                     # neck x
@@ -669,15 +624,10 @@ def song_motion(song, person, envelope, weights, contour, rng):
 
 
 # ----------------------------------------------------------------------------- the filmed person
-# The video of a person with video is the procedural head made up, dressed and lit like a portrait recording.
-# Its surface is painted from a texture on its (polar angle, azimuth) chart: skin with tone variation and blush,
-# lips of their own colour, eyes (sclera, iris, pupil, lash line), brows and hair. Extra geometry joins the head as
-# extra vertices of the same FLAME-format model, skinned to its joints, so it moves exactly with it: a hair shell
-# over the scalp (the vertices it covers, pushed out), upper teeth (head), lower teeth and tongue (jaw), a dark
-# mouth cavity behind them (its lower half on the jaw) and shoulders in clothing (root). The lips' seam opens
-# when the jaw drops, and through it the camera sees the teeth, the tongue and the cavity. A key and a fill
-# light with a soft highlight, a backdrop with texture, a slight optical blur. The renderer's depth input stays
-# the bare head's: what it must learn is how this person looks for each depth image.
+# The procedural head made up, dressed and lit like a portrait recording: a texture on its (polar angle, azimuth)
+# chart (skin, lips, eyes, brows, hair); extra vertices of the same FLAME-format model, skinned to its joints so
+# they move with it (hair shell, teeth, tongue, mouth cavity, clothed shoulders); key and fill light, a backdrop,
+# a slight blur. The renderer's depth input stays the bare head's: it learns how this person looks for each depth.
 
 PARTS = ("background", "skin", "lips", "eye", "brow", "hair", "teeth", "tongue", "mouth", "clothing")
 PART = {name: code for code, name in enumerate(PARTS)}
@@ -690,8 +640,8 @@ FILM_BATCH = 16                       # frames filmed at once
 
 
 def _noise(points, rng, wavelength, n=12):
-    """Smooth random field of unit-ish amplitude on points (..., 3) metres: n plane waves of about the given
-    wavelength (spread in length and direction, so they make no lattice)."""
+    """Smooth random field of unit-ish amplitude on points (..., 3) metres: n plane waves of about the wavelength,
+    spread in length and direction (no lattice)."""
     k = rng.normal(size=(n, 3))
     k *= 2 * np.pi / (wavelength * rng.uniform(0.6, 1.5, (n, 1))) / np.linalg.norm(k, axis=1, keepdims=True)
     phase = (points.astype(np.float32) @ k.T.astype(np.float32) + rng.uniform(0, 2 * np.pi, n).astype(np.float32))
@@ -724,7 +674,6 @@ def _chart_texture(person):
     height = np.where(a < MOUTH_A, 0.068 - 0.012 * np.exp(-0.5 * (phi / 0.04) ** 2), 0.085) * (1 - across ** 2) ** 0.6
     lips = smoothstep((height - abs(a - MOUTH_A)) / 0.012) * (abs(phi) < MOUTH_HALF_WIDTH + 0.01)
     paint(lips, looks["lips"] * (1 + 0.04 * _noise(point, rng, 0.003))[..., None], "lips")
-    # nostrils
     nostril = np.exp(-0.5 * ((a - 0.548 * np.pi) / 0.012) ** 2 - 0.5 * ((abs(phi) - 0.055) / 0.028) ** 2)
     colour *= 1 - 0.55 * nostril[..., None]
     # brows: arcs above the eyes, thinning outward
@@ -762,10 +711,10 @@ def _hairline(a, phi):
     return 0.2 * np.pi + 0.42 * np.pi * smoothstep((abs(phi) - 0.45) / 2.3) + 0.02 * np.sin(7 * phi)
 
 
-def _grid_faces(rows, cols, first):
-    """Triangles of a rows x cols vertex grid numbered row-major from `first`, all wound the same way."""
+def _grid_faces(rows, cols):
+    """Triangles of a rows x cols vertex grid numbered row-major, all wound the same way."""
     i, j = np.meshgrid(np.arange(rows - 1), np.arange(cols - 1), indexing="ij")
-    a = first + i * cols + j
+    a = i * cols + j
     quads = np.stack([np.stack([a, a + cols, a + 1], -1), np.stack([a + 1, a + cols, a + cols + 1], -1)], 2)
     return quads.reshape(-1, 3)
 
@@ -785,7 +734,7 @@ def _teeth(upper):
     verts = np.stack([np.broadcast_to(x, y.shape), y, np.broadcast_to(z, y.shape)], -1).reshape(-1, 3)
     shade = (1 - 0.45 * gap) * (1 - 0.35 * abs(t) / 1.2)                # gaps and the back teeth darker
     colours = np.broadcast_to((np.array([236.0, 230, 212]) * shade[:, None])[None], (3, len(t), 3)).reshape(-1, 3)
-    return verts, colours, _grid_faces(3, len(t), 0)
+    return verts, colours, _grid_faces(3, len(t))
 
 
 def _tongue():
@@ -795,7 +744,7 @@ def _tongue():
     y = -0.0535 + 0.010 * np.sin(np.pi * np.clip(v * 1.3, 0, 1)) ** 0.7 * np.sqrt(1 - u ** 2 + 1e-9)
     verts = np.stack([x, y, z], -1).reshape(-1, 3)
     colours = (np.array([180.0, 82, 88]) * (1 - 0.25 * np.exp(-0.5 * (u / 0.15) ** 2))[..., None]).reshape(-1, 3)
-    return verts, colours, _grid_faces(*u.shape, 0)
+    return verts, colours, _grid_faces(*u.shape)
 
 
 def _mouth_cavity():
@@ -805,7 +754,7 @@ def _mouth_cavity():
     z = 0.045 - 0.02 * u ** 2 - 0.015 * (2 * v - 1) ** 2
     verts = np.stack([x, y, z], -1).reshape(-1, 3)
     colours = (np.array([48.0, 16, 18]) * (0.6 + 0.4 * np.abs(u))[..., None]).reshape(-1, 3)
-    return verts, colours, _grid_faces(*u.shape, 0), smoothstep(0.5 + (-0.046 - y) / 0.016).reshape(-1)
+    return verts, colours, _grid_faces(*u.shape), smoothstep(0.5 + (-0.046 - y) / 0.016).reshape(-1)
 
 
 def _torso(person):
@@ -819,7 +768,7 @@ def _torso(person):
     verts = np.stack([x, y, z], -1).reshape(-1, 3)
     weave = 1 + 0.07 * np.sign(np.sin(2 * np.pi * x / 0.03)) + 0.06 * _noise(verts.reshape(u.shape + (3,)), rng, 0.08)
     colours = (person.looks["clothing"] * weave[..., None]).reshape(-1, 3)
-    return verts, colours, _grid_faces(*u.shape, 0)
+    return verts, colours, _grid_faces(*u.shape)
 
 
 @dataclass
@@ -839,8 +788,7 @@ class FilmedBody:
 def filmed_body(person, size):
     """The filmed person's model, texture and backdrop (deterministic from the person)."""
     head = procedural_head()
-    verts, faces = head["v_template"], head["f"]
-    n_head = len(verts)
+    verts, faces, n_head = head["v_template"], head["f"], len(head["v_template"])
     normals = vertex_normals(torch.from_numpy(verts), torch.from_numpy(faces)).numpy()
     a = np.arccos(np.clip(verts[:, 1] / np.linalg.norm(verts, axis=1), -1, 1))
     phi = np.arctan2(verts[:, 0], verts[:, 2])
@@ -851,33 +799,24 @@ def filmed_body(person, size):
     remap = np.full(n_head, -1)
     remap[shell] = n_head + np.arange(len(shell))
 
-    # extras: (verts, colours, faces, joint weights (n, 5), part)
-    one = lambda n, joint: np.eye(N_JOINTS)[np.full(n, joint)]
-    parts = []
-    for upper in (True, False):
-        v, c, f = _teeth(upper)
-        parts.append((v, c, f, one(len(v), 1 if upper else 2), PART["teeth"]))
-    v, c, f = _tongue()
-    parts.append((v, c, f, one(len(v), 2), PART["tongue"]))
-    v, c, f, jaw = _mouth_cavity()
-    parts.append((v, c, f, (1 - jaw)[:, None] * one(len(v), 1) + jaw[:, None] * one(len(v), 2), PART["mouth"]))
-    v, c, f = _torso(person)
-    parts.append((v, c, f, one(len(v), 0), PART["clothing"]))
+    # extras: (verts, colours, faces), weights (5,) or (n, 5) on the joints (root, neck, jaw, eyes), part
+    (v, c, f, jaw), joint = _mouth_cavity(), np.eye(N_JOINTS)
+    extras = [(_teeth(True), joint[1], "teeth"), (_teeth(False), joint[2], "teeth"), (_tongue(), joint[2], "tongue"),
+              ((v, c, f), (1 - jaw)[:, None] * joint[1] + jaw[:, None] * joint[2], "mouth"),
+              (_torso(person), joint[0], "clothing")]
 
     all_verts = [verts, verts[shell] + lift[:, None] * normals[shell]]
     all_faces, material = [faces, remap[shell_faces]], [np.full(len(faces) + len(shell_faces), -1)]
-    shapedirs = [head["shapedirs"], head["shapedirs"][shell]]
-    posedirs = [head["posedirs"], head["posedirs"][shell]]
-    weights = [head["weights"], head["weights"][shell]]
+    shapedirs, posedirs, weights = ([head[key], head[key][shell]] for key in ("shapedirs", "posedirs", "weights"))
     paint = [verts, verts[shell]]                                     # the shell takes the scalp's texture
     first = n_head + len(shell)
-    for v, c, f, w, code in parts:
+    for (v, c, f), w, name in extras:
         near = np.argmin(((v[:, None] - verts[None]) ** 2).sum(-1), axis=1)
         extra_dirs = np.zeros((len(v), 3, head["shapedirs"].shape[2]))
         extra_dirs[:, :, :N_SHAPE] = head["shapedirs"][near, :, :N_SHAPE]   # the head's shape, not its expressions
-        all_verts.append(v), all_faces.append(f + first), material.append(np.full(len(f), code))
+        all_verts.append(v), all_faces.append(f + first), material.append(np.full(len(f), PART[name]))
         shapedirs.append(extra_dirs), posedirs.append(np.zeros((len(v),) + head["posedirs"].shape[1:]))
-        weights.append(w), paint.append(c)
+        weights.append(np.broadcast_to(w, (len(v), N_JOINTS))), paint.append(c)
         first += len(v)
     arrays = dict(head, v_template=np.concatenate(all_verts), f=np.concatenate(all_faces),
                   shapedirs=np.concatenate(shapedirs), posedirs=np.concatenate(posedirs),
@@ -891,16 +830,12 @@ def filmed_body(person, size):
     facing = np.cross(rest[:, 1] - rest[:, 0], rest[:, 2] - rest[:, 0])
     keep = (material >= 0) | (facing[:, 2] > -0.5 * np.linalg.norm(facing, axis=1))
     colour, part = _chart_texture(person)
-    occlusion, glossy = np.ones(len(PARTS)), np.zeros(len(PARTS))
-    for name, value in OCCLUSION.items():
-        occlusion[PART[name]] = value
-    glossy[[PART["skin"], PART["lips"], PART["eye"], PART["teeth"], PART["tongue"]]] = 1
+    glossy = [float(name in ("skin", "lips", "eye", "teeth", "tongue")) for name in PARTS]
     as_tensor = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)
-    return FilmedBody(model=model, faces=torch.as_tensor(all_faces[keep]), paint=as_tensor(np.concatenate(paint)),
-                      material=torch.as_tensor(material[keep]),
-                      chart=as_tensor(colour).permute(2, 0, 1)[None], chart_part=as_tensor(part)[None, None],
-                      backdrop=as_tensor(_backdrop(person, size)), occlusion=as_tensor(occlusion),
-                      glossy=as_tensor(glossy))
+    return FilmedBody(model=model, faces=torch.as_tensor(all_faces[keep]), material=torch.as_tensor(material[keep]),
+                      paint=as_tensor(np.concatenate(paint)), chart=as_tensor(colour).permute(2, 0, 1)[None],
+                      chart_part=as_tensor(part)[None, None], backdrop=as_tensor(_backdrop(person, size)),
+                      occlusion=as_tensor([OCCLUSION.get(name, 1.0) for name in PARTS]), glossy=as_tensor(glossy))
 
 
 def _backdrop(person, size):
@@ -918,10 +853,8 @@ def _backdrop(person, size):
 
 
 def film(body, shape, motion, cam, size):
-    """
-    Frames of the filmed person: shape (100,), motion (B, 59), cam (B, 3) -> uint8 (B, size, size, 3) and the
-    part each pixel shows, uint8 (B, size, size) codes into PARTS (before the optical blur).
-    """
+    """Frames of the filmed person: shape (100,), motion (B, 59), cam (B, 3) -> uint8 (B, size, size, 3) and the
+    part each pixel shows, uint8 (B, size, size) codes into PARTS (before the optical blur)."""
     with torch.no_grad():
         verts = body.model.from_motion(torch.as_tensor(shape, dtype=torch.float32), torch.as_tensor(motion))
         faces = body.faces
@@ -962,21 +895,6 @@ def render_portrait(body, person, motion, cam, size, batch=FILM_BATCH):
                            for lo in range(0, len(motion), batch)])
 
 
-def _split(ids, rng):
-    """Per person: 15 % test, 5 % val (at least one each), the rest train."""
-    ids = list(ids)
-    rng.shuffle(ids)
-    n_test = max(1, round(TEST_SHARE * len(ids)))
-    n_val = max(1, round(VAL_SHARE * len(ids)))
-    return dict(test=ids[:n_test], val=ids[n_test:n_test + n_val], train=ids[n_test + n_val:])
-
-
-def _filmed(split, video_clips):
-    """Sequences of one person that get a video: all of val and test, then train ones up to video_clips."""
-    held_out = split["test"] + split["val"]
-    return set(held_out + sorted(split["train"])[:max(0, video_clips - len(held_out))])
-
-
 @dataclass
 class Recipe:
     """What generate_dataset makes; its defaults are the built-in data set."""
@@ -992,16 +910,14 @@ class Recipe:
 
 
 def generate_dataset(root, recipe=Recipe(), verbose=True):
-    """Write a SingingHead-layout data set of stand-in singers into root (see the module docstring). Returns
-    root as a Path."""
+    """Write a SingingHead-layout data set of stand-in singers into root (module docstring); returns root, a Path."""
     if recipe.clips_per_person < 3:
         raise ValueError(f"{root}: clips_per_person must be at least 3 (one per split), got {recipe.clips_per_person}")
     root = Path(root)
     for path in (flame_path, audio_path, bgm_path, video_path):
         path(root, "-").parent.mkdir(parents=True, exist_ok=True)
     splits = {split: [] for split in SPLITS}
-    songs_per_person = -(-recipe.clips_per_person // recipe.clips_per_song)
-    progress = Progress(recipe.n_people * songs_per_person, "song", lines=10)
+    progress = Progress(recipe.n_people * -(-recipe.clips_per_person // recipe.clips_per_song), "song", lines=10)
     to_film = []          # (path, body, person, motion, cam): filmed after the songs, each a step of its own
     for p in range(recipe.n_people):
         split = _write_person(root, recipe, p, to_film, lambda name: progress.advance() and verbose and print(
@@ -1028,9 +944,12 @@ def _write_person(root, recipe, p, to_film, on_song):
     songs = [(s, min(recipe.clips_per_song, recipe.clips_per_person - first))
              for s, first in enumerate(range(0, recipe.clips_per_person, recipe.clips_per_song))]
     ids = [f"{person.name}_{s}_{g}_0" for s, n_segments in songs for g in range(n_segments)]
-    split = _split(ids, np.random.default_rng([recipe.seed, p, 0]))
-    filming = recipe.with_video and recipe.video_people > 0 and p < recipe.video_people
-    filmed = _filmed(split, recipe.video_clips) if filming else set()
+    np.random.default_rng([recipe.seed, p, 0]).shuffle(ids)        # 15 % test, 5 % val (at least one each), train
+    n_test, n_val = (max(1, round(share * len(ids))) for share in (TEST_SHARE, VAL_SHARE))
+    split = dict(test=ids[:n_test], val=ids[n_test:n_test + n_val], train=ids[n_test + n_val:])
+    held_out = split["test"] + split["val"]                     # filmed, then train sequences up to video_clips
+    filming = recipe.with_video and p < recipe.video_people
+    filmed = set(held_out + sorted(split["train"])[:max(0, recipe.video_clips - len(held_out))]) if filming else set()
     body = filmed_body(person, recipe.video_size) if filmed else None
     for s, n_segments in songs:
         rng = np.random.default_rng([recipe.seed, p, s + 1])
@@ -1065,8 +984,7 @@ def is_current(root):
 
 
 def is_generated(root):
-    """True for a data set written by generate_dataset (its generator.json marks it): its people are procedural
-    heads, so the procedural head is the right FLAME for it."""
+    """True for a data set generate_dataset wrote (its generator.json marks it): the procedural head is its FLAME."""
     return generator_path(root).is_file()
 
 
@@ -1102,8 +1020,7 @@ def builtin_data(root=None):
     return root
 
 
-# ----------------------------------------------------------------------------------------------
-# The data set at SingingHead's size, for measuring memory and start-up: files linked under new ids
+# ----------------------------------------------------------------------------- SingingHead's size, linked
 
 SINGINGHEAD_SPLITS = dict(train=9_757, val=610, test=1_829)   # the release's 12 196 sequences of 8 s, per split
 SINGINGHEAD_PEOPLE = 76                                      # singers in the release
@@ -1111,24 +1028,20 @@ SINGINGHEAD_PEOPLE = 76                                      # singers in the re
 
 def linked_dataset(source, root, n_sequences=sum(SINGINGHEAD_SPLITS.values()), people=SINGINGHEAD_PEOPLE,
                    video=None):
-    """
-    A SingingHead-layout folder of n_sequences sequences, split in the release's proportions, whose files are
-    hard links (symbolic ones across file systems) to the sequences of the data set at `source`, taken in turn
-    under new ids id<k % people>_<k // people>_0_0: the real data set's layout and size at no cost in disk.
-    Marked generated (source's generator.json: the stand-in head is its head). video: an mp4 linked as the
-    video of every sequence of person id0. Returns root.
-    """
+    """A SingingHead-layout folder (returned) of n_sequences sequences split in the release's proportions, ids
+    id<k % people>_<k // people>_0_0, whose files link (hard, else symbolic) to the sequences of the data set at
+    `source` in turn: the real data set's layout and size at no cost in disk, for measuring memory and start-up.
+    It has source's generator.json (the stand-in head is its head). video: an mp4 linked to every id0 sequence."""
     source, root = Path(source), Path(root)
     sources = sorted(p.stem for p in (source / "flame_seqs").glob("*.pkl"))
     ids = [f"id{k % people}_{k // people}_0_0" for k in range(n_sequences)]
-    n_train = round(n_sequences * SINGINGHEAD_SPLITS["train"] / sum(SINGINGHEAD_SPLITS.values()))
-    n_test = round(n_sequences * SINGINGHEAD_SPLITS["test"] / sum(SINGINGHEAD_SPLITS.values()))
+    n_train, n_test = (round(n_sequences * SINGINGHEAD_SPLITS[name] / sum(SINGINGHEAD_SPLITS.values()))
+                       for name in ("train", "test"))
     for folder in ("flame_seqs", "audio_seqs", "bgm_seqs", "video_seqs"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     for k, seq in enumerate(ids):
         was = sources[k % len(sources)]
-        pairs = [(flame_path(source, was), flame_path(root, seq)), (audio_path(source, was), audio_path(root, seq)),
-                 (bgm_path(source, was), bgm_path(root, seq))]
+        pairs = [(path(source, was), path(root, seq)) for path in (flame_path, audio_path, bgm_path)]
         pairs += [(Path(video), video_path(root, seq))] if video is not None and seq.startswith("id0_") else []
         for src, dst in pairs:
             try:
@@ -1143,8 +1056,7 @@ def linked_dataset(source, root, n_sequences=sum(SINGINGHEAD_SPLITS.values()), p
 
 
 def test_pattern_video(path, size, seconds, fps=FPS):
-    """An mp4 of ffmpeg's test pattern (testsrc2), size² pixels, `seconds` long at fps: a portrait video's size
-    and length made in seconds, for measuring the render stage's reading."""
+    """An mp4 of ffmpeg's test pattern (testsrc2), size² pixels, `seconds` long at fps: for timing video reading."""
     import imageio_ffmpeg
     subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
                     f"testsrc2=size={size}x{size}:rate={fps}:duration={seconds}", "-pix_fmt", "yuv420p",
@@ -1152,24 +1064,23 @@ def test_pattern_video(path, size, seconds, fps=FPS):
     return Path(path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Which head a checkpoint was trained with
+# ----------------------------------------------------------------------------- which head a checkpoint needs
 
 STAND_IN = 'procedural'           # what a checkpoint records when it was trained on the stand-in head
 FLAME_SOURCE = 'FLAME 2020 generic_model.pkl from flame.is.tue.mpg.de'
 
 
 def flame_record(path=None):
-    """What a checkpoint keeps about its head: {'flame': the file's path or 'procedural', 'flame_sha256': hex or None}."""
+    """What a checkpoint keeps of its head: {'flame': the file's path or 'procedural', 'flame_sha256': hex or None}."""
     if path is None:
         return dict(flame=STAND_IN, flame_sha256=None)
     return dict(flame=str(path), flame_sha256=file_sha256(path))
 
 
 def resolve_flame(record, given, owner):
-    """The FLAME file (or None: the procedural head) to use with a checkpoint `owner` trained with `record`
-    (flame_record's dict): `given` when it is that very file (same sha256), else the recorded file. Refuses in
-    one line a different file, a FLAME file for a procedural-head checkpoint, and a recorded file that is gone."""
+    """The FLAME file (None: the procedural head) for a checkpoint `owner` trained with `record` (flame_record's):
+    `given` when it is that very file (same sha256), else the recorded one. Refuses a different file, a FLAME
+    file for a procedural-head checkpoint, and a recorded file that is gone."""
     trained, digest = record.get('flame') or STAND_IN, record.get('flame_sha256')
     if trained == STAND_IN:
         if given is not None:

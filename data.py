@@ -1,6 +1,6 @@
 """
-SingingHead-layout data for UniSinger: the reader of the public release's folders (and the writer of its
-take pickles), with the rules that keep a bad file from going unnoticed.
+SingingHead-layout data for UniSinger: the reader of the public release's folders (and the writer of its take
+pickles), with the rules that keep a bad file from going unnoticed; below the banner, what every command shares.
 
 Layout (the SingingHead release's)
     root/train.txt val.txt test.txt    one sequence id a line, e.g. id0_2_1_0; the first field is the person
@@ -8,26 +8,21 @@ Layout (the SingingHead release's)
     root/audio_seqs/<id>.wav           dry singing voice, any sample rate, mono or stereo
     root/bgm_seqs/<id>_bgm.wav         background music, same length
     root/video_seqs/<id>.mp4           portrait video, 30 fps (read only by the render stage)
-The 59-d motion vector is [expression 50 | global 3 | neck 3 | jaw 3]: the pickle's expression columns
-followed by its 9 pose columns, row t = video frame t at 30 fps.
+The 59-d motion vector is [expression 50 | global 3 | neck 3 | jaw 3], row t = video frame t at 30 fps.
 
 Rules (bad input gets a one-line ValueError naming the file)
-    - Pickle keys: expression from `expcodes` or `expression` (first 50 columns), pose from `posecodes` or
-      `pose` (first 9 columns; 15-column full poses work too), shape from `shapecode` or `shape` (the first
-      row, first 100 values), camera from `cam` or `camcodes` ((T, 3) or one row; DEFAULT_CAM when absent).
-      A missing key, too few columns, rows that disagree, or NaN / inf is refused. Read as data only.
-    - Length rule: T motion frames need round(T * 16000 / 30) audio samples; voice and music may differ from
-      that by one frame's worth at most, and are then zero-padded or cut; a larger mismatch is refused.
-    - Clips: a sequence is cut into consecutive clips of clip_frames frames; shorter remainders are dropped
-      and counted. A split file that is missing or lists no id is refused.
-    - Index: what a data set's size would make slow to learn at every start (each sequence's frame count after
-      the checks above, its motion's sums for the normalisation statistics, its shape) is kept per split in a
-      file of index_dir (SingingHead's argument), with each source file's size and mtime_ns; an entry is made
-      again when one of its files changes, is cut short or is too new for its timestamp to tell (RACY_NS).
-    - Items are read from the files per item (no decoded audio is kept), so memory does not grow with the data
-      set, and a file that changed since it was indexed is refused or re-read, never served stale.
+    - Pickle keys: expression `expcodes` / `expression` (first 50 columns), pose `posecodes` / `pose` (first 9
+      of 9 or 15), shape `shapecode` / `shape` (first row, first 100), camera `cam` / `camcodes` ((T, 3) or one
+      row; DEFAULT_CAM when absent). Missing keys, too few columns, unequal rows, NaN / inf: refused. Read as data.
+    - Length rule: T motion frames need round(T * 16000 / 30) audio samples; voice and music one frame's worth
+      off at most are zero-padded or cut, others refused. Clips: consecutive runs of clip_frames frames, shorter
+      remainders dropped and counted. A split file that is missing or lists no id is refused.
+    - Index (SplitIndex, a file per split in index_dir): each sequence's frame count, motion sums and shape, with
+      its files' size and mtime_ns; an entry is made again when a file changes or is too new to tell (RACY_NS).
+      Items are read from the files per item (memory does not grow with the data set), and a file changed since
+      it was indexed is refused or re-read, never served stale.
 
-Depends on torch, numpy, soundfile, imageio (+ imageio-ffmpeg) and our audio.py, flame.py and render.py.
+Depends on torch, numpy, soundfile, imageio (+ imageio-ffmpeg) and our audio.py and flame.py.
 
 Use alone:
     clips = SingingHead(root, "train")   # torch Dataset; clips[0]["motion"] is float32 (240, 59)
@@ -69,38 +64,32 @@ EXPRESSION_KEYS = ("expcodes", "expression")
 POSE_KEYS = ("posecodes", "pose")
 SHAPE_KEYS = ("shapecode", "shape")
 CAM_KEYS = ("cam", "camcodes")
-DEFAULT_CAM = (6.5, 0.0, 0.035)  # [scale, tx (m), ty (m)], DECA's camera of a pickle without one: crown near the top edge, neck near the bottom
+DEFAULT_CAM = (6.5, 0.0, 0.035)       # DECA's [scale, tx, ty (m)] for a pickle without one: crown to neck in view
 N_POSE = 9                            # global 3 | neck 3 | jaw 3
 CACHE_DIR = ".unisinger"              # in a writable data folder: the index and the render stage's frames
 INDEX_VERSION = 1                     # of the index files' layout; another version's file is made again
-RACY_NS = 2_000_000_000               # ns: a file changed this close before its entry was made could change again
-                                      # within one timestamp tick (FAT's is 2 s) unseen, so the entry is redone
+RACY_NS = 2_000_000_000               # ns: a change this close before an entry was made may hide in a timestamp tick
 INDEX_PROGRESS_LINES = 10             # progress lines while indexing, at most
 INDEX_PROGRESS_MIN = 200              # sequences to index before progress lines are worth printing
 INDEX_PARALLEL_MIN = 500              # sequences to index before a process per core pays for its start-up
 INDEX_CHUNK = 64                      # sequences a pool process indexes per task
 
 
-# ----------------------------------------------------------------------------- reading
-
 def _pick(d, keys, path):
-    for key in keys:
-        if key in d:
-            return key, d[key]
-    raise ValueError(f"{path}: missing key '{keys[0]}' (accepted spellings: {', '.join(keys)})")
-
-
-def _finite_array(value, key, path):
+    """(key, float64 array) of the first of keys in d; a missing key or a non-numeric or non-finite array is refused."""
+    key = next((k for k in keys if k in d), None)
+    if key is None:
+        raise ValueError(f"{path}: missing key '{keys[0]}' (accepted spellings: {', '.join(keys)})")
     try:
-        array = np.asarray(value, dtype=np.float64)
+        array = np.asarray(d[key], dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: '{key}' is not a numeric array ({e})") from None
     if not np.isfinite(array).all():
         raise ValueError(f"{path}: '{key}' holds NaN or inf")
-    return array
+    return key, array
 
 
-def _columns(array, key, path, n):
+def _columns(key, array, path, n):
     """(T, >= n) array -> (T, n) float32; anything else is refused."""
     if array.ndim != 2 or array.shape[1] < n:
         raise ValueError(f"{path}: '{key}' must be (frames, {n}+), got shape {array.shape}")
@@ -108,34 +97,28 @@ def _columns(array, key, path, n):
 
 
 def read_flame_pickle(path):
-    """
-    A flame_seqs pickle -> dict(expression (T, 50), pose (T, 9), motion (T, 59) (the two joined), shape (100,),
-    cam (T, 3) or None), float32.
-    Key spellings and rules: see the module docstring. Read as data only: a pickle naming anything but arrays,
-    numbers, strings and containers is refused before it is loaded (flame.DataUnpickler).
-    """
+    """A flame_seqs pickle -> dict(expression (T, 50), pose (T, 9), motion (T, 59) (the two joined), shape (100,),
+    cam (T, 3) or None), float32; rules in the module docstring. Read as data only (flame.DataUnpickler): a pickle
+    naming anything but arrays, numbers, strings and containers is refused before it is loaded."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     d = load_data_pickle(path)
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a dict of FLAME parameters, got {type(d).__name__}")
-    key, value = _pick(d, EXPRESSION_KEYS, path)
-    expression = _columns(_finite_array(value, key, path), key, path, N_EXPR)          # (T, 50)
-    key, value = _pick(d, POSE_KEYS, path)
-    pose = _columns(_finite_array(value, key, path), key, path, N_POSE)                # (T, 9)
+    expression = _columns(*_pick(d, EXPRESSION_KEYS, path), path, N_EXPR)             # (T, 50)
+    key, pose = _pick(d, POSE_KEYS, path)
+    pose = _columns(key, pose, path, N_POSE)                                            # (T, 9)
     if len(pose) != len(expression):
         raise ValueError(f"{path}: '{key}' has {len(pose)} rows but the expression has {len(expression)}")
-    key, value = _pick(d, SHAPE_KEYS, path)
-    shape = _finite_array(value, key, path)
+    key, shape = _pick(d, SHAPE_KEYS, path)
     shape = shape.reshape(1, -1) if shape.ndim == 1 else shape
     if shape.ndim != 2 or shape.shape[1] < N_SHAPE:
         raise ValueError(f"{path}: '{key}' must hold {N_SHAPE}+ values a row, got shape {shape.shape}")
     shape = shape[0, :N_SHAPE].astype(np.float32)                                       # (100,)
     cam = None
     if any(k in d for k in CAM_KEYS):
-        key, value = _pick(d, CAM_KEYS, path)
-        cam = _finite_array(value, key, path)
+        key, cam = _pick(d, CAM_KEYS, path)
         cam = cam.reshape(1, 3) if cam.shape == (3,) else cam
         if cam.ndim != 2 or cam.shape[1] != 3 or len(cam) not in (1, len(expression)):
             raise ValueError(f"{path}: '{key}' must be ({len(expression)}, 3) or (3,), got shape {cam.shape}")
@@ -211,8 +194,9 @@ def fit_length(x, n):
     return x[:n] if len(x) >= n else np.pad(x, (0, n - len(x)))
 
 
-def _fit(audio, n, path):
-    """audio (N,) zero-padded or cut to exactly n samples, after the length rule."""
+def _fitted(path, n):
+    """The sound at path (load_audio) zero-padded or cut to exactly n samples, after the length rule."""
+    audio = load_audio(path, SAMPLE_RATE)
     _check_length(len(audio), n, path)
     return fit_length(audio, n)
 
@@ -275,39 +259,24 @@ def _stamped_entry(job):
     return dict(stamps=stamps, checked=checked, frames=n_frames, used=used, mean=mean, m2=m2, shape=shape)
 
 
-class _InProcess:
-    """The pool's interface run here, for a few entries (a pool's start-up would cost more than it saves)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def map(self, fn, jobs, chunksize=1):
-        return map(fn, jobs)
-
-
 def _entry_pool(n_jobs):
-    """Processes that make n_jobs index entries: one per core this process may use when there are many (reading
-    a pickle is pure Python, so threads would not help), else this process alone."""
+    """Processes that make n_jobs index entries, one per core this process may use (reading a pickle is pure Python:
+    threads would not help); None, this process alone, when a pool's start-up would cost more than it saves."""
     cores = cpu_cores()
     if n_jobs < INDEX_PARALLEL_MIN or cores < 2:
-        return _InProcess()
+        return contextlib.nullcontext()
     from concurrent.futures import ProcessPoolExecutor
     return ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork"))
 
 
 class SplitIndex:
-    """
-    The index of a split: per sequence of the split file, in its order, arrays of
+    """The index of a split, made or brought up to date by `load_or_build`, which keeps it in index_dir (None: in
+    memory only): per sequence of the split file, in its order, arrays of
         stamps (S, 6) int64   size and mtime_ns of the pickle, voice and music (file_stamps)
         checked (S,) int64    time.time_ns() just before the entry's files were read
         frames, used (S,)     frames of the sequence, and those in whole clips
         mean, m2 (S, 59)      float64 mean and sum of squared deviations of the frames in clips
-        shape (S, 100)        float32 FLAME shape
-    made or brought up to date by `load_or_build`, which keeps it in index_dir (None: in memory only).
-    """
+        shape (S, 100)        float32 FLAME shape"""
     FIELDS = ("stamps", "checked", "frames", "used", "mean", "m2", "shape")
 
     def __init__(self, arrays):
@@ -370,8 +339,8 @@ class SplitIndex:
         # the rate over every entry so far: the pool hands entries back a chunk at a time, in bursts
         progress = Progress(len(todo), "sequence", lines=INDEX_PROGRESS_LINES, window=len(todo))
         with _entry_pool(len(todo)) as pool:
-            made = pool.map(_stamped_entry, [(root, sequences[i], clip_frames) for i in todo],
-                            chunksize=INDEX_CHUNK)
+            jobs = [(root, sequences[i], clip_frames) for i in todo]
+            made = pool.map(_stamped_entry, jobs, chunksize=INDEX_CHUNK) if pool else map(_stamped_entry, jobs)
             for i, row in zip(todo, made):
                 rows[i] = row
                 if len(todo) >= INDEX_PROGRESS_MIN and progress.advance():
@@ -391,23 +360,18 @@ class SplitIndex:
 
 
 class SingingHead(Dataset):
-    """
-    Clips of a SingingHead-layout folder (see the module docstring for the rules). Item:
-        id str (sequence id), person str (its first field), start int (first frame of the clip in the sequence),
-        audio float32 (clip_frames / 30 * 16000,), bgm float32 (same), motion float32 (clip_frames, 59),
-        shape float32 (100,), cam float32 (clip_frames, 3)
-    Every sequence is checked when the data set is made, through its index (SplitIndex, kept in index_dir when
-    given, so that later runs check only the files that changed); items are read from the files each time, so
-    memory holds the index alone (a few hundred bytes a sequence), whatever the data set's size.
-    """
+    """Clips of a SingingHead-layout folder (rules: the module docstring). Item: id str (sequence id), person str
+    (its first field), start int (the clip's first frame), audio float32 (clip_frames / 30 * 16000,), bgm float32
+    (same), motion float32 (clip_frames, 59), shape float32 (100,), cam float32 (clip_frames, 3).
+    Every sequence is checked when the data set is made, through its SplitIndex (in index_dir when given: later
+    runs check only the files that changed); items are read from the files, so memory holds the index alone."""
 
     def __init__(self, root, split="train", clip_frames=CLIP_FRAMES, index_dir=None):
         self.root, self.split, self.clip_frames = Path(root), split, clip_frames
         self.sequences = read_split(self.root, split)
         self.index = SplitIndex.load_or_build(self.root, split, self.sequences, clip_frames, index_dir)
-        self.clips = []            # (sequence id, first frame)
-        for seq, n_frames in zip(self.sequences, self.index.frames.tolist()):
-            self.clips += [(seq, k * clip_frames) for k in range(n_frames // clip_frames)]
+        self.clips = [(seq, k * clip_frames) for seq, n_frames in zip(self.sequences, self.index.frames.tolist())
+                      for k in range(n_frames // clip_frames)]                  # (sequence id, first frame)
         dropped_frames = int((self.index.frames - self.index.used).sum())
         if dropped_frames:
             print(f"SingingHead {self.root / f'{split}.txt'}: dropped {dropped_frames} frames "
@@ -444,9 +408,8 @@ class SingingHead(Dataset):
         """Whole sequence: dict(motion (T, 59), shape (100,), cam (T, 3), audio (N,), bgm (N,)), N exact."""
         motion, shape, cam = self._read_flame(seq)
         n = clip_samples(len(motion))
-        return dict(motion=motion, shape=shape, cam=cam,
-                    audio=_fit(load_audio(audio_path(self.root, seq), SAMPLE_RATE), n, audio_path(self.root, seq)),
-                    bgm=_fit(load_audio(bgm_path(self.root, seq), SAMPLE_RATE), n, bgm_path(self.root, seq)))
+        return dict(motion=motion, shape=shape, cam=cam, audio=_fitted(audio_path(self.root, seq), n),
+                    bgm=_fitted(bgm_path(self.root, seq), n))
 
     def __len__(self):
         return len(self.clips)
@@ -457,15 +420,14 @@ class SingingHead(Dataset):
         stop = start + self.clip_frames
         n = clip_samples(len(motion))
         a, b = clip_samples(start), clip_samples(start) + clip_samples(self.clip_frames)
-        return dict(id=seq, person=seq.split("_")[0], start=start,
-                    audio=clip_audio(audio_path(self.root, seq), n, a, b),
-                    bgm=clip_audio(bgm_path(self.root, seq), n, a, b),
+        audio, bgm = (clip_audio(path(self.root, seq), n, a, b) for path in (audio_path, bgm_path))
+        return dict(id=seq, person=seq.split("_")[0], start=start, audio=audio, bgm=bgm,
                     motion=motion[start:stop].copy(), shape=shape.copy(), cam=cam[start:stop].copy())
 
 
 def clip_audio(path, n, a, b):
     """Samples a..b-1 of the sound at path fitted to n samples by the length rule, float32: those of
-    _fit(load_audio(path), n)[a:b], reading only that stretch (and the scan for damage that opening does)."""
+    _fitted(path, n)[a:b], reading only that stretch (and the scan for damage that opening does)."""
     song = AudioFile(path, SAMPLE_RATE)
     _check_length(len(song), n, path)
     stop = min(b, n)                                  # the fitted sequence ends at n
@@ -488,12 +450,10 @@ def _resize_square(frames, size):
 
 
 class VideoFrames:
-    """
-    Frames t = 0, stride, 2 stride, ... below `stop` (all when None) of an mp4, iterated as uint8 (b, size, size,
-    3) batches of at most `batch` frames (centre-cropped to a square if needed; size=None keeps the original):
-    decoded one at a time and resized a batch at a time, so memory holds one batch whatever the video's length.
-    After the iteration `count` holds the frames the video has (all are decoded, kept or not).
-    """
+    """Frames t = 0, stride, 2 stride, ... below `stop` (all when None) of an mp4, iterated as uint8 (b, size, size,
+    3) batches of at most `batch` frames, centre-cropped to a square if needed (size=None: as decoded, no crop),
+    resized a batch at a time: memory holds one batch whatever the video's length. decoded() yields every frame
+    as decoded instead. After either, `count` holds the frames the video has (all are decoded, kept or not)."""
 
     def __init__(self, path, size=256, stride=1, stop=None, batch=32):
         self.path, self.size, self.stride, self.stop, self.batch = Path(path), size, stride, stop, batch
@@ -501,34 +461,41 @@ class VideoFrames:
             raise ValueError(f"{self.path}: no such file")
         self.count = 0
 
-    def __iter__(self):
+    def decoded(self):
+        """Every frame of the video in order, uint8 (H, W, 3) as decoded; damage is refused naming the file."""
         try:
             reader = imageio.get_reader(str(self.path), "ffmpeg")
         except Exception as e:
             raise ValueError(f"{self.path}: unreadable video ({e})") from None
-        pending, self.count = [], 0
+        self.count = 0
         try:
             with reader:
                 for frame in reader:
-                    t, self.count = self.count, self.count + 1
-                    if t % self.stride == 0 and (self.stop is None or t < self.stop):
-                        pending.append(torch.from_numpy(np.asarray(frame)[..., :3]))
-                    if len(pending) == self.batch:
-                        yield self._resized(pending)
-                        pending = []
+                    self.count += 1
+                    yield np.asarray(frame)[..., :3]
         except Exception as e:                  # ffmpeg stops on damaged data in many ways; imageio raises them all
             raise ValueError(f"{self.path}: unreadable video ({' '.join(str(e).split())[:300]})") from None
-        if pending:
-            yield self._resized(pending)
         if not self.count:
             raise ValueError(f"{self.path}: the video holds no frame")
 
+    def __iter__(self):
+        pending = []
+        for t, frame in enumerate(self.decoded()):
+            if t % self.stride == 0 and (self.stop is None or t < self.stop):
+                pending.append(torch.from_numpy(frame))
+            if len(pending) == self.batch:
+                yield self._resized(pending)
+                pending = []
+        if pending:
+            yield self._resized(pending)
+
     def _resized(self, frames):
-        return _resize_square(torch.stack(frames), self.size or min(frames[0].shape[:2])).numpy()
+        frames = torch.stack(frames)
+        return (frames if self.size is None else _resize_square(frames, self.size)).numpy()
 
 
 def read_video(path, size=256, batch=32):
-    """mp4 -> uint8 (T, size, size, 3) (centre-cropped to a square if needed; size=None keeps the original)."""
+    """mp4 -> uint8 (T, size, size, 3), centre-cropped to a square if needed (size=None: (T, H, W, 3) as decoded)."""
     return np.concatenate(list(VideoFrames(path, size, batch=batch)))
 
 # ---------------------------------------------------------------------------------------------- support
@@ -564,12 +531,9 @@ def read_checkpoint(path, device="cpu"):
 
 @contextlib.contextmanager
 def atomic_output(path):
-    """
-    A temporary path beside `path` (same suffix, so writers that go by it still do) to write the file to; it
-    is renamed onto `path` when the block ends without error and removed when it does not. Readers never see
-    a half-written file, and a crash or a full disk leaves the previous one intact; a failed write raises
-    OSError naming `path` (writers such as np.savez and pickle leave the file name out of theirs).
-    """
+    """A temporary path beside `path` (same suffix, for writers that go by it) to write to, renamed onto `path` when
+    the block ends without error, else removed: readers never see a half-written file, a crash or a full disk
+    leaves the previous one intact, and a failed write raises OSError naming `path` (np.savez's would not)."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
@@ -582,9 +546,8 @@ def atomic_output(path):
 
 
 def write_wav(path, audio, sample_rate=SAMPLE_RATE):
-    """Mono audio in [-1, 1] as a 16-bit PCM wav that appears whole at path: an array (N,), or a sound with len()
-    and slices [a:b] (e.g. audio.AudioFile) copied AUDIO_BLOCK samples at a time, so a long song is never held
-    whole. A failed write raises OSError naming path."""
+    """Mono audio in [-1, 1] as a 16-bit PCM wav that appears whole at path (a failed write: OSError naming it): an
+    array (N,), or a sound with len() and slices [a:b] (e.g. audio.AudioFile) copied AUDIO_BLOCK samples at a time."""
     if isinstance(audio, (np.ndarray, list, tuple)) or torch.is_tensor(audio):
         audio = np.asarray(audio)
         if audio.ndim != 1:
@@ -599,15 +562,11 @@ def write_wav(path, audio, sample_rate=SAMPLE_RATE):
 
 
 class VideoWriter:
-    """
-    Streams uint8 frames into an mp4 (libx264, yuv420p) and muxes optional mono audio as AAC on close: float32
-    samples (N,) at sample_rate, or a sound read a block at a time (anything with len() and slices [a:b] of
-    float32 samples, e.g. audio.AudioFile), so that a long song is never held whole. The file appears at `path`
-    only when complete (written beside it, then renamed); a failed write (ffmpeg's exit status, a full disk)
-    raises OSError naming `path`. Our own ffmpeg process rather than imageio_ffmpeg.write_frames, which ignores
-    ffmpeg's exit status (a full disk must not leave a cut-off video under the final name) and lets its
-    complaints through to the console.
-    """
+    """Streams uint8 frames into an mp4 (libx264, yuv420p) and muxes optional mono audio as AAC on close: float32
+    samples (N,) at sample_rate, or a sound with len() and float32 slices [a:b] (e.g. audio.AudioFile) read a
+    block at a time. The file appears at `path` only when complete; a failed write (ffmpeg's exit status, a full
+    disk) raises OSError naming `path`: our own ffmpeg process, as imageio_ffmpeg.write_frames ignores ffmpeg's
+    exit status and lets its complaints through to the console."""
 
     def __init__(self, path, size, fps=FPS, audio=None, sample_rate=SAMPLE_RATE, preset=VIDEO_PRESET):
         self.path, self.frames = Path(path), 0
@@ -622,21 +581,20 @@ class VideoWriter:
                     write_wav(self.wav, audio, sample_rate)
                 except OSError as error:
                     raise OSError(error.errno, f"soundtrack not written ({error.strerror})", str(path)) from None
-            cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
+            cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-f", "rawvideo", "-vcodec", "rawvideo",
                    "-s", f"{self.width}x{self.height}", "-pix_fmt", "rgb24",
                    "-r", str(Fraction(fps).limit_denominator()), "-i", "-"]
             cmd += ["-an"] if self.wav is None else ["-i", str(self.wav)]
-            cmd += ["-vcodec", "libx264", "-preset", preset, "-pix_fmt", "yuv420p", "-crf", str(VIDEO_CRF), "-v", "error"]
+            cmd += ["-vcodec", "libx264", "-preset", preset, "-pix_fmt", "yuv420p", "-crf", str(VIDEO_CRF)]
             if self.wav is not None:
                 cmd += ["-acodec", "aac", "-map", "0:v:0", "-map", "1:a:0", "-shortest"]
             self.log = tempfile.TemporaryFile()                  # ffmpeg's complaints, for the error message
             self.encoder = subprocess.Popen(cmd + [str(self.tmp)], stdin=subprocess.PIPE,
                                             stdout=subprocess.DEVNULL, stderr=self.log)
-        except OSError as error:
+        except BaseException as error:
             self._clean()
-            raise OSError(error.errno, error.strerror, str(self.path)) from None
-        except BaseException:
-            self._clean()
+            if isinstance(error, OSError):
+                raise OSError(error.errno, error.strerror, str(self.path)) from None
             raise
 
     def _failed(self):
@@ -701,37 +659,31 @@ def write_video(path, frames, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
         video.write(frames)
 
 
-# Progress counts the steps of a long job (building the built-in data set, training, an evaluation, a long song) and says
-# how far, how fast lately and when it will end:
+# Progress counts the steps of a long job (building the built-in data, training, an evaluation, a long song) and
+# says how far, how fast lately and when it will end:
 #     progress = Progress(480, "step")
 #     for batch in batches:
 #         train_step(batch)
-#         if progress.advance():                # True when a line is due (MAX_PROGRESS_LINES lines a run, and the last step)
+#         if progress.advance():        # True when a line is due (`lines` a job at most, and the last step)
 #             print(progress.line("train"))
-# The rate is measured over the last `window` steps and never counts the first one: the first step carries the
-# start-up (first calls, caches filling, memory being allocated), and an average since the start lets it dominate
-# the early estimates (an ETA six times too long on the first line of a 9-minute training run). Whatever happens
-# between two steps (a validation pass between epochs) is part of the step after it, so a window longer than an
-# epoch spreads that cost over the remaining steps as it will really fall.
+# The rate is measured over the last `window` steps, never the first one: its start-up (first calls, caches
+# filling) would dominate the early estimates. What happens between two steps (validation between epochs) is
+# part of the step after it, so a window longer than an epoch spreads that cost as it will really fall.
 
 
 def format_duration(seconds):
     """Seconds -> '42s', '8m30s' or '1h05m'."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    s = int(round(seconds))
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 class Progress:
     """Counts steps of a job of `total` steps (`done` already done, e.g. after a resume) and times them."""
 
-    def __init__(self, total, unit="step", done=0, lines=MAX_PROGRESS_LINES, window=RATE_WINDOW, clock=time.perf_counter):
-        self.total, self.unit, self.done = total, unit, done
+    def __init__(self, total, unit="step", done=0, lines=MAX_PROGRESS_LINES, window=RATE_WINDOW,
+                 clock=time.perf_counter):
+        self.total, self.unit, self.done, self.clock = total, unit, done, clock
         self.every = max(1, -(-(total - done) // lines))    # ceil: at most `lines` lines
-        self.clock = clock
         self.times = deque(maxlen=max(2, window + 1))       # (steps done, clock) after each step, from the first
         self.start = clock()
 

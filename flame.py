@@ -1,11 +1,10 @@
 """FLAME, the head model UniSinger animates: shape, expression and joint rotations -> mesh vertices in metres.
 
 Holds, model first: the constants of the 59-d motion vector ([expression 50 | global 3 | neck 3 | jaw 3]),
-`rodrigues`, `Flame` (blendshapes, pose correctives and 5-joint linear blend skinning, batched; its 68
-landmarks and region masks; `Flame.region` for a subset of vertices), `split_motion`. Then the readers of
-FLAME's own files, as data only: a pickle that names code is refused before it is loaded, and chumpy and scipy
-are never imported (`DataUnpickler`, `read_flame_arrays`). Then the exports: `save_obj` (one frame) and
-`save_glb` (a take as an animated, skinned glTF 2.0 file).
+`rodrigues`, `Flame` (blendshapes, pose correctives and 5-joint linear blend skinning, batched; 68 landmarks,
+region masks, `Flame.region`), `split_motion`. Then the readers of FLAME's files, as data only: a pickle that
+names code is refused before it is loaded, chumpy and scipy are never imported (`DataUnpickler`,
+`read_flame_arrays`). Then the exports: `save_obj` (one frame), `save_glb` (a take as animated, skinned glTF 2.0).
 
 Depends on torch and numpy only; imports nothing of the project, so it can be copied alone:
     flame = Flame.load('FLAME2020/generic_model.pkl')  # + landmark_embedding.npy, FLAME_masks.pkl beside it
@@ -16,6 +15,7 @@ Depends on torch and numpy only; imports nothing of the project, so it can be co
         save_glb(f, flame, torch.zeros(100), torch.zeros(240, MOTION_DIM))     # plays in Blender, three.js
 """
 import collections
+import contextlib
 import copy
 import hashlib
 import io
@@ -64,12 +64,9 @@ def rodrigues(rotvec):
 
 
 class Flame(nn.Module):
-    """FLAME-structured head: blendshapes, pose correctives and 5-joint linear blend skinning.
-
-    Buffers keep the arrays in matmul-ready layouts: every blendshape basis is a (K, 3·V) matrix whose
-    columns run coordinate-major (all x, then all y, then all z), so blendshapes are one matmul and the
-    skinning works on contiguous (frames, 3, V) slabs.
-    """
+    """FLAME-structured head: blendshapes, pose correctives and 5-joint linear blend skinning. Buffers are
+    matmul-ready: each blendshape basis is a (K, 3·V) matrix with coordinate-major columns (all x, then y, then z),
+    so blendshapes are one matmul and the skinning works on contiguous (frames, 3, V) slabs."""
 
     def __init__(self, arrays, n_shape=N_SHAPE, n_expr=N_EXPR, shape_columns=FLAME_SHAPE_COLUMNS,
                  landmarks=None, masks=None, source='arrays', dtype=torch.float32):
@@ -84,7 +81,8 @@ class Flame(nn.Module):
         if shapedirs.shape[:2] != (V, 3) or n_shape > shape_columns or shape_columns + n_expr > shapedirs.shape[2]:
             raise ValueError(f"{source}: shapedirs {shapedirs.shape} cannot give {n_shape} shape and {n_expr} "
                              f"expression components after {shape_columns} shape columns")
-        if posedirs.shape != (V, 3, N_POSE_FEATURES) or J_regressor.shape != (N_JOINTS, V) or weights.shape != (V, N_JOINTS):
+        if posedirs.shape != (V, 3, N_POSE_FEATURES) or J_regressor.shape != (N_JOINTS, V) \
+                or weights.shape != (V, N_JOINTS):
             raise ValueError(f"{source}: expected posedirs ({V}, 3, 36), J_regressor (5, {V}), weights ({V}, 5); "
                              f"found {posedirs.shape}, {J_regressor.shape}, {weights.shape}")
         parents = [int(p) for p in np.asarray(arrays['kintree_table'])[0].astype(np.int64)]
@@ -101,11 +99,11 @@ class Flame(nn.Module):
         expr_dirs = shapedirs[:, :, shape_columns:shape_columns + n_expr]
         # Joints are linear in the blendshape coefficients, so they get their own small bases.
         joint_basis = lambda dirs: np.einsum('jv,vck->kjc', J_regressor, dirs).reshape(dirs.shape[2], 3 * N_JOINTS)
-        buffers = {
+        buffers = {  # blend_dirs (n_shape + n_expr + 36, 3·V), joint_dirs (n_shape + n_expr, 15)
             'template': v_template.T.reshape(3 * V),                              # (3·V,)
-            'blend_dirs': np.concatenate([basis(shape_dirs), basis(expr_dirs), basis(posedirs)]),  # (n_shape + n_expr + 36, 3·V)
+            'blend_dirs': np.concatenate([basis(shape_dirs), basis(expr_dirs), basis(posedirs)]),
             'joint_template': (J_regressor @ v_template).reshape(3 * N_JOINTS),   # (15,)
-            'joint_dirs': np.concatenate([joint_basis(shape_dirs), joint_basis(expr_dirs)]),       # (n_shape + n_expr, 15)
+            'joint_dirs': np.concatenate([joint_basis(shape_dirs), joint_basis(expr_dirs)]),
             'weights_t': np.ascontiguousarray(weights.T),                         # (5, V)
         }
         for name, value in buffers.items():
@@ -132,9 +130,8 @@ class Flame(nn.Module):
         return model
 
     def region(self, ids):
-        """The same model on the vertices `ids` only: forward gives (..., len(ids), 3), equal to the whole
-        head's [..., ids, :], at a fraction of the cost (a loss or a metric on one region of every frame). Joints
-        still come from the whole head; faces, landmarks and masks are dropped, as they index the whole head."""
+        """The same model on the vertices `ids` only: forward gives (..., len(ids), 3), equal to the whole head's
+        [..., ids, :]. Joints still come from the whole head; faces, landmarks and masks (whole-head) are dropped."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.template.device)
         V = self.template.shape[0] // 3
         cols = torch.cat([ids, ids + V, ids + 2 * V])                           # coordinate-major (3·U,)
@@ -192,9 +189,8 @@ class Flame(nn.Module):
         offset = torch.stack(world_pos, 1) - (world_rot @ joints[..., None])[..., 0]  # (N, 5, 3): moves rest joints
         rigid = torch.cat([world_rot, offset[..., None]], -1)                     # (N, 5, 3, 4)
 
-        # Skinning, column by column of the (3, 4) rigid transforms: blending one column over the 5 joints is
-        # an (N·3, 5) @ (5, V) matmul; per column the intermediate stays (N, 3, V), like the output, which
-        # keeps allocations small (a single (N, 12, V) blend would be 4x larger and page-fault on every call).
+        # Skinning, column by column of the (3, 4) rigid transforms: blending one column over the 5 joints is an
+        # (N·3, 5) @ (5, V) matmul, so intermediates stay (N, 3, V) like the output, not (N, 12, V).
         columns = rigid.permute(3, 0, 2, 1).reshape(4, N * 3, N_JOINTS)          # (4, N·3, 5)
         verts = (columns[3] @ self.weights_t).view(N, 3, V)                       # blended translations
         for k in range(3):
@@ -202,9 +198,8 @@ class Flame(nn.Module):
         return verts.transpose(1, 2).reshape(full + (V, 3))
 
     def from_motion(self, shape, motion, zero_head_pose=False):
-        """Vertices (..., V, 3) of 59-d motion (..., 59); shape's leading dims are a prefix of motion's
-        (shape (B, 100) with motion (B, T, 59) gives (B, T, V, 3)). zero_head_pose zeroes global and neck: the
-        meshes the face metrics and the head-pose-free mesh loss read."""
+        """Vertices (..., V, 3) of motion (..., 59), shape's leading dims a prefix of motion's ((B, 100) with (B, T, 59)
+        gives (B, T, V, 3)). zero_head_pose zeroes global and neck, for face metrics and the head-pose-free loss."""
         expression, global_pose, neck_pose, jaw_pose = split_motion(motion, self.n_expr)
         if zero_head_pose:
             global_pose, neck_pose = torch.zeros_like(global_pose), torch.zeros_like(neck_pose)
@@ -227,10 +222,8 @@ def split_motion(m, n_expr=N_EXPR):
     return m[..., :n_expr], m[..., n_expr:n_expr + 3], m[..., n_expr + 3:n_expr + 6], m[..., n_expr + 6:n_expr + 9]
 
 
+# ------------------------------------------------------- support: reading FLAME's files, writing takes (OBJ, glTF 2.0)
 
-# ---------------------------------------------------------------------------------------------- support
-# Reading FLAME's files, and writing takes (OBJ, glTF 2.0)
-#
 def file_sha256(path, chunk=1 << 20):
     """Hex sha256 of a file's bytes: identifies a FLAME file wherever it was copied."""
     digest = hashlib.sha256()
@@ -240,14 +233,11 @@ def file_sha256(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
-# Reading pickles as data: model files without chumpy, and nothing that runs code.
-
-# Unpickling calls whatever callable a file names, so a pickle from elsewhere could run any program.
-# DataUnpickler resolves only the exact (module, name) pairs below, all of which build data whatever their
-# arguments: arrays, dtypes and numpy scalars (numpy >= 2 and the numpy.core spellings of older files), sets,
-# complex numbers, the latin-1 bytes of protocol-2 pickles, inert stand-ins for the chumpy and scipy-sparse
-# objects of FLAME 2020 (nothing of chumpy or scipy is imported), and plain tensors of numbers (DECA saved some),
-# whose storage bytes torch's weights-only reader reads. Any other name is refused before it is loaded.
+# Reading pickles as data. Unpickling calls whatever callable a file names, so a pickle from elsewhere could run
+# any program. DataUnpickler resolves only exact (module, name) pairs that build data whatever their arguments:
+# arrays, dtypes and numpy scalars (numpy.core and numpy._core spellings), sets, complex numbers, the latin-1 bytes
+# of protocol-2 pickles, inert stand-ins for FLAME 2020's chumpy and scipy-sparse objects (neither is imported),
+# and plain tensors of numbers (DECA saved some). Any other name is refused before it is loaded.
 
 class _ChumpyArray:
     """Stand-in for a chumpy object inside a FLAME 2020 pickle: keeps only its value, state['x']."""
@@ -256,8 +246,8 @@ class _ChumpyArray:
         self.x = state.get('x') if isinstance(state, dict) else None
 
 
-class _CompressedSparse:
-    """Stand-in for a scipy csc/csr matrix inside a pickle, so reading needs no scipy."""
+class _CscStandIn:
+    """Stand-in for a scipy csc matrix inside a pickle, so reading needs no scipy (_CsrStandIn: csr)."""
     column_major = True
 
     def __setstate__(self, state):
@@ -274,11 +264,7 @@ class _CompressedSparse:
         return dense
 
 
-class _CscStandIn(_CompressedSparse):
-    column_major = True
-
-
-class _CsrStandIn(_CompressedSparse):
+class _CsrStandIn(_CscStandIn):
     column_major = False
 
 
@@ -302,9 +288,8 @@ TENSOR_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, 
 
 
 def read_torch_data(file, map_location='cpu'):
-    """torch.load of a file from elsewhere as data only: torch's weights-only reader, which refuses every global
-    but tensors' own data types. Its refusal or damage -> pickle.UnpicklingError: 'refused to load <name>', or
-    the line of torch's paragraph that says what it met (never its advice to load the file unsafely)."""
+    """torch.load of a file from elsewhere as data only (torch's weights-only reader). Its refusal or damage ->
+    pickle.UnpicklingError: 'refused to load <name>', or the line of torch's paragraph that says what it met."""
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except Exception as error:                                   # torch raises many kinds on damaged bytes
@@ -373,23 +358,19 @@ def _data_globals():
 
 
 def _plain_dtype(dtype):
-    """Whether a dtype is one numpy itself makes from its type string: no record fields, no sub-array, and the
-    itemsize, alignment and flags of that type (a pickled __setstate__ can set them to values that make arrays
-    of Python objects read raw memory as pointers)."""
+    """Whether a dtype is one numpy itself makes from its type string: no fields or sub-array, its own itemsize,
+    alignment and flags (a pickled __setstate__ could make object arrays read raw memory as pointers)."""
     made = np.dtype(dtype.str)
     return (dtype.names is None and dtype.subdtype is None and dtype == made and dtype.itemsize == made.itemsize
             and dtype.alignment == made.alignment and dtype.flags == made.flags)
 
 
 class DataUnpickler(pickle._Unpickler):
-    """
-    Unpickler for files from elsewhere: builds data only (see above) and refuses any other class or function,
-    naming it, before it is loaded. Every chumpy class becomes the inert _ChumpyArray (chumpy is never imported).
-    The pure-Python unpickler, because its BUILD step (an object's __setstate__) must be vetted too: only arrays,
-    dtypes and the stand-ins take a state, and a dtype must come out plain.
-    """
+    """Unpickler for files from elsewhere: builds data only (see above), refusing any other class or function by
+    name before it is loaded; every chumpy class becomes _ChumpyArray. The pure-Python unpickler, as its BUILD step
+    (__setstate__) is vetted too: only arrays, dtypes and the stand-ins take a state, and a dtype must be plain."""
     GLOBALS = _data_globals()
-    BUILDABLE = (np.ndarray, np.dtype, _ChumpyArray, _CompressedSparse)
+    BUILDABLE = (np.ndarray, np.dtype, _ChumpyArray, _CscStandIn)
 
     def find_class(self, module, name):
         if module.split('.')[0] in ('chumpy', 'chumpy_fork'):
@@ -414,15 +395,10 @@ class DataUnpickler(pickle._Unpickler):
 
 
 def load_data_pickle(path, file=None):
-    """
-    The object of a pickle file read with DataUnpickler (Python 2 strings as latin-1); `file` an open binary
-    file positioned at the pickle (default: path opened). Refusals and unreadable bytes -> one-line ValueError
-    naming path.
-    """
+    """The object of a pickle file read with DataUnpickler (Python 2 strings as latin-1); `file` an open binary file
+    at the pickle (default: path opened). Refusals and unreadable bytes -> one-line ValueError naming path."""
     try:
-        if file is not None:
-            return DataUnpickler(file, encoding='latin1').load()
-        with open(path, 'rb') as fh:
+        with open(path, 'rb') if file is None else contextlib.nullcontext(file) as fh:
             return DataUnpickler(fh, encoding='latin1').load()
     except pickle.UnpicklingError as error:
         if str(error).startswith('refused'):
@@ -433,9 +409,8 @@ def load_data_pickle(path, file=None):
 
 
 def read_npy_header(file, size=None):
-    """(shape, dtype) from the header of the .npy file open at its start, leaving it at the data. A version other
-    than 1.0 / 2.0, or a header claiming more values than the file's `size` bytes hold, raises ValueError before
-    anything is allocated."""
+    """(shape, dtype) from the header of the .npy file open at its start, leaving it at the data. ValueError for a
+    version other than 1.0 / 2.0, or a header claiming more values than the file's `size` bytes hold."""
     version = np.lib.format.read_magic(file)
     if version not in ((1, 0), (2, 0)):
         raise ValueError(f"format version {version}, not 1.0 or 2.0")
@@ -448,10 +423,8 @@ def read_npy_header(file, size=None):
 
 
 def load_npy_object(path):
-    """
-    The object inside a .npy file of a pickled object (np.save of a dict, e.g. DECA's landmark_embedding.npy),
-    read with DataUnpickler: the header is parsed here rather than by np.load(allow_pickle=True).
-    """
+    """The object inside a .npy file of a pickled object (np.save of a dict, e.g. DECA's landmark_embedding.npy),
+    read with DataUnpickler, the header parsed here, not by np.load(allow_pickle=True)."""
     with open(path, 'rb') as fh:
         try:
             shape, dtype = read_npy_header(fh)
@@ -477,11 +450,8 @@ def _dense(value, path, key):
 
 
 def read_npz(path):
-    """
-    dict of the arrays of an .npz file, as data only (no pickled objects). A damaged file is refused with a
-    ValueError naming it: not a zip, a bad checksum, a bad array header, or a header that claims more values
-    than its member holds, which is checked before anything is allocated.
-    """
+    """dict of the arrays of an .npz file, as data only (no pickled objects). ValueError naming a damaged file: not a
+    zip, a bad checksum or array header, or a header claiming more values than its member holds (checked first)."""
     try:
         with zipfile.ZipFile(path) as z:
             data = {}
@@ -515,8 +485,8 @@ def read_flame_arrays(path):
 
 
 def _read_landmark_embedding(folder):
-    """(faces (L,), barycentric (L,3)) from DECA's landmark_embedding.npy (68) or
-    flame_static_embedding.pkl (51, iBUG points 17..67, no jaw contour); None when neither exists."""
+    """(faces (L,), barycentric (L, 3)) from DECA's landmark_embedding.npy (68) or flame_static_embedding.pkl
+    (51, iBUG points 17..67, no jaw contour); None when neither exists."""
     for name, read, faces_key, bary_key in (
             ('landmark_embedding.npy', load_npy_object, 'full_lmk_faces_idx', 'full_lmk_bary_coords'),
             ('flame_static_embedding.pkl', load_data_pickle, 'lmk_face_idx', 'lmk_b_coords')):
@@ -551,7 +521,6 @@ def _read_masks(folder):
     return masks
 
 
-
 # Exports
 
 def _numpy(x):
@@ -559,8 +528,7 @@ def _numpy(x):
 
 
 def save_obj(file, verts, faces):
-    """Wavefront OBJ of one mesh into an open text file: verts (V, 3) metres, faces (F, 3) 0-based (written
-    1-based)."""
+    """Wavefront OBJ of one mesh into an open text file: verts (V, 3) metres, faces (F, 3) 0-based (written 1-based)."""
     np.savetxt(file, _numpy(verts).reshape(-1, 3), fmt='v %.6f %.6f %.6f')
     np.savetxt(file, _numpy(faces).reshape(-1, 3).astype(np.int64) + 1, fmt='f %d %d %d')
 
@@ -591,9 +559,8 @@ def _quaternion_matrices(q):
 
 
 def _skin_sets(weights):
-    """FLAME's skinning weights (V, 5) -> joint ids and weights (V, 4·n) for n JOINTS_n / WEIGHTS_n pairs, each
-    vertex's influences largest first; n covers the vertex with the most non-zero weights (unused slots: joint 0,
-    weight 0, as the specification asks)."""
+    """FLAME's skinning weights (V, 5) -> joint ids and weights (V, 4·n) for n JOINTS_n / WEIGHTS_n pairs, largest
+    first, n enough for the vertex with the most non-zero weights (unused slots: joint 0, weight 0)."""
     order = np.argsort(-weights, axis=1, kind='stable')                        # (V, 5)
     ranked = np.take_along_axis(weights, order, 1)
     slots = INFLUENCES_PER_SET * -(-max(int((weights != 0).sum(1).max()), 1) // INFLUENCES_PER_SET)
@@ -609,8 +576,7 @@ class _GlbBuffer:
         self.chunks, self.length, self.views, self.accessors = [], 0, [], []
 
     def add(self, array, target=None):
-        """One accessor over its own bufferView; array (count, components) of float32, uint8 or uint32.
-        min / max are written for every accessor (POSITION and animation inputs must have them)."""
+        """One accessor over its own bufferView, with min / max; array (count, components) of float32, uint8, uint32."""
         component = {np.float32: GLTF_FLOAT, np.uint8: GLTF_UNSIGNED_BYTE,
                      np.uint32: GLTF_UNSIGNED_INT}[array.dtype.type]
         data = np.ascontiguousarray(array).tobytes()
@@ -627,13 +593,12 @@ class _GlbBuffer:
 
 
 def save_glb(file, flame, shape, motion, fps=30):
-    """One take as a binary glTF 2.0 file, written into an open binary file, that plays back FLAME's own
-    vertices: shape (n_shape,) baked into the mesh, motion (T, 59) = [expression | global | neck | jaw] a frame.
+    """One take as binary glTF 2.0 into an open binary file, playing back FLAME's own vertices: shape (n_shape,)
+    baked into the mesh, motion (T, 59) = [expression | global | neck | jaw] a frame.
 
-    Inside: the person's neutral head; the expression blendshapes and the 36 pose correctives (features (R - I)
-    of neck, jaw and eyes) as morph targets (glb_morphs); FLAME's 5 joints as a skin with FLAME's weights
-    (glb_joints); one animation with a key per frame for the morph weights and each joint's rotation and
-    translation.
+    Inside: the neutral head; the expression blendshapes and the 36 pose correctives ((R - I) of neck, jaw and
+    eyes) as morph targets (glb_morphs); FLAME's 5 joints as a skin with its weights (glb_joints); one animation
+    with a key per frame for the morph weights and each joint's rotation and translation.
     """
     name = getattr(file, 'name', 'glb')
     shape = _numpy(shape).astype(np.float64).reshape(-1)
@@ -695,18 +660,15 @@ def save_glb(file, flame, shape, motion, fps=30):
     text += b' ' * (-len(text) % 4)                                           # JSON chunk padded with spaces
     file.write(GLB_MAGIC + struct.pack('<II', GLB_VERSION, 12 + 8 + len(text) + 8 + buf.length))
     file.write(struct.pack('<I', len(text)) + GLB_JSON + text + struct.pack('<I', buf.length) + GLB_BIN)
-    for chunk in buf.chunks:                                                  # not joined: one copy fewer
-        file.write(chunk)
+    file.writelines(buf.chunks)                                               # not joined: one copy fewer
 
 
 def glb_morphs(flame, shape, expression, rotvec):
     """The take's morph targets: base mesh (V, 3), targets (K, V, 3), weights (T, K) in [0, 1], and lo, span (K,).
 
-    Every morph weight stays in [0, 1] (Blender keeps shape keys inside their slider range): coefficient k,
-    seen over the take in [lo_k, hi_k] (widened to hold 0), is stored as target span_k·d_k with weight
-    (c_k - lo_k) / span_k, span_k = hi_k - lo_k, and lo_k·d_k is folded into the base mesh. mesh.extras keeps
-    lo and span, so c_k = lo_k + span_k·weight_k. With weights -lo/span (the mesh's defaults) the file shows
-    the neutral head at rest.
+    Weights stay in [0, 1] (Blender's slider range): coefficient k, over the take in [lo_k, hi_k] (widened to
+    hold 0), is target span_k·d_k with weight (c_k - lo_k) / span_k, and lo_k·d_k is folded into the base mesh.
+    mesh.extras keeps lo and span (c_k = lo_k + span_k·weight_k); the default weights -lo/span give the neutral head.
     """
     T, V = len(expression), flame.template.shape[0] // 3
     rot = rodrigues(torch.from_numpy(rotvec)).numpy()                         # (T, 5, 3, 3) FLAME's own matrices
@@ -724,12 +686,9 @@ def glb_morphs(flame, shape, expression, rotvec):
 
 def glb_joints(flame, shape, expression, rotvec):
     """The skeleton: bind positions (5, 3), their parents' (5, 3), and per frame each joint's local rotation
-    quaternion (T, 5, 4) and translation (T, 5, 3).
-
-    The joints move with the expression (FLAME regresses them from the expression-blended mesh) while the
-    inverse bind matrices are fixed at the neutral head's joints b_j. glTF's joint matrix global_j·IBM_j
-    equals FLAME's transform G_j·translate(-J_j) when node j's local transform is rotation R_j with translation
-    J_j - b_parent + R_j·(b_j - J_j) (b_parent = 0 for the root), so that is the animated translation.
+    quaternion (T, 5, 4) and translation (T, 5, 3). Joints move with the expression while the inverse bind
+    matrices stay at the neutral head's joints b_j: glTF's global_j·IBM_j equals FLAME's G_j·translate(-J_j) when
+    node j has rotation R_j and translation J_j - b_parent + R_j·(b_j - J_j) (b_parent = 0 for the root).
     """
     T = len(expression)
     joint_dirs = _numpy(flame.joint_dirs).astype(np.float64)

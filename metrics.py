@@ -1,24 +1,18 @@
 """Evaluation metrics of UniSinger: the paper's Table II (3-D motion) and Table IV (2-D video), one command each.
 
 Table II follows the SingingHead release's metric code: its `metric_dict` (lve_mean, lve_min, ve_mean, ve_min,
-fdd, meandist_pose, ba_pose, diversity_lmk) per clip, then the mean over clips; PAPER_COLUMNS says how each
-prints in the paper's units, VARIANT_COLUMNS are our own variants. Meshes come from `RegionMeshes`: the
-vertices the metrics read, global and neck rotation zeroed (the release's LVE / FVE / FDD meshes), in metres.
-  lve (largest lip-vertex error per frame, averaged; mean / best over samples), fve (face-vertex error), fdd
-  (upper-face dynamics deviation), ppe (head pose error), motion_beats / music_beats / beat_align (BA),
-  diversity (mean pairwise distance of the samples' landmarks).
+fdd, meandist_pose, ba_pose, diversity_lmk) per clip, then the mean over clips (PAPER_COLUMNS: in the paper's
+units; VARIANT_COLUMNS: ours), on RegionMeshes (the release's meshes, head pose zeroed, in metres): lve, fve,
+fdd, ppe (head pose error), motion_beats / music_beats / beat_align (BA), diversity.
 Table IV, on frames (N, H, W, C): psnr, ssim (equal to scikit-image's), cpbd (sharpness), lmd (F-LMD / M-LMD),
 fid with the FID Inception network (InceptionV3), LPIPS (AlexNet + linear heads), BA on the soundtrack.
-Then the evaluation: clip_motion_scores / evaluate_motion (per clip, then the mean), model_predictor (samples
-drawn with a seed per clip), truth_and_takes (a clip's true motion beside its takes, as a video), evaluate_video,
-mean_motion (the baseline), and the command line.
+Then the evaluation: evaluate_motion (per clip, then the mean), model_predictor (a seed per clip),
+truth_and_takes (a clip's truth beside its takes, as a video), evaluate_video, mean_motion (the baseline).
 
-Depends on torch, numpy, scipy, imageio (+ imageio-ffmpeg) and our flame.py, audio.py, data.py, builtin.py,
-render.py and unisinger.py (the default run generates motion with a checkpoint).
+Depends on torch, numpy, scipy, imageio-ffmpeg and our flame.py, audio.py, data.py, builtin.py and unisinger.py.
 
 Use alone
-    python metrics.py                                   # out/motion/best.pt vs the mean-motion baseline,
-                                                        # built-in data, test split
+    python metrics.py                           # out/motion/best.pt vs the mean-motion baseline, built-in test split
     python metrics.py --pred DIR --data PATH [--split test]          # Table II for generated motion files
     python metrics.py --video --pred DIR --data PATH [--weights DIR]  # Table IV for generated videos
     python metrics.py --pred DIR --side-by-side       # Table II, and each clip's truth | take 0 | take 1 as video
@@ -29,13 +23,11 @@ Missing weights or landmarks make the table entry "needs weights: <file>" / "nee
 """
 import json
 import math
-import subprocess
 import sys
 import time
 import zlib
 from pathlib import Path
 
-import imageio.v2 as imageio
 import imageio_ffmpeg
 import numpy as np
 import scipy.linalg
@@ -45,11 +37,12 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 import data
-from audio import FPS, SAMPLE_RATE, beats
+from audio import FPS, SAMPLE_RATE, beats, load_audio
 from builtin import builtin_data, load_flame, require_head, resolve_flame
 from data import Parser, Progress, atomic_output, run_command, video_path
 from flame import HEAD_POSE, MM_PER_M, MOUTH_LANDMARKS, read_npz
-from unisinger import DEFAULT_CHECKPOINT, PREVIEW_BATCH, Controls, SongMix, generate, load_checkpoint, write_side_by_side
+from unisinger import (DEFAULT_CHECKPOINT, PREVIEW_BATCH, Controls, SongMix, generate, load_checkpoint,
+                       write_side_by_side)
 
 BEAT_SIGMA_FRAMES = 5.0     # Gaussian smoothing of the motion speed before picking its minima
 BA_SIGMA2 = 9.0             # beat-align tolerance, frames^2
@@ -71,16 +64,12 @@ CPBD_EDGE_FLOOR = 0.2       # edge-map gradient floor (grey levels per pixel, So
 
 
 class RegionMeshes:
-    """The vertices the 3-D metrics read (lips, face, upper face, landmark triangles), head pose zeroed.
-
-    Flame.region's forward over just these vertices, so that Table II on thousands of clips is not spent on
-    vertices no metric reads; it equals the whole meshes' [..., ids, :] (a test checks).
-    Attributes: ids (U,) full-mesh vertex ids; lips, face, upper_face index into them;
-    forehead_eyes indexes forehead then eye_region, concatenated as the release does (a vertex in both counts
-    twice in FDD's mean). posed_landmarks gives the 68 landmarks of meshes WITH head pose (the release's
-    diversity), by full skinning of the landmark triangles' vertices only. ids, when given, are the vertices to
-    mesh instead (every vertex: the release's whole meshes); they must hold the regions'.
-    """
+    """The vertices the 3-D metrics read (lips, face, upper face, landmark triangles), head pose zeroed: Flame.region's
+    forward over just these, equal to the whole meshes' [..., ids, :]. ids (U,) are full-mesh vertex ids; lips,
+    face, upper_face index into them; forehead_eyes indexes forehead then eye_region, concatenated as the release
+    does (a vertex in both counts twice in FDD's mean). posed_landmarks: the 68 landmarks of meshes WITH head pose
+    (the release's diversity), skinning only the landmark triangles' vertices. ids, when given, are the vertices
+    to mesh instead (all: the release's whole meshes); they must hold the regions'."""
 
     def __init__(self, flame, ids=None):
         masks = flame.masks
@@ -138,10 +127,9 @@ def fve(pred, gt, face_idx):
 
 
 def fdd(pred, gt, upper_idx, origin=None):
-    """Upper-face dynamics deviation (m^2, signed), the release's 'fdd': per vertex the standard deviation over
-    frames (unbiased, torch.std's default) of the squared norm of its absolute position, or of its displacement
-    from `origin` (V,3) (CodeTalker's variant), averaged over the vertices (and the samples of pred);
-    std_gt - std_pred. pred (S,T,V,3), gt (T,V,3) in metres."""
+    """Upper-face dynamics deviation (m^2, signed), the release's 'fdd': std_gt - std_pred, each per vertex the
+    unbiased std over frames of the squared norm of its position (or of its displacement from `origin` (V,3),
+    CodeTalker's variant), averaged over the vertices (and the samples of pred). pred (S,T,V,3), gt (T,V,3) m."""
     base = torch.zeros_like(gt[0]) if origin is None else origin
 
     def motion_std(verts):                                                                # (...,T,V,3) -> (...)
@@ -158,10 +146,9 @@ def ppe(pred_pose, gt_pose):
 
 
 def motion_beats(x, sigma=BEAT_SIGMA_FRAMES):
-    """Motion beats of points (T,P,3) or a pose (T,6): the ids of the speed frames (T-1 of them, frame t to
-    t+1) where the Gaussian-smoothed speed has a strict local minimum. Speed: per point the L2 norm of the
-    frame-to-frame step, averaged over points (a pose is one 6-d point). Float32 input stays float32, as the
-    release computes it, so near-ties of the smoothed speed break the same way."""
+    """Motion beats of points (T,P,3) or a pose (T,6) (one 6-d point): the ids of the T-1 speed frames (frame t to
+    t+1; per point the L2 norm of the step, averaged over points) where the Gaussian-smoothed speed has a strict
+    local minimum. Float32 stays float32, as the release computes it, so near-ties break the same way."""
     x = np.asarray(x)
     x = x.astype(np.float64) if not np.issubdtype(x.dtype, np.floating) else x
     if x.ndim not in (2, 3):
@@ -182,8 +169,7 @@ def music_beats(audio, sr=SAMPLE_RATE, time_correct=False):
 def beat_align(motion_beats, music_beats, n_speed=None, sigma2=BA_SIGMA2):
     """Beat-align score, the release's: mean over music beats of exp(-d^2/(2 sigma2)), d the distance in frames
     to the nearest motion beat. Music beats at or after n_speed (the motion's T-1 speed frames) are cut, as the
-    release cuts its one-hot onsets to the speed's length; no music beat or no motion beat counts as one beat
-    at frame 0 (the release's rule, which keeps every clip's score defined)."""
+    release cuts its onsets to the speed's length; no music or motion beat counts as one beat at frame 0."""
     music = np.asarray(music_beats, dtype=np.float64)
     if n_speed is not None:
         music = music[music < n_speed]
@@ -206,11 +192,8 @@ def diversity(samples):
 
 def clip_motion_scores(regions, shape, gt_motion, samples, audio_beats):
     """Table II of one clip: {'official': the release's metric_dict (raw units), variant column: value}.
-
-    regions: RegionMeshes of the FLAME model; shape (100,), gt_motion (T,59), samples (S,T,59); audio_beats: BA
-    column -> audio beats in motion-frame units (clip_beats), each column present is scored against the samples'
-    pose beats (the release averages BA over samples).
-    """
+    regions: RegionMeshes; shape (100,), gt_motion (T,59), samples (S,T,59); audio_beats: BA column -> audio beats
+    in motion-frame units (clip_beats), each scored against the samples' pose beats, averaged over samples."""
     shape = torch.as_tensor(shape, dtype=torch.float32)
     gt_motion = torch.as_tensor(gt_motion, dtype=torch.float32)
     samples = torch.as_tensor(samples, dtype=torch.float32)
@@ -221,16 +204,13 @@ def clip_motion_scores(regions, shape, gt_motion, samples, audio_beats):
         lve_mean, lve_min = lve(pred, gt, regions.lips)
         fve_mean, fve_min = fve(pred, gt, regions.face)
         pose_beats = [motion_beats(s[:, HEAD_POSE]) for s in samples.numpy()]
-        ba = {k: float(np.mean([beat_align(m, b, len(gt_motion) - 1) for m in pose_beats])) for k, b in audio_beats.items()}
+        ba = {k: float(np.mean([beat_align(m, b, len(gt_motion) - 1) for m in pose_beats]))
+              for k, b in audio_beats.items()}
         ba_pose = ba.pop("BA", None)                                                     # the rest are variants
-        official = {
-            "lve_mean": lve_mean / MM_PER_M, "lve_min": lve_min / MM_PER_M,
-            "ve_mean": fve_mean / MM_PER_M, "ve_min": fve_min / MM_PER_M,
-            "fdd": fdd(pred, gt, regions.forehead_eyes),
-            "meandist_pose": ppe(samples[..., HEAD_POSE], gt_motion[..., HEAD_POSE]),
-            "ba_pose": ba_pose,
-            "diversity_lmk": diversity(regions.posed_landmarks(shape, samples)),          # (S,T,68,3) m
-        }
+        official = {"lve_mean": lve_mean / MM_PER_M, "lve_min": lve_min / MM_PER_M, "ve_mean": fve_mean / MM_PER_M,
+                    "ve_min": fve_min / MM_PER_M, "fdd": fdd(pred, gt, regions.forehead_eyes),
+                    "meandist_pose": ppe(samples[..., HEAD_POSE], gt_motion[..., HEAD_POSE]), "ba_pose": ba_pose,
+                    "diversity_lmk": diversity(regions.posed_landmarks(shape, samples))}          # (S,T,68,3) m
         return dict(ba, official=official, **{
             "FDD(disp)": fdd(pred, gt, regions.upper_face, neutral) * PAPER_COLUMNS["FDD(x1e-2)"][1],
             "Div(mm)": diversity(regions.landmarks(pred) * MM_PER_M)})
@@ -245,8 +225,7 @@ def as_batch(a):
 
 def psnr(a, b, data_range=255.0):
     """Peak signal-to-noise ratio in dB per frame: (N,H,W,C) pairs -> (N,) (a float for one frame)."""
-    x, single = as_batch(a)
-    y, _ = as_batch(b)
+    (x, single), (y, _) = as_batch(a), as_batch(b)
     mse = ((x - y) ** 2).mean(dim=(1, 2, 3))
     out = 10 * torch.log10(data_range ** 2 / mse)
     return out[0].item() if single else out.numpy()
@@ -271,10 +250,10 @@ def ssim_frames(x, y, data_range):
 
 def ssim(a, b, data_range=255.0):
     """Mean structural similarity per frame, as scikit-image computes it: (N,H,W,C) pairs -> (N,) (float for one)."""
-    x, single = as_batch(a)
-    y, _ = as_batch(b)
+    (x, single), (y, _) = as_batch(a), as_batch(b)
     if min(x.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"ssim: frames of {tuple(x.shape[-2:])} pixels are smaller than the {SSIM_WINDOW}-pixel window")
+        raise ValueError(f"ssim: frames of {tuple(x.shape[-2:])} pixels are smaller than the {SSIM_WINDOW}-pixel "
+                         f"window")
     # one frame at a time: the intermediates of a frame stay in cache, those of a batch do not
     out = torch.cat([ssim_frames(x[i:i + 1].contiguous(), y[i:i + 1].contiguous(), data_range) for i in range(len(x))])
     return out[0].item() if single else out.numpy()
@@ -282,11 +261,9 @@ def ssim(a, b, data_range=255.0):
 
 def cpbd(gray):
     """Cumulative probability of blur detection of one grey frame (H,W) in grey levels 0-255; higher is sharper.
-
     Blocks of 64x64 pixels with enough edges contribute the blur-detection probability 1 - exp(-(w/JNB)^3.6) of
     each edge width w (JNB 5 for block contrast <= 50 grey levels, else 3); the score is the share of edges whose
-    probability, rounded to a percent, stays at or below 0.63. 0 when the frame has no edge.
-    """
+    probability, rounded to a percent, stays at or below 0.63. 0 when the frame has no edge."""
     img = np.asarray(gray, dtype=np.float64)
     if img.ndim != 2:
         raise ValueError(f"cpbd: expected one grey frame (H,W), got shape {img.shape}")
@@ -306,11 +283,10 @@ def cpbd(gray):
 
 
 def lmd_frames(pred_lmk, gt_lmk, mouth=False):
-    """Landmark distance per frame (pixels), the release's centring included: it centres the 68 points on their
-    mean, then centres the mouth (points 48-67, a view into the same array) on its own mean in place, so the
-    mouth is centred on itself for M-LMD (mouth=True, points 48-67) AND for F-LMD (all 68: points 0-47 on the
-    face's mean, 48-67 on the mouth's). The mean L2 distance over the points: (T,68,2) pairs -> (T,); nan
-    where a set is missing (non-finite)."""
+    """Landmark distance per frame (pixels): the mean L2 distance over the points, (T,68,2) pairs -> (T,), nan where
+    a set is missing. The release's centring: the 68 points on their mean, then the mouth (48-67, a view into the
+    same array) on its own mean in place, so the mouth is centred on itself for M-LMD (mouth=True, points 48-67)
+    AND for F-LMD (all 68: points 0-47 on the face's mean, 48-67 on the mouth's)."""
     def centred(lmk):
         x = torch.as_tensor(np.asarray(lmk, dtype=np.float64))
         x = x - x.mean(dim=-2, keepdim=True)
@@ -324,19 +300,15 @@ def lmd_frames(pred_lmk, gt_lmk, mouth=False):
 
 
 def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
-    """Frechet distance of two Gaussians: |mu1-mu2|^2 + tr(s1 + s2 - 2 sqrtm(s1 s2)).
-
-    scipy.linalg.sqrtm of the product; when that is not finite (singular covariances, fewer samples than
-    dimensions) eps is added to both diagonals first, and a numerically imaginary part is dropped.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.asarray(s1, np.float64), np.asarray(s2, np.float64)
+    """Frechet distance of two Gaussians: |mu1-mu2|^2 + tr(s1 + s2 - 2 sqrtm(s1 s2)), scipy.linalg.sqrtm of the
+    product; when that is not finite (singular covariances, fewer samples than dimensions) eps is added to both
+    diagonals first. A numerically imaginary part is dropped."""
+    mu1, s1, mu2, s2 = (np.asarray(v, np.float64) for v in (mu1, s1, mu2, s2))
     root = scipy.linalg.sqrtm(s1 @ s2)
     if not np.isfinite(root).all():
         offset = eps * np.eye(len(s1))
         root = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    root = root.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root.real))
 
 
 def fid(feats_a, feats_b):
@@ -352,8 +324,7 @@ def evaluate_video(pred_dir, root, ids, weights_dir):
     the beats of the video's own soundtrack), then averaged over videos."""
     pred_dir, root, weights_dir = Path(pred_dir), Path(root), Path(weights_dir)
     progress = Progress(len(ids), "video", lines=20)
-    inception_file = weights_dir / INCEPTION_FILE
-    alexnet_file, lpips_file = weights_dir / ALEXNET_FILE, weights_dir / LPIPS_FILE
+    inception_file, alexnet_file, lpips_file = (weights_dir / f for f in (INCEPTION_FILE, ALEXNET_FILE, LPIPS_FILE))
     inception = InceptionV3.load(inception_file) if inception_file.exists() else None
     lpips_net = LPIPS.load(alexnet_file, lpips_file) if alexnet_file.exists() and lpips_file.exists() else None
     scores = {size: {k: [] for k in ("LPIPS", "SSIM", "PSNR", "CPBD", "M-LMD", "F-LMD")} for size in VIDEO_SIZES}
@@ -369,8 +340,7 @@ def evaluate_video(pred_dir, root, ids, weights_dir):
         missing = missing or (absent[0] if absent else None)
         lp, lg = (None, None) if absent else (np.load(f)[:n] for f in lmk_files)
         for size in VIDEO_SIZES:
-            p, g = pred[size], gt[size]                                                  # (N,size,size,3) uint8
-            row = scores[size]
+            p, g, row = pred[size], gt[size], scores[size]                               # (N,size,size,3) uint8
             row["SSIM"] += list(ssim(g, p))
             row["PSNR"] += list(psnr(g, p))
             row["CPBD"] += [cpbd(f) for f in pil_gray(p)]
@@ -403,8 +373,7 @@ def evaluate_video(pred_dir, root, ids, weights_dir):
         if lpips_net is None:
             row["LPIPS"] = f"needs weights: {alexnet_file if not alexnet_file.exists() else lpips_file}"
         if missing is not None:
-            for k in ("M-LMD", "F-LMD", "BA"):
-                row[k] = f"needs landmarks: {missing}"
+            row.update(dict.fromkeys(("M-LMD", "F-LMD", "BA"), f"needs landmarks: {missing}"))
         rows[f"{pred_dir.name} ({size})"] = dict(row, clips=len(ids))
     return rows
 
@@ -414,16 +383,14 @@ def evaluate_video(pred_dir, root, ids, weights_dir):
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 LPIPS_FILE = "alex.pth"
-# Table II: the paper's columns, each the release's metric_dict value (metres, m^2, radians) times a factor.
-# LVE / FVE print in mm; FDD is printed "x10^-2 mm" in the paper: the m^2 value x 1000 like the others, in
-# units of 10^-2; BA, PPE (rad) and diversity (m) print as they are.
+# Table II: the paper's columns, each the release's metric_dict value (m, m^2, rad) times a factor: LVE / FVE in
+# mm; FDD, "x10^-2 mm" in the paper, is the m^2 value x 1000 in units of 10^-2; BA, PPE, diversity as they are.
 PAPER_COLUMNS = {"LVE-mean": ("lve_mean", 1e3), "LVE-min": ("lve_min", 1e3), "FVE-mean": ("ve_mean", 1e3),
                  "FVE-min": ("ve_min", 1e3), "FDD(x1e-2)": ("fdd", 1e5), "BA": ("ba_pose", 1.0),
                  "PPE": ("meandist_pose", 1.0), "Diversity": ("diversity_lmk", 1.0)}
 MOTION_COLUMNS = list(PAPER_COLUMNS) + ["FPS"]
-# Our variants, never under the paper's names: BA with beat times x 30 fps (time-correct) and BA on the
-# background music, both against the same pose beats; FDD on displacements from the neutral face (CodeTalker),
-# x1e5 like the paper's column; diversity of head-pose-free landmarks in mm.
+# Our variants, never under the paper's names: BA with beat times x 30 fps and BA on the background music (same
+# pose beats); FDD on displacements from the neutral face (CodeTalker), x1e5; head-pose-free diversity in mm.
 VARIANT_COLUMNS = ["BA(time)", "BA(music)", "FDD(disp)", "Div(mm)"]
 EVAL_SEED = 0               # base seed of the evaluation's latent draws (each clip derives its own)
 SIDE_BY_SIDE_TAKES = 2      # takes shown beside the truth in a clip's side-by-side video
@@ -445,11 +412,6 @@ def lmd(pred_lmk, gt_lmk, mouth=False):
     return float(np.nan_to_num(d, nan=0.0).sum() / len(d))
 
 
-def to_gray(rgb):
-    """uint8/float RGB (...,H,W,3) -> float64 luma (...,H,W) in grey levels (ITU-R BT.601 weights)."""
-    return np.asarray(rgb, dtype=np.float64) @ np.array([0.299, 0.587, 0.114])
-
-
 def run_lengths(b):
     """For each position of a bool (R,N), how many consecutive True end there (counting leftwards)."""
     pos = np.arange(1, b.shape[1] + 1)
@@ -458,16 +420,13 @@ def run_lengths(b):
 
 
 def cpbd_edge_widths(img):
-    """Marziliano edge widths (pixels) at vertical-Sobel edge pixels, 0 elsewhere: (H,W) -> (H,W).
-
-    As in the MATLAB original and the reference python package: edges are the thinned squared horizontal Sobel
-    response above 2 x its RMS; at an edge whose gradient points (after rounding the angle to 45 degrees) right
-    (0) or left (180), the width is the length of the monotone intensity run through the pixel, each side
-    followed at most 100 pixels; the two steps next to the pixel always count.
-    """
+    """Marziliano edge widths (pixels) at vertical-Sobel edge pixels, 0 elsewhere: (H,W) -> (H,W), as in the MATLAB
+    original and the reference python package: edges are the thinned squared horizontal Sobel response above
+    2 x its RMS; at an edge whose gradient points (angle rounded to 45 degrees) right (0) or left (180), the width
+    is the length of the monotone intensity run through the pixel, each side followed at most 100 pixels; the
+    two steps next to the pixel always count."""
     h, w = img.shape
-    response = ndimage.convolve(img, np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]]) / 8.0)
-    strength = response ** 2
+    strength = ndimage.convolve(img, np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]]) / 8.0) ** 2   # horizontal Sobel
     strength[strength <= 2 * np.sqrt(strength.mean())] = 0
     p = np.pad(strength, 1)
     c = p[1:-1, 1:-1]
@@ -492,18 +451,16 @@ def cpbd_edge_widths(img):
 
 def cpbd_edge_map(img):
     """Edge pixels deciding which blocks count: non-maximum-suppressed Sobel magnitude of the sigma=1 smoothed
-    image above a tiny floor. This is Canny without hysteresis; the reference package calls scikit-image's canny
-    with its default thresholds (0.1 / 0.2), which on 0-255 images keep nearly every suppressed maximum, so the
-    two maps differ only in a few isolated weak pixels."""
+    image above a tiny floor, i.e. Canny without hysteresis; the reference package's scikit-image canny keeps
+    nearly every suppressed maximum of 0-255 images at its default thresholds (0.1 / 0.2), so few pixels differ."""
     s = ndimage.gaussian_filter(img, 1.0)
     gx, gy = ndimage.sobel(s, axis=1), ndimage.sobel(s, axis=0)
     mag = np.hypot(gx, gy)
     sector = np.round(np.degrees(np.arctan2(gy, gx)) / 45).astype(int) % 4          # 0: -, 1: \, 2: |, 3: /
-    offsets = {0: (0, 1), 1: (1, 1), 2: (1, 0), 3: (1, -1)}
     p = np.pad(mag, 1)
     h, w = img.shape
     keep = np.zeros_like(mag, dtype=bool)
-    for k, (dy, dx) in offsets.items():
+    for k, (dy, dx) in enumerate(((0, 1), (1, 1), (1, 0), (1, -1))):
         ahead = p[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
         behind = p[1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
         keep |= (sector == k) & (mag >= ahead) & (mag >= behind)
@@ -515,8 +472,7 @@ def load_state(module, path, state, skip=()):
     counter = "num_batches_tracked"                      # a training counter: files may or may not carry it
     own = {k: v for k, v in module.state_dict().items() if not k.endswith(counter)}
     state = {k: v for k, v in state.items() if not k.startswith(skip) and not k.endswith(counter)}
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
     if missing or extra or wrong:
         raise ValueError(f"{path}: not the expected weights: missing {missing[:5]} ({len(missing)}), unexpected "
@@ -653,11 +609,8 @@ class MixedE(nn.Module):
 
 class InceptionV3(nn.Module):
     """The FID Inception-v3 (TensorFlow 2015-12-05 graph as ported to PyTorch): images -> 2048-d pool3 features.
-
     forward(images (N,3,H,W) float in [0,1]) resizes to 299x299 (bilinear), maps to [-1,1] and returns (N,2048).
-    Module names follow the weights file, so loading maps each key to the same name; the file's 1008-way
-    classifier ('fc.*') is not part of the feature network and is skipped.
-    """
+    Module names are the weights file's keys; its 1008-way classifier ('fc.*') is not part of it and is skipped."""
 
     def __init__(self):
         super().__init__()
@@ -694,11 +647,9 @@ class InceptionV3(nn.Module):
 
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 with the AlexNet trunk: distance of two image batches (N,3,H,W) in [-1,1] -> (N,).
-
-    Each of the five ReLU outputs is normalised to unit length over channels, the squared difference weighted
-    per channel by a linear head (1x1 convolution, no bias), averaged over pixels, and summed over layers.
-    """
+    """LPIPS v0.1 with the AlexNet trunk: distance of two image batches (N,3,H,W) in [-1,1] -> (N,). Each of the
+    five ReLU outputs is normalised to unit length over channels, the squared difference weighted per channel by
+    a linear head (1x1 convolution, no bias), averaged over pixels, and summed over layers."""
 
     CHANNELS = (64, 192, 384, 256, 256)
     SHIFT = (-0.030, -0.088, -0.188)       # the input scaling the linear heads were trained with
@@ -741,10 +692,8 @@ class LPIPS(nn.Module):
         return out
 
     def forward(self, a, b):
-        total = 0
-        for k, (fa, fb) in enumerate(zip(self.layer_features(a), self.layer_features(b))):
-            total = total + getattr(self, f"lin{k}").model((fa - fb) ** 2).mean(dim=(1, 2, 3))
-        return total                                                                     # (N,)
+        return sum(getattr(self, f"lin{k}").model((fa - fb) ** 2).mean(dim=(1, 2, 3))          # (N,)
+                   for k, (fa, fb) in enumerate(zip(self.layer_features(a), self.layer_features(b))))
 
 
 def average_rows(rows):
@@ -762,9 +711,8 @@ def average_rows(rows):
 
 
 def evaluate_motion(flame, clips, predict, fps=None, beats_cache=None):
-    """Table II row: clips yields dataset items (id, start, audio, bgm, motion, shape), predict(item) ->
-    (S,T,59). Audio beats come once per clip: beats_cache (a dict) keeps them for the next row on the same
-    clips."""
+    """Table II row: clips yields dataset items (id, start, audio, bgm, motion, shape), predict(item) -> (S,T,59).
+    Audio beats come once per clip: beats_cache (a dict) keeps them for the next row on the same clips."""
     regions = RegionMeshes(flame)
     beats_cache = {} if beats_cache is None else beats_cache
     rows = []
@@ -779,8 +727,7 @@ def evaluate_motion(flame, clips, predict, fps=None, beats_cache=None):
 
 
 def clip_seed(base_seed, item):
-    """The latent-draw seed of one clip: a hash of the base seed, the clip's sequence id and start frame, so
-    clips draw different samples and a clip draws the same ones in every run."""
+    """A clip's latent-draw seed: a hash of the base seed, its sequence id and start frame (the same in every run)."""
     return zlib.crc32(f"{base_seed}:{item['id']}:{int(item.get('start', 0))}".encode())
 
 
@@ -788,10 +735,8 @@ def model_predictor(model, n_samples, base_seed=EVAL_SEED, silent=False, clock=N
     """predict(item) -> (S,T,59): the model's samples of one clip, with the clip's own seed; silent feeds
     silence and no music (does the model use its audio?). With clock (a dict), one more take of one sample is
     generated and timed per clip, audio encoding included: clock['frames'] / clock['seconds'] is the FPS."""
-
     def predict(item):
-        voice = np.zeros_like(item["audio"]) if silent else item["audio"]
-        bgm = None if silent else item["bgm"]
+        voice, bgm = (np.zeros_like(item["audio"]), None) if silent else (item["audio"], item["bgm"])
         seed = clip_seed(base_seed, item)
         if clock is not None:
             t0 = time.perf_counter()
@@ -838,16 +783,13 @@ def read_samples(pred_dir, item):
 
 def mean_motion(root):
     """The mean-motion baseline: the training split's mean 59-d motion vector over all its frames."""
-    motions = []
-    for seq in data.read_split(root, "train"):
-        motions.append(data.read_flame_pickle(data.flame_path(root, seq))["motion"])         # (T, 59)
-    return np.concatenate(motions).mean(0).astype(np.float32)
+    motions = [data.read_flame_pickle(data.flame_path(root, seq))["motion"] for seq in data.read_split(root, "train")]
+    return np.concatenate(motions).mean(0).astype(np.float32)                                # over (frames, 59)
 
 
 def truth_and_takes(path, flame, item, takes):
-    """One clip's true motion beside its first SIDE_BY_SIDE_TAKES takes (S, T, 59), an mp4 at path: truth |
-    take 0 | take 1 as shaded heads under one light and one camera, labelled, with the clip's voice and music,
-    so that a take can be judged by eye against the truth. Named on the console."""
+    """One clip's true motion beside its first SIDE_BY_SIDE_TAKES takes (S, T, 59), an mp4 at path named on the
+    console: truth | take 0 | take 1 as labelled shaded heads under one light and camera, with voice and music."""
     motions = [item["motion"]] + list(takes[:SIDE_BY_SIDE_TAKES])
     shape = torch.as_tensor(np.asarray(item["shape"], dtype=np.float32))
 
@@ -886,43 +828,35 @@ def sampled_frames(n):
 
 
 def read_frames(path, ids, sizes=VIDEO_SIZES):
-    """The frames ids of an mp4, each resized (the whole frame, to a square) to every size as the release's
-    cv2.resize does (bilinear from pixel centres, no antialiasing) -> size -> uint8 (len(ids),size,size,3)."""
+    """The frames ids of an mp4 (data.VideoFrames), each resized (the whole frame, to a square) to every size as the
+    release's cv2.resize does (bilinear from pixel centres, no antialiasing) -> size -> uint8 (len(ids),size,size,3)."""
     wanted, out = set(ids), {size: [] for size in sizes}
-    try:
-        reader = imageio.get_reader(str(path), "ffmpeg")
-    except Exception as e:
-        raise ValueError(f"{path}: unreadable video ({e})") from None
-    with reader:
-        for i, frame in enumerate(reader):
-            if i not in wanted:
-                continue
-            x = torch.from_numpy(np.asarray(frame)[..., :3].copy()).permute(2, 0, 1)[None].float()   # (1,3,H,W)
+    for i, frame in enumerate(data.VideoFrames(path, size=None).decoded()):
+        if i in wanted:
+            x = torch.from_numpy(frame.copy()).permute(2, 0, 1)[None].float()                     # (1,3,H,W)
             for size in sizes:
-                if x.shape[-2:] == (size, size):
-                    y = x
-                else:
-                    y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+                y = x if x.shape[-2:] == (size, size) else F.interpolate(
+                    x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
                 out[size].append(y.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy())
     return {size: np.stack(frames) for size, frames in out.items()}
 
 
 def count_frames(path):
+    """Frames of an mp4, as imageio's reader counts them."""
     try:
-        with imageio.get_reader(str(path), "ffmpeg") as reader:
-            return reader.count_frames()
+        return imageio_ffmpeg.count_frames_and_secs(str(path))[0]
     except Exception as e:
-        raise ValueError(f"{path}: unreadable video ({e})") from None
+        raise ValueError(f"{path}: unreadable video ({(str(e).strip().splitlines() or ['?'])[-1]})") from None
 
 
 def read_soundtrack(path, sr=SAMPLE_RATE):
-    """The audio track of a video, mono at sr -> float32 (N,), or None when it has none."""
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-vn", "-ac", "1", "-ar", str(sr),
-           "-f", "f32le", "-"]
-    proc = subprocess.run(cmd, capture_output=True)
-    if proc.returncode != 0 or not proc.stdout:
-        return None
-    return np.frombuffer(proc.stdout, dtype=np.float32).copy()
+    """The audio track of a video, mono at sr -> float32 (N,) (audio.load_audio's samples), or None when it has none."""
+    try:
+        return load_audio(path, sr)
+    except ValueError as error:
+        if ": no audio stream" in str(error):
+            return None
+        raise
 
 
 def pil_gray(rgb):
@@ -956,9 +890,7 @@ def score_table(rows, columns):
     """rows: name -> dict of column values (float, None or a 'needs ...' string) -> aligned text table;
     4 decimals (the paper's), FPS as a whole number."""
     def cell(column, v):
-        if v is None:
-            return "n/a"
-        return v if isinstance(v, str) else f"{v:.0f}" if column == "FPS" else f"{v:.4f}"
+        return "n/a" if v is None else v if isinstance(v, str) else f"{v:.0f}" if column == "FPS" else f"{v:.4f}"
     return format_table(["method"] + list(columns), [[name] + [cell(c, r.get(c)) for c in columns]
                                                       for name, r in rows.items()])
 
@@ -984,8 +916,7 @@ def run_motion_table(args):
     """Rows of Table II and the line naming what was scored: the generated files (--pred) or a checkpoint
     (default: the one train.py's summary scores), then the mean-motion baseline."""
     root = Path(args.data) if args.data else builtin_data()
-    ids = data.read_split(root, args.split)
-    rows, beats_cache = {}, {}
+    ids, fps, clock, beats_cache = data.read_split(root, args.split), None, {}, {}
     if args.pred:
         require_head(root, args.flame, args.procedural_head)
         pred_dir = Path(args.pred)
@@ -998,30 +929,26 @@ def run_motion_table(args):
         for i in ids:                                        # a damaged file is refused before any scoring
             for f in sample_files(pred_dir / i):
                 read_sample(f)
-        clips = clips_of(root, args.split, ids)
-        progress = Progress(2 * len(clips), "clip", lines=20)
-        read = counted(lambda item: read_samples(pred_dir, item), progress)
-        if args.side_by_side:
-            read = writing_side_by_side(read, flame, pred_dir)
-        rows[pred_dir.name] = evaluate_motion(flame, clips, read, fps, beats_cache)
+        name, folder, predict = pred_dir.name, pred_dir, lambda item: read_samples(pred_dir, item)
         scored = f"the motion files in {pred_dir}"
     else:
         ckpt = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
         trained = load_checkpoint(ckpt, args.device)
-        model = trained.model
         flame_path = resolve_flame(trained.flame_record, args.flame, ckpt)     # the checkpoint's own FLAME
         require_head(root, flame_path, args.procedural_head)
         flame = load_flame(flame_path)
-        clock = {}
-        clips = clips_of(root, args.split, ids)
-        progress = Progress(2 * len(clips), "clip", lines=20)
-        predict = counted(model_predictor(model, args.samples, args.seed, clock=clock), progress)
-        if args.side_by_side:
-            predict = writing_side_by_side(predict, flame, Path(args.json).parent if args.json else Path("out/metrics"))
-        row = evaluate_motion(flame, clips, predict, beats_cache=beats_cache)
-        rows["UniSinger"] = dict(row, FPS=clock["frames"] / clock["seconds"], samples=args.samples, seed=args.seed,
-                                 checkpoint=str(ckpt))
+        name, folder = "UniSinger", Path(args.json).parent if args.json else Path("out/metrics")
+        predict = model_predictor(trained.model, args.samples, args.seed, clock=clock)
         scored = f"checkpoint {ckpt}" + (" (the one train.py's summary scores)" if not args.checkpoint else "")
+    clips = clips_of(root, args.split, ids)
+    progress = Progress(2 * len(clips), "clip", lines=20)
+    predict = counted(predict, progress)
+    if args.side_by_side:
+        predict = writing_side_by_side(predict, flame, folder)
+    rows = {name: evaluate_motion(flame, clips, predict, fps, beats_cache)}
+    if not args.pred:
+        rows[name].update(FPS=clock["frames"] / clock["seconds"], samples=args.samples, seed=args.seed,
+                          checkpoint=str(ckpt))
     baseline = mean_motion(root)
     constant = counted(lambda item: np.tile(baseline, (1, len(item["motion"]), 1)), progress)
     rows["mean motion"] = dict(evaluate_motion(flame, clips, constant, beats_cache=beats_cache), samples=1)
@@ -1036,10 +963,9 @@ def command(argv=None):
     p.add_argument("--data", help="SingingHead-layout data root (default: the built-in data)")
     p.add_argument("--split", default="test")
     p.add_argument("--video", action="store_true", help="Table IV for generated videos")
-    p.add_argument("--side-by-side", action="store_true",
-                   help=f"also write, for each clip scored, side_by_side_<clip id>.mp4: the true motion beside the "
-                        f"first {SIDE_BY_SIDE_TAKES} takes as shaded heads, with the song (into DIR with --pred, "
-                        f"else beside the JSON)")
+    p.add_argument("--side-by-side", action="store_true", help=f"also write, for each clip scored, side_by_side_<clip "
+                   f"id>.mp4: the true motion beside the first {SIDE_BY_SIDE_TAKES} takes as shaded heads, with the "
+                   f"song (into DIR with --pred, else beside the JSON)")
     p.add_argument("--checkpoint", help="motion checkpoint for the default run (default: out/motion/best.pt, the "
                    "one train.py's summary scores)")
     p.add_argument("--samples", type=int, default=N_SAMPLES, help="samples per clip for the default run")
@@ -1069,14 +995,12 @@ def command(argv=None):
         if not ids:
             raise ValueError(f"{args.pred}: no <clip id>.mp4 for any clip of the {args.split} split of {root}")
         rows = evaluate_video(args.pred, root, ids, args.weights)
-        print(f"Table IV on the {args.split} split of {root}: {len(ids)} videos, every {FRAME_STEP}th frame")
-        print(score_table(rows, VIDEO_COLUMNS))
+        print(f"Table IV on the {args.split} split of {root}: {len(ids)} videos, every {FRAME_STEP}th frame\n"
+              f"{score_table(rows, VIDEO_COLUMNS)}")
     else:
         rows, header = run_motion_table(args)
-        print(header)
-        print(score_table(rows, MOTION_COLUMNS))
-        print("our variants (not the paper's columns):")
-        print(score_table(rows, VARIANT_COLUMNS))
+        print(header, score_table(rows, MOTION_COLUMNS), "our variants (not the paper's columns):",
+              score_table(rows, VARIANT_COLUMNS), sep="\n")
     out = Path(args.json) if args.json else (Path(args.pred) / "metrics.json" if args.pred else
                                              Path("out/metrics") / ("table4.json" if args.video else "table2.json"))
     out.parent.mkdir(parents=True, exist_ok=True)

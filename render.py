@@ -1,18 +1,15 @@
 """
 Rendering for UniSinger (paper IV-B), in the order data flows: the depth rasterizer (rasterize, interpolate),
-the orthographic camera (project), the renderer's depth input (render_depth) and the reference warped into
-place (reference_flow, warp_image), then the per-person face renderer (FaceRenderer, a UNet; PatchDiscriminator;
-VGG19; the losses) and its size presets (RendererConfig). Below the support banner: the previews' shading
-(shade: Phong-interpolated normals, a key and a fill light, a slight highlight, anti-aliased edges).
-
+the orthographic camera (project), the renderer's depth input (render_depth), the reference warped into place
+(reference_flow, warp_image), then the face renderer (FaceRenderer, a UNet; PatchDiscriminator; VGG19; the
+losses) and its presets (RendererConfig). Below the support banner: the previews' shading (shade).
 Depends on torch and numpy; imports nothing of ours, so it can be copied alone.
 
 Conventions (shared with the rest of the project):
 - Projected space: x, y in [-1, 1] map to the image's left/right and bottom/top edges; pixel (i, j) has
   its centre at x = (j + 0.5) / W * 2 - 1, y = 1 - (i + 0.5) / H * 2.
-- z is the distance from the camera plane, smaller is nearer, in the same units as x and y (half image
-  widths), so the projection is a similarity (mirrored in z) and normals computed in projected space are true
-  normals with z mirrored.
+- z is the distance from the camera plane (smaller is nearer) in half image widths, so the projection is a
+  similarity mirrored in z, and normals computed in projected space are true normals with z mirrored.
 - The camera is orthographic as in DECA/EMOCA, cam = [scale, tx, ty]: x = s (X + tx), y = s (Y + ty), and it
   sits CAMERA_DISTANCE in front of the head's origin on +Z looking toward -Z: z = CAMERA_DISTANCE - s Z.
 
@@ -47,14 +44,11 @@ def _image_size(size):
 
 def rasterize(verts, faces, size):
     """
-    Z-buffer rasterization of projected triangles.
-
-    verts (B, V, 3) projected (see module docstring), faces (F, 3) long, size int or (H, W).
-    Returns depth (B, H, W) (+inf where uncovered) and face_id (B, H, W) long (-1 where uncovered).
-    A pixel is covered when its centre lies inside a triangle or on its edges; depth is z interpolated
-    with screen-space barycentrics (exact for the orthographic camera). Among equal depths the lowest
-    face id wins, so pixels on shared edges are deterministic. No orientation culling: visibility comes
-    from depth alone, so meshes of any winding work. No near plane: every z is kept.
+    Z-buffer rasterization: verts (B, V, 3) projected, faces (F, 3) long, size int or (H, W) -> depth (B, H, W)
+    (+inf where uncovered) and face_id (B, H, W) long (-1 where uncovered). A pixel is covered when its centre
+    lies inside a triangle or on its edges; depth is z interpolated with screen-space barycentrics (exact for
+    the orthographic camera). Among equal depths the lowest face id wins, so shared edges are deterministic.
+    Visibility comes from depth alone (meshes of any winding work); there is no near plane.
     """
     if verts.dim() != 3 or verts.shape[-1] != 3:
         raise ValueError(f"rasterize: verts must be (B, V, 3), got {tuple(verts.shape)}")
@@ -85,11 +79,9 @@ def rasterize(verts, faces, size):
 
 def _zbuffer(verts, faces, height, width, front=None):
     """The nearest fragment of every covered pixel (float32 verts): flat pixel indices into (B*H*W) (P,), in
-    order, and their depth and face id. Depth and face id travel as one int64 key (_depth_key) whose minimum
-    is the nearest depth, the lowest face id among equal ones: one reduction per chunk of fragments.
-    The faces turned one way are drawn first (of a closed mesh, those facing the camera), then those of the
-    others that the depth so far does not hide (_hidden): the result is the same as drawing all at once.
-    front: _front(verts, faces) when the caller has it."""
+    order, and their depth and face id, reduced as one int64 key (_depth_key). The faces turned toward the
+    camera (front, _front's) are drawn first, then those of the others the depth so far does not hide
+    (_hidden): the same result as drawing all at once."""
     coef, ints, keep, box_w, box_h = _edge_functions(verts, faces, height, width)
     key = torch.full((len(verts) * height * width,), EMPTY_KEY, dtype=torch.long, device=verts.device)
     first = (_front(verts, faces) if front is None else front).reshape(-1)
@@ -117,9 +109,9 @@ def _unkey(key):
 
 
 def _edge_functions(verts, faces, height, width):
-    """Per triangle (N = B·F of them), 4 affine functions of the offset (dx, dy) from its clipped box's first
-    pixel (x0, y0): the 3 barycentrics and the depth, as coef (N, 3, 4) over [1, dx, dy]; ints (N, 2) = (flat
-    index of the box's first pixel in (B·H·W), face id); which to keep; the box's width and height (N,)."""
+    """Per triangle (N = B·F), the 3 barycentrics and the depth as affine functions of the offset (dx, dy) from its
+    clipped box's first pixel: coef (N, 3, 4) over [1, dx, dy]; ints (N, 2) = (flat index of the box's first
+    pixel in (B·H·W), face id); which to keep; the box's width and height (N,)."""
     batch, n_faces, device = verts.shape[0], faces.shape[0], verts.device
     tri = face_corners(verts, faces).reshape(batch * n_faces, 3, 3)  # (N, 3 corners, xyz)
     # pixel coordinates in which pixel (i, j) has its centre at (j, i)
@@ -152,15 +144,6 @@ def _edge_functions(verts, faces, height, width):
     return coef, ints, keep, box_w, box_h
 
 
-def _window_sides(limit):
-    """Window sides 1, 2, 4, 8, ... up to at least limit: a box is tested in a window less than twice as long on
-    each axis, and few window shapes keep the groups (one loop each) few."""
-    sides = [1]
-    while sides[-1] < limit:
-        sides.append(sides[-1] * 2)
-    return sides
-
-
 @functools.lru_cache(maxsize=256)
 def _window(win_w, win_h, width, dtype, device):
     """A window's pixels, row by row: their dx, dy (win,) from its first pixel, flat offsets in a width-pixel
@@ -171,16 +154,15 @@ def _window(win_w, win_h, width, dtype, device):
 
 
 def _covered_pixels(coef, ints, keep, box_w, box_h, height, width):
-    """Every (pixel, depth, face id) whose pixel centre a triangle covers, yielded a chunk at a time.
-    Triangles are grouped by box size (_window_sides per axis), so each group tests one small window shape
-    with one matrix product of the barycentrics and the depth per chunk of triangles. A window can reach past
-    its box; a pixel there is outside the triangle unless it is off the image, so only the triangles whose
-    window reaches past the image's right or bottom edge are tested against their box too."""
+    """Every (pixel, depth, face id) whose pixel centre a triangle covers, yielded a chunk at a time. Triangles
+    are grouped by box size, rounded up to a power of two per axis (few window shapes, few groups), and each
+    chunk is tested with one matrix product. A window reaching past its box finds pixels outside the triangle,
+    except off the image: only triangles whose window passes the right or bottom edge are also box-tested."""
     tri = keep.nonzero().squeeze(1)
     if len(tri) == 0:
         return
     box = torch.stack([box_w, box_h], 1).index_select(0, tri).long()                   # (n, 2)
-    sides = torch.tensor(_window_sides(int(box.max())), device=coef.device)
+    sides = torch.tensor([1 << k for k in range((int(box.max()) - 1).bit_length() + 1)], device=coef.device)
     side = torch.bucketize(box, sides)                                                 # (n, 2) window sides
     group, order = (side[:, 0] * len(sides) + side[:, 1]).sort()
     classes, counts = group.unique_consecutive(return_counts=True)
@@ -213,19 +195,16 @@ def _covered_pixels(coef, ints, keep, box_w, box_h, height, width):
 
 
 def interpolate(verts, faces, face_id, attributes):
-    """
-    Per-pixel values of per-vertex attributes: verts (B, V, 3) projected, faces (F, 3), face_id (B, H, W) from
-    rasterize on them, attributes (B, V, C) or (V, C) -> (B, H, W, C), each covered pixel's centre weighted by
-    its screen-space barycentrics in its face (exact for the orthographic camera), 0 where uncovered.
-    """
+    """Per-pixel values of per-vertex attributes: verts (B, V, 3) projected, faces (F, 3), face_id (B, H, W)
+    from rasterize on them, attributes (B, V, C) or (V, C) -> (B, H, W, C), weighted by the pixel centre's
+    screen-space barycentrics in its face, 0 where uncovered."""
     batch, height, width = face_id.shape
-    n_verts = verts.shape[1]
     attributes = attributes.to(verts.dtype).expand(batch, -1, -1) if attributes.dim() == 2 else attributes
     channels = attributes.shape[-1]
     face_id = face_id.flatten()
     pixel = (face_id >= 0).nonzero().squeeze(1)                                     # (P,) covered, into (B*H*W)
     b, ij = pixel.div(height * width, rounding_mode="floor"), pixel % (height * width)
-    corner = (faces.to(verts.device).index_select(0, face_id[pixel]) + (b * n_verts)[:, None]).flatten()  # (3P,)
+    corner = (faces.to(verts.device).index_select(0, face_id[pixel]) + (b * verts.shape[1])[:, None]).flatten()  # (3P,)
     xy = verts[..., :2].reshape(-1, 2).index_select(0, corner).view(-1, 3, 2)       # (P, 3, 2)
     x = ((ij % width).to(verts.dtype) + 0.5) / width * 2 - 1
     y = 1 - (ij.div(width, rounding_mode="floor").to(verts.dtype) + 0.5) / height * 2
@@ -242,16 +221,13 @@ def interpolate(verts, faces, face_id, attributes):
 
 
 def face_corners(values, faces):
-    """Per-vertex values (..., V, C), faces (F, 3) -> each face's corners' values (..., F, 3, C) (index_select:
-    about twice as fast as indexing with faces on the CPU)."""
+    """Per-vertex values (..., V, C), faces (F, 3) -> each face's corners' values (..., F, 3, C)."""
     return values.index_select(-2, faces.reshape(-1)).unflatten(-2, (len(faces), 3))
 
 
 def project(verts, cam):
-    """
-    Orthographic DECA/EMOCA camera. verts (..., V, 3) metres, cam (..., 3) = [scale, tx, ty] (or a
-    3-sequence) -> (..., V, 3) projected: x = s (X + tx), y = s (Y + ty), z = CAMERA_DISTANCE - s Z.
-    """
+    """Orthographic DECA/EMOCA camera: verts (..., V, 3) metres, cam (..., 3) = [scale, tx, ty] (or a 3-sequence)
+    -> (..., V, 3) projected: x = s (X + tx), y = s (Y + ty), z = CAMERA_DISTANCE - s Z."""
     cam = torch.as_tensor(cam, dtype=verts.dtype, device=verts.device)
     if cam.shape[-1] != 3:
         raise ValueError(f"project: cam must end in 3 values [scale, tx, ty], got {tuple(cam.shape)}")
@@ -262,10 +238,8 @@ def project(verts, cam):
 
 
 def depth_to_image(depth):
-    """
-    depth (B, H, W) from rasterize -> (B, 1, H, W) float in [0, 1]: 1 at DEPTH_NEAR, 0 at DEPTH_FAR and
-    beyond and for the background. The range is fixed, so equal depths give equal values in every frame.
-    """
+    """depth (B, H, W) from rasterize -> (B, 1, H, W) float in [0, 1]: 1 at DEPTH_NEAR, 0 at DEPTH_FAR and beyond
+    and for the background. The range is fixed, so equal depths give equal values in every frame."""
     image = ((DEPTH_FAR - depth) / (DEPTH_FAR - DEPTH_NEAR)).clamp(0, 1)
     image = torch.where(torch.isinf(depth), torch.zeros_like(image), image)
     return image[:, None].float()
@@ -278,12 +252,10 @@ def render_depth(verts, faces, cam, size=IMAGE_SIZE):
 
 
 def reference_flow(verts, faces, cam, reference_verts, reference_cam, size=IMAGE_SIZE):
-    """
-    Where each pixel's point of the head lies in the reference frame: FLAME vertices (B, V, 3) metres under cam
-    (B, 3) or (3,), the reference frame's vertices (V, 3) under reference_cam (3,) -> (B, 2, H, W), x then y in
-    grid_sample's units (2 is the image's width or height, y downward), the offset from the pixel's own centre to
-    the same surface point in the reference; 0 off the head. warp_image(reference, flow) moves the reference there.
-    """
+    """Where each pixel's point of the head lies in the reference frame: FLAME vertices (B, V, 3) metres under cam
+    (B, 3) or (3,), the reference's vertices (V, 3) under reference_cam (3,) -> (B, 2, H, W), x then y in
+    grid_sample's units (y downward), the offset from the pixel's centre to the same surface point in the
+    reference; 0 off the head. warp_image(reference, flow) moves the reference there."""
     projected = project(verts, cam)
     _, face_id = rasterize(projected, faces, size)
     there = project(reference_verts, reference_cam)[..., :2]                             # (V, 2), y upward
@@ -315,8 +287,7 @@ TPE_BASE = 1000.0                # longest TPE period is ~2*pi*TPE_BASE**(3/4) f
 RENDERER_IN_CHANNELS = 1 + 3 + TPE_CHANNELS  # depth, reference RGB, TPE
 ENCODER_CHANNELS = (64, 128, 256, 512, 512, 512, 512, 512)  # levels at 256², 128², ..., 2²
 DISCRIMINATOR_CHANNELS = (64, 128, 256, 512)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # torchvision vgg19 `features`: numbers are 3x3 conv widths (each followed by ReLU), "M" a 2x2 max pool
 VGG19_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
                 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
@@ -325,10 +296,8 @@ VGG_LAYER_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)  # pix2pixHD's balance o
 
 
 def temporal_encoding(frame_index, size):
-    """
-    MODA-style temporal positional encoding: frame_index (B,) -> (B, TPE_CHANNELS, H, W), sin/cos of the
-    frame index at geometric frequencies, constant over the image.
-    """
+    """MODA-style temporal positional encoding: frame_index (B,) -> (B, TPE_CHANNELS, H, W), sin/cos of the
+    frame index at geometric frequencies, constant over the image."""
     height, width = _image_size(size)
     index = torch.as_tensor(frame_index, dtype=torch.float32).reshape(-1, 1)             # (B, 1)
     freq = TPE_BASE ** (-torch.arange(TPE_CHANNELS // 2, dtype=torch.float32) / (TPE_CHANNELS // 2))
@@ -373,15 +342,12 @@ class UpBlock(torch.nn.Module):
 
 class FaceRenderer(torch.nn.Module):
     """
-    The paper's UNet generator. Encoder: 8 residual down blocks; the first keeps 256² and the other seven
-    halve it, so the levels sit at 256², 128², ..., 2² with ENCODER_CHANNELS. Decoder: 7 residual up blocks
-    mirroring the 7 halvings (the 2² level is the bottleneck), each joined by the encoder level of its
-    resolution, back to 64 channels at 256²; a 3x3 conv and tanh give RGB in [-1, 1].
-    warp=True (our addition): the reference image moved by the FLAME meshes' correspondence (reference_flow) is
-    three more input channels, and a fourth output channel is a mask that mixes it with the generated colours, as
-    few-shot vid2vid mixes its warped reference: eyes, brows and skin come from the reference, moved into place,
-    and the UNet draws what the reference cannot show (the open mouth).
-    Input sides must be multiples of 128 (256 is the trained size).
+    The paper's UNet generator. Encoder: 8 residual down blocks at 256², 128², ..., 2² (ENCODER_CHANNELS).
+    Decoder: 7 residual up blocks, each joined by the encoder level of its resolution, back to 64 channels at
+    256²; a 3x3 conv and tanh give RGB in [-1, 1]. Input sides must be multiples of 128.
+    warp=True (ours): the reference moved by the meshes' correspondence (reference_flow) is three more input
+    channels, and a fourth output channel is a mask mixing it with the generated colours, as few-shot vid2vid
+    does: skin, eyes and brows come from the reference, and the UNet draws what it cannot show (the open mouth).
     """
 
     def __init__(self, channels=ENCODER_CHANNELS, warp=False):
@@ -390,16 +356,13 @@ class FaceRenderer(torch.nn.Module):
         ins = (RENDERER_IN_CHANNELS + (3 if warp else 0),) + tuple(channels[:-1])
         self.down = torch.nn.ModuleList(
             ResidualBlock(i, o, 1 if level == 0 else 2) for level, (i, o) in enumerate(zip(ins, channels)))
-        self.up = torch.nn.ModuleList(
-            UpBlock(channels[level + 1], channels[level], channels[level]) for level in reversed(range(len(channels) - 1)))
+        self.up = torch.nn.ModuleList(UpBlock(channels[level + 1], channels[level], channels[level])
+                                      for level in reversed(range(len(channels) - 1)))
         self.to_rgb = torch.nn.Conv2d(channels[0], 4 if warp else 3, 3, 1, 1)
 
     def forward(self, depth, reference, frame_index, flow=None, parts=False):
-        """
-        depth (B,1,H,W) in [0,1], reference (B,3,H,W) in [-1,1], frame_index (B,), flow (B,2,H,W) from
-        reference_flow (a warping renderer needs it) -> (B,3,H,W) in [-1,1]; parts=True returns (frame, the
-        warped reference or None).
-        """
+        """depth (B,1,H,W) in [0,1], reference (B,3,H,W) in [-1,1], frame_index (B,), flow (B,2,H,W) from
+        reference_flow (a warping renderer needs it) -> (B,3,H,W) in [-1,1]; parts=True: (frame, warped or None)."""
         x = renderer_input(depth, reference, frame_index)
         warped = None
         if self.warp:
@@ -431,10 +394,8 @@ def renderer_input(depth, reference, frame_index):
 
 
 class PatchDiscriminator(torch.nn.Module):
-    """
-    pix2pix 70x70 PatchGAN, conditional: sees the renderer's input channels beside the image.
-    forward returns the four intermediate activations (for feature matching) and, last, the patch logits.
-    """
+    """pix2pix 70x70 PatchGAN, conditional: sees the renderer's input channels beside the image. forward returns
+    the four intermediate activations (for feature matching) and, last, the patch logits."""
 
     def __init__(self, in_channels=RENDERER_IN_CHANNELS + 3, channels=DISCRIMINATOR_CHANNELS):
         super().__init__()
@@ -510,11 +471,10 @@ def photometric_loss(fake, real, weight=None):
 
 
 def perceptual_loss(vgg, fake, real):
-    """L1 between VGG-19 relu1_1..relu5_1 of images in [-1, 1], ImageNet-normalised, layers weighted by VGG_LAYER_WEIGHTS."""
+    """L1 between VGG-19 relu1_1..relu5_1 of images in [-1, 1] (ImageNet-normalised), weighted by VGG_LAYER_WEIGHTS."""
     mean = torch.tensor(IMAGENET_MEAN, device=fake.device, dtype=fake.dtype)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=fake.device, dtype=fake.dtype)[:, None, None]
-    fake_taps = vgg(((fake + 1) / 2 - mean) / std)
-    real_taps = vgg(((real + 1) / 2 - mean) / std)
+    fake_taps, real_taps = (vgg(((image + 1) / 2 - mean) / std) for image in (fake, real))
     return sum(w * (f.float() - r.detach().float()).abs().mean()
                for w, f, r in zip(VGG_LAYER_WEIGHTS, fake_taps, real_taps))
 
@@ -529,11 +489,8 @@ class RendererLossWeights:
 
 
 def generator_loss(discriminator, condition, fake, real, vgg=None, weights=None, pixel_weight=None):
-    """
-    The renderer's training objective for one batch; vgg None drops the perceptual term; pixel_weight
-    (B or 1, 1, H, W) weights the photometric term's pixels.
-    Returns (total, dict of the unweighted terms as floats).
-    """
+    """The renderer's training objective for one batch -> (total, dict of the unweighted terms as floats). vgg None
+    drops the perceptual term; pixel_weight (B or 1, 1, H, W) weights the photometric term's pixels."""
     weights = weights or RendererLossWeights()
     fake_features = discriminator(condition, fake)
     with torch.no_grad():
@@ -558,11 +515,9 @@ TINY_DIVISOR = 8        # the tiny preset's widths are the paper's divided by th
 
 @dataclass
 class RendererConfig:
-    """
-    Widths of the face renderer and its discriminator, and whether it warps the reference. Presets: 'paper' is
-    the paper's (58.6 M generator parameters, for GPUs); 'tiny' keeps the same 8 levels and layout at
-    1/TINY_DIVISOR of the widths, which trains on two CPU cores in minutes, and warps the reference.
-    """
+    """Widths of the face renderer and its discriminator, and whether it warps the reference. Presets: 'paper'
+    (58.6 M generator parameters, for GPUs); 'tiny', the same 8 levels at 1/TINY_DIVISOR of the widths, for
+    CPUs, warping the reference."""
     channels: tuple = ENCODER_CHANNELS
     discriminator_channels: tuple = DISCRIMINATOR_CHANNELS
     image_size: int = IMAGE_SIZE          # pixels a side; a multiple of 128 (the 8 levels halve it 7 times)
@@ -608,7 +563,8 @@ def image_tensor(image, size=IMAGE_SIZE):
     top, left = (height - side) // 2, (width - side) // 2
     x = x[:, top:top + side, left:left + side]
     if side != size:
-        x = torch.nn.functional.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        x = torch.nn.functional.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)[0]
     return x.clamp(0, 255) / 127.5 - 1
 
 
@@ -633,13 +589,11 @@ def vertex_normals(verts, faces):
 
 def shade(verts, faces, size):
     """
-    The previews' shading. verts (B, V, 3) projected, faces (F, 3) -> uint8 (B, H, W, 3), SKIN_RGB on
-    BACKGROUND_RGB. Phong shading: vertex normals interpolated across each face and renormalised, lit by a key
-    light from above one side, a fill light and an ambient share, with the key light's slight Blinn-Phong
-    highlight; two-sided (a face seen from behind is lit as its front), so meshes of any winding and their
-    open rims shade alike. Anti-aliased: a pixel on a silhouette or an occlusion edge (_edge_pixels) is the mean
-    of SUPERSAMPLE² samples spread evenly over it (supersampled, then box-filtered down); every other pixel
-    lies on one smooth surface and is shaded at its centre.
+    The previews' shading: verts (B, V, 3) projected, faces (F, 3) -> uint8 (B, H, W, 3), SKIN_RGB on
+    BACKGROUND_RGB. Phong shading (vertex normals interpolated and renormalised) under a key, a fill and an
+    ambient light, with the key light's Blinn-Phong highlight; two-sided, so meshes of any winding and their
+    open rims shade alike. A pixel on a silhouette or occlusion edge (_edge_pixels) is the mean of SUPERSAMPLE²
+    samples spread evenly over it; every other pixel lies on one smooth surface and is shaded at its centre.
     """
     height, width = _image_size(size)
     verts = verts.float()
@@ -654,7 +608,7 @@ def _shade_frames(verts, faces, height, width):
     """shade for a few frames (float32 verts): every covered pixel at its centre, then the edge pixels' means."""
     batch, n_faces = len(verts), len(faces)
     background = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8, device=verts.device)
-    image = background.repeat(width).repeat(batch * height).view(-1, 3)       # a row, then rows: 3x faster
+    image = background.repeat(width).repeat(batch * height).view(-1, 3)
     front = _front(verts, faces)
     pixel, depth, face = _zbuffer(verts, faces, height, width, front)
     if not len(pixel):
@@ -694,12 +648,10 @@ def _centres(row, col, height, width):
 
 
 def _normal_planes(verts, faces, front, height, width):
-    """Per frame and face (10, B*F): the view-space normal of the mesh interpolated over the face, as an affine
-    function of the pixel column and row of an (H, W) image (the vertex normals weighed by screen-space
-    barycentrics): its value at pixel (0, 0), its change per column and per row, then the share of light the
-    face keeps: 1, or INSIDE_SHARE for a face seen from behind (front False), the inside of a mouth or a neck.
-    Normals point toward the camera's side of the face: a face seen from behind has its normals flipped,
-    which makes the shading two-sided."""
+    """Per frame and face (10, B*F): the view-space normal interpolated over the face (screen-space barycentrics)
+    as an affine function of an (H, W) image's pixel column and row: its value at pixel (0, 0), its change per
+    column and per row; then the share of light the face keeps, INSIDE_SHARE where seen from behind (front
+    False: a mouth's or neck's inside), else 1. Normals are flipped toward the camera: two-sided shading."""
     corners = face_corners(verts, faces)                                                # (B, F, 3, 3)
     d1, d2 = corners[:, :, 1] - corners[:, :, 0], corners[:, :, 2] - corners[:, :, 0]   # (B, F, 3)
     area = d1[..., 0] * d2[..., 1] - d2[..., 0] * d1[..., 1]                            # (B, F), 2x signed area
@@ -714,14 +666,14 @@ def _normal_planes(verts, faces, front, height, width):
     x0, y0 = 1 / width - 1, 1 - 1 / height
     at_origin = normals[:, :, 0] + (x0 - corners[:, :, 0, :1]) * grad_x + (y0 - corners[:, :, 0, 1:2]) * grad_y
     share = torch.where(front, 1.0, INSIDE_SHARE)[..., None]
-    return torch.cat([at_origin, grad_x * (2 / width), grad_y * (-2 / height), share], -1).reshape(-1, 10).T.contiguous()
+    planes = torch.cat([at_origin, grad_x * (2 / width), grad_y * (-2 / height), share], -1)
+    return planes.reshape(-1, 10).T.contiguous()
 
 
 def _lit(planes, face, col, row):
     """The shaded colour (P, 3) float of points at pixel column col and row (P,) float on faces `face` (indices
-    into _normal_planes' columns): the normal interpolated there and renormalised, lit by the key, fill and
-    ambient light, plus the key light's highlight, times the face's share of light. Computed a component at
-    a time on 1-D tensors, the fastest layout for torch on the CPU."""
+    into _normal_planes' columns): the renormalised normal there lit by the key, fill and ambient light, plus
+    the key light's highlight, times the face's share of light; one component at a time on 1-D tensors."""
     value = [plane.index_select(0, face) for plane in planes]                       # 10 x (P,)
     normal = [torch.addcmul(torch.addcmul(value[k], col, value[3 + k]), row, value[6 + k]) for k in range(3)]
     inverse = torch.addcmul(torch.addcmul(normal[0] * normal[0], normal[1], normal[1]), normal[2], normal[2]).rsqrt_()
@@ -746,9 +698,9 @@ _LIGHTS = (_unit(KEY_LIGHT), _unit(FILL_LIGHT), _unit(tuple(k + v for k, v in zi
 
 
 def _edge_pixels(depth, width):
-    """Flat indices into depth (B, h, w) of the pixels beside a neighbour (left, right, above, below) whose
-    depth differs by more than EDGE_DEPTH_STEP pixel widths of a width-pixel image, background counting as
-    infinitely far: silhouettes, and one surface in front of another. Elsewhere the shading is smooth."""
+    """Flat indices into depth (B, h, w) of the pixels beside a neighbour (left, right, above, below) whose depth
+    differs by more than EDGE_DEPTH_STEP pixel widths of a width-pixel image, background infinitely far:
+    silhouettes, and one surface in front of another."""
     step = EDGE_DEPTH_STEP * 2 / width
     edge = torch.zeros_like(depth, dtype=torch.bool)
     for axis in (1, 2):
@@ -760,9 +712,8 @@ def _edge_pixels(depth, width):
 
 
 def _edge_candidates(face_id, pixels):
-    """(E, 9) long: the faces seen at `pixels` (flat indices into face_id (B, h, w)) and at their 8
-    neighbours, -1 where none: the faces that can cover a point inside those pixels (but for slivers that
-    no pixel centre near them shows)."""
+    """(E, 9) long: the faces seen at `pixels` (flat indices into face_id (B, h, w)) and at their 8 neighbours,
+    -1 where none: the faces that can cover a point inside those pixels (but for slivers no centre shows)."""
     batch, height, width = face_id.shape
     frame, row, col = _frame_row_col(pixels, height, width)
     near = [(frame * height + (row + dy).clamp(0, height - 1)) * width + (col + dx).clamp(0, width - 1)
@@ -771,9 +722,8 @@ def _edge_candidates(face_id, pixels):
 
 
 def _supersampled(verts, faces, planes, candidates, frame, row, col, size):
-    """The mean colour (E, 3) of SUPERSAMPLE² evenly spread samples in each pixel (row, col) of frame `frame`
-    (E,) of an (H, W) image: each sample shaded on the nearest of the pixel's candidate faces (E, 9) that
-    covers it (edges included, as rasterize counts them), background where none does."""
+    """The mean colour (E, 3) of SUPERSAMPLE² evenly spread samples in each pixel (row, col) of frame `frame` (E,)
+    of an (H, W) image, each shaded on the nearest candidate face (E, 9) covering it (edges count), else background."""
     (height, width), ss = size, SUPERSAMPLE
     step = (torch.arange(ss, device=verts.device) + 0.5) / ss - 0.5                      # sample offsets, pixels
     sample_row, sample_col = row[:, None] + step.repeat_interleave(ss), col[:, None] + step.repeat(ss)  # (E, S)
@@ -825,9 +775,8 @@ def _front(verts, faces):
 
 def _hidden(key, ints, box_w, box_h, near, candidates, size):
     """(N,) bool: the candidate triangles whose nearest corner lies behind (by more than rounding) the farthest
-    depth the keys hold anywhere in the triangle's box, so that none of its pixels can win. Keys order as
-    depths (EMPTY_KEY above all), so the farthest over a box is the largest key, read from a pyramid of 2x2
-    maxima at the level where the box spans at most 3x3 cells."""
+    depth the keys hold in the triangle's box, so none of its pixels can win. The farthest is the largest key
+    (EMPTY_KEY above all), read from a pyramid of 2x2 maxima at the level where the box spans 3x3 cells."""
     (height, width), batch = size, len(key) // (size[0] * size[1])
     levels = [key.view(batch, height, width)]
     while max(levels[-1].shape[1:]) > 1:
@@ -876,7 +825,6 @@ def read_vgg19(cls, path):
         raise ValueError(f"{path}: not a torchvision vgg19 state dict (missing {missing[0]})")
     for key, value in wanted.items():
         if features[key].shape != value.shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(features[key].shape)}, "
-                             f"vgg19 needs {tuple(value.shape)}")
+            raise ValueError(f"{path}: {key} has shape {tuple(features[key].shape)}, vgg19 needs {tuple(value.shape)}")
     vgg.load_state_dict({k: features[k] for k in wanted})
     return vgg.eval()

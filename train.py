@@ -8,17 +8,17 @@
 
 Depends on torch, numpy and our unisinger.py, metrics.py, builtin.py, data.py, flame.py, render.py.
 
-What every run does: one progress line every few steps (step, losses, steps/s, ETA from the recent pace),
-validation every epoch, `last.pt` and `best.pt` written atomically at the end of every epoch into --out, bf16
-autocast on a GPU (--bf16), DDP when started by torchrun. `--resume` continues from `last.pt` exactly: the
-model, optimiser, schedule, the random number generators and the epoch's data order are all restored, so on
-the CPU a resumed run produces the same losses as one that never stopped.
+Every run: a progress line every few steps (losses, steps/s, ETA), validation and `last.pt` / `best.pt` written
+atomically into --out every epoch, bf16 autocast on a GPU (--bf16), DDP under torchrun. `--resume` continues from
+`last.pt` exactly (model, optimiser, schedule, random generators, the epoch's data order): on the CPU a resumed run
+gives the same losses as one that never stopped.
 """
 import argparse
 import ctypes
 import errno
 import fcntl
 import hashlib
+import io
 import math
 import os
 import random
@@ -48,27 +48,18 @@ from flame import BROW_LANDMARKS, EYE_LANDMARKS, MOUTH_LANDMARKS, NOSE_LANDMARKS
 from data import RATE_WINDOW, Parser, Progress, cpu_cores, run_command
 from unisinger import MotionConfig, MotionCVAE, SongMix, load_checkpoint, motion_losses
 
-RENDER_FRAME_STRIDE = 6      # 1 frame in 6 (5 a second): neighbours at 30 fps are near copies; the 2-D metrics score these
-RENDER_SIZES = (256, 512, 1024)   # pixels a side the render stage trains at (--size): the paper's Table IV has 256 and 512
+RENDER_FRAME_STRIDE = 6      # 1 frame in 6: neighbours at 30 fps are near copies; the 2-D metrics score these
+RENDER_SIZES = (256, 512, 1024)   # the render stage's frame sides (--size); the paper's Table IV has 256 and 512
 ADAM_BETAS = (0.5, 0.999)    # pix2pix's GAN-friendly momentum
-MOUTH_BOX_MARGIN = 0.25            # share of the mouth's width added on each side of its landmarks' box
-EYES_BOX_MARGIN = 0.1              # share of the brows-and-eyes width added on each side of theirs
-NOSE_BOX_MARGIN = 0.25             # share of the nostrils' width added on each side of the nose's box: it then
-                                   # holds the bridge's flanks from between the eyes down to below the nostrils
-MOUTH_WEIGHT = 25.0                # photometric weight of a mouth-box pixel over 1 elsewhere: the box, ~3.5 % of
-                                   # the frame, then carries about a quarter of the photometric loss
-EYES_WEIGHT = 25.0                 # the same for the brows-and-eyes box (~7 % of the frame, half of the loss):
-                                   # small, sharp and moving with the head, the eyes otherwise come out as the
-                                   # discriminator's speckles
-NOSE_WEIGHT = 25.0                 # the same for the nose box (~3 % of the frame): its bridge otherwise carries
-                                   # colour fringes
+MOUTH_WEIGHT = 25.0          # photometric weight of a mouth-box pixel over 1 elsewhere: a quarter of the loss
+EYES_WEIGHT = 25.0           # the same for the brows-and-eyes box (half the loss): else the eyes come out speckled
+NOSE_WEIGHT = 25.0           # the same for the nose box: its bridge otherwise carries colour fringes
 EVAL_BATCH = 16              # frames rendered at once for validation and the summary
 
 
 class MotionClips(Dataset):
-    """SingingHead clips read from the files per item, with the background music's MFCC at 30 fps computed per
-    item on one thread: memory does not grow with the data set, and a loader worker (which runs one thread)
-    makes exactly the numbers the training process would."""
+    """SingingHead clips read from the files per item, with the music's MFCC at 30 fps computed on one thread, so
+    that a loader worker (which runs one thread) makes exactly the numbers the training process would."""
 
     def __init__(self, root, split, clip_frames, index_dir=None):
         self.clips = data.SingingHead(root, split, clip_frames=clip_frames, index_dir=index_dir)
@@ -116,8 +107,7 @@ def train_motion(args, run):
         pretrained = Wav2Vec2.from_pretrained(args.wav2vec)
         cfg.wav2vec = asdict(pretrained.cfg)           # the checkpoint decides the audio encoder's size
     index_dir = data.cache_folder(root, run.out / DATA_CACHE)
-    train_set = MotionClips(root, "train", data.CLIP_FRAMES, index_dir)
-    val_set = MotionClips(root, "val", data.CLIP_FRAMES, index_dir)
+    train_set, val_set = (MotionClips(root, split, data.CLIP_FRAMES, index_dir) for split in ("train", "val"))
     flame = load_flame(args.flame).to(run.device)
     meshes = metrics.RegionMeshes(flame)
     face = flame.region(flame.masks["face"]) if cfg.w_mesh else None     # the mesh loss's vertices
@@ -129,8 +119,7 @@ def train_motion(args, run):
         run.log("no --wav2vec given: the audio encoder starts from random weights. The paper starts from a "
                 "pretrained checkpoint: download facebook/wav2vec2-base-960h (config.json + model.safetensors) "
                 "into a folder and pass --wav2vec FOLDER")
-    mean, std = motion_stats(train_set)
-    model.set_motion_stats(mean, std)
+    model.set_motion_stats(*motion_stats(train_set))
     people = training_people(train_set)
 
     voice_cache = val_cache = None
@@ -160,11 +149,10 @@ def train_motion(args, run):
         model.train()
         for batch in loader(train_set, args.batch_size, run, args.seed, epoch, workers=args.workers):
             motion, shape, music = (batch[k].to(run.device) for k in ("motion", "shape", "music"))
+            audio = (dict(voice=batch["voice"].to(run.device)) if voice_cache is None
+                     else dict(voice_feats=voice_cache[batch["index"]].to(run.device)))
             with run.autocast():
-                if voice_cache is not None:
-                    pred, mu, logvar = net(motion, shape, music, voice_feats=voice_cache[batch["index"]].to(run.device))
-                else:
-                    pred, mu, logvar = net(motion, shape, music, voice=batch["voice"].to(run.device))
+                pred, mu, logvar = net(motion, shape, music, **audio)
             loss, parts = motion_losses(model, face, pred.float(), motion, shape, mu.float(), logvar.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -176,7 +164,8 @@ def train_motion(args, run):
                 log_progress(run, progress, epoch, dict(loss=loss.item(), **parts))
         val = validate_motion(model, meshes, face, val_set, run.device, val_cache, args.seed, args.workers)
         history.append(val)
-        run.log(f"epoch {epoch} validation | LVE {val['lve']:.3f} mm | FVE {val['fve']:.3f} mm | loss {val['loss']:.4f}")
+        run.log(f"epoch {epoch} validation | LVE {val['lve']:.3f} mm | FVE {val['fve']:.3f} mm | "
+                f"loss {val['loss']:.4f}")
         improved = val["lve"] < best
         best = min(best, val["lve"])
         save_epoch(run, stateful, improved, config=asdict(cfg), epoch=epoch, step=step, best=best, people=people,
@@ -189,21 +178,14 @@ def train_motion(args, run):
     return history
 
 
-# Data: the person's sequences that have a video, every RENDER_FRAME_STRIDE-th frame; each frame's depth input
-# is rendered once from its pickle's FLAME parameters and camera and kept in memory (float16) beside the decoded
-# frame, with the boxes of its projected mouth, brows-and-eyes and nose landmarks. The reference image is the first
-# frame of the person's first training sequence, saved as reference.png for `unisinger.py --image`; a warping
-# renderer (RendererConfig.warp) also gets each frame's warp of it (render.reference_flow), kept beside the depth.
-# The L1 term weighs the mouth, eyes and nose boxes' pixels MOUTH_WEIGHT, EYES_WEIGHT and NOSE_WEIGHT times more
-# (box_weight). best.pt is chosen by validation SSIM; at the end the best generator is scored on the test split
-# against copying the reference, over the whole frame and inside the mouth, eyes and nose boxes (box_scores), and a
-# held-out clip is written side by side with its sound.
+# The render stage: every RENDER_FRAME_STRIDE-th frame of the person's videos with its depth input (and warp of
+# the reference, frame 0 of the first training sequence) and its feature boxes, weighed up in the L1 term.
+# best.pt has the best validation SSIM; the summary scores it on the test split against copying the reference.
 
 class PortraitFrames(Dataset):
-    """One person's frames with their depth inputs. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index, mouth, eyes
-    and nose: each frame's mouth box, brows-and-eyes box and nose box (top, bottom, left, right) in pixels, bottom
-    and right excluded; flow (2,H,W), the reference's warp (render.reference_flow), when given. depth, frames and
-    flow are tensors or FrameRows (read from files per item)."""
+    """One person's frames with their depth inputs. Item: depth (1,H,W), frame (3,H,W) in [-1,1], index, the mouth,
+    eyes and nose boxes (top, bottom, left, right; bottom and right excluded) and, when given, flow (2,H,W), the
+    reference's warp. depth, frames and flow are tensors or FrameRows (read from files per item)."""
 
     def __init__(self, depth, frames, index, mouth, eyes, nose, flow=None):
         self.depth, self.frames, self.index = depth, frames, index   # (N,1,H,W) f16, (N,H,W,3) u8, (N,) long
@@ -221,15 +203,11 @@ class PortraitFrames(Dataset):
 
 @torch.no_grad()
 def portrait_frames(root, seqs, flame, size, stride, cache=None, reference=None):
-    """
-    Every stride-th frame of the sequences with its depth input, mouth, eyes and nose boxes and, with reference
-    (reference_pose's), the reference's warp into it, one video at a time (with progress; on flame's device): the
-    frames (uint8), depth inputs and warps (float16) go to files in `cache` (a folder, None: a temporary one that
-    goes with the data set), the boxes stay in memory, so memory grows by ~100 bytes a frame. A sequence's files
-    are used again while its pickle and video, the head, the reference, size and stride are unchanged.
-    Returns (PortraitFrames reading frames, depth and warps per item, cams (N, 3) float32, shape (100,) float32
-    of the first sequence).
-    """
+    """Every stride-th frame of the sequences with its depth input, boxes and, with reference (reference_pose's),
+    the reference's warp into it, one video at a time (on flame's device): frames, depth and warps go to files in
+    `cache` (None: a temporary folder that goes with the data set), only the boxes stay in memory. A sequence's
+    files are used again while its pickle and video, the head, the reference, size and stride are unchanged.
+    Returns (PortraitFrames, cams (N, 3) float32, the first sequence's shape (100,) float32)."""
     folder = Path(tempfile.mkdtemp(prefix="unisinger_frames_") if cache is None else
                   Path(cache) / f"frames_{size}px_1in{stride}")
     folder.mkdir(parents=True, exist_ok=True)
@@ -255,11 +233,9 @@ def portrait_frames(root, seqs, flame, size, stride, cache=None, reference=None)
 
 
 def box_weight(boxes, size):
-    """
-    The photometric loss's pixel weights (B, 1, size, size): 1, plus w inside each frame's box for each (boxes
-    (B, 4), w) given. Most of a portrait never moves; without this the mouth, a few percent of the frame, barely
-    counts in the loss and comes out as the reference's, shut, and the eyes as the discriminator's speckles.
-    """
+    """The photometric loss's pixel weights (B, 1, size, size): 1, plus w inside each frame's box for each (boxes
+    (B, 4), w) given. Most of a portrait never moves: unweighted, the mouth (a few percent of the frame) comes out
+    as the reference's, shut, and the eyes as the discriminator's speckles."""
     at = torch.arange(size, device=boxes[0][0].device)
     weight = 1.0
     for box, w in boxes:
@@ -270,10 +246,9 @@ def box_weight(boxes, size):
 
 
 def person_frames(root, args, cfg, flame, run):
-    """The render stage's training and validation frames of args.person (portrait_frames, kept in the data's
-    cache folder) and, for a warping renderer, the reference image's head (reference_pose of the first training
-    sequence), whose surface is moved into each frame. Returns (train set, val set, the person's mean camera (3,)
-    for portrait_video, the first sequence's shape (100,), the reference's head or None)."""
+    """args.person's training and validation portrait_frames (in the data's cache folder) and, for a warping
+    renderer, the reference image's head (reference_pose). Returns (train set, val set, the person's mean camera
+    (3,) for portrait_video, the first sequence's shape (100,), the reference's head or None)."""
     cache = data.cache_folder(root, run.out / DATA_CACHE)
     ref_pose = reference_pose(root, person_sequences(root, "train", args.person)[0], flame) if cfg.warp else None
     (train_set, cams, shape), (val_set, _, _) = (
@@ -359,7 +334,7 @@ def train_render(args, run):
 @dataclass
 class GanStep:
     """One training step of the renderer: the discriminator on real and generated frames, then the generator
-    (GAN, feature-matching, photometric with the mouth and eyes boxes weighed up, perceptual when vgg is given)."""
+    (GAN, feature-matching, photometric with the feature boxes weighed up, perceptual when vgg is given)."""
     net_g: torch.nn.Module            # the generator as trained (DDP-wrapped under torchrun)
     net_d: torch.nn.Module            # the discriminator as trained
     discriminator: torch.nn.Module    # the bare one: G's step uses it, so D's gradients there are never all-reduced
@@ -382,9 +357,9 @@ class GanStep:
         loss_d.backward()
         self.opt_d.step()
         with run.autocast():
-            pixel_weight = box_weight([(mouth, MOUTH_WEIGHT), (eyes, EYES_WEIGHT), (nose, NOSE_WEIGHT)], real.shape[-1])
+            boxes = [(mouth, MOUTH_WEIGHT), (eyes, EYES_WEIGHT), (nose, NOSE_WEIGHT)]
             loss_g, parts = render.generator_loss(self.discriminator, condition, fake, real, self.vgg,
-                                                  render.RendererLossWeights(), pixel_weight)
+                                                  render.RendererLossWeights(), box_weight(boxes, real.shape[-1]))
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         torch.nn.utils.clip_grad_norm_(self.net_g.parameters(), self.grad_clip)
@@ -407,10 +382,9 @@ def rendered_batches(generator, dataset, reference, device, run):
 
 
 def validate_render(generator, dataset, reference, reference_u8, run):
-    """frame_scores of the generated frames, each box's error over copying the reference's (box_scores' l1_ratio,
-    pooled over the split) and the sample grid, a batch at a time: memory for one batch of frames (and the
-    grid's), whatever the split's size. reference (3, H, W) in [-1, 1], reference_u8 the same image (H, W, 3).
-    Returns (scores, grid)."""
+    """(scores, sample grid), a batch of frames at a time: frame_scores of the generated frames and each box's error
+    over copying the reference's (box_scores' l1_ratio pooled over the split). reference (3, H, W) in [-1, 1],
+    reference_u8 the same image (H, W, 3)."""
     pick = grid_picks(len(dataset))
     ssim, psnr, picked = [], [], {}
     errors = {box: [0.0, 0.0] for box in BOX_BARS}            # summed over the box pixels: ours, copying's
@@ -428,7 +402,7 @@ def validate_render(generator, dataset, reference, reference_u8, run):
     return scores, sample_grid(dataset, np.stack([picked[k] for k in pick]), pick)
 
 
-# ------------------------------------------------------------ support: frame files, summaries, runs, checkpoints, command line
+# ------------------------------------------------------------ support: frame files, summaries, runs, command line
 
 DEPTH_BATCH = 32             # frames rasterized at once while precomputing the depth inputs
 FRAMES_VERSION = 2           # of the render stage's frame files; another version's are made again
@@ -437,8 +411,7 @@ FRAMES_PROGRESS_MIN = 10     # videos to prepare before progress lines are worth
 GRID_ROWS = 4                # validation frames in each epoch's sample grid
 SSIM_BAR, PSNR_BAR = 0.85, 25.0   # learning bars on held-out frames
 SPECKLE_LEVELS = 40                # grey levels, in any channel, from the truth's that make a pixel a speckle
-# learning bars inside each box, the summary's: at most `l1_ratio` of copying the reference's error and `speckle`
-# (share of the box's pixels) speckled, at least `ssim` and `correlation` (of the box's brightness with the truth's)
+# the summary's bars inside each box: at most `l1_ratio` and `speckle`, at least `ssim` and `correlation` (box_scores)
 BOX_BARS = dict(mouth=dict(l1_ratio=0.5, correlation=0.9),
                 eyes=dict(l1_ratio=0.4, ssim=0.80, speckle=0.02),
                 nose=dict(l1_ratio=0.4, ssim=0.85, speckle=0.02))
@@ -449,6 +422,9 @@ DATA_CACHE = "data_cache"  # in --out: the data set's index and frames when the 
 MAX_WORKERS = 4            # loader worker processes by default, at most
 PR_SET_PDEATHSIG = 1       # Linux prctl option: the signal the kernel sends a process when its parent dies
 LEARNT_LVE_RATIO = 0.5     # learning: test LVE-mean at most this share of the mean-motion baseline's
+MOUTH_BOX_MARGIN = 0.25    # share of the mouth's width added on each side of its landmarks' box
+EYES_BOX_MARGIN = 0.1      # share of the brows-and-eyes width added on each side of theirs
+NOSE_BOX_MARGIN = 0.25     # share of the nostrils' width on each side: the box then holds the bridge's flanks
 
 
 def feature_boxes(landmarks, size):
@@ -482,13 +458,11 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+@torch.no_grad()
 def cache_voice_features(model, dataset, device, batch_size=8, workers=0):
     """Frozen wav2vec 2.0 features of every clip, computed once: (N, T, C) on the CPU."""
-    feats = []
-    with torch.no_grad():
-        for batch in DataLoader(dataset, batch_size, num_workers=workers):
-            feats.append(model.voice_features(batch["voice"].to(device), batch["motion"].shape[1]).float().cpu())
-    return torch.cat(feats)
+    return torch.cat([model.voice_features(batch["voice"].to(device), batch["motion"].shape[1]).float().cpu()
+                      for batch in DataLoader(dataset, batch_size, num_workers=workers)])
 
 
 def motion_config(args):
@@ -499,14 +473,12 @@ def motion_config(args):
 
 
 def training_people(train_set):
-    """name -> FLAME shape (100,) float32 of each person in the training clips (the checkpoint keeps them): the
-    shape of their first clip's sequence, from the data set's index."""
+    """name -> FLAME shape (100,) float32 of each training person's first sequence, from the data set's index."""
     return {person: torch.from_numpy(shape) for person, shape in train_set.clips.first_shapes().items()}
 
 
 def motion_stats(dataset):
-    """Per-dimension mean and std of the training motion, (59,) each: from the data set's index, which holds
-    each sequence's sums, so no clip is read here."""
+    """Per-dimension mean and std (59,) of the training motion, from the data set's index (no clip is read)."""
     return dataset.clips.index.motion_stats()
 
 
@@ -523,24 +495,20 @@ def motion_summary(model, root, args):
                   "UniSinger, silence": metrics.model_predictor(model, SUMMARY_SAMPLES, silent=True)}
     progress = Progress(len(predictors) * len(test), "clip", lines=10)
 
-    def counted(predict):                       # one progress step per clip scored
-        def predict_and_count(item):
-            motion = predict(item)
-            if progress.advance():
-                print(progress.line("summary:"), flush=True)
-            return motion
-        return predict_and_count
+    def counted(motion):                        # one progress step per clip scored
+        if progress.advance():
+            print(progress.line("summary:"), flush=True)
+        return motion
 
-    beats_cache = {}
-    rows = {name: metrics.evaluate_motion(flame, test, counted(predict), beats_cache=beats_cache)
-            for name, predict in predictors.items()}
+    rows, beats_cache = {}, {}
+    for name, predict in predictors.items():
+        rows[name] = metrics.evaluate_motion(flame, test, lambda item, p=predict: counted(p(item)),
+                                             beats_cache=beats_cache)
     print(f"\ntest split of {root}: {len(test)} clips, {SUMMARY_SAMPLES} samples each")
     print(metrics.score_table(rows, [c for c in metrics.MOTION_COLUMNS if c != "FPS"]))
-    ours, base, deaf = (rows[k] for k in predictors)
-    print(verdict(ours, base, deaf))
+    print(verdict(*(rows[k] for k in predictors)))
     clip = test[0]
-    metrics.truth_and_takes(Path(args.out) / f"test_{clip['id']}.mp4", flame, clip,
-                            predictors["UniSinger"](clip))
+    metrics.truth_and_takes(Path(args.out) / f"test_{clip['id']}.mp4", flame, clip, predictors["UniSinger"](clip))
     return rows
 
 
@@ -561,12 +529,9 @@ def verdict(ours, base, deaf):
 
 
 class FrameRows:
-    """
-    Rows of one shape and dtype stored back to back in files, [(path, rows), ...] in order, read with pread when
-    indexed: rows[i] one row, rows[a:b] or rows[indices] stacked, rows.numpy() all, as tensors (numpy for all).
-    Nothing is kept or memory-mapped (a mapped page counts in the process's resident memory once read), so a
-    process reading them stays the same size whatever the files hold; the kernel's page cache keeps them warm.
-    """
+    """Rows of one shape and dtype stored back to back in files, [(path, rows), ...] in order, read with pread when
+    indexed: rows[i] one row, rows[a:b] or rows[indices] stacked, as tensors; rows.numpy() all. Nothing is kept or
+    memory-mapped (a mapped page counts in the resident memory once read): the kernel's page cache keeps them."""
 
     def __init__(self, segments, shape, dtype):
         self.segments = [(str(path), int(rows)) for path, rows in segments]
@@ -587,18 +552,13 @@ class FrameRows:
     def numpy(self):
         return self._read(np.arange(len(self)))
 
-    def float(self):
-        return torch.from_numpy(self.numpy()).float()
-
     def _read(self, rows):
         """Rows (k,) -> (k, *shape): each run of consecutive rows of one file in one pread."""
         out = np.empty((len(rows), *self.shape), self.dtype)
         segment = np.searchsorted(self.first, rows, side="right") - 1
-        at = 0
-        while at < len(rows):
-            end = at + 1
-            while end < len(rows) and segment[end] == segment[at] and rows[end] == rows[end - 1] + 1:
-                end += 1
+        # a run starts where the segment changes or the rows stop being consecutive (and at the first row)
+        starts = np.flatnonzero(np.diff(segment, prepend=-1) | (np.diff(rows, prepend=-2) - 1))
+        for at, end in zip(starts, [*starts[1:], len(rows)]):
             path, _ = self.segments[segment[at]]
             offset = (int(rows[at]) - int(self.first[segment[at]])) * self.row_bytes
             fd = os.open(path, os.O_RDONLY)
@@ -608,7 +568,6 @@ class FrameRows:
                 os.close(fd)
             if got != (end - at) * self.row_bytes:
                 raise ValueError(f"{path}: cut short ({got} of {(end - at) * self.row_bytes} bytes at {offset})")
-            at = end
         return out
 
 
@@ -626,12 +585,11 @@ def frames_key(flame, reference, size, stride):
     """sha256 of what a sequence's frame files depend on besides its own files: the head's arrays, the reference
     head (its motion, camera and shape; none without a warp), the size and the stride."""
     digest = hashlib.sha256(f"{FRAMES_VERSION} {size} {stride}".encode())
-    for name, tensor in sorted(flame.state_dict().items()):
+    named = sorted(flame.state_dict().items()) + [(name, reference[name].float()) for name in ("motion", "cam", "shape")
+                                                  if reference is not None]
+    for name, tensor in named:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    for name in ("motion", "cam", "shape") if reference is not None else ():
-        digest.update(name.encode())
-        digest.update(reference[name].detach().cpu().float().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -643,9 +601,8 @@ def frame_stamps(root, seq):
 def cached_frames(root, seq, folder, key, size, warp):
     """The sequence's entry (index, mouth, eyes, nose, cam, shape) when its files in `folder` were made from the
     same pickle and video (stamps, and old enough to tell: data.RACY_NS) and frames_key, whole; else None."""
-    meta = folder / f"{seq}.npz"
     try:
-        with np.load(meta, allow_pickle=False) as z:
+        with np.load(folder / f"{seq}.npz", allow_pickle=False) as z:
             entry = {name: z[name] for name in z.files}
     except Exception:                         # absent, cut short or foreign: made again
         return None
@@ -660,10 +617,9 @@ def cached_frames(root, seq, folder, key, size, warp):
 
 
 def decode_frames(root, seq, flame, folder, key, size, stride, reference):
-    """Decode the sequence's video at the stride into folder/<seq>.frames (uint8) a batch at a time, render the
-    depth inputs into folder/<seq>.depth and, with a reference, its warps into folder/<seq>.flow (float16), and
-    write folder/<seq>.npz (the boxes, the stamps) last: an entry whose npz is there is whole. Returns the entry
-    as cached_frames does."""
+    """Decode the sequence's video at the stride into folder/<seq>.frames (uint8), render the depth inputs into
+    <seq>.depth and, with a reference, its warps into <seq>.flow (float16), and write <seq>.npz (the boxes, the
+    stamps) last, so an entry with its npz is whole. Returns the entry as cached_frames does."""
     pkl, mp4 = data.flame_path(root, seq), data.video_path(root, seq)
     checked, stamps = time.time_ns(), frame_stamps(root, seq)      # before reading: a write during it is too new
     params = data.read_flame_pickle(pkl)
@@ -721,22 +677,17 @@ def reference_record(pose):
     return {} if pose is None else dict(reference_motion=pose["motion"], reference_cam=pose["cam"])
 
 
-@torch.no_grad()
 def render_dataset(generator, dataset, reference, device, run):
     """Generated frames for every item of a PortraitFrames: uint8 (N, H, W, 3)."""
     return np.concatenate([batch for _, batch in rendered_batches(generator, dataset, reference, device, run)])
 
 
 def box_scores(generated, truth, reference, boxes):
-    """
-    One feature judged inside each frame's box: uint8 (N, H, W, 3) generated and true frames, the reference (H, W, 3),
-    boxes (N, 4). Errors are pooled over every box pixel of every frame (pixels: how many). l1: mean absolute
-    error in grey levels; l1_ratio: that over copying the reference's (< 1 is closer to the truth than the
-    reference is); ssim: mean over the frames of the box's SSIM (metrics.ssim of the crops), copy_ssim the
-    reference's; speckle: share of the box's pixels more than SPECKLE_LEVELS from the truth in some channel;
-    correlation: Pearson's, over the frames, of the box's mean brightness in the generated and the true frames (a
-    mouth opening and closing in step with the truth).
-    """
+    """One feature judged inside each frame's box: uint8 (N, H, W, 3) generated and true frames, the reference
+    (H, W, 3), boxes (N, 4); errors pooled over all `pixels` of the boxes. l1: mean absolute error in grey levels,
+    l1_ratio: that over copying the reference's (< 1: closer to the truth); ssim: mean over the frames of the box's
+    SSIM, copy_ssim the reference's; speckle: share of the pixels more than SPECKLE_LEVELS off in some channel;
+    correlation: Pearson's, over the frames, of the box's mean brightness with the truth's (a mouth in step)."""
     error, copy_error, speckles, pixels, ssim, copy_ssim, light, true_light = 0.0, 0.0, 0, 0, [], [], [], []
     for gen, true, (top, bottom, left, right) in zip(generated, truth, boxes.tolist()):
         g, t, r = (x[top:bottom, left:right].astype(np.float64) for x in (gen, true, reference))
@@ -756,10 +707,8 @@ def box_scores(generated, truth, reference, boxes):
 
 
 def bars_met(scores, bars):
-    """Whether box_scores' figures meet a BOX_BARS entry: ratio and speckle share at most, SSIM and correlation at
-    least, their bars."""
-    at_most = ("l1_ratio", "speckle")
-    return all(scores[k] <= bar if k in at_most else scores[k] >= bar for k, bar in bars.items())
+    """Whether box_scores' figures meet a BOX_BARS entry: l1_ratio and speckle at most, the others at least."""
+    return all(scores[k] <= bar if k in ("l1_ratio", "speckle") else scores[k] >= bar for k, bar in bars.items())
 
 
 def frame_scores(generated, truth):
@@ -774,8 +723,7 @@ def grid_picks(n, rows=GRID_ROWS):
 
 
 def sample_grid(dataset, generated, pick):
-    """uint8 image: the frames `pick` of the data set, each a row of depth | generated (given for those alone) |
-    truth."""
+    """uint8 image: the frames `pick` of the data set, a row each of depth | generated (given for those) | truth."""
     depth = render.to_uint8(dataset.depth[pick].float()).numpy()
     return np.concatenate([np.concatenate([d, g, t], axis=1)
                            for d, g, t in zip(depth, generated, dataset.frames[pick].numpy())], axis=0)
@@ -793,8 +741,8 @@ def load_vgg(args, run):
 
 def render_summary(generator, root, person, flame, reference, size, run):
     """The best generator on the person's test split against copying the reference (reference: the image, uint8
-    (H, W, 3), and its reference_pose or None), over the whole frame and inside the mouth, eyes and nose boxes, and a
-    held-out clip written side by side with its sound; printed and returned."""
+    (H, W, 3), and its reference_pose or None), over the whole frame and inside the boxes, and a held-out clip
+    written side by side with its sound; printed and returned."""
     reference_u8, ref_pose = reference
     test_seqs = person_sequences(root, "test", person)
     test_set, _, _ = portrait_frames(root, test_seqs, flame, size, RENDER_FRAME_STRIDE, reference=ref_pose)
@@ -817,8 +765,9 @@ def write_test_video(generator, root, seq, flame, reference, size, path, run):
     (reference: render_summary's)."""
     reference_u8, ref_pose = reference
     clip, _, _ = portrait_frames(root, [seq], flame, size, 1, reference=ref_pose)
-    generated = render_dataset(generator, clip, render.image_tensor(reference_u8, size).to(run.device), run.device, run)
-    depth = render.to_uint8(clip.depth.float()).numpy()                                # (T, H, W, 3)
+    generated = render_dataset(generator, clip, render.image_tensor(reference_u8, size).to(run.device), run.device,
+                               run)
+    depth = render.to_uint8(clip.depth[:].float()).numpy()                             # (T, H, W, 3)
     sound = SongMix(load_audio(data.audio_path(root, seq), SAMPLE_RATE),
                     load_audio(data.bgm_path(root, seq), SAMPLE_RATE))
     data.write_video(path, np.concatenate([depth, generated, clip.frames.numpy()], axis=2), audio=sound)
@@ -835,7 +784,8 @@ def print_render_summary(run, person, s):
              f"  renderer - copy SSIM {ours['ssim'] - copy['ssim']:+.4f}   PSNR {ours['psnr'] - copy['psnr']:+.2f} dB",
              f"  bars SSIM >= {SSIM_BAR} and PSNR >= {PSNR_BAR} dB: {'met' if met else 'NOT met'}",
              "  inside the boxes: L1 in grey levels (copying the reference's), its ratio to copying's, SSIM "
-             f"(copying's), speckles (pixels > {SPECKLE_LEVELS} grey levels off), brightness correlation with the truth"]
+             f"(copying's), speckles (pixels > {SPECKLE_LEVELS} grey levels off), brightness correlation with the "
+             "truth"]
     for box, bars in BOX_BARS.items():
         b = s[box]
         wanted = ", ".join(f"{names[k]} {'<=' if k in ('l1_ratio', 'speckle') else '>='} "
@@ -866,10 +816,7 @@ class Run:
         self.main = self.rank == 0
         self.bf16 = self.device.type == "cuda" if args.bf16 is None else args.bf16
         self.out = Path(args.out)
-        self.lock = None
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.lock = hold_folder(self.out)
+        self.lock = hold_folder(self.out) if self.main else None
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -891,13 +838,11 @@ class Run:
 
 
 def hold_folder(folder):
-    """
-    Take --out for this run: an exclusive lock (fcntl's record lock) on folder/train.lock, held while the returned
-    file is open. A second run pointed at the same folder is refused (ValueError naming it) rather than
-    interleaving its checkpoints with the first's. The kernel releases the lock when the holder's process ends,
-    killed or not, so a crashed run never blocks the next one; a record lock, unlike an flock, is not inherited
-    by the loader's worker processes, which may outlive a killed run by a few seconds.
-    """
+    """Make and take --out for this run: a record lock (fcntl.lockf) on folder/LOCK_FILE, held while the returned
+    file is open; a second run pointed at the same folder is refused (ValueError naming it). The kernel drops it
+    when the holder's process ends, killed or not; unlike an flock, loader workers (which may outlive a killed
+    run by a few seconds) do not inherit it."""
+    folder.mkdir(parents=True, exist_ok=True)
     lock = open(folder / LOCK_FILE, "a+")
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -915,39 +860,29 @@ def hold_folder(folder):
     return lock
 
 
-class _KeepWriteError:
-    """File wrapper for torch.save, which reports a failed write (a full disk) only as 'unexpected pos': the
-    OSError is kept here so that the caller can raise it instead."""
-
-    def __init__(self, file):
-        self.file, self.error = file, None
+class _KeepWriteError(io.BufferedWriter):
+    """A file for torch.save, which reports a failed write only as 'unexpected pos': it keeps the OSError."""
+    error = None
 
     def write(self, data):
         try:
-            return self.file.write(data)
+            return super().write(data)
         except OSError as error:
             self.error = error
             raise
 
-    def flush(self):
-        self.file.flush()
-
 
 def save_checkpoint(state, path):
-    """
-    torch.save to a temporary file, flushed to the disk, then renamed onto `path`: a run killed mid-write leaves
-    the previous checkpoint intact. A failed write (a full disk, a read-only folder) raises OSError naming
-    `path`, with the previous file still in place.
-    """
+    """torch.save to a temporary file, flushed to the disk, then renamed onto `path`: a run killed mid-write leaves
+    the previous checkpoint intact; a failed write (a full disk) raises OSError naming `path`, the old file kept."""
     try:
-        with data.atomic_output(path) as tmp, open(tmp, "wb") as file:
-            sink = _KeepWriteError(file)
+        with data.atomic_output(path) as tmp, _KeepWriteError(io.FileIO(tmp, "w")) as file:
             try:
-                torch.save(state, sink)
+                torch.save(state, file)
             except RuntimeError:
-                if sink.error is None:
+                if file.error is None:
                     raise
-                raise sink.error from None
+                raise file.error from None
             file.flush()
             os.fsync(file.fileno())
     except OSError as error:
@@ -956,8 +891,7 @@ def save_checkpoint(state, path):
 
 
 def epochs_window(steps_per_epoch):
-    """Steps in the ETA's rate window: whole epochs, so each window holds as many validation passes as the
-    steps it times will meet."""
+    """Steps in the ETA's rate window: whole epochs, so it times as many validation passes as the steps ahead."""
     return steps_per_epoch * math.ceil(RATE_WINDOW / steps_per_epoch)
 
 
@@ -1001,23 +935,21 @@ def seed_everything(seed):
 
 
 def loader(dataset, batch_size, run, seed, epoch, shuffle=True, workers=0):
-    """Same order for the same (seed, epoch): what makes a resumed run continue exactly. `workers` processes read
-    the items; the order still comes from this process and items carry no randomness, so every batch is the
-    same for any number of workers. Batches land in pinned memory on CUDA, for copies that overlap the step."""
+    """Same order for the same (seed, epoch), so a resumed run continues exactly; items carry no randomness, so
+    batches are the same for any number of `workers`. Pinned memory on CUDA, for copies that overlap the step."""
     feed = dict(num_workers=workers, pin_memory=run.device.type == "cuda", worker_init_fn=die_with_parent)
     if run.ddp:
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
         sampler.set_epoch(epoch)
         return DataLoader(dataset, batch_size, sampler=sampler, drop_last=shuffle, **feed)
     gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-    return DataLoader(dataset, batch_size, shuffle=shuffle, generator=gen, drop_last=shuffle and len(dataset) > batch_size,
-                      **feed)
+    return DataLoader(dataset, batch_size, shuffle=shuffle, generator=gen,
+                      drop_last=shuffle and len(dataset) > batch_size, **feed)
 
 
 def die_with_parent(worker_id):
-    """A loader worker asks the kernel to SIGKILL it when its training process dies. PyTorch's own check of the
-    parent let a worker of a SIGKILL-ed run hang at exit for good, holding its memory and --out's files open,
-    when it had batches in flight (seen after the kill-and-resume test)."""
+    """A loader worker asks the kernel to SIGKILL it when its training process dies: PyTorch's own check lets a
+    worker of a SIGKILL-ed run with batches in flight hang for good, holding memory and --out's files open."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -1025,9 +957,8 @@ def die_with_parent(worker_id):
 def default_workers():
     """Loader workers a process gets by default: its share of the cores it may run on (torchrun's processes
     split them), less one for itself, at most MAX_WORKERS."""
-    cores = cpu_cores()
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    return max(0, min(MAX_WORKERS, cores // processes - 1))
+    return max(0, min(MAX_WORKERS, cpu_cores() // processes - 1))
 
 
 def cosine_schedule(optimizer, total):
@@ -1042,16 +973,14 @@ def cosine_schedule(optimizer, total):
 
 
 def resume(args, run, stateful):
-    """
-    Where a stage starts: (epoch, step, best) = (0, 0, None) for a new run; with --resume, every object in
-    `stateful` (name -> model / optimiser / schedule) and every random generator set from <out>/last.pt, and the
-    epoch after the one it saved. Both stages resume through here, so both resume the same way.
-    """
+    """Where a stage starts (both stages): (epoch, step, best) = (0, 0, None) for a new run; with --resume, every
+    object in `stateful` (name -> model / optimiser / schedule) and every random generator set from <out>/last.pt,
+    and the epoch after the one it saved."""
     last = run.out / "last.pt"
-    if args.resume and not last.is_file():          # killed before its first checkpoint: starting over is exact
-        run.log(f"--resume: no {last} yet (the run stopped before its first checkpoint); starting from the "
-                f"beginning")
     if not (args.resume and last.is_file()):
+        if args.resume:                             # killed before its first checkpoint: starting over is exact
+            run.log(f"--resume: no {last} yet (the run stopped before its first checkpoint); starting from the "
+                    f"beginning")
         return 0, 0, None
     ckpt = data.read_checkpoint(last, run.device)
     same_head(ckpt, args.flame, last)
@@ -1102,9 +1031,8 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=default_workers(),
-                   help="loader worker processes reading the data (default: the cores less one, at most "
-                        f"{MAX_WORKERS}, shared among torchrun's processes; here {default_workers()}); 0 reads in "
-                        "the training process")
+                   help=f"loader processes (default: the cores less one, at most {MAX_WORKERS}, shared among "
+                        f"torchrun's processes; here {default_workers()}); 0 reads in the training process")
     p.add_argument("--size", type=int, choices=RENDER_SIZES,
                    help="render stage: the frames' side in pixels (default: the preset's, 256)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
@@ -1148,17 +1076,13 @@ def command(argv=None):
     check_args(args)
     run = Run(args)
     try:
-        if args.stage == "motion":
-            train_motion(args, run)
-        else:
-            train_render(args, run)
+        (train_motion if args.stage == "motion" else train_render)(args, run)
     finally:
         run.close()
 
 
 def main(argv=None):
-    """The command line. Bad input or a failed write (a full disk, a read-only --out, a folder another run
-    holds) ends in one line, `error: <file>: <problem>`, and exit status 1, not a traceback."""
+    """The command line: bad input or a failed write ends in one line `error: <file>: <problem>`, exit status 1."""
     run_command(command, argv)
 
 

@@ -1,24 +1,25 @@
 """UniSinger: singing voice + background music + FLAME shape -> diverse 3D FLAME facial motion.
 
-Holds, in the order data flows: MotionConfig (the `paper` and CPU-sized `tiny` presets), MotionCVAE (the
-paper's conditional VAE on transformer decoders, section IV-A), motion_losses, the user's Controls, generate
-(a song of any length: overlapping windows of the training length, cross-faded), MotionStream (live, chunk by
-chunk), portrait_video (motion -> depth -> the trained face renderer); then checkpoints and the command line
-that writes motion, landmarks and previews.
+The method, in the order data flows: MotionConfig (the `paper` and CPU-sized `tiny` presets), MotionCVAE (the
+paper's conditional VAE on transformer decoders, section IV-A), motion_losses, the user's Controls, generate (a
+song of any length: overlapping windows of the training length, cross-faded) and portrait_video (motion ->
+depth -> the trained face renderer). Below the support banner: live streaming (MotionStream, stream_song); the
+checkpoint readers of both stages (load_checkpoint, load_renderer, both via read_model); the outputs
+(write_motion, the shaded previews render_preview, side_by_side / write_side_by_side with labels drawn by
+Pillow in draw_text, and write_grid); the command line.
 
 The model in one paragraph. Every frame t gets one audio token: wav2vec 2.0 features of the singing voice
 (interpolated to 30 fps before the transformer layers, as FaceFormer does) projected to d, concatenated with
-the 64-d MFCC of the background music projected to d/2, then projected from 3d/2 to d (without the music
-branch, the "w/o BGM" ablation, the voice's d go through that last projection alone). The encoder reads the
-tokens [mu] [sigma] (linear(m_t) + shape_emb)_t and cross-attends to the audio tokens; the decoder reads
-[shape_emb] (z)_t, z repeated T times, and cross-attends to the same audio tokens. Motion token t sees only
-audio token t (the diagonal alignment mask); the leading tokens see every audio token. Periodic positional
-encoding (period 30 frames) is added to all tokens. The networks work on motion standardised by the training
-set's mean and std (buffers, so checkpoints carry them). Losses: KL + reconstruction + velocity + face-mesh
-vertices, each weighted in MotionConfig; the `paper` preset compares raw FLAME parameters and whole-pose meshes.
+the 64-d MFCC of the background music projected to d/2, then projected from 3d/2 to d (the "w/o BGM" ablation
+has no music branch: the voice's d go through that last projection alone). The encoder reads the tokens
+[mu] [sigma] (linear(m_t) + shape_emb)_t, the decoder [shape_emb] (z)_t with z repeated T times; both
+cross-attend to the audio tokens, motion token t to audio token t only, the leading tokens to all. Periodic
+positional encoding (period 30 frames) is added to all tokens. The networks work on motion standardised by the
+training set's mean and std (buffers, so checkpoints carry them). Losses: KL + reconstruction + velocity +
+face-mesh vertices, weighted in MotionConfig.
 
-Depends on torch, numpy and our audio.py, flame.py, render.py, data.py and builtin.py (the stand-in head when
-a checkpoint was trained without a FLAME file).
+Depends on torch, numpy, Pillow and our audio.py, flame.py, render.py, data.py; the command line alone imports
+builtin.py (the head a checkpoint names, or the stand-in head), so `import unisinger` loads no builtin or train.
 
 Use alone (a checkpoint from `python train.py --stage motion`; the videos carry voice + music mixed):
     python unisinger.py --audio voice.wav --bgm music.wav --samples 3 --out out/song
@@ -72,11 +73,9 @@ class MotionConfig:
     wav2vec: dict = field(default_factory=lambda: dict(WAV2VEC2_BASE))
     freeze_feature_extractor: bool = True   # FaceFormer and the paper fine-tune wav2vec above its CNN
     use_music: bool = True          # False: the "w/o BGM" ablation, the music branch removed (no parameters)
-    standardise_motion: bool = True  # the networks read and write motion standardised by the training set's
-                                    # mean and std: an affine map the linear input / output layers could learn
+    standardise_motion: bool = True  # networks see motion standardised by the training set's mean and std
     loss_space: str = "raw"         # rec / vel on raw FLAME parameters (the paper) or "standardised" (ours)
-    mesh_head_pose: bool = True     # the mesh loss's meshes carry the head pose (the paper: FLAME of all the
-                                    # parameters); False zeroes global and neck rotation, as LVE / FVE do
+    mesh_head_pose: bool = True     # mesh loss with the head pose (the paper); False zeroes it, as LVE / FVE do
     # loss weights (the paper gives none): chosen so that each term is O(1) early in training; 0 = term off
     w_kl: float = 1e-3
     w_rec: float = 1.0
@@ -116,9 +115,8 @@ class PeriodicPositionalEncoding(nn.Module):
 
 def alignment_mask(n_lead, n_frames, device):
     """Cross-attention mask (n_lead + T, T), True = blocked: motion token t sees audio token t only."""
-    mask = ~torch.eye(n_frames, dtype=torch.bool, device=device)
     lead = torch.zeros(n_lead, n_frames, dtype=torch.bool, device=device)
-    return torch.cat([lead, mask], dim=0)
+    return torch.cat([lead, ~torch.eye(n_frames, dtype=torch.bool, device=device)], dim=0)
 
 
 def transformer_decoder(cfg):
@@ -154,10 +152,8 @@ class MotionCVAE(nn.Module):
         self.motion_std.copy_(torch.as_tensor(std).clamp_min(1e-4))
 
     def voice_features(self, voice, n_frames):
-        """wav2vec 2.0 features at the motion frame rate: (B, N) samples -> (B, T, C).
-
-        Each clip is normalised to zero mean and unit variance first, as wav2vec 2.0 base checkpoints expect.
-        """
+        """wav2vec 2.0 features at the motion frame rate: (B, N) samples, each normalised to zero mean and unit
+        variance as wav2vec 2.0 base checkpoints expect -> (B, T, C)."""
         return self.wav2vec(normalize_wave(voice), n_frames=n_frames)
 
     def audio_tokens(self, voice_feats, music_mfcc=None):
@@ -197,10 +193,8 @@ class MotionCVAE(nn.Module):
         return motion * self.motion_std + self.motion_mean if self.cfg.standardise_motion else motion
 
     def forward(self, motion, shape, music_mfcc=None, voice=None, voice_feats=None):
-        """Training pass on raw voice (B, N) or cached wav2vec features (B, T, C), exactly one of them.
-
-        Returns predicted motion (B, T, 59) in FLAME units and the posterior (mu, logvar) (B, d) each.
-        """
+        """Training pass on raw voice (B, N) or cached wav2vec features (B, T, C), exactly one of them ->
+        predicted motion (B, T, 59) in FLAME units and the posterior (mu, logvar) (B, d) each."""
         if (voice is None) == (voice_feats is None):
             raise ValueError("pass exactly one of voice (raw samples) and voice_feats (cached features)")
         if voice_feats is None:
@@ -220,14 +214,12 @@ class MotionCVAE(nn.Module):
 
 
 def motion_losses(model, face, pred, target, shape, mu, logvar):
-    """The paper's loss: w_kl * KL + w_rec * rec + w_vel * vel + w_mesh * mesh; the total and each term.
+    """The paper's loss w_kl * KL + w_rec * rec + w_vel * vel + w_mesh * mesh -> (total, {term: float}).
 
-    pred, target: FLAME motion (B, T, 59). rec and vel are mean squared errors of the motion and of its
-    frame-to-frame differences, on raw FLAME parameters (loss_space "raw", the paper's equations) or on
-    parameters standardised by the training set's statistics ("standardised"); mesh is the mean squared
-    distance in mm^2 of the face-region vertices (face: the FLAME model's Flame.region of the face mask), with
-    the head pose or without it (cfg.mesh_head_pose). A term whose weight is 0 is not computed at all (face may
-    then be None), so it cannot touch the other terms' gradients.
+    pred, target: FLAME motion (B, T, 59). rec and vel: mean squared errors of the motion and of its frame-to-frame
+    differences, in cfg.loss_space; mesh: mean squared distance in mm^2 of the face-region vertices (face: a
+    Flame.region), with the head pose or not (cfg.mesh_head_pose). A term of weight 0 is not computed at all
+    (face may then be None), so it cannot touch the other terms' gradients.
     """
     cfg = model.cfg
     space = model.standardise if cfg.loss_space == "standardised" else (lambda m: m)
@@ -241,12 +233,10 @@ def motion_losses(model, face, pred, target, shape, mu, logvar):
         if cfg.w_vel:
             terms["vel"] = F.mse_loss(pred_s[:, 1:] - pred_s[:, :-1], target_s[:, 1:] - target_s[:, :-1])
     if cfg.w_mesh:
-        still = not cfg.mesh_head_pose
-        pred_v = face.from_motion(shape, pred.float(), zero_head_pose=still)                   # (B, T, F, 3)
-        target_v = face.from_motion(shape, target.float(), zero_head_pose=still)
+        pred_v = face.from_motion(shape, pred.float(), zero_head_pose=not cfg.mesh_head_pose)   # (B, T, F, 3)
+        target_v = face.from_motion(shape, target.float(), zero_head_pose=not cfg.mesh_head_pose)
         terms["mesh"] = (pred_v - target_v).pow(2).sum(-1).mean() * MM_PER_M ** 2
-    weights = dict(kl=cfg.w_kl, rec=cfg.w_rec, vel=cfg.w_vel, mesh=cfg.w_mesh)
-    total = sum(weights[k] * v for k, v in terms.items())
+    total = sum(getattr(cfg, f"w_{k}") * v for k, v in terms.items())
     return total, {k: v.item() for k, v in terms.items()}
 
 
@@ -269,13 +259,10 @@ def draw_z(d_model, n_samples, seed, temperature=1.0):
 
 
 def apply_controls(motion, mean, controls):
-    """Scale a take's motion about the person's mean motion, frame by frame (so a stream can apply it too).
-
-    motion (..., 59) tensor in FLAME units, mean (59,): the model's training mean motion (the normalisation
-    mean its checkpoint carries). Head pose (global + neck) moves by pose_scale, expression and jaw by
-    expression_scale: m' = mean + scale * (m - mean). Scale 0 holds that part at the mean, 1 leaves it untouched
-    (bit for bit), above 1 exaggerates. still holds the head pose at the mean whatever pose_scale says.
-    """
+    """Scale a take's motion (..., 59) tensor about mean (59,), the model's training mean motion, frame by frame
+    (so a stream can apply it too): m' = mean + scale * (m - mean), pose_scale for the head pose (global + neck),
+    expression_scale for expression and jaw. Scale 0 holds that part at the mean, 1 leaves it untouched (bit for
+    bit), above 1 exaggerates; still holds the head pose at the mean whatever pose_scale says."""
     out = motion.clone()
     pose_scale = 0.0 if controls.still else controls.pose_scale
     scales = ((HEAD_POSE, pose_scale), (EXPRESSION, controls.expression_scale), (JAW_POSE, controls.expression_scale))
@@ -289,9 +276,7 @@ def window_starts(n_frames, window, overlap):
     """Start frames of windows of `window` frames overlapping by `overlap`, the last one flush with the end."""
     if n_frames <= window:
         return [0]
-    hop = window - overlap
-    starts = list(range(0, n_frames - window, hop))
-    return starts + [n_frames - window]
+    return list(range(0, n_frames - window, window - overlap)) + [n_frames - window]
 
 
 @torch.no_grad()
@@ -299,12 +284,11 @@ def generate(model, voice, bgm=None, shape=None, controls=Controls(), overlap=60
     """Motion for a whole song: voice / bgm (N,) float32 at 16 kHz, or AudioFiles read a batch of windows at a
     time (memory then does not grow with the song beyond the motion), shape (100,) -> (n_samples, T, 59) numpy.
 
-    The song is cut into windows of the training length that overlap by `overlap` frames; each sample keeps one
-    z for the whole song (one consistent take), and overlapping frames are cross-faded linearly, so the join has
-    no seam. A song shorter than a window is padded with silence and cropped back; the music is cut or padded
-    to the voice. controls.samples takes from controls.seed, temperature scales z (draw_z); pose_scale,
-    expression_scale and still act on the result (apply_controls). A model without the music branch reads no bgm. progress=True prints progress lines when the song takes more than one batch
-    of windows.
+    Windows of the training length overlap by `overlap` frames; each sample keeps one z for the whole song (one
+    consistent take), and overlapping frames are cross-faded linearly, so the joins have no seam. A song shorter
+    than a window is padded with silence and cropped back; the music is cut or padded to the voice (a model
+    without the music branch reads none). controls.samples takes from controls.seed, z scaled by temperature
+    (draw_z), then apply_controls. progress=True prints progress lines when the song takes several batches.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -348,8 +332,7 @@ def generate(model, voice, bgm=None, shape=None, controls=Controls(), overlap=60
         if windows.advance(len(chunk)) and progress:
             print(windows.line("motion:"), flush=True)
     out /= weight                                    # in place: a long song holds as few copies of its motion
-    motion = apply_controls(out[:, :n_frames], model.motion_mean.cpu(), controls)
-    return motion.numpy()
+    return apply_controls(out[:, :n_frames], model.motion_mean.cpu(), controls).numpy()
 
 
 def blend_weights(window, overlap):
@@ -374,14 +357,11 @@ def stretch(x, start, stop, end):
 
 @torch.no_grad()
 def portrait_video(trained, image_path, flame, shape, motion, out_path, audio=None, progress=False):
-    """
-    The singing portrait: motion (T, 59) with shape (100,) -> FLAME meshes -> depth with the renderer's
-    camera (and, for a warping renderer, the reference's warp into each frame) -> FaceRenderer frames (trained:
-    render.load_renderer's, on its device), RENDER_BATCH frames at a time, streamed into out_path (mp4, audio
-    float32 (N,) muxed in when given) and the depth video into depth.mp4 beside it. Memory does not grow with T.
-    Frame t gets temporal index t. progress=True prints progress lines. Returns out_path as a Path. To film a
-    tracked clip again with its own cameras, give a TrainedRenderer whose cam is them (dataclasses.replace).
-    """
+    """The singing portrait: motion (T, 59) with shape (100,) -> FLAME meshes -> depth with the renderer's camera
+    (and a warping renderer's reference warp) -> FaceRenderer frames (trained: load_renderer's, on its device),
+    RENDER_BATCH frames at a time (frame t has temporal index t), streamed into out_path (mp4, audio (N,) muxed in
+    when given) and the depth video into depth.mp4 beside it. Returns out_path as a Path. To film a tracked clip
+    with its own cameras, give a TrainedRenderer whose cam is them (dataclasses.replace)."""
     out_path = Path(out_path)
     if trained.flame_record["flame_sha256"] != flame.sha256:          # depth of another head than it learnt from
         raise ValueError(f"{trained.source}: trained on depth images of {trained.flame_record['flame']}, not of "
@@ -429,35 +409,31 @@ PROGRESS_LINES = 10                         # progress lines of each long step o
 MIN_PREVIEW_SIZE = 16                       # pixels, the smallest --size the previews are written at
 STREAM_LOOKAHEAD = 4        # frames (133 ms) of audio past a frame before the stream makes it final
 STREAM_CHUNK_MS = 100       # default size of the audio chunks the command line feeds a stream
+GRID_COLUMNS = 4            # takes a row in the --grid preview
+PREVIEW_BATCH = 64          # frames render_preview meshes and writes at once
+PREVIEW_PRESET = "veryfast"  # libx264 speed preset of shaded previews: smooth synthetic frames compress easily
+LABEL_HEIGHT = 1 / 16       # a label's height, a share of the panel's side (32 px at 512²)
+LABEL_MARGIN = 0.03         # share of the panel between a label and the panel's top and left edges
+LABEL_RGB = (235, 235, 235)  # label colour
 
 
 def mirror_fill(x, n):
     """x (N,) continued by its mirror image, back and forth (x, reversed x, x, ...), to n >= N samples."""
-    reps = -(-n // len(x))
-    return np.concatenate([x if i % 2 == 0 else x[::-1] for i in range(reps)])[:n]
+    return np.concatenate([x if i % 2 == 0 else x[::-1] for i in range(-(-n // len(x)))])[:n]
 
 
 class MotionStream:
-    """Live inference: voice (and music) pushed in chunks of any size as they arrive -> motion frames of one take
-    as soon as they are final. The same model, checkpoint and controls as generate; one z for the whole stream,
-    drawn as generate draws sample 0 for the same seed.
+    """Live inference: voice (and music) pushed in chunks of any size -> motion frames of one take as soon as they
+    are final: push(voice, bgm=None) -> (k, 59) numpy (k may be 0), finish() -> the rest; together every frame of
+    the song exactly once. The same model and controls as generate, its sample 0's z for the same seed.
 
-    Why a lookahead: wav2vec 2.0's transformer and the decoder's self-attention see their whole window, so a
-    frame depends on the audio after it. Each push runs the model once on a window of the last `window` frames
-    of audio, ending at the newest frame A (its start rounded down to a multiple of the PPE period, so every
-    pass gives a frame the same positional phase, as training clips and offline windows do). Until a whole
-    window of the song has arrived, the window is continued by its mirror image, back and forth, to the whole
-    window's length: the model was trained on windows of that length, and on the first seconds of a song it
-    does better on the mirrored audio than on a short window (lip error against offline +5.0 % instead of +6.8 %
-    on the built-in test clips) or on silence (+70 %); only the real frames are used. Frame f is final
-    once A > f + lookahead. The frames a push makes final are cross-faded linearly from the previous pass's
-    prediction (which had up to `lookahead` frames of audio after them) to this pass's: the first of them
-    continues the previous push's last frame, the last is this pass alone, which the next push's first frame
-    continues in turn, so the joins between pushes carry no step. Algorithmic latency: lookahead plus the chunk
-    size; compute: one pass of the model on `window` frames per push (per_pass_s and per_pass_cpu_s record each).
-
-    push(voice, bgm=None) -> (k, 59) numpy, the frames made final by this chunk (k may be 0);
-    finish() -> the rest of the song's frames. Together they give every frame of the song exactly once.
+    Why a lookahead: wav2vec 2.0 and the decoder's self-attention see their whole window, so a frame depends on
+    the audio after it. Each push runs the model on the last `window` frames of audio, ending at the newest frame
+    A, its start rounded down to a multiple of the PPE period (the positional phase of training clips). Until a
+    whole window has arrived, the audio is continued by its mirror image to a window's length (the length the
+    model was trained on; better than a short window or silence). Frame f is final once A > f + lookahead; the
+    frames a push makes final are cross-faded linearly from the previous pass's prediction to this one's, so the
+    joins carry no step. Latency by design: lookahead plus the chunk size.
     """
 
     def __init__(self, model, shape=None, controls=Controls(), lookahead=STREAM_LOOKAHEAD, window=CLIP_FRAMES):
@@ -469,15 +445,13 @@ class MotionStream:
         self.shape = shape.to(self.device)[None]                                           # (1, 100)
         self.z = draw_z(model.cfg.d_model, 1, controls.seed, controls.temperature).to(self.device)   # (1, d)
         self.lookahead, self.window, self.controls = lookahead, window, controls
-        self.voice = np.zeros(0, np.float32)        # samples from frame self.first on (older ones are dropped)
-        self.bgm = np.zeros(0, np.float32)
+        self.voice = self.bgm = np.zeros(0, np.float32)   # samples from frame self.first on (older ones dropped)
         self.first = 0                              # a multiple of PPE_PERIOD, so clip_samples(first) is exact
         self.received = 0                           # samples pushed so far
         self.seen = 0                               # audio frames the last pass read (its A)
         self.emitted = 0                            # frames handed out so far
         self.ahead = torch.zeros(0, MOTION_DIM)     # (seen - emitted, 59) the last pass's frames not yet final
-        self.per_pass_s = []                        # wall seconds of each pass (features + model)
-        self.per_pass_cpu_s = []                    # and this process's CPU seconds in it (all threads)
+        self.per_pass_s, self.per_pass_cpu_s = [], []   # wall and this process's CPU seconds of each pass
 
     @torch.no_grad()
     def push(self, voice, bgm=None):
@@ -519,9 +493,8 @@ class MotionStream:
         self.per_pass_cpu_s.append(time.process_time() - cpu0)
         fresh = motion[self.emitted - start:]                                              # (end - emitted, 59)
         k = max(0, end - self.lookahead - self.emitted)                                    # frames final now
-        # cross-fade from the previous pass (its frames had `lookahead` frames of future or less) to this one
-        # over the frames handed out now: the first continues the previous push's last frame, the last is
-        # this pass alone, as the next push's first frame will continue it
+        # cross-fade from the previous pass (less future audio) to this one: the first frame out continues the
+        # previous push's last, the last is this pass alone, as the next push's first will continue it
         old = min(k, len(self.ahead))
         fade = (torch.arange(1, old + 1, dtype=torch.float32) / k)[:, None]               # (old, 1)
         out = fresh[:k].clone()
@@ -540,11 +513,10 @@ class MotionStream:
 
 
 def stream_song(stream, voice, bgm=None, chunk_ms=STREAM_CHUNK_MS, realtime=True):
-    """Feed a whole song through a MotionStream in chunks of chunk_ms, at real-time pace (each chunk pushed when
-    its last sample would have arrived live) or as fast as possible. Returns the take (T, 59) and latency
-    figures in seconds: a frame's latency is from the moment its own audio had fully arrived to the moment the
-    stream handed it out (compute included; in fast mode, the pace is simulated from the compute times).
-    voice, bgm: arrays (N,) or AudioFiles, read a chunk at a time (the music cut or zero-padded to the voice)."""
+    """Feed a whole song (voice, bgm: arrays (N,) or AudioFiles, read a chunk at a time) through a MotionStream in
+    chunks of chunk_ms, at real-time pace (each chunk pushed when its last sample would have arrived live) or as
+    fast as possible -> the take (T, 59) and latency figures in seconds: a frame's latency runs from when its own
+    audio had fully arrived to when the stream handed it out (in fast mode the pace is simulated)."""
     n = len(voice)
     chunk = max(1, round(chunk_ms * SAMPLE_RATE / 1000))
     pieces, latency = [], []
@@ -563,11 +535,10 @@ def stream_song(stream, voice, bgm=None, chunk_ms=STREAM_CHUNK_MS, realtime=True
     compute, cpu = np.asarray(stream.per_pass_s), np.asarray(stream.per_pass_cpu_s)
     seconds = n / SAMPLE_RATE
     stats = dict(algorithmic_s=stream.lookahead / FPS + chunk / SAMPLE_RATE, lookahead_s=stream.lookahead / FPS,
-                 chunk_s=chunk / SAMPLE_RATE,
-                 pass_mean_s=float(compute.mean()), pass_max_s=float(compute.max()),
+                 chunk_s=chunk / SAMPLE_RATE, pass_mean_s=float(compute.mean()), pass_max_s=float(compute.max()),
                  compute_per_audio_s=float(compute.sum() / seconds), pass_cpu_mean_s=float(cpu.mean()),
-                 cpu_per_audio_s=float(cpu.sum() / seconds),
-                 latency_mean_s=float(np.mean(latency)), latency_max_s=float(np.max(latency)))
+                 cpu_per_audio_s=float(cpu.sum() / seconds), latency_mean_s=float(np.mean(latency)),
+                 latency_max_s=float(np.max(latency)))
     return np.concatenate(pieces), stats
 
 
@@ -651,8 +622,7 @@ def load_renderer(path, device="cpu"):
             raise ValueError(f"{path}: a warping face renderer without its reference head ({', '.join(bad)} missing "
                              f"or of the wrong size)")
         reference = {k: v.float() for k, v in reference.items()}
-    return TrainedRenderer(generator, config,
-                           tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM)),
+    return TrainedRenderer(generator, config, tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM)),
                            dict(flame=ckpt.get("flame"), flame_sha256=ckpt.get("flame_sha256")), str(path), reference)
 
 
@@ -671,11 +641,10 @@ def load_reference(path, size=IMAGE_SIZE):
 
 
 def write_motion(out_dir, motion, flame, shape, song, size=PREVIEW_SIZE):
-    """Each take k: sample_k.npz (motion, shape, landmarks), sample_k.pkl (the SingingHead keys) and
-    preview_k.mp4 (the shaded head, size x size, with the song as sound: samples, or a SongMix read a block at a
-    time); each
-    file appears under its name only when complete and is announced then. Meshes and landmarks are made
-    RENDER_BATCH frames at a time and never held whole, so memory does not grow with the song."""
+    """Each take k: sample_k.npz (motion, shape, landmarks), sample_k.pkl (the SingingHead keys) and preview_k.mp4
+    (the shaded head, size x size, with the song as sound: samples, or a SongMix read a block at a time); each file
+    appears under its name only when complete and is announced then. Meshes and landmarks are made RENDER_BATCH
+    frames at a time and never held whole, so memory does not grow with the song."""
     out_dir.mkdir(parents=True, exist_ok=True)
     shape_t = torch.as_tensor(shape, dtype=torch.float32)
     frames_done = Progress(motion.shape[0] * motion.shape[1], "frame", lines=PROGRESS_LINES)
@@ -704,11 +673,9 @@ def write_motion(out_dir, motion, flame, shape, song, size=PREVIEW_SIZE):
 
 
 def save_npz(path, arrays, name, shape, pieces):
-    """
-    An .npz as np.savez writes it (np.load reads it): the arrays of the dict `arrays`, and one float32 array
-    `name` of `shape` whose values come from the iterable `pieces`, in order, written as they come so that it
-    is never held whole. The file appears under its name only when complete.
-    """
+    """An .npz as np.savez writes it: the arrays of the dict `arrays`, and one float32 array `name` of `shape`
+    whose values come from the iterable `pieces`, written as they come so that it is never held whole. The file
+    appears under its name only when complete."""
     expected = math.prod(shape)
     written = 0
     with atomic_output(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
@@ -731,12 +698,9 @@ def announce(path, what):
 
 
 class SongMix:
-    """
-    The song as heard, read a stretch at a time like an AudioFile: song[a:b] is voice + background music (cut or
-    zero-padded to the voice's length), scaled down as a whole only if the sum would clip; len(song) is the
-    voice's. voice and bgm are arrays (N,) or AudioFiles; the peak is found by one pass over them, AUDIO_BLOCK
-    samples at a time, so that a long song is never held whole.
-    """
+    """The song as heard, read a stretch at a time like an AudioFile: song[a:b] is voice + background music (cut
+    or zero-padded to the voice's length), scaled down as a whole only if the sum would clip; len(song) is the
+    voice's. voice and bgm: arrays (N,) or AudioFiles, their peak found AUDIO_BLOCK samples at a time."""
 
     def __init__(self, voice, bgm):
         self.voice, self.bgm, self.scale = voice, bgm, 1.0
@@ -751,40 +715,10 @@ class SongMix:
         return (stretch(self.voice, start, stop, len(self)) + stretch(self.bgm, start, stop, len(self))) / self.scale
 
 
-GRID_COLUMNS = 4            # takes a row in the --grid preview
-
-
-def write_grid(path, motion, flame, shape, voice, size=PREVIEW_SIZE):
-    """All takes (S, T, 59) in one preview mp4 with the song, playing in sync so one can be picked by eye: take k
-    at row k // GRID_COLUMNS, column k % GRID_COLUMNS, each panel size x size pixels, empty panels background."""
-    n_takes, n_frames = motion.shape[:2]
-    cols = min(n_takes, GRID_COLUMNS)
-    rows = -(-n_takes // cols)
-    shape_t = torch.as_tensor(shape, dtype=torch.float32)
-    background = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8)
-    with VideoWriter(path, (rows * size, cols * size), FPS, voice, preset=PREVIEW_PRESET) as video:
-        for start in range(0, n_frames, PREVIEW_BATCH):
-            batch = torch.from_numpy(motion[:, start:start + PREVIEW_BATCH])                       # (S, b, 59)
-            frames = background.expand(batch.shape[1], rows * size, cols * size, 3).clone()      # (b, H, W, 3)
-            for k, m in enumerate(batch):
-                r, c = divmod(k, cols)
-                with torch.no_grad():
-                    panel = shade(project(flame.from_motion(shape_t, m), PREVIEW_CAM), flame.faces, size)  # (b, s, s, 3)
-                frames[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = panel
-            video.write(frames)
-    return path
-
-
-PREVIEW_BATCH = 64               # frames render_preview meshes and writes at once
-PREVIEW_PRESET = "veryfast"      # libx264 speed preset of shaded previews: smooth synthetic frames, about half of medium.s encoding work
-
-
 def render_preview(flame, verts, path, audio=None, cam=PREVIEW_CAM, size=PREVIEW_SIZE, on_frames=None):
-    """
-    Shaded preview mp4 of a vertex sequence at FPS, PREVIEW_BATCH frames at a time: verts (T, V, 3) metres, or
-    an iterable of (t, V, 3) pieces in order, so that a long song's meshes are never held all at once; audio at
-    SAMPLE_RATE. cam (3,) or one per frame (T, 3). on_frames(n), when given, hears of every n frames written.
-    """
+    """Shaded preview mp4 of a vertex sequence at FPS: verts (T, V, 3) metres, written PREVIEW_BATCH frames at a
+    time, or an iterable of (t, V, 3) pieces in order (a long song's meshes are never held all at once); audio at
+    SAMPLE_RATE; cam (3,) or one per frame (T, 3). on_frames(n), when given, hears of every n frames written."""
     pieces = (verts[lo:lo + PREVIEW_BATCH] for lo in range(0, len(verts), PREVIEW_BATCH)) \
         if torch.is_tensor(verts) else verts
     cam = torch.as_tensor(cam, dtype=torch.float32)
@@ -819,11 +753,6 @@ def write_side_by_side(path, pieces, faces, labels, audio=None, cam=PREVIEW_CAM,
     return Path(path)
 
 
-LABEL_HEIGHT = 1 / 16            # a label's height, a share of the panel's side (32 px at 512²)
-LABEL_MARGIN = 0.03              # share of the panel between a label and the panel's top and left edges
-LABEL_RGB = (235, 235, 235)      # label colour
-
-
 def draw_text(frames, text, top, left, height):
     """Write text into uint8 frames (T, H, W, 3) in place, LABEL_RGB in Pillow's default font `height` pixels
     tall, its top left corner at pixel (top, left); anti-aliased, cut at the frames' edges."""
@@ -837,10 +766,30 @@ def draw_text(frames, text, top, left, height):
     return frames
 
 
+@torch.no_grad()
+def write_grid(path, motion, flame, shape, voice, size=PREVIEW_SIZE):
+    """All takes (S, T, 59) in one preview mp4 with the song, playing in sync so one can be picked by eye: take k
+    at row k // GRID_COLUMNS, column k % GRID_COLUMNS, each panel size x size pixels, empty panels background."""
+    n_takes, n_frames = motion.shape[:2]
+    cols = min(n_takes, GRID_COLUMNS)
+    rows = -(-n_takes // cols)
+    shape_t = torch.as_tensor(shape, dtype=torch.float32)
+    background = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8)
+    with VideoWriter(path, (rows * size, cols * size), FPS, voice, preset=PREVIEW_PRESET) as video:
+        for start in range(0, n_frames, PREVIEW_BATCH):
+            batch = torch.from_numpy(motion[:, start:start + PREVIEW_BATCH])                       # (S, b, 59)
+            frames = background.expand(batch.shape[1], rows * size, cols * size, 3).clone()      # (b, H, W, 3)
+            for k, m in enumerate(batch):
+                r, c = divmod(k, cols)
+                panel = shade(project(flame.from_motion(shape_t, m), PREVIEW_CAM), flame.faces, size)   # (b, s, s, 3)
+                frames[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = panel
+            video.write(frames)
+    return path
+
+
 def read_shape(path):
-    """A FLAME shape from a .npy file -> float32 (100,). Rule: trackers write 50 to 300 coefficients, so longer
-    vectors are cut to the first 100 and shorter ones padded with zeros (the mean head in the missing ones);
-    an unreadable, empty or non-finite file is refused naming it."""
+    """A FLAME shape from a .npy file -> float32 (100,): trackers write 50 to 300 coefficients, so longer vectors
+    are cut to 100 and shorter ones padded with zeros (the mean head); a bad file is refused naming it."""
     try:
         values = np.asarray(np.load(path), dtype=np.float32).reshape(-1)
     except (OSError, ValueError) as err:
@@ -866,8 +815,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="motion checkpoint from train.py")
     p.add_argument("--person", help="use the shape of this person from the checkpoint's training data")
     p.add_argument("--shape", help=".npy file with a 100-d FLAME shape")
-    p.add_argument("--flame", help="FLAME model file (default and only choice: the one the checkpoint was trained "
-                                   "with, checked by its sha256; useful where that file has moved)")
+    p.add_argument("--flame", help="FLAME model file: the checkpoint's own (checked by sha256), where it has moved")
     p.add_argument("--samples", type=int, default=1, help="number of diverse takes (at least 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", help="reference portrait (with --renderer: writes the portrait video)")
@@ -941,11 +889,9 @@ def person_shape(trained, shape, person, checkpoint):
     """The shape to animate: --shape, else --person's from the checkpoint, else its first person's."""
     if shape is not None:
         return shape
-    if person:
-        if person not in trained.people:
-            raise ValueError(f"{checkpoint}: no person {person!r}; known: {', '.join(sorted(trained.people))}")
-        return trained.people[person]
-    return next(iter(trained.people.values()), np.zeros(N_SHAPE, np.float32))
+    if person and person not in trained.people:
+        raise ValueError(f"{checkpoint}: no person {person!r}; known: {', '.join(sorted(trained.people))}")
+    return trained.people[person] if person else next(iter(trained.people.values()), np.zeros(N_SHAPE, np.float32))
 
 
 def command(argv=None):
@@ -991,8 +937,7 @@ def command(argv=None):
 
 
 def main(argv=None):
-    """The command line: bad input or a failed write ends in one line, `error: <file>: <problem>`, and exit
-    status 1; no output is left half-written."""
+    """The command line: bad input or a failed write ends in `error: <file>: <problem>` and exit status 1."""
     run_command(command, argv)
 
 
