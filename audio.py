@@ -2,8 +2,9 @@
 (Wav2Vec2, wav2vec 2.0 in plain PyTorch, "base" group-norm + post-norm and "large/lv60" layer-norm + pre-norm
 checkpoints) and the music encoder (mfcc / mfcc_at_fps: torch, batched, equal to librosa.feature.mfcc). Below the
 support banner: the beat pipeline of the beat-alignment metric (hpss ... beats: numpy, following librosa 0.11 step
-by step so that beat frames equal librosa's), the sound file readers (AudioFile; formats libsndfile lacks are
-decoded by imageio-ffmpeg's ffmpeg) and the Hugging Face checkpoint readers (safetensors, key mapping).
+by step so that beat frames equal librosa's), the separation of a mixed song into voice and accompaniment (separate,
+separate_stream: REPET and the voice's pitch; our addition), the sound file readers (AudioFile; formats libsndfile
+lacks are decoded by imageio-ffmpeg's ffmpeg) and the Hugging Face checkpoint readers (safetensors, key mapping).
 
 Depends on torch, numpy, soundfile and scipy (imageio-ffmpeg for m4a, aac, webm, video sound); imports nothing
 of ours, so it can be copied alone:
@@ -14,6 +15,7 @@ of ours, so it can be copied alone:
         at_30fps = w2v(torch.from_numpy(normalize_wave(wave))[None], n_frames=240)  # FaceFormer style
     coeffs = mfcc(wave)                                            # (64, frames) tensor, 512-sample hop
     frames, times = beats(wave)                                    # onset-frame indices (hop 512) and seconds
+    voice, band = separate(load_audio("mixed_song.mp3"))           # (N,) float32 each, voice + band == the mix
 """
 import functools
 import json
@@ -827,6 +829,107 @@ def beats(y, sr=SAMPLE_RATE):
     drums = _istft(percussive, N_FFT, HOP_LENGTH, len(y), y.dtype)
     _, frames = beat_track(onset_strength(drums, sr=sr, aggregate=np.median), sr=sr)
     return frames, frames * (HOP_LENGTH / sr)
+
+
+# Separation (our addition: the paper's model hears voice and music apart, a user has one mixed song). No weights:
+# REPET (Rafii & Pardo 2013) gives the band what repeats, as beats, bars and chord loops do and a melody seldom does
+# note for note, and the voice's pitch gives the band what lies below it.
+
+SEP_N_FFT, SEP_HOP = 1024, 256   # samples: a 64 ms window resolves a sung note's harmonics, a 16 ms hop its syllables
+PERIOD_S = (1.0, 12.0)           # s, the repeating periods searched: a bar of fast music to 4 bars at 80 bpm
+SHORTEST_LAG = 0.9               # take the shortest lag scoring this share of the best: more copies, firmer median
+MIN_COPIES = 5                   # entries of each REPET median at least, the copies a block lacks counted as silence
+F0_HZ = (130.0, 900.0)           # the fundamentals a sung voice is searched in
+BELOW_F0 = 0.8                   # share of the voice's f0 under which every bin goes to the accompaniment
+BLOCK_S, OVERLAP_S = 30.0, 5.0   # s: blocks separated on their own, and the least stretch two are cross-faded over
+
+
+def _repeat_period(magnitude):
+    """The band's period in frames from the beat spectrum (autocorrelation of each bin's power over time, averaged
+    over bins), or None when the block is too short to hold 1.5 of the shortest periods or no lag correlates."""
+    power, n = magnitude ** 2, magnitude.shape[1]
+    spectrum = torch.fft.rfft(power - power.mean(1, keepdim=True), 2 * n, dim=1)
+    beat_spectrum = torch.fft.irfft(spectrum.abs() ** 2, dim=1)[:, :n].mean(0) / torch.arange(n, 0, -1)  # unbiased
+    lo = round(PERIOD_S[0] * SAMPLE_RATE / SEP_HOP)
+    hi = min(round(PERIOD_S[1] * SAMPLE_RATE / SEP_HOP), 2 * n // 3)
+    if hi <= lo + 1 or not beat_spectrum[lo:hi].max() > 0:        # too short to tell, or nothing repeats
+        return None
+    scores = beat_spectrum[lo:hi]             # a bar and its multiples score alike: the shortest gives most copies
+    return lo + int(torch.nonzero(scores >= SHORTEST_LAG * scores.max())[0])
+
+
+def _band_share(magnitude, period):
+    """REPET: the band is the median, bin by bin, of the block's frames at the same phase of the period, at most the
+    magnitude itself; returns band / magnitude (F, T). Missing copies fill the median up to MIN_COPIES as silence:
+    a median of two copies would take half of any note sung twice, MIN_COPIES needs 3 that agree."""
+    n_bins, n = magnitude.shape
+    k = -(-n // period)                                                        # periods, the last one cut short
+    copies = F.pad(magnitude, (0, k * period - n), value=float("nan")).view(n_bins, k, period)
+    count = copies[0].isfinite().sum(0)                                        # (period,) copies of each phase
+    silence = torch.where(torch.arange(MIN_COPIES - 1)[:, None] < MIN_COPIES - count, 0.0, float("nan"))
+    model = torch.cat([copies, silence.expand(n_bins, -1, -1)], 1).nanmedian(1).values       # (F, period)
+    return torch.minimum(model.repeat(1, k)[:, :n], magnitude) / (magnitude + 1e-9)
+
+
+def _f0(magnitude):
+    """Each frame's f0 (Hz): the candidate, 1/8 semitone apart, whose first 8 harmonics hold the most log-magnitude,
+    the h-th weighted 0.84^(h-1) so that a subharmonic does not win on its multiples alone."""
+    cands = F0_HZ[0] * 2 ** (torch.arange(0, 12 * math.log2(F0_HZ[1] / F0_HZ[0]), 0.125) / 12)
+    level = torch.log1p(magnitude / (magnitude.max() * 1e-3 + 1e-12))
+    salience = torch.zeros(len(cands), magnitude.shape[1])
+    for h in range(1, 9):
+        index = torch.round(cands * h * SEP_N_FFT / SAMPLE_RATE).long()
+        inside = index < len(magnitude)
+        salience[inside] += 0.84 ** (h - 1) * level[index[inside]]
+    return cands[salience.argmax(0)]
+
+
+def _voice_of_block(mix):
+    """The voice in one block of the mix (float32 (N,)): its STFT masked to what does not repeat, above the f0."""
+    if len(mix) <= SEP_N_FFT // 2:            # not one frame's worth: nothing to tell a voice by, all accompaniment
+        return np.zeros(len(mix), np.float32)
+    window = torch.hann_window(SEP_N_FFT)
+    spec = torch.stft(torch.from_numpy(mix), SEP_N_FFT, SEP_HOP, window=window, return_complex=True)
+    magnitude = spec.abs()
+    period = _repeat_period(magnitude)
+    mask = torch.ones_like(magnitude) if period is None else 1 - _band_share(magnitude, period)
+    hz = torch.arange(len(magnitude))[:, None] * (SAMPLE_RATE / SEP_N_FFT)
+    mask *= hz >= BELOW_F0 * _f0(magnitude * mask)                     # bass and kick lie below a sung f0
+    return torch.istft(spec * mask, SEP_N_FFT, SEP_HOP, window=window, length=len(mix)).numpy()
+
+
+def separate_stream(read, n_samples):
+    """The voice and the accompaniment of a mixed song of n_samples samples at SAMPLE_RATE, as (voice,
+    accompaniment) pieces that cover it in order; read(start, stop) returns the mix's samples start..stop-1 (as
+    AudioFile does), one block at a time. Equal blocks of BLOCK_S seconds, spread evenly so that the last ends with
+    the song and each overlaps the next by OVERLAP_S or more: REPET needs several periods in every block. The
+    voices of two blocks are cross-faded over their overlap (weights adding up to 1) and the accompaniment is the
+    mix minus the voice, so the two add up to the mix. At most two blocks are held whatever the song's length;
+    a song up to 1.5 blocks long is one block."""
+    block, overlap = round(BLOCK_S * SAMPLE_RATE), round(OVERLAP_S * SAMPLE_RATE)
+    n_blocks = 1 if n_samples <= 1.5 * block else -(-(n_samples - overlap) // (block - overlap))
+    block = block if n_blocks > 1 else n_samples
+    starts = np.linspace(0, n_samples - block, n_blocks).round().astype(int).tolist()
+    tail, done = np.zeros(0, np.float32), 0             # the last block's voice past `done`, to cross-fade
+    for i, start in enumerate(starts):
+        mix = np.array(read(start, start + block), dtype=np.float32)   # writable (torch shares it), read may map
+        voice = _voice_of_block(mix)
+        fade = (0.5 - 0.5 * np.cos(np.pi * (np.arange(len(tail)) + 0.5) / len(tail))).astype(np.float32)
+        voice[:len(tail)] = tail * (1 - fade) + voice[:len(tail)] * fade
+        keep = starts[i + 1] if i + 1 < len(starts) else start + block    # the overlap waits for the next block
+        piece, tail = voice[done - start:keep - start], voice[keep - start:]
+        yield piece, mix[done - start:keep - start] - piece
+        done = keep
+
+
+def separate(mix):
+    """A mixed song (N,) at SAMPLE_RATE -> (voice, accompaniment), float32 (N,) each, adding up to the mix."""
+    mix = np.asarray(mix, dtype=np.float32)
+    if mix.ndim != 1:
+        raise ValueError(f"separate: expected a mono waveform (N,), got shape {mix.shape}")
+    pieces = [voice for voice, _ in separate_stream(lambda start, stop: mix[start:stop], len(mix))]
+    voice = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+    return voice, mix - voice
 
 
 # Reading: sound files (load_audio, AudioFile) and Hugging Face checkpoints (read_safetensors, hf_to_ours)

@@ -461,6 +461,50 @@ def bench_audio_dsp(device="cpu"):
     return rows
 
 
+# ----------------------------------------------------------------------------- separation: a mixed song -> voice, band
+
+SEPARATION_CASES = [(30, 1), (180, 1), (600, 1), (180, 2)]   # seconds of song, torch threads
+SEPARATION_GOAL = 20.0      # x real time on 2 CPU cores, the bar for the separation
+
+
+def _separation_case(path, threads):
+    """In a child with `threads` torch threads: seconds and process-CPU seconds of audio.separate_stream over the
+    song at path, read a stretch at a time through AudioFile as generation reads it (the file's opening scan not
+    counted), and the process's peak resident MB."""
+    torch.set_num_threads(threads)
+    song = audio.AudioFile(path)
+    audio.separate(song[0:SAMPLE_RATE])                                       # warm-up: first-call costs
+    start, start_cpu = time.perf_counter(), time.process_time()
+    for _ in audio.separate_stream(lambda a, b: song[a:b], len(song)):
+        pass
+    return time.perf_counter() - start, time.process_time() - start_cpu, peak_mb()
+
+
+def bench_separation(device="cpu"):
+    """audio.separate_stream on songs of SEPARATION_CASES' lengths (drums and a melody, _music) read from a WAV
+    file, each in a fresh process: ours = seconds to separate, ref = the song's seconds, so ratio = times real
+    time (bar: >= SEPARATION_GOAL on 2 CPU cores); memory = the process's peak resident MB (interpreter and torch
+    included), which must not grow with the song: what little it does is glibc's heap, whose mmap threshold adapts
+    to the blocks' sizes (with MALLOC_MMAP_THRESHOLD_=131072 the peak is the same at every length). No reference
+    package separates this way; CPU only (the separation is for the CPU, as generation's reading is)."""
+    rows, peaks = [], {}
+    with tempfile.TemporaryDirectory() as folder:
+        for seconds, threads in SEPARATION_CASES:
+            path = Path(folder) / f"song_{seconds}s.wav"
+            if not path.exists():
+                data.write_wav(path, _music(seconds))
+            wall, cpu, peak = in_child(_separation_case, path, threads)
+            peaks.setdefault(seconds, peak)
+            rows.append(dict(name=f"separation of a {seconds} s song, {threads} thread{'s' * (threads > 1)}",
+                             ours_s=wall, ref_s=float(seconds), ratio=seconds / wall, ours_mem_mb=peak,
+                             ref_mem_mb=None,
+                             note=f"cpu; {seconds / cpu:.0f}x real time in process CPU time; bar >= "
+                                  f"{SEPARATION_GOAL:g}x real time; memory: peak RSS of a fresh process"
+                                  + (f", {100 * (peak / peaks[SEPARATION_CASES[0][0]] - 1):+.1f} % vs the "
+                                     f"{SEPARATION_CASES[0][0]} s song" if seconds != SEPARATION_CASES[0][0] else "")))
+    return rows
+
+
 # ----------------------------------------------------------------------------- motion: generation speed
 
 PAPER_FPS = 50.849          # UniSinger's FPS in the paper's Table II (RTX 3090)
@@ -953,12 +997,12 @@ def bench_render_data(device="cpu"):
 # ----------------------------------------------------------------------------- the run
 
 PARTS = dict(flame=bench_flame, render=bench_render, preview=bench_preview, audio_w2v=bench_audio_w2v,
-             audio_dsp=bench_audio_dsp, motion=bench_motion, stream=bench_stream, metrics=bench_metrics,
-             render_stage=bench_render_stage, data=bench_data, render_data=bench_render_data)
+             audio_dsp=bench_audio_dsp, separation=bench_separation, motion=bench_motion, stream=bench_stream,
+             metrics=bench_metrics, render_stage=bench_render_stage, data=bench_data, render_data=bench_render_data)
 # rough seconds of each part on 2 idle CPU cores (the parts but stream took 7 min 12 s in all): they only
 # weight the ETA between parts, which is rescaled by how fast the parts so far ran against them
-EXPECTED_S = dict(flame=15, render=30, preview=35, audio_w2v=30, audio_dsp=30, motion=50, stream=30, metrics=50,
-                  render_stage=220, data=120, render_data=600)
+EXPECTED_S = dict(flame=15, render=30, preview=35, audio_w2v=30, audio_dsp=30, separation=60, motion=50, stream=30,
+                  metrics=50, render_stage=220, data=120, render_data=600)
 ON_REQUEST = ("data", "render_data")   # minutes each, on folders of thousands of linked files: run by --only alone
 
 

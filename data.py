@@ -466,7 +466,7 @@ class VideoFrames:
         try:
             reader = imageio.get_reader(str(self.path), "ffmpeg")
         except Exception as e:
-            raise ValueError(f"{self.path}: unreadable video ({e})") from None
+            raise ValueError(f"{self.path}: unreadable video ({ffmpeg_said(e, self.path)})") from None
         self.count = 0
         try:
             with reader:
@@ -474,7 +474,7 @@ class VideoFrames:
                     self.count += 1
                     yield np.asarray(frame)[..., :3]
         except Exception as e:                  # ffmpeg stops on damaged data in many ways; imageio raises them all
-            raise ValueError(f"{self.path}: unreadable video ({' '.join(str(e).split())[:300]})") from None
+            raise ValueError(f"{self.path}: unreadable video ({ffmpeg_said(e, self.path)})") from None
         if not self.count:
             raise ValueError(f"{self.path}: the video holds no frame")
 
@@ -539,10 +539,20 @@ def atomic_output(path):
     try:
         yield tmp
         os.replace(tmp, path)
-    except OSError as error:
-        raise OSError(error.errno, error.strerror, str(path)) from None
+    except OSError as error:        # the user's file named, never our temporary (a writer may quote its name)
+        raise OSError(error.errno, unnamed(error.strerror or str(error), tmp, path), str(path)) from None
+    except ValueError as error:
+        if tmp.name not in str(error):
+            raise
+        raise ValueError(unnamed(str(error), tmp, path)) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def unnamed(text, tmp, path):
+    """text with the temporary file tmp called by the name of the file it becomes, path."""
+    return str(text).replace(str(tmp), str(path)).replace(Path(tmp).name, Path(path).name)
 
 
 def write_wav(path, audio, sample_rate=SAMPLE_RATE):
@@ -552,13 +562,31 @@ def write_wav(path, audio, sample_rate=SAMPLE_RATE):
         audio = np.asarray(audio)
         if audio.ndim != 1:
             raise ValueError(f"{path}: audio must be mono (N,), got shape {audio.shape}")
+    with wav_writer(path, sample_rate) as write:
+        for start in range(0, len(audio), AUDIO_BLOCK):
+            write(np.asarray(audio[start:start + AUDIO_BLOCK]))
+
+
+@contextlib.contextmanager
+def wav_writer(path, sample_rate=SAMPLE_RATE):
+    """A mono 16-bit PCM wav written a piece at a time: the block gets write(samples (n,)), samples clipped to
+    [-1, 1]; the file appears at path whole when the block ends, and a failed write raises OSError naming it."""
+    def sound_error(error):                                     # soundfile's errors are RuntimeErrors
+        return OSError(errno.EIO, " ".join(str(error).split()))
+
+    def write(samples):
+        try:
+            sink.write(np.clip(np.asarray(samples, dtype=np.float32), -1, 1))
+        except soundfile.LibsndfileError as error:
+            raise sound_error(error) from None
+
     with atomic_output(path) as tmp:
         try:
-            with soundfile.SoundFile(tmp, "w", int(sample_rate), 1, "PCM_16", format="WAV") as sink:
-                for start in range(0, len(audio), AUDIO_BLOCK):
-                    sink.write(np.asarray(audio[start:start + AUDIO_BLOCK]))
-        except RuntimeError as error:                           # soundfile's write errors
-            raise OSError(errno.EIO, " ".join(str(error).split())) from None
+            sink = soundfile.SoundFile(tmp, "w", int(sample_rate), 1, "PCM_16", format="WAV")
+        except soundfile.LibsndfileError as error:
+            raise sound_error(error) from None
+        with sink:
+            yield write
 
 
 class VideoWriter:
@@ -603,6 +631,9 @@ class VideoWriter:
         said = [line.strip() for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
         status = self.encoder.returncode
         why = said[-1] if said else f"killed by {signal.Signals(-status).name}" if status < 0 else f"status {status}"
+        why = unnamed(why, self.tmp, self.path)
+        if self.wav is not None:                                 # our temporary: the user knows it as the sound
+            why = why.replace(str(self.wav), "the soundtrack").replace(self.wav.name, "the soundtrack")
         return OSError(errno.EIO, f"ffmpeg could not write the video ({why})", str(self.path))
 
     def write(self, frames):
@@ -730,11 +761,140 @@ class Parser(argparse.ArgumentParser):
         sys.exit(f"error: {message}")
 
 
+class InRange:
+    """An argparse type: a finite number (kind float or int) in [lo, hi], else the one-line refusal `argument
+    --flag: must be a number from lo to hi, not <text>`. str() gives the range, for the flag's --help."""
+
+    def __init__(self, kind, lo, hi):
+        self.kind, self.lo, self.hi = kind, lo, hi
+
+    def __str__(self):
+        return f"{self.lo:g} to {self.hi:g}" if self.kind is float else f"{self.lo} to {self.hi}"
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except (ValueError, OverflowError):
+            value = None
+        if value is None or not (self.lo <= value <= self.hi and np.isfinite(float(value))):   # NaN fails all
+            raise argparse.ArgumentTypeError(f"must be {'a number' if self.kind is float else 'an integer'} from "
+                                             f"{self}, not {text}")
+        return value
+
+
+def float_in(lo, hi):
+    """argparse type of a flag taking a finite float in [lo, hi]: add_argument("--lr", type=float_in(0, 1))."""
+    return InRange(float, lo, hi)
+
+
+def int_in(lo, hi):
+    """argparse type of a flag taking an integer in [lo, hi] (Python's ints are unbounded; torch's are not)."""
+    return InRange(int, lo, hi)
+
+
+def check_device(name, flag="--device"):
+    """Refuse a device torch cannot run on here, naming the flag: cpu, cuda, cuda:N (N below the GPUs present)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {name}: not a device (cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {name}: no CUDA device here; use {flag} cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {name}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ..)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{flag} {name}: not a device this program runs on (cpu, cuda or cuda:N)")
+    return device
+
+
+def check_output_folder(folder, first, flag="--out"):
+    """Refuse, before any work, an output folder that cannot be made or written: one under a file, one whose
+    nearest existing folder is read-only. first: the first file the command writes there, named when the folder
+    exists but cannot be written to (what the write itself would say)."""
+    if not str(folder):
+        raise ValueError(f"{flag} '': names no folder (give one, e.g. {flag} .)")
+    folder = Path(folder)
+    if folder.is_file():
+        raise ValueError(f"{folder}: exists and is not a folder")
+    existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))
+    if not existing.is_dir():
+        raise ValueError(f"{folder}: cannot be made: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{folder / first}: Permission denied (cannot write in {existing})" if existing == folder
+                         else f"{folder}: cannot be made: Permission denied (cannot write in {existing})")
+
+
+@contextlib.contextmanager
+def output_folder(folder):
+    """The folder made (with its parents) for the block (None: nothing to make); when the block fails, those this
+    call made are removed again if still empty: a refused or stopped command leaves no output folder it created."""
+    if folder is None:
+        yield None
+        return
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not os.path.exists(p)]              # deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()                                      # only an empty folder goes
+        raise
+
+
+def check_finite(values, path, what):
+    """Refuse values (an array or tensor) that hold NaN or inf: `path: <what> holds NaN or inf`, path the file
+    read or about to be written."""
+    finite = torch.isfinite(values).all() if torch.is_tensor(values) else np.isfinite(np.asarray(values)).all()
+    if not finite:
+        raise ValueError(f"{path}: {what} holds NaN or inf")
+
+
+def ffmpeg_said(error, path):
+    """ffmpeg's complaint in an imageio error: its last line that says something, without the version banner,
+    the file's name or the `[in#0 @ 0x..]` tags."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and str(path) not in line]
+    said = lines[-1] if lines else type(error).__name__
+    return " ".join(said.split("] ", 1)[-1].split())[:200]
+
+
+class Stopped(BaseException):
+    """SIGTERM, raised where the program is so that every `with` unwinds (atomic_output and VideoWriter remove
+    their temporaries). A BaseException, as KeyboardInterrupt is: a reader's `except Exception` lets it through."""
+
+
+def _stop(signum, frame):
+    if os.getpid() != _stop.owner:                   # a forked child (a pool, a loader worker): as by default
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):    # a second signal must not cut the clean-up short
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
+
+
 def run_command(command, argv=None):
     """command(argv), where bad input or a failed write (a full disk, a read-only folder) ends in one line,
-    `error: <file>: <problem>`, and exit status 1, not a traceback."""
+    `error: <file>: <problem>`, and exit status 1, not a traceback. Ctrl-C and SIGTERM unwind it (temporaries
+    removed) and end it in one line with the status a shell gives a command the signal ended, 130 or 143: a
+    script tells a stopped run from a refused one."""
+    _stop.owner, previous = os.getpid(), {}
+    with contextlib.suppress(ValueError):            # signal handlers are the main thread's to set
+        previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         command(argv)
     except (ValueError, OSError) as err:
         named = isinstance(err, OSError) and err.filename
         sys.exit("error: " + " ".join((f"{err.filename}: {err.strerror}" if named else str(err)).split()))
+    except (KeyboardInterrupt, Stopped) as stop:
+        sig = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
+        print(f"error: stopped by {sig.name}; the files said written are whole, none other was kept",
+              file=sys.stderr, flush=True)
+        sys.exit(128 + sig)
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:                  # None: set outside Python, cannot be put back
+                signal.signal(sig, handler)

@@ -395,6 +395,8 @@ VARIANT_COLUMNS = ["BA(time)", "BA(music)", "FDD(disp)", "Div(mm)"]
 EVAL_SEED = 0               # base seed of the evaluation's latent draws (each clip derives its own)
 SIDE_BY_SIDE_TAKES = 2      # takes shown beside the truth in a clip's side-by-side video
 VIDEO_COLUMNS = ["FID", "LPIPS", "SSIM", "PSNR", "CPBD", "M-LMD", "F-LMD", "BA"]
+MAX_SAMPLES = 100           # --samples: a clip's takes are meshed at once (100 x 240 frames of FLAME: 1.5 GB)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def clip_beats(item):
@@ -757,7 +759,8 @@ def sample_files(folder):
 
 
 def read_sample(path):
-    """One generated sample file -> its motion (T, 59) float32; a damaged file is refused naming it."""
+    """One generated sample file -> its motion (T, 59) float32; a damaged file, or values no float32 holds, is
+    refused naming it."""
     z = read_npz(path)
     if "motion" not in z:
         raise ValueError(f"{path}: no 'motion' array")
@@ -766,7 +769,9 @@ def read_sample(path):
         raise ValueError(f"{path}: motion must be (frames, 59) floats, got {m.dtype} {m.shape}")
     if not np.isfinite(m).all():
         raise ValueError(f"{path}: motion holds NaN or infinite values")
-    return m
+    if m.size and np.abs(m).max() > FLOAT32_MAX:                # compared, not cast: a cast warns on the console
+        raise ValueError(f"{path}: motion values up to {np.abs(m).max():.3g}, more than float32 motion holds")
+    return m.astype(np.float32)
 
 
 def read_samples(pred_dir, item):
@@ -916,7 +921,7 @@ def run_motion_table(args):
     """Rows of Table II and the line naming what was scored: the generated files (--pred) or a checkpoint
     (default: the one train.py's summary scores), then the mean-motion baseline."""
     root = Path(args.data) if args.data else builtin_data()
-    ids, fps, clock, beats_cache = data.read_split(root, args.split), None, {}, {}
+    ids, fps, clock, beats_cache, lengths = data.read_split(root, args.split), None, {}, {}, {}
     if args.pred:
         require_head(root, args.flame, args.procedural_head)
         pred_dir = Path(args.pred)
@@ -924,16 +929,16 @@ def run_motion_table(args):
         if not ids:
             raise ValueError(f"{pred_dir}: no <clip id>/ folder for any clip of the {args.split} split of {root}")
         flame = load_flame(args.flame)
-        fps_file = pred_dir / "fps.json"
-        fps = json.loads(fps_file.read_text())["fps"] if fps_file.exists() else None
-        for i in ids:                                        # a damaged file is refused before any scoring
-            for f in sample_files(pred_dir / i):
-                read_sample(f)
+        fps = read_fps(pred_dir / "fps.json")
+        lengths = {f: len(read_sample(f)) for i in ids for f in sample_files(pred_dir / i)}   # damage refused first
         name, folder, predict = pred_dir.name, pred_dir, lambda item: read_samples(pred_dir, item)
         scored = f"the motion files in {pred_dir}"
     else:
         ckpt = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
         trained = load_checkpoint(ckpt, args.device)
+        bad = first_nonfinite(trained.model.state_dict())
+        if bad:
+            raise ValueError(f"{ckpt}: weights {bad} hold NaN or infinite values; not a usable motion checkpoint")
         flame_path = resolve_flame(trained.flame_record, args.flame, ckpt)     # the checkpoint's own FLAME
         require_head(root, flame_path, args.procedural_head)
         flame = load_flame(flame_path)
@@ -941,6 +946,11 @@ def run_motion_table(args):
         predict = model_predictor(trained.model, args.samples, args.seed, clock=clock)
         scored = f"checkpoint {ckpt}" + (" (the one train.py's summary scores)" if not args.checkpoint else "")
     clips = clips_of(root, args.split, ids)
+    frames = dict(zip(clips.dataset.sequences, clips.dataset.index.frames.tolist()))        # of each sequence
+    for f, n in lengths.items():                              # unisinger.py's takes of a song may be a frame off
+        if abs(n - frames[f.parent.name]) > 1:
+            raise ValueError(f"{f}: {n} frames of motion for a sequence of {frames[f.parent.name]} frames; a sample "
+                             f"covers its whole sequence (one frame more or less at most)")
     progress = Progress(2 * len(clips), "clip", lines=20)
     predict = counted(predict, progress)
     if args.side_by_side:
@@ -954,6 +964,7 @@ def run_motion_table(args):
     rows["mean motion"] = dict(evaluate_motion(flame, clips, constant, beats_cache=beats_cache), samples=1)
     samples = f"{args.samples} samples per clip, seed {args.seed}" if not args.pred else "the files' samples"
     header = f"Table II on the {args.split} split of {root}: {len(clips)} clips, {samples}; scored: {scored}"
+    require_finite(rows, args.pred or ckpt)
     return rows, header
 
 
@@ -968,7 +979,8 @@ def command(argv=None):
                    f"song (into DIR with --pred, else beside the JSON)")
     p.add_argument("--checkpoint", help="motion checkpoint for the default run (default: out/motion/best.pt, the "
                    "one train.py's summary scores)")
-    p.add_argument("--samples", type=int, default=N_SAMPLES, help="samples per clip for the default run")
+    p.add_argument("--samples", type=int, default=N_SAMPLES,
+                   help=f"samples per clip for the default run, 1 to {MAX_SAMPLES}")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="base seed of the samples (each clip derives its own)")
     p.add_argument("--flame", help="FLAME model file (default: the checkpoint's own; with --pred the procedural "
                                    "head, for generated data only)")
@@ -979,11 +991,18 @@ def command(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the default run generates motion (its FPS column is that device's)")
     args = p.parse_args(argv)
-    if args.samples < 1:
-        raise ValueError(f"--samples {args.samples}: needs at least 1 sample per clip")
+    if not 1 <= args.samples <= MAX_SAMPLES:
+        raise ValueError(f"--samples {args.samples}: " + ("needs at least 1 sample per clip" if args.samples < 1 else
+                                                          f"at most {MAX_SAMPLES} samples per clip"))
     for flag, path in (("--pred", args.pred), ("--data", args.data), ("--checkpoint", args.checkpoint)):
         if path and not Path(path).exists():
             raise ValueError(f"{path}: no such file or folder ({flag})")
+    data.check_device(args.device)
+    out = Path(args.json) if args.json else (Path(args.pred) / "metrics.json" if args.pred else
+                                             Path("out/metrics") / ("table4.json" if args.video else "table2.json"))
+    if not out.name or out.is_dir():                         # checked with the inputs: a refusal costs no scoring
+        raise ValueError(f"{out}: a folder; --json names the file to write")
+    data.check_output_folder(out.parent, out.name, "--json")
 
     if args.video:
         if not args.pred:
@@ -995,17 +1014,16 @@ def command(argv=None):
         if not ids:
             raise ValueError(f"{args.pred}: no <clip id>.mp4 for any clip of the {args.split} split of {root}")
         rows = evaluate_video(args.pred, root, ids, args.weights)
+        require_finite(rows, args.pred)
         print(f"Table IV on the {args.split} split of {root}: {len(ids)} videos, every {FRAME_STEP}th frame\n"
               f"{score_table(rows, VIDEO_COLUMNS)}")
     else:
         rows, header = run_motion_table(args)
         print(header, score_table(rows, MOTION_COLUMNS), "our variants (not the paper's columns):",
               score_table(rows, VARIANT_COLUMNS), sep="\n")
-    out = Path(args.json) if args.json else (Path(args.pred) / "metrics.json" if args.pred else
-                                             Path("out/metrics") / ("table4.json" if args.video else "table2.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def finite(v):                                          # JSON has no nan / inf
+    def finite(v):                                          # JSON has no inf: a PSNR of identical frames goes as null
         if isinstance(v, dict):
             return {k: finite(x) for k, x in v.items()}
         return None if isinstance(v, float) and not math.isfinite(v) else v
@@ -1013,6 +1031,45 @@ def command(argv=None):
     with atomic_output(out) as tmp:                         # a failed write leaves no half-written JSON
         tmp.write_text(json.dumps(finite(rows), indent=2))
     print(f"-> {out}")
+
+
+def read_fps(path):
+    """fps.json's {"fps": frames generated a second} -> that positive number, or None when there is no file."""
+    if not path.exists():
+        return None
+    try:
+        fps = json.loads(path.read_text())["fps"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a {{\"fps\": <frames a second>}} file ({error})") from None
+    if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not 0 < fps < math.inf:
+        raise ValueError(f"{path}: fps {fps!r} is not a positive number")
+    return float(fps)
+
+
+def require_finite(rows, source):
+    """Refuse, naming what was scored, a table with a NaN or infinite entry (a PSNR of identical frames, +inf, is
+    the one that means something): neither the table nor the JSON is written."""
+    def entries(row, prefix=""):
+        for key, value in row.items():
+            yield from entries(value, f"{key}.") if isinstance(value, dict) else [(prefix + key, value)]
+
+    bad = [f"{name} {key} {v}" for name, row in rows.items() for key, v in entries(row)
+           if isinstance(v, float) and not math.isfinite(v) and not (key == "PSNR" and v > 0)]
+    if bad:
+        raise ValueError(f"{source}: scores that are not finite ({', '.join(bad[:3])}); no table written")
+
+
+def first_nonfinite(state, prefix=""):
+    """The name (prefix + keys, dotted) of the first floating-point tensor in a state dict, nested dicts and lists
+    included (an optimiser's), that holds NaN or infinity; None when all are finite."""
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            return f"{prefix}{key}"
+        found = first_nonfinite(value, f"{prefix}{key}.") if isinstance(value, (dict, list, tuple)) else None
+        if found:
+            return found
+    return None
 
 
 def main(argv=None):

@@ -4,6 +4,7 @@ Reference packages (transformers, smplx, librosa, scikit-image, trimesh, chumpy)
 that use them; they are test dependencies only (requirements-dev.txt). Run: python -m pytest -q test_unisinger.py
 """
 import contextlib
+import errno
 import functools
 import inspect
 import io
@@ -20,8 +21,10 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import types
 import zipfile
+import zlib
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,6 +37,7 @@ import scipy.linalg
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import audio
 import builtin
@@ -94,9 +98,11 @@ def refusal_of(load, marker):
 
 
 def run_command(*argv):
-    """Run one of our command lines from the project folder -> CompletedProcess (text output)."""
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=Path(__file__).parent, capture_output=True,
-                          text=True)
+    """Run one of our command lines (or a test's script that imports our files) from the project folder ->
+    CompletedProcess (text output)."""
+    here = str(Path(__file__).parent)
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=here, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=here))
 
 
 def assert_refused_in_one_line(proc, path, *words):
@@ -1536,7 +1542,6 @@ def real_inputs(tmp_path_factory, kill_set, person):
     """One real file of each input kind, in the places the command lines read them, and the command line (argv)
     that reads it with everything else valid. Each command ends, once the file is read, on a planted refusal
     of a file it reads later (`stop`), so an accepted file costs no training or generation."""
-    from safetensors.torch import save_file
     import scipy.sparse
     root = tmp_path_factory.mktemp("real_inputs")
     rng = np.random.default_rng(13)
@@ -1995,6 +2000,141 @@ def test_beats_accept_a_tensor_and_refuse_bad_input():
     with pytest.raises(ValueError, match="mfcc"):
         mfcc(np.zeros(0, dtype=np.float32))
 
+
+
+# ==============================================================================================================
+# Tests of audio.py's separation of a mixed song into voice and accompaniment. The truth is the parts a test
+# mixes itself: a sung voice and a band loop made with numpy here.
+
+VOWELS = ((730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480), (570, 840, 2410))  # a i u e o
+
+
+def _energy_ratio(a, b):
+    return float((a.astype(np.float64) ** 2).sum() / (b.astype(np.float64) ** 2).sum())
+
+
+def _sung_voice(seconds, seed=0, rest_every=4):
+    """A sung melody: notes of a major scale (G3..C5) of 0.3-1.2 s with vibrato (5.5 Hz, +-0.4 semitone), 20
+    harmonics through the formants of a vowel that changes with each note, attack and release, and a rest of
+    0.5-1.5 s after every `rest_every` notes. float32 (N,), peak 0.5."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SR)
+    voice, t, degree, count = np.zeros(n), 0.3, 4, 0
+    while t < seconds - 0.4:
+        length = min(rng.uniform(0.3, 1.2), seconds - t)
+        degree = int(np.clip(degree + rng.integers(-2, 3), 0, 11))
+        midi = 55 + 12 * (degree // 7) + (0, 2, 4, 5, 7, 9, 11)[degree % 7]
+        tt = np.arange(int(length * SR)) / SR
+        pitch = 440 * 2 ** ((midi - 69 + 0.4 * np.sin(2 * np.pi * 5.5 * tt + rng.uniform(0, 6))) / 12)
+        phase = 2 * np.pi * np.cumsum(pitch) / SR
+        harmonics = np.arange(1, min(20, int((SR / 2 - 500) / pitch.max())) + 1)
+        hz = harmonics * pitch.mean()
+        formants = VOWELS[int(rng.integers(len(VOWELS)))]
+        gain = sum(1 / (1 + ((hz - f) / (60 + 0.05 * f)) ** 2) for f in formants) / harmonics ** 0.7
+        note = gain @ np.sin(harmonics[:, None] * phase)
+        envelope = np.minimum(1, np.minimum(tt / 0.04, (length - tt) / 0.08)) * rng.uniform(0.6, 1.0)
+        at = int(t * SR)
+        voice[at:at + len(note)] += (envelope * note)[:n - at]
+        t += length
+        count += 1
+        if count % rest_every == 0:
+            t += rng.uniform(0.5, 1.5)
+    return (0.5 * voice / np.abs(voice).max()).astype(np.float32)
+
+
+def _band_loop(seconds, bpm=100.0, seed=1):
+    """A band repeating two bars, as played rather than copied: a bass note on every beat (the root, changing with
+    the bar), a three-note chord with two harmonics held for each bar, kick / snare on alternate beats and a hi-hat
+    on every half beat, each hit at its own loudness (+-15 %) and the snare and hi-hat of fresh noise each time.
+    float32 (N,), peak 0.5."""
+    rng = np.random.default_rng(seed)
+    n, beat = int(seconds * SR), int(60 / bpm * SR)
+    band = np.zeros(n + 4 * beat)
+    tb, tbar = np.arange(beat) / SR, np.arange(4 * beat) / SR
+    hz = lambda m: 440 * 2 ** ((m - 69) / 12)
+    kick = np.sin(2 * np.pi * np.cumsum(50 + 100 * np.exp(-tb / 0.03)) / SR) * np.exp(-tb / 0.15)
+    bars = []                                                   # G then E minor: the bass note, the held chord
+    for root, chord in ((43, (55, 59, 62)), (40, (52, 55, 59))):
+        bass = (np.sin(2 * np.pi * hz(root) * tb) + 0.4 * np.sin(4 * np.pi * hz(root) * tb)) * np.exp(-tb / 0.3)
+        held = sum(np.sin(2 * np.pi * h * hz(m) * tbar) / h for m in chord for h in (1, 2, 3))
+        bars.append((bass, np.minimum(1, tbar / 0.05) * held))
+    for k in range(n // beat + 1):
+        bass, chord = bars[k // 4 % 2]
+        at, loud = k * beat, rng.uniform(0.85, 1.15, 4)
+        if k % 4 == 0:
+            band[at:at + 4 * beat] += 0.08 * loud[0] * chord
+        snare = 0.5 * rng.standard_normal(beat) * np.exp(-tb / 0.06) + np.sin(2 * np.pi * 185 * tb) * np.exp(-tb / 0.05)
+        band[at:at + beat] += 0.5 * loud[1] * bass + 0.6 * loud[2] * (snare if k % 2 else kick)
+        for half in (0, beat // 2):
+            band[at + half:at + half + beat // 2] += 0.2 * loud[3] * np.diff(rng.standard_normal(beat // 2 + 1)) \
+                * np.exp(-tb[:beat // 2] / 0.01)
+    band = band[:n]
+    return (0.5 * band / np.abs(band).max()).astype(np.float32)
+
+
+def test_separation_gives_a_voice_alone_back_nearly_whole():
+    for seconds, seed in ((20.0, 0), (12.0, 12)):     # the second correlates at no lag: a block where nothing repeats
+        voice = _sung_voice(seconds, seed=seed)
+        estimate, accompaniment = audio.separate(voice)
+        assert estimate.shape == voice.shape and estimate.dtype == np.float32
+        assert 1 - _energy_ratio(voice - estimate, voice) >= 0.99, seed    # share of the voice's energy kept
+        assert _energy_ratio(accompaniment, voice) <= 0.01, seed
+
+
+def test_separation_of_a_band_alone_gives_a_nearly_silent_voice():
+    band = _band_loop(20.0)
+    estimate, accompaniment = audio.separate(band)
+    assert _energy_ratio(estimate, band) <= 0.02                       # share of the band leaking into the voice
+    assert 1 - _energy_ratio(band - accompaniment, band) >= 0.98
+
+
+def test_separated_voice_and_accompaniment_add_up_to_the_mix_and_the_voice_is_the_sung_one():
+    voice, band = _sung_voice(30.0, seed=2), _band_loop(30.0, bpm=112.0, seed=3)
+    band *= np.sqrt(_energy_ratio(voice, band))                       # as loud as the voice: 0 dB
+    mix = voice + band
+    estimate, accompaniment = audio.separate(mix)
+    assert np.abs(estimate + accompaniment - mix).max() <= 1e-6 * np.abs(mix).max()
+    assert 10 * np.log10(1 / _energy_ratio(voice - estimate, voice)) >= 9.0   # SDR vs the true voice; the mix: 0 dB
+
+
+def test_separate_stream_reads_a_long_song_a_block_at_a_time_and_its_seams_sound_as_the_rest():
+    seconds = 56.0
+    voice, band = _sung_voice(seconds, seed=4), _band_loop(seconds, bpm=96.0, seed=5)
+    mix = voice + band
+    block = round(audio.BLOCK_S * SR)
+    reads, pieces = [], []
+
+    def read(start, stop):
+        reads.append((start, stop, sum(len(v) for v, _ in pieces)))    # and the samples handed out so far
+        return mix[start:stop]
+
+    for piece in audio.separate_stream(read, len(mix)):
+        pieces.append(piece)
+    assert len(reads) == 3                                               # (56 - 5) / (30 - 5) -> 3 blocks
+    assert reads[0][0] == 0 and reads[-1][1] == len(mix) and all(stop - start <= block for start, stop, _ in reads)
+    assert all(b[0] < a[1] and a[1] - b[0] >= audio.OVERLAP_S * SR for a, b in zip(reads, reads[1:]))  # overlaps
+    assert all(stop - done <= 2 * block for _, stop, done in reads)      # never two blocks ahead of what it gave
+    streamed = np.concatenate([v for v, _ in pieces])
+    accompaniment = np.concatenate([a for _, a in pieces])
+    assert np.abs(streamed + accompaniment - mix).max() <= 1e-6 * np.abs(mix).max()
+    assert np.array_equal(streamed, audio.separate(mix)[0])
+    seams = np.zeros(len(mix), bool)
+    for (_, stop, _), (start, _, _) in zip(reads, reads[1:]):
+        seams[start:stop] = True                                         # where two blocks are cross-faded
+    error = lambda estimate, where: _energy_ratio(voice[where] - estimate[where], voice[where])
+    assert error(streamed, seams) <= 1.5 * error(streamed, ~seams)
+    assert 10 * np.log10(1 / error(streamed, slice(None))) >= 12.0     # SDR against the true voice
+
+
+def test_separation_gives_silence_and_slivers_to_the_accompaniment_and_refuses_stereo():
+    for n in (0, 1, audio.SEP_N_FFT // 2):
+        x = np.full(n, 0.1, np.float32)
+        estimate, accompaniment = audio.separate(x)
+        assert estimate.shape == (n,) and not estimate.any() and np.array_equal(accompaniment, x)
+    estimate, accompaniment = audio.separate(np.zeros(3 * SR, np.float32))
+    assert not estimate.any() and not accompaniment.any()
+    with pytest.raises(ValueError, match="mono"):
+        audio.separate(np.zeros((2, SR), np.float32))
 
 
 # ==============================================================================================================
@@ -3325,9 +3465,9 @@ def test_unisinger_refuses_bad_arguments_in_one_line_before_loading_a_model(cli_
 
 def test_unisinger_refuses_audio_shorter_than_a_frame_and_a_junk_checkpoint_in_one_line(cli_inputs):
     sf.write(cli_inputs / "blip.wav", np.zeros(400), 16000)                       # 25 ms < 1/30 s
-    for audio, message in (("blip.wav", "error: blip.wav: 0.025 s of audio is shorter than one motion frame"),
+    for sound, message in (("blip.wav", "error: blip.wav: 0.025 s of audio is shorter than one motion frame"),
                            ("voice.wav", "error: junk.pt: not a checkpoint torch.save wrote (not a zip archive")):
-        proc = run_script_in(cli_inputs, "unisinger.py", "--audio", audio, "--checkpoint", "junk.pt", "--out", "o")
+        proc = run_script_in(cli_inputs, "unisinger.py", "--audio", sound, "--checkpoint", "junk.pt", "--out", "o")
         assert proc.returncode == 1 and proc.stderr.startswith(message) and len(proc.stderr.splitlines()) == 1
         assert not (cli_inputs / "o").exists()
 
@@ -4355,6 +4495,717 @@ def test_renderer_records_its_flame_and_portrait_video_refuses_another_head(pers
     with pytest.raises(ValueError, match=f"{re.escape(str(out / 'best.pt'))}: trained on depth images of procedural"):
         unisinger.portrait_video(renderer, out / "reference.png", other, torch.zeros(100),
                                  np.zeros((2, 59), np.float32), tmp_path / "p.mp4")
+
+
+# ==============================================================================================================
+# Bad input as a hostile user gives it: every refusal one line naming the flag or file, exit status 1, nothing
+# left in --out; nothing non-finite written; a stopped command leaves no temporary; --song end to end.
+
+def sung(seconds, seed=1):
+    """A sung line: a vibrato voice's harmonics on a melody of a new note every 0.4 s (it never repeats)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    pitch = 220 * 2 ** (rng.integers(0, 12, int(seconds / 0.4) + 1) / 12)[(t / 0.4).astype(int)]
+    phase = 2 * np.pi * np.cumsum(pitch * (1 + 0.01 * np.sin(2 * np.pi * 5.5 * t))) / SAMPLE_RATE
+    return (0.3 * sum(np.sin(k * phase) / k for k in range(1, 8))).astype(np.float32)
+
+
+def kick_loop(seconds):
+    """A band with no voice in it: a 60 Hz kick drum every half second."""
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return (0.6 * np.sin(2 * np.pi * 60 * t) * np.exp(-(t % 0.5) * 10)).astype(np.float32)
+
+
+SUNG = 0.6                # the voice's share of the test song (the two parts' peaks add up to under 1)
+
+
+def tiny_checkpoint(path, edit=None):
+    """A motion checkpoint of the tiny preset (untrained), its state dict changed by edit(state) first."""
+    cfg = MotionConfig.preset("tiny")
+    torch.manual_seed(0)
+    state = MotionCVAE(cfg).state_dict()
+    if edit is not None:
+        edit(state)
+    torch.save(dict(model=state, config=asdict(cfg)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A folder with a tiny motion checkpoint, a junk one, a micro face renderer and its reference image, a 2 s
+    voice and songs: a 3 s mix of voice and band, the band alone, silence and a 0.5 s song."""
+    root = tmp_path_factory.mktemp("bad_input")
+    tiny_checkpoint(root / "m.pt")
+    (root / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save(dict(generator=render.FaceRenderer(MICRO.channels).state_dict(), renderer_config=asdict(MICRO),
+                    cam=list(data.DEFAULT_CAM)), root / "r.pt")
+    Image.fromarray(np.full((MICRO.image_size, MICRO.image_size, 3), 128, np.uint8)).save(root / "ref.png")
+    sf.write(root / "voice.wav", sung(2.0), SAMPLE_RATE)
+    sf.write(root / "song.wav", SUNG * sung(3.0) + (1 - SUNG) * kick_loop(3.0), SAMPLE_RATE)
+    sf.write(root / "band.wav", kick_loop(3.0), SAMPLE_RATE)
+    sf.write(root / "silence.wav", np.zeros(2 * SAMPLE_RATE, np.float32), SAMPLE_RATE)
+    sf.write(root / "short.wav", sung(0.5), SAMPLE_RATE)
+    return root
+
+
+# ---------------------------------------------------------------- flags: finite, in a stated range, named
+
+FLAG_REFUSALS = [
+    (["--temperature", "nan"], "argument --temperature: must be a number from 0 to 3, not nan"),
+    (["--temperature", "inf"], "argument --temperature: "),
+    (["--temperature", "1e30"], "argument --temperature: "),
+    (["--temperature", "-1"], "argument --temperature: "),
+    (["--pose-scale", "nan"], "argument --pose-scale: "),
+    (["--expression-scale=-1e9"], "argument --expression-scale: "),
+    (["--chunk-ms", "0"], "argument --chunk-ms: "),
+    (["--lookahead-ms", "inf"], "argument --lookahead-ms: "),
+    (["--stream", "--window-s", "nan"], "argument --window-s: "),
+    (["--seed", "99999999999999999999999"], "argument --seed: must be an integer from 0 to 9223372036854775807"),
+    (["--seed", "-1"], "argument --seed: "),
+    (["--samples", "100000"], "--samples 100000: must be at least 1 and at most 32"),
+    (["--size", "4096"], "--size 4096: must be even"),
+    (["--device", "banana"], "--device banana: not a device"),
+    (["--device", "cuda:99"], "--device cuda:99: "),
+    (["--out", ""], "--out '': names no folder"),
+    (["--song", "song.wav"], "--song is the voice and the band mixed: give it alone"),
+    (["--stems", "stems"], "--stems writes the voice and accompaniment estimated from a --song"),
+]
+
+
+@pytest.mark.parametrize("extra, message", FLAG_REFUSALS, ids=[" ".join(a) for a, _ in FLAG_REFUSALS])
+def test_bad_flags_are_refused_in_one_line_naming_the_flag_before_any_file_is_read(inputs, extra, message):
+    """With a checkpoint of junk bytes: a refusal naming the flag (not the checkpoint) came before the model."""
+    out = inputs / "out_flags"
+    line = exit_line(unisinger.main, ["--audio", inputs / "voice.wav", "--checkpoint", inputs / "junk.pt", "--out", out, *extra])
+    assert line.startswith(f"error: {message}"), line
+    assert not out.exists()
+
+
+def test_a_nan_flag_ends_the_real_process_with_status_1_and_one_line(inputs):
+    proc = run_command("unisinger.py", "--audio", inputs / "voice.wav", "--checkpoint", inputs / "m.pt",
+                       "--temperature", "nan", "--out", inputs / "out_nan")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["error: argument --temperature: must be a number from 0 to 3, not nan"]
+    assert not (inputs / "out_nan").exists()
+
+
+def test_help_states_the_range_of_every_bounded_flag(capsys):
+    with pytest.raises(SystemExit):
+        unisinger.main(["--help"])
+    said = " ".join(capsys.readouterr().out.split()).split("options:", 1)[1]
+    for flag, bound in (("--temperature", "0 to 3"), ("--pose-scale", "0 to 3"), ("--expression-scale", "0 to 3"),
+                        ("--chunk-ms", "1 to 10000"), ("--lookahead-ms", "0 to 10000"), ("--window-s", "1 to 60"),
+                        ("--seed", "0 to 9223372036854775807"), ("--samples", "1 to 32"), ("--size", "16 to 1024")):
+        described = said.split(f"{flag} {flag[2:].upper().replace('-', '_')} ", 1)[1]
+        assert bound in described.split(" --", 1)[0], flag
+
+
+def test_the_range_helper_takes_finite_numbers_in_range_only():
+    rate = data.float_in(0, 1)
+    assert rate("0") == 0.0 and rate("1") == 1.0 and rate("1e-3") == 1e-3
+    for text in ("nan", "-nan", "inf", "-inf", "1e400", "1.0001", "-0.1", "x", ""):
+        with pytest.raises(Exception, match=f"must be a number from 0 to 1, not {text}"):
+            rate(text)
+    assert data.int_in(0, 9)("9") == 9 and str(data.int_in(0, 9)) == "0 to 9"
+
+
+# ---------------------------------------------------------------- checkpoints and results hold finite numbers
+
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_file_and_writes_nothing(inputs, tmp_path):
+    bad = tiny_checkpoint(tmp_path / "nan.pt", lambda state: state["to_motion.weight"].__setitem__((0, 0), np.nan))
+    out = tmp_path / "song"
+    proc = run_command("unisinger.py", "--audio", inputs / "voice.wav", "--checkpoint", bad, "--out", out)
+    assert_refused_in_one_line(proc, bad, "NaN or inf in to_motion.weight")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("buffer", ["motion_mean", "motion_std"])
+def test_a_checkpoint_with_non_finite_normalisation_is_refused_naming_it(tmp_path, buffer):
+    bad = tiny_checkpoint(tmp_path / "m.pt", lambda state: state[buffer].__setitem__(3, np.inf))
+    with pytest.raises(ValueError, match=f"^{bad}: not a usable motion checkpoint \\(NaN or inf in {buffer}\\)$"):
+        unisinger.load_checkpoint(bad)
+
+
+def test_a_renderer_with_nan_weights_or_camera_is_refused_naming_it(tmp_path):
+    state = render.FaceRenderer(MICRO.channels).state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    for case, ckpt in (("weights", dict(generator={**state, name: state[name] * np.nan}, cam=[6.5, 0, 0])),
+                       ("camera", dict(generator=state, cam=[6.5, np.inf, 0]))):
+        torch.save(dict(ckpt, renderer_config=asdict(MICRO)), tmp_path / f"{case}.pt")
+        with pytest.raises(ValueError, match=f"^{tmp_path / case}.pt: .*NaN or inf"):
+            unisinger.load_renderer(tmp_path / f"{case}.pt")
+
+
+def test_finite_weights_that_overflow_the_motion_are_refused_naming_the_checkpoint_before_writing(inputs, tmp_path):
+    """Weights and std of 1e30 are finite but give inf motion: one line naming the checkpoint, no --out made."""
+    def huge(state):
+        state["to_motion.bias"].fill_(1e30)
+        state["motion_std"].fill_(1e30)
+    bad = tiny_checkpoint(tmp_path / "huge.pt", huge)
+    out = tmp_path / "song"
+    proc = run_command("unisinger.py", "--audio", inputs / "voice.wav", "--checkpoint", bad, "--out", out)
+    assert_refused_in_one_line(proc, bad, "holds NaN or inf")
+    assert not out.exists()
+
+
+def test_a_take_whose_motion_or_head_is_not_finite_is_refused_before_anything_is_written(tmp_path):
+    """write_motion checks the motion, then meshes every frame before it is written: a NaN, or a finite head
+    rotation of 3e38 rad (its sine is NaN), is refused naming the take's file, and nothing is left."""
+    import builtin
+    flame = builtin.load_flame(None)
+    for at, value, said in (((1, 5, 0), np.nan, "the motion"), ((0, 10, 50), 3e38, "the head of frames 0.. of take 0")):
+        motion = np.zeros((2, 20, 59), np.float32)
+        motion[at] = value
+        with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'sample_0.npz'))}: {said} holds NaN or inf$"):
+            unisinger.write_motion(tmp_path, motion, flame, np.zeros(100, np.float32), np.zeros(99, np.float32), 16)
+        assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- --image: as people have them, size checked first
+
+def portrait(size=160):
+    """An RGB portrait-like picture: colour bands and a gradient, so any channel mix-up or inversion shows."""
+    y, x = np.mgrid[:size, :size]
+    return np.stack([(x * 255 // size), (y * 255 // size), np.where((x // 20 + y // 20) % 2, 200, 40)],
+                    -1).astype(np.uint8)
+
+
+def test_reference_images_of_every_pillow_mode_film_the_picture_they_show(tmp_path):
+    """Grey, grey+alpha, palette (with transparency), RGBA, 16-bit grey and a CMYK JPEG are read as the RGB
+    picture they show: each equals the reference tensor of its RGB (or grey) original within its format's loss."""
+    rgb = Image.fromarray(portrait())
+    grey = rgb.convert("L")
+    rgb.save(tmp_path / "rgb.png")
+    grey.save(tmp_path / "grey.png")
+    expected = {name: unisinger.load_reference(tmp_path / f"{name}.png", MICRO.image_size) for name in ("rgb", "grey")}
+    grey.convert("LA").save(tmp_path / "la.png")
+    rgb.convert("RGBA").save(tmp_path / "rgba.png")
+    rgb.quantize(256).save(tmp_path / "p.png", transparency=0)
+    Image.fromarray(np.asarray(grey).astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=98)
+    cases = {"la.png": ("grey", 0.0), "rgba.png": ("rgb", 0.0), "p.png": ("rgb", 0.1), "grey16.png": ("grey", 0.0),
+             "cmyk.jpg": ("rgb", 0.1)}
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK" and Image.open(tmp_path / "grey16.png").mode == "I;16"
+    for name, (original, tolerance) in cases.items():
+        got = unisinger.load_reference(tmp_path / name, MICRO.image_size)
+        assert got.shape == (3, MICRO.image_size, MICRO.image_size)
+        assert (got - expected[original]).abs().mean() <= tolerance / 2 + 1e-6, name       # values in [-1, 1]
+        assert (got - expected[original]).abs().max() <= max(tolerance, 1e-6) * 4, name
+
+
+def png_header_only(path, width, height):
+    """A PNG whose header says width x height RGB and whose pixel data is cut off: readable only lazily."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("width, height, said", [(10_000, 10_000, "10000x10000 pixels, larger than 8192 a side"),
+                                                 (40_000, 40_000, "larger than 8192 pixels a side"),
+                                                 (1, 1, "1x1 pixels, smaller than the 128x128")])
+def test_reference_sizes_outside_the_bounds_are_refused_from_the_header_before_any_model(inputs, tmp_path, width,
+                                                                                      height, said):
+    """The header alone says the size: the pixel data is cut off, so a refusal naming the size shows that the
+    pixels were never decoded. The renderer's size (128 here) is the lower bound. No model ran, no --out made."""
+    image = png_header_only(tmp_path / "big.png", width, height)
+    out = tmp_path / "song"
+    line = exit_line(unisinger.main, ["--audio", inputs / "voice.wav", "--checkpoint", inputs / "m.pt", "--image", image,
+                      "--renderer", inputs / "r.pt", "--out", out])
+    assert line.startswith(f"error: {image}: ") and said in line, line
+    assert not out.exists()
+
+
+def test_a_grey_alpha_portrait_is_accepted_by_the_command_line_checks(inputs, tmp_path):
+    Image.fromarray(portrait(MICRO.image_size)).convert("LA").save(tmp_path / "la.png")
+    args = unisinger.parse_args(["--audio", str(inputs / "voice.wav"), "--checkpoint", str(inputs / "m.pt"),
+                                 "--image", str(tmp_path / "la.png"), "--renderer", str(inputs / "r.pt"),
+                                 "--out", str(tmp_path / "song"), "--device", "cpu"])
+    unisinger.check_inputs(args)
+
+
+# ---------------------------------------------------------------- --shape: the header checked before allocation
+
+def npy_with_header(path, shape, descr="<f8", data=b"\0" * 64):
+    """An .npy file whose header claims `shape` of `descr` whatever data follows."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, dict(descr=descr, fortran_order=False, shape=shape))
+        f.write(data)
+    return path
+
+
+def test_shape_files_claiming_too_much_complex_or_two_dimensional_are_refused_naming_them(inputs, tmp_path):
+    np.save(tmp_path / "complex.npy", np.ones(100, np.complex64))
+    np.save(tmp_path / "square.npy", np.ones((10, 10)))
+    np.save(tmp_path / "huge.npy", np.full(100, 1e300))                  # float64 values no float32 holds
+    cases = {npy_with_header(tmp_path / "claims.npy", (10 ** 13,)): "header claims 10000000000000 values",
+             tmp_path / "complex.npy": "complex64 values", tmp_path / "square.npy": "(10, 10)",
+             tmp_path / "huge.npy": "finite"}
+    for path, said in cases.items():
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: .*{re.escape(said)}"):
+            unisinger.read_shape(path)
+    np.save(tmp_path / "row.npy", np.arange(1, 101, dtype=np.float32)[None])    # (1, 100), as DECA saves it
+    np.testing.assert_array_equal(unisinger.read_shape(tmp_path / "row.npy"), np.arange(1, 101))
+    proc = run_command("unisinger.py", "--audio", inputs / "voice.wav", "--checkpoint", inputs / "m.pt", "--shape",
+                       tmp_path / "claims.npy", "--out", tmp_path / "song")
+    assert_refused_in_one_line(proc, tmp_path / "claims.npy", "10000000000000")
+    assert not (tmp_path / "song").exists() and proc.stdout == ""
+
+
+# ---------------------------------------------------------------- the output place, checked with the inputs
+
+def test_an_out_under_a_file_is_refused_before_the_model_runs(inputs, tmp_path):
+    (tmp_path / "file").write_text("a file")
+    proc = run_command("unisinger.py", "--audio", inputs / "voice.wav", "--checkpoint", inputs / "m.pt", "--out",
+                       tmp_path / "file" / "song")
+    assert_refused_in_one_line(proc, tmp_path / "file" / "song", "is a file")
+    assert proc.stdout == ""                                     # no take was made, nothing announced
+
+
+def test_a_read_only_out_is_refused_before_the_model_runs_naming_the_output(inputs, tmp_path):
+    out = tmp_path / "song"
+    out.mkdir()
+    out.chmod(0o555)
+    as_user = [] if os.geteuid() else ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    try:
+        proc = subprocess.run([*as_user, sys.executable, "unisinger.py", "--audio", str(inputs / "voice.wav"),
+                               "--checkpoint", str(inputs / "m.pt"), "--out", str(out), "--glb"],
+                              cwd=Path(__file__).parent, capture_output=True, text=True)
+    finally:
+        out.chmod(0o755)
+    assert_refused_in_one_line(proc, out / "sample_0.npz", "Permission denied")
+    assert proc.stdout == "" and ".tmp" not in proc.stderr and list(out.iterdir()) == []
+
+
+def test_failed_writes_name_the_users_file_never_the_temporary(tmp_path):
+    """atomic_output and the wav and video writers: whatever the writer says about the temporary it wrote, the
+    error names the file the user asked for."""
+    target = tmp_path / "take.npz"
+    with pytest.raises(OSError) as raised:
+        with data.atomic_output(target) as tmp:
+            raise OSError(errno.EACCES, f"cannot open {tmp}")
+    assert raised.value.filename == str(target) and ".tmp" not in str(raised.value), raised.value
+    with pytest.raises(OSError) as raised:
+        data.write_wav(tmp_path / "gone" / "take.wav", np.zeros(100))
+    assert raised.value.filename == str(tmp_path / "gone" / "take.wav") and ".tmp" not in str(raised.value)
+    video = data.VideoWriter(tmp_path / "v" / "preview.mp4", 16, audio=np.zeros(1600, np.float32))
+    for path in (tmp_path / "v").iterdir():
+        path.unlink()
+    (tmp_path / "v").rmdir()                             # the temporaries' folder goes before ffmpeg opens them
+    with pytest.raises(OSError) as raised:
+        with video:
+            video.write(np.zeros((3, 16, 16, 3), np.uint8))
+    assert raised.value.filename == str(tmp_path / "v" / "preview.mp4") and ".tmp" not in str(raised.value)
+
+
+def test_an_unreadable_video_is_refused_in_a_short_line_without_ffmpegs_banner(tmp_path):
+    (tmp_path / "junk.mp4").write_bytes(b"\0" * 5000)
+    with pytest.raises(ValueError) as raised:
+        list(data.VideoFrames(tmp_path / "junk.mp4"))
+    said = str(raised.value)
+    assert said.startswith(f"{tmp_path / 'junk.mp4'}: unreadable video (") and "\n" not in said
+    assert len(said) < 300 + len(str(tmp_path)) and "ffmpeg version" not in said and "configuration" not in said
+
+
+def test_weights_that_do_not_fit_are_refused_in_a_short_line(tmp_path):
+    bad = tiny_checkpoint(tmp_path / "m.pt", lambda state: [state.pop(k) for k in list(state)[::2]])
+    with pytest.raises(ValueError) as raised:
+        unisinger.load_checkpoint(bad)
+    said = str(raised.value)
+    assert said.startswith(f"{bad}: not a usable motion checkpoint (RuntimeError: ") and "Missing key" in said
+    assert len(said) < 300 + len(str(bad)) and "\n" not in said
+
+
+# ---------------------------------------------------------------- stopping: one line, no temporaries
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_unwinds_the_command_removes_its_temporaries_and_ends_in_one_line(tmp_path, capsys, sig, status):
+    """run_command turns SIGTERM (and Ctrl-C) into an exception where the command is: the `with` blocks of
+    atomic_output and VideoWriter unwind and remove their temporaries, and the command ends with one line and
+    the status a shell gives a command that signal ended."""
+    def command(argv):
+        with data.atomic_output(tmp_path / "sample_0.npz") as tmp, data.VideoWriter(tmp_path / "p.mp4", 16) as v:
+            tmp.write_bytes(b"half a take")
+            v.write(np.zeros((2, 16, 16, 3), np.uint8))
+            os.kill(os.getpid(), sig)
+            time.sleep(30)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as end:
+        data.run_command(command)
+    assert end.value.code == status and list(tmp_path.iterdir()) == []
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: stopped by {sig.name}; the files said written are whole, none other was kept"]
+    assert signal.getsignal(signal.SIGTERM) is previous                  # the handlers are put back
+
+
+def test_sigterm_mid_preview_ends_the_real_process_in_one_line_leaving_no_temporary(inputs, tmp_path):
+    """A real run stopped while its preview and the --song stems are being written: status 143, one line,
+    the take's finished files kept, no temporary of the preview, its sound or the stems left."""
+    sf.write(tmp_path / "long.wav", SUNG * sung(18.0) + (1 - SUNG) * kick_loop(18.0), SAMPLE_RATE)
+    out = tmp_path / "song"
+    proc = subprocess.Popen([sys.executable, "unisinger.py", "--song", str(tmp_path / "long.wav"), "--checkpoint",
+                             str(inputs / "m.pt"), "--out", str(out), "--size", "16"], cwd=Path(__file__).parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "sample_0.pkl" in line:                   # the preview is next: wait until its temporaries exist
+            deadline = time.monotonic() + 120
+            while not any(p.name.startswith(".preview_0") for p in out.iterdir()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            break
+    stderr = proc.stderr.read()
+    assert proc.wait(60) == 143, stderr
+    assert stderr.strip().splitlines() == [
+        "error: stopped by SIGTERM; the files said written are whole, none other was kept"]
+    assert sorted(p.name for p in out.iterdir()) == ["sample_0.npz", "sample_0.pkl"]
+
+
+# ---------------------------------------------------------------- --song: a mixed song, separated
+
+def test_a_song_is_separated_into_stems_that_add_up_to_it_and_animated_with_glb(inputs, tmp_path, monkeypatch):
+    """--song with --stems and --glb: voice.wav and accompaniment.wav (16-bit) add up to the song, the model
+    heard them as --audio and --bgm would give them, the .glb's sound is the song, and no temporary is left."""
+    monkeypatch.setattr(unisinger, "render_preview", lambda *args, **kwargs: None)   # previews: tested elsewhere
+    out, stems = tmp_path / "song", tmp_path / "stems"
+    assert exit_line(unisinger.main, ["--song", inputs / "song.wav", "--stems", stems, "--checkpoint", inputs / "m.pt", "--out", out,
+                      "--glb", "--device", "cpu"]) is None
+    song = sf.read(inputs / "song.wav", dtype="float32")[0]
+    voice, band = (sf.read(stems / f"{stem}.wav", dtype="float32")[0] for stem in ("voice", "accompaniment"))
+    assert sf.info(stems / "voice.wav").subtype == "PCM_16" and len(voice) == len(band) == len(song)
+    assert np.abs(voice + band - song).max() <= 2 / 32768
+    assert (voice ** 2).sum() > 0.5 * ((SUNG * sung(3.0)) ** 2).sum()     # the voice is in the voice estimate
+    assert exit_line(unisinger.main, ["--audio", stems / "voice.wav", "--bgm", stems / "accompaniment.wav", "--checkpoint",
+                      inputs / "m.pt", "--out", tmp_path / "apart", "--device", "cpu"]) is None
+    with np.load(out / "sample_0.npz") as took, np.load(tmp_path / "apart" / "sample_0.npz") as apart:
+        np.testing.assert_allclose(took["motion"], apart["motion"], atol=1e-5)
+    glb_sound = sf.read(out / "sample_0.wav", dtype="float32")[0]
+    assert np.abs(glb_sound - song).max() <= 1 / 32768
+    assert sorted(p.name for p in out.iterdir()) == ["sample_0.glb", "sample_0.npz", "sample_0.pkl", "sample_0.wav"]
+
+
+@pytest.mark.parametrize("song, said", [("silence.wav", "the song is silent"),
+                                        ("short.wav", "0.500 s of song; telling its voice from its band needs 1 s"),
+                                        ("band.wav", "no voice found in the song")])
+def test_a_song_silent_short_or_without_voice_is_refused_in_one_line_leaving_nothing(inputs, tmp_path, song, said):
+    out = tmp_path / "song"
+    proc = run_command("unisinger.py", "--song", inputs / song, "--checkpoint", inputs / "m.pt", "--out", out,
+                       "--stems", out / "stems")
+    assert_refused_in_one_line(proc, inputs / song, said)
+    assert not out.exists()
+
+
+def test_stream_with_a_song_is_refused_in_one_line_saying_how_to_stream_it(inputs):
+    line = exit_line(unisinger.main, ["--song", inputs / "song.wav", "--stream", "--checkpoint", inputs / "junk.pt"])
+    assert line.startswith("error: --stream with --song: separating a mixed song needs about 30 s") and \
+        "--stems DIR" in line
+    assert exit_line(unisinger.main, ["--checkpoint", inputs / "junk.pt"]).startswith(
+        "error: the following arguments are required: --audio (or --song)")
+
+
+def refusal(main, argv, capsys):
+    """The one line a command's main(argv) ends with, run in this process; nothing else may have been printed."""
+    with pytest.raises(SystemExit) as refused:
+        main(list(map(str, argv)))
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err == "", printed
+    assert isinstance(refused.value.code, str) and "\n" not in refused.value.code, refused.value.code
+    return refused.value.code
+
+
+@pytest.fixture
+def bare_set(tmp_path):
+    """A folder that passes the command lines' argument checks (it has the split lists) and holds no data: a
+    command refused before any work never notices."""
+    root = tmp_path / "bare"
+    root.mkdir()
+    for split in ("train", "val", "test"):
+        (root / f"{split}.txt").write_text("id0_0_0_0\n")
+    return root
+
+
+# ----------------------------------------------------------------------------- train.py: the numbers
+
+TRAIN_NUMBERS = [("--lr", v) for v in ("nan", "inf", "-inf", "0", "-1e-3", "1e30")] + \
+                [("--weight-decay", v) for v in ("nan", "-1", "inf")] + \
+                [("--grad-clip", v) for v in ("nan", "inf", "0", "-1")] + \
+                [(f"--w-{term}", v) for term in ("kl", "rec", "vel", "mesh") for v in ("nan", "inf", "-1")] + \
+                [("--seed", v) for v in ("99999999999999999999999", "-1", "1.5")] + \
+                [("--epochs", "1000000"), ("--batch-size", "100000"), ("--workers", "1000"), ("--device", "banana")]
+
+
+@pytest.mark.parametrize("flag, value", TRAIN_NUMBERS, ids=[f"{f} {v}" for f, v in TRAIN_NUMBERS])
+def test_train_refuses_a_number_out_of_range_in_one_line_naming_the_flag_before_making_out(bare_set, capsys,
+                                                                                        flag, value):
+    out = bare_set.parent / "out" / "run"
+    line = refusal(train.main, ["--data", bare_set, "--out", out, f"{flag}={value}"], capsys)
+    assert line.startswith("error: ") and flag in line and value in line, line
+    assert not (bare_set.parent / "out").exists()
+
+
+def test_train_help_states_the_range_of_every_number(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, span in [("--lr", train.LR), ("--weight-decay", train.WEIGHT_DECAY), ("--grad-clip", train.GRAD_CLIP),
+                       ("--seed", train.SEED), *((f"--w-{t}", train.LOSS_WEIGHT) for t in train.LOSS_TERMS),
+                       *((flag, "%d to %d" % span) for flag, span in train.COUNT_RANGES.items())]:
+        after = text.split(f" {flag} ", 1)[1]               # the flag's own help, before the next flag's
+        assert str(span) in after.split(" --", 1)[0], (flag, after[:200])
+
+
+def test_train_with_every_loss_weight_zero_is_refused_in_one_line_before_any_work(bare_set):
+    out = bare_set.parent / "out"
+    proc = run_command("train.py", "--data", bare_set, "--out", out, "--w-kl", "0", "--w-rec", "0", "--w-vel", "0",
+                       "--w-mesh", "0")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["error: --w-kl 0 --w-rec 0 --w-vel 0 --w-mesh 0: every loss term is off, so "
+                                        "nothing would be learnt; give one of them a positive weight"]
+    assert not out.exists()
+
+
+def test_train_refuses_an_out_that_is_a_file_or_under_one_before_any_work(bare_set, capsys):
+    afile = bare_set / "train.txt"
+    for out in (afile, afile / "run"):
+        line = refusal(train.main, ["--data", bare_set, "--out", out], capsys)
+        assert line.startswith(f"error: {out}: ") and "not a folder" in line, line
+    assert afile.read_text() == "id0_0_0_0\n"
+
+
+# ----------------------------------------------------------------------------- train.py: what --resume finds
+
+def motion_training_checkpoint(nan=False):
+    """What train.py's motion stage writes to last.pt, for a tiny model (a weight NaN when asked)."""
+    model = MotionCVAE(MotionConfig.preset("tiny"))
+    state = model.state_dict()
+    if nan:
+        state["motion_std"][3] = math.nan
+    optimizer = torch.optim.AdamW(model.parameters())
+    return dict(model=state, optimizer=optimizer.state_dict(), schedule={}, rng=train.rng_state(), epoch=0, step=2,
+                best=1.0, config=asdict(MotionConfig.preset("tiny")), **builtin.flame_record(None))
+
+
+RENDER_KEYS = dict.fromkeys(("generator", "discriminator", "optimizer_g", "optimizer_d", "schedule_g", "schedule_d"),
+                            {})
+RESUMES = {"motion, a render checkpoint": ("motion", lambda: dict(RENDER_KEYS, rng={}, epoch=0, step=1, best=0.5),
+                                           "a render stage checkpoint; --stage motion --resume continues a motion run"),
+           "render, a motion checkpoint": ("render", motion_training_checkpoint,
+                                           "a motion stage checkpoint; --stage render --resume continues a render run"),
+           "motion, not ours": ("motion", lambda: dict(w=torch.ones(3)), "not a training checkpoint (no 'model')"),
+           "motion, NaN weights": ("motion", lambda: motion_training_checkpoint(nan=True),
+                                   "model.motion_std holds NaN or infinite values")}
+
+
+@pytest.mark.parametrize("case", RESUMES)
+def test_resume_refuses_a_checkpoint_of_the_other_stage_foreign_or_not_finite_before_any_work(bare_set, case):
+    """--resume reads last.pt before any data (bare_set has none): another stage's, someone else's or one with
+    NaN weights is refused in one line naming it; --out keeps what it held, and no lock file."""
+    stage, make, words = RESUMES[case]
+    out = bare_set.parent / "out"
+    out.mkdir()
+    torch.save(make(), out / "last.pt")
+    before = (out / "last.pt").read_bytes()
+    proc = run_command("train.py", "--stage", stage, "--data", bare_set, "--out", out, "--resume", "--no-summary",
+                       "--device", "cpu")
+    assert_refused_in_one_line(proc, out / "last.pt", words)
+    assert sorted(os.listdir(out)) == ["last.pt"] and (out / "last.pt").read_bytes() == before
+
+
+def test_a_run_refused_after_taking_out_leaves_no_folder_it_made_and_no_lock(bare_set):
+    """The data are refused once --out is held (a data set of real FLAME parameters without --flame): the folders
+    the run made go again, all of them; a folder that was there keeps what it held, without train.lock."""
+    made = bare_set.parent / "made"
+    proc = run_command("train.py", "--data", bare_set, "--out", made / "a" / "b", "--device", "cpu")
+    assert_refused_in_one_line(proc, bare_set, "pass --flame")
+    assert not made.exists()
+    there = bare_set.parent / "there"
+    there.mkdir()
+    (there / "notes.txt").write_text("mine")
+    proc = run_command("train.py", "--data", bare_set, "--out", there, "--device", "cpu")
+    assert_refused_in_one_line(proc, bare_set, "pass --flame")
+    assert os.listdir(there) == ["notes.txt"] and (there / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- train.py: stopping honestly
+
+POISON_WORKER = """
+import math, sys, train
+real_losses, calls = train.motion_losses, [0]
+def poisoned(*args):              # from this process's first loss on, every loss is NaN
+    calls[0] += 1
+    loss, parts = real_losses(*args)
+    return loss * math.nan, parts
+train.motion_losses = poisoned
+train.main(sys.argv[1:])
+"""
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(kill_set, tmp_path):
+    """Epoch 0 trains; its closing line names the checkpoints written. A resumed run whose loss turns NaN at its
+    first step ends in one line naming epoch 1 step 3, with best.pt and last.pt of epoch 0 untouched (and the
+    half-written temporaries a killed run left there removed); one more resume with no epoch left writes nothing and
+    says so."""
+    worker = tmp_path / "poison.py"
+    worker.write_text(POISON_WORKER)
+    out = tmp_path / "run"
+    args = ["--stage", "motion", "--data", kill_set, "--out", out, "--batch-size", "2", "--no-summary", "--workers",
+            "0", "--device", "cpu"]
+    first = run_command("train.py", *args, "--epochs", "1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (f"motion stage done: wrote {out / 'best.pt'} (the epoch with the lowest validation LVE, "
+            in first.stdout and f"and {out / 'last.pt'} (epoch 0);" in first.stdout), first.stdout[-1000:]
+    good = {name: (out / name).read_bytes() for name in ("best.pt", "last.pt")}
+    dead, live = dead_pid(), os.getpid()
+    for name in (f".last.{dead}.tmp.pt", f".best.{dead}.tmp.pt", f".last.{live}.tmp.pt"):
+        (out / name).write_bytes(b"half a checkpoint")
+
+    stopped = run_command(worker, *args, "--epochs", "2", "--resume")
+    assert stopped.returncode == 1, stopped.stderr[-2000:]
+    assert stopped.stderr.splitlines() == [
+        f"error: {out}: training stopped at epoch 1 step 3: the loss is nan; {out / 'best.pt'} and {out / 'last.pt'} "
+        f"of earlier epochs kept (a lower --lr or --grad-clip may help)"]
+    assert {name: (out / name).read_bytes() for name in good} == good
+    assert sorted(os.listdir(out)) == sorted(["best.pt", "last.pt", f".last.{live}.tmp.pt"])
+
+    again = run_command("train.py", *args, "--epochs", "1", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (f"motion stage done: no epoch left to train; kept {out / 'best.pt'} and {out / 'last.pt'} of earlier "
+            f"epochs\n") in again.stdout and "wrote" not in again.stdout
+    assert {name: (out / name).read_bytes() for name in good} == good
+
+
+def test_a_run_whose_loss_is_never_finite_says_no_checkpoint_was_written_and_leaves_no_folder(kill_set, tmp_path):
+    worker = tmp_path / "poison.py"
+    worker.write_text(POISON_WORKER)
+    out = tmp_path / "made" / "run"
+    proc = run_command(worker, "--data", kill_set, "--out", out, "--epochs", "1", "--batch-size", "2",
+                       "--no-summary", "--workers", "0", "--device", "cpu")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"error: {out}: training stopped at epoch 0 step 1: the loss is nan; no "
+                                        f"checkpoint was written (a lower --lr or --grad-clip may help)"]
+    assert not (tmp_path / "made").exists()
+
+
+def test_a_step_whose_gradient_is_not_finite_stops_before_the_weights_take_it(tmp_path):
+    run = SimpleNamespace(out=tmp_path)
+    w = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([w], lr=0.1)
+    with pytest.raises(ValueError, match=r"stopped at epoch 2 step 7: the gradient's norm is inf; no checkpoint"):
+        train.descend(torch.sqrt(w - 1).sum(), optimizer, [w], 1.0, run, (2, 7))   # loss 0, its gradient infinite
+    with pytest.raises(ValueError, match=r"stopped at epoch 2 step 8: the loss is nan;"):
+        train.descend((w * math.nan).sum(), optimizer, [w], math.inf, run, (2, 8))
+    assert torch.equal(w.detach(), torch.ones(3))
+    train.descend(((w - 2) ** 2).sum(), optimizer, [w], 1.0, run, (2, 9))          # a finite step is taken
+    assert (w.detach() > 1).all()
+
+
+def test_a_render_step_whose_loss_is_not_finite_stops_before_either_network_moves(tmp_path):
+    """A generator gone NaN: the discriminator's loss is NaN, the step stops naming where, no weight moves."""
+    generator = render.FaceRenderer(MICRO.channels)
+    discriminator = render.PatchDiscriminator(channels=MICRO.discriminator_channels)
+    with torch.no_grad():
+        next(generator.parameters())[0] = math.nan
+    before = [p.clone() for p in discriminator.parameters()]
+    opt_g, opt_d = (torch.optim.Adam(net.parameters()) for net in (generator, discriminator))
+    gan = train.GanStep(generator, discriminator, discriminator, opt_g, opt_d, None, torch.zeros(3, 128, 128), 1.0)
+    box = torch.tensor([[0, 128, 0, 128]])
+    batch = dict(depth=torch.zeros(1, 1, 128, 128), frame=torch.zeros(1, 3, 128, 128), index=torch.zeros(1).long(),
+                 mouth=box, eyes=box, nose=box)
+    run = SimpleNamespace(out=tmp_path, device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    with pytest.raises(ValueError, match=r"training stopped at epoch 3 step 40: the loss is nan; no checkpoint"):
+        gan(batch, run, (3, 40))
+    assert all(torch.equal(a, b) for a, b in zip(before, discriminator.parameters()))
+    assert not opt_g.state and not opt_d.state                 # neither optimiser ever stepped
+
+
+def test_an_epoch_end_with_non_finite_weights_or_validation_writes_no_checkpoint(tmp_path):
+    run = train.Run(train.parse_args(["--out", str(tmp_path / "run"), "--device", "cpu"]))
+    try:
+        model = torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            model.weight[0, 1] = math.inf
+        with pytest.raises(ValueError, match=r"stopped at epoch 4 validation: model.weight holds NaN or infinity"):
+            train.save_epoch(run, dict(model=model), True, epoch=4, val=dict(lve=1.0))
+        with torch.no_grad():
+            model.weight[0, 1] = 0.0
+        with pytest.raises(ValueError, match=r"stopped at epoch 4 validation: validation lve nan;"):
+            train.save_epoch(run, dict(model=model), True, epoch=4, val=dict(lve=math.nan))
+        assert not [f for f in os.listdir(run.out) if f.endswith(".pt")]
+        train.save_epoch(run, dict(model=model), False, epoch=5, val=dict(lve=2.0))
+        assert run.saved == {"last.pt": 5} and not (run.out / "best.pt").exists()
+    finally:
+        run.close()
+    assert os.listdir(run.out) == ["last.pt"]                  # the lock file goes with the run
+
+
+# ----------------------------------------------------------------------------- metrics.py
+
+def test_metrics_refuses_a_checkpoint_whose_weights_are_not_finite_naming_it(bare_set, tmp_path):
+    cfg = MotionConfig.preset("tiny")
+    state = MotionCVAE(cfg).state_dict()
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 2)
+    state[key][0, 0] = math.nan
+    ckpt = tmp_path / "nan.pt"
+    torch.save(dict(model=state, config=asdict(cfg), people={}, **builtin.flame_record(None)), ckpt)
+    proc = run_command("metrics.py", "--checkpoint", ckpt, "--data", bare_set, "--json", tmp_path / "t.json",
+                       "--device", "cpu")
+    assert_refused_in_one_line(proc, ckpt, "NaN", key)
+    assert proc.stdout == "" and not (tmp_path / "t.json").exists()
+
+
+@pytest.fixture(scope="module")
+def scored_set(tmp_path_factory):
+    """One singer with one 240-frame test sequence, and its true motion."""
+    root = builtin.generate_dataset(tmp_path_factory.mktemp("scored") / "set", builtin.Recipe(
+        n_people=1, clips_per_person=3, with_video=False), verbose=False)
+    clip_id = data.read_split(root, "test")[0]
+    return root, clip_id, data.read_flame_pickle(root / "flame_seqs" / f"{clip_id}.pkl")["motion"]
+
+
+def write_sample(folder, clip_id, motion):
+    (folder / clip_id).mkdir(parents=True)
+    np.savez(folder / clip_id / "sample_0.npz", motion=motion)
+    return folder / clip_id / "sample_0.npz"
+
+
+@pytest.mark.parametrize("case", ["float64 1e300", "720 frames for 240"])
+def test_metrics_refuses_a_sample_no_float32_motion_holds_or_of_another_length_naming_it(scored_set, tmp_path, case):
+    root, clip_id, truth = scored_set
+    motion, words = {"float64 1e300": (truth.astype(np.float64) * 1e300, "more than float32 motion holds"),
+                     "720 frames for 240": (np.tile(truth, (3, 1)), "720 frames of motion for a sequence of 240")}[case]
+    sample = write_sample(tmp_path / "pred", clip_id, motion)
+    proc = run_command("metrics.py", "--pred", tmp_path / "pred", "--data", root, "--json", tmp_path / "t.json")
+    assert_refused_in_one_line(proc, sample, words)
+    assert proc.stdout == "" and not (tmp_path / "t.json").exists()
+
+
+def test_metrics_writes_no_table_or_json_whose_scores_are_not_finite(scored_set, tmp_path):
+    """float32 motion of 1e30 meshes beyond float32: the scores come out NaN, and the run ends naming the files."""
+    root, clip_id, truth = scored_set
+    write_sample(tmp_path / "pred", clip_id, np.full_like(truth, 1e30))
+    proc = run_command("metrics.py", "--pred", tmp_path / "pred", "--data", root, "--json", tmp_path / "t.json")
+    assert proc.returncode == 1 and proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path / 'pred'}: scores that are not finite (pred LVE-mean "), last
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_metrics_refuses_a_bad_output_place_or_count_in_one_line_before_any_work(bare_set, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    for extra, start in ((["--json", tmp_path], f"error: {tmp_path}: a folder; --json names the file to write"),
+                         (["--json", tmp_path / "a_file" / "t.json"], f"error: {tmp_path / 'a_file'}: "),
+                         (["--samples", "100000"], "error: --samples 100000: at most 100 samples per clip"),
+                         (["--device", "banana"], "error: --device banana: not a device")):
+        line = refusal(metrics.main, ["--data", bare_set, "--checkpoint", bare_set / "train.txt", "--json",
+                                      tmp_path / "t.json", *extra], capsys)
+        assert line.startswith(start), line
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "bare"]
 
 
 # ==============================================================================================================

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import weakref
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -135,7 +135,7 @@ def train_motion(args, run):
     total_steps = steps_per_epoch * args.epochs
     schedule = cosine_schedule(optimizer, total_steps)
     stateful = dict(model=model, optimizer=optimizer, schedule=schedule)
-    start_epoch, step, best = resume(args, run, stateful)
+    start_epoch, step, best = resume(run, stateful)
     best = float("inf") if best is None else best      # the lowest validation LVE so far
     net = DistributedDataParallel(model) if run.ddp else model
     n_params = sum(p.numel() for p in model.parameters())
@@ -154,10 +154,7 @@ def train_motion(args, run):
             with run.autocast():
                 pred, mu, logvar = net(motion, shape, music, **audio)
             loss, parts = motion_losses(model, face, pred.float(), motion, shape, mu.float(), logvar.float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            optimizer.step()
+            descend(loss, optimizer, params, args.grad_clip, run, (epoch, step + 1))
             schedule.step()
             step += 1
             if progress.advance() or step == first_step:
@@ -170,8 +167,8 @@ def train_motion(args, run):
         best = min(best, val["lve"])
         save_epoch(run, stateful, improved, config=asdict(cfg), epoch=epoch, step=step, best=best, people=people,
                    val=val, **head)
-    run.log(f"motion stage done: wrote {run.out / 'best.pt'} (the epoch with the lowest validation LVE, "
-            f"{best:.3f} mm) and {run.out / 'last.pt'} (epoch {args.epochs - 1}); `python unisinger.py` reads best.pt")
+    run.log(closing_line(run, "motion", f"the epoch with the lowest validation LVE, {best:.3f} mm",
+                         "; `python unisinger.py` reads best.pt"))
     if run.main and args.summary:
         print(f"\nthe summary scores {run.out / 'best.pt'}")
         motion_summary(load_checkpoint(run.out / "best.pt", run.device).model, root, args)
@@ -281,7 +278,7 @@ def train_render(args, run):
     sched_g, sched_d = cosine_schedule(opt_g, total_steps), cosine_schedule(opt_d, total_steps)
     stateful = dict(generator=generator, discriminator=discriminator, optimizer_g=opt_g, optimizer_d=opt_d,
                  schedule_g=sched_g, schedule_d=sched_d)
-    start_epoch, step, best = resume(args, run, stateful)
+    start_epoch, step, best = resume(run, stateful)
     best = -1.0 if best is None else best              # the highest validation SSIM so far
     # D's weights get gradients in G's step too; G's step uses the bare D so those are never all-reduced
     net_g = DistributedDataParallel(generator) if run.ddp else generator
@@ -298,7 +295,7 @@ def train_render(args, run):
     for epoch in range(start_epoch, args.epochs):
         sums, n_batches = {}, 0
         for batch in loader(train_set, args.batch_size, run, args.seed, epoch, workers=args.workers):
-            losses = gan(batch, run)
+            losses = gan(batch, run, (epoch, step + 1))
             sched_g.step()
             sched_d.step()
             step += 1
@@ -319,10 +316,9 @@ def train_render(args, run):
         save_epoch(run, stateful, improved, renderer_config=asdict(cfg), epoch=epoch, step=step, best=best,
                    cam=cam.tolist(), shape=torch.as_tensor(shape), person=args.person, **reference_record(ref_pose),
                    reference=torch.from_numpy(reference_u8), val=val, **head)
-    run.log(f"render stage done: wrote {run.out / 'best.pt'} (the epoch with the highest validation SSIM, "
-            f"{best:.4f}), {run.out / 'last.pt'} (epoch {args.epochs - 1}), the reference image "
-            f"{run.out / 'reference.png'} and a sample grid per epoch ({run.out / 'samples_<epoch>.png'}: rows of "
-            f"depth | generated | true frame)")
+    run.log(closing_line(run, "render", f"the epoch with the highest validation SSIM, {best:.4f}", f", the "
+                         f"reference image {run.out / 'reference.png'} and a sample grid per epoch trained "
+                         f"({run.out / 'samples_<epoch>.png'}: rows of depth | generated | true frame)"))
 
     summary = None
     if run.main and args.summary and (run.out / "best.pt").is_file():
@@ -344,7 +340,7 @@ class GanStep:
     reference: torch.Tensor           # (3, H, W) in [-1, 1]
     grad_clip: float
 
-    def __call__(self, batch, run):
+    def __call__(self, batch, run, where):
         depth, real, index, mouth, eyes, nose = (batch[k].to(run.device)
                                                  for k in ("depth", "frame", "index", "mouth", "eyes", "nose"))
         flow = batch["flow"].to(run.device) if "flow" in batch else None
@@ -353,17 +349,12 @@ class GanStep:
             fake = self.net_g(depth, ref, index, flow)
             condition = render.renderer_input(depth, ref, index)
             loss_d = render.discriminator_loss(self.net_d, condition, fake, real)
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.opt_d.step()
+        descend(loss_d, self.opt_d, self.net_d.parameters(), math.inf, run, where)
         with run.autocast():
             boxes = [(mouth, MOUTH_WEIGHT), (eyes, EYES_WEIGHT), (nose, NOSE_WEIGHT)]
             loss_g, parts = render.generator_loss(self.discriminator, condition, fake, real, self.vgg,
                                                   render.RendererLossWeights(), box_weight(boxes, real.shape[-1]))
-        self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        torch.nn.utils.clip_grad_norm_(self.net_g.parameters(), self.grad_clip)
-        self.opt_g.step()
+        descend(loss_g, self.opt_g, self.net_g.parameters(), self.grad_clip, run, where)
         return dict(g=loss_g.item(), d=loss_d.item(), **parts)
 
 
@@ -420,6 +411,18 @@ SUMMARY_SAMPLES = 10       # samples per test clip in the closing summary (the p
 LOCK_FILE = "train.lock"   # in --out, locked by the run writing there; the kernel drops it when that run dies
 DATA_CACHE = "data_cache"  # in --out: the data set's index and frames when the data folder is not writable
 MAX_WORKERS = 4            # loader worker processes by default, at most
+# the command line's bounds, stated in --help: numbers outside them make no sense or no run (all are checked finite)
+LR = data.float_in(1e-7, 1.0)              # --lr: Adam-type steps of more than 1 throw any network's weights about
+WEIGHT_DECAY = data.float_in(0.0, 1.0)     # --weight-decay: AdamW's share of the weights (times the lr) a step takes
+GRAD_CLIP = data.float_in(1e-4, 1e4)       # --grad-clip: the cap on the gradient's norm; 1e4 is as good as none here
+LOSS_WEIGHT = data.float_in(0.0, 1e4)      # --w-kl / --w-rec / --w-vel / --w-mesh: 0 turns the term off
+SEED = data.int_in(0, 2 ** 32 - 1)         # --seed: numpy's seeds
+COUNT_RANGES = {"--epochs": (1, 100_000), "--batch-size": (1, 4096), "--workers": (0, 64)}
+LOSS_TERMS = ("kl", "rec", "vel", "mesh")
+CHECKPOINTS = ("best.pt", "last.pt")
+# what a checkpoint of each stage holds besides rng, epoch, step and best: how --resume tells the stages apart
+STAGE_KEYS = dict(motion=("model", "optimizer", "schedule"),
+                  render=("generator", "discriminator", "optimizer_g", "optimizer_d", "schedule_g", "schedule_d"))
 PR_SET_PDEATHSIG = 1       # Linux prctl option: the signal the kernel sends a process when its parent dies
 LEARNT_LVE_RATIO = 0.5     # learning: test LVE-mean at most this share of the mean-motion baseline's
 MOUTH_BOX_MARGIN = 0.25    # share of the mouth's width added on each side of its landmarks' box
@@ -816,6 +819,8 @@ class Run:
         self.main = self.rank == 0
         self.bf16 = self.device.type == "cuda" if args.bf16 is None else args.bf16
         self.out = Path(args.out)
+        self.saved, self.resumed = {}, None     # checkpoint name -> epoch, of those this run wrote; --resume's last.pt
+        self.made = next((p for p in [*self.out.parents[::-1], self.out] if not p.exists()), None)  # mkdir's first
         self.lock = hold_folder(self.out) if self.main else None
 
     def autocast(self):
@@ -829,8 +834,16 @@ class Run:
         if self.main:
             save_checkpoint(state, self.out / name)
 
-    def close(self):
+    def close(self, ok=True):
+        """Release --out, its lock file removed while still held (hold_folder). A run that failed before its first
+        checkpoint removes the folder it made, and the empty parents it made for it: a refusal leaves nothing."""
         if self.lock is not None:
+            if not ok and self.made is not None and not any((self.out / n).is_file() for n in CHECKPOINTS):
+                shutil.rmtree(self.out, ignore_errors=True)
+                for parent in (p for p in self.out.parents if p.is_relative_to(self.made)):
+                    with suppress(OSError):         # made by this run; kept if something else went in since
+                        parent.rmdir()
+            (self.out / LOCK_FILE).unlink(missing_ok=True)
             self.lock.close()                       # releases the folder
             self.lock = None
         if self.ddp:
@@ -843,17 +856,22 @@ def hold_folder(folder):
     when the holder's process ends, killed or not; unlike an flock, loader workers (which may outlive a killed
     run by a few seconds) do not inherit it."""
     folder.mkdir(parents=True, exist_ok=True)
-    lock = open(folder / LOCK_FILE, "a+")
-    try:
-        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        if error.errno not in (errno.EACCES, errno.EAGAIN):
-            raise
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
-        lock.close()
-        raise ValueError(f"{folder}: another training run (pid {holder}) is writing into this folder; wait for "
-                         f"it to end or pass another --out") from None
+    while True:
+        lock = open(folder / LOCK_FILE, "a+")
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise ValueError(f"{folder}: another training run (pid {holder}) is writing into this folder; wait for "
+                             f"it to end or pass another --out") from None
+        if same_file(lock, folder / LOCK_FILE):
+            break
+        lock.close()                          # the run before removed the file as it ended: lock the new one
+    remove_dead_temporaries(folder)
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
@@ -888,6 +906,67 @@ def save_checkpoint(state, path):
     except OSError as error:
         raise OSError(error.errno, f"checkpoint not written ({error.strerror}); the previous one is kept",
                       str(path)) from None
+
+
+def same_file(file, path):
+    """Whether the open file is the one at path now (not one removed or replaced since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def remove_dead_temporaries(folder):
+    """Remove what runs killed while writing into folder left half-written: data.atomic_output's temporaries
+    (.<name>.<pid>.tmp<suffix>) of processes that are gone. The folder is ours: no run of ours writes there."""
+    for path in folder.iterdir():
+        head, tmp, suffix = path.name.partition(".tmp")
+        pid = head.rpartition(".")[2]
+        ours = path.name.startswith(".") and tmp and pid.isdigit() and suffix[:1] in ("", ".")
+        if ours and not alive(int(pid)) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def alive(pid):
+    """Whether process pid is there (someone else's counts)."""
+    try:
+        os.kill(pid, 0)                       # signal 0: only asks
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def descend(loss, optimizer, params, clip, run, where):
+    """One optimiser step on loss, the gradient's norm clipped to clip (inf: not clipped). A loss or gradient that is
+    not finite ends the run before the weights take it (stopped): the checkpoints on disk stay good."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    if not torch.isfinite(loss.detach() + norm):          # one synchronisation for both
+        raise stopped(run, where, f"the loss is {loss.item():.4g}" if not torch.isfinite(loss) else
+                      f"the gradient's norm is {norm.item():.4g}")
+    optimizer.step()
+
+
+def stopped(run, where, what):
+    """The error that ends a run whose numbers stopped being finite at where, (epoch, step or None: its
+    validation), saying which checkpoints (of earlier epochs, all finite) are kept."""
+    kept = [str(run.out / name) for name in CHECKPOINTS if (run.out / name).is_file()]
+    return ValueError(f"{run.out}: training stopped at epoch {where[0]} " + (f"step {where[1]}" if where[1] else
+                      "validation") + f": {what}; " + (" and ".join(kept) + " of earlier epochs kept" if kept else
+                      "no checkpoint was written") + " (a lower --lr or --grad-clip may help)")
+
+
+def closing_line(run, stage, best, note):
+    """'<stage> stage done: wrote ...', naming only the checkpoints this run wrote (best: what best.pt holds), and
+    those of a resumed run's earlier epochs as kept; then the note, when this run trained an epoch."""
+    what = {"best.pt": best, "last.pt": f"epoch {run.saved.get('last.pt')}"}
+    wrote = [f"{run.out / name} ({what[name]})" for name in CHECKPOINTS if name in run.saved]
+    kept = [str(run.out / name) for name in CHECKPOINTS if name not in run.saved and (run.out / name).is_file()]
+    return (f"{stage} stage done: " + (f"wrote {' and '.join(wrote)}" if wrote else "no epoch left to train")
+            + (f"; kept {' and '.join(kept)} of earlier epochs" if kept else "") + (note if wrote else ""))
 
 
 def epochs_window(steps_per_epoch):
@@ -972,22 +1051,44 @@ def cosine_schedule(optimizer, total):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def resume(args, run, stateful):
-    """Where a stage starts (both stages): (epoch, step, best) = (0, 0, None) for a new run; with --resume, every
-    object in `stateful` (name -> model / optimiser / schedule) and every random generator set from <out>/last.pt,
-    and the epoch after the one it saved."""
+def resumed_checkpoint(args, run):
+    """--resume's <out>/last.pt, read before any data are: refused in one line unless it is this stage's, of the
+    same head, with finite weights; None for a new run, or one killed before its first checkpoint."""
     last = run.out / "last.pt"
     if not (args.resume and last.is_file()):
         if args.resume:                             # killed before its first checkpoint: starting over is exact
             run.log(f"--resume: no {last} yet (the run stopped before its first checkpoint); starting from the "
                     f"beginning")
-        return 0, 0, None
+        return None
     ckpt = data.read_checkpoint(last, run.device)
+    other = next(stage for stage in STAGE_KEYS if stage != args.stage)
+    missing = [key for key in (*STAGE_KEYS[args.stage], "rng", "epoch", "step", "best") if key not in ckpt]
+    if missing:
+        raise ValueError(f"{last}: " + (f"a {other} stage checkpoint" if all(k in ckpt for k in STAGE_KEYS[other])
+                         else f"not a training checkpoint (no {missing[0]!r})") + f"; --stage {args.stage} "
+                         f"--resume continues a {args.stage} run: pass its --out, or another --out for a new run")
     same_head(ckpt, args.flame, last)
-    for key, obj in stateful.items():
-        obj.load_state_dict(ckpt[key])
-    set_rng_state(ckpt["rng"])
-    run.log(f"resumed from {last} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+    bad = next(filter(None, (metrics.first_nonfinite(ckpt[key], f"{key}.") for key in STAGE_KEYS[args.stage])), None)
+    if bad:
+        raise ValueError(f"{last}: {bad} holds NaN or infinite values; resume from a checkpoint of finite weights")
+    return ckpt
+
+
+def resume(run, stateful):
+    """Where a stage starts (both stages): (epoch, step, best) = (0, 0, None) for a new run; with --resume, every
+    object in `stateful` (name -> model / optimiser / schedule) and every random generator set from <out>/last.pt
+    (run.resumed, resumed_checkpoint's), and the epoch after the one it saved."""
+    ckpt, run.resumed = run.resumed, None           # its memory goes once it is loaded
+    if ckpt is None:
+        return 0, 0, None
+    try:
+        for key, obj in stateful.items():
+            obj.load_state_dict(ckpt[key])
+        set_rng_state(ckpt["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:      # another preset or switches
+        raise ValueError(f"{run.out / 'last.pt'}: does not fit this run ({' '.join(str(error).split())[:300]}); "
+                         f"resume with the settings it was started with") from None
+    run.log(f"resumed from {run.out / 'last.pt'} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
     return ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
 
 
@@ -995,9 +1096,14 @@ def save_epoch(run, stateful, improved, **record):
     """The end of an epoch: the state of every object in `stateful`, the random generators and `record` (epoch,
     step, best, config ...) to last.pt, and to best.pt as well when the epoch improved on the best."""
     state = dict({key: obj.state_dict() for key, obj in stateful.items()}, rng=rng_state(), **record)
-    if improved:
-        run.save(state, "best.pt")
-    run.save(state, "last.pt")
+    bad = [f"validation {k} {v}" for k, v in record["val"].items() if not (math.isfinite(v) or k == "psnr" and v > 0)]
+    bad += [f"{name} holds NaN or infinity" for name in (metrics.first_nonfinite(state[key], f"{key}.")
+                                                         for key in stateful) if name]
+    if bad:                                         # never written: the checkpoints on disk stay good
+        raise stopped(run, (record["epoch"], None), ", ".join(bad))
+    for name in ("best.pt",) * improved + ("last.pt",):
+        run.save(state, name)
+        run.saved[name] = record["epoch"]
 
 
 # the command line
@@ -1019,25 +1125,30 @@ def parse_args(argv=None):
                           help="rec / vel losses on raw FLAME parameters (the paper) or standardised ones")
     ablation.add_argument("--mesh-head-pose", action=argparse.BooleanOptionalAction,
                           help="the mesh loss's meshes with global and neck rotation (the paper) or without")
-    for term in ("kl", "rec", "vel", "mesh"):
-        ablation.add_argument(f"--w-{term}", type=float, help=f"weight of the {term} loss term (0: term off)")
+    for term in LOSS_TERMS:
+        ablation.add_argument(f"--w-{term}", type=LOSS_WEIGHT,
+                              help=f"weight of the {term} loss term, {LOSS_WEIGHT} (0: term off)")
     p.add_argument("--cache-audio", action="store_true", help="freeze wav2vec 2.0 and cache its features")
     p.add_argument("--person", default="id0", help="whose videos the renderer learns (render stage)")
     p.add_argument("--vgg", help="torchvision vgg19 state-dict file for the perceptual loss (render stage)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, help="%d to %d (default: the stage's and preset's)" % COUNT_RANGES["--epochs"])
+    p.add_argument("--batch-size", type=int, help="%d to %d (default 8)" % COUNT_RANGES["--batch-size"])
+    p.add_argument("--lr", type=LR, help=f"learning rate, {LR} (default: the stage's and preset's)")
+    p.add_argument("--weight-decay", type=WEIGHT_DECAY, default=0.01,
+                   help=f"AdamW's weight decay (motion stage), {WEIGHT_DECAY}")
+    p.add_argument("--grad-clip", type=GRAD_CLIP, default=1.0,
+                   help=f"largest gradient norm (larger ones are scaled down to it), {GRAD_CLIP}")
+    p.add_argument("--seed", type=SEED, default=0, help=f"{SEED}")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help=f"loader processes (default: the cores less one, at most {MAX_WORKERS}, shared among "
-                        f"torchrun's processes; here {default_workers()}); 0 reads in the training process")
+                        f"torchrun's processes; here {default_workers()}); 0 reads in the training process; "
+                        "%d to %d" % COUNT_RANGES["--workers"])
     p.add_argument("--size", type=int, choices=RENDER_SIZES,
                    help="render stage: the frames' side in pixels (default: the preset's, 256)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--no-summary", dest="summary", action="store_false", help="skip the closing test-split summary")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda where there is one)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="bf16 autocast for the forward passes (default: on a GPU, off on the CPU, where it is slow)")
     args = p.parse_args(argv)
@@ -1052,18 +1163,19 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Refuse bad arguments and missing input files before any data are read or anything is written."""
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise ValueError(f"{flag} {value}: must be at least 1")
-    if args.workers < 0:
-        raise ValueError(f"--workers {args.workers}: must be 0 or more")
+    """Refuse bad arguments, a bad output place and missing input files before any data are read or anything is
+    written (the numbers' types have checked the floats)."""
+    for flag, (lo, hi) in COUNT_RANGES.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not lo <= value <= hi:
+            raise ValueError(f"{flag} {value}: must be " + (f"at least {lo}" if value < lo else f"at most {hi}"))
     if args.size is not None and args.stage != "render":
         raise ValueError(f"--size {args.size}: only the render stage has a frame size")
-    if not args.lr > 0:
-        raise ValueError(f"--lr {args.lr}: must be positive")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
+    if args.stage == "motion" and not any(getattr(motion_config(args), f"w_{term}") for term in LOSS_TERMS):
+        raise ValueError("--w-kl 0 --w-rec 0 --w-vel 0 --w-mesh 0: every loss term is off, so nothing would be "
+                         "learnt; give one of them a positive weight")
+    data.check_device(args.device)
+    data.check_output_folder(args.out, "last.pt")
     if args.data and not data.split_path(args.data, "train").is_file():
         raise ValueError(f"{args.data}: not a SingingHead folder (no train.txt)")
     for flag, path in (("--flame", args.flame), ("--vgg", args.vgg), ("--wav2vec", args.wav2vec)):
@@ -1074,11 +1186,14 @@ def check_args(args):
 def command(argv=None):
     args = parse_args(argv)
     check_args(args)
-    run = Run(args)
+    run = Run(args)                                 # makes and locks --out once the arguments are good
+    ok = False
     try:
+        run.resumed = resumed_checkpoint(args, run)
         (train_motion if args.stage == "motion" else train_render)(args, run)
+        ok = True
     finally:
-        run.close()
+        run.close(ok)                               # a refused or failed run leaves no folder it made
 
 
 def main(argv=None):

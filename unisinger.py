@@ -4,9 +4,8 @@ The method, in the order data flows: MotionConfig (the `paper` and CPU-sized `ti
 paper's conditional VAE on transformer decoders, section IV-A), motion_losses, the user's Controls, generate (a
 song of any length: overlapping windows of the training length, cross-faded) and portrait_video (motion ->
 depth -> the trained face renderer). Below the support banner: live streaming (MotionStream, stream_song); the
-checkpoint readers of both stages (load_checkpoint, load_renderer, both via read_model); the outputs
-(write_motion, the shaded previews render_preview, side_by_side / write_side_by_side with labels drawn by
-Pillow in draw_text, and write_grid); the command line.
+checkpoint readers of both stages (read_model); the outputs (write_motion, the previews render_preview, side_by_side
+and write_grid); a mixed song's voice and accompaniment separated (--song, separate_song); the command line.
 
 The model in one paragraph. Every frame t gets one audio token: wav2vec 2.0 features of the singing voice
 (interpolated to 30 fps before the transformer layers, as FaceFormer does) projected to d, concatenated with
@@ -30,21 +29,22 @@ import copy
 import math
 import os
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import imageio.v2 as imageio
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from audio import FPS, N_MFCC, SAMPLE_RATE, AudioFile, Wav2Vec2, Wav2Vec2Config, first_line, mfcc_at_fps, normalize_wave
-from data import (AUDIO_BLOCK, CLIP_FRAMES, DEFAULT_CAM, Parser, Progress, VideoWriter, atomic_output, clip_samples,
-                  fit_length, read_checkpoint, run_command, song_frames, write_flame_pickle, write_wav)
-from flame import EXPRESSION, HEAD_POSE, JAW_POSE, MM_PER_M, MOTION_DIM, N_SHAPE, save_glb
+from data import (AUDIO_BLOCK, CLIP_FRAMES, DEFAULT_CAM, Parser, Progress, VideoWriter, atomic_output, check_device,
+                  check_finite, check_output_folder, clip_samples, fit_length, float_in, int_in, output_folder,
+                  read_checkpoint, run_command, song_frames, wav_writer, write_flame_pickle, write_wav)
+from flame import EXPRESSION, HEAD_POSE, JAW_POSE, MM_PER_M, MOTION_DIM, N_SHAPE, read_npy_header, save_glb
 from render import (BACKGROUND_RGB, IMAGE_SIZE, PREVIEW_CAM, PREVIEW_SIZE, FaceRenderer, RendererConfig, image_tensor,
                     project, reference_flow, render_depth, shade, to_uint8)
 
@@ -415,6 +415,18 @@ PREVIEW_PRESET = "veryfast"  # libx264 speed preset of shaded previews: smooth s
 LABEL_HEIGHT = 1 / 16       # a label's height, a share of the panel's side (32 px at 512²)
 LABEL_MARGIN = 0.03         # share of the panel between a label and the panel's top and left edges
 LABEL_RGB = (235, 235, 235)  # label colour
+GRID_BATCH_PIXELS = 1 << 26  # pixels of --grid frames made at once (64 frames of 1024²): memory flat in its size
+MAX_SAMPLES = 32            # takes a run: each is three files and a --grid panel
+GENERATE_BATCH = 32         # windows x takes the model runs at once, so memory does not grow with --samples
+MAX_PREVIEW_SIZE = 1024     # pixels, the largest --size (the shading's work and memory grow with its square)
+MAX_IMAGE_SIDE = 8192       # pixels, the longest --image side read (8192² is 200 MB of pixels; a renderer takes 256)
+MAX_SEED = 2 ** 63 - 1      # the largest seed torch.Generator takes as a signed 64-bit integer
+CONTROL = float_in(0, 3)    # temperature and scales: 0 holds still, 1 as trained; beyond 3 the model never was
+STREAM_RANGES = dict(chunk_ms=float_in(1, 10_000), lookahead_ms=float_in(0, 10_000), window_s=float_in(1, 60))
+SONG_MIN_S = 1.0            # seconds a --song must last at least: the separation needs some to tell the parts
+SILENT_PEAK = 1e-3          # a --song whose loudest sample is below this (-60 dBFS) is silent
+NO_VOICE_SHARE = 0.01       # a voice estimate with under 1 % of the song's energy (-20 dB) is no voice
+STEMS = ("voice", "accompaniment")
 
 
 def mirror_fill(x, n):
@@ -569,6 +581,8 @@ def load_checkpoint(path, device="cpu"):
     ckpt, model = read_model(path, device, "motion", ("model", "config"),
                              lambda c: _loaded(MotionCVAE(MotionConfig(**c["config"])), c["model"]))
     people = {k: np.asarray(v.cpu(), dtype=np.float32) for k, v in ckpt.get("people", {}).items()}
+    for person, shape in people.items():
+        check_finite(shape, path, f"the shape of person {person!r}")
     return TrainedMotion(model, people, dict(flame=ckpt.get("flame"), flame_sha256=ckpt.get("flame_sha256")))
 
 
@@ -582,7 +596,12 @@ def read_model(path, device, kind, keys, build):
     try:
         model = build(ckpt).to(device)
     except (TypeError, ValueError, RuntimeError) as e:      # a damaged config or weights that do not fit it
-        raise ValueError(f"{path}: not a usable {kind} checkpoint ({first_line(e)})") from None
+        said = " ".join(str(e).split())                     # torch lists every key: the first few say enough
+        raise ValueError(f"{path}: not a usable {kind} checkpoint ({type(e).__name__}: "
+                         f"{said[:200] + ' ...' if len(said) > 200 else said})") from None
+    for name, tensor in model.state_dict().items():         # weights and normalisation (the motion's mean, std)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: not a usable {kind} checkpoint (NaN or inf in {name})")
     return ckpt, model.eval()
 
 
@@ -622,22 +641,63 @@ def load_renderer(path, device="cpu"):
             raise ValueError(f"{path}: a warping face renderer without its reference head ({', '.join(bad)} missing "
                              f"or of the wrong size)")
         reference = {k: v.float() for k, v in reference.items()}
-    return TrainedRenderer(generator, config, tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM)),
+    cam = tuple(float(c) for c in ckpt.get("cam", DEFAULT_CAM))
+    for values in (np.asarray(cam), *(reference or {}).values()):
+        check_finite(values, path, "the camera or reference head it was trained with")
+    return TrainedRenderer(generator, config, cam,
                            dict(flame=ckpt.get("flame"), flame_sha256=ckpt.get("flame_sha256")), str(path), reference)
 
 
 def load_reference(path, size=IMAGE_SIZE):
-    """Reference portrait file (png/jpg, any size) -> float (3, size, size) in [-1, 1]."""
+    """Reference portrait file (any format Pillow reads, size to MAX_IMAGE_SIDE a side) -> float (3, size, size)
+    in [-1, 1]; one smaller than size a side is refused (the renderer would see it blurred)."""
+    with open_reference(path) as image:
+        if min(image.size) < size:
+            raise ValueError(f"{path}: {image.size[0]}x{image.size[1]} pixels, smaller than the {size}x{size} the "
+                             f"renderer takes; give a larger portrait")
+        try:
+            pixels = rgb_pixels(image)
+        except (OSError, ValueError) as error:                  # damage Pillow meets while decoding
+            raise ValueError(f"{path}: not a readable image ({first_line(error)})") from None
+    return image_tensor(pixels, size)
+
+
+def open_reference(path):
+    """A reference portrait opened by Pillow, which reads the size from the header: a file that is not an image,
+    or one over MAX_IMAGE_SIDE a side, is refused before any pixel is decoded."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such reference image")
     try:
-        image = imageio.imread(path)
-    except Exception as error:
-        raise ValueError(f"{path}: not a readable image ({str(error).splitlines()[0]})") from None
-    if image.dtype != np.uint8 or image.ndim not in (2, 3):
-        raise ValueError(f"{path}: expected an 8-bit grey or RGB image, got {image.dtype} {image.shape}")
-    return image_tensor(image, size)
+        with warnings.catch_warnings():              # Pillow's warning of a huge picture: ours is the refusal
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError:             # over 179 M pixels, so over MAX_IMAGE_SIDE a side
+        raise ValueError(f"{path}: larger than {MAX_IMAGE_SIDE} pixels a side; give a smaller portrait") from None
+    except (OSError, ValueError) as error:
+        why = "not an image format Pillow reads" if isinstance(error, Image.UnidentifiedImageError) else error
+        raise ValueError(f"{path}: not a readable image ({why})") from None
+    if max(image.size) > MAX_IMAGE_SIDE:
+        image.close()
+        raise ValueError(f"{path}: {image.size[0]}x{image.size[1]} pixels, larger than {MAX_IMAGE_SIDE} a side; "
+                         f"give a smaller portrait")
+    return image
+
+
+def rgb_pixels(image):
+    """A Pillow image -> uint8 (H, W, 3), the RGB picture a viewer shows: turned upright by its EXIF orientation,
+    grey, palette and CMYK converted, alpha dropped, 16-bit grey scaled to 8 bits (Pillow would clip it)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        grey = np.asarray(image, dtype=np.float64)
+        if grey.min() < 0 or grey.max() > 65535:
+            raise ValueError(f"{image.mode} pixels outside 0..65535")
+        return np.repeat(np.round(grey / 257).astype(np.uint8)[..., None], 3, axis=-1)
+    if image.mode == "F":
+        raise ValueError("floating-point pixels, which have no agreed brightness range; save it as 8 or 16 bits")
+    if image.mode in ("P", "PA"):                    # a palette's transparency, without Pillow's warning about it
+        image = image.convert("RGBA")
+    return np.array(image.convert("RGB"))                  # a copy torch may write to
 
 
 def write_motion(out_dir, motion, flame, shape, song, size=PREVIEW_SIZE):
@@ -645,6 +705,7 @@ def write_motion(out_dir, motion, flame, shape, song, size=PREVIEW_SIZE):
     (the shaded head, size x size, with the song as sound: samples, or a SongMix read a block at a time); each file
     appears under its name only when complete and is announced then. Meshes and landmarks are made RENDER_BATCH
     frames at a time and never held whole, so memory does not grow with the song."""
+    check_finite(motion, out_dir / "sample_0.npz", "the motion")         # before any take is written
     out_dir.mkdir(parents=True, exist_ok=True)
     shape_t = torch.as_tensor(shape, dtype=torch.float32)
     frames_done = Progress(motion.shape[0] * motion.shape[1], "frame", lines=PROGRESS_LINES)
@@ -656,9 +717,11 @@ def write_motion(out_dir, motion, flame, shape, song, size=PREVIEW_SIZE):
     for k, m in enumerate(motion):
         m_t = torch.from_numpy(m)
 
-        def meshes():                                                                          # (b, V, 3) each
+        def meshes():                                    # (b, V, 3) each; checked, as a huge motion overflows
             for lo in range(0, len(m_t), RENDER_BATCH):
-                yield flame.from_motion(shape_t, m_t[lo:lo + RENDER_BATCH])
+                verts = flame.from_motion(shape_t, m_t[lo:lo + RENDER_BATCH])
+                check_finite(verts, out_dir / f"sample_{k}.npz", f"the head of frames {lo}.. of take {k}")
+                yield verts
 
         landmarks = (flame.landmarks(verts).numpy() for verts in meshes())                     # (b, 68, 3) each
         save_npz(out_dir / f"sample_{k}.npz", dict(motion=m, shape=shape, fps=np.asarray(FPS)),
@@ -775,9 +838,10 @@ def write_grid(path, motion, flame, shape, voice, size=PREVIEW_SIZE):
     rows = -(-n_takes // cols)
     shape_t = torch.as_tensor(shape, dtype=torch.float32)
     background = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8)
+    step = max(1, min(PREVIEW_BATCH, GRID_BATCH_PIXELS // (rows * cols * size * size)))
     with VideoWriter(path, (rows * size, cols * size), FPS, voice, preset=PREVIEW_PRESET) as video:
-        for start in range(0, n_frames, PREVIEW_BATCH):
-            batch = torch.from_numpy(motion[:, start:start + PREVIEW_BATCH])                       # (S, b, 59)
+        for start in range(0, n_frames, step):
+            batch = torch.from_numpy(motion[:, start:start + step])                               # (S, b, 59)
             frames = background.expand(batch.shape[1], rows * size, cols * size, 3).clone()      # (b, H, W, 3)
             for k, m in enumerate(batch):
                 r, c = divmod(k, cols)
@@ -789,14 +853,21 @@ def write_grid(path, motion, flame, shape, voice, size=PREVIEW_SIZE):
 
 def read_shape(path):
     """A FLAME shape from a .npy file -> float32 (100,): trackers write 50 to 300 coefficients, so longer vectors
-    are cut to 100 and shorter ones padded with zeros (the mean head); a bad file is refused naming it."""
+    are cut to 100 and shorter ones padded with zeros (the mean head); one row ((1, N), as DECA saves it) counts
+    as a vector. A bad file is refused naming it, its header's claimed size checked before anything is read."""
     try:
-        values = np.asarray(np.load(path), dtype=np.float32).reshape(-1)
+        with open(path, "rb") as file:
+            dims, dtype = read_npy_header(file, os.fstat(file.fileno()).st_size)
+            if dtype.kind not in "fiu":
+                raise ValueError(f"{dtype} values; a FLAME shape is real numbers")
+            if sum(n > 1 for n in dims) > 1:
+                raise ValueError(f"an array of shape {dims}; a FLAME shape is one row of coefficients")
+        values = np.load(path, allow_pickle=False).reshape(-1)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable .npy array of numbers ({err})") from None
-    if values.size == 0 or not np.isfinite(values).all():
-        raise ValueError(f"{path}: a FLAME shape must be a non-empty array of finite numbers")
-    return np.pad(values[:N_SHAPE], (0, max(0, N_SHAPE - values.size)))
+        raise ValueError(f"{path}: not a FLAME shape .npy ({getattr(err, 'strerror', None) or err})") from None
+    if values.size == 0 or not np.isfinite(values).all() or np.abs(values).max() > np.finfo(np.float32).max:
+        raise ValueError(f"{path}: a FLAME shape must be a non-empty array of finite float32 numbers")
+    return np.pad(values[:N_SHAPE].astype(np.float32), (0, max(0, N_SHAPE - values.size)))
 
 
 def check_file(path, what, hint=""):
@@ -810,15 +881,20 @@ def check_file(path, what, hint=""):
 
 def parse_args(argv=None):
     p = Parser(description="Singing audio -> FLAME motion (and portrait video).")
-    p.add_argument("--audio", required=True, help="singing voice: wav, flac, mp3, ... (stereo is mixed down)")
+    p.add_argument("--audio", help="singing voice: wav, flac, mp3, ... (stereo is mixed down); required unless --song")
     p.add_argument("--bgm", help="background music (default: silence)")
+    p.add_argument("--song", help="one mixed song, voice and band together (any format --audio takes): its voice "
+                                  "and accompaniment are estimated and given to the model as --audio and --bgm")
+    p.add_argument("--stems", metavar="DIR", help="with --song: also write the two estimates the model heard as "
+                                                  "DIR/voice.wav and DIR/accompaniment.wav")
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="motion checkpoint from train.py")
     p.add_argument("--person", help="use the shape of this person from the checkpoint's training data")
     p.add_argument("--shape", help=".npy file with a 100-d FLAME shape")
     p.add_argument("--flame", help="FLAME model file: the checkpoint's own (checked by sha256), where it has moved")
-    p.add_argument("--samples", type=int, default=1, help="number of diverse takes (at least 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image", help="reference portrait (with --renderer: writes the portrait video)")
+    p.add_argument("--samples", type=int, default=1, help=f"number of diverse takes (1 to {MAX_SAMPLES})")
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help=f"seed of the takes' z (0 to {MAX_SEED})")
+    p.add_argument("--image", help=f"reference portrait (with --renderer: writes the portrait video); any format "
+                                   f"Pillow reads, from the renderer's size to {MAX_IMAGE_SIDE} pixels a side")
     p.add_argument("--renderer", help="face renderer checkpoint from `train.py --stage render` (with --image)")
     p.add_argument("--voice-only", action="store_true",
                    help="previews and portrait video carry the voice alone (default: voice mixed with --bgm)")
@@ -827,62 +903,114 @@ def parse_args(argv=None):
                    help="also write each take as a glTF 2.0 sample_K.glb, the song as sample_K.wav beside it")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     knobs = p.add_argument_group("controls (0 holds a part at the training mean motion, 1 leaves the take as it is)")
-    knobs.add_argument("--temperature", type=float, default=1.0, help="z ~ N(0, T^2 I): 0 gives every take z = 0")
-    knobs.add_argument("--pose-scale", type=float, default=1.0, help="scale of the head pose (global + neck)")
-    knobs.add_argument("--expression-scale", type=float, default=1.0, help="scale of the expression and jaw")
+    knobs.add_argument("--temperature", type=CONTROL, default=1.0,
+                       help=f"z ~ N(0, T^2 I): 0 gives every take z = 0 ({CONTROL})")
+    knobs.add_argument("--pose-scale", type=CONTROL, default=1.0, help=f"scale of the head pose (global + neck) "
+                                                                        f"({CONTROL})")
+    knobs.add_argument("--expression-scale", type=CONTROL, default=1.0, help=f"scale of the expression and jaw "
+                                                                              f"({CONTROL})")
     knobs.add_argument("--still", action="store_true", help="head pose held at the mean (as --pose-scale 0)")
     p.add_argument("--grid", action="store_true", help="also write grid.mp4: every take side by side, with sound")
-    p.add_argument("--size", type=int, default=PREVIEW_SIZE, help="pixels a side of the shaded previews")
+    p.add_argument("--size", type=int, default=PREVIEW_SIZE,
+                   help=f"pixels a side of the shaded previews (even, {MIN_PREVIEW_SIZE} to {MAX_PREVIEW_SIZE})")
     live = p.add_argument_group("live streaming (one take, fed in chunks, frames out as soon as they are final)")
     live.add_argument("--stream", action="store_true", help="generate through MotionStream instead of whole windows")
-    live.add_argument("--chunk-ms", type=float, default=STREAM_CHUNK_MS, help="audio chunk size fed at a time")
-    live.add_argument("--lookahead-ms", type=float, default=STREAM_LOOKAHEAD * 1000 / FPS,
-                      help="audio after a frame the stream waits for before the frame is final")
-    live.add_argument("--window-s", type=float, default=CLIP_FRAMES / FPS, help="audio each stream pass reads")
+    ranges = STREAM_RANGES
+    live.add_argument("--chunk-ms", type=ranges["chunk_ms"], default=STREAM_CHUNK_MS,
+                      help=f"audio chunk size fed at a time ({ranges['chunk_ms']})")
+    live.add_argument("--lookahead-ms", type=ranges["lookahead_ms"], default=STREAM_LOOKAHEAD * 1000 / FPS,
+                      help=f"audio after a frame the stream waits for before the frame is final "
+                           f"({ranges['lookahead_ms']}, below --window-s)")
+    live.add_argument("--window-s", type=ranges["window_s"], default=CLIP_FRAMES / FPS,
+                      help=f"audio each stream pass reads ({ranges['window_s']})")
     live.add_argument("--fast", action="store_true", help="feed the file as fast as possible, not at real-time pace")
     args = p.parse_args(argv)
     args.controls = Controls(args.samples, args.seed, args.temperature, args.pose_scale, args.expression_scale,
                              args.still)
     args.lookahead, args.window = round(args.lookahead_ms * FPS / 1000), round(args.window_s * FPS)
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
-    if args.stream and (args.samples != 1 or args.chunk_ms <= 0 or not 0 <= args.lookahead < args.window):
-        p.error("--stream plays one take (--samples 1), with --chunk-ms > 0 and 0 <= --lookahead-ms < --window-s")
+    if args.song and (args.audio or args.bgm):
+        p.error("--song is the voice and the band mixed: give it alone, or the two apart as --audio and --bgm")
+    if not (args.song or args.audio):
+        p.error("the following arguments are required: --audio (or --song)")
+    if args.stems and not args.song:
+        p.error("--stems writes the voice and accompaniment estimated from a --song: give --song")
+    if args.stream and args.song:
+        p.error("--stream with --song: separating a mixed song needs about 30 s of it at a time, far beyond the "
+                "stream's latency; separate it first (--song SONG --stems DIR), then stream --audio DIR/voice.wav "
+                "--bgm DIR/accompaniment.wav")
+    if args.stream and (args.samples != 1 or not 0 <= args.lookahead < args.window):
+        p.error("--stream plays one take (--samples 1), with 0 <= --lookahead-ms < --window-s")
     return args
 
 
 def check_inputs(args):
-    """Every argument and input file checked before a model is loaded or anything is written. Returns the voice
-    and music (AudioFiles, read a stretch at a time: any song length) and the --shape (or None)."""
-    if args.samples < 1:
-        raise ValueError(f"--samples {args.samples}: must be at least 1")
-    if args.size < MIN_PREVIEW_SIZE or args.size % 2:
+    """Every argument, input file and output folder checked before a model is loaded or anything is written.
+    Returns the sound (the voice, or with --song the mixed song: AudioFiles, read a stretch at a time, so any
+    length), the music (or None) and the --shape (or None)."""
+    if not 1 <= args.samples <= MAX_SAMPLES:
+        raise ValueError(f"--samples {args.samples}: must be at least 1 and at most {MAX_SAMPLES}")
+    if not MIN_PREVIEW_SIZE <= args.size <= MAX_PREVIEW_SIZE or args.size % 2:
         raise ValueError(f"--size {args.size}: must be even (the video encoder's 4:2:0 colour) and at least "
-                         f"{MIN_PREVIEW_SIZE}")
+                         f"{MIN_PREVIEW_SIZE}, at most {MAX_PREVIEW_SIZE}")
     if bool(args.image) != bool(args.renderer):
         given, missing = ("--image", "--renderer") if args.image else ("--renderer", "--image")
         raise ValueError(f"{given} without {missing}: the portrait video needs both (the reference image of "
                          f"`train.py --stage render` is out/render/reference.png, its checkpoint out/render/best.pt)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a folder")
+    check_device(args.device)
+    check_output_folder(args.out, "sample_0.npz")
+    if args.stems:
+        check_output_folder(args.stems, f"{STEMS[0]}.wav", "--stems")
     check_file(args.checkpoint, "motion checkpoint", "; train one with `python train.py --stage motion` (writes "
                                                      "out/motion/best.pt) or pass --checkpoint PATH")
-    voice = AudioFile(args.audio)
-    if song_frames(len(voice)) < 1:
-        raise ValueError(f"{args.audio}: {len(voice) / SAMPLE_RATE:.3f} s of audio is shorter than one motion "
+    source = args.song or args.audio
+    sound = AudioFile(source)
+    if args.song and len(sound) < SONG_MIN_S * SAMPLE_RATE:
+        raise ValueError(f"{source}: {len(sound) / SAMPLE_RATE:.3f} s of song; telling its voice from its band "
+                         f"needs {SONG_MIN_S:g} s at least")
+    if song_frames(len(sound)) < 1:
+        raise ValueError(f"{source}: {len(sound) / SAMPLE_RATE:.3f} s of audio is shorter than one motion "
                          f"frame (1/{FPS} s)")
     bgm = AudioFile(args.bgm) if args.bgm else None
     shape = read_shape(args.shape) if args.shape else None
     if args.image:
-        load_reference(args.image)
+        open_reference(args.image).close()            # an image, not too large: said before the renderer is read
         check_file(args.renderer, "renderer checkpoint", "; train one with `python train.py --stage render`")
-        load_renderer(args.renderer)                  # a damaged one is refused now, not after the whole song
+        renderer = load_renderer(args.renderer)       # a damaged one is refused now, not after the whole song
+        load_reference(args.image, renderer.config.image_size)     # decoded: damage or a small one refused now
     if args.flame:
         check_file(args.flame, "FLAME model file")
-    return voice, bgm, shape
+    return sound, bgm, shape
+
+
+def separate_song(song, name, folder, keep):
+    """The mixed song (an AudioFile) -> (voice, accompaniment) estimates, separated a stretch at a time by
+    audio.separate_stream and written as 16-bit wavs in folder: voice.wav and accompaniment.wav when keep (each
+    appears whole), else hidden temporaries the caller removes. A silent song, or one whose voice estimate holds
+    almost nothing, is refused naming `name`. Returns the two paths."""
+    from audio import separate_stream                # here: the import lines above the banner list the method's
+    paths = [Path(folder) / (f"{stem}.wav" if keep else f".{stem}.{os.getpid()}.tmp.wav") for stem in STEMS]
+    started, peak, energy = time.perf_counter(), 0.0, np.zeros(2)       # energy: the song's, the voice's
+    print(f"separating the voice and the accompaniment of {name} ({len(song) / SAMPLE_RATE:.1f} s)", flush=True)
+    with wav_writer(paths[0]) as write_voice, wav_writer(paths[1]) as write_band:
+        for voice, band in separate_stream(lambda a, b: song[a:b], len(song)):
+            voiced = voice.astype(np.float64)
+            mix = voiced + band
+            peak, energy = max(peak, float(np.abs(mix).max(initial=0))), energy + [mix @ mix, voiced @ voiced]
+            write_voice(voice)
+            write_band(band)
+        if peak < SILENT_PEAK:
+            raise ValueError(f"{name}: the song is silent (no sample louder than {20 * np.log10(SILENT_PEAK):.0f} "
+                             f"dBFS); there is no voice to animate")
+        if energy[1] < NO_VOICE_SHARE * energy[0]:
+            raise ValueError(f"{name}: no voice found in the song (its voice estimate holds "
+                             f"{energy[1] / energy[0]:.2%} of its energy); give the song with singing, or the "
+                             f"voice as --audio")
+    print(f"separated {name} into voice ({energy[1] / energy[0]:.0%} of its energy) and accompaniment in "
+          f"{time.perf_counter() - started:.1f} s", flush=True)
+    if keep:
+        for path, stem in zip(paths, STEMS):
+            announce(path, f"the {stem} estimated from {name}, as the model heard it")
+    return paths
 
 
 def person_shape(trained, shape, person, checkpoint):
@@ -896,14 +1024,29 @@ def person_shape(trained, shape, person, checkpoint):
 
 def command(argv=None):
     args = parse_args(argv)
-    voice, bgm, shape = check_inputs(args)
+    sound, bgm, shape = check_inputs(args)
+    with output_folder(args.out), output_folder(args.stems):     # one this run made goes again if it fails
+        if not args.song:
+            return animate(args, sound, bgm, shape, args.audio)
+        stems = separate_song(sound, args.song, args.stems or args.out, keep=bool(args.stems))
+        try:
+            animate(args, AudioFile(stems[0]), AudioFile(stems[1]), shape, args.song, mix=sound)
+        finally:
+            if not args.stems:
+                for path in stems:
+                    path.unlink(missing_ok=True)
+
+
+def animate(args, voice, bgm, shape, source, mix=None):
+    """The model on voice and music (AudioFiles), then every output; source names the song in messages, mix is
+    the song as heard when the voice and music were separated from it (the previews carry it)."""
     out, n_frames = Path(args.out), song_frames(len(voice))
     trained = load_checkpoint(args.checkpoint, args.device)
     import builtin           # the head a checkpoint names, or the stand-in head of one trained on built-in data
     flame = builtin.load_flame(builtin.resolve_flame(trained.flame_record, args.flame, args.checkpoint))
     shape = person_shape(trained, shape, args.person, args.checkpoint)
     if n_frames < CLIP_FRAMES:
-        print(f"note: {args.audio} is {len(voice) / SAMPLE_RATE:.2f} s, shorter than one motion window "
+        print(f"note: {source} is {len(voice) / SAMPLE_RATE:.2f} s, shorter than one motion window "
               f"({CLIP_FRAMES / FPS:.0f} s): the model hears it padded with silence, and the {n_frames} frames "
               f"of the song are kept", flush=True)
     t0 = time.time()
@@ -913,11 +1056,13 @@ def command(argv=None):
         motion = take[None]
         print(stream_summary(stats, realtime=not args.fast))
     else:
-        motion = generate(trained.model, voice, bgm, shape, args.controls, progress=True)
+        batch = max(1, min(8, GENERATE_BATCH // args.samples))   # windows at once: takes x windows stay bounded
+        motion = generate(trained.model, voice, bgm, shape, args.controls, batch_windows=batch, progress=True)
     seconds = time.time() - t0
+    check_finite(motion, args.checkpoint, f"the motion made of {source} (nothing written)")
     print(f"{motion.shape[0]} take(s) of {motion.shape[1]} frames in {seconds:.2f} s "
           f"({motion.shape[0] * motion.shape[1] / seconds:.0f} frames/s)", flush=True)
-    song = voice if bgm is None or args.voice_only else SongMix(voice, bgm)
+    song = voice if bgm is None or args.voice_only else mix if mix is not None else SongMix(voice, bgm)
     write_motion(out, motion, flame, shape, song, args.size)
     if args.glb:
         for k, m in enumerate(motion):
