@@ -112,8 +112,8 @@ class ConvLayer(nn.Module):
 
     def forward(self, x):  # x (B, N, C_in) -> (B, T, C_out)
         y = self._conv(x)
-        if self.norm_kind == "group":                      # GroupNorm normalises channels-first input
-            y = self.norm(y.transpose(1, 2)).transpose(1, 2)
+        if self.norm_kind == "group":  # seen as (B, C, 1, T), y is channels-last to GroupNorm: no transposing copy
+            y = self.norm(y.transpose(1, 2)[:, :, None]).squeeze(2).transpose(1, 2)
         elif self.norm_kind == "layer":
             y = self.norm(y)
         return self.act(y)
