@@ -113,15 +113,6 @@ def _radius(d):
     return (head ** 10 + neck ** 10) ** 0.1                            # soft max: head united with neck
 
 
-def _grid():
-    """Polar angles (R,) of the rings and azimuths (L,) of the meridians, denser over the face."""
-    u = np.arange(1, N_RINGS + 1) / (N_RINGS + 1)
-    u = u - RING_DENSITY * (np.sin(2 * math.pi * (u - FACE_CENTRE_U))
-                            + math.sin(2 * math.pi * FACE_CENTRE_U)) / (2 * math.pi)
-    x = -1 + 2 * np.arange(N_LON) / N_LON
-    return math.pi * u, math.pi * (x - LON_DENSITY * np.sin(math.pi * x) / math.pi)
-
-
 def _faces(R, L):
     """Triangles of the closed grid: top cap, bands between rings, bottom cap (outward, counter-clockwise)."""
     ring = lambda i, j: 1 + i * L + (j % L)
@@ -134,10 +125,11 @@ def _faces(R, L):
     return np.concatenate([top, bands, bottom]).astype(np.int64)
 
 
-def _landmark_chart(a_mouth):
-    """iBUG-68 landmarks as (polar angle, azimuth, lip side): side +1 on the upper lip's edge of the
-    seam, -1 on the lower lip's, 0 elsewhere. Subject's right (iBUG 0, 36, 48) is -x."""
-    pts = []
+def _landmarks(head):
+    """Face ids (68,) and barycentric coordinates (68, 3) on the grid's band triangles of the iBUG-68 landmarks,
+    placed on the chart as (polar angle, azimuth, lip side): side +1 on the upper lip's edge of the seam, -1 on the
+    lower lip's, 0 elsewhere. Subject's right (iBUG 0, 36, 48) is -x."""
+    pts, a_mouth, L = [], head.a_mouth, len(head.lon_phi)
     t = np.linspace(-1, 1, 17)                                                        # 0-16 jaw contour
     pts += [(0.45 * math.pi + 0.31 * math.pi * (1 - abs(s) ** 1.6), 1.2 * s, 0) for s in t]
     pts += [(BROW_A - 0.02 * math.pi * math.sin(math.pi * k / 4), p, 0)              # 17-26 brows
@@ -154,19 +146,14 @@ def _landmark_chart(a_mouth):
     pts += [(a_mouth, pw, 0)] + [(a_mouth + 0.055, p, 0) for p in (0.17, 0.08, 0, -0.08, -0.17)]    # 54-59
     pts += [(a_mouth, -0.9 * pw, 1)] + [(a_mouth, p, 1) for p in (-0.1, 0, 0.1)]                    # 60-63
     pts += [(a_mouth, 0.9 * pw, 1)] + [(a_mouth, p, -1) for p in (0.1, 0, -0.1)]                    # 64-67
-    return pts
-
-
-def _embed_landmarks(pts, rings_a, lon_phi, L, mouth_ring):
-    """Face ids (68,) and barycentric coordinates (68, 3) of chart points on the grid's band triangles."""
     faces, bary = [], []
     for a, phi, side in pts:
         if side:  # on the seam: bottom edge of the band above (upper lip) or top edge of the band below
-            i, fu = (mouth_ring - 1, 1.0) if side > 0 else (mouth_ring, 0.0)
+            i, fu = (head.mouth_ring - 1, 1.0) if side > 0 else (head.mouth_ring, 0.0)
         else:
-            u = float(np.interp(a, rings_a, np.arange(len(rings_a))))
+            u = float(np.interp(a, head.rings_a, np.arange(len(head.rings_a))))
             i, fu = int(u), u - int(u)
-        v = float(np.interp(phi, lon_phi, np.arange(L)))
+        v = float(np.interp(phi, head.lon_phi, np.arange(L)))
         j, fv = int(v), v - int(v)
         first = L + 2 * (i * L + j)
         if fu + fv <= 1:
@@ -185,19 +172,37 @@ def procedural_head(seed=0):
     squint, nose wrinkle, jaw shift, funnel); the rest are smooth random fields, the only part the seed sets."""
     rng = np.random.default_rng(seed)
     h = _head_surface()
-    weights, jaw, root = _skinning_weights(h)
-    lmk_faces, lmk_bary = _embed_landmarks(_landmark_chart(h.a_mouth), h.rings_a, h.lon_phi, h.L, h.mouth_ring)
-    return {   # the blendshapes draw from rng before the pose correctives
-        'v_template': h.verts, 'shapedirs': _blendshapes(h, jaw, rng), 'posedirs': _pose_dirs(h, jaw, root, rng),
-        'J_regressor': _joint_regressor(h.verts), 'weights': weights,
-        'kintree_table': np.array([[-1, 0, 1, 1, 1], np.arange(5)]),
-        'f': h.faces, 'lmk_faces_idx': lmk_faces, 'lmk_bary_coords': lmk_bary, 'masks': _head_masks(h),
-    }
+    # skinning weights on root, neck and jaw: the jaw's share fades under the chin
+    jaw = h.lower * h.front * (1 - smoothstep((h.a - 0.76 * math.pi) / (0.17 * math.pi)))
+    root = smoothstep((-0.12 - h.verts[:, 1]) / 0.05)
+    weights = np.zeros((len(h.verts), N_JOINTS))
+    weights[:, 0], weights[:, 1], weights[:, 2] = root, (1 - root) * (1 - jaw), (1 - root) * jaw
+    shapedirs = _blendshapes(h, jaw, rng)                       # draws from rng before the pose correctives
+    # pose correctives (V, 3, 36), columns 9·(joint - 1) + entry of (R - I): smooth fields where skinning weights
+    # blend (the crease where neck meets head, the cheeks the jaw stretches)
+    posedirs = np.zeros((len(h.verts), 3, N_POSE_FEATURES))
+    for joint, influence in ((1, root * (1 - root) * 4), (2, jaw * (1 - jaw) * 4 + 0.5 * jaw)):
+        for entry in range(9):
+            wave = rng.normal(size=3) * 20.0
+            field = np.cos(h.verts @ wave + rng.uniform(0, 2 * math.pi))
+            posedirs[:, :, 9 * (joint - 1) + entry] = h.normals * (0.004 * influence * field)[:, None]
+    lmk_faces, lmk_bary = _landmarks(h)
+    # FLAME_masks.pkl's regions: vertex ids of face, lips, forehead, eyes, neck
+    a, phi, y = h.a, h.phi, h.verts[:, 1]
+    forehead = np.nonzero((abs(phi) < 0.8) & (a > 0.2 * math.pi) & (a < BROW_A))[0]
+    eye_region = np.nonzero((abs(abs(phi) - EYE_PHI) < 0.25) & (a >= BROW_A) & (a < EYE_A + 0.06 * math.pi))[0]
+    masks = dict(face=np.nonzero((abs(phi) < 1.05) & (a > 0.28 * math.pi) & (a < 0.8 * math.pi) & (y > -0.11))[0],
+                 lips=np.nonzero((abs(phi) < MOUTH_HALF_WIDTH + 0.1) & (abs(h.below_m) < 0.011))[0],
+                 forehead=forehead, eye_region=eye_region, upper_face=np.union1d(forehead, eye_region),
+                 neck=np.nonzero(y < -0.11)[0])
+    return dict(v_template=h.verts, shapedirs=shapedirs, posedirs=posedirs, J_regressor=_joint_regressor(h.verts),
+                weights=weights, kintree_table=np.array([[-1, 0, 1, 1, 1], np.arange(5)]), f=h.faces,
+                lmk_faces_idx=lmk_faces, lmk_bary_coords=lmk_bary, masks=masks)
 
 
 @dataclass
 class HeadSurface:
-    """The stand-in head's rest mesh and its chart, shared by the blendshapes, weights and masks."""
+    """The stand-in head's rest mesh and its chart, shared by the blendshapes, weights, landmarks and masks."""
     verts: np.ndarray          # (V, 3) metres
     faces: np.ndarray          # (F, 3)
     normals: np.ndarray        # (V, 3)
@@ -205,7 +210,6 @@ class HeadSurface:
     phi: np.ndarray            # (V,) azimuth from +z toward +x
     rings_a: np.ndarray        # (R,) the rings' polar angles
     lon_phi: np.ndarray        # (L,) the meridians' azimuths
-    L: int
     mouth_ring: int
     a_mouth: float
     lower: np.ndarray          # (V,) 1 below the lips' seam, 0 above
@@ -216,7 +220,11 @@ class HeadSurface:
 def _head_surface():
     """The deformed sphere with its lips' seam cut: the band below the mouth ring uses copies of the seam's
     inner vertices, so the lower lip can part from the upper."""
-    rings_a, lon_phi = _grid()
+    u = np.arange(1, N_RINGS + 1) / (N_RINGS + 1)                       # rings and meridians denser over the face
+    u = u - RING_DENSITY * (np.sin(2 * math.pi * (u - FACE_CENTRE_U))
+                            + math.sin(2 * math.pi * FACE_CENTRE_U)) / (2 * math.pi)
+    x = -1 + 2 * np.arange(N_LON) / N_LON
+    rings_a, lon_phi = math.pi * u, math.pi * (x - LON_DENSITY * np.sin(math.pi * x) / math.pi)
     R, L = len(rings_a), len(lon_phi)
     A, P = np.meshgrid(rings_a, lon_phi, indexing='ij')
     a = np.concatenate([[0.0], A.reshape(-1), [math.pi]])                           # (V0,)
@@ -246,16 +254,7 @@ def _head_surface():
     lower = smoothstep(0.5 + below_m / (2 * blend))
     lower[lip_side == 1], lower[lip_side == -1] = 0.0, 1.0
     front = 1 - smoothstep((abs(phi) - 1.1) / 0.6)
-    return HeadSurface(verts, faces, normals, a, phi, rings_a, lon_phi, L, mouth_ring, a_mouth, lower, below_m, front)
-
-
-def _skinning_weights(h):
-    """Weights (V, 5) on root, neck and jaw; the jaw's and the root's shares (V,) each."""
-    jaw = h.lower * h.front * (1 - smoothstep((h.a - 0.76 * math.pi) / (0.17 * math.pi)))  # fades under the chin
-    root = smoothstep((-0.12 - h.verts[:, 1]) / 0.05)
-    weights = np.zeros((len(h.verts), N_JOINTS))
-    weights[:, 0], weights[:, 1], weights[:, 2] = root, (1 - root) * (1 - jaw), (1 - root) * jaw
-    return weights, jaw, root
+    return HeadSurface(verts, faces, normals, a, phi, rings_a, lon_phi, mouth_ring, a_mouth, lower, below_m, front)
 
 
 def _joint_regressor(verts):
@@ -266,14 +265,10 @@ def _joint_regressor(verts):
         d0 = np.array([math.sin(a0) * math.sin(phi0), math.cos(a0), math.sin(a0) * math.cos(phi0)])
         return d0 * (_radius(d0[None])[0] + _relief(a0, phi0))
     rim = lambda s: [surface(EYE_A + da, s * EYE_PHI + dp) for da, dp in ((-0.06, 0), (0.06, 0), (0, -0.12), (0, 0.12))]
-    joint_sets = [
-        nearest([(0.03, NECK_BOTTOM, NECK_Z), (-0.03, NECK_BOTTOM, NECK_Z),
-                 (0, NECK_BOTTOM, NECK_Z + 0.03), (0, NECK_BOTTOM, NECK_Z - 0.03)]),
-        nearest([(NECK_RADIUS, -0.11, NECK_Z), (-NECK_RADIUS, -0.11, NECK_Z)]),
-        nearest([JAW_PIVOT, JAW_PIVOT * [-1, 1, 1]]),
-        nearest(rim(1)),
-        nearest(rim(-1)),
-    ]
+    joint_sets = [nearest([(0.03, NECK_BOTTOM, NECK_Z), (-0.03, NECK_BOTTOM, NECK_Z),                  # root
+                           (0, NECK_BOTTOM, NECK_Z + 0.03), (0, NECK_BOTTOM, NECK_Z - 0.03)]),
+                  nearest([(NECK_RADIUS, -0.11, NECK_Z), (-NECK_RADIUS, -0.11, NECK_Z)]),          # neck
+                  nearest([JAW_PIVOT, JAW_PIVOT * [-1, 1, 1]]), nearest(rim(1)), nearest(rim(-1))]  # jaw, eyes
     J_regressor = np.zeros((N_JOINTS, len(verts)))
     for j, ids in enumerate(joint_sets):
         np.add.at(J_regressor[j], ids, 1.0 / len(ids))
@@ -349,33 +344,6 @@ def _blendshapes(h, jaw, rng):
     return np.stack(shape + expr, 2)
 
 
-def _pose_dirs(h, jaw, root, rng):
-    """Pose correctives (V, 3, 36), columns 9·(joint - 1) + entry of (R - I): smooth fields where skinning weights
-    blend (the crease where neck meets head, the cheeks the jaw stretches)."""
-    posedirs = np.zeros((len(h.verts), 3, N_POSE_FEATURES))
-    for joint, influence in ((1, root * (1 - root) * 4), (2, jaw * (1 - jaw) * 4 + 0.5 * jaw)):
-        for entry in range(9):
-            wave = rng.normal(size=3) * 20.0
-            field = np.cos(h.verts @ wave + rng.uniform(0, 2 * math.pi))
-            posedirs[:, :, 9 * (joint - 1) + entry] = h.normals * (0.004 * influence * field)[:, None]
-    return posedirs
-
-
-def _head_masks(h):
-    """FLAME_masks.pkl's regions on the stand-in head: vertex ids of face, lips, forehead, eyes, neck."""
-    a, phi, y = h.a, h.phi, h.verts[:, 1]
-    forehead = np.nonzero((abs(phi) < 0.8) & (a > 0.2 * math.pi) & (a < BROW_A))[0]
-    eye_region = np.nonzero((abs(abs(phi) - EYE_PHI) < 0.25) & (a >= BROW_A) & (a < EYE_A + 0.06 * math.pi))[0]
-    return {
-        'face': np.nonzero((abs(phi) < 1.05) & (a > 0.28 * math.pi) & (a < 0.8 * math.pi) & (y > -0.11))[0],
-        'lips': np.nonzero((abs(phi) < MOUTH_HALF_WIDTH + 0.1) & (abs(h.below_m) < 0.011))[0],
-        'forehead': forehead,
-        'eye_region': eye_region,
-        'upper_face': np.union1d(forehead, eye_region),
-        'neck': np.nonzero(y < -0.11)[0],
-    }
-
-
 def stand_in_flame(seed=0, dtype=torch.float32):
     """The stand-in head as a flame.Flame (what every command uses when no FLAME file is given)."""
     head = procedural_head(seed)
@@ -436,19 +404,17 @@ def make_person(index, seed):
     cam[1:] += rng.uniform(-0.01, 0.01, 2)                     # metres, before scaling
     expression_offset = np.pad(rng.normal(0, 0.1, 10), (0, N_EXPR - 10))
     pose_offset = np.pad(rng.normal(0, 0.03, 6), (0, N_POSE - 6))
+    looks = np.random.default_rng([seed, index, 0, 1])         # its own stream: the voice and motion stay
+    hair = looks.choice([(40, 28, 22), (70, 45, 30), (20, 18, 18), (120, 85, 50)]) * looks.uniform(0.85, 1.15)
+    iris = looks.choice([(85, 55, 35), (60, 90, 120), (80, 100, 60), (50, 35, 25)]) * looks.uniform(0.9, 1.1)
     return Person(name=f"id{index}", shape=shape, cam=cam, register=int(rng.integers(50, 62)),
                   vibrato_rate=rng.uniform(5.0, 6.0), jaw_gain=rng.uniform(0.8, 1.2), mouth_gain=rng.uniform(0.8, 1.2),
                   brow_gain=rng.uniform(0.6, 1.0), nod_gain=rng.uniform(0.05, 0.09), pose_offset=pose_offset,
                   expression_offset=expression_offset, skin=rng.uniform([170, 120, 100], [240, 190, 170]),
-                  background=rng.uniform(20, 90, 3), looks=make_looks(np.random.default_rng([seed, index, 0, 1])))
-
-
-def make_looks(rng):
-    """The filmed person's colours beyond skin and background (their own stream: the voice and motion stay)."""
-    hair = rng.choice([(40, 28, 22), (70, 45, 30), (20, 18, 18), (120, 85, 50)]) * rng.uniform(0.85, 1.15)
-    iris = rng.choice([(85, 55, 35), (60, 90, 120), (80, 100, 60), (50, 35, 25)]) * rng.uniform(0.9, 1.1)
-    return dict(lips=rng.uniform([150, 60, 70], [200, 95, 100]), hair=hair, iris=iris,
-                clothing=rng.uniform(30, 200, 3), accent=rng.uniform(60, 200, 3), pattern=int(rng.integers(1 << 30)))
+                  background=rng.uniform(20, 90, 3),
+                  looks=dict(lips=looks.uniform([150, 60, 70], [200, 95, 100]), hair=hair, iris=iris,
+                             clothing=looks.uniform(30, 200, 3), accent=looks.uniform(60, 200, 3),
+                             pattern=int(looks.integers(1 << 30))))
 
 
 @dataclass
@@ -488,25 +454,6 @@ def compose_song(rng, duration, register):
                 vowels=np.array(vowels)[keep], accents=rng.uniform(0.7, 1.0, int(keep.sum())))
 
 
-def _sawtooth(phase, step):
-    """Band-limited (PolyBLEP) sawtooth in [-1, 1] for a running phase in cycles and its per-sample step."""
-    t = phase % 1.0
-    x, y = t / step, (t - 1) / step
-    return 2 * t - 1 - np.where(t < step, 2 * x - x * x - 1, 0) - np.where(t > 1 - step, y * y + 2 * y + 1, 0)
-
-
-def _resonate(x, freq, bandwidth):
-    """Two-pole resonator (one formant) at freq Hz with the given bandwidth."""
-    r = np.exp(-np.pi * bandwidth / SAMPLE_RATE)
-    theta = 2 * np.pi * freq / SAMPLE_RATE
-    return lfilter([1 - r], [1, -2 * r * np.cos(theta), r * r], x)
-
-
-def _raised_cosine(x):
-    """0 for x <= 0, 1 for x >= 1, a half cosine between."""
-    return 0.5 - 0.5 * np.cos(np.pi * np.clip(x, 0, 1))
-
-
 def sing(song, person, rng):
     """Source-filter singing -> the voice (N,) float32 and its controls at CONTROL_RATE: envelope (M,) in [0, 1],
     vowel weights (5, M) summing to 1, note contour (M,) in MIDI numbers (without vibrato)."""
@@ -514,10 +461,11 @@ def sing(song, person, rng):
     tc = np.arange(m) / CONTROL_RATE
     envelope, vibrato = np.zeros(m), np.zeros(m)
     note_step, vowel_step = np.full(m, float(song.notes[0])), np.zeros(m, dtype=int)
+    ramp = lambda x: 0.5 - 0.5 * np.cos(np.pi * np.clip(x, 0, 1))      # 0 up to x = 0, 1 from x = 1, half a cosine
     for i, (on, off) in enumerate(zip(song.onsets, song.offsets)):
         start, stop = np.searchsorted(tc, [on, off + RELEASE])
         local = tc[start:stop] - on
-        shape = _raised_cosine(local / ATTACK) * _raised_cosine((off + RELEASE - tc[start:stop]) / RELEASE)
+        shape = ramp(local / ATTACK) * ramp((off + RELEASE - tc[start:stop]) / RELEASE)
         envelope[start:stop] = np.maximum(envelope[start:stop], song.accents[i] * shape * np.exp(-0.25 * local))
         held = slice(start, np.searchsorted(tc, song.onsets[i + 1]) if i + 1 < len(song.onsets) else m)
         note_step[held], vowel_step[held] = song.notes[i], song.vowels[i]
@@ -529,12 +477,16 @@ def sing(song, person, rng):
     midi = np.interp(t, tc, contour) + VIBRATO_DEPTH * np.interp(t, tc, vibrato) * np.sin(
         2 * np.pi * person.vibrato_rate * t + rng.uniform(0, 2 * np.pi))
     step = 440.0 * 2 ** ((midi - 69) / 12) / SAMPLE_RATE                    # cycles per sample
-    source = _sawtooth(np.cumsum(step), step) + BREATH * rng.standard_normal(n)
+    phase = np.cumsum(step) % 1.0                                           # band-limited (PolyBLEP) sawtooth
+    x, y = phase / step, (phase - 1) / step
+    source = 2 * phase - 1 - np.where(phase < step, 2 * x - x * x - 1, 0) \
+        - np.where(phase > 1 - step, y * y + 2 * y + 1, 0) + BREATH * rng.standard_normal(n)
     voice = np.zeros(n)
     for v in range(len(VOWELS)):
         y = source
-        for freq, bandwidth in zip(FORMANTS[v], BANDWIDTHS):
-            y = _resonate(y, freq, bandwidth)
+        for freq, bandwidth in zip(FORMANTS[v], BANDWIDTHS):                # a two-pole resonator a formant
+            r, theta = np.exp(-np.pi * bandwidth / SAMPLE_RATE), 2 * np.pi * freq / SAMPLE_RATE
+            y = lfilter([1 - r], [1, -2 * r * np.cos(theta), r * r], y)
         voice += np.interp(t, tc, weights[v]) * y
     # a harmonic crossing a formant changes the loudness a lot: level-normalise so the RMS follows the envelope
     level = np.sqrt(uniform_filter1d(voice * voice, round(LEVEL_WINDOW * SAMPLE_RATE)))
@@ -584,12 +536,6 @@ def play_music(song, rng):
     return (0.9 * music / max(1e-9, np.abs(music).max())).astype(np.float32)
 
 
-def _frame_means(x, n_frames, rate=CONTROL_RATE):
-    """(..., N) at rate Hz -> (..., n_frames): mean over each 30 fps frame's span."""
-    edges = [round(f * rate / FPS) for f in range(n_frames + 1)]
-    return np.stack([x[..., a:b].mean(-1) for a, b in zip(edges[:-1], edges[1:])], axis=-1)
-
-
 def _smooth_noise(rng, n_frames, n_dims, sigma=4.0):
     """(n_frames, n_dims) Gaussian-filtered noise with unit standard deviation per dimension."""
     x = gaussian_filter1d(rng.standard_normal((n_frames + 8 * int(sigma), n_dims)), sigma, axis=0)
@@ -600,9 +546,9 @@ def _smooth_noise(rng, n_frames, n_dims, sigma=4.0):
 def song_motion(song, person, envelope, weights, contour, rng):
     """The known motion function of the module docstring: (T, 59) float32, T = duration * 30."""
     n_frames = round(song.duration * FPS)
-    env = _frame_means(envelope, n_frames)                                  # (T,)
-    w = _frame_means(weights, n_frames)                                     # (5, T)
-    pitch = _frame_means(contour, n_frames)                                 # (T,)
+    edges = [round(f * CONTROL_RATE / FPS) for f in range(n_frames + 1)]    # each frame's span of the controls
+    frame_means = lambda x: np.stack([x[..., a:b].mean(-1) for a, b in zip(edges[:-1], edges[1:])], axis=-1)
+    env, w, pitch = frame_means(envelope), frame_means(weights), frame_means(contour)      # (T,), (5, T), (T,)
     voiced = gaussian_filter1d((env > VOICED).astype(float), 2.0)
     t = (np.arange(n_frames) + 0.5) / FPS
     accents = np.where(song.kick, 1.0, 0.6)
@@ -721,8 +667,7 @@ def _grid_faces(rows, cols):
 
 def _teeth(upper):
     """One row of teeth on an arch behind the lips (rest pose, m): verts (n, 3), colours (n, 3), faces."""
-    t = np.linspace(-1.2, 1.2, 49)
-    height = np.linspace(0, 1, 3)
+    t, height = np.linspace(-1.2, 1.2, 49), np.linspace(0, 1, 3)
     shrink = 1.0 if upper else 0.93                                     # the lower arch sits inside the upper
     x = 0.0245 * shrink * np.sin(t)
     z = 0.0625 + 0.0265 * shrink * np.cos(t) - (0 if upper else 0.0015)
@@ -829,17 +774,7 @@ def filmed_body(person, size):
     rest = arrays["v_template"][all_faces]                                         # (F_all, 3 corners, 3)
     facing = np.cross(rest[:, 1] - rest[:, 0], rest[:, 2] - rest[:, 0])
     keep = (material >= 0) | (facing[:, 2] > -0.5 * np.linalg.norm(facing, axis=1))
-    colour, part = _chart_texture(person)
-    glossy = [float(name in ("skin", "lips", "eye", "teeth", "tongue")) for name in PARTS]
-    as_tensor = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)
-    return FilmedBody(model=model, faces=torch.as_tensor(all_faces[keep]), material=torch.as_tensor(material[keep]),
-                      paint=as_tensor(np.concatenate(paint)), chart=as_tensor(colour).permute(2, 0, 1)[None],
-                      chart_part=as_tensor(part)[None, None], backdrop=as_tensor(_backdrop(person, size)),
-                      occlusion=as_tensor([OCCLUSION.get(name, 1.0) for name in PARTS]), glossy=as_tensor(glossy))
-
-
-def _backdrop(person, size):
-    """A room behind the person: a lit wall with a vertical gradient, soft out-of-focus shapes and panels."""
+    # the backdrop, a room behind the person: a lit wall with a vertical gradient, soft out-of-focus shapes, panels
     rng = np.random.default_rng(person.looks["pattern"] + 2)
     y, x = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
     image = person.background * (1.25 - 0.3 * y)[..., None]
@@ -849,7 +784,13 @@ def _backdrop(person, size):
         image = image * (1 - blob[..., None]) + blob[..., None] * person.looks["accent"] * rng.uniform(0.6, 1.2)
     image *= (1 + 0.08 * smoothstep(np.sin(np.pi * 2.5 * x + rng.uniform(0, 6)) * 4 + 0.5))[..., None]   # panels
     image *= (1 - 0.25 * (x ** 2 + y ** 2) / 2)[..., None]                                            # vignette
-    return image.clip(0, 255)
+    colour, part = _chart_texture(person)
+    glossy = [float(name in ("skin", "lips", "eye", "teeth", "tongue")) for name in PARTS]
+    as_tensor = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    return FilmedBody(model=model, faces=torch.as_tensor(all_faces[keep]), material=torch.as_tensor(material[keep]),
+                      paint=as_tensor(np.concatenate(paint)), chart=as_tensor(colour).permute(2, 0, 1)[None],
+                      chart_part=as_tensor(part)[None, None], backdrop=as_tensor(image.clip(0, 255)),
+                      occlusion=as_tensor([OCCLUSION.get(name, 1.0) for name in PARTS]), glossy=as_tensor(glossy))
 
 
 def film(body, shape, motion, cam, size):
@@ -889,12 +830,6 @@ def film(body, shape, motion, cam, size):
         return image.round().clamp(0, 255).to(torch.uint8).numpy(), part.to(torch.uint8).numpy()
 
 
-def render_portrait(body, person, motion, cam, size, batch=FILM_BATCH):
-    """The person's portrait video frames for motion (T, 59) and cam (T, 3): uint8 (T, size, size, 3)."""
-    return np.concatenate([film(body, person.shape, motion[lo:lo + batch], cam[lo:lo + batch], size)[0]
-                           for lo in range(0, len(motion), batch)])
-
-
 @dataclass
 class Recipe:
     """What generate_dataset makes; its defaults are the built-in data set."""
@@ -910,7 +845,8 @@ class Recipe:
 
 
 def generate_dataset(root, recipe=Recipe(), verbose=True):
-    """Write a SingingHead-layout data set of stand-in singers into root (module docstring); returns root, a Path."""
+    """Write a SingingHead-layout data set of stand-in singers into root (module docstring); returns root, a Path.
+    Each person's songs become sequences (pickle, voice, music); the sequences to film are filmed after them all."""
     if recipe.clips_per_person < 3:
         raise ValueError(f"{root}: clips_per_person must be at least 3 (one per split), got {recipe.clips_per_person}")
     root = Path(root)
@@ -919,57 +855,52 @@ def generate_dataset(root, recipe=Recipe(), verbose=True):
     splits = {split: [] for split in SPLITS}
     progress = Progress(recipe.n_people * -(-recipe.clips_per_person // recipe.clips_per_song), "song", lines=10)
     to_film = []          # (path, body, person, motion, cam): filmed after the songs, each a step of its own
+    seg_frames, seg_samples = recipe.clip_seconds * FPS, recipe.clip_seconds * SAMPLE_RATE
     for p in range(recipe.n_people):
-        split = _write_person(root, recipe, p, to_film, lambda name: progress.advance() and verbose and print(
-            f"  {progress.line('built')} (person {name})", flush=True))
+        person = make_person(p, recipe.seed)
+        songs = [(s, min(recipe.clips_per_song, recipe.clips_per_person - first))
+                 for s, first in enumerate(range(0, recipe.clips_per_person, recipe.clips_per_song))]
+        ids = [f"{person.name}_{s}_{g}_0" for s, n_segments in songs for g in range(n_segments)]
+        np.random.default_rng([recipe.seed, p, 0]).shuffle(ids)        # 15 % test, 5 % val (at least one each), train
+        n_test, n_val = (max(1, round(share * len(ids))) for share in (TEST_SHARE, VAL_SHARE))
+        split = dict(test=ids[:n_test], val=ids[n_test:n_test + n_val], train=ids[n_test + n_val:])
         for name, chosen in split.items():
             splits[name] += chosen
+        held_out = split["test"] + split["val"]                     # filmed, then train sequences up to video_clips
+        filming = recipe.with_video and p < recipe.video_people
+        filmed = set(held_out + sorted(split["train"])[:max(0, recipe.video_clips - len(held_out))] if filming else [])
+        body = filmed_body(person, recipe.video_size) if filmed else None
+        for s, n_segments in songs:
+            rng = np.random.default_rng([recipe.seed, p, s + 1])
+            song = compose_song(rng, n_segments * recipe.clip_seconds, person.register)
+            voice, envelope, weights, contour = sing(song, person, rng)
+            music = play_music(song, rng)
+            motion = song_motion(song, person, envelope, weights, contour, rng)
+            jitter = _smooth_noise(rng, len(motion), 3, sigma=8.0) * [0.005 * person.cam[0], 0.001, 0.001]
+            cam = (person.cam + jitter).astype(np.float32)                               # (T, 3)
+            for g in range(n_segments):
+                seq = f"{person.name}_{s}_{g}_0"
+                frames = slice(g * seg_frames, (g + 1) * seg_frames)
+                samples = slice(g * seg_samples, (g + 1) * seg_samples)
+                write_flame_pickle(flame_path(root, seq), motion[frames], person.shape, cam[frames])
+                write_wav(audio_path(root, seq), voice[samples], SAMPLE_RATE)
+                write_wav(bgm_path(root, seq), music[samples], SAMPLE_RATE)
+                if seq in filmed:
+                    to_film.append((video_path(root, seq), body, person, motion[frames], cam[frames]))
+            if progress.advance() and verbose:
+                print(f"  {progress.line('built')} (person {person.name})", flush=True)
     # filming a clip costs a hundred times a song's sound and motion: counted apart, so each ETA holds
     filming_progress = Progress(len(to_film), "video", lines=10)
     for path, body, person, motion, cam in to_film:
-        write_video(path, render_portrait(body, person, motion, cam, recipe.video_size))
+        frames = [film(body, person.shape, motion[lo:lo + FILM_BATCH], cam[lo:lo + FILM_BATCH], recipe.video_size)[0]
+                  for lo in range(0, len(motion), FILM_BATCH)]
+        write_video(path, np.concatenate(frames))
         if filming_progress.advance() and verbose:
             print(f"  {filming_progress.line('filmed')} ({path.name})", flush=True)
     for name in SPLITS:
         split_path(root, name).write_text("".join(f"{seq}\n" for seq in sorted(splits[name])))
     generator_path(root).write_text(json.dumps(dict(version=BUILTIN_VERSION, **asdict(recipe)), indent=1))
     return root
-
-
-def _write_person(root, recipe, p, to_film, on_song):
-    """Person p's songs as sequences (pickle, voice, music) in root; the sequences to film join to_film, and
-    on_song(name) hears of each song. Returns the person's split: name -> sequence ids."""
-    person = make_person(p, recipe.seed)
-    seg_frames, seg_samples = recipe.clip_seconds * FPS, recipe.clip_seconds * SAMPLE_RATE
-    songs = [(s, min(recipe.clips_per_song, recipe.clips_per_person - first))
-             for s, first in enumerate(range(0, recipe.clips_per_person, recipe.clips_per_song))]
-    ids = [f"{person.name}_{s}_{g}_0" for s, n_segments in songs for g in range(n_segments)]
-    np.random.default_rng([recipe.seed, p, 0]).shuffle(ids)        # 15 % test, 5 % val (at least one each), train
-    n_test, n_val = (max(1, round(share * len(ids))) for share in (TEST_SHARE, VAL_SHARE))
-    split = dict(test=ids[:n_test], val=ids[n_test:n_test + n_val], train=ids[n_test + n_val:])
-    held_out = split["test"] + split["val"]                     # filmed, then train sequences up to video_clips
-    filming = recipe.with_video and p < recipe.video_people
-    filmed = set(held_out + sorted(split["train"])[:max(0, recipe.video_clips - len(held_out))]) if filming else set()
-    body = filmed_body(person, recipe.video_size) if filmed else None
-    for s, n_segments in songs:
-        rng = np.random.default_rng([recipe.seed, p, s + 1])
-        song = compose_song(rng, n_segments * recipe.clip_seconds, person.register)
-        voice, envelope, weights, contour = sing(song, person, rng)
-        music = play_music(song, rng)
-        motion = song_motion(song, person, envelope, weights, contour, rng)
-        jitter = _smooth_noise(rng, len(motion), 3, sigma=8.0) * [0.005 * person.cam[0], 0.001, 0.001]
-        cam = (person.cam + jitter).astype(np.float32)                               # (T, 3)
-        for g in range(n_segments):
-            seq = f"{person.name}_{s}_{g}_0"
-            frames = slice(g * seg_frames, (g + 1) * seg_frames)
-            samples = slice(g * seg_samples, (g + 1) * seg_samples)
-            write_flame_pickle(flame_path(root, seq), motion[frames], person.shape, cam[frames])
-            write_wav(audio_path(root, seq), voice[samples], SAMPLE_RATE)
-            write_wav(bgm_path(root, seq), music[samples], SAMPLE_RATE)
-            if seq in filmed:
-                to_film.append((video_path(root, seq), body, person, motion[frames], cam[frames]))
-        on_song(person.name)
-    return split
 
 
 def generator_path(root):
@@ -1026,8 +957,7 @@ SINGINGHEAD_SPLITS = dict(train=9_757, val=610, test=1_829)   # the release's 12
 SINGINGHEAD_PEOPLE = 76                                      # singers in the release
 
 
-def linked_dataset(source, root, n_sequences=sum(SINGINGHEAD_SPLITS.values()), people=SINGINGHEAD_PEOPLE,
-                   video=None):
+def linked_dataset(source, root, n_sequences=sum(SINGINGHEAD_SPLITS.values()), people=SINGINGHEAD_PEOPLE, video=None):
     """A SingingHead-layout folder (returned) of n_sequences sequences split in the release's proportions, ids
     id<k % people>_<k // people>_0_0, whose files link (hard, else symbolic) to the sequences of the data set at
     `source` in turn: the real data set's layout and size at no cost in disk, for measuring memory and start-up.

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 IMAGE_SIZE = 256                 # pixels, the renderer's resolution
 CAMERA_DISTANCE = 3.0            # half image widths from the camera plane to the head's origin
@@ -43,20 +45,17 @@ def _image_size(size):
 
 
 def rasterize(verts, faces, size):
-    """
-    Z-buffer rasterization: verts (B, V, 3) projected, faces (F, 3) long, size int or (H, W) -> depth (B, H, W)
+    """Z-buffer rasterization: verts (B, V, 3) projected, faces (F, 3) long, size int or (H, W) -> depth (B, H, W)
     (+inf where uncovered) and face_id (B, H, W) long (-1 where uncovered). A pixel is covered when its centre
     lies inside a triangle or on its edges; depth is z interpolated with screen-space barycentrics (exact for
     the orthographic camera). Among equal depths the lowest face id wins, so shared edges are deterministic.
-    Visibility comes from depth alone (meshes of any winding work); there is no near plane.
-    """
+    Visibility comes from depth alone (meshes of any winding work); there is no near plane."""
     if verts.dim() != 3 or verts.shape[-1] != 3:
         raise ValueError(f"rasterize: verts must be (B, V, 3), got {tuple(verts.shape)}")
     if faces.dim() != 2 or faces.shape[-1] != 3:
         raise ValueError(f"rasterize: faces must be (F, 3), got {tuple(faces.shape)}")
     height, width = _image_size(size)
-    batch, n_faces = verts.shape[0], faces.shape[0]
-    device = verts.device
+    batch, n_faces, device = verts.shape[0], faces.shape[0], verts.device
     if not verts.is_floating_point():
         verts = verts.float()
     faces = faces.to(device=device, dtype=torch.long)
@@ -92,7 +91,9 @@ def _zbuffer(verts, faces, height, width, front=None):
         for pixel, depth, face in _covered_pixels(coef, ints, part, box_w, box_h, height, width):
             key.scatter_reduce_(0, pixel, _depth_key(depth, face), "amin")
     pixel = (key != EMPTY_KEY).nonzero().squeeze(1)
-    return (pixel, *_unkey(key.index_select(0, pixel)))
+    key = key.index_select(0, pixel)
+    bits = (key >> 32).int()                                                    # _depth_key undone
+    return pixel, (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32), key & 0xFFFFFFFF
 
 
 def _depth_key(z, face):
@@ -100,12 +101,6 @@ def _depth_key(z, face):
     order as integers (a negative depth's magnitude bits flipped), above the face id."""
     bits = (z + 0.0).view(torch.int32)                         # + 0.0 turns -0.0 into 0.0, equal as depths
     return ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() << 32) | face
-
-
-def _unkey(key):
-    """Keys of _depth_key -> depth float32, face id long."""
-    bits = (key >> 32).int()
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32), key & 0xFFFFFFFF
 
 
 def _edge_functions(verts, faces, height, width):
@@ -120,10 +115,8 @@ def _edge_functions(verts, faces, height, width):
     pz = tri[..., 2]                              # (N, 3)
     finite = torch.isfinite(tri).flatten(1).all(1)
     px, py, pz = (torch.where(finite[:, None], t, torch.zeros_like(t)) for t in (px, py, pz))
-    x0 = px.amin(1).ceil().clamp(0, width)
-    x1 = px.amax(1).floor().clamp(-1, width - 1)
-    y0 = py.amin(1).ceil().clamp(0, height)
-    y1 = py.amax(1).floor().clamp(-1, height - 1)
+    x0, x1 = px.amin(1).ceil().clamp(0, width), px.amax(1).floor().clamp(-1, width - 1)
+    y0, y1 = py.amin(1).ceil().clamp(0, height), py.amax(1).floor().clamp(-1, height - 1)
     box_w, box_h = x1 - x0 + 1, y1 - y0 + 1  # (N,) pixels in the clipped bounding box, <= 0 if none
     # Corner k's barycentric is the edge function of the opposite edge (a -> c) over the signed area; its
     # constant term comes from coordinate differences so that it stays precise far from the image origin.
@@ -131,8 +124,7 @@ def _edge_functions(verts, faces, height, width):
     ya, yc = py.roll(-1, 1), py.roll(-2, 1)
     area = (xc[:, :1] - xa[:, :1]) * (py[:, :1] - ya[:, :1]) - (yc[:, :1] - ya[:, :1]) * (px[:, :1] - xa[:, :1])
     bary_0 = ((xc - xa) * (y0[:, None] - ya) - (yc - ya) * (x0[:, None] - xa)) / area  # (N, 3)
-    bary_dx = (ya - yc) / area                                                         # (N, 3)
-    bary_dy = (xc - xa) / area                                                         # (N, 3)
+    bary_dx, bary_dy = (ya - yc) / area, (xc - xa) / area                              # (N, 3) each
     coef = torch.zeros(batch * n_faces, 3, 4, dtype=px.dtype, device=device)  # (N, [1, dx, dy], 4)
     for row, bary in enumerate((bary_0, bary_dx, bary_dy)):
         coef[:, row, :3] = bary
@@ -167,8 +159,7 @@ def _covered_pixels(coef, ints, keep, box_w, box_h, height, width):
     group, order = (side[:, 0] * len(sides) + side[:, 1]).sort()
     classes, counts = group.unique_consecutive(return_counts=True)
     tri, box, side = tri.index_select(0, order), box.index_select(0, order), side.index_select(0, order)
-    coef = coef.index_select(0, tri)                                                   # (n, 3, 4)
-    ints = ints.index_select(0, tri)
+    coef, ints = coef.index_select(0, tri), ints.index_select(0, tri)                   # (n, 3, 4), (n, 2)
     x0, y0 = ints[:, 0] % width, (ints[:, 0] % (height * width)).div(width, rounding_mode="floor")
     past = (x0 + sides[side[:, 0]] > width) | (y0 + sides[side[:, 1]] > height)
     ends = torch.cumsum(counts, 0)
@@ -195,9 +186,8 @@ def _covered_pixels(coef, ints, keep, box_w, box_h, height, width):
 
 
 def interpolate(verts, faces, face_id, attributes):
-    """Per-pixel values of per-vertex attributes: verts (B, V, 3) projected, faces (F, 3), face_id (B, H, W)
-    from rasterize on them, attributes (B, V, C) or (V, C) -> (B, H, W, C), weighted by the pixel centre's
-    screen-space barycentrics in its face, 0 where uncovered."""
+    """Per-pixel values (B, H, W, C) of per-vertex attributes (B, V, C) or (V, C), weighted by the pixel centre's
+    screen-space barycentrics in its face of face_id (rasterize's on verts (B, V, 3) projected, faces), 0 if none."""
     batch, height, width = face_id.shape
     attributes = attributes.to(verts.dtype).expand(batch, -1, -1) if attributes.dim() == 2 else attributes
     channels = attributes.shape[-1]
@@ -232,9 +222,7 @@ def project(verts, cam):
     if cam.shape[-1] != 3:
         raise ValueError(f"project: cam must end in 3 values [scale, tx, ty], got {tuple(cam.shape)}")
     scale, shift = cam[..., None, :1], cam[..., None, 1:]  # (..., 1, 1), (..., 1, 2)
-    xy = scale * (verts[..., :2] + shift)
-    z = CAMERA_DISTANCE - scale * verts[..., 2:]
-    return torch.cat([xy, z], dim=-1)
+    return torch.cat([scale * (verts[..., :2] + shift), CAMERA_DISTANCE - scale * verts[..., 2:]], dim=-1)
 
 
 def depth_to_image(depth):
@@ -277,8 +265,7 @@ def warp_image(image, flow):
     """image (B, C, H, W) sampled bilinearly at each pixel's centre moved by flow (B, 2, H, W) (reference_flow's
     units); outside the image the border repeats."""
     grid = pixel_grid(image.shape[-2:], image.device) + flow.float().permute(0, 2, 3, 1)
-    return torch.nn.functional.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border",
-                                           align_corners=False)
+    return F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 # Face renderer (the paper's, section IV-B): depth + reference image + temporal encoding -> portrait frame
@@ -287,10 +274,10 @@ TPE_BASE = 1000.0                # longest TPE period is ~2*pi*TPE_BASE**(3/4) f
 RENDERER_IN_CHANNELS = 1 + 3 + TPE_CHANNELS  # depth, reference RGB, TPE
 ENCODER_CHANNELS = (64, 128, 256, 512, 512, 512, 512, 512)  # levels at 256², 128², ..., 2²
 DISCRIMINATOR_CHANNELS = (64, 128, 256, 512)
+TINY_DIVISOR = 8                 # the tiny preset's widths: the paper's divided by this (0.92 M generator parameters)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # torchvision vgg19 `features`: numbers are 3x3 conv widths (each followed by ReLU), "M" a 2x2 max pool
-VGG19_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-                512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+VGG19_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 VGG19_TAPS = (1, 6, 11, 20, 29)  # indices in `features` of relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
 VGG_LAYER_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)  # pix2pixHD's balance of the five layers
 
@@ -308,15 +295,14 @@ def temporal_encoding(frame_index, size):
 
 def _norm(channels):
     """GroupNorm: independent of batch size and still defined at the 2x2 level."""
-    return torch.nn.GroupNorm(min(32, channels // 4), channels)
+    return nn.GroupNorm(min(32, channels // 4), channels)
 
 
-class ResidualBlock(torch.nn.Module):
+class ResidualBlock(nn.Module):
     """Two 3x3 convs with a projected shortcut; stride 2 halves the resolution."""
 
     def __init__(self, in_channels, out_channels, stride=1):
         super().__init__()
-        nn = torch.nn
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 3, stride, 1), _norm(out_channels), nn.LeakyReLU(0.2),
             nn.Conv2d(out_channels, out_channels, 3, 1, 1), _norm(out_channels))
@@ -328,7 +314,7 @@ class ResidualBlock(torch.nn.Module):
         return self.act(self.body(x) + self.shortcut(x))
 
 
-class UpBlock(torch.nn.Module):
+class UpBlock(nn.Module):
     """Upsample x2, concatenate the encoder's skip of that resolution, residual block."""
 
     def __init__(self, in_channels, skip_channels, out_channels):
@@ -336,29 +322,27 @@ class UpBlock(torch.nn.Module):
         self.block = ResidualBlock(in_channels + skip_channels, out_channels)
 
     def forward(self, x, skip):
-        x = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
         return self.block(torch.cat([x, skip], dim=1))
 
 
-class FaceRenderer(torch.nn.Module):
-    """
-    The paper's UNet generator. Encoder: 8 residual down blocks at 256², 128², ..., 2² (ENCODER_CHANNELS).
+class FaceRenderer(nn.Module):
+    """The paper's UNet generator. Encoder: 8 residual down blocks at 256², 128², ..., 2² (ENCODER_CHANNELS).
     Decoder: 7 residual up blocks, each joined by the encoder level of its resolution, back to 64 channels at
     256²; a 3x3 conv and tanh give RGB in [-1, 1]. Input sides must be multiples of 128.
     warp=True (ours): the reference moved by the meshes' correspondence (reference_flow) is three more input
     channels, and a fourth output channel is a mask mixing it with the generated colours, as few-shot vid2vid
-    does: skin, eyes and brows come from the reference, and the UNet draws what it cannot show (the open mouth).
-    """
+    does: skin, eyes and brows come from the reference, and the UNet draws what it cannot show (the open mouth)."""
 
     def __init__(self, channels=ENCODER_CHANNELS, warp=False):
         super().__init__()
         self.warp = warp
         ins = (RENDERER_IN_CHANNELS + (3 if warp else 0),) + tuple(channels[:-1])
-        self.down = torch.nn.ModuleList(
+        self.down = nn.ModuleList(
             ResidualBlock(i, o, 1 if level == 0 else 2) for level, (i, o) in enumerate(zip(ins, channels)))
-        self.up = torch.nn.ModuleList(UpBlock(channels[level + 1], channels[level], channels[level])
-                                      for level in reversed(range(len(channels) - 1)))
-        self.to_rgb = torch.nn.Conv2d(channels[0], 4 if warp else 3, 3, 1, 1)
+        self.up = nn.ModuleList(UpBlock(channels[level + 1], channels[level], channels[level])
+                                for level in reversed(range(len(channels) - 1)))
+        self.to_rgb = nn.Conv2d(channels[0], 4 if warp else 3, 3, 1, 1)
 
     def forward(self, depth, reference, frame_index, flow=None, parts=False):
         """depth (B,1,H,W) in [0,1], reference (B,3,H,W) in [-1,1], frame_index (B,), flow (B,2,H,W) from
@@ -393,13 +377,12 @@ def renderer_input(depth, reference, frame_index):
     return torch.cat([depth, reference.to(depth), tpe], dim=1)
 
 
-class PatchDiscriminator(torch.nn.Module):
+class PatchDiscriminator(nn.Module):
     """pix2pix 70x70 PatchGAN, conditional: sees the renderer's input channels beside the image. forward returns
     the four intermediate activations (for feature matching) and, last, the patch logits."""
 
     def __init__(self, in_channels=RENDERER_IN_CHANNELS + 3, channels=DISCRIMINATOR_CHANNELS):
         super().__init__()
-        nn = torch.nn
         layers, previous = [], in_channels
         for k, c in enumerate(channels):
             stride = 1 if k == len(channels) - 1 else 2
@@ -418,12 +401,11 @@ class PatchDiscriminator(torch.nn.Module):
         return features
 
 
-class VGG19(torch.nn.Module):
+class VGG19(nn.Module):
     """torchvision's vgg19 `features` (same indices), for the perceptual loss; weights from the user's file."""
 
     def __init__(self):
         super().__init__()
-        nn = torch.nn
         layers, previous = [], 3
         for item in VGG19_LAYOUT:
             if item == "M":
@@ -510,14 +492,10 @@ def discriminator_loss(discriminator, condition, fake, real):
                   + gan_loss(discriminator(condition, fake.detach())[-1], False))
 
 
-TINY_DIVISOR = 8        # the tiny preset's widths are the paper's divided by this (0.92 M generator parameters)
-
-
 @dataclass
 class RendererConfig:
     """Widths of the face renderer and its discriminator, and whether it warps the reference. Presets: 'paper'
-    (58.6 M generator parameters, for GPUs); 'tiny', the same 8 levels at 1/TINY_DIVISOR of the widths, for
-    CPUs, warping the reference."""
+    (58.6 M generator parameters, for GPUs); 'tiny', the 8 levels at 1/TINY_DIVISOR of the widths, warping, for CPUs."""
     channels: tuple = ENCODER_CHANNELS
     discriminator_channels: tuple = DISCRIMINATOR_CHANNELS
     image_size: int = IMAGE_SIZE          # pixels a side; a multiple of 128 (the 8 levels halve it 7 times)
@@ -563,8 +541,7 @@ def image_tensor(image, size=IMAGE_SIZE):
     top, left = (height - side) // 2, (width - side) // 2
     x = x[:, top:top + side, left:left + side]
     if side != size:
-        x = torch.nn.functional.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True,
-                                            align_corners=False)[0]
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
     return x.clamp(0, 255) / 127.5 - 1
 
 
@@ -588,13 +565,11 @@ def vertex_normals(verts, faces):
 
 
 def shade(verts, faces, size):
-    """
-    The previews' shading: verts (B, V, 3) projected, faces (F, 3) -> uint8 (B, H, W, 3), SKIN_RGB on
-    BACKGROUND_RGB. Phong shading (vertex normals interpolated and renormalised) under a key, a fill and an
-    ambient light, with the key light's Blinn-Phong highlight; two-sided, so meshes of any winding and their
-    open rims shade alike. A pixel on a silhouette or occlusion edge (_edge_pixels) is the mean of SUPERSAMPLE²
-    samples spread evenly over it; every other pixel lies on one smooth surface and is shaded at its centre.
-    """
+    """The previews' shading: verts (B, V, 3) projected, faces (F, 3) -> uint8 (B, H, W, 3), SKIN_RGB on
+    BACKGROUND_RGB. Phong shading (vertex normals interpolated and renormalised) under a key, a fill and an ambient
+    light, with the key light's Blinn-Phong highlight; two-sided, so meshes of any winding and their open rims shade
+    alike. A pixel on a silhouette or occlusion edge is the mean of SUPERSAMPLE² samples spread evenly over it;
+    every other pixel lies on one smooth surface and is shaded at its centre."""
     height, width = _image_size(size)
     verts = verts.float()
     faces = faces.to(device=verts.device, dtype=torch.long)
@@ -615,24 +590,34 @@ def _shade_frames(verts, faces, height, width):
         return image.view(batch, height, width, 3)
     planes = _normal_planes(verts, faces, front, height, width)
     frame, row, col = _frame_row_col(pixel, height, width)
-    image[pixel] = _to_uint8(_lit(planes, frame * n_faces + face, col.float(), row.float()))
-    # the edges are found in the box around all covered pixels (and a pixel of background)
+    colour = _lit(planes, frame * n_faces + face, col.float(), row.float())
+    image[pixel] = colour.round_().clamp_(0, 255).to(torch.uint8)
+    # the edge pixels: those beside a neighbour (left, right, above, below) whose depth differs by more than
+    # EDGE_DEPTH_STEP pixel widths, background infinitely far (silhouettes, one surface in front of another),
+    # found in the box around all covered pixels (and a pixel of background)
     top, left = max(int(row.min()) - 1, 0), max(int(col.min()) - 1, 0)
     rows, cols = min(int(row.max()) + 2, height) - top, min(int(col.max()) + 2, width) - left
     inner = (frame * rows + row - top) * cols + col - left                          # into (B, rows, cols)
     depth_box = torch.full((batch * rows * cols,), float("inf"), device=verts.device).index_put_((inner,), depth)
     face_box = torch.full((batch * rows * cols,), -1, device=verts.device).index_put_((inner,), face)
-    edges = _edge_pixels(depth_box.view(batch, rows, cols), width)                  # into (B, rows, cols)
+    depth_box = depth_box.view(batch, rows, cols)
+    edge = torch.zeros_like(depth_box, dtype=torch.bool)
+    for axis in (1, 2):
+        n = depth_box.shape[axis] - 1
+        jump = (depth_box.narrow(axis, 1, n) - depth_box.narrow(axis, 0, n)).abs_() > EDGE_DEPTH_STEP * 2 / width
+        edge.narrow(axis, 1, n).logical_or_(jump)                                    # inf - inf: nan, no jump
+        edge.narrow(axis, 0, n).logical_or_(jump)
+    edges = edge.view(-1).nonzero().squeeze(1)                                       # into (B, rows, cols)
     if len(edges):
         e_frame, e_row, e_col = _frame_row_col(edges, rows, cols)
-        candidates = _edge_candidates(face_box.view(batch, rows, cols), edges)
+        # (E, 9): the faces seen at the pixel (the 5th, index 4) and its 8 neighbours, -1 where none: those that
+        # can cover a point inside it (but for slivers no centre shows)
+        near = [(e_frame * rows + (e_row + dy).clamp(0, rows - 1)) * cols + (e_col + dx).clamp(0, cols - 1)
+                for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        candidates = face_box[torch.stack(near, 1)]
         colour = _supersampled(verts, faces, planes, candidates, e_frame, e_row + top, e_col + left, (height, width))
-        image[(e_frame * height + e_row + top) * width + e_col + left] = _to_uint8(colour)
+        image[(e_frame * height + e_row + top) * width + e_col + left] = colour.round_().clamp_(0, 255).to(torch.uint8)
     return image.view(batch, height, width, 3)
-
-
-def _to_uint8(colour):
-    return colour.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _frame_row_col(pixel, height, width):
@@ -640,11 +625,6 @@ def _frame_row_col(pixel, height, width):
     pixel = pixel.int()
     frame, rest = pixel.div(height * width, rounding_mode="floor"), pixel % (height * width)
     return frame.long(), rest.div(width, rounding_mode="floor").long(), (rest % width).long()
-
-
-def _centres(row, col, height, width):
-    """Pixel rows and columns of an (H, W) image -> the x, y of their centres in projected space."""
-    return (col.float() + 0.5) * (2 / width) - 1, 1 - (row.float() + 0.5) * (2 / height)
 
 
 def _normal_planes(verts, faces, front, height, width):
@@ -697,37 +677,13 @@ def _unit(v):
 _LIGHTS = (_unit(KEY_LIGHT), _unit(FILL_LIGHT), _unit(tuple(k + v for k, v in zip(_unit(KEY_LIGHT), (0, 0, 1)))))
 
 
-def _edge_pixels(depth, width):
-    """Flat indices into depth (B, h, w) of the pixels beside a neighbour (left, right, above, below) whose depth
-    differs by more than EDGE_DEPTH_STEP pixel widths of a width-pixel image, background infinitely far:
-    silhouettes, and one surface in front of another."""
-    step = EDGE_DEPTH_STEP * 2 / width
-    edge = torch.zeros_like(depth, dtype=torch.bool)
-    for axis in (1, 2):
-        n = depth.shape[axis] - 1
-        jump = (depth.narrow(axis, 1, n) - depth.narrow(axis, 0, n)).abs_() > step       # inf - inf: nan, no
-        edge.narrow(axis, 1, n).logical_or_(jump)
-        edge.narrow(axis, 0, n).logical_or_(jump)
-    return edge.view(-1).nonzero().squeeze(1)
-
-
-def _edge_candidates(face_id, pixels):
-    """(E, 9) long: the faces seen at `pixels` (flat indices into face_id (B, h, w)) and at their 8 neighbours,
-    -1 where none: the faces that can cover a point inside those pixels (but for slivers no centre shows)."""
-    batch, height, width = face_id.shape
-    frame, row, col = _frame_row_col(pixels, height, width)
-    near = [(frame * height + (row + dy).clamp(0, height - 1)) * width + (col + dx).clamp(0, width - 1)
-            for dy in (-1, 0, 1) for dx in (-1, 0, 1)]                   # the pixel itself is the 5th (index 4)
-    return face_id.view(-1)[torch.stack(near, 1)]
-
-
 def _supersampled(verts, faces, planes, candidates, frame, row, col, size):
     """The mean colour (E, 3) of SUPERSAMPLE² evenly spread samples in each pixel (row, col) of frame `frame` (E,)
     of an (H, W) image, each shaded on the nearest candidate face (E, 9) covering it (edges count), else background."""
     (height, width), ss = size, SUPERSAMPLE
     step = (torch.arange(ss, device=verts.device) + 0.5) / ss - 0.5                      # sample offsets, pixels
     sample_row, sample_col = row[:, None] + step.repeat_interleave(ss), col[:, None] + step.repeat(ss)  # (E, S)
-    x, y = _centres(sample_row, sample_col, height, width)
+    x, y = (sample_col + 0.5) * (2 / width) - 1, 1 - (sample_row + 0.5) * (2 / height)    # in projected space
     corner = faces.index_select(0, candidates.clamp_min(0).view(-1)).view(*candidates.shape, 3) \
         + (frame * verts.shape[1])[:, None, None]                                       # (E, 9, 3)
     tri = verts.reshape(-1, 3).index_select(0, corner.view(-1)).view(*corner.shape, 3)[:, :, None]  # (E, 9, 1, 3, xyz)
@@ -782,7 +738,7 @@ def _hidden(key, ints, box_w, box_h, near, candidates, size):
     while max(levels[-1].shape[1:]) > 1:
         level = levels[-1]
         if level.shape[1] % 2 or level.shape[2] % 2:                     # odd sides: a smallest key beyond
-            level = torch.nn.functional.pad(level, (0, level.shape[2] % 2, 0, level.shape[1] % 2), value=-1 << 62)
+            level = F.pad(level, (0, level.shape[2] % 2, 0, level.shape[1] % 2), value=-1 << 62)
         levels.append(torch.maximum(torch.maximum(level[:, 0::2, 0::2], level[:, 0::2, 1::2]),
                                     torch.maximum(level[:, 1::2, 0::2], level[:, 1::2, 1::2])))
     tri = candidates.nonzero().squeeze(1)
