@@ -60,10 +60,8 @@ CLIP_SECONDS = 8                      # the release's sequence length
 CLIP_FRAMES = CLIP_SECONDS * FPS      # 240 frames a clip
 SPLITS = ("train", "val", "test")
 
-EXPRESSION_KEYS = ("expcodes", "expression")
-POSE_KEYS = ("posecodes", "pose")
-SHAPE_KEYS = ("shapecode", "shape")
-CAM_KEYS = ("cam", "camcodes")
+EXPRESSION_KEYS, POSE_KEYS = ("expcodes", "expression"), ("posecodes", "pose")     # the accepted spellings of each
+SHAPE_KEYS, CAM_KEYS = ("shapecode", "shape"), ("cam", "camcodes")
 DEFAULT_CAM = (6.5, 0.0, 0.035)       # DECA's [scale, tx, ty (m)] for a pickle without one: crown to neck in view
 N_POSE = 9                            # global 3 | neck 3 | jaw 3
 CACHE_DIR = ".unisinger"              # in a writable data folder: the index and the render stage's frames
@@ -75,8 +73,9 @@ INDEX_PARALLEL_MIN = 500              # sequences to index before a process per 
 INDEX_CHUNK = 64                      # sequences a pool process indexes per task
 
 
-def _pick(d, keys, path):
-    """(key, float64 array) of the first of keys in d; a missing key or a non-numeric or non-finite array is refused."""
+def _pick(d, keys, path, columns=None):
+    """(key, float64 array) of the first of keys in d, or with columns=n (key, its first n columns as float32 (T, n));
+    a missing key, a non-numeric or non-finite array, or one not (frames, n+) is refused."""
     key = next((k for k in keys if k in d), None)
     if key is None:
         raise ValueError(f"{path}: missing key '{keys[0]}' (accepted spellings: {', '.join(keys)})")
@@ -86,14 +85,11 @@ def _pick(d, keys, path):
         raise ValueError(f"{path}: '{key}' is not a numeric array ({e})") from None
     if not np.isfinite(array).all():
         raise ValueError(f"{path}: '{key}' holds NaN or inf")
-    return key, array
-
-
-def _columns(key, array, path, n):
-    """(T, >= n) array -> (T, n) float32; anything else is refused."""
-    if array.ndim != 2 or array.shape[1] < n:
-        raise ValueError(f"{path}: '{key}' must be (frames, {n}+), got shape {array.shape}")
-    return array[:, :n].astype(np.float32)
+    if columns is None:
+        return key, array
+    if array.ndim != 2 or array.shape[1] < columns:
+        raise ValueError(f"{path}: '{key}' must be (frames, {columns}+), got shape {array.shape}")
+    return key, array[:, :columns].astype(np.float32)
 
 
 def read_flame_pickle(path):
@@ -106,9 +102,8 @@ def read_flame_pickle(path):
     d = load_data_pickle(path)
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a dict of FLAME parameters, got {type(d).__name__}")
-    expression = _columns(*_pick(d, EXPRESSION_KEYS, path), path, N_EXPR)             # (T, 50)
-    key, pose = _pick(d, POSE_KEYS, path)
-    pose = _columns(key, pose, path, N_POSE)                                            # (T, 9)
+    _, expression = _pick(d, EXPRESSION_KEYS, path, N_EXPR)                           # (T, 50)
+    key, pose = _pick(d, POSE_KEYS, path, N_POSE)                                       # (T, 9)
     if len(pose) != len(expression):
         raise ValueError(f"{path}: '{key}' has {len(pose)} rows but the expression has {len(expression)}")
     key, shape = _pick(d, SHAPE_KEYS, path)
@@ -136,19 +131,6 @@ def write_flame_pickle(path, motion, shape, cam=None):
         d["cam"] = np.asarray(cam, dtype=np.float32)
     with open(path, "wb") as f:
         pickle.dump(d, f, protocol=2)
-
-
-def audio_samples(path):
-    """Length at SAMPLE_RATE of the audio file at path: from its header where libsndfile reads it (no decoding),
-    else decoded as load_audio decodes it (a song in a container libsndfile does not know)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        info = soundfile.info(str(path))
-    except (RuntimeError, OSError):           # soundfile's errors derive from RuntimeError
-        return len(AudioFile(path, SAMPLE_RATE))
-    return round(info.frames * SAMPLE_RATE / info.samplerate)
 
 
 def flame_path(root, seq):
@@ -194,13 +176,6 @@ def fit_length(x, n):
     return x[:n] if len(x) >= n else np.pad(x, (0, n - len(x)))
 
 
-def _fitted(path, n):
-    """The sound at path (load_audio) zero-padded or cut to exactly n samples, after the length rule."""
-    audio = load_audio(path, SAMPLE_RATE)
-    _check_length(len(audio), n, path)
-    return fit_length(audio, n)
-
-
 def clip_samples(n_frames):
     """Audio samples that belong to n_frames motion frames: also the first sample of frame n_frames."""
     return round(n_frames * SAMPLE_RATE / FPS)
@@ -243,7 +218,14 @@ def index_entry(root, seq, clip_frames):
     n_frames = len(flame["expression"])
     n = clip_samples(n_frames)
     for path in (audio_path(root, seq), bgm_path(root, seq)):
-        _check_length(audio_samples(path), n, path)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such file")
+        try:                            # the length at SAMPLE_RATE from the header where libsndfile reads it
+            info = soundfile.info(str(path))
+            n_audio = round(info.frames * SAMPLE_RATE / info.samplerate)
+        except (RuntimeError, OSError):     # soundfile's errors: a container it cannot read, decoded as load_audio does
+            n_audio = len(AudioFile(path, SAMPLE_RATE))
+        _check_length(n_audio, n, path)
     used = n_frames // clip_frames * clip_frames
     motion = flame["motion"][:used].astype(np.float64)                                   # (used, 59)
     mean = motion.mean(0) if used else np.zeros(MOTION_DIM)
@@ -259,19 +241,9 @@ def _stamped_entry(job):
     return dict(stamps=stamps, checked=checked, frames=n_frames, used=used, mean=mean, m2=m2, shape=shape)
 
 
-def _entry_pool(n_jobs):
-    """Processes that make n_jobs index entries, one per core this process may use (reading a pickle is pure Python:
-    threads would not help); None, this process alone, when a pool's start-up would cost more than it saves."""
-    cores = cpu_cores()
-    if n_jobs < INDEX_PARALLEL_MIN or cores < 2:
-        return contextlib.nullcontext()
-    from concurrent.futures import ProcessPoolExecutor
-    return ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork"))
-
-
 class SplitIndex:
-    """The index of a split, made or brought up to date by `load_or_build`, which keeps it in index_dir (None: in
-    memory only): per sequence of the split file, in its order, arrays of
+    """A split's index, made or brought up to date by `load_or_build` (kept in index_dir, or in memory if None): per
+    sequence of the split file, in its order, arrays of
         stamps (S, 6) int64   size and mtime_ns of the pickle, voice and music (file_stamps)
         checked (S,) int64    time.time_ns() just before the entry's files were read
         frames, used (S,)     frames of the sequence, and those in whole clips
@@ -338,7 +310,11 @@ class SplitIndex:
                 todo.append(i)
         # the rate over every entry so far: the pool hands entries back a chunk at a time, in bursts
         progress = Progress(len(todo), "sequence", lines=INDEX_PROGRESS_LINES, window=len(todo))
-        with _entry_pool(len(todo)) as pool:
+        cores, pool = cpu_cores(), None
+        if len(todo) >= INDEX_PARALLEL_MIN and cores >= 2:   # a process per core: reading a pickle is pure Python
+            from concurrent.futures import ProcessPoolExecutor
+            pool = ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork"))
+        with pool or contextlib.nullcontext():
             jobs = [(root, sequences[i], clip_frames) for i in todo]
             made = pool.map(_stamped_entry, jobs, chunksize=INDEX_CHUNK) if pool else map(_stamped_entry, jobs)
             for i, row in zip(todo, made):
@@ -407,9 +383,12 @@ class SingingHead(Dataset):
     def sequence(self, seq):
         """Whole sequence: dict(motion (T, 59), shape (100,), cam (T, 3), audio (N,), bgm (N,)), N exact."""
         motion, shape, cam = self._read_flame(seq)
-        n = clip_samples(len(motion))
-        return dict(motion=motion, shape=shape, cam=cam, audio=_fitted(audio_path(self.root, seq), n),
-                    bgm=_fitted(bgm_path(self.root, seq), n))
+        n, sounds = clip_samples(len(motion)), {}
+        for name, path in (("audio", audio_path(self.root, seq)), ("bgm", bgm_path(self.root, seq))):
+            sound = load_audio(path, SAMPLE_RATE)
+            _check_length(len(sound), n, path)                      # then zero-padded or cut to exactly n samples
+            sounds[name] = fit_length(sound, n)
+        return dict(motion=motion, shape=shape, cam=cam, **sounds)
 
     def __len__(self):
         return len(self.clips)
@@ -417,8 +396,7 @@ class SingingHead(Dataset):
     def __getitem__(self, i):
         seq, start = self.clips[i]
         motion, shape, cam = self._read_flame(seq)
-        stop = start + self.clip_frames
-        n = clip_samples(len(motion))
+        stop, n = start + self.clip_frames, clip_samples(len(motion))
         a, b = clip_samples(start), clip_samples(start) + clip_samples(self.clip_frames)
         audio, bgm = (clip_audio(path(self.root, seq), n, a, b) for path in (audio_path, bgm_path))
         return dict(id=seq, person=seq.split("_")[0], start=start, audio=audio, bgm=bgm,
@@ -426,8 +404,8 @@ class SingingHead(Dataset):
 
 
 def clip_audio(path, n, a, b):
-    """Samples a..b-1 of the sound at path fitted to n samples by the length rule, float32: those of
-    _fitted(path, n)[a:b], reading only that stretch (and the scan for damage that opening does)."""
+    """Samples a..b-1 of the sound at path fitted to n samples by the length rule, float32 (SingingHead.sequence's
+    [a:b]), reading only that stretch (and the scan for damage that opening does)."""
     song = AudioFile(path, SAMPLE_RATE)
     _check_length(len(song), n, path)
     stop = min(b, n)                                  # the fitted sequence ends at n
@@ -436,24 +414,12 @@ def clip_audio(path, n, a, b):
     return np.pad(wave, (0, max(0, stop - a) - len(wave)))
 
 
-def _resize_square(frames, size):
-    """uint8 (n, H, W, 3) tensor -> centre square crop resized to size (area when shrinking) -> uint8."""
-    h, w = frames.shape[1:3]
-    side = min(h, w)
-    frames = frames[:, (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
-    if side == size:
-        return frames
-    x = frames.permute(0, 3, 1, 2).float()                                             # (n, 3, side, side)
-    mode = dict(mode="area") if size < side else dict(mode="bilinear", align_corners=False)
-    x = F.interpolate(x, size=(size, size), **mode)
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-
 class VideoFrames:
     """Frames t = 0, stride, 2 stride, ... below `stop` (all when None) of an mp4, iterated as uint8 (b, size, size,
     3) batches of at most `batch` frames, centre-cropped to a square if needed (size=None: as decoded, no crop),
-    resized a batch at a time: memory holds one batch whatever the video's length. decoded() yields every frame
-    as decoded instead. After either, `count` holds the frames the video has (all are decoded, kept or not)."""
+    each resized as it is decoded: memory holds one batch of resized frames and one decoded frame's float copy
+    whatever the video's length or picture size. decoded() yields every frame as decoded instead. After either,
+    `count` holds the frames the video has (all are decoded, kept or not)."""
 
     def __init__(self, path, size=256, stride=1, stop=None, batch=32):
         self.path, self.size, self.stride, self.stop, self.batch = Path(path), size, stride, stop, batch
@@ -464,12 +430,8 @@ class VideoFrames:
     def decoded(self):
         """Every frame of the video in order, uint8 (H, W, 3) as decoded; damage is refused naming the file."""
         try:
-            reader = imageio.get_reader(str(self.path), "ffmpeg")
-        except Exception as e:
-            raise ValueError(f"{self.path}: unreadable video ({ffmpeg_said(e, self.path)})") from None
-        self.count = 0
-        try:
-            with reader:
+            with imageio.get_reader(str(self.path), "ffmpeg") as reader:
+                self.count = 0
                 for frame in reader:
                     self.count += 1
                     yield np.asarray(frame)[..., :3]
@@ -482,16 +444,27 @@ class VideoFrames:
         pending = []
         for t, frame in enumerate(self.decoded()):
             if t % self.stride == 0 and (self.stop is None or t < self.stop):
-                pending.append(torch.from_numpy(frame))
+                pending.append(self._resized(torch.from_numpy(frame)[None]))
             if len(pending) == self.batch:
-                yield self._resized(pending)
+                yield np.concatenate(pending)
                 pending = []
         if pending:
-            yield self._resized(pending)
+            yield np.concatenate(pending)
 
     def _resized(self, frames):
-        frames = torch.stack(frames)
-        return (frames if self.size is None else _resize_square(frames, self.size)).numpy()
+        """uint8 (n, H, W, 3) tensor -> numpy, its centre square crop resized to size (area when shrinking)."""
+        size = self.size
+        if size is None:
+            return frames.numpy()
+        h, w = frames.shape[1:3]
+        side = min(h, w)
+        frames = frames[:, (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+        if side == size:
+            return frames.numpy()
+        x = frames.permute(0, 3, 1, 2).float()                                             # (n, 3, side, side)
+        mode = dict(mode="area") if size < side else dict(mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=(size, size), **mode)
+        return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def read_video(path, size=256, batch=32):
@@ -590,11 +563,10 @@ def wav_writer(path, sample_rate=SAMPLE_RATE):
 
 
 class VideoWriter:
-    """Streams uint8 frames into an mp4 (libx264, yuv420p) and muxes optional mono audio as AAC on close: float32
-    samples (N,) at sample_rate, or a sound with len() and float32 slices [a:b] (e.g. audio.AudioFile) read a
-    block at a time. The file appears at `path` only when complete; a failed write (ffmpeg's exit status, a full
-    disk) raises OSError naming `path`: our own ffmpeg process, as imageio_ffmpeg.write_frames ignores ffmpeg's
-    exit status and lets its complaints through to the console."""
+    """Streams uint8 frames into an mp4 (libx264, yuv420p), muxing optional mono audio as AAC on close: float32 (N,)
+    at sample_rate, or a sound with len() and float32 slices [a:b] (e.g. audio.AudioFile) read a block at a time. The
+    file appears at `path` only when complete; a failed write (ffmpeg's exit status, a full disk) raises OSError naming
+    `path`. Our own ffmpeg process: imageio_ffmpeg.write_frames ignores its exit status, lets its complaints through."""
 
     def __init__(self, path, size, fps=FPS, audio=None, sample_rate=SAMPLE_RATE, preset=VIDEO_PRESET):
         self.path, self.frames = Path(path), 0
@@ -690,18 +662,6 @@ def write_video(path, frames, fps=FPS, audio=None, sample_rate=SAMPLE_RATE):
         video.write(frames)
 
 
-# Progress counts the steps of a long job (building the built-in data, training, an evaluation, a long song) and
-# says how far, how fast lately and when it will end:
-#     progress = Progress(480, "step")
-#     for batch in batches:
-#         train_step(batch)
-#         if progress.advance():        # True when a line is due (`lines` a job at most, and the last step)
-#             print(progress.line("train"))
-# The rate is measured over the last `window` steps, never the first one: its start-up (first calls, caches
-# filling) would dominate the early estimates. What happens between two steps (validation between epochs) is
-# part of the step after it, so a window longer than an epoch spreads that cost as it will really fall.
-
-
 def format_duration(seconds):
     """Seconds -> '42s', '8m30s' or '1h05m'."""
     s = int(round(seconds))
@@ -709,7 +669,16 @@ def format_duration(seconds):
 
 
 class Progress:
-    """Counts steps of a job of `total` steps (`done` already done, e.g. after a resume) and times them."""
+    """Counts the steps of a long job of `total` steps (`done` already done, e.g. after a resume) and says how far,
+    how fast lately and when it will end (building the built-in data, training, an evaluation, a long song):
+        progress = Progress(480, "step")
+        for batch in batches:
+            train_step(batch)
+            if progress.advance():        # True when a line is due (`lines` a job at most, and the last step)
+                print(progress.line("train"))
+    The rate is measured over the last `window` steps, never the first one: its start-up (first calls, caches
+    filling) would dominate the early estimates. What happens between two steps (validation between epochs) is
+    part of the step after it, so a window longer than an epoch spreads that cost as it will really fall."""
 
     def __init__(self, total, unit="step", done=0, lines=MAX_PROGRESS_LINES, window=RATE_WINDOW,
                  clock=time.perf_counter):
@@ -736,17 +705,14 @@ class Progress:
         rate = self.rate()
         return None if rate is None else (self.total - self.done) / rate
 
-    def elapsed(self):
-        return self.clock() - self.start
-
     def status(self):
         """'0.85 step/s | ETA 8m30s'; the time so far while the rate is unknown; the whole time at the end."""
         rate, eta = self.rate(), self.eta()
         if rate is None:
-            return f"first {self.unit} took {format_duration(self.elapsed())}, ETA from the next"
+            return f"first {self.unit} took {format_duration(self.clock() - self.start)}, ETA from the next"
         speed = f"{rate:.2f} {self.unit}/s" if rate >= 1 else f"{1 / rate:.2f} s/{self.unit}"
         if self.done >= self.total:
-            return f"{speed} | done in {format_duration(self.elapsed())}"
+            return f"{speed} | done in {format_duration(self.clock() - self.start)}"
         return f"{speed} | ETA {format_duration(eta)}"
 
     def line(self, label):
@@ -808,9 +774,8 @@ def check_device(name, flag="--device"):
 
 
 def check_output_folder(folder, first, flag="--out"):
-    """Refuse, before any work, an output folder that cannot be made or written: one under a file, one whose
-    nearest existing folder is read-only. first: the first file the command writes there, named when the folder
-    exists but cannot be written to (what the write itself would say)."""
+    """Refuse, before any work, an output folder that cannot be made or written (under a file, or whose nearest existing
+    folder is read-only); first: the first file written there, named as the write would when the folder is read-only."""
     if not str(folder):
         raise ValueError(f"{flag} '': names no folder (give one, e.g. {flag} .)")
     folder = Path(folder)
@@ -844,8 +809,7 @@ def output_folder(folder):
 
 
 def check_finite(values, path, what):
-    """Refuse values (an array or tensor) that hold NaN or inf: `path: <what> holds NaN or inf`, path the file
-    read or about to be written."""
+    """Refuse an array or tensor holding NaN or inf: `path: <what> holds NaN or inf`, path the file read or written."""
     finite = torch.isfinite(values).all() if torch.is_tensor(values) else np.isfinite(np.asarray(values)).all()
     if not finite:
         raise ValueError(f"{path}: {what} holds NaN or inf")
