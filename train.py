@@ -120,7 +120,7 @@ def train_motion(args, run):
                 "pretrained checkpoint: download facebook/wav2vec2-base-960h (config.json + model.safetensors) "
                 "into a folder and pass --wav2vec FOLDER")
     model.set_motion_stats(*motion_stats(train_set))
-    people = training_people(train_set)
+    people = {person: torch.from_numpy(shape) for person, shape in train_set.clips.first_shapes().items()}
 
     voice_cache = val_cache = None
     if args.cache_audio:
@@ -291,6 +291,8 @@ def train_render(args, run):
     first_step = step + 1                          # always said: how long start-up took
     history = []
     head = flame_record(args.flame)                # the depth inputs' head: inference must render with it
+    if ref_pose is not None:                       # and the reference's head, which portrait_video warps with
+        head.update(reference_motion=ref_pose["motion"], reference_cam=ref_pose["cam"])
     gan = GanStep(net_g, net_d, discriminator, opt_g, opt_d, vgg, reference, args.grad_clip)
     for epoch in range(start_epoch, args.epochs):
         sums, n_batches = {}, 0
@@ -314,7 +316,7 @@ def train_render(args, run):
         improved = val["ssim"] > best
         best = max(best, val["ssim"])
         save_epoch(run, stateful, improved, renderer_config=asdict(cfg), epoch=epoch, step=step, best=best,
-                   cam=cam.tolist(), shape=torch.as_tensor(shape), person=args.person, **reference_record(ref_pose),
+                   cam=cam.tolist(), shape=torch.as_tensor(shape), person=args.person,
                    reference=torch.from_numpy(reference_u8), val=val, **head)
     run.log(closing_line(run, "render", f"the epoch with the highest validation SSIM, {best:.4f}", f", the "
                          f"reference image {run.out / 'reference.png'} and a sample grid per epoch trained "
@@ -376,7 +378,7 @@ def validate_render(generator, dataset, reference, reference_u8, run):
     """(scores, sample grid), a batch of frames at a time: frame_scores of the generated frames and each box's error
     over copying the reference's (box_scores' l1_ratio pooled over the split). reference (3, H, W) in [-1, 1],
     reference_u8 the same image (H, W, 3)."""
-    pick = grid_picks(len(dataset))
+    pick = np.linspace(0, len(dataset) - 1, min(GRID_ROWS, len(dataset))).round().astype(int)   # evenly spaced
     ssim, psnr, picked = [], [], {}
     errors = {box: [0.0, 0.0] for box in BOX_BARS}            # summed over the box pixels: ours, copying's
     for lo, generated in rendered_batches(generator, dataset, reference, run.device, run):
@@ -473,11 +475,6 @@ def motion_config(args):
     switches = dict(use_music=args.music, loss_space=args.loss_space, mesh_head_pose=args.mesh_head_pose,
                     w_kl=args.w_kl, w_rec=args.w_rec, w_vel=args.w_vel, w_mesh=args.w_mesh)
     return replace(MotionConfig.preset(args.preset), **{k: v for k, v in switches.items() if v is not None})
-
-
-def training_people(train_set):
-    """name -> FLAME shape (100,) float32 of each training person's first sequence, from the data set's index."""
-    return {person: torch.from_numpy(shape) for person, shape in train_set.clips.first_shapes().items()}
 
 
 def motion_stats(dataset):
@@ -675,11 +672,6 @@ def reference_pose(root, seq, flame):
     return pose
 
 
-def reference_record(pose):
-    """What a checkpoint keeps of reference_pose's head (nothing without one): portrait_video warps with it."""
-    return {} if pose is None else dict(reference_motion=pose["motion"], reference_cam=pose["cam"])
-
-
 def render_dataset(generator, dataset, reference, device, run):
     """Generated frames for every item of a PortraitFrames: uint8 (N, H, W, 3)."""
     return np.concatenate([batch for _, batch in rendered_batches(generator, dataset, reference, device, run)])
@@ -709,20 +701,10 @@ def box_scores(generated, truth, reference, boxes):
                 correlation=correlation, pixels=pixels)
 
 
-def bars_met(scores, bars):
-    """Whether box_scores' figures meet a BOX_BARS entry: l1_ratio and speckle at most, the others at least."""
-    return all(scores[k] <= bar if k in ("l1_ratio", "speckle") else scores[k] >= bar for k, bar in bars.items())
-
-
 def frame_scores(generated, truth):
     """Mean SSIM and PSNR (dB) of uint8 (N, H, W, 3) frames against the true ones."""
     return dict(ssim=float(np.mean(metrics.ssim(generated, truth))),
                 psnr=float(np.mean(metrics.psnr(generated, truth))))
-
-
-def grid_picks(n, rows=GRID_ROWS):
-    """The items of the sample grid: `rows` evenly spaced of n."""
-    return np.linspace(0, n - 1, min(rows, n)).round().astype(int)
 
 
 def sample_grid(dataset, generated, pick):
@@ -791,12 +773,13 @@ def print_render_summary(run, person, s):
              "truth"]
     for box, bars in BOX_BARS.items():
         b = s[box]
+        met = all(b[k] <= bar if k in ("l1_ratio", "speckle") else b[k] >= bar for k, bar in bars.items())
         wanted = ", ".join(f"{names[k]} {'<=' if k in ('l1_ratio', 'speckle') else '>='} "
                            + (f"{100 * bar:g} %" if k == "speckle" else f"{bar:g}") for k, bar in bars.items())
         lines.append(f"  {box + ' box':<9} L1 {b['l1']:5.2f} ({b['copy_l1']:5.2f})  ratio {b['l1_ratio']:.3f}  "
                      f"SSIM {b['ssim']:.3f} ({b['copy_ssim']:.3f})  speckles {100 * b['speckle']:4.1f} %  "
                      f"correlation {b['correlation']:.3f} | bars {wanted}: "
-                     f"{'met' if bars_met(b, bars) else 'NOT met'}")
+                     f"{'met' if met else 'NOT met'}")
     lines.append(f"  side by side (depth | generated | truth, with sound): {s['video']}")
     run.log("\n".join(lines))
 
