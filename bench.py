@@ -140,47 +140,62 @@ def fresh_peak_mb(make, *args):
 
 FLAME_FRAMES = 240          # one 8 s clip at 30 fps
 FLAME_WARMUP, FLAME_REPEATS = 2, 7
+FLAME_THREADS = 1          # torch threads of the FLAME rows on the CPU
 
 
-def _flame_methods(per_frame_shape, device="cpu"):
-    """Ours and smplx.lbs's callables over identical procedural-head arrays: (ours, ref)."""
+def _flame_methods(per_frame_shape, device="cpu", region=False):
+    """Ours and smplx.lbs's callables over identical procedural-head arrays: (ours, ref). region: ours is the
+    metrics' forward (RegionMeshes: 1 808 vertices, head pose zeroed), the reference smplx's whole mesh cut to them."""
     from smplx.lbs import lbs
     head = procedural_head(0)
     model = stand_in_flame().to(device)
     g = torch.Generator().manual_seed(0)
     shape = torch.randn(FLAME_FRAMES if per_frame_shape else 1, N_SHAPE, generator=g).to(device)
     motion = (torch.randn(FLAME_FRAMES, MOTION_DIM, generator=g) * 0.2).to(device)
+    if region:
+        motion[:, N_EXPR:N_EXPR + 6] = 0                                          # the metrics' meshes: no head pose
     t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)
     betas = torch.cat([shape.expand(FLAME_FRAMES, N_SHAPE), motion[:, :N_EXPR]], 1)
     pose = torch.cat([motion[:, N_EXPR:], torch.zeros(FLAME_FRAMES, 6, device=device)], 1)
     ref_args = (t(head['v_template']), t(head['shapedirs']), t(head['posedirs'].reshape(-1, 36).T),
                 t(head['J_regressor']), torch.tensor([-1, 0, 1, 1, 1], device=device), t(head['weights']))
-    ours = lambda: model.from_motion(shape if per_frame_shape else shape[0], motion)
-    ref = lambda: lbs(betas, pose, *ref_args)[0]
+    regions = metrics.RegionMeshes(model) if region else None
+    ours = ((lambda: regions(shape[0], motion)) if region else
+            (lambda: model.from_motion(shape if per_frame_shape else shape[0], motion)))
+    ref = lambda: lbs(betas, pose, *ref_args)[0][:, regions.ids] if region else lbs(betas, pose, *ref_args)[0]
     return ours, ref
 
 
-def _flame_method(which, per_frame_shape):
-    return _flame_methods(per_frame_shape)[which]
+def _flame_method(which, per_frame_shape, region=False):
+    torch.set_num_threads(FLAME_THREADS)
+    return _flame_methods(per_frame_shape, region=region)[which]
 
 
 def bench_flame(device="cpu"):
     """FLAME forward for one 8 s clip (240 frames) against smplx.lbs on the same arrays: best of FLAME_REPEATS
-    alternating calls, no autograd, float32; memory of a warm call, on the CPU each method in a fresh interpreter."""
-    rows = []
-    for per_frame_shape in (False, True):
-        ours, ref = _flame_methods(per_frame_shape, device)
+    alternating calls, no autograd, float32, FLAME_THREADS torch thread on the CPU (with the default 2 threads
+    on a shared 2-core machine the rows time threads waiting for a core, not the forward); memory of a warm
+    call, on the CPU each method in a fresh interpreter. Rows: the whole mesh with one shape for the clip and
+    with a shape per frame, and the metrics' region forward (RegionMeshes) against smplx's whole mesh."""
+    rows, threads = [], torch.get_num_threads()
+    cpu = torch.device(device).type != "cuda"
+    if cpu:
+        torch.set_num_threads(FLAME_THREADS)
+    for per_frame_shape, region in ((False, False), (True, False), (False, True)):
+        ours, ref = _flame_methods(per_frame_shape, device, region)
         (ours_s, ref_s), _ = best_times((ours, ref), device, FLAME_WARMUP, FLAME_REPEATS)
-        if torch.device(device).type == "cuda":
+        if not cpu:
             ours_mem, ref_mem = peak_mb(ours, device), peak_mb(ref, device)
         else:
-            ours_mem, ref_mem = (fresh_peak_mb(_flame_method, i, per_frame_shape) for i in (0, 1))
+            ours_mem, ref_mem = (fresh_peak_mb(_flame_method, i, per_frame_shape, region) for i in (0, 1))
+        what = ("RegionMeshes: 1808 of 5045 vertices, head pose zeroed, one shape; ref smplx.lbs whole mesh, cut"
+                if region else "ref smplx.lbs; " + ("a shape per frame" if per_frame_shape else "one shape a clip"))
         rows.append(dict(
-            name="flame_forward_240" + ("_per_frame_shape" if per_frame_shape else ""),
+            name="flame_forward_240" + ("_per_frame_shape" if per_frame_shape else "_region" if region else ""),
             ours_s=ours_s, ref_s=ref_s, ratio=ref_s / ours_s, ours_mem_mb=ours_mem, ref_mem_mb=ref_mem,
             note=(f"{FLAME_FRAMES} frames, procedural head V=5045, float32, best of {FLAME_REPEATS}, {device}"
-                  f"{'' if torch.device(device).type == 'cuda' else f', {torch.get_num_threads()} threads'}; "
-                  f"ref smplx.lbs; " + ("a shape per frame" if per_frame_shape else "one shape for the clip"))))
+                  f"{f', {FLAME_THREADS} thread' if cpu else ''}; {what}")))
+    torch.set_num_threads(threads)
     return rows
 
 
@@ -630,7 +645,7 @@ def bench_stream(device="cpu"):
 
 TEST_CLIPS = 1829           # the paper's SingingHead test split
 EVAL_SAMPLES = 10
-EVAL_CLIPS = 50             # clips timed for our evaluation
+EVAL_CLIPS = 200            # clips timed for our evaluation
 EVAL_REF_CLIPS = 2          # clips timed for the reference route (seconds each)
 EVAL_THREADS = 1            # torch threads: on the shared 2-core machine a second thread only adds spinning
 EVAL_BAR_S = 600.0
@@ -827,7 +842,8 @@ PAPER_BATCH = 8                       # the paper preset's batch: the loader's b
 PAPER_CPU_BATCH = 2                   # clips a timed paper-preset step trains on the CPU (8 would take minutes)
 PAPER_STEPS = 2                       # paper-preset steps timed, after one untimed
 RENDER_VIDEOS = (20, 60)              # one person's portrait videos in the render stage's memory rows
-RENDER_DATA_SIZE = 512                # pixels a side: the larger of the paper's Table IV sizes
+RENDER_DATA_SIZE = 512                # pixels a side the renderer trains at: the larger of the paper's Table IV sizes
+RENDER_VIDEO_SIZE = 1024              # pixels a side of the person's videos (filmed larger than trained, as real ones)
 RENDER_VIDEO_S = 8                    # seconds a portrait video lasts, as SingingHead's
 
 
@@ -972,12 +988,12 @@ def train_workers():
 
 
 def bench_render_data(device="cpu"):
-    """The render stage preparing one person's RENDER_VIDEOS portrait videos at RENDER_DATA_SIZE² (ffmpeg's test
-    pattern, RENDER_VIDEO_S s each, linked under new ids; pickles from the built-in set): seconds from the command
-    to its first step and the process tree's peak memory, then the growth per video."""
+    """The render stage preparing one person's RENDER_VIDEOS portrait videos of RENDER_VIDEO_SIZE² at
+    RENDER_DATA_SIZE² (ffmpeg's test pattern, RENDER_VIDEO_S s each, linked under new ids; pickles from the built-in
+    set): seconds from the command to its first step and the process tree's peak memory, then the growth per video."""
     rows, peaks = [], {}
     with tempfile.TemporaryDirectory() as folder:
-        video = builtin.test_pattern_video(Path(folder) / "pattern.mp4", RENDER_DATA_SIZE, RENDER_VIDEO_S)
+        video = builtin.test_pattern_video(Path(folder) / "pattern.mp4", RENDER_VIDEO_SIZE, RENDER_VIDEO_S)
         for n in RENDER_VIDEOS:
             root = builtin.linked_dataset(builtin.builtin_data(), Path(folder) / f"person{n}", n, people=1,
                                           video=video)
@@ -985,7 +1001,8 @@ def bench_render_data(device="cpu"):
                           "--size", RENDER_DATA_SIZE, "--epochs", "1", "--no-summary", "--device", device],
                          FIRST_STEP)
             peaks[n] = seen["rss_mb"]
-            rows.append(dict(name=f"render start-up, {n} videos at {RENDER_DATA_SIZE}²", ours_s=seen["seconds"],
+            rows.append(dict(name=f"render start-up, {n} videos of {RENDER_VIDEO_SIZE}² at {RENDER_DATA_SIZE}²",
+                             ours_s=seen["seconds"],
                              ref_s=None, ratio=None, ours_mem_mb=seen["rss_mb"], ref_mem_mb=None,
                              note=f"command to first step, frames decoded and depth rendered once; memory = peak "
                                   f"VmRSS of the process tree (Pss {seen['pss_mb']:.0f} MB)"))
