@@ -5217,7 +5217,7 @@ README_NOT_RUN = {"pip install -r requirements-dev.txt": "needs the network",
                   "python -m pytest -q test_unisinger.py": "this very test suite"}
 README_SHORT_RUN = {"python train.py --stage render": ["--epochs", "1", "--no-summary"],   # its summary: a test above
                     "python train.py": ["--epochs", "1"], "python metrics.py": ["--samples", "2"],
-                    "python bench.py": ["--only", "flame"]}
+                    "python unisinger.py": ["--size", "64"], "python bench.py": ["--only", "flame"]}
 
 
 def readme_commands():
