@@ -901,7 +901,8 @@ def same_file(file, path):
 
 def remove_dead_temporaries(folder):
     """Remove what runs killed while writing into folder left half-written: data.atomic_output's temporaries
-    (.<name>.<pid>.tmp<suffix>) of processes that are gone. The folder is ours: no run of ours writes there."""
+    (.<name>.<pid>.tmp<suffix>) of processes that are gone. Called with the folder's lock held, so no live run
+    of ours is writing there."""
     for path in folder.iterdir():
         head, tmp, suffix = path.name.partition(".tmp")
         pid = head.rpartition(".")[2]
