@@ -47,6 +47,8 @@ EYE_LANDMARKS = slice(36, 48)     # iBUG-68's eye contours, right then left
 NOSE_LANDMARKS = slice(27, 36)    # iBUG-68's nose: the bridge from between the eyes to the tip, then the nostrils
 FLAME_SHAPE_COLUMNS = 300         # official shapedirs: 300 shape columns, then the expression columns
 N_POSE_FEATURES = 9 * (N_JOINTS - 1)
+N_POSED = 2                       # joints that turn besides the root: neck and jaw (the eyes stay still)
+CPU_SLAB_BYTES = 4 << 20          # bytes of one (frames, 3, V) skinning intermediate on the CPU: fits the L3 cache
 FLAME_KEYS = ('v_template', 'shapedirs', 'posedirs', 'J_regressor', 'weights', 'kintree_table', 'f')
 RODRIGUES_OFFSET = 1e-8           # smplx adds this to the rotation vector before its norm; kept for equal numbers
 
@@ -160,23 +162,23 @@ class Flame(nn.Module):
             raise ValueError(f"{self.source}: expects shape (..., {self.n_shape}) and expression (..., {self.n_expr}); "
                              f"got {tuple(shape.shape)} and {tuple(expression.shape)}")
         poses = (global_pose, neck_pose, jaw_pose, eye_pose)
-        full = torch.broadcast_shapes(shape.shape[:-1], expression.shape[:-1], *(p.shape[:-1] for p in poses))
+        full = torch.Size(np.broadcast_shapes(shape.shape[:-1], expression.shape[:-1], *(p.shape[:-1] for p in poses)))
         N, V = math.prod(full), self.template.shape[0] // 3
 
         pose = torch.cat([p.expand(full + p.shape[-1:]) for p in poses], -1).reshape(N, N_JOINTS, 3)
         rot = rodrigues(pose)                                                     # (N, 5, 3, 3)
         eye = torch.eye(3, dtype=ref.dtype, device=ref.device)
-        pose_feature = (rot[:, 1:] - eye).reshape(N, N_POSE_FEATURES)             # (N, 36)
+        # The eyes' pose correctives multiply zeros (they never turn), so only the neck's and jaw's enter.
+        pose_feature = (rot[:, 1:N_POSED + 1] - eye).reshape(N, 9 * N_POSED)      # (N, 18)
         shape_full = shape.expand(full + shape.shape[-1:]).reshape(N, self.n_shape)
         expr = expression.expand(full + expression.shape[-1:]).reshape(N, self.n_expr)
-        coeffs = torch.cat([shape_full, expr, pose_feature], 1)                   # (N, n_shape + n_expr + 36)
-        if math.prod(shape.shape[:-1]) == 1:  # one head for every frame: its shape enters as the GEMM's bias
-            head = torch.addmm(self.template, shape.reshape(1, self.n_shape), self.blend_dirs[:self.n_shape])
-            v_posed = torch.addmm(head, coeffs[:, self.n_shape:], self.blend_dirs[self.n_shape:])
-        else:
-            v_posed = torch.addmm(self.template, coeffs, self.blend_dirs)         # (N, 3·V)
-        v_posed = v_posed.view(N, 3, V)
-        joints = torch.addmm(self.joint_template, coeffs[:, :self.n_shape + self.n_expr], self.joint_dirs)
+        coeffs = torch.cat([shape_full, expr, pose_feature], 1)                   # (N, n_shape + n_expr + 18)
+        dirs = self.blend_dirs[:self.n_shape + self.n_expr + 9 * N_POSED]
+        one_head = math.prod(shape.shape[:-1]) == 1
+        if one_head:  # one head for every frame: its shape enters the blend as a bias
+            head = torch.addmm(self.template, shape.reshape(1, self.n_shape), dirs[:self.n_shape])
+            coeffs, dirs = coeffs[:, self.n_shape:], dirs[self.n_shape:]
+        joints = torch.addmm(self.joint_template, torch.cat([shape_full, expr], 1), self.joint_dirs)
         joints = joints.view(N, N_JOINTS, 3)
 
         # Kinematic chain: world rotation and joint position per joint.
@@ -188,13 +190,21 @@ class Flame(nn.Module):
         world_rot = torch.stack(world_rot, 1)                                     # (N, 5, 3, 3)
         offset = torch.stack(world_pos, 1) - (world_rot @ joints[..., None])[..., 0]  # (N, 5, 3): moves rest joints
         rigid = torch.cat([world_rot, offset[..., None]], -1)                     # (N, 5, 3, 4)
-
-        # Skinning, column by column of the (3, 4) rigid transforms: blending one column over the 5 joints is an
-        # (N·3, 5) @ (5, V) matmul, so intermediates stay (N, 3, V) like the output, not (N, 12, V).
         columns = rigid.permute(3, 0, 2, 1).reshape(4, N * 3, N_JOINTS)          # (4, N·3, 5)
-        verts = (columns[3] @ self.weights_t).view(N, 3, V)                       # blended translations
-        for k in range(3):
-            verts.addcmul_((columns[k] @ self.weights_t).view(N, 3, V), v_posed[:, None, k])
+
+        # Blend and skin a slab of frames at a time. Skinning blends each column of the (3, 4) rigid transforms over
+        # the 5 joints, an (n·3, 5) @ (5, V) matmul, so intermediates are (n, 3, V) like the output; on the CPU a
+        # slab of CPU_SLAB_BYTES keeps them in cache, which the memory-bound blend and skinning need to be fast.
+        slab = N if ref.device.type != 'cpu' else max(1, CPU_SLAB_BYTES // (3 * V * ref.element_size()))
+        verts = torch.empty(N, 3, V, dtype=ref.dtype, device=ref.device)
+        for lo in range(0, N, slab):
+            hi = min(N, lo + slab)
+            v_posed = torch.addmm(head if one_head else self.template, coeffs[lo:hi], dirs).view(hi - lo, 3, V)
+            rows = columns[:, 3 * lo:3 * hi]
+            skinned = (rows[3] @ self.weights_t).view(hi - lo, 3, V)             # blended translations
+            for k in range(3):
+                skinned.addcmul_((rows[k] @ self.weights_t).view(hi - lo, 3, V), v_posed[:, None, k])
+            verts[lo:hi] = skinned
         return verts.transpose(1, 2).reshape(full + (V, 3))
 
     def from_motion(self, shape, motion, zero_head_pose=False):
