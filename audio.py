@@ -702,7 +702,9 @@ def onset_strength(y, sr=SAMPLE_RATE, aggregate=np.median, n_fft=N_FFT, hop_leng
     """
     y = _as_waveform(y, "onset_strength")
     power = np.abs(_stft(y, n_fft, hop_length)) ** 2                                  # (..., F, T)
-    mel = np.einsum("...ft,mf->...mt", power, mel_filterbank(sr, n_fft, n_mels), optimize=True)
+    # torch's product: it keeps to torch's threads, where numpy's BLAS would start its own on every core
+    mel = (torch.tensor(mel_filterbank(sr, n_fft, n_mels), dtype=torch.from_numpy(power).dtype)
+           @ torch.from_numpy(power)).numpy()                                          # (..., n_mels, T)
     db = 10.0 * np.log10(np.maximum(AMIN, mel))                                       # (..., n_mels, T)
     db = np.maximum(db, db.max(axis=(-2, -1), keepdims=True) - TOP_DB)
     flux = aggregate(np.maximum(0.0, db[..., 1:] - db[..., :-1]), axis=-2)           # (..., T - 1)

@@ -602,7 +602,8 @@ def _stream_quality_row(device):
             emitted.append(stream.emitted)
         take = np.concatenate(pieces + [stream.finish()])
         for key, motion in (("stream", take), ("offline", offline)):
-            lve[key].append(metrics.lve(regions(shape, torch.from_numpy(motion))[None], truth, regions.lips)[0])
+            errors = metrics.vertex_errors(regions(shape, torch.from_numpy(motion)), truth)[None]       # (1, T, U) mm
+            lve[key].append(metrics.lve(errors.index_select(-1, regions.lips))[0])
         verts = head.from_motion(shape, torch.from_numpy(take))                               # (T, V, 3)
         jump = (verts[1:] - verts[:-1]).norm(dim=-1).amax(-1).numpy() * 1000                  # (T-1,) mm
         emitted = np.array(emitted)
@@ -684,7 +685,7 @@ def _table2(route, n_clips):
     find_beats = (lambda y: audio.beats(y, SAMPLE_RATE)[0]) if route == "ours" else librosa_beats
     rng = np.random.default_rng(0)
     clips = [fake_clip(rng) for _ in range(n_clips)]
-    metrics.clip_motion_scores(regions, *clips[0][:3], {"BA": find_beats(clips[0][3])})        # warm-up
+    metrics.clip_motion_scores(regions, *clips[0][:2], {"": clips[0][2]}, {"BA": find_beats(clips[0][3])})  # warm-up
     music_beats = []
 
     def all_beats():
@@ -692,7 +693,7 @@ def _table2(route, n_clips):
 
     def all_metrics():
         for (shape, gt, samples, _), frames in zip(clips, music_beats):
-            metrics.clip_motion_scores(regions, shape, gt, samples, {"BA": frames})
+            metrics.clip_motion_scores(regions, shape, gt, {"": samples}, {"BA": frames})
 
     (t_beats, t_metrics), (cpu_beats, cpu_metrics) = best_times([all_beats, all_metrics], "cpu", 0, 1)
     return t_metrics, t_beats, cpu_beats + cpu_metrics, peak_mb()

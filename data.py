@@ -482,6 +482,19 @@ MAX_PROGRESS_LINES = 50          # progress lines a whole job prints, at most
 RATE_WINDOW = 20                 # steps whose timing gives the rate: recent enough to forget start-up, enough to smooth
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside the block: a matrix product's rounding may depend on how many threads share
+    it (items must not depend on where they are made), and a process whose cores others use must not spin a
+    second thread waiting for one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def cpu_cores():
     """The cores this process may run on (its affinity where the system tells it)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -21,8 +21,10 @@ Generated motion: DIR/<clip id>/sample_<k>.npz with key 'motion' (T, 59) at 30 f
 per frame (T, 68, 2) in pixels of the 256-pixel frame, DIR/<clip id>_lmk.npy and <data>/landmark_seqs/<id>.npy.
 Missing weights or landmarks make the table entry "needs weights: <file>" / "needs landmarks: <file>".
 """
+import collections
 import json
 import math
+import multiprocessing
 import sys
 import time
 import zlib
@@ -39,7 +41,7 @@ from scipy import ndimage
 import data
 from audio import FPS, SAMPLE_RATE, beats, load_audio
 from builtin import builtin_data, load_flame, require_head, resolve_flame
-from data import Parser, Progress, atomic_output, run_command, video_path
+from data import Parser, Progress, atomic_output, one_thread, run_command, video_path
 from flame import HEAD_POSE, MM_PER_M, MOUTH_LANDMARKS, read_npz
 from unisinger import (DEFAULT_CHECKPOINT, PREVIEW_BATCH, Controls, SongMix, generate, load_checkpoint,
                        write_side_by_side)
@@ -87,8 +89,7 @@ class RegionMeshes:
 
     def posed_landmarks(self, shape, motion):
         """68 landmarks (...,68,3) in metres of meshes with global, neck and jaw rotation (eyes still)."""
-        verts = self.posed.from_motion(shape, motion)                                      # (...,L,3)
-        return (verts[..., self.posed_corners, :] * self.lmk_bary.to(verts.dtype)[..., None]).sum(-2)
+        return corner_blend(self.posed.from_motion(shape, motion), self.posed_corners, self.lmk_bary)
 
     def __call__(self, shape, motion):
         """shape (100,), motion (...,59) -> region vertices (...,U,3) in metres."""
@@ -96,47 +97,56 @@ class RegionMeshes:
 
     def landmarks(self, verts):
         """68 landmarks (...,68,3) of region vertices (...,U,3)."""
-        return (verts[..., self.lmk_corners, :] * self.lmk_bary.to(verts.dtype)[..., None]).sum(-2)
+        return corner_blend(verts, self.lmk_corners, self.lmk_bary)
 
 
-def squared_distances(a, b, idx):
-    """Per-vertex squared L2 distance of a (...,V,3) and b (broadcastable) over the vertices idx -> (...,len(idx))."""
-    if 3 * len(idx) < a.shape[-2]:                          # a few vertices: gather them first
-        return (a[..., idx, :] - b[..., idx, :]).square_().sum(dim=-1)
-    # many: all distances, then the gather, which is the fast order on RegionMeshes' coordinate-major views
-    return (a - b).square_().sum(dim=-1)[..., idx]
+def corner_blend(verts, corners, bary):
+    """Points (...,P,3) from vertices (...,V,3), each the bary (P,3) blend of the vertices corners (P,3). Gathered
+    coordinate by coordinate: index_select along the vertices of Flame's coordinate-major (...,3,V) layout."""
+    rows, bary = verts.transpose(-1, -2), bary.to(verts.dtype)                              # (...,3,V)
+    points = rows.index_select(-1, corners[:, 0]) * bary[:, 0]
+    for k in (1, 2):
+        points += rows.index_select(-1, corners[:, k]) * bary[:, k]
+    return points.transpose(-1, -2)                                                       # (...,P,3)
 
 
-def sample_errors(pred, gt, idx):
-    """Per-vertex L2 errors in mm over the vertices idx: (S,T,V,3), (T,V,3) -> (S,T,len(idx))."""
-    return squared_distances(pred, gt, idx).sqrt_() * MM_PER_M
+def squared_lengths(x):
+    """Squared L2 norms (...,V) of vectors x (...,V,3), summed coordinate by coordinate (x² + y²) + z²: each step
+    reads whole rows of Flame's coordinate-major (...,3,V) layout."""
+    sq = x.transpose(-1, -2).square()                                                     # (...,3,V)
+    return (sq[..., 0, :] + sq[..., 1, :]).add_(sq[..., 2, :])
 
 
-def lve(pred, gt, lip_idx):
-    """Lip vertex error (mm), the release's 'lve': per sample the largest lip-vertex error of each frame averaged
-    over frames; (mean over samples, best sample)."""
-    per_sample = sample_errors(pred, gt, lip_idx).amax(dim=-1).mean(dim=-1)            # (S,)
+def vertex_errors(pred, gt):
+    """Per-vertex L2 errors in mm of vertices pred (...,V,3) against gt (broadcastable) -> (...,V)."""
+    return squared_lengths(pred - gt).sqrt_().mul_(MM_PER_M)
+
+
+def lve(errors):
+    """Lip vertex error (mm), the release's 'lve', from the lip vertices' errors (S,T,L) in mm (vertex_errors): per
+    sample the largest lip-vertex error of each frame averaged over frames; (mean over samples, best sample)."""
+    per_sample = errors.amax(dim=-1).mean(dim=-1)                                         # (S,)
     return per_sample.mean().item(), per_sample.min().item()
 
 
-def fve(pred, gt, face_idx):
-    """Face vertex error (mm), the release's 've': (mean over samples, frames and face vertices; the smallest
-    error over samples of each vertex and frame, averaged), so the min may mix samples within a frame."""
-    errors = sample_errors(pred, gt, face_idx)                                           # (S,T,U)
+def fve(errors):
+    """Face vertex error (mm), the release's 've', from the face vertices' errors (S,T,F) in mm: (mean over samples,
+    frames and face vertices; the smallest error over samples of each vertex and frame, averaged), so the min
+    may mix samples within a frame."""
     return errors.mean().item(), errors.amin(dim=0).mean().item()
 
 
-def fdd(pred, gt, upper_idx, origin=None):
+def fdd(pred_squared, gt_squared):
     """Upper-face dynamics deviation (m^2, signed), the release's 'fdd': std_gt - std_pred, each per vertex the
-    unbiased std over frames of the squared norm of its position (or of its displacement from `origin` (V,3),
-    CodeTalker's variant), averaged over the vertices (and the samples of pred). pred (S,T,V,3), gt (T,V,3) m."""
-    base = torch.zeros_like(gt[0]) if origin is None else origin
+    unbiased std over frames of the squared norm of its position (or, CodeTalker's variant, of its displacement
+    from the neutral face), averaged over the vertices (and the samples of pred). The squared norms in m^2
+    (squared_lengths): pred (S,T,U), gt (T,U)."""
+    def motion_std(squared):                                                              # (...,T,U) -> (...)
+        x = squared.double()
+        deviation = x - x.mean(dim=-2, keepdim=True)         # two passes: as exact as torch.std, a third the time
+        return (deviation.square_().sum(dim=-2) / (x.shape[-2] - 1)).sqrt_().mean(dim=-1)
 
-    def motion_std(verts):                                                                # (...,T,V,3) -> (...)
-        squared = squared_distances(verts, base, upper_idx).double()                      # (...,T,U) m^2
-        return squared.std(dim=-2).mean(dim=-1)
-
-    return (motion_std(gt) - motion_std(pred).mean()).item()
+    return (motion_std(gt_squared) - motion_std(pred_squared).mean()).item()
 
 
 def ppe(pred_pose, gt_pose):
@@ -184,36 +194,50 @@ def diversity(samples):
     """The release's diversity: mean over the S(S-1)/2 sample pairs of the L2 norm of the difference of the
     flattened sequences (torch pdist's mean), in the input's unit; 0 for one sample, as the release returns."""
     x = torch.as_tensor(samples).reshape(len(samples), -1).double()                      # (S, T*...)
-    if len(x) < 2:
-        return 0.0
-    i, j = torch.triu_indices(len(x), len(x), offset=1)
-    return (x[i] - x[j]).norm(dim=1).mean().item()
+    return torch.pdist(x).mean().item() if len(x) > 1 else 0.0
 
 
-def clip_motion_scores(regions, shape, gt_motion, samples, audio_beats):
-    """Table II of one clip: {'official': the release's metric_dict (raw units), variant column: value}.
-    regions: RegionMeshes; shape (100,), gt_motion (T,59), samples (S,T,59); audio_beats: BA column -> audio beats
-    in motion-frame units (clip_beats), each scored against the samples' pose beats, averaged over samples."""
+def clip_motion_scores(regions, shape, gt_motion, predictions, audio_beats):
+    """Table II of one clip for each prediction: {name: {'official': the release's metric_dict (raw units), variant
+    column: value}}. regions: RegionMeshes; shape (100,), gt_motion (T,59), predictions {name: samples (S,T,59)};
+    audio_beats: BA column -> audio beats in motion-frame units (clip_beats), each scored against the samples' pose
+    beats, averaged over samples. The truth is meshed once for every prediction."""
     shape = torch.as_tensor(shape, dtype=torch.float32)
     gt_motion = torch.as_tensor(gt_motion, dtype=torch.float32)
-    samples = torch.as_tensor(samples, dtype=torch.float32)
+    upper, upper_moved = regions.forehead_eyes, regions.upper_face
     with torch.no_grad():
         gt = regions(shape, gt_motion)                                                   # (T,U,3) m
-        pred = regions(shape, samples)                                                   # (S,T,U,3) m
         neutral = regions(shape, torch.zeros(1, gt_motion.shape[-1]))[0]                 # (U,3) m
-        lve_mean, lve_min = lve(pred, gt, regions.lips)
-        fve_mean, fve_min = fve(pred, gt, regions.face)
-        pose_beats = [motion_beats(s[:, HEAD_POSE]) for s in samples.numpy()]
-        ba = {k: float(np.mean([beat_align(m, b, len(gt_motion) - 1) for m in pose_beats]))
-              for k, b in audio_beats.items()}
-        ba_pose = ba.pop("BA", None)                                                     # the rest are variants
-        official = {"lve_mean": lve_mean / MM_PER_M, "lve_min": lve_min / MM_PER_M, "ve_mean": fve_mean / MM_PER_M,
-                    "ve_min": fve_min / MM_PER_M, "fdd": fdd(pred, gt, regions.forehead_eyes),
-                    "meandist_pose": ppe(samples[..., HEAD_POSE], gt_motion[..., HEAD_POSE]), "ba_pose": ba_pose,
-                    "diversity_lmk": diversity(regions.posed_landmarks(shape, samples))}          # (S,T,68,3) m
-        return dict(ba, official=official, **{
-            "FDD(disp)": fdd(pred, gt, regions.upper_face, neutral) * PAPER_COLUMNS["FDD(x1e-2)"][1],
-            "Div(mm)": diversity(regions.landmarks(pred) * MM_PER_M)})
+        gt_upper = squared_lengths(gt.index_select(-2, upper))                           # (T,|upper|) m^2
+        gt_moved = squared_lengths(gt.index_select(-2, upper_moved) - neutral[upper_moved])
+
+        def scores(samples):
+            samples = torch.as_tensor(samples, dtype=torch.float32)
+            # A sample at a time, so that its (T,U,3) meshes and all that is read from them stay in the CPU's cache.
+            rows = []
+            for motion in samples:
+                pred = regions(shape, motion)                                            # (T,U,3) m
+                errors = vertex_errors(pred, gt)                                         # (T,U) mm
+                rows.append((errors.index_select(-1, regions.lips), errors.index_select(-1, regions.face),
+                             squared_lengths(pred.index_select(-2, upper)),
+                             squared_lengths(pred.index_select(-2, upper_moved) - neutral[upper_moved]),
+                             regions.landmarks(pred)))
+            lips, face, pred_upper, pred_moved, landmarks = map(torch.stack, zip(*rows))   # (S,T,...)
+            lve_mean, lve_min = lve(lips)
+            fve_mean, fve_min = fve(face)
+            pose_beats = [motion_beats(s[:, HEAD_POSE]) for s in samples.numpy()]
+            ba = {k: float(np.mean([beat_align(m, b, len(gt_motion) - 1) for m in pose_beats]))
+                  for k, b in audio_beats.items()}
+            ba_pose = ba.pop("BA", None)                                                 # the rest are variants
+            official = {"lve_mean": lve_mean / MM_PER_M, "lve_min": lve_min / MM_PER_M,
+                        "ve_mean": fve_mean / MM_PER_M, "ve_min": fve_min / MM_PER_M, "fdd": fdd(pred_upper, gt_upper),
+                        "meandist_pose": ppe(samples[..., HEAD_POSE], gt_motion[..., HEAD_POSE]), "ba_pose": ba_pose,
+                        "diversity_lmk": diversity(regions.posed_landmarks(shape, samples))}      # (S,T,68,3) m
+            return dict(ba, official=official, **{
+                "FDD(disp)": fdd(pred_moved, gt_moved) * PAPER_COLUMNS["FDD(x1e-2)"][1],
+                "Div(mm)": diversity(landmarks * MM_PER_M)})
+
+        return {name: scores(samples) for name, samples in predictions.items()}
 
 
 def as_batch(a):
@@ -397,6 +421,8 @@ SIDE_BY_SIDE_TAKES = 2      # takes shown beside the truth in a clip's side-by-s
 VIDEO_COLUMNS = ["FID", "LPIPS", "SSIM", "PSNR", "CPBD", "M-LMD", "F-LMD", "BA"]
 MAX_SAMPLES = 100           # --samples: a clip's takes are meshed at once (100 x 240 frames of FLAME: 1.5 GB)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+POOL_MIN_CLIPS = 16          # evaluate_motion scores this many clips or more in a pool of processes
+SCORED_KEYS = ("audio", "bgm", "motion", "shape")   # what scoring reads of a data set item
 
 
 def clip_beats(item):
@@ -712,20 +738,61 @@ def average_rows(rows):
     return dict(out, official=official)
 
 
-def evaluate_motion(flame, clips, predict, fps=None, beats_cache=None):
-    """Table II row: clips yields dataset items (id, start, audio, bgm, motion, shape), predict(item) -> (S,T,59).
-    Audio beats come once per clip: beats_cache (a dict) keeps them for the next row on the same clips."""
-    regions = RegionMeshes(flame)
-    beats_cache = {} if beats_cache is None else beats_cache
-    rows = []
-    for item in clips:
-        key = (item["id"], int(item.get("start", 0)))
-        if key not in beats_cache:
-            beats_cache[key] = clip_beats(item)
-        rows.append(clip_motion_scores(regions, item["shape"], item["motion"], predict(item), beats_cache[key]))
-    if not rows:
+def evaluate_motion(flame, clips, predictors, progress=None, label="Table II:"):
+    """Table II rows {name: row} in one pass over the clips: clips yields dataset items (id, start, audio, bgm,
+    motion, shape); predictors {name: predict(item) -> (S,T,59)}, called here in turn. Each clip is scored (its
+    audio beats found once for every row) on one torch thread, so the numbers do not depend on where: from
+    POOL_MIN_CLIPS clips on, in a pool of forked processes, one a core, since a clip's scoring is many small steps
+    that processes run side by side and threads would wait on. progress (data.Progress over the clips) prints a
+    line on stderr when one is due."""
+    jobs = ((dict((k, item[k]) for k in SCORED_KEYS), {name: predict(item) for name, predict in predictors.items()})
+            for item in clips)
+    cores = data.cpu_cores()
+    pool = None
+    if cores >= 2 and len(clips) >= POOL_MIN_CLIPS:
+        from concurrent.futures import ProcessPoolExecutor
+        pool = ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork"), initializer=_scoring_worker,
+                                   initargs=(flame,))
+    else:
+        _scoring_worker.regions = RegionMeshes(flame)
+    per_clip, pending = [], collections.deque()
+
+    def collect(scores):
+        per_clip.append(scores)
+        if progress is not None and progress.advance():
+            print(progress.line(f"  {label}"), file=sys.stderr, flush=True)
+
+    try:
+        if pool is None:
+            for job in jobs:
+                with one_thread():   # a product's rounding depends on its threads: the numbers a pool would give
+                    collect(score_clip(job))
+        with one_thread():           # the pool has the cores: a second thread here would spin waiting for one
+            for job in pool and jobs or ():
+                pending.append(pool.submit(score_clip, job))
+                while pending and (pending[0].done() or len(pending) > 2 * cores):   # memory flat in the split's size
+                    collect(pending.popleft().result())
+            while pending:
+                collect(pending.popleft().result())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    if not per_clip:
         raise ValueError("evaluate_motion: no clips to evaluate")
-    return dict(average_rows(rows), FPS=fps, clips=len(rows))
+    return {name: dict(average_rows([scores[name] for scores in per_clip]), clips=len(per_clip))
+            for name in predictors}
+
+
+def _scoring_worker(flame):
+    """A pool process's start: one torch thread, the region meshes made once."""
+    torch.set_num_threads(1)
+    _scoring_worker.regions = RegionMeshes(flame)
+
+
+def score_clip(job):
+    """One clip's Table II scores {name: scores} (clip_motion_scores): job (item with SCORED_KEYS, {name: samples})."""
+    item, predictions = job
+    return clip_motion_scores(_scoring_worker.regions, item["shape"], item["motion"], predictions, clip_beats(item))
 
 
 def clip_seed(base_seed, item):
@@ -907,21 +974,11 @@ def clips_of(root, split, ids):
     return torch.utils.data.Subset(dataset, [i for i, (seq, _) in enumerate(dataset.clips) if seq in wanted])
 
 
-def counted(predict, progress):
-    """predict, with a progress line on stderr when one is due."""
-    def predict_and_count(item):
-        motion = predict(item)
-        if progress.advance():
-            print(progress.line("  Table II:"), file=sys.stderr, flush=True)
-        return motion
-    return predict_and_count
-
-
 def run_motion_table(args):
     """Rows of Table II and the line naming what was scored: the generated files (--pred) or a checkpoint
     (default: the one train.py's summary scores), then the mean-motion baseline."""
     root = Path(args.data) if args.data else builtin_data()
-    ids, fps, clock, beats_cache, lengths = data.read_split(root, args.split), None, {}, {}, {}
+    ids, fps, clock, lengths = data.read_split(root, args.split), None, {}, {}
     if args.pred:
         require_head(root, args.flame, args.procedural_head)
         pred_dir = Path(args.pred)
@@ -951,17 +1008,17 @@ def run_motion_table(args):
         if abs(n - frames[f.parent.name]) > 1:
             raise ValueError(f"{f}: {n} frames of motion for a sequence of {frames[f.parent.name]} frames; a sample "
                              f"covers its whole sequence (one frame more or less at most)")
-    progress = Progress(2 * len(clips), "clip", lines=20)
-    predict = counted(predict, progress)
+    progress = Progress(len(clips), "clip", lines=20)
     if args.side_by_side:
         predict = writing_side_by_side(predict, flame, folder)
-    rows = {name: evaluate_motion(flame, clips, predict, fps, beats_cache)}
+    baseline = mean_motion(root)
+    constant = lambda item: np.tile(baseline, (1, len(item["motion"]), 1))                 # (1,T,59)
+    rows = evaluate_motion(flame, clips, {name: predict, "mean motion": constant}, progress)
+    rows[name]["FPS"] = fps
+    rows["mean motion"].update(FPS=None, samples=1)
     if not args.pred:
         rows[name].update(FPS=clock["frames"] / clock["seconds"], samples=args.samples, seed=args.seed,
                           checkpoint=str(ckpt))
-    baseline = mean_motion(root)
-    constant = counted(lambda item: np.tile(baseline, (1, len(item["motion"]), 1)), progress)
-    rows["mean motion"] = dict(evaluate_motion(flame, clips, constant, beats_cache=beats_cache), samples=1)
     samples = f"{args.samples} samples per clip, seed {args.seed}" if not args.pred else "the files' samples"
     header = f"Table II on the {args.split} split of {root}: {len(clips)} clips, {samples}; scored: {scored}"
     require_finite(rows, args.pred or ckpt)

@@ -2536,10 +2536,10 @@ def test_lve_of_constant_2mm_lip_offset_is_2():
     lips = torch.arange(10, 30)
     pred = offset_by(gt, lips, 0.002, gen)[None]
     pred[..., :10, :] += 0.5                        # errors outside the lips must not count
-    mean, best = metrics.lve(pred, gt, lips)
+    mean, best = metrics.lve(metrics.vertex_errors(pred, gt)[..., lips])
     assert mean == pytest.approx(2.0, abs=1e-9) and best == pytest.approx(2.0, abs=1e-9)
     samples = torch.stack([offset_by(gt, lips, mm / 1000, gen) for mm in (1.0, 2.0, 4.0)])
-    mean, best = metrics.lve(samples, gt, lips)
+    mean, best = metrics.lve(metrics.vertex_errors(samples, gt)[..., lips])
     assert mean == pytest.approx(7 / 3, abs=1e-9) and best == pytest.approx(1.0, abs=1e-9)
 
 
@@ -2548,8 +2548,9 @@ def test_lve_takes_the_largest_lip_error_of_each_frame():
     pred = gt.clone()[None]
     pred[0, 0, 0, 0] = 0.003                       # frame 0: errors (3, 0, 0) mm
     pred[0, 1, 1, 1] = 0.001                       # frame 1: errors (0, 1, 0) mm
-    assert metrics.lve(pred, gt, torch.arange(3))[0] == pytest.approx(2.0)
-    assert metrics.fve(pred, gt, torch.arange(3))[0] == pytest.approx(4 / 6)
+    errors = metrics.vertex_errors(pred, gt)                                           # (1, 2, 3) mm
+    assert metrics.lve(errors)[0] == pytest.approx(2.0)
+    assert metrics.fve(errors)[0] == pytest.approx(4 / 6)
 
 
 def test_fve_of_constant_offsets_is_the_offset_mean_and_best():
@@ -2557,31 +2558,38 @@ def test_fve_of_constant_offsets_is_the_offset_mean_and_best():
     gt = torch.randn(15, 40, 3, generator=gen, dtype=torch.float64) * 0.1
     face = torch.arange(5, 35)
     samples = torch.stack([offset_by(gt, face, mm / 1000, gen) for mm in (0.5, 1.5)])
-    mean, best = metrics.fve(samples, gt, face)
+    mean, best = metrics.fve(metrics.vertex_errors(samples, gt)[..., face])
     assert mean == pytest.approx(1.0, abs=1e-9) and best == pytest.approx(0.5, abs=1e-9)
 
 
 def test_fdd_is_the_unbiased_std_of_squared_absolute_positions_and_signed():
+    def fdd(pred, gt, idx, origin=None):           # on positions (or displacements from origin) of the vertices idx
+        moved = (lambda v: v[..., idx, :]) if origin is None else (lambda v: v[..., idx, :] - origin[idx])
+        return metrics.fdd(metrics.squared_lengths(moved(pred)), metrics.squared_lengths(moved(gt)))
+
     gt = torch.zeros(2, 1, 3, dtype=torch.float64)
     gt[:, 0, 0] = torch.tensor([0.100, 0.110], dtype=torch.float64)  # squared norms 0.0100, 0.0121 m^2
     # unbiased std of two values: their difference / sqrt 2
     still = gt[:1].repeat(2, 1, 1)[None]
     idx = torch.tensor([0])
-    assert metrics.fdd(still, gt, idx) == pytest.approx(0.0021 / np.sqrt(2), rel=1e-9)
+    assert fdd(still, gt, idx) == pytest.approx(0.0021 / np.sqrt(2), rel=1e-9)
     # displacement from the first frame (CodeTalker): squared 0, 1e-4 m^2 -- not the release's number
-    assert metrics.fdd(still, gt, idx, origin=gt[0]) == pytest.approx(1e-4 / np.sqrt(2), rel=1e-9)
+    assert fdd(still, gt, idx, origin=gt[0]) == pytest.approx(1e-4 / np.sqrt(2), rel=1e-9)
     gen = torch.Generator().manual_seed(2)
     neutral = torch.randn(30, 3, generator=gen, dtype=torch.float64) * 0.1
     gt = neutral + 0.003 * torch.randn(50, 30, 3, generator=gen, dtype=torch.float64)
     idx = torch.arange(0, 30, 2)
     for origin in (None, neutral):
-        assert metrics.fdd(gt[None].repeat(3, 1, 1, 1), gt, idx, origin) == pytest.approx(0, abs=1e-12)
+        assert fdd(gt[None].repeat(3, 1, 1, 1), gt, idx, origin) == pytest.approx(0, abs=1e-12)
     damped = neutral + 0.5 * (gt - neutral)
     lively = neutral + 2.0 * (gt - neutral)
-    assert metrics.fdd(damped[None], gt, idx, neutral) > 0 > metrics.fdd(lively[None], gt, idx, neutral)
+    assert fdd(damped[None], gt, idx, neutral) > 0 > fdd(lively[None], gt, idx, neutral)
     both = torch.stack([damped, lively])           # samples average: std_gt - mean(std_damped, std_lively)
-    expected = np.mean([metrics.fdd(s[None], gt, idx) for s in both])
-    assert metrics.fdd(both, gt, idx) == pytest.approx(expected)
+    expected = np.mean([fdd(s[None], gt, idx) for s in both])
+    assert fdd(both, gt, idx) == pytest.approx(expected)
+    squared = torch.rand(4, 50, 7, dtype=torch.float64, generator=gen)
+    assert metrics.fdd(squared, squared[0]) == pytest.approx(squared[0].std(dim=0).mean().item() - squared.std(
+        dim=1).mean().item(), rel=1e-12)            # the two-pass std is torch's
 
 
 def test_fve_min_is_the_smallest_error_per_vertex_and_frame_not_the_best_sample():
@@ -2589,7 +2597,7 @@ def test_fve_min_is_the_smallest_error_per_vertex_and_frame_not_the_best_sample(
     pred = torch.zeros(2, 1, 2, 3, dtype=torch.float64)
     pred[0, 0, :, 0] = torch.tensor([0.001, 0.003])  # sample 0: 1 mm on vertex 0, 3 mm on vertex 1
     pred[1, 0, :, 0] = torch.tensor([0.003, 0.001])  # sample 1: the other way round; each sample averages 2 mm
-    mean, best = metrics.fve(pred, gt, torch.arange(2))
+    mean, best = metrics.fve(metrics.vertex_errors(pred, gt))
     assert mean == pytest.approx(2.0) and best == pytest.approx(1.0)
 
 
@@ -2919,19 +2927,36 @@ def test_region_meshes_equal_full_flame_meshes_with_head_pose_zeroed():
     assert torch.equal(regions.ids[regions.forehead_eyes], concatenated)
 
 
+def test_table_ii_scored_in_a_pool_of_processes_equals_scoring_in_this_one(motion_set, monkeypatch):
+    """evaluate_motion forks a process a core for a large split: the rows are those of scoring here, exactly."""
+    clips = data.SingingHead(motion_set, "test")
+
+    def noisy(item):                                # two takes near the truth, the same in every process
+        rng = np.random.default_rng(zlib.crc32(item["id"].encode()))
+        return item["motion"][None] + rng.normal(0, 0.05, (2,) + item["motion"].shape).astype(np.float32)
+
+    predictors = {"noisy": noisy, "still": lambda item: np.zeros((1,) + item["motion"].shape, np.float32)}
+    here = metrics.evaluate_motion(stand_in_flame(), clips, predictors)
+    monkeypatch.setattr(metrics, "POOL_MIN_CLIPS", 1)
+    monkeypatch.setattr(data, "cpu_cores", lambda: 2)
+    pooled = metrics.evaluate_motion(stand_in_flame(), clips, predictors)
+    assert len(clips) >= 2 and pooled == here and here["noisy"]["clips"] == len(clips)
+    assert here["noisy"]["LVE-mean"] > 0 and here["still"]["Diversity"] == 0
+
+
 def test_clip_scores_zero_for_truth_and_only_pose_metrics_see_head_pose():
     regions = metrics.RegionMeshes(stand_in_flame())
     gen = torch.Generator().manual_seed(10)
     shape, truth = 0.5 * torch.randn(100, generator=gen), random_motion(gen, 60)
     beats = {"BA": np.arange(5, 60, 15)}
-    same = metrics.clip_motion_scores(regions, shape, truth, truth[None].repeat(2, 1, 1), beats)
+    same = metrics.clip_motion_scores(regions, shape, truth, {"same": truth[None].repeat(2, 1, 1)}, beats)["same"]
     for key, value in same["official"].items():
         if key != "ba_pose":
             assert value == pytest.approx(0, abs=1e-6), key
     assert same["FDD(disp)"] == pytest.approx(0, abs=1e-6) and same["Div(mm)"] == pytest.approx(0, abs=1e-6)
     nodding = truth[None].repeat(2, 1, 1)
     nodding[1, :, 50:56] += torch.tensor([0.03, 0.04, 0, 0, 0, 0])                     # only the head pose moves
-    scores = metrics.clip_motion_scores(regions, shape, truth, nodding, beats)
+    scores = metrics.clip_motion_scores(regions, shape, truth, {"nodding": nodding}, beats)["nodding"]
     official = scores["official"]
     for key in ("lve_mean", "lve_min", "ve_mean", "ve_min", "fdd"):                    # meshes without head pose
         assert official[key] == pytest.approx(0, abs=1e-8), key
@@ -2996,7 +3021,8 @@ def test_official_table_ii_equals_a_transcription_of_the_release_code():
     regions = LinearRegions()
     voice = np.array([3, 20, 41, 62, 88, 95])      # 88 is a speed frame (T-1 = 89 of them), 95 is cut
     music = np.array([10, 30, 50, 70])
-    scores = metrics.clip_motion_scores(regions, torch.zeros(100), gt_motion, samples, {"BA": voice, "BA(music)": music})
+    scores = metrics.clip_motion_scores(regions, torch.zeros(100), gt_motion, {"all": samples},
+                                        {"BA": voice, "BA(music)": music})["all"]
     samples32, gt32 = samples.float().double(), gt_motion.float().double()   # the scorer works in float32
     pred, gt = regions(None, samples32).numpy(), regions(None, gt32).numpy()
     expected = release_table_ii(pred, gt, samples32[..., 50:56].numpy(), gt32[:, 50:56].numpy(),
@@ -3011,7 +3037,7 @@ def test_official_table_ii_equals_a_transcription_of_the_release_code():
     assert abs(scores["FDD(disp)"] / 1e5 - expected["fdd"]) > 0.01 * abs(expected["fdd"])
     assert scores["BA(music)"] != pytest.approx(expected["ba_pose"])
     # one sample: the release's diversity is 0
-    one = metrics.clip_motion_scores(regions, torch.zeros(100), gt_motion, samples[:1], {"BA": voice})
+    one = metrics.clip_motion_scores(regions, torch.zeros(100), gt_motion, {"one": samples[:1]}, {"BA": voice})["one"]
     assert one["official"]["diversity_lmk"] == 0.0
 
 

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import weakref
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -45,7 +45,7 @@ import render
 from audio import SAMPLE_RATE, Wav2Vec2, load_audio, mfcc_at_fps
 from builtin import STAND_IN, builtin_data, flame_record, load_flame, require_head
 from flame import BROW_LANDMARKS, EYE_LANDMARKS, MOUTH_LANDMARKS, NOSE_LANDMARKS
-from data import RATE_WINDOW, Parser, Progress, cpu_cores, run_command
+from data import RATE_WINDOW, Parser, Progress, cpu_cores, one_thread, run_command
 from unisinger import MotionConfig, MotionCVAE, SongMix, load_checkpoint, motion_losses
 
 RENDER_FRAME_STRIDE = 6      # 1 frame in 6: neighbours at 30 fps are near copies; the 2-D metrics score these
@@ -88,9 +88,9 @@ def validate_motion(model, meshes, face, dataset, device, voice_cache=None, seed
         z = torch.randn(len(motion), model.cfg.d_model, generator=gen).to(device)
         pred = model.sample(shape, feats, music, z=z).float()
         for s, p, t in zip(shape, pred, motion):
-            pred_v, true_v = meshes(s, p)[None], meshes(s, t)                               # (1, T, U, 3), (T, U, 3)
-            lve += metrics.lve(pred_v, true_v, meshes.lips)[0]
-            fve += metrics.fve(pred_v, true_v, meshes.face)[0]
+            errors = metrics.vertex_errors(meshes(s, p), meshes(s, t))[None]                # (1, T, U) mm
+            lve += metrics.lve(errors.index_select(-1, meshes.lips))[0]
+            fve += metrics.fve(errors.index_select(-1, meshes.face))[0]
         rec, mu, logvar = model(motion, shape, music, voice_feats=feats)
         loss += motion_losses(model, face, rec, motion, shape, mu, logvar)[0].item() * len(motion)
         n += len(motion)
@@ -451,18 +451,6 @@ def landmark_box(points, size, margin):
     return box.round().clamp(0, size).long()
 
 
-@contextmanager
-def one_thread():
-    """torch on one thread inside the block: a matrix product's rounding may depend on how many threads share
-    it, and items must not depend on where they are made."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def cache_voice_features(model, dataset, device, batch_size=8, workers=0):
     """Frozen wav2vec 2.0 features of every clip, computed once: (N, T, C) on the CPU."""
@@ -493,17 +481,7 @@ def motion_summary(model, root, args):
     predictors = {"UniSinger": metrics.model_predictor(model, SUMMARY_SAMPLES),
                   "mean motion": lambda item: np.tile(baseline, (1, len(item["motion"]), 1)),
                   "UniSinger, silence": metrics.model_predictor(model, SUMMARY_SAMPLES, silent=True)}
-    progress = Progress(len(predictors) * len(test), "clip", lines=10)
-
-    def counted(motion):                        # one progress step per clip scored
-        if progress.advance():
-            print(progress.line("summary:"), flush=True)
-        return motion
-
-    rows, beats_cache = {}, {}
-    for name, predict in predictors.items():
-        rows[name] = metrics.evaluate_motion(flame, test, lambda item, p=predict: counted(p(item)),
-                                             beats_cache=beats_cache)
+    rows = metrics.evaluate_motion(flame, test, predictors, Progress(len(test), "clip", lines=10), "summary:")
     print(f"\ntest split of {root}: {len(test)} clips, {SUMMARY_SAMPLES} samples each")
     print(metrics.score_table(rows, [c for c in metrics.MOTION_COLUMNS if c != "FPS"]))
     print(verdict(*(rows[k] for k in predictors)))
