@@ -240,47 +240,55 @@ def clip_motion_scores(regions, shape, gt_motion, predictions, audio_beats):
         return {name: scores(samples) for name, samples in predictions.items()}
 
 
-def as_batch(a):
-    """Frames (H,W,C) or (N,H,W,C) -> float64 tensor (N,C,H,W) and whether a single frame came in."""
-    t = torch.as_tensor(np.asarray(a)).double()
-    single = t.ndim == 3
-    return (t[None] if single else t).permute(0, 3, 1, 2), single
+def frame_pairs(a, b):
+    """Frames (H,W,C) or (N,H,W,C), a pair of them -> the two as (N,H,W,C) arrays and whether one frame came in."""
+    a, b = np.asarray(a), np.asarray(b)
+    single = a.ndim == 3
+    return (a[None], b[None]) if single else (a, b), single
 
 
 def psnr(a, b, data_range=255.0):
     """Peak signal-to-noise ratio in dB per frame: (N,H,W,C) pairs -> (N,) (a float for one frame)."""
-    (x, single), (y, _) = as_batch(a), as_batch(b)
-    mse = ((x - y) ** 2).mean(dim=(1, 2, 3))
-    out = 10 * torch.log10(data_range ** 2 / mse)
-    return out[0].item() if single else out.numpy()
+    (a, b), single = frame_pairs(a, b)
+    out = np.array([10 * math.log10(data_range ** 2 / (torch.tensor(x, dtype=torch.float64) - torch.tensor(
+        y, dtype=torch.float64)).square_().mean().item()) for x, y in zip(a, b)])
+    return out[0] if single else out
 
 
-def ssim_frames(x, y, data_range):
-    """SSIM of float64 frame batches (N,C,H,W) -> (N,)."""
-    def box_sum(t, dim):   # sums of SSIM_WINDOW consecutive entries along dim, from running sums
-        c = F.pad(t.cumsum(dim), (0, 0, 1, 0) if dim == -2 else (1, 0))
-        return c.narrow(dim, SSIM_WINDOW, c.shape[dim] - SSIM_WINDOW) - c.narrow(dim, 0, c.shape[dim] - SSIM_WINDOW)
-
+def ssim_frame(x, y, data_range):
+    """SSIM of one frame pair (H,W,C): float64, or float32 holding integers whose moments' window sums stay below
+    2^24 (8-bit frames: exact in float32, and half the memory to stream)."""
     n = SSIM_WINDOW ** 2
+    moments = torch.cat([x, y, x * x, y * y, x * y], -1)                                  # (H,W,5C)
+
+    def window_sums(t, dim):   # sums of SSIM_WINDOW consecutive entries along dim, added in place
+        out = t.narrow(dim, 0, t.shape[dim] - SSIM_WINDOW + 1).clone()
+        for k in range(1, SSIM_WINDOW):
+            out += t.narrow(dim, k, out.shape[dim])
+        return out
+
     # the window's mean where it lies fully inside the frame: exactly the region skimage averages
-    means = box_sum(box_sum(torch.cat([x, y, x * x, y * y, x * y], 1), -2), -1) / n
-    ux, uy, uxx, uyy, uxy = means.chunk(5, dim=1)
+    means = window_sums(window_sums(moments, 0), 1).double() / n
+    ux, uy, uxx, uyy, uxy = means.chunk(5, dim=-1)
     cov_norm = n / (n - 1)                                   # sample (unbiased) covariance inside the window
     vx, vy, vxy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy), cov_norm * (uxy - ux * uy)
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
-    return s.mean(dim=(2, 3)).mean(dim=1)                    # per channel, then over channels
+    return s.mean(dim=(0, 1)).mean().item()                  # per channel, then over channels
 
 
 def ssim(a, b, data_range=255.0):
-    """Mean structural similarity per frame, as scikit-image computes it: (N,H,W,C) pairs -> (N,) (float for one)."""
-    (x, single), (y, _) = as_batch(a), as_batch(b)
-    if min(x.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"ssim: frames of {tuple(x.shape[-2:])} pixels are smaller than the {SSIM_WINDOW}-pixel "
-                         f"window")
-    # one frame at a time: the intermediates of a frame stay in cache, those of a batch do not
-    out = torch.cat([ssim_frames(x[i:i + 1].contiguous(), y[i:i + 1].contiguous(), data_range) for i in range(len(x))])
-    return out[0].item() if single else out.numpy()
+    """Mean structural similarity per frame, as scikit-image computes it: (N,H,W,C) pairs -> (N,) (float for one).
+    A frame at a time, so that its intermediates stay in cache."""
+    (a, b), single = frame_pairs(a, b)
+    if min(a.shape[1:3]) < SSIM_WINDOW:
+        raise ValueError(f"ssim: frames of {a.shape[1:3]} pixels are smaller than the {SSIM_WINDOW}-pixel window")
+    exact = all(np.issubdtype(f.dtype, np.integer) and (f.size == 0 or int(np.abs(f).max()) ** 2 * SSIM_WINDOW ** 2
+                                                         < 2 ** 24) for f in (a, b))
+    dtype = torch.float32 if exact else torch.float64
+    out = np.array([ssim_frame(torch.tensor(x, dtype=dtype), torch.tensor(y, dtype=dtype), data_range)
+                    for x, y in zip(a, b)])
+    return out[0] if single else out
 
 
 def cpbd(gray):
