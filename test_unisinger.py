@@ -1,7 +1,8 @@
 """UniSinger test suite: every test checks a property against an independent reference.
 
 Reference packages (transformers, smplx, librosa, scikit-image, trimesh, chumpy) are imported inside the tests
-that use them; they are test dependencies only (requirements-dev.txt). Run: python -m pytest -q test_unisinger.py
+that use them; they are test dependencies only (requirements-dev.txt).
+Run: python -m pytest -q -n 2 --dist loadgroup test_unisinger.py (two processes; plain pytest runs it in one)
 """
 import os
 
@@ -5252,7 +5253,7 @@ def test_metrics_refuses_a_bad_output_place_or_count_in_one_line_before_any_work
 
 README = Path(__file__).parent / "README.md"
 README_NOT_RUN = {"pip install -r requirements-dev.txt": "needs the network",
-                  "python -m pytest -q test_unisinger.py": "this very test suite"}
+                  "python -m pytest -q -n 2 --dist loadgroup test_unisinger.py": "this very test suite"}
 README_SHORT_RUN = {"python train.py --stage render": ["--epochs", "1", "--no-summary"],   # its summary: a test above
                     "python train.py": ["--epochs", "1"], "python metrics.py": ["--samples", "2"],
                     "python unisinger.py": ["--size", "64"], "python bench.py": ["--only", "flame"]}
