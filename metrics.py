@@ -22,12 +22,14 @@ per frame (T, 68, 2) in pixels of the 256-pixel frame, DIR/<clip id>_lmk.npy and
 Missing weights or landmarks make the table entry "needs weights: <file>" / "needs landmarks: <file>".
 """
 import collections
+import contextlib
 import json
 import math
 import multiprocessing
 import sys
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -748,21 +750,14 @@ def average_rows(rows):
 
 def evaluate_motion(flame, clips, predictors, progress=None, label="Table II:"):
     """Table II rows {name: row} in one pass over the clips: clips yields dataset items (id, start, audio, bgm,
-    motion, shape); predictors {name: predict(item) -> (S,T,59)}, called here in turn. Each clip is scored (its
-    audio beats found once for every row) on one torch thread, so the numbers do not depend on where: from
-    POOL_MIN_CLIPS clips on, in a pool of forked processes, one a core, since a clip's scoring is many small steps
-    that processes run side by side and threads would wait on. progress (data.Progress over the clips) prints a
-    line on stderr when one is due."""
-    jobs = ((dict((k, item[k]) for k in SCORED_KEYS), {name: predict(item) for name, predict in predictors.items()})
-            for item in clips)
-    cores = data.cpu_cores()
-    pool = None
-    if cores >= 2 and len(clips) >= POOL_MIN_CLIPS:
-        from concurrent.futures import ProcessPoolExecutor
-        pool = ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork"), initializer=_scoring_worker,
-                                   initargs=(flame,))
-    else:
-        _scoring_worker.regions = RegionMeshes(flame)
+    motion, shape); predictors {name: predict(item) -> (S,T,59)}, called here in turn. Each clip is scored (the
+    truth meshed and its beats found once for every row) on one torch thread, so the numbers do not depend on
+    where: from POOL_MIN_CLIPS clips on, in a pool of forked processes, one a core (a clip's scoring is many small
+    steps that processes run side by side and threads wait on). progress (data.Progress over the clips)."""
+    score_clip.regions, cores = RegionMeshes(flame), data.cpu_cores()         # forked processes inherit it
+    pool = (ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork"),
+                                initializer=torch.set_num_threads, initargs=(1,))
+            if cores >= 2 and len(clips) >= POOL_MIN_CLIPS else None)
     per_clip, pending = [], collections.deque()
 
     def collect(scores):
@@ -770,37 +765,29 @@ def evaluate_motion(flame, clips, predictors, progress=None, label="Table II:"):
         if progress is not None and progress.advance():
             print(progress.line(f"  {label}"), file=sys.stderr, flush=True)
 
-    try:
-        if pool is None:
-            for job in jobs:
-                with one_thread():   # a product's rounding depends on its threads: the numbers a pool would give
+    with pool or contextlib.nullcontext():
+        for item in clips:
+            job = {k: item[k] for k in SCORED_KEYS}, {name: predict(item) for name, predict in predictors.items()}
+            with one_thread():   # the pool's processes have the cores; here, a product's rounding depends on threads
+                if pool is None:
                     collect(score_clip(job))
-        with one_thread():           # the pool has the cores: a second thread here would spin waiting for one
-            for job in pool and jobs or ():
+                    continue
                 pending.append(pool.submit(score_clip, job))
-                while pending and (pending[0].done() or len(pending) > 2 * cores):   # memory flat in the split's size
+                while pending and (pending[0].done() or len(pending) > 2 * cores):   # memory flat in the split
                     collect(pending.popleft().result())
+        with one_thread():
             while pending:
                 collect(pending.popleft().result())
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
     if not per_clip:
         raise ValueError("evaluate_motion: no clips to evaluate")
     return {name: dict(average_rows([scores[name] for scores in per_clip]), clips=len(per_clip))
             for name in predictors}
 
 
-def _scoring_worker(flame):
-    """A pool process's start: one torch thread, the region meshes made once."""
-    torch.set_num_threads(1)
-    _scoring_worker.regions = RegionMeshes(flame)
-
-
 def score_clip(job):
     """One clip's Table II scores {name: scores} (clip_motion_scores): job (item with SCORED_KEYS, {name: samples})."""
     item, predictions = job
-    return clip_motion_scores(_scoring_worker.regions, item["shape"], item["motion"], predictions, clip_beats(item))
+    return clip_motion_scores(score_clip.regions, item["shape"], item["motion"], predictions, clip_beats(item))
 
 
 def clip_seed(base_seed, item):

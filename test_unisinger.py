@@ -123,6 +123,61 @@ def assert_refused_in_one_line(proc, path, *words):
 
 
 # ==============================================================================================================
+# README: its commands run as written, in order, on a small stand-in for the built-in data set, each with the
+# flags that shorten a long run appended.
+
+README = Path(__file__).parent / "README.md"
+README_NOT_RUN = {"pip install -r requirements-dev.txt": "needs the network",
+                  "python -m pytest -q -n 2 --dist loadgroup test_unisinger.py": "this very test suite"}
+README_SHORT_RUN = {"python train.py --stage render": ["--epochs", "1", "--no-summary"],   # its summary: a test below
+                    "python train.py": ["--epochs", "1"], "python metrics.py": ["--samples", "2"],
+                    "python unisinger.py": ["--size", "64"], "python bench.py": ["--only", "flame"]}
+
+
+def readme_commands():
+    """The command lines of README's bash blocks in order, continuation lines joined: [(command, comment)]."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            code, _, comment = line.partition("#")
+            if code.strip():
+                commands.append((" ".join(code.split()), comment.strip()))
+    return commands
+
+
+def test_readme_commands_each_say_how_long_they_take():
+    commands = readme_commands()
+    assert len(commands) >= 8
+    for command, comment in commands:
+        assert re.match(r"about [\d.]+ (seconds|minutes)", comment), command
+
+
+def test_readme_commands_run_as_written_on_the_builtin_data(tmp_path):
+    """A copy of the code beside a built-in data set of one singer (3 clips of 8 s, one per split, filmed at
+    64²): every README command in order, long ones shortened; the files the next commands read appear."""
+    for source in Path(__file__).parent.glob("*.py"):
+        shutil.copy(source, tmp_path)
+    builtin.generate_dataset(tmp_path / "data" / "builtin", builtin.Recipe(
+        n_people=1, clips_per_person=3, clips_per_song=1, video_size=64, video_clips=3), verbose=False)
+    skipped = []
+    for command, _ in readme_commands():
+        if command in README_NOT_RUN:
+            skipped.append(command)
+            continue
+        argv = shlex.split(command)
+        assert argv[0] == "python", command
+        extra = next((flags for prefix, flags in README_SHORT_RUN.items() if command.startswith(prefix)), [])
+        proc = subprocess.run([sys.executable, *argv[1:], *extra], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=1800)
+        assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        assert "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(skipped) == sorted(README_NOT_RUN)
+    for made in ("out/motion/best.pt", "out/render/reference.png", "out/song/preview_2.mp4",
+                 "out/song/portrait.mp4", "out/song/depth.mp4", "out/metrics/table2.json"):
+        assert (tmp_path / made).is_file(), made
+
+
+# ==============================================================================================================
 # Tests of flame.py: LBS against smplx, chumpy-free loading of official-format files, the procedural head, exports.
 
 @pytest.fixture(scope='module')
@@ -5245,61 +5300,6 @@ def test_metrics_refuses_a_bad_output_place_or_count_in_one_line_before_any_work
                                       tmp_path / "t.json", *extra], capsys)
         assert line.startswith(start), line
     assert sorted(os.listdir(tmp_path)) == ["a_file", "bare"]
-
-
-# ==============================================================================================================
-# README: its commands run as written, in order, on a small stand-in for the built-in data set, each with the
-# flags that shorten a long run appended.
-
-README = Path(__file__).parent / "README.md"
-README_NOT_RUN = {"pip install -r requirements-dev.txt": "needs the network",
-                  "python -m pytest -q -n 2 --dist loadgroup test_unisinger.py": "this very test suite"}
-README_SHORT_RUN = {"python train.py --stage render": ["--epochs", "1", "--no-summary"],   # its summary: a test above
-                    "python train.py": ["--epochs", "1"], "python metrics.py": ["--samples", "2"],
-                    "python unisinger.py": ["--size", "64"], "python bench.py": ["--only", "flame"]}
-
-
-def readme_commands():
-    """The command lines of README's bash blocks in order, continuation lines joined: [(command, comment)]."""
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            code, _, comment = line.partition("#")
-            if code.strip():
-                commands.append((" ".join(code.split()), comment.strip()))
-    return commands
-
-
-def test_readme_commands_each_say_how_long_they_take():
-    commands = readme_commands()
-    assert len(commands) >= 8
-    for command, comment in commands:
-        assert re.match(r"about [\d.]+ (seconds|minutes)", comment), command
-
-
-def test_readme_commands_run_as_written_on_the_builtin_data(tmp_path):
-    """A copy of the code beside a built-in data set of one singer (3 clips of 8 s, one per split, filmed at
-    64²): every README command in order, long ones shortened; the files the next commands read appear."""
-    for source in Path(__file__).parent.glob("*.py"):
-        shutil.copy(source, tmp_path)
-    builtin.generate_dataset(tmp_path / "data" / "builtin", builtin.Recipe(
-        n_people=1, clips_per_person=3, clips_per_song=1, video_size=64, video_clips=3), verbose=False)
-    skipped = []
-    for command, _ in readme_commands():
-        if command in README_NOT_RUN:
-            skipped.append(command)
-            continue
-        argv = shlex.split(command)
-        assert argv[0] == "python", command
-        extra = next((flags for prefix, flags in README_SHORT_RUN.items() if command.startswith(prefix)), [])
-        proc = subprocess.run([sys.executable, *argv[1:], *extra], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=1800)
-        assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-        assert "Traceback" not in proc.stderr, proc.stderr
-    assert sorted(skipped) == sorted(README_NOT_RUN)
-    for made in ("out/motion/best.pt", "out/render/reference.png", "out/song/preview_2.mp4",
-                 "out/song/portrait.mp4", "out/song/depth.mp4", "out/metrics/table2.json"):
-        assert (tmp_path / made).is_file(), made
 
 
 # ==============================================================================================================
