@@ -650,6 +650,7 @@ EVAL_CLIPS = (20, 200)      # test splits scored through metrics.py --pred: thei
 EVAL_REF_CLIPS = 2          # clips timed for the reference route (seconds each)
 EVAL_THREADS = 1            # torch threads of the SSIM / PSNR children and the reference route
 EVAL_BAR_S = 300.0
+EVAL_POLL_S = 1.0           # s between readings of the command's memory: /proc's smaps of its big processes cost CPU
 
 
 def fake_clip(rng):
@@ -738,7 +739,7 @@ def bench_metrics(device="cpu"):
         for n in EVAL_CLIPS:
             root, pred = scored_split(Path(folder) / f"split{n}", n)
             run = watch(["metrics.py", "--pred", pred, "--data", root, "--json", Path(folder) / f"table{n}.json"],
-                        r"^-> ", timeout_s=1800)
+                        r"^-> ", timeout_s=1800, poll_s=EVAL_POLL_S)
             if "Table II on the test split" not in run["output"]:
                 raise RuntimeError(f"metrics.py failed on {n} clips:\n{run['output'][-2000:]}")
             timed[n] = run
@@ -891,8 +892,8 @@ def tree_memory_mb(pid):
     return rss, pss
 
 
-def watch(cmd, until, timeout_s=600):
-    """Run a command line (from this folder), reading its process tree's memory every POLL_S, until a line of its
+def watch(cmd, until, timeout_s=600, poll_s=POLL_S):
+    """Run a command line (from this folder), reading its process tree's memory every poll_s, until a line of its
     output matches `until` (then the tree is killed, each process by its id) or it ends. Returns dict(seconds:
     to that line or the end, rss_mb, pss_mb: the peaks, output)."""
     start = time.perf_counter()
@@ -911,7 +912,7 @@ def watch(cmd, until, timeout_s=600):
     while proc.poll() is None and not seen.is_set() and time.perf_counter() - start < timeout_s:
         now = tree_memory_mb(proc.pid)
         rss, pss = max(rss, now[0]), max(pss, now[1])
-        seen.wait(POLL_S)
+        seen.wait(poll_s)
     seconds = time.perf_counter() - start
     if proc.poll() is None:
         for p in reversed(process_tree(proc.pid)):   # the workers first, so none outlives its parent unseen
