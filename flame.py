@@ -48,8 +48,9 @@ NOSE_LANDMARKS = slice(27, 36)    # iBUG-68's nose: the bridge from between the 
 FLAME_SHAPE_COLUMNS = 300         # official shapedirs: 300 shape columns, then the expression columns
 N_POSE_FEATURES = 9 * (N_JOINTS - 1)
 N_POSED = 2                       # joints that turn besides the root: neck and jaw (the eyes stay still)
-CPU_SLAB_BYTES = 4 << 20          # bytes of one (frames, 3, V) skinning intermediate on the CPU: fits the L3 cache
+CPU_SLAB_BYTES = 2 << 20          # bytes of one (frames, 3, V) intermediate of the CPU forward: stays in cache
 FLAME_KEYS = ('v_template', 'shapedirs', 'posedirs', 'J_regressor', 'weights', 'kintree_table', 'f')
+WEIGHT_SUM_TOLERANCE = 1e-12      # a vertex's skinning weights whose sum is this close to one are taken to sum to one
 RODRIGUES_OFFSET = 1e-8           # smplx adds this to the rotation vector before its norm; kept for equal numbers
 
 
@@ -91,6 +92,7 @@ class Flame(nn.Module):
         parents[0] = -1
         if len(parents) != N_JOINTS or any(not 0 <= p < i for i, p in enumerate(parents) if i):
             raise ValueError(f"{source}: kintree_table must list 5 joints, each after its parent; found {parents}")
+        self.skinned = list(range(N_POSED + 1))   # the joint of each skin_weights row (region drops unweighted ones)
         self.n_shape, self.n_expr, self.parents, self.source = n_shape, n_expr, parents, str(source)
         self.sha256 = None                # the model file's sha256 when read from one (load)
 
@@ -101,15 +103,24 @@ class Flame(nn.Module):
         expr_dirs = shapedirs[:, :, shape_columns:shape_columns + n_expr]
         # Joints are linear in the blendshape coefficients, so they get their own small bases.
         joint_basis = lambda dirs: np.einsum('jv,vck->kjc', J_regressor, dirs).reshape(dirs.shape[2], 3 * N_JOINTS)
+        # The eyes never turn, so an eye moves as its parent does: the skinning gives its weights to the parent.
+        skin_weights = weights.T.copy()
+        for eye in reversed(range(N_POSED + 1, N_JOINTS)):
+            skin_weights[parents[eye]] += skin_weights[eye]
+        skin_weights = skin_weights[:N_POSED + 1]                                      # (3, V): root, neck, jaw
+        # Skinning weights sum to one, which forward's skinning uses; weights that do not are honoured exactly.
+        excess = skin_weights.sum(0) - 1                                               # (V,)
         buffers = {  # blend_dirs (n_shape + n_expr + 36, 3·V), joint_dirs (n_shape + n_expr, 15)
             'template': v_template.T.reshape(3 * V),                              # (3·V,)
             'blend_dirs': np.concatenate([basis(shape_dirs), basis(expr_dirs), basis(posedirs)]),
             'joint_template': (J_regressor @ v_template).reshape(3 * N_JOINTS),   # (15,)
             'joint_dirs': np.concatenate([joint_basis(shape_dirs), joint_basis(expr_dirs)]),
-            'weights_t': np.ascontiguousarray(weights.T),                         # (5, V)
+            'weights_t': np.ascontiguousarray(weights.T),                         # (5, V), as the file has them
+            'skin_weights': skin_weights,                                          # (3, V)
+            'weight_excess': excess if np.abs(excess).max() > WEIGHT_SUM_TOLERANCE else None,   # (V,) or None
         }
         for name, value in buffers.items():
-            self.register_buffer(name, torch.tensor(value, dtype=dtype))
+            self.register_buffer(name, value if value is None else torch.tensor(value, dtype=dtype))
         self.register_buffer('faces', torch.from_numpy(faces))
         if landmarks is not None:
             lmk_faces, lmk_bary = landmarks
@@ -141,6 +152,11 @@ class Flame(nn.Module):
         sub._buffers = dict(template=self.template[cols], blend_dirs=self.blend_dirs[:, cols].contiguous(),
                             joint_template=self.joint_template, joint_dirs=self.joint_dirs,
                             weights_t=self.weights_t[:, ids].contiguous())
+        weights = self.skin_weights[:, ids]
+        weighted = weights.ne(0).any(1).tolist()
+        sub.skinned = [j for j, w in zip(self.skinned, weighted) if w]
+        sub._buffers['skin_weights'] = weights[torch.tensor(weighted, device=weights.device)].contiguous()
+        sub._buffers['weight_excess'] = None if self.weight_excess is None else self.weight_excess[ids]
         sub.mask_names, sub.source = None, f"{self.source}, {len(ids)} vertices"
         return sub
 
@@ -152,24 +168,25 @@ class Flame(nn.Module):
         return {name: getattr(self, f'mask_{name}') for name in self.mask_names}
 
     def forward(self, shape, expression, global_pose, neck_pose, jaw_pose):
-        """Vertices (..., V, 3) in metres; the leading dims of all inputs broadcast together. The eyes stay still
-        (the 59-d motion has no eye pose)."""
+        """Vertices (..., V, 3) in metres; the leading dims of all inputs broadcast together. global_pose or neck_pose
+        None: that joint does not turn (zero_head_pose), which skins with less work than zeros would. The eyes stay
+        still (the 59-d motion has no eye pose)."""
         ref = self.template
         shape, expression, global_pose, neck_pose, jaw_pose = (
-            t.to(ref) for t in (shape, expression, global_pose, neck_pose, jaw_pose))
-        eye_pose = torch.zeros_like(jaw_pose).repeat_interleave(2, -1)          # left and right eye, (..., 6)
+            t if t is None else t.to(ref) for t in (shape, expression, global_pose, neck_pose, jaw_pose))
         if shape.shape[-1] != self.n_shape or expression.shape[-1] != self.n_expr:
             raise ValueError(f"{self.source}: expects shape (..., {self.n_shape}) and expression (..., {self.n_expr}); "
                              f"got {tuple(shape.shape)} and {tuple(expression.shape)}")
-        poses = (global_pose, neck_pose, jaw_pose, eye_pose)
+        turning = [p is not None for p in (global_pose, neck_pose, jaw_pose)]            # root, neck, jaw
+        poses = [p for p in (global_pose, neck_pose, jaw_pose) if p is not None]
         full = torch.Size(np.broadcast_shapes(shape.shape[:-1], expression.shape[:-1], *(p.shape[:-1] for p in poses)))
-        N, V = math.prod(full), self.template.shape[0] // 3
+        N, V, J = math.prod(full), self.template.shape[0] // 3, N_POSED + 1
 
-        pose = torch.cat([p.expand(full + p.shape[-1:]) for p in poses], -1).reshape(N, N_JOINTS, 3)
-        rot = rodrigues(pose)                                                     # (N, 5, 3, 3)
         eye = torch.eye(3, dtype=ref.dtype, device=ref.device)
-        # The eyes' pose correctives multiply zeros (they never turn), so only the neck's and jaw's enter.
-        pose_feature = (rot[:, 1:N_POSED + 1] - eye).reshape(N, 9 * N_POSED)      # (N, 18)
+        turned = iter(rodrigues(torch.stack([p.expand(full + (3,)).reshape(N, 3) for p in poses], 1)).unbind(1)
+                      if poses else ())
+        rot = [next(turned) if turns else eye.expand(N, 3, 3) for turns in turning]     # J x (N, 3, 3)
+        pose_feature = torch.cat([(r - eye).reshape(N, 9) for r in rot[1:]], 1)          # (N, 18): neck, jaw
         shape_full = shape.expand(full + shape.shape[-1:]).reshape(N, self.n_shape)
         expr = expression.expand(full + expression.shape[-1:]).reshape(N, self.n_expr)
         coeffs = torch.cat([shape_full, expr, pose_feature], 1)                   # (N, n_shape + n_expr + 18)
@@ -178,33 +195,41 @@ class Flame(nn.Module):
         if one_head:  # one head for every frame: its shape enters the blend as a bias
             head = torch.addmm(self.template, shape.reshape(1, self.n_shape), dirs[:self.n_shape])
             coeffs, dirs = coeffs[:, self.n_shape:], dirs[self.n_shape:]
-        joints = torch.addmm(self.joint_template, torch.cat([shape_full, expr], 1), self.joint_dirs)
-        joints = joints.view(N, N_JOINTS, 3)
+        joints = torch.addmm(self.joint_template[:3 * J], torch.cat([shape_full, expr], 1), self.joint_dirs[:, :3 * J])
+        joints = joints.view(N, J, 3)                                             # root, neck, jaw (eyes: no turn)
 
-        # Kinematic chain: world rotation and joint position per joint.
-        world_rot, world_pos = [rot[:, 0]], [joints[:, 0]]
-        for j in range(1, N_JOINTS):
+        # Kinematic chain: world rotation R_j and the shift t_j = p_j - R_j J_j that takes the rest joint J_j to its
+        # world position p_j, for each joint that moves (it or a joint above it turns).
+        moving, world_rot, world_pos, shift = [], [], [], {}
+        for j in range(J):
             p = self.parents[j]
-            world_rot.append(world_rot[p] @ rot[:, j])
-            world_pos.append((world_rot[p] @ (joints[:, j] - joints[:, p])[..., None])[..., 0] + world_pos[p])
-        world_rot = torch.stack(world_rot, 1)                                     # (N, 5, 3, 3)
-        offset = torch.stack(world_pos, 1) - (world_rot @ joints[..., None])[..., 0]  # (N, 5, 3): moves rest joints
-        rigid = torch.cat([world_rot, offset[..., None]], -1)                     # (N, 5, 3, 4)
-        columns = rigid.permute(3, 0, 2, 1).reshape(4, N * 3, N_JOINTS)          # (4, N·3, 5)
+            moving.append(turning[j] or (j > 0 and moving[p]))
+            world_rot.append(rot[0] if j == 0 else world_rot[p] @ rot[j])
+            world_pos.append(joints[:, 0] if j == 0 else
+                             (world_rot[p] @ (joints[:, j] - joints[:, p])[..., None])[..., 0] + world_pos[p])
+            if moving[j]:
+                shift[j] = (world_pos[j] - (world_rot[j] @ joints[:, j, :, None])[..., 0])[..., None]  # (N, 3, 1)
+        moved = [(k, j) for k, j in enumerate(self.skinned) if moving[j]]
 
-        # Blend and skin a slab of frames at a time. Skinning blends each column of the (3, 4) rigid transforms over
-        # the 5 joints, an (n·3, 5) @ (5, V) matmul, so intermediates are (n, 3, V) like the output; on the CPU a
-        # slab of CPU_SLAB_BYTES keeps them in cache, which the memory-bound blend and skinning need to be fast.
-        slab = N if ref.device.type != 'cpu' else max(1, CPU_SLAB_BYTES // (3 * V * ref.element_size()))
-        verts = torch.empty(N, 3, V, dtype=ref.dtype, device=ref.device)
+        # Blend and skin a slab of frames at a time, intermediates (n, 3, V) like the output; on the CPU a slab of
+        # CPU_SLAB_BYTES keeps them in cache, which the memory-bound blend and skinning need to be fast. Skinning is
+        # written relative to the rest pose: as a vertex's weights sum to one, sum_j w_j (R_j v + t_j) = v + sum_j w_j
+        # ((R_j - I) v + t_j), so a joint that does not move adds nothing: without head pose only the jaw skins.
+        slabs = 1 if ref.device.type != 'cpu' else max(1, -(-N * 3 * V * ref.element_size() // CPU_SLAB_BYTES))
+        slab = max(1, -(-N // slabs))                                             # frames a slab, slabs of equal size
+        verts = None if slab == N else torch.empty(N, 3, V, dtype=ref.dtype, device=ref.device)
         for lo in range(0, N, slab):
             hi = min(N, lo + slab)
             v_posed = torch.addmm(head if one_head else self.template, coeffs[lo:hi], dirs).view(hi - lo, 3, V)
-            rows = columns[:, 3 * lo:3 * hi]
-            skinned = (rows[3] @ self.weights_t).view(hi - lo, 3, V)             # blended translations
-            for k in range(3):
-                skinned.addcmul_((rows[k] @ self.weights_t).view(hi - lo, 3, V), v_posed[:, None, k])
-            verts[lo:hi] = skinned
+            skinned = v_posed if self.weight_excess is None else torch.addcmul(v_posed, v_posed, self.weight_excess)
+            for k, j in moved:   # v_posed is read by every joint, so the first writes skinned anew
+                rigid = torch.baddbmm(shift[j][lo:hi], world_rot[j][lo:hi] - eye, v_posed)   # (n, 3, V)
+                skinned = (torch.addcmul(skinned, rigid, self.skin_weights[k]) if skinned is v_posed
+                           else skinned.addcmul_(rigid, self.skin_weights[k]))
+            if verts is None:
+                verts = skinned
+            else:
+                verts[lo:hi] = skinned
         return verts.transpose(1, 2).reshape(full + (V, 3))
 
     def from_motion(self, shape, motion, zero_head_pose=False):
@@ -212,7 +237,7 @@ class Flame(nn.Module):
         gives (B, T, V, 3)). zero_head_pose zeroes global and neck, for face metrics and the head-pose-free loss."""
         expression, global_pose, neck_pose, jaw_pose = split_motion(motion, self.n_expr)
         if zero_head_pose:
-            global_pose, neck_pose = torch.zeros_like(global_pose), torch.zeros_like(neck_pose)
+            global_pose = neck_pose = None
         extra = motion.dim() - shape.dim()
         shape = shape.reshape(shape.shape[:-1] + (1,) * max(extra, 0) + shape.shape[-1:])
         return self(shape, expression, global_pose, neck_pose, jaw_pose)
