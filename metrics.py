@@ -86,12 +86,13 @@ class RegionMeshes:
         self.forehead_eyes = position[torch.cat([masks["forehead"], masks["eye_region"]])]
         self.lmk_corners, self.lmk_bary = position[lmk], flame.lmk_bary
         self.head = flame.region(self.ids)
-        lmk_ids, self.posed_corners = torch.unique(lmk, return_inverse=True)            # (L,), (68, 3)
-        self.posed = flame.region(lmk_ids)
+        self.posed = flame.region(lmk.T.reshape(-1))    # the landmarks' first corners, then second, then third
 
     def posed_landmarks(self, shape, motion):
-        """68 landmarks (...,68,3) in metres of meshes with global, neck and jaw rotation (eyes still)."""
-        return corner_blend(self.posed.from_motion(shape, motion), self.posed_corners, self.lmk_bary)
+        """68 landmarks (...,68,3) in metres of meshes with global, neck and jaw rotation (eyes still), meshing only
+        the landmark triangles' corners, corner by corner, so that each corner's rows are a slice to blend."""
+        rows = self.posed.from_motion(shape, motion).transpose(-1, -2).unflatten(-1, (3, -1))  # (...,3,corner,68)
+        return (rows * self.lmk_bary.T.to(rows.dtype)).sum(-2).transpose(-1, -2)
 
     def __call__(self, shape, motion):
         """shape (100,), motion (...,59) -> region vertices (...,U,3) in metres."""
@@ -112,16 +113,22 @@ def corner_blend(verts, corners, bary):
     return points.transpose(-1, -2)                                                       # (...,P,3)
 
 
-def squared_lengths(x):
-    """Squared L2 norms (...,V) of vectors x (...,V,3), summed coordinate by coordinate (x² + y²) + z²: each step
-    reads whole rows of Flame's coordinate-major (...,3,V) layout."""
-    sq = x.transpose(-1, -2).square()                                                     # (...,3,V)
+def vertices(verts, ids):
+    """The vertices ids (P,) of verts (...,V,3): (...,P,3), gathered along the rows of Flame's coordinate-major
+    (...,3,V) layout, which a gather along -2 of the (...,V,3) view would read 3 strided elements at a time."""
+    return verts.transpose(-1, -2).index_select(-1, ids).transpose(-1, -2)
+
+
+def squared_lengths_(x):
+    """Squared L2 norms (...,V) of vectors x (...,V,3), a temporary that is squared in place; summed coordinate by
+    coordinate (x² + y²) + z², each step reading whole rows of Flame's coordinate-major (...,3,V) layout."""
+    sq = x.transpose(-1, -2).square_()                                                    # (...,3,V)
     return (sq[..., 0, :] + sq[..., 1, :]).add_(sq[..., 2, :])
 
 
 def vertex_errors(pred, gt):
     """Per-vertex L2 errors in mm of vertices pred (...,V,3) against gt (broadcastable) -> (...,V)."""
-    return squared_lengths(pred - gt).sqrt_().mul_(MM_PER_M)
+    return squared_lengths_(pred - gt).sqrt_().mul_(MM_PER_M)
 
 
 def lve(errors):
@@ -142,7 +149,7 @@ def fdd(pred_squared, gt_squared):
     """Upper-face dynamics deviation (m^2, signed), the release's 'fdd': std_gt - std_pred, each per vertex the
     unbiased std over frames of the squared norm of its position (or, CodeTalker's variant, of its displacement
     from the neutral face), averaged over the vertices (and the samples of pred). The squared norms in m^2
-    (squared_lengths): pred (S,T,U), gt (T,U)."""
+    (squared_lengths_): pred (S,T,U), gt (T,U)."""
     def motion_std(squared):                                                              # (...,T,U) -> (...)
         x = squared.double()
         deviation = x - x.mean(dim=-2, keepdim=True)         # two passes: as exact as torch.std, a third the time
@@ -210,8 +217,8 @@ def clip_motion_scores(regions, shape, gt_motion, predictions, audio_beats):
     with torch.no_grad():
         gt = regions(shape, gt_motion)                                                   # (T,U,3) m
         neutral = regions(shape, torch.zeros(1, gt_motion.shape[-1]))[0]                 # (U,3) m
-        gt_upper = squared_lengths(gt.index_select(-2, upper))                           # (T,|upper|) m^2
-        gt_moved = squared_lengths(gt.index_select(-2, upper_moved) - neutral[upper_moved])
+        gt_upper = squared_lengths_(vertices(gt, upper))                                  # (T,|upper|) m^2
+        gt_moved = squared_lengths_(vertices(gt, upper_moved) - vertices(neutral, upper_moved))
 
         def scores(samples):
             samples = torch.as_tensor(samples, dtype=torch.float32)
@@ -221,8 +228,8 @@ def clip_motion_scores(regions, shape, gt_motion, predictions, audio_beats):
                 pred = regions(shape, motion)                                            # (T,U,3) m
                 errors = vertex_errors(pred, gt)                                         # (T,U) mm
                 rows.append((errors.index_select(-1, regions.lips), errors.index_select(-1, regions.face),
-                             squared_lengths(pred.index_select(-2, upper)),
-                             squared_lengths(pred.index_select(-2, upper_moved) - neutral[upper_moved]),
+                             squared_lengths_(vertices(pred, upper)),
+                             squared_lengths_(vertices(pred, upper_moved) - vertices(neutral, upper_moved)),
                              regions.landmarks(pred)))
             lips, face, pred_upper, pred_moved, landmarks = map(torch.stack, zip(*rows))   # (S,T,...)
             lve_mean, lve_min = lve(lips)
@@ -836,6 +843,11 @@ def read_sample(path):
     return m.astype(np.float32)
 
 
+def sample_lengths(files):
+    """{file: frames} of generated sample files, each read whole (read_sample's checks)."""
+    return {f: len(read_sample(f)) for f in files}
+
+
 def read_samples(pred_dir, item):
     """DIR/<id>/sample_<k>.npz -> the item's clip of each sample, (S,T,59) float32, in k order."""
     start, n = int(item.get("start", 0)), len(item["motion"])
@@ -974,29 +986,37 @@ def run_motion_table(args):
     (default: the one train.py's summary scores), then the mean-motion baseline."""
     root = Path(args.data) if args.data else builtin_data()
     ids, fps, clock, lengths = data.read_split(root, args.split), None, {}, {}
-    if args.pred:
-        require_head(root, args.flame, args.procedural_head)
-        pred_dir = Path(args.pred)
-        ids = [i for i in ids if (pred_dir / i).is_dir()]
-        if not ids:
-            raise ValueError(f"{pred_dir}: no <clip id>/ folder for any clip of the {args.split} split of {root}")
-        flame = load_flame(args.flame)
-        fps = read_fps(pred_dir / "fps.json")
-        lengths = {f: len(read_sample(f)) for i in ids for f in sample_files(pred_dir / i)}   # damage refused first
-        name, folder, predict = pred_dir.name, pred_dir, lambda item: read_samples(pred_dir, item)
-        scored = f"the motion files in {pred_dir}"
-    else:
-        ckpt = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
-        trained = load_checkpoint(ckpt, args.device)
-        bad = first_nonfinite(trained.model.state_dict())
-        if bad:
-            raise ValueError(f"{ckpt}: weights {bad} hold NaN or infinite values; not a usable motion checkpoint")
-        flame_path = resolve_flame(trained.flame_record, args.flame, ckpt)     # the checkpoint's own FLAME
-        require_head(root, flame_path, args.procedural_head)
-        flame = load_flame(flame_path)
-        name, folder = "UniSinger", Path(args.json).parent if args.json else Path("out/metrics")
-        predict = model_predictor(trained.model, args.samples, args.seed, clock=clock)
-        scored = f"checkpoint {ckpt}" + (" (the one train.py's summary scores)" if not args.checkpoint else "")
+    # The training split's motion (the baseline) is read in a pool process beside the rest, and the sample files,
+    # read whole before any clip is scored so that damage is refused first, in the others.
+    cores = data.cpu_cores()
+    with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork")) as pool:
+        baseline = pool.submit(mean_motion, root)
+        if args.pred:
+            require_head(root, args.flame, args.procedural_head)
+            pred_dir = Path(args.pred)
+            ids = [i for i in ids if (pred_dir / i).is_dir()]
+            if not ids:
+                raise ValueError(f"{pred_dir}: no <clip id>/ folder for any clip of the {args.split} split of {root}")
+            flame = load_flame(args.flame)
+            fps = read_fps(pred_dir / "fps.json")
+            files = [f for i in ids for f in sample_files(pred_dir / i)]
+            for part in pool.map(sample_lengths, [files[k::4 * cores] for k in range(4 * cores)]):
+                lengths.update(part)
+            name, folder, predict = pred_dir.name, pred_dir, lambda item: read_samples(pred_dir, item)
+            scored = f"the motion files in {pred_dir}"
+        else:
+            ckpt = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
+            trained = load_checkpoint(ckpt, args.device)
+            bad = first_nonfinite(trained.model.state_dict())
+            if bad:
+                raise ValueError(f"{ckpt}: weights {bad} hold NaN or infinite values; not a usable motion checkpoint")
+            flame_path = resolve_flame(trained.flame_record, args.flame, ckpt)     # the checkpoint's own FLAME
+            require_head(root, flame_path, args.procedural_head)
+            flame = load_flame(flame_path)
+            name, folder = "UniSinger", Path(args.json).parent if args.json else Path("out/metrics")
+            predict = model_predictor(trained.model, args.samples, args.seed, clock=clock)
+            scored = f"checkpoint {ckpt}" + (" (the one train.py's summary scores)" if not args.checkpoint else "")
+        baseline = baseline.result()
     clips = clips_of(root, args.split, ids)
     frames = dict(zip(clips.dataset.sequences, clips.dataset.index.frames.tolist()))        # of each sequence
     for f, n in lengths.items():                              # unisinger.py's takes of a song may be a frame off
@@ -1006,7 +1026,6 @@ def run_motion_table(args):
     progress = Progress(len(clips), "clip", lines=20)
     if args.side_by_side:
         predict = writing_side_by_side(predict, flame, folder)
-    baseline = mean_motion(root)
     constant = lambda item: np.tile(baseline, (1, len(item["motion"]), 1))                 # (1,T,59)
     rows = evaluate_motion(flame, clips, {name: predict, "mean motion": constant}, progress)
     rows[name]["FPS"] = fps

@@ -2631,7 +2631,7 @@ def test_fve_of_constant_offsets_is_the_offset_mean_and_best():
 def test_fdd_is_the_unbiased_std_of_squared_absolute_positions_and_signed():
     def fdd(pred, gt, idx, origin=None):           # on positions (or displacements from origin) of the vertices idx
         moved = (lambda v: v[..., idx, :]) if origin is None else (lambda v: v[..., idx, :] - origin[idx])
-        return metrics.fdd(metrics.squared_lengths(moved(pred)), metrics.squared_lengths(moved(gt)))
+        return metrics.fdd(metrics.squared_lengths_(moved(pred)), metrics.squared_lengths_(moved(gt)))
 
     gt = torch.zeros(2, 1, 3, dtype=torch.float64)
     gt[:, 0, 0] = torch.tensor([0.100, 0.110], dtype=torch.float64)  # squared norms 0.0100, 0.0121 m^2
