@@ -32,7 +32,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.fft import next_fast_len
-from scipy.signal import resample_poly
 
 SAMPLE_RATE = 16_000  # Hz, what wav2vec 2.0 was trained on
 FPS = 30                   # motion frames per second, the rate mfcc_at_fps resamples to
@@ -1054,6 +1053,7 @@ class AudioFile:
         reach = 10 * max(self.up, self.down) // self.up + 2          # resample_poly's half filter, input samples
         first = max(0, start * self.down // self.up - reach) // self.down * self.down
         last = min(self.frames, -(-stop * self.down // self.up) + reach)
+        from scipy.signal import resample_poly   # here: importing scipy.signal is a second of every command's start
         wave = resample_poly(self._read(first, last), self.up, self.down)
         offset = first * self.up // self.down
         return np.ascontiguousarray(wave[start - offset:stop - offset], dtype=np.float32)

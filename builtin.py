@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter1d, uniform_filter1d
-from scipy.signal import lfilter
 
 import render
 from audio import FPS, SAMPLE_RATE
@@ -457,6 +456,7 @@ def compose_song(rng, duration, register):
 def sing(song, person, rng):
     """Source-filter singing -> the voice (N,) float32 and its controls at CONTROL_RATE: envelope (M,) in [0, 1],
     vowel weights (5, M) summing to 1, note contour (M,) in MIDI numbers (without vibrato)."""
+    from scipy.signal import lfilter   # here: importing scipy.signal is a second of every command's start
     n, m = round(song.duration * SAMPLE_RATE), round(song.duration * CONTROL_RATE)
     tc = np.arange(m) / CONTROL_RATE
     envelope, vibrato = np.zeros(m), np.zeros(m)
