@@ -215,7 +215,10 @@ class Flame(nn.Module):
         # CPU_SLAB_BYTES keeps them in cache, which the memory-bound blend and skinning need to be fast. Skinning is
         # written relative to the rest pose: as a vertex's weights sum to one, sum_j w_j (R_j v + t_j) = v + sum_j w_j
         # ((R_j - I) v + t_j), so a joint that does not move adds nothing: without head pose only the jaw skins.
-        slabs = 1 if ref.device.type != 'cpu' else max(1, -(-N * 3 * V * ref.element_size() // CPU_SLAB_BYTES))
+        # Under autograd one slab: the graph keeps every slab's intermediates anyway, and the backward of writing a
+        # slab into the output copies the output's whole gradient, once a slab.
+        slabs = (1 if ref.device.type != 'cpu' or torch.is_grad_enabled() and coeffs.requires_grad
+                 else max(1, -(-N * 3 * V * ref.element_size() // CPU_SLAB_BYTES)))
         slab = max(1, -(-N // slabs))                                             # frames a slab, slabs of equal size
         verts = None if slab == N else torch.empty(N, 3, V, dtype=ref.dtype, device=ref.device)
         for lo in range(0, N, slab):
