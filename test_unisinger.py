@@ -129,8 +129,8 @@ def assert_refused_in_one_line(proc, path, *words):
 README = Path(__file__).parent / "README.md"
 README_NOT_RUN = {"pip install -r requirements-dev.txt": "needs the network",
                   "python -m pytest -q -n 2 --dist loadgroup test_unisinger.py": "this very test suite"}
-README_SHORT_RUN = {"python train.py --stage render": ["--epochs", "1", "--no-summary"],   # its summary: a test below
-                    "python train.py": ["--epochs", "1"], "python metrics.py": ["--samples", "2"],
+README_SHORT_RUN = {"python train.py --stage render": ["--epochs", "1", "--no-summary"],   # summaries: tests below
+                    "python train.py": ["--epochs", "1", "--no-summary"], "python metrics.py": ["--samples", "2"],
                     "python unisinger.py": ["--size", "64"], "python bench.py": ["--only", "flame"]}
 
 
