@@ -1053,7 +1053,7 @@ class AudioFile:
         reach = 10 * max(self.up, self.down) // self.up + 2          # resample_poly's half filter, input samples
         first = max(0, start * self.down // self.up - reach) // self.down * self.down
         last = min(self.frames, -(-stop * self.down // self.up) + reach)
-        from scipy.signal import resample_poly   # here: importing scipy.signal is a second of every command's start
+        from scipy.signal import resample_poly   # here: slow to import, and a 16 kHz song never needs it
         wave = resample_poly(self._read(first, last), self.up, self.down)
         offset = first * self.up // self.down
         return np.ascontiguousarray(wave[start - offset:stop - offset], dtype=np.float32)

@@ -456,7 +456,7 @@ def compose_song(rng, duration, register):
 def sing(song, person, rng):
     """Source-filter singing -> the voice (N,) float32 and its controls at CONTROL_RATE: envelope (M,) in [0, 1],
     vowel weights (5, M) summing to 1, note contour (M,) in MIDI numbers (without vibrato)."""
-    from scipy.signal import lfilter   # here: importing scipy.signal is a second of every command's start
+    from scipy.signal import lfilter   # here: slow to import, and only the built-in data needs it
     n, m = round(song.duration * SAMPLE_RATE), round(song.duration * CONTROL_RATE)
     tc = np.arange(m) / CONTROL_RATE
     envelope, vibrato = np.zeros(m), np.zeros(m)
