@@ -217,7 +217,7 @@ class Flame(nn.Module):
         # ((R_j - I) v + t_j), so a joint that does not move adds nothing: without head pose only the jaw skins.
         # Under autograd one slab: the graph keeps every slab's intermediates anyway, and the backward of writing a
         # slab into the output copies the output's whole gradient, once a slab.
-        slabs = (1 if ref.device.type != 'cpu' or torch.is_grad_enabled() and coeffs.requires_grad
+        slabs = (1 if ref.device.type != 'cpu' or coeffs.requires_grad
                  else max(1, -(-N * 3 * V * ref.element_size() // CPU_SLAB_BYTES)))
         slab = max(1, -(-N // slabs))                                             # frames a slab, slabs of equal size
         verts = None if slab == N else torch.empty(N, 3, V, dtype=ref.dtype, device=ref.device)
